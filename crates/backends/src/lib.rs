@@ -1,0 +1,177 @@
+//! Credential backends behind one trait.
+//!
+//! A backend knows how to make a credential exist, prove it works, and make it stop
+//! working. It knows nothing about leases, versions or Kubernetes: the engine decides
+//! *what* to do (see `leasehold_core::rotation`) and a backend only does it.
+//!
+//! Every method must be idempotent, because the engine repeats a step after a crash:
+//! issuing a credential that already exists converges it to the requested state,
+//! revoking one that is already gone succeeds.
+
+#![forbid(unsafe_code)]
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use jiff::Timestamp;
+use secrecy::SecretString;
+
+/// The name of a credential on the backend side: a database user name or a
+/// certificate serial. Never secret.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct CredentialId(pub String);
+
+impl std::fmt::Display for CredentialId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// How a credential comes into being on the backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IssueMode {
+    /// Create the user if missing (update its password if present). Used by `Dynamic`.
+    CreateUser,
+    /// The user is expected to exist already (created if missing for
+    /// `AlternatingUsers`), only its password changes and login is enabled.
+    SetPassword,
+}
+
+/// What a credential may do once it exists.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Privileges {
+    /// Roles (PostgreSQL) or roles / template users (MySQL) the user inherits from.
+    pub member_of: Vec<String>,
+    /// Raw GRANT privilege clauses, e.g. `SELECT, INSERT ON orders.*` (MySQL) or
+    /// `SELECT ON ALL TABLES IN SCHEMA public` (PostgreSQL). The backend adds `TO <user>`.
+    pub grants: Vec<String>,
+}
+
+/// A request to make one credential exist and work.
+#[derive(Debug, Clone)]
+pub struct IssueRequest {
+    pub id: CredentialId,
+    pub mode: IssueMode,
+    /// The secret to install. `SecretString` redacts itself in `Debug`.
+    pub password: SecretString,
+    /// Database-side expiry (PostgreSQL `VALID UNTIL`; MySQL has no per-user expiry
+    /// time, so the MySQL backend records nothing here and relies on the sweeper).
+    pub valid_until: Option<Timestamp>,
+    pub privileges: Privileges,
+}
+
+/// How to check a credential works.
+#[derive(Debug, Clone)]
+pub struct VerifyRequest {
+    pub id: CredentialId,
+    pub password: SecretString,
+    /// Query to run as the credential, e.g. `SELECT 1`.
+    pub query: String,
+    pub timeout: Duration,
+}
+
+/// What to do with sessions still open under a credential being revoked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrainSessions {
+    /// Report `SessionsRemain` until they end by themselves.
+    Wait,
+    /// Terminate them.
+    Terminate,
+    /// Do not look at sessions.
+    Ignore,
+}
+
+/// How a credential stops working.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RevokeMode {
+    /// Disable login, drain sessions, then drop the user (and what it owns).
+    DropUser,
+    /// Disable login and drain sessions; keep the user (AlternatingUsers).
+    DisableLogin,
+    /// Nothing to do on the backend (InPlace: the password was already replaced).
+    Nothing,
+}
+
+#[derive(Debug, Clone)]
+pub struct RevokeRequest {
+    pub id: CredentialId,
+    pub mode: RevokeMode,
+    pub drain: DrainSessions,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RevokeOutcome {
+    /// The credential no longer works and nothing of it remains that needs doing.
+    Revoked,
+    /// Login is disabled but `n` sessions are still open (with `DrainSessions::Wait`).
+    /// Call again later.
+    SessionsRemain(u32),
+}
+
+/// The files a credential is delivered as: name → value. Values are secret.
+#[derive(Clone, Default)]
+pub struct CredentialMaterial(pub BTreeMap<String, SecretString>);
+
+impl std::fmt::Debug for CredentialMaterial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.0.keys()).finish()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The backend could not be reached (connection refused, DNS, timeout). Retry later.
+    #[error("backend unreachable: {0}")]
+    Unreachable(String),
+    /// The admin credential was refused or lacks privilege. The user must fix it.
+    #[error("admin credential rejected: {0}")]
+    AdminRejected(String),
+    /// Verification as the new credential failed (login refused, query failed, timeout).
+    #[error("verification failed: {0}")]
+    VerificationFailed(String),
+    /// The request itself is wrong (bad grant, unknown role). The user must fix the spec.
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    /// Anything else the server said.
+    #[error("backend error: {0}")]
+    Other(String),
+}
+
+impl BackendError {
+    /// Whether retrying the same call later can succeed without a spec change.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Unreachable(_) | Self::Other(_))
+    }
+}
+
+/// One credential backend (a database server, a certificate issuer).
+///
+/// Implementations never log or return secret values; errors carry server messages
+/// with any secret removed.
+#[async_trait]
+pub trait Backend: Send + Sync {
+    /// Short kind name for logs and metrics: `postgres`, `mysql`, `certificate`.
+    fn kind(&self) -> &'static str;
+
+    /// A stable key for the target (host:port/db) used by per-target rate limits.
+    fn target_key(&self) -> String;
+
+    /// Make the credential exist and work. Idempotent.
+    async fn issue(&self, req: &IssueRequest) -> Result<(), BackendError>;
+
+    /// Prove the credential works, using a fresh connection as that credential.
+    async fn verify(&self, req: &VerifyRequest) -> Result<(), BackendError>;
+
+    /// Make the credential stop working. Idempotent: a missing user is `Revoked`.
+    async fn revoke(&self, req: &RevokeRequest) -> Result<RevokeOutcome, BackendError>;
+
+    /// Whether the credential currently exists and can log in.
+    async fn can_login(&self, id: &CredentialId) -> Result<bool, BackendError>;
+
+    /// Users whose names start with `prefix` (for the orphan sweeper).
+    async fn list_users(&self, prefix: &str) -> Result<Vec<CredentialId>, BackendError>;
+
+    /// Check that the admin connection works (for readiness and early errors).
+    async fn ping(&self) -> Result<(), BackendError>;
+}
