@@ -1,0 +1,195 @@
+//! Deterministic credential names.
+//!
+//! A repeated Issue step after a crash must find its own earlier work, so the name of
+//! version `n` of a lease is a pure function of the lease's identity, the template and `n`.
+
+use thiserror::Error;
+
+/// The placeholders a username template may use.
+pub const PLACEHOLDERS: &[&str] = &["{{namespace}}", "{{name}}", "{{uid}}", "{{version}}"];
+
+/// Default template for `Dynamic`: readable, unique per lease (UID prefix) and version.
+pub const DEFAULT_DYNAMIC_TEMPLATE: &str = "lh_{{uid}}_v{{version}}";
+
+/// Identity of the lease a name is derived from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseIdentity {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum NamingError {
+    #[error("usernameTemplate must contain {{{{version}}}} so every version gets its own user")]
+    MissingVersion,
+    #[error(
+        "usernameTemplate must contain {{{{uid}}}}, or both {{{{namespace}}}} and {{{{name}}}}, so two leases never share a user"
+    )]
+    NotUnique,
+    #[error(
+        "usernameTemplate must start with at least 2 literal characters (for example \"lh_\") so leasehold can recognise its own users"
+    )]
+    NoLiteralPrefix,
+    #[error(
+        "usernameTemplate contains an unknown placeholder {0:?}; use {{{{namespace}}}}, {{{{name}}}}, {{{{uid}}}} or {{{{version}}}}"
+    )]
+    UnknownPlaceholder(String),
+    #[error(
+        "the rendered username {name:?} is {len} characters; the limit for this database is {max}"
+    )]
+    TooLong {
+        name: String,
+        len: usize,
+        max: usize,
+    },
+}
+
+/// Check a Dynamic username template before use.
+pub fn check_template(template: &str) -> Result<(), NamingError> {
+    let mut rest = template;
+    while let Some(start) = rest.find("{{") {
+        let after = &rest[start..];
+        let end = after.find("}}").map(|e| e + 2).unwrap_or(after.len());
+        let placeholder = &after[..end];
+        if !PLACEHOLDERS.contains(&placeholder) {
+            return Err(NamingError::UnknownPlaceholder(placeholder.to_string()));
+        }
+        rest = &after[end..];
+    }
+    if !template.contains("{{version}}") {
+        return Err(NamingError::MissingVersion);
+    }
+    if !template.contains("{{uid}}")
+        && !(template.contains("{{namespace}}") && template.contains("{{name}}"))
+    {
+        return Err(NamingError::NotUnique);
+    }
+    if literal_prefix(template).len() < 2 {
+        return Err(NamingError::NoLiteralPrefix);
+    }
+    Ok(())
+}
+
+/// The literal text before the first placeholder: what the orphan sweeper searches for.
+pub fn literal_prefix(template: &str) -> &str {
+    template.find("{{").map_or(template, |i| &template[..i])
+}
+
+/// Database identifiers are safest in lower-case ASCII letters, digits and `_`.
+fn sanitize(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// The first 12 hex digits of a UID, enough to tell leases apart.
+pub fn short_uid(uid: &str) -> String {
+    uid.chars()
+        .filter(char::is_ascii_hexdigit)
+        .take(12)
+        .collect::<String>()
+        .to_ascii_lowercase()
+}
+
+/// Render the Dynamic username of `version`.
+pub fn dynamic_username(
+    template: &str,
+    lease: &LeaseIdentity,
+    version: u64,
+    max_len: usize,
+) -> Result<String, NamingError> {
+    check_template(template)?;
+    let name = template
+        .replace("{{namespace}}", &sanitize(&lease.namespace))
+        .replace("{{name}}", &sanitize(&lease.name))
+        .replace("{{uid}}", &short_uid(&lease.uid))
+        .replace("{{version}}", &version.to_string());
+    if name.len() > max_len {
+        return Err(NamingError::TooLong {
+            len: name.len(),
+            name,
+            max: max_len,
+        });
+    }
+    Ok(name)
+}
+
+/// The two users of `AlternatingUsers`: odd versions use `<base>_a`, even ones `<base>_b`,
+/// so a new version always lands on the user the previous version does not hold.
+pub fn alternating_username(base: &str, version: u64) -> String {
+    let slot = if version % 2 == 1 { "a" } else { "b" };
+    format!("{base}_{slot}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lease() -> LeaseIdentity {
+        LeaseIdentity {
+            namespace: "shop".into(),
+            name: "orders-db".into(),
+            uid: "3f2a9c1e-77d0-4b8e-9a51-0c6e2f1d9b34".into(),
+        }
+    }
+
+    #[test]
+    fn default_template_is_deterministic() {
+        let a = dynamic_username(DEFAULT_DYNAMIC_TEMPLATE, &lease(), 7, 63).unwrap();
+        assert_eq!(a, "lh_3f2a9c1e77d0_v7");
+        assert_eq!(
+            a,
+            dynamic_username(DEFAULT_DYNAMIC_TEMPLATE, &lease(), 7, 63).unwrap()
+        );
+    }
+
+    #[test]
+    fn names_are_sanitized() {
+        let n =
+            dynamic_username("app_{{namespace}}_{{name}}_{{version}}", &lease(), 2, 63).unwrap();
+        assert_eq!(n, "app_shop_orders_db_2");
+    }
+
+    #[test]
+    fn template_errors() {
+        assert_eq!(
+            check_template("lh_{{uid}}"),
+            Err(NamingError::MissingVersion)
+        );
+        assert_eq!(
+            check_template("lh_{{name}}_{{version}}"),
+            Err(NamingError::NotUnique)
+        );
+        assert_eq!(
+            check_template("{{uid}}_{{version}}"),
+            Err(NamingError::NoLiteralPrefix)
+        );
+        assert!(matches!(
+            check_template("lh_{{uid}}_{{bogus}}_{{version}}"),
+            Err(NamingError::UnknownPlaceholder(p)) if p == "{{bogus}}"
+        ));
+        assert!(matches!(
+            dynamic_username(
+                "lh_{{namespace}}_{{name}}_{{uid}}_{{version}}",
+                &lease(),
+                1,
+                20
+            ),
+            Err(NamingError::TooLong { max: 20, .. })
+        ));
+    }
+
+    #[test]
+    fn alternating_slots_differ_between_consecutive_versions() {
+        assert_eq!(alternating_username("orders", 1), "orders_a");
+        assert_eq!(alternating_username("orders", 2), "orders_b");
+        assert_eq!(alternating_username("orders", 3), "orders_a");
+    }
+}

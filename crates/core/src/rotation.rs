@@ -1,0 +1,984 @@
+//! The rotation state machine.
+//!
+//! Each version of a lease's credential moves through
+//! `Issuing → Issued → Verified → Current → Superseded → Revoking → Revoked`
+//! (a version that fails verification goes from `Issued` straight to `Revoking`).
+//!
+//! [`decide`] is a pure function from (policy, recorded progress, observations, now) to
+//! the one next [`Action`]. The caller records its intent in [`Progress`] before each side
+//! effect and the result after it, so a crash between any two steps resumes at the right
+//! place: every action is safe to repeat.
+
+use std::time::Duration;
+
+use jiff::{SignedDuration, Timestamp};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::backoff::{Backoff, seed_of};
+
+/// How credentials are rotated on the database side.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Default, Hash)]
+pub enum Strategy {
+    /// A new database user per version, dropped when revoked.
+    #[default]
+    Dynamic,
+    /// Two fixed users take turns; the idle one gets the new password.
+    AlternatingUsers,
+    /// One existing user's password changes. Clients still using the old password fail
+    /// from the moment the new one is set until they pick up the new one.
+    InPlace,
+}
+
+/// What to do with sessions still open under a credential being revoked.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum DrainSessionsMode {
+    /// Wait for sessions to end by themselves (revocation completes when they have).
+    #[default]
+    Wait,
+    /// Wait up to the drain timeout, then terminate remaining sessions.
+    Terminate,
+    /// Do not look at sessions at all.
+    Ignore,
+}
+
+/// The policy, resolved into plain durations.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PolicyParams {
+    pub strategy: Strategy,
+    /// Lifetime of each credential version.
+    pub ttl: Duration,
+    /// Start rotating this long before a version expires.
+    pub renew_before: Duration,
+    /// Rotate at least this often, whatever the TTL.
+    pub rotation_interval: Option<Duration>,
+    /// Minimum time between promotion of a new version and revocation of the old one.
+    pub grace_period: Duration,
+    /// Revoke only once every known consumer holds the new version ...
+    pub wait_for_consumers: bool,
+    /// ... or this long after promotion, whichever comes first.
+    pub max_wait: Duration,
+    pub drain: DrainSessionsMode,
+    /// With `Terminate`: how long to wait for sessions before terminating them.
+    pub drain_timeout: Duration,
+}
+
+impl PolicyParams {
+    /// When a version issued at `issued_at` should be replaced.
+    pub fn renew_at(&self, issued_at: Timestamp) -> Timestamp {
+        add(issued_at, self.ttl.saturating_sub(self.renew_before))
+    }
+
+    /// When a version issued at `issued_at` stops working on its own (database-side expiry).
+    pub fn expires_at(&self, issued_at: Timestamp) -> Option<Timestamp> {
+        match self.strategy {
+            // A fixed user's password must not expire behind an InPlace consumer's back.
+            Strategy::InPlace => None,
+            Strategy::Dynamic | Strategy::AlternatingUsers => Some(add(issued_at, self.ttl)),
+        }
+    }
+}
+
+/// Where one credential version stands.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VersionState {
+    /// Intent recorded; the credential may or may not exist on the backend yet.
+    Issuing,
+    /// The backend has the credential; not yet proven to work.
+    Issued,
+    /// A fresh login as the credential worked.
+    Verified,
+    /// The version consumers should use.
+    Current,
+    /// Replaced by a newer version; draining before revocation.
+    Superseded,
+    /// Revocation decided; the credential is being made to stop working.
+    Revoking,
+    /// Gone from the backend.
+    Revoked,
+}
+
+/// Why a version is being revoked.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RevokeReason {
+    /// A newer version was promoted and the old one has drained.
+    Superseded,
+    /// The version failed verification and was never promoted.
+    VerificationFailed,
+    /// The backend refused to create it; whatever exists of it is removed.
+    IssueFailed,
+    /// The lease is being deleted.
+    LeaseDeleted,
+}
+
+/// Progress of revoking one version.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct RevokeProgress {
+    /// First attempt that failed (cleared when an attempt succeeds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_failure_at: Option<Timestamp>,
+    /// Failed attempts so far.
+    #[serde(default)]
+    pub failures: u32,
+    /// Do not try again before this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_attempt_at: Option<Timestamp>,
+    /// Sessions still open at the last attempt (with DrainSessions `Wait`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sessions_remaining: Option<u32>,
+    /// When draining started (for the Terminate timeout).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain_started_at: Option<Timestamp>,
+    /// The last error, without secret values.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+/// One credential version as recorded in status.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct VersionRecord {
+    pub version: u64,
+    /// The backend-side name (database user). Not secret.
+    pub credential_id: String,
+    pub state: VersionState,
+    pub issued_at: Timestamp,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified_at: Option<Timestamp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub promoted_at: Option<Timestamp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub superseded_at: Option<Timestamp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<Timestamp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoke_reason: Option<RevokeReason>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoke: Option<RevokeProgress>,
+}
+
+/// How a finished rotation ended.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RotationOutcome {
+    /// Promoted; the previous version is revoked (or there was none).
+    Succeeded,
+    /// Failed verification; the new version was removed and the old one kept.
+    VerificationFailed,
+    /// The backend refused to issue.
+    IssueFailed,
+}
+
+/// One entry of the rotation history kept in status.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct RotationRecord {
+    pub version: u64,
+    pub started_at: Timestamp,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified_at: Option<Timestamp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub promoted_at: Option<Timestamp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<Timestamp>,
+    pub outcome: RotationOutcome,
+    /// Why it failed, without secret values.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// Everything the engine records about a lease between reconciles.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Progress {
+    /// Versions that still exist (or may exist) on the backend, oldest first.
+    #[serde(default)]
+    pub versions: Vec<VersionRecord>,
+    /// The last version number handed out (versions start at 1).
+    #[serde(default)]
+    pub last_version: u64,
+    /// The version last delivered to consumers (Secret, files).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivered_version: Option<u64>,
+    /// Consecutive verification failures (reset by a successful promotion).
+    #[serde(default)]
+    pub verify_failures: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_verify_failure_at: Option<Timestamp>,
+    /// The last rotation request handled (value of the force-rotation annotation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handled_rotation_request: Option<String>,
+    /// The last few rotations, newest last.
+    #[serde(default)]
+    pub history: Vec<RotationRecord>,
+}
+
+/// How many history entries to keep.
+pub const HISTORY_LIMIT: usize = 10;
+
+/// After this long failing, a revocation is reported as stuck (it keeps being retried).
+pub const REVOCATION_STUCK_AFTER: Duration = Duration::from_secs(30 * 60);
+
+/// While sessions remain under `DrainSessions: Wait`, look again this often.
+pub const SESSION_POLL: Duration = Duration::from_secs(10);
+
+impl Progress {
+    pub fn version(&self, v: u64) -> Option<&VersionRecord> {
+        self.versions.iter().find(|r| r.version == v)
+    }
+
+    pub fn version_mut(&mut self, v: u64) -> Option<&mut VersionRecord> {
+        self.versions.iter_mut().find(|r| r.version == v)
+    }
+
+    pub fn current(&self) -> Option<&VersionRecord> {
+        self.versions
+            .iter()
+            .find(|r| r.state == VersionState::Current)
+    }
+
+    /// A version being issued, verified or promoted.
+    pub fn pending(&self) -> Option<&VersionRecord> {
+        self.versions.iter().find(|r| {
+            matches!(
+                r.state,
+                VersionState::Issuing | VersionState::Issued | VersionState::Verified
+            )
+        })
+    }
+
+    /// Whether any revocation has been failing for longer than [`REVOCATION_STUCK_AFTER`].
+    pub fn revocation_stuck(&self, now: Timestamp) -> Option<&VersionRecord> {
+        self.versions.iter().find(|r| {
+            r.revoke
+                .as_ref()
+                .and_then(|p| p.first_failure_at)
+                .is_some_and(|t| add(t, REVOCATION_STUCK_AFTER) <= now)
+        })
+    }
+
+    /// Append to history, keeping the newest [`HISTORY_LIMIT`] entries.
+    pub fn push_history(&mut self, record: RotationRecord) {
+        if let Some(existing) = self
+            .history
+            .iter_mut()
+            .find(|h| h.version == record.version)
+        {
+            *existing = record;
+        } else {
+            self.history.push(record);
+        }
+        let excess = self.history.len().saturating_sub(HISTORY_LIMIT);
+        self.history.drain(..excess);
+    }
+}
+
+/// What the caller saw outside the recorded progress.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Observations {
+    /// The lease is being deleted: revoke everything.
+    pub deleting: bool,
+    /// Every known consumer acknowledged the current version (true when there are none).
+    pub consumers_on_current: bool,
+    /// A rotation was requested (the value of the request annotation), if any.
+    pub rotation_request: Option<String>,
+    /// Rotations not forced by expiry may start now (no maintenance window, or inside it).
+    pub maintenance_window_open: bool,
+    /// When the maintenance window next opens (if it is closed).
+    pub maintenance_window_opens_at: Option<Timestamp>,
+}
+
+/// What a revocation does on the backend, by strategy and reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RevokePlan {
+    /// Disable login, drain, drop the user.
+    DropUser,
+    /// Disable login and drain, keep the user (AlternatingUsers' idle user).
+    DisableLogin,
+    /// Put the current version's password back (InPlace after a failed verification:
+    /// the new password replaced the old one on the same user).
+    RestoreCurrent,
+    /// Nothing left to do on the backend (InPlace: the password was already replaced).
+    Nothing,
+}
+
+/// The one next thing to do for a lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Start version `version` (not yet recorded) or resume one recorded as `Issuing`:
+    /// make sure its secret is stored, record `Issuing`, call the backend, record `Issued`.
+    Issue { version: u64, resume: bool },
+    /// Log in as the version; record `Verified`, or `Revoking(VerificationFailed)`.
+    Verify { version: u64 },
+    /// Make the version current; the previous current becomes `Superseded`.
+    Promote { version: u64 },
+    /// Hand the current version to consumers (Secret, files, restarts). Idempotent.
+    Deliver { version: u64 },
+    /// Record `Revoking` (if not yet), then make the version stop working.
+    Revoke {
+        version: u64,
+        reason: RevokeReason,
+        plan: RevokePlan,
+        drain: DrainSessionsMode,
+    },
+    /// Nothing to do until `until` (or until something observed changes).
+    Wait {
+        until: Option<Timestamp>,
+        reason: WaitReason,
+    },
+    /// The lease is being deleted and nothing of it remains: release the finalizer.
+    Finished,
+}
+
+/// Why the engine is waiting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitReason {
+    /// Current version is fresh; next renewal at `until`.
+    Renewal,
+    /// An old version is draining (grace period, consumers, sessions).
+    Draining,
+    /// A revocation failed and is retried at `until`.
+    RevocationBackoff,
+    /// Verification failed recently; the next attempt is at `until`.
+    VerificationBackoff,
+    /// Renewal is due but the maintenance window is closed.
+    MaintenanceWindow,
+    /// AlternatingUsers/InPlace: a rotation must wait until the previous one has finished revoking.
+    PreviousRotationUnfinished,
+}
+
+pub(crate) fn add(t: Timestamp, d: Duration) -> Timestamp {
+    let d = SignedDuration::try_from(d).unwrap_or(SignedDuration::MAX);
+    t.checked_add(d).unwrap_or(Timestamp::MAX)
+}
+
+fn earliest(a: Option<Timestamp>, b: Option<Timestamp>) -> Option<Timestamp> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// The backend work a revocation needs.
+pub fn revoke_plan(strategy: Strategy, reason: RevokeReason) -> RevokePlan {
+    match (strategy, reason) {
+        (Strategy::Dynamic, _) => RevokePlan::DropUser,
+        (Strategy::AlternatingUsers, _) => RevokePlan::DisableLogin,
+        (Strategy::InPlace, RevokeReason::VerificationFailed | RevokeReason::IssueFailed) => {
+            RevokePlan::RestoreCurrent
+        }
+        // Deleting an InPlace lease leaves the user as it is: leasehold did not create it.
+        (Strategy::InPlace, RevokeReason::Superseded | RevokeReason::LeaseDeleted) => {
+            RevokePlan::Nothing
+        }
+    }
+}
+
+/// The session rule for a revocation that started draining at `drain_started_at`.
+pub fn drain_mode_now(
+    policy: &PolicyParams,
+    drain_started_at: Option<Timestamp>,
+    now: Timestamp,
+) -> DrainSessionsMode {
+    match policy.drain {
+        DrainSessionsMode::Terminate => match drain_started_at {
+            Some(t) if add(t, policy.drain_timeout) <= now => DrainSessionsMode::Terminate,
+            _ => DrainSessionsMode::Wait,
+        },
+        other => other,
+    }
+}
+
+/// When a superseded version may be revoked, or `None` if it may be revoked now.
+pub fn drain_ready_at(
+    policy: &PolicyParams,
+    superseded_at: Timestamp,
+    consumers_on_current: bool,
+    now: Timestamp,
+) -> Option<Timestamp> {
+    let grace_end = add(superseded_at, policy.grace_period);
+    let hard_end = add(superseded_at, policy.max_wait.max(policy.grace_period));
+    let ready =
+        now >= grace_end && (!policy.wait_for_consumers || consumers_on_current || now >= hard_end);
+    if ready {
+        None
+    } else if now < grace_end {
+        Some(grace_end)
+    } else {
+        Some(hard_end)
+    }
+}
+
+/// When the current version should be rotated (ignoring windows and requests).
+pub fn rotation_due_at(policy: &PolicyParams, current: &VersionRecord) -> Timestamp {
+    let renew = policy.renew_at(current.issued_at);
+    match (policy.rotation_interval, current.promoted_at) {
+        (Some(interval), Some(promoted)) => renew.min(add(promoted, interval)),
+        _ => renew,
+    }
+}
+
+/// Decide the next action.
+pub fn decide(
+    policy: &PolicyParams,
+    progress: &Progress,
+    obs: &Observations,
+    now: Timestamp,
+) -> Action {
+    let mut wait: Option<(Timestamp, WaitReason)> = None;
+    let mut wait_for = |t: Timestamp, r: WaitReason| {
+        if wait.is_none_or(|(w, _)| t < w) {
+            wait = Some((t, r));
+        }
+    };
+
+    // Revocations already under way come first: they never give up, but respect backoff.
+    let revoke_ready = |r: &VersionRecord| {
+        r.revoke
+            .as_ref()
+            .and_then(|p| p.next_attempt_at)
+            .filter(|t| *t > now)
+    };
+    let revoke_action = |r: &VersionRecord, reason: RevokeReason| Action::Revoke {
+        version: r.version,
+        reason,
+        plan: revoke_plan(policy.strategy, reason),
+        drain: drain_mode_now(
+            policy,
+            r.revoke.as_ref().and_then(|p| p.drain_started_at),
+            now,
+        ),
+    };
+
+    if obs.deleting {
+        for r in &progress.versions {
+            if r.state == VersionState::Revoked {
+                continue;
+            }
+            if let Some(t) = revoke_ready(r) {
+                wait_for(t, WaitReason::RevocationBackoff);
+                continue;
+            }
+            let reason = r.revoke_reason.unwrap_or(RevokeReason::LeaseDeleted);
+            return revoke_action(r, reason);
+        }
+        return match wait {
+            Some((t, reason)) => Action::Wait {
+                until: Some(t),
+                reason,
+            },
+            None => Action::Finished,
+        };
+    }
+
+    for r in &progress.versions {
+        if r.state != VersionState::Revoking {
+            continue;
+        }
+        if let Some(t) = revoke_ready(r) {
+            wait_for(t, WaitReason::RevocationBackoff);
+            continue;
+        }
+        return revoke_action(r, r.revoke_reason.unwrap_or(RevokeReason::Superseded));
+    }
+
+    if let Some(p) = progress.pending() {
+        return match p.state {
+            VersionState::Issuing => Action::Issue {
+                version: p.version,
+                resume: true,
+            },
+            VersionState::Issued => Action::Verify { version: p.version },
+            _ => Action::Promote { version: p.version },
+        };
+    }
+
+    let current = progress.current();
+    if let Some(c) = current
+        && progress.delivered_version != Some(c.version)
+    {
+        return Action::Deliver { version: c.version };
+    }
+
+    for r in &progress.versions {
+        if r.state != VersionState::Superseded {
+            continue;
+        }
+        let superseded_at = r.superseded_at.unwrap_or(r.issued_at);
+        match drain_ready_at(policy, superseded_at, obs.consumers_on_current, now) {
+            None => return revoke_action(r, RevokeReason::Superseded),
+            Some(t) => wait_for(t, WaitReason::Draining),
+        }
+    }
+
+    // Should a new version start?
+    let draining = progress
+        .versions
+        .iter()
+        .any(|r| matches!(r.state, VersionState::Superseded | VersionState::Revoking));
+    let requested =
+        obs.rotation_request.is_some() && obs.rotation_request != progress.handled_rotation_request;
+    let (due_at, urgent) = match current {
+        None => (now, true),
+        Some(c) => {
+            let due = rotation_due_at(policy, c);
+            // Past the midpoint of the renewal window, the maintenance window no longer holds it back.
+            let urgent = c
+                .expires_at
+                .is_some_and(|e| add(now, policy.renew_before / 2) >= e);
+            (
+                if requested { now.min(due) } else { due },
+                urgent || requested,
+            )
+        }
+    };
+
+    if due_at > now {
+        wait_for(due_at, WaitReason::Renewal);
+    } else if draining && policy.strategy != Strategy::Dynamic {
+        // The idle user (or the single user) is still held by the previous rotation.
+        wait_for(
+            add(now, SESSION_POLL),
+            WaitReason::PreviousRotationUnfinished,
+        );
+    } else if let Some(retry_at) = progress.last_verify_failure_at.map(|t| {
+        add(
+            t,
+            Backoff::VERIFICATION.delay(
+                progress.verify_failures.saturating_sub(1),
+                seed_of(&progress.last_version.to_string()),
+            ),
+        )
+    }) && retry_at > now
+        && !requested
+    {
+        wait_for(retry_at, WaitReason::VerificationBackoff);
+    } else if !urgent && !obs.maintenance_window_open {
+        match obs.maintenance_window_opens_at {
+            Some(t) => wait_for(t, WaitReason::MaintenanceWindow),
+            None => wait_for(
+                add(now, Duration::from_secs(60)),
+                WaitReason::MaintenanceWindow,
+            ),
+        }
+    } else {
+        return Action::Issue {
+            version: progress.last_version + 1,
+            resume: false,
+        };
+    }
+
+    let (until, reason) = match wait {
+        Some((t, r)) => (Some(t), r),
+        None => (None, WaitReason::Renewal),
+    };
+    Action::Wait { until, reason }
+}
+
+/// The next attempt time after a failed revocation attempt number `failures` (1-based).
+pub fn revoke_retry_at(version: &VersionRecord, failures: u32, now: Timestamp) -> Timestamp {
+    let seed = seed_of(&version.credential_id);
+    add(
+        now,
+        Backoff::REVOCATION.delay(failures.saturating_sub(1), seed),
+    )
+}
+
+/// A coarse summary of where a lease stands, for `kubectl get`.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Phase {
+    /// No credential yet.
+    #[default]
+    Pending,
+    /// A current credential exists and nothing is in flight.
+    Active,
+    /// A new version is being issued.
+    Issuing,
+    /// A new version is being verified.
+    Verifying,
+    /// An old version is draining or being revoked.
+    Draining,
+    /// Revocation is failing for longer than it should.
+    Degraded,
+    /// The lease is being deleted; its credentials are being revoked.
+    Deleting,
+    /// The spec or policy is invalid; nothing is done until it changes.
+    Invalid,
+}
+
+/// The phase implied by recorded progress.
+pub fn phase(progress: &Progress, deleting: bool, now: Timestamp) -> Phase {
+    if deleting {
+        return Phase::Deleting;
+    }
+    if progress.revocation_stuck(now).is_some() {
+        return Phase::Degraded;
+    }
+    if let Some(p) = progress.pending() {
+        return match p.state {
+            VersionState::Issuing => Phase::Issuing,
+            _ => Phase::Verifying,
+        };
+    }
+    if progress
+        .versions
+        .iter()
+        .any(|r| matches!(r.state, VersionState::Superseded | VersionState::Revoking))
+    {
+        return Phase::Draining;
+    }
+    if progress.current().is_some() {
+        Phase::Active
+    } else {
+        Phase::Pending
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: Duration = Duration::from_secs(60);
+
+    fn policy(strategy: Strategy) -> PolicyParams {
+        PolicyParams {
+            strategy,
+            ttl: 60 * MIN,
+            renew_before: 20 * MIN,
+            rotation_interval: None,
+            grace_period: 2 * MIN,
+            wait_for_consumers: true,
+            max_wait: 10 * MIN,
+            drain: DrainSessionsMode::Terminate,
+            drain_timeout: 5 * MIN,
+        }
+    }
+
+    fn t(mins: i64) -> Timestamp {
+        Timestamp::from_second(1_800_000_000 + mins * 60).unwrap()
+    }
+
+    fn record(version: u64, state: VersionState, issued: i64) -> VersionRecord {
+        VersionRecord {
+            version,
+            credential_id: format!("lh_v{version}"),
+            state,
+            issued_at: t(issued),
+            verified_at: None,
+            promoted_at: Some(t(issued)),
+            superseded_at: None,
+            expires_at: Some(t(issued + 60)),
+            revoke_reason: None,
+            revoke: None,
+        }
+    }
+
+    fn obs() -> Observations {
+        Observations {
+            consumers_on_current: true,
+            maintenance_window_open: true,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn first_version_is_issued_immediately() {
+        let a = decide(
+            &policy(Strategy::Dynamic),
+            &Progress::default(),
+            &obs(),
+            t(0),
+        );
+        assert_eq!(
+            a,
+            Action::Issue {
+                version: 1,
+                resume: false
+            }
+        );
+    }
+
+    #[test]
+    fn each_recorded_state_resumes_at_the_right_step() {
+        let p = policy(Strategy::Dynamic);
+        for (state, want) in [
+            (
+                VersionState::Issuing,
+                Action::Issue {
+                    version: 1,
+                    resume: true,
+                },
+            ),
+            (VersionState::Issued, Action::Verify { version: 1 }),
+            (VersionState::Verified, Action::Promote { version: 1 }),
+        ] {
+            let progress = Progress {
+                versions: vec![record(1, state, 0)],
+                last_version: 1,
+                ..Default::default()
+            };
+            assert_eq!(decide(&p, &progress, &obs(), t(1)), want, "{state:?}");
+        }
+    }
+
+    #[test]
+    fn current_is_delivered_then_renewed_at_two_thirds() {
+        let p = policy(Strategy::Dynamic);
+        let mut progress = Progress {
+            versions: vec![record(1, VersionState::Current, 0)],
+            last_version: 1,
+            ..Default::default()
+        };
+        assert_eq!(
+            decide(&p, &progress, &obs(), t(1)),
+            Action::Deliver { version: 1 }
+        );
+        progress.delivered_version = Some(1);
+        assert_eq!(
+            decide(&p, &progress, &obs(), t(1)),
+            Action::Wait {
+                until: Some(t(40)),
+                reason: WaitReason::Renewal
+            }
+        );
+        assert_eq!(
+            decide(&p, &progress, &obs(), t(40)),
+            Action::Issue {
+                version: 2,
+                resume: false
+            }
+        );
+    }
+
+    #[test]
+    fn superseded_waits_for_grace_and_consumers_until_max_wait() {
+        let p = policy(Strategy::Dynamic);
+        let mut old = record(1, VersionState::Superseded, 0);
+        old.superseded_at = Some(t(40));
+        let progress = Progress {
+            versions: vec![old, record(2, VersionState::Current, 40)],
+            last_version: 2,
+            delivered_version: Some(2),
+            ..Default::default()
+        };
+        let waiting = Observations {
+            consumers_on_current: false,
+            ..obs()
+        };
+        assert_eq!(
+            decide(&p, &progress, &obs(), t(41)),
+            Action::Wait {
+                until: Some(t(42)),
+                reason: WaitReason::Draining
+            }
+        );
+        assert_eq!(
+            decide(&p, &progress, &waiting, t(45)),
+            Action::Wait {
+                until: Some(t(50)),
+                reason: WaitReason::Draining
+            }
+        );
+        let revoke = Action::Revoke {
+            version: 1,
+            reason: RevokeReason::Superseded,
+            plan: RevokePlan::DropUser,
+            drain: DrainSessionsMode::Wait,
+        };
+        assert_eq!(decide(&p, &progress, &obs(), t(42)), revoke);
+        assert_eq!(decide(&p, &progress, &waiting, t(50)), revoke);
+    }
+
+    #[test]
+    fn failed_verification_revokes_new_and_backs_off() {
+        let p = policy(Strategy::Dynamic);
+        let mut bad = record(2, VersionState::Revoking, 40);
+        bad.revoke_reason = Some(RevokeReason::VerificationFailed);
+        let mut progress = Progress {
+            versions: vec![record(1, VersionState::Current, 0), bad],
+            last_version: 2,
+            delivered_version: Some(1),
+            verify_failures: 1,
+            last_verify_failure_at: Some(t(40)),
+            ..Default::default()
+        };
+        assert!(matches!(
+            decide(&p, &progress, &obs(), t(40)),
+            Action::Revoke {
+                version: 2,
+                reason: RevokeReason::VerificationFailed,
+                plan: RevokePlan::DropUser,
+                ..
+            }
+        ));
+        progress.versions.pop();
+        match decide(&p, &progress, &obs(), t(40)) {
+            Action::Wait {
+                until: Some(u),
+                reason: WaitReason::VerificationBackoff,
+            } => {
+                assert!(u > t(40) && u <= add(t(40), Duration::from_secs(10)))
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn revocation_retries_respect_backoff_and_never_stop() {
+        let p = policy(Strategy::Dynamic);
+        let mut old = record(1, VersionState::Revoking, 0);
+        old.revoke_reason = Some(RevokeReason::Superseded);
+        old.revoke = Some(RevokeProgress {
+            first_failure_at: Some(t(40)),
+            failures: 50,
+            next_attempt_at: Some(t(80)),
+            ..Default::default()
+        });
+        let progress = Progress {
+            versions: vec![old.clone(), record(2, VersionState::Current, 40)],
+            last_version: 2,
+            delivered_version: Some(2),
+            ..Default::default()
+        };
+        assert!(matches!(
+            decide(&p, &progress, &obs(), t(79)),
+            Action::Wait {
+                reason: WaitReason::RevocationBackoff,
+                ..
+            }
+        ));
+        assert!(matches!(
+            decide(&p, &progress, &obs(), t(80)),
+            Action::Revoke { version: 1, .. }
+        ));
+        assert!(progress.revocation_stuck(t(69)).is_none());
+        assert_eq!(progress.revocation_stuck(t(70)).map(|r| r.version), Some(1));
+        assert_eq!(phase(&progress, false, t(70)), Phase::Degraded);
+        assert!(revoke_retry_at(&old, 1000, t(0)) <= add(t(0), Duration::from_secs(300)));
+    }
+
+    #[test]
+    fn terminate_waits_for_drain_timeout() {
+        let p = policy(Strategy::Dynamic);
+        assert_eq!(drain_mode_now(&p, None, t(0)), DrainSessionsMode::Wait);
+        assert_eq!(
+            drain_mode_now(&p, Some(t(0)), t(4)),
+            DrainSessionsMode::Wait
+        );
+        assert_eq!(
+            drain_mode_now(&p, Some(t(0)), t(5)),
+            DrainSessionsMode::Terminate
+        );
+    }
+
+    #[test]
+    fn alternating_waits_for_previous_revocation() {
+        let p = policy(Strategy::AlternatingUsers);
+        let mut old = record(1, VersionState::Superseded, 0);
+        old.superseded_at = Some(t(40));
+        let progress = Progress {
+            versions: vec![old, record(2, VersionState::Current, 0)],
+            last_version: 2,
+            delivered_version: Some(2),
+            ..Default::default()
+        };
+        let any_consumers = Observations {
+            consumers_on_current: false,
+            ..obs()
+        };
+        assert!(matches!(
+            decide(&p, &progress, &any_consumers, t(45)),
+            Action::Wait {
+                reason: WaitReason::Draining | WaitReason::PreviousRotationUnfinished,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn deletion_revokes_everything_then_finishes() {
+        let p = policy(Strategy::Dynamic);
+        let deleting = Observations {
+            deleting: true,
+            ..obs()
+        };
+        let mut progress = Progress {
+            versions: vec![record(1, VersionState::Current, 0)],
+            last_version: 1,
+            ..Default::default()
+        };
+        assert!(matches!(
+            decide(&p, &progress, &deleting, t(1)),
+            Action::Revoke {
+                version: 1,
+                reason: RevokeReason::LeaseDeleted,
+                ..
+            }
+        ));
+        progress.versions[0].state = VersionState::Revoked;
+        assert_eq!(decide(&p, &progress, &deleting, t(1)), Action::Finished);
+    }
+
+    #[test]
+    fn in_place_failed_verification_restores_current() {
+        assert_eq!(
+            revoke_plan(Strategy::InPlace, RevokeReason::VerificationFailed),
+            RevokePlan::RestoreCurrent
+        );
+        assert_eq!(
+            revoke_plan(Strategy::InPlace, RevokeReason::Superseded),
+            RevokePlan::Nothing
+        );
+        assert_eq!(
+            revoke_plan(Strategy::AlternatingUsers, RevokeReason::Superseded),
+            RevokePlan::DisableLogin
+        );
+    }
+
+    #[test]
+    fn maintenance_window_defers_unless_urgent_or_requested() {
+        let p = policy(Strategy::Dynamic);
+        let progress = Progress {
+            versions: vec![record(1, VersionState::Current, 0)],
+            last_version: 1,
+            delivered_version: Some(1),
+            ..Default::default()
+        };
+        let closed = Observations {
+            maintenance_window_open: false,
+            maintenance_window_opens_at: Some(t(100)),
+            ..obs()
+        };
+        assert_eq!(
+            decide(&p, &progress, &closed, t(41)),
+            Action::Wait {
+                until: Some(t(100)),
+                reason: WaitReason::MaintenanceWindow
+            }
+        );
+        // Within renew_before/2 of expiry: rotate anyway.
+        assert!(matches!(
+            decide(&p, &progress, &closed, t(50)),
+            Action::Issue { version: 2, .. }
+        ));
+        let requested = Observations {
+            rotation_request: Some("now".into()),
+            ..closed
+        };
+        assert!(matches!(
+            decide(&p, &progress, &requested, t(5)),
+            Action::Issue { version: 2, .. }
+        ));
+    }
+
+    #[test]
+    fn progress_round_trips_through_json() {
+        let progress = Progress {
+            versions: vec![record(1, VersionState::Current, 0)],
+            last_version: 1,
+            ..Default::default()
+        };
+        let json = serde_json::to_string(&progress).unwrap();
+        assert_eq!(serde_json::from_str::<Progress>(&json).unwrap(), progress);
+    }
+}
