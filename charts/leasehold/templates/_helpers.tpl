@@ -1,0 +1,194 @@
+{{/*
+Chart name, overridable with nameOverride.
+*/}}
+{{- define "leasehold.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Full name: fullnameOverride, or "<release>-<chart>" unless the release name
+already contains the chart name. Kept at 40 characters so that the longest
+suffix we append ("-broker-tls", "-controller-namespaced") still fits in 63.
+*/}}
+{{- define "leasehold.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+"name-version" for the helm.sh/chart label.
+*/}}
+{{- define "leasehold.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Labels on every object.
+*/}}
+{{- define "leasehold.labels" -}}
+helm.sh/chart: {{ include "leasehold.chart" . }}
+{{ include "leasehold.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: leasehold
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+Selector labels shared by all components.
+*/}}
+{{- define "leasehold.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "leasehold.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/*
+Per-component labels. Call with (dict "ctx" $ "component" "controller").
+*/}}
+{{- define "leasehold.componentLabels" -}}
+{{ include "leasehold.labels" .ctx }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "leasehold.componentSelectorLabels" -}}
+{{ include "leasehold.selectorLabels" .ctx }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/*
+The leasehold image reference: digest wins over tag; tag defaults to appVersion.
+*/}}
+{{- define "leasehold.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+{{- end }}
+
+{{/*
+ServiceAccount names. An existing account (create: false) must be named.
+*/}}
+{{- define "leasehold.controllerServiceAccountName" -}}
+{{- if .Values.serviceAccount.controller.create }}
+{{- default (printf "%s-controller" (include "leasehold.fullname" .)) .Values.serviceAccount.controller.name }}
+{{- else }}
+{{- required "serviceAccount.controller.name is required when serviceAccount.controller.create is false" .Values.serviceAccount.controller.name }}
+{{- end }}
+{{- end }}
+
+{{- define "leasehold.nodeServiceAccountName" -}}
+{{- if .Values.serviceAccount.node.create }}
+{{- default (printf "%s-node" (include "leasehold.fullname" .)) .Values.serviceAccount.node.name }}
+{{- else }}
+{{- required "serviceAccount.node.name is required when serviceAccount.node.create is false" .Values.serviceAccount.node.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+Names shared between the controller (which creates these objects) and the
+node driver (which reads them). Keep them in one place.
+*/}}
+{{- define "leasehold.brokerServiceName" -}}
+{{- printf "%s-broker" (include "leasehold.fullname" .) }}
+{{- end }}
+
+{{- define "leasehold.metricsServiceName" -}}
+{{- printf "%s-metrics" (include "leasehold.fullname" .) }}
+{{- end }}
+
+{{- define "leasehold.brokerCAConfigMapName" -}}
+{{- printf "%s-broker-ca" (include "leasehold.fullname" .) }}
+{{- end }}
+
+{{- define "leasehold.brokerGeneratedSecretName" -}}
+{{- printf "%s-broker-tls" (include "leasehold.fullname" .) }}
+{{- end }}
+
+{{- define "leasehold.leaderElectionLeaseName" -}}
+{{- printf "%s-controller" (include "leasehold.fullname" .) }}
+{{- end }}
+
+{{- define "leasehold.brokerURL" -}}
+{{- printf "https://%s.%s.svc:%d" (include "leasehold.brokerServiceName" .) .Release.Namespace (int .Values.broker.port) }}
+{{- end }}
+
+{{/*
+The CSI driver name. Fixed: the binary reports it from GetPluginInfo and the
+kubelet matches volumes to drivers by it.
+*/}}
+{{- define "leasehold.csiDriverName" -}}
+csi.leasehold.dev
+{{- end }}
+
+{{/*
+Host path of the directory holding the driver's socket, and the socket itself
+as the kubelet sees it.
+*/}}
+{{- define "leasehold.pluginDir" -}}
+{{- printf "%s/plugins/%s" (trimSuffix "/" .Values.node.kubeletDir) (include "leasehold.csiDriverName" .) }}
+{{- end }}
+
+{{- define "leasehold.kubeletRegistrationPath" -}}
+{{- printf "%s/csi.sock" (include "leasehold.pluginDir" .) }}
+{{- end }}
+
+{{/*
+The hardened container securityContext shared by the controller and the
+sidecars (the node driver itself is privileged).
+*/}}
+{{- define "leasehold.restrictedContainerSecurityContext" -}}
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+capabilities:
+  drop:
+    - ALL
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{/*
+Rules on namespaced objects the controller reconciles. Cluster-wide
+(ClusterRoleBinding) by default; with watchNamespaces they are bound by a
+RoleBinding in each watched namespace only.
+*/}}
+{{- define "leasehold.controllerNamespacedRules" -}}
+- apiGroups: ["leasehold.dev"]
+  resources: ["secretleases", "rotationpolicies"]
+  verbs: ["get", "list", "watch"]
+- apiGroups: ["leasehold.dev"]
+  resources: ["secretleases/status"]
+  verbs: ["get", "patch"]
+- apiGroups: ["leasehold.dev"]
+  resources: ["secretleases/finalizers"]
+  verbs: ["update"]
+# Database admin credentials referenced by policies, and the Secrets the
+# controller owns (issued credentials, broker TLS).
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+- apiGroups: ["events.k8s.io"]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+# The broker checks that the pod a token is bound to exists and is running.
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["get", "list", "watch"]
+# Rollout restarts of workloads that consume rotated Secrets.
+- apiGroups: ["apps"]
+  resources: ["deployments", "statefulsets", "daemonsets"]
+  verbs: ["get", "list", "watch", "patch"]
+{{- end }}
