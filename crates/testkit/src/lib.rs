@@ -1,0 +1,54 @@
+//! Throwaway real database servers for integration tests.
+//!
+//! Each server lives in its own temporary directory, listens on a random loopback
+//! port and is torn down when its handle is dropped. A small watchdog shell process
+//! per server also cleans up when the test process dies without running `Drop`
+//! (for example a server shared through a `static`, or an aborted test binary): it
+//! reads a pipe from the test process and acts when that pipe closes.
+//!
+//! ```no_run
+//! # async fn demo() {
+//! use leasehold_testkit::PostgresServer;
+//! let pg = PostgresServer::start().await;
+//! let admin = pg.admin_client().await;
+//! admin.simple_query("SELECT 1").await.expect("query");
+//! # }
+//! ```
+//!
+//! These are test helpers: they panic with a clear message instead of returning
+//! errors, so a broken environment fails the test loudly.
+
+#![forbid(unsafe_code)]
+
+mod mariadb;
+mod postgres;
+mod process;
+
+pub use mariadb::MariaDbServer;
+pub use postgres::PostgresServer;
+
+use rand::Rng;
+use rand::distr::Alphanumeric;
+
+/// A random alphanumeric string from the thread CSPRNG.
+pub fn random_alphanumeric(len: usize) -> String {
+    rand::rng()
+        .sample_iter(Alphanumeric)
+        .take(len)
+        .map(char::from)
+        .collect()
+}
+
+/// A fresh, unique-enough name for test objects: `prefix` + 10 random lowercase chars.
+pub fn unique_name(prefix: &str) -> String {
+    format!("{prefix}{}", random_alphanumeric(10).to_ascii_lowercase())
+}
+
+/// A loopback port that was free a moment ago. Servers retry with another port if
+/// someone else takes it first.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("cannot find a free loopback port: {e}"))
+}

@@ -1,0 +1,341 @@
+//! A throwaway MariaDB server.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rustix::process::Signal;
+use secrecy::{ExposeSecret, SecretString};
+use sha1::{Digest, Sha1};
+use tempfile::TempDir;
+use tokio::sync::OnceCell;
+
+use crate::process::{Watchdog, shutdown_blocking, signal, spawn_in_group, wait_async};
+
+const ADMIN_USER: &str = "leasehold_admin";
+const DATABASE: &str = "leasehold";
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+const MISSING: &str = "MariaDB server binaries not found: install the Debian package `mariadb-server` \
+     (leasehold's .ci/run does)";
+
+/// A MariaDB server of its own: temporary data directory, its own socket, a random
+/// loopback port, grant tables enforced, and the general query log written to a file
+/// tests can read. It has an admin `'leasehold_admin'@'%'` with every privilege and
+/// the grant option, and an empty database `leasehold`.
+///
+/// Dropping it kills the server and removes the directory.
+#[derive(Debug)]
+pub struct MariaDbServer {
+    root: TempDir,
+    server_bin: PathBuf,
+    port: u16,
+    admin_password: SecretString,
+    process: Option<Child>,
+    watchdog: Watchdog,
+}
+
+static SHARED: OnceCell<MariaDbServer> = OnceCell::const_new();
+
+impl MariaDbServer {
+    /// Initialise and start a new server; returns once the admin can log in.
+    pub async fn start() -> Self {
+        let server_bin = find_binary(&["/usr/sbin/mariadbd", "/usr/sbin/mysqld"]);
+        let install_bin = find_binary(&[
+            "/usr/bin/mariadb-install-db",
+            "/usr/bin/mysql_install_db",
+            "/usr/bin/mariadb_install_db",
+        ]);
+        let root = tempfile::Builder::new()
+            .prefix("leasehold-mariadb-")
+            .tempdir()
+            .unwrap_or_else(|e| panic!("cannot create a temp dir: {e}"));
+        let watchdog = Watchdog::spawn(root.path(), "TERM");
+        let mut server = Self {
+            root,
+            server_bin,
+            port: 0,
+            admin_password: SecretString::from(crate::random_alphanumeric(32)),
+            process: None,
+            watchdog,
+        };
+
+        let output = Command::new(&install_bin)
+            .arg("--no-defaults")
+            .arg("--user=root")
+            .arg(format!("--datadir={}", server.data_dir().display()))
+            .args(["--skip-test-db", "--auth-root-authentication-method=socket"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}. {MISSING}", install_bin.display()));
+        if !output.status.success() {
+            panic!(
+                "{} failed: {}\n{}",
+                install_bin.display(),
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+
+        for attempt in 1..=5 {
+            server.port = crate::free_port();
+            match server.launch(true).await {
+                Ok(()) => return server,
+                Err(log) if attempt < 5 && log.contains("Address already in use") => continue,
+                Err(log) => panic!("MariaDB did not start. Error log:\n{log}"),
+            }
+        }
+        unreachable!("the loop returns or panics")
+    }
+
+    /// One server shared by every test of this test binary, started on first use.
+    /// It is never dropped; its watchdog removes it when the test process exits.
+    pub async fn shared() -> &'static Self {
+        SHARED.get_or_init(Self::start).await
+    }
+
+    pub fn host(&self) -> &str {
+        "127.0.0.1"
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// An empty database created for tests.
+    pub fn database(&self) -> &str {
+        DATABASE
+    }
+
+    pub fn admin_user(&self) -> &str {
+        ADMIN_USER
+    }
+
+    pub fn admin_password(&self) -> &SecretString {
+        &self.admin_password
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.root.path().join("data")
+    }
+
+    /// The server's own unix socket.
+    pub fn socket_path(&self) -> PathBuf {
+        self.root.path().join("mysqld.sock")
+    }
+
+    /// Connection options for `user` over TCP to the test database.
+    pub fn opts_for(&self, user: &str, password: &str) -> mysql_async::Opts {
+        mysql_async::OptsBuilder::default()
+            .ip_or_hostname(self.host())
+            .tcp_port(self.port)
+            .prefer_socket(false)
+            .user(Some(user))
+            .pass(Some(password))
+            .db_name(Some(DATABASE))
+            .into()
+    }
+
+    /// Log in as `user` over TCP (the password is really checked).
+    pub async fn connect_as(
+        &self,
+        user: &str,
+        password: &str,
+    ) -> Result<mysql_async::Conn, mysql_async::Error> {
+        let opts = self.opts_for(user, password);
+        match tokio::time::timeout(Duration::from_secs(10), mysql_async::Conn::new(opts)).await {
+            Ok(result) => result,
+            Err(_) => Err(mysql_async::Error::Other("connect timed out".into())),
+        }
+    }
+
+    /// A fresh admin connection. Panics if the server does not accept it.
+    pub async fn admin_conn(&self) -> mysql_async::Conn {
+        self.connect_as(ADMIN_USER, self.admin_password.expose_secret())
+            .await
+            .unwrap_or_else(|e| panic!("admin login to the test MariaDB failed: {e}"))
+    }
+
+    /// The general query log so far (every statement the server received).
+    pub fn log_contents(&self) -> String {
+        std::fs::read_to_string(self.root.path().join("general.log")).unwrap_or_default()
+    }
+
+    /// The server's error log so far.
+    pub fn error_log_contents(&self) -> String {
+        std::fs::read_to_string(self.error_log_path()).unwrap_or_default()
+    }
+
+    /// Shut the server down. Data and port stay.
+    pub async fn stop(&mut self) {
+        if let Some(mut child) = self.process.take() {
+            self.watchdog.watch(None);
+            signal(&child, Signal::TERM);
+            if !wait_async(&mut child, Duration::from_secs(30)).await {
+                shutdown_blocking(&mut child, Signal::KILL);
+            }
+        }
+    }
+
+    /// Start the server again after [`stop`](Self::stop), same data and port.
+    pub async fn resume(&mut self) {
+        if self.process.is_some() {
+            return;
+        }
+        if let Err(log) = self.launch(false).await {
+            panic!(
+                "MariaDB did not restart on port {}. Error log:\n{log}",
+                self.port
+            );
+        }
+    }
+
+    fn error_log_path(&self) -> PathBuf {
+        self.root.path().join("error.log")
+    }
+
+    async fn launch(&mut self, first: bool) -> Result<(), String> {
+        let root = self.root.path();
+        let mut cmd = Command::new(&self.server_bin);
+        // --no-defaults must come first: the machine-wide config must not leak in.
+        cmd.arg("--no-defaults")
+            .arg("--user=root")
+            .arg(format!("--datadir={}", self.data_dir().display()))
+            .arg(format!("--socket={}", self.socket_path().display()))
+            .arg(format!("--port={}", self.port))
+            .arg("--bind-address=127.0.0.1")
+            .arg(format!("--pid-file={}", root.join("mysqld.pid").display()))
+            .arg(format!("--log-error={}", self.error_log_path().display()))
+            .arg(format!("--tmpdir={}", root.display()))
+            .arg("--general-log=1")
+            .arg("--log-output=FILE")
+            .arg(format!(
+                "--general-log-file={}",
+                root.join("general.log").display()
+            ))
+            .args([
+                "--skip-name-resolve",
+                "--skip-log-bin",
+                "--max-connections=300",
+                "--innodb-buffer-pool-size=32M",
+                "--innodb-flush-log-at-trx-commit=0",
+                "--innodb-doublewrite=0",
+                "--performance-schema=0",
+            ]);
+        let log_start = self.error_log_contents().len();
+        let child = spawn_in_group(cmd, &root.join("stdout.log"));
+        self.watchdog.watch(Some(child.id()));
+        self.process = Some(child);
+
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let mut bootstrapped = !first;
+        loop {
+            if let Some(child) = self.process.as_mut()
+                && matches!(child.try_wait(), Ok(Some(_)) | Err(_))
+            {
+                self.process = None;
+                self.watchdog.watch(None);
+                let log = self.error_log_contents();
+                return Err(log.get(log_start..).unwrap_or(&log).to_owned());
+            }
+            if !bootstrapped && self.socket_path().exists() {
+                bootstrapped = self.bootstrap_admin()?;
+            }
+            if bootstrapped
+                && let Ok(conn) = mysql_async::Conn::new(
+                    self.opts_for(ADMIN_USER, self.admin_password.expose_secret()),
+                )
+                .await
+            {
+                let _ = conn.disconnect().await;
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                if let Some(mut child) = self.process.take() {
+                    shutdown_blocking(&mut child, Signal::KILL);
+                }
+                self.watchdog.watch(None);
+                return Err(format!(
+                    "not ready after {READY_TIMEOUT:?}\n{}",
+                    self.error_log_contents()
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Create the admin and the test database, as OS root over the server's socket
+    /// (`unix_socket` authentication). The admin password goes in pre-hashed, so the
+    /// general log never shows it. Returns `Ok(false)` if the server is not ready yet.
+    fn bootstrap_admin(&self) -> Result<bool, String> {
+        let hash = native_password_hash(self.admin_password.expose_secret());
+        let sql = format!(
+            "CREATE USER '{ADMIN_USER}'@'%' IDENTIFIED BY PASSWORD '{hash}';\n\
+             GRANT ALL PRIVILEGES ON *.* TO '{ADMIN_USER}'@'%' WITH GRANT OPTION;\n\
+             CREATE DATABASE `{DATABASE}`;\n"
+        );
+        let mut child = Command::new(client_binary())
+            .arg("--no-defaults")
+            .arg("--protocol=socket")
+            .arg(format!("--socket={}", self.socket_path().display()))
+            .arg("--user=root")
+            .arg("--batch")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot run the mariadb client: {e}"))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin
+                .write_all(sql.as_bytes())
+                .map_err(|e| format!("cannot feed the mariadb client: {e}"))?;
+        }
+        let output = child
+            .wait_with_output()
+            .map_err(|e| format!("mariadb client: {e}"))?;
+        if output.status.success() {
+            return Ok(true);
+        }
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        // 2002: socket not accepting connections yet.
+        if stderr.contains("2002") || stderr.contains("Can't connect") {
+            return Ok(false);
+        }
+        Err(format!("admin bootstrap failed: {stderr}"))
+    }
+}
+
+impl Drop for MariaDbServer {
+    fn drop(&mut self) {
+        self.watchdog.disarm();
+        if let Some(mut child) = self.process.take() {
+            // The data is thrown away: no need for a clean shutdown.
+            shutdown_blocking(&mut child, Signal::KILL);
+        }
+    }
+}
+
+/// MariaDB's `mysql_native_password` stored form: `*` + upper hex of SHA1(SHA1(pw)).
+fn native_password_hash(password: &str) -> String {
+    let stage1 = Sha1::digest(password.as_bytes());
+    let stage2 = Sha1::digest(stage1);
+    let mut out = String::with_capacity(41);
+    out.push('*');
+    for byte in stage2 {
+        out.push_str(&format!("{byte:02X}"));
+    }
+    out
+}
+
+fn find_binary(candidates: &[&str]) -> PathBuf {
+    candidates
+        .iter()
+        .map(Path::new)
+        .find(|p| p.is_file())
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| panic!("none of {candidates:?} exists. {MISSING}"))
+}
+
+fn client_binary() -> PathBuf {
+    find_binary(&["/usr/bin/mariadb", "/usr/bin/mysql"])
+}

@@ -1,0 +1,332 @@
+//! A throwaway PostgreSQL cluster.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use rustix::process::Signal;
+use secrecy::{ExposeSecret, SecretString};
+use tempfile::TempDir;
+use tokio::sync::OnceCell;
+
+use crate::process::{
+    Watchdog, chown_tree, shutdown_blocking, signal, spawn_in_group, system_user, wait_async,
+};
+
+const ADMIN_USER: &str = "leasehold_admin";
+const DATABASE: &str = "postgres";
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+const MISSING: &str = "PostgreSQL server binaries not found: install the Debian package `postgresql` \
+     (leasehold's .ci/run does), or point LEASEHOLD_PG_BIN at a directory holding initdb and postgres";
+
+/// A PostgreSQL server of its own: temporary data directory owned by the `postgres`
+/// system user, random loopback port, SCRAM password authentication for TCP, every
+/// statement logged (`log_statement=all`) to a file tests can read.
+///
+/// Dropping it kills the server and removes the directory.
+#[derive(Debug)]
+pub struct PostgresServer {
+    // Declared first so it is dropped last, after the process is gone.
+    root: TempDir,
+    bin_dir: PathBuf,
+    uid: u32,
+    gid: u32,
+    port: u16,
+    admin_password: SecretString,
+    process: Option<Child>,
+    watchdog: Watchdog,
+}
+
+static SHARED: OnceCell<PostgresServer> = OnceCell::const_new();
+
+impl PostgresServer {
+    /// Initialise and start a new cluster; returns once it accepts admin logins.
+    pub async fn start() -> Self {
+        let bin_dir = find_bin_dir();
+        let (uid, gid) = system_user("postgres")
+            .unwrap_or_else(|| panic!("no `postgres` system user. {MISSING}"));
+        let root = tempfile::Builder::new()
+            .prefix("leasehold-pg-")
+            .tempdir()
+            .unwrap_or_else(|e| panic!("cannot create a temp dir: {e}"));
+        let watchdog = Watchdog::spawn(root.path(), "QUIT");
+        let admin_password = SecretString::from(crate::random_alphanumeric(32));
+        let mut server = Self {
+            root,
+            bin_dir,
+            uid,
+            gid,
+            port: 0,
+            admin_password,
+            process: None,
+            watchdog,
+        };
+        server.init_cluster();
+        // The port was free when picked; if someone grabbed it since, pick another.
+        for attempt in 1..=5 {
+            server.port = crate::free_port();
+            match server.launch().await {
+                Ok(()) => return server,
+                Err(log) if attempt < 5 && log.contains("could not bind") => continue,
+                Err(log) => panic!("PostgreSQL did not start. Server log:\n{log}"),
+            }
+        }
+        unreachable!("the loop returns or panics")
+    }
+
+    /// One server shared by every test of this test binary, started on first use.
+    /// It is never dropped; its watchdog removes it when the test process exits.
+    /// Tests sharing it must use distinct object names (see [`crate::unique_name`]).
+    pub async fn shared() -> &'static Self {
+        SHARED.get_or_init(Self::start).await
+    }
+
+    pub fn host(&self) -> &str {
+        "127.0.0.1"
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The database the admin connects to.
+    pub fn database(&self) -> &str {
+        DATABASE
+    }
+
+    /// A superuser with a random password.
+    pub fn admin_user(&self) -> &str {
+        ADMIN_USER
+    }
+
+    pub fn admin_password(&self) -> &SecretString {
+        &self.admin_password
+    }
+
+    /// The data directory (owned by the `postgres` system user).
+    pub fn data_dir(&self) -> PathBuf {
+        self.root.path().join("data")
+    }
+
+    /// Connection settings for `user` over TCP with password authentication.
+    pub fn config_for(&self, user: &str, password: &str) -> tokio_postgres::Config {
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host(self.host())
+            .port(self.port)
+            .user(user)
+            .password(password)
+            .dbname(DATABASE)
+            .connect_timeout(Duration::from_secs(5));
+        config
+    }
+
+    /// Log in as `user` over TCP (the password is really checked). The connection
+    /// task is spawned on the current runtime.
+    pub async fn connect_as(
+        &self,
+        user: &str,
+        password: &str,
+    ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+        let (client, connection) = self
+            .config_for(user, password)
+            .connect(tokio_postgres::NoTls)
+            .await?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(client)
+    }
+
+    /// A fresh superuser connection. Panics if the server does not accept it.
+    pub async fn admin_client(&self) -> tokio_postgres::Client {
+        self.connect_as(ADMIN_USER, self.admin_password.expose_secret())
+            .await
+            .unwrap_or_else(|e| panic!("admin login to the test PostgreSQL failed: {e}"))
+    }
+
+    /// Everything the server logged so far (every statement, with `log_statement=all`).
+    pub fn log_contents(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Shut the server down (fast shutdown: sessions are cut). Data and port stay.
+    pub async fn stop(&mut self) {
+        if let Some(mut child) = self.process.take() {
+            self.watchdog.watch(None);
+            signal(&child, Signal::INT);
+            if !wait_async(&mut child, Duration::from_secs(30)).await {
+                shutdown_blocking(&mut child, Signal::QUIT);
+            }
+        }
+    }
+
+    /// Start the server again after [`stop`](Self::stop), same data and port.
+    pub async fn resume(&mut self) {
+        if self.process.is_some() {
+            return;
+        }
+        if let Err(log) = self.launch().await {
+            panic!(
+                "PostgreSQL did not restart on port {}. Server log:\n{log}",
+                self.port
+            );
+        }
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.root.path().join("server.log")
+    }
+
+    fn as_postgres(&self, program: &Path) -> Command {
+        let mut cmd = Command::new("setpriv");
+        cmd.arg(format!("--reuid={}", self.uid))
+            .arg(format!("--regid={}", self.gid))
+            .arg("--init-groups")
+            .arg("--")
+            .arg(program)
+            .env("LC_ALL", "C.UTF-8")
+            .current_dir(self.root.path());
+        cmd
+    }
+
+    fn init_cluster(&self) {
+        let root = self.root.path();
+        let pwfile = root.join("pwfile");
+        std::fs::write(&pwfile, self.admin_password.expose_secret())
+            .unwrap_or_else(|e| panic!("cannot write the password file: {e}"));
+        std::fs::create_dir(root.join("sock"))
+            .unwrap_or_else(|e| panic!("cannot create the socket dir: {e}"));
+        chown_tree(root, self.uid, self.gid)
+            .unwrap_or_else(|e| panic!("cannot hand the temp dir to `postgres`: {e}"));
+
+        let output = self
+            .as_postgres(&self.bin_dir.join("initdb"))
+            .arg("-D")
+            .arg(self.data_dir())
+            .arg(format!("--username={ADMIN_USER}"))
+            .arg(format!("--pwfile={}", pwfile.display()))
+            .args([
+                "--auth=scram-sha-256",
+                "--encoding=UTF8",
+                "--no-sync",
+                "--no-instructions",
+            ])
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run initdb: {e}. {MISSING}"));
+        let _ = std::fs::remove_file(&pwfile);
+        if !output.status.success() {
+            panic!(
+                "initdb failed: {}\n{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+
+        // Appending keeps the file's owner (postgres).
+        let mut conf = String::from("\n# leasehold-testkit\n");
+        let _ = writeln!(conf, "listen_addresses = '127.0.0.1'");
+        let _ = writeln!(
+            conf,
+            "unix_socket_directories = '{}'",
+            root.join("sock").display()
+        );
+        for line in [
+            "fsync = off",
+            "synchronous_commit = off",
+            "full_page_writes = off",
+            "password_encryption = 'scram-sha-256'",
+            "max_connections = 300",
+            "shared_buffers = 32MB",
+            "log_statement = 'all'",
+            "log_connections = on",
+            "log_line_prefix = '%m [%p] %q%u@%d '",
+            "logging_collector = off",
+        ] {
+            let _ = writeln!(conf, "{line}");
+        }
+        let path = self.data_dir().join("postgresql.conf");
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap_or_else(|e| panic!("cannot open {}: {e}", path.display()));
+        std::io::Write::write_all(&mut file, conf.as_bytes())
+            .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+    }
+
+    /// Spawn the postmaster and wait until the admin can log in. On failure returns
+    /// the server log.
+    async fn launch(&mut self) -> Result<(), String> {
+        let mut cmd = self.as_postgres(&self.bin_dir.join("postgres"));
+        cmd.arg("-D")
+            .arg(self.data_dir())
+            .arg("-p")
+            .arg(self.port.to_string());
+        let log_start = self.log_contents().len();
+        let child = spawn_in_group(cmd, &self.log_path());
+        self.watchdog.watch(Some(child.id()));
+        self.process = Some(child);
+
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(child) = self.process.as_mut()
+                && matches!(child.try_wait(), Ok(Some(_)) | Err(_))
+            {
+                self.process = None;
+                self.watchdog.watch(None);
+                let log = self.log_contents();
+                return Err(log.get(log_start..).unwrap_or(&log).to_owned());
+            }
+            let config = self.config_for(ADMIN_USER, self.admin_password.expose_secret());
+            if let Ok((client, connection)) = config.connect(tokio_postgres::NoTls).await {
+                drop(client);
+                let _ = connection.await;
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                if let Some(mut child) = self.process.take() {
+                    shutdown_blocking(&mut child, Signal::QUIT);
+                }
+                self.watchdog.watch(None);
+                return Err(format!(
+                    "not ready after {READY_TIMEOUT:?}\n{}",
+                    self.log_contents()
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for PostgresServer {
+    fn drop(&mut self) {
+        // Do the cleanup here; the watchdog is only for when Drop never runs.
+        self.watchdog.disarm();
+        if let Some(mut child) = self.process.take() {
+            // Immediate shutdown: no checkpoint, shared memory released.
+            shutdown_blocking(&mut child, Signal::QUIT);
+        }
+        // `root` (TempDir) removes the directory when dropped after this.
+    }
+}
+
+/// The newest `/usr/lib/postgresql/<major>/bin` holding `postgres`, or
+/// `$LEASEHOLD_PG_BIN`.
+fn find_bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("LEASEHOLD_PG_BIN") {
+        return PathBuf::from(dir);
+    }
+    let base = Path::new("/usr/lib/postgresql");
+    let majors = std::fs::read_dir(base).unwrap_or_else(|_| panic!("{MISSING}"));
+    majors
+        .filter_map(Result::ok)
+        .filter_map(|entry| {
+            let major: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let bin = entry.path().join("bin");
+            bin.join("postgres").is_file().then_some((major, bin))
+        })
+        .max_by_key(|(major, _)| *major)
+        .map(|(_, bin)| bin)
+        .unwrap_or_else(|| panic!("{MISSING}"))
+}
