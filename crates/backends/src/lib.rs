@@ -10,6 +10,15 @@
 
 #![forbid(unsafe_code)]
 
+pub mod mysql;
+pub mod password;
+pub mod postgres;
+mod sql;
+
+pub use mysql::{MySqlBackend, MySqlTarget};
+pub use password::{PasswordPolicy, generate as generate_password};
+pub use postgres::{PostgresBackend, PostgresTarget};
+
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -174,4 +183,32 @@ pub trait Backend: Send + Sync {
 
     /// Check that the admin connection works (for readiness and early errors).
     async fn ping(&self) -> Result<(), BackendError>;
+}
+
+/// How the SQL backends protect their connections (admin and verification alike).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum TlsMode {
+    /// Plain TCP.
+    #[default]
+    Disable,
+    /// TLS without checking the server certificate.
+    Require,
+    /// TLS, the server certificate checked against this CA and the host name.
+    VerifyFull { ca_pem: String },
+}
+
+impl TlsMode {
+    /// Only `Disable` is implemented so far; the others are refused up front rather
+    /// than silently downgraded.
+    pub(crate) fn check_supported(&self) -> Result<(), BackendError> {
+        match self {
+            Self::Disable => Ok(()),
+            Self::Require => Err(BackendError::Invalid(
+                "TLS mode Require is not supported yet".into(),
+            )),
+            Self::VerifyFull { .. } => Err(BackendError::Invalid(
+                "TLS mode VerifyFull is not supported yet".into(),
+            )),
+        }
+    }
 }

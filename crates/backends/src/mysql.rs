@@ -1,0 +1,523 @@
+//! MySQL / MariaDB backend.
+//!
+//! Users are `'name'@'%'`. Passwords are sent pre-hashed in the
+//! `mysql_native_password` stored form (`*` + hex of SHA1(SHA1(password))), so the
+//! plaintext never reaches the server or its general log.
+//!
+//! `IDENTIFIED WITH mysql_native_password AS '<hash>'` works on MariaDB (all
+//! supported versions) and MySQL 5.7/8.0. MySQL 8.4 disables that plugin by default
+//! and 9.x removes it: there the stored form would have to be a
+//! `caching_sha2_password` hash (`$A$005$` + salt + 5000-round SHA-256 crypt),
+//! which this backend does not compute yet.
+//!
+//! MySQL has no per-user expiry time, so `IssueRequest::valid_until` is ignored and
+//! the orphan sweeper is relied upon.
+//!
+//! The admin needs `CREATE USER`, the privileges it grants `WITH GRANT OPTION` (or
+//! the roles `WITH ADMIN OPTION`), `SELECT` on `mysql.user`, and `CONNECTION ADMIN`
+//! / `SUPER` (or `PROCESS` + the right to kill) to see and end other users' sessions.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use mysql_async::prelude::Queryable;
+use mysql_async::{Conn, OptsBuilder, Pool, PoolConstraints, PoolOpts};
+use secrecy::{ExposeSecret, SecretString};
+use sha1::{Digest, Sha1};
+use tokio::sync::OnceCell;
+use tracing::instrument;
+
+use crate::sql::{
+    LIKE_ESCAPE, check_grant_clause, check_mysql_text, check_name, like_prefix, mysql_ident,
+    mysql_literal, redact,
+};
+use crate::{
+    Backend, BackendError, CredentialId, DrainSessions, IssueRequest, RevokeMode, RevokeOutcome,
+    RevokeRequest, TlsMode, VerifyRequest,
+};
+
+/// MariaDB allows 80 characters for a user name (MySQL 8: 32; the server rejects
+/// what it cannot store, it does not truncate).
+const MAX_NAME_CHARS: usize = 80;
+const TERMINATE_WAIT: Duration = Duration::from_secs(5);
+
+/// `ER_NO_SUCH_THREAD`: the session ended before we killed it.
+const ER_NO_SUCH_THREAD: u16 = 1094;
+
+/// Where and how to reach one MySQL or MariaDB server as admin.
+#[derive(Debug, Clone)]
+pub struct MySqlTarget {
+    pub host: String,
+    pub port: u16,
+    /// Default database for admin and verification connections.
+    pub database: String,
+    pub admin_user: String,
+    /// Redacted in `Debug`.
+    pub admin_password: SecretString,
+    pub tls: TlsMode,
+    /// Upper bound of pooled admin connections to this target.
+    pub max_admin_connections: usize,
+    /// Bound on establishing a connection (and on waiting for a pooled one).
+    pub connect_timeout: Duration,
+    /// Bound on one whole backend call once connected.
+    pub operation_timeout: Duration,
+}
+
+impl MySqlTarget {
+    /// A target with the defaults: no TLS, 4 admin connections, 5 s connect timeout,
+    /// 30 s operation timeout.
+    pub fn new(
+        host: impl Into<String>,
+        port: u16,
+        database: impl Into<String>,
+        admin_user: impl Into<String>,
+        admin_password: SecretString,
+    ) -> Self {
+        Self {
+            host: host.into(),
+            port,
+            database: database.into(),
+            admin_user: admin_user.into(),
+            admin_password,
+            tls: TlsMode::Disable,
+            max_admin_connections: 4,
+            connect_timeout: Duration::from_secs(5),
+            operation_timeout: Duration::from_secs(30),
+        }
+    }
+
+    fn opts(&self, user: &str, password: &str) -> OptsBuilder {
+        OptsBuilder::default()
+            .ip_or_hostname(self.host.clone())
+            .tcp_port(self.port)
+            // Never switch to a local socket: verification must log in over TCP
+            // like the application will, and `'x'@'%'` must be what matches.
+            .prefer_socket(false)
+            .user(Some(user))
+            .pass(Some(password))
+            .db_name((!self.database.is_empty()).then(|| self.database.clone()))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flavor {
+    MariaDb,
+    MySql,
+}
+
+/// [`Backend`] for MySQL and MariaDB.
+pub struct MySqlBackend {
+    target: MySqlTarget,
+    pool: Pool,
+    flavor: OnceCell<Flavor>,
+}
+
+impl std::fmt::Debug for MySqlBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MySqlBackend")
+            .field("target", &self.target)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MySqlBackend {
+    /// Build the backend. Connects lazily: call [`Backend::ping`] to check the target.
+    /// Must be called within a Tokio runtime (the pool starts a background task).
+    pub fn new(target: MySqlTarget) -> Result<Self, BackendError> {
+        target.tls.check_supported()?;
+        let constraints = PoolConstraints::new(0, target.max_admin_connections)
+            .filter(|_| target.max_admin_connections > 0)
+            .ok_or_else(|| {
+                BackendError::Invalid("max_admin_connections must be at least 1".into())
+            })?;
+        let opts = target
+            .opts(&target.admin_user, target.admin_password.expose_secret())
+            .pool_opts(PoolOpts::default().with_constraints(constraints));
+        let pool = Pool::new(opts);
+        Ok(Self {
+            target,
+            pool,
+            flavor: OnceCell::new(),
+        })
+    }
+
+    pub fn target(&self) -> &MySqlTarget {
+        &self.target
+    }
+
+    /// Close the pooled admin connections gracefully.
+    pub async fn close(self) {
+        let _ = self.pool.disconnect().await;
+    }
+
+    async fn admin(&self) -> Result<Conn, BackendError> {
+        match tokio::time::timeout(self.target.connect_timeout, self.pool.get_conn()).await {
+            Ok(Ok(conn)) => Ok(conn),
+            Ok(Err(e)) => Err(admin_error(
+                &e,
+                &[self.target.admin_password.expose_secret()],
+            )),
+            Err(_) => Err(BackendError::Unreachable(format!(
+                "no admin connection to {} within {:?}",
+                self.target_key(),
+                self.target.connect_timeout
+            ))),
+        }
+    }
+
+    async fn flavor(&self, conn: &mut Conn) -> Result<Flavor, BackendError> {
+        self.flavor
+            .get_or_try_init(|| async {
+                let version: Option<String> = conn
+                    .query_first("SELECT VERSION()")
+                    .await
+                    .map_err(|e| admin_error(&e, &[]))?;
+                Ok(match version {
+                    Some(v) if v.contains("MariaDB") => Flavor::MariaDb,
+                    _ => Flavor::MySql,
+                })
+            })
+            .await
+            .copied()
+    }
+
+    async fn bounded<T>(
+        &self,
+        op: impl Future<Output = Result<T, BackendError>>,
+    ) -> Result<T, BackendError> {
+        tokio::time::timeout(self.target.operation_timeout, op)
+            .await
+            .unwrap_or_else(|_| {
+                Err(BackendError::Unreachable(format!(
+                    "{} did not answer within {:?}",
+                    self.target_key(),
+                    self.target.operation_timeout
+                )))
+            })
+    }
+
+    async fn issue_inner(&self, req: &IssueRequest) -> Result<(), BackendError> {
+        let name = req.id.0.as_str();
+        check_user_name(name)?;
+        for role in &req.privileges.member_of {
+            check_user_name(role)?;
+        }
+        for clause in &req.privileges.grants {
+            check_grant_clause(clause)?;
+        }
+        let password = req.password.expose_secret();
+        if password.is_empty() {
+            return Err(BackendError::Invalid("empty password".into()));
+        }
+        let hash = native_password_hash(password);
+        let secrets = [password, hash.as_str()];
+        let account = account(name);
+        let auth = format!(
+            "IDENTIFIED WITH mysql_native_password AS {}",
+            mysql_literal(&hash)
+        );
+
+        let mut conn = self.admin().await?;
+        let flavor = self.flavor(&mut conn).await?;
+        let map = |e: mysql_async::Error| admin_error(&e, &secrets);
+        // DDL is not transactional here: create the user locked, grant, and only then
+        // set the password and unlock, so a half-made user cannot log in. An existing
+        // user keeps working until the final ALTER.
+        conn.query_drop(format!(
+            "CREATE USER IF NOT EXISTS {account} {auth} ACCOUNT LOCK"
+        ))
+        .await
+        .map_err(map)?;
+        for role in &req.privileges.member_of {
+            conn.query_drop(format!("GRANT {} TO {account}", mysql_ident(role)))
+                .await
+                .map_err(map)?;
+        }
+        if let Some(first) = req.privileges.member_of.first() {
+            // Roles only take effect when active; make them active at login.
+            let statement = match flavor {
+                // MariaDB has exactly one default role per user.
+                Flavor::MariaDb => format!("SET DEFAULT ROLE {} FOR {account}", mysql_ident(first)),
+                Flavor::MySql => format!("SET DEFAULT ROLE ALL TO {account}"),
+            };
+            conn.query_drop(statement).await.map_err(map)?;
+        }
+        for clause in &req.privileges.grants {
+            conn.query_drop(format!("GRANT {} TO {account}", clause.trim()))
+                .await
+                .map_err(map)?;
+        }
+        conn.query_drop(format!("ALTER USER {account} {auth} ACCOUNT UNLOCK"))
+            .await
+            .map_err(map)?;
+        Ok(())
+    }
+
+    async fn verify_inner(&self, req: &VerifyRequest) -> Result<(), BackendError> {
+        let password = req.password.expose_secret();
+        let secrets = [password];
+        let opts = self.target.opts(&req.id.0, password);
+        let connect = tokio::time::timeout(self.target.connect_timeout, Conn::new(opts)).await;
+        let mut conn = match connect {
+            Err(_) => {
+                return Err(BackendError::Unreachable(format!(
+                    "no connection to {} within {:?}",
+                    self.target_key(),
+                    self.target.connect_timeout
+                )));
+            }
+            Ok(Err(e @ mysql_async::Error::Io(_))) => {
+                return Err(BackendError::Unreachable(redact(e.to_string(), &secrets)));
+            }
+            Ok(Err(e)) => {
+                return Err(BackendError::VerificationFailed(redact(
+                    format!("login as {} refused: {}", req.id, describe(&e)),
+                    &secrets,
+                )));
+            }
+            Ok(Ok(conn)) => conn,
+        };
+        let result = conn.query_drop(req.query.as_str()).await;
+        let _ = conn.disconnect().await;
+        result.map_err(|e| {
+            BackendError::VerificationFailed(redact(
+                format!("query as {} failed: {}", req.id, describe(&e)),
+                &secrets,
+            ))
+        })
+    }
+
+    async fn revoke_inner(&self, req: &RevokeRequest) -> Result<RevokeOutcome, BackendError> {
+        if req.mode == RevokeMode::Nothing {
+            return Ok(RevokeOutcome::Revoked);
+        }
+        let name = req.id.0.as_str();
+        check_user_name(name)?;
+        let account = account(name);
+        let mut conn = self.admin().await?;
+        let map = |e: mysql_async::Error| admin_error(&e, &[]);
+
+        if !user_exists(&mut conn, name).await.map_err(map)? {
+            return Ok(RevokeOutcome::Revoked);
+        }
+        // IF EXISTS: a concurrent revoke may have dropped it since the check.
+        conn.query_drop(format!("ALTER USER IF EXISTS {account} ACCOUNT LOCK"))
+            .await
+            .map_err(map)?;
+
+        let remaining = match req.drain {
+            DrainSessions::Ignore => 0,
+            DrainSessions::Wait => session_ids(&mut conn, name).await.map_err(map)?.len(),
+            DrainSessions::Terminate => {
+                for id in session_ids(&mut conn, name).await.map_err(map)? {
+                    match conn.query_drop(format!("KILL CONNECTION {id}")).await {
+                        Ok(()) => {}
+                        Err(mysql_async::Error::Server(e)) if e.code == ER_NO_SUCH_THREAD => {}
+                        Err(e) => return Err(map(e)),
+                    }
+                }
+                let deadline = tokio::time::Instant::now() + TERMINATE_WAIT;
+                loop {
+                    let n = session_ids(&mut conn, name).await.map_err(map)?.len();
+                    if n == 0 || tokio::time::Instant::now() >= deadline {
+                        break n;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        };
+        if remaining > 0 {
+            return Ok(RevokeOutcome::SessionsRemain(
+                u32::try_from(remaining).unwrap_or(u32::MAX),
+            ));
+        }
+        if req.mode == RevokeMode::DropUser {
+            conn.query_drop(format!("DROP USER IF EXISTS {account}"))
+                .await
+                .map_err(map)?;
+        }
+        Ok(RevokeOutcome::Revoked)
+    }
+}
+
+fn check_user_name(name: &str) -> Result<(), BackendError> {
+    check_name("user", name, MAX_NAME_CHARS)?;
+    check_mysql_text("user name", name)
+}
+
+/// `'name'@'%'`, for a name already checked.
+fn account(name: &str) -> String {
+    format!("{}@'%'", mysql_literal(name))
+}
+
+async fn user_exists(conn: &mut Conn, name: &str) -> Result<bool, mysql_async::Error> {
+    let n: Option<u64> = conn
+        .exec_first(
+            "SELECT COUNT(*) FROM mysql.user WHERE User = ? AND Host = '%'",
+            (name,),
+        )
+        .await?;
+    Ok(n.unwrap_or(0) > 0)
+}
+
+async fn session_ids(conn: &mut Conn, name: &str) -> Result<Vec<u64>, mysql_async::Error> {
+    conn.exec(
+        "SELECT ID FROM information_schema.PROCESSLIST WHERE USER = ? AND ID <> CONNECTION_ID()",
+        (name,),
+    )
+    .await
+}
+
+#[async_trait]
+impl Backend for MySqlBackend {
+    fn kind(&self) -> &'static str {
+        "mysql"
+    }
+
+    fn target_key(&self) -> String {
+        format!(
+            "{}:{}/{}",
+            self.target.host, self.target.port, self.target.database
+        )
+    }
+
+    #[instrument(skip_all, fields(backend = "mysql", id = %req.id, mode = ?req.mode))]
+    async fn issue(&self, req: &IssueRequest) -> Result<(), BackendError> {
+        self.bounded(self.issue_inner(req)).await
+    }
+
+    #[instrument(skip_all, fields(backend = "mysql", id = %req.id))]
+    async fn verify(&self, req: &VerifyRequest) -> Result<(), BackendError> {
+        match tokio::time::timeout(req.timeout, self.verify_inner(req)).await {
+            Ok(result) => result,
+            Err(_) => Err(BackendError::VerificationFailed(format!(
+                "verification as {} did not finish within {:?}",
+                req.id, req.timeout
+            ))),
+        }
+    }
+
+    #[instrument(skip_all, fields(backend = "mysql", id = %req.id, mode = ?req.mode, drain = ?req.drain))]
+    async fn revoke(&self, req: &RevokeRequest) -> Result<RevokeOutcome, BackendError> {
+        self.bounded(self.revoke_inner(req)).await
+    }
+
+    #[instrument(skip_all, fields(backend = "mysql", id = %id))]
+    async fn can_login(&self, id: &CredentialId) -> Result<bool, BackendError> {
+        check_user_name(&id.0)?;
+        self.bounded(async {
+            let mut conn = self.admin().await?;
+            let map = |e: mysql_async::Error| admin_error(&e, &[]);
+            if !user_exists(&mut conn, &id.0).await.map_err(map)? {
+                return Ok(false);
+            }
+            // Works on both MySQL and MariaDB (whose mysql.user view lacks
+            // `account_locked`).
+            let row: Option<(String, String)> = conn
+                .query_first(format!("SHOW CREATE USER {}", account(&id.0)))
+                .await
+                .map_err(map)?;
+            Ok(row.is_some_and(|(_, create)| !create.contains("ACCOUNT LOCK")))
+        })
+        .await
+    }
+
+    #[instrument(skip_all, fields(backend = "mysql", prefix))]
+    async fn list_users(&self, prefix: &str) -> Result<Vec<CredentialId>, BackendError> {
+        let pattern = like_prefix(prefix);
+        let sql = format!(
+            "SELECT User FROM mysql.user WHERE Host = '%' AND User LIKE ? ESCAPE '{LIKE_ESCAPE}' \
+             ORDER BY User"
+        );
+        self.bounded(async {
+            let mut conn = self.admin().await?;
+            let users: Vec<String> = conn
+                .exec(sql.as_str(), (pattern.as_str(),))
+                .await
+                .map_err(|e| admin_error(&e, &[]))?;
+            Ok(users.into_iter().map(CredentialId).collect())
+        })
+        .await
+    }
+
+    #[instrument(skip_all, fields(backend = "mysql"))]
+    async fn ping(&self) -> Result<(), BackendError> {
+        self.bounded(async {
+            let mut conn = self.admin().await?;
+            conn.query_drop("SELECT 1")
+                .await
+                .map_err(|e| admin_error(&e, &[]))
+        })
+        .await
+    }
+}
+
+/// The `mysql_native_password` stored form: `*` + upper-case hex of SHA1(SHA1(pw)).
+pub(crate) fn native_password_hash(password: &str) -> String {
+    let inner = Sha1::digest(password.as_bytes());
+    let outer = Sha1::digest(inner);
+    let mut out = String::with_capacity(41);
+    out.push('*');
+    for byte in outer {
+        out.push(char::from(HEX[usize::from(byte >> 4)]));
+        out.push(char::from(HEX[usize::from(byte & 0x0f)]));
+    }
+    out
+}
+
+const HEX: &[u8; 16] = b"0123456789ABCDEF";
+
+fn describe(e: &mysql_async::Error) -> String {
+    match e {
+        mysql_async::Error::Server(s) => {
+            format!("{} ({}, SQLSTATE {})", s.message, s.code, s.state)
+        }
+        other => other.to_string(),
+    }
+}
+
+/// Classify an error met while working as admin.
+fn admin_error(e: &mysql_async::Error, secrets: &[&str]) -> BackendError {
+    let text = redact(describe(e), secrets);
+    match e {
+        mysql_async::Error::Io(_) => BackendError::Unreachable(text),
+        mysql_async::Error::Driver(mysql_async::DriverError::ConnectionClosed) => {
+            BackendError::Unreachable(text)
+        }
+        mysql_async::Error::Url(_) => BackendError::Invalid(text),
+        mysql_async::Error::Server(s) => match s.code {
+            // Access denied at login (1045), to a database (1044), a table (1142),
+            // a column (1143), needing a privilege (1227), or creating users (1410).
+            1044 | 1045 | 1142 | 1143 | 1227 | 1410 => BackendError::AdminRejected(text),
+            // Too many connections, shutdown in progress, server gone.
+            1040 | 1053 | 2006 | 2013 => BackendError::Unreachable(text),
+            // Invalid role (MariaDB 1959), unknown database (1049).
+            1959 | 1049 => BackendError::Invalid(text),
+            _ if s.state.starts_with("42") => BackendError::Invalid(text),
+            _ if s.state.starts_with("08") => BackendError::Unreachable(text),
+            _ => BackendError::Other(text),
+        },
+        _ => BackendError::Other(text),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn native_hash_matches_the_server_format() {
+        // SELECT PASSWORD('password') on MariaDB / MySQL 5.7.
+        assert_eq!(
+            native_password_hash("password"),
+            "*2470C0C06DEE42FD1618BB99005ADCA2EC9D1E19"
+        );
+    }
+
+    #[test]
+    fn accounts_are_quoted() {
+        assert_eq!(account("app_1"), "'app_1'@'%'");
+        assert_eq!(account("o'x"), "'o''x'@'%'");
+        assert!(check_user_name("a\\b").is_err());
+    }
+}

@@ -1,0 +1,497 @@
+//! PostgreSQL backend.
+//!
+//! Passwords are sent as SCRAM-SHA-256 verifiers computed here, so the plaintext
+//! never reaches the server, its logs or `pg_stat_statements`. Admin work goes
+//! through a small bounded pool; verification always opens a brand-new connection
+//! as the credential itself.
+//!
+//! The admin role needs `CREATEROLE` (on PostgreSQL 16+ also `ADMIN OPTION` on the
+//! roles it grants, which it has for roles it created), the privileges it hands out,
+//! and membership in `pg_signal_backend` to terminate sessions. `REASSIGN OWNED` and
+//! `DROP OWNED` only act on the target database: objects a user owns elsewhere make
+//! `DROP ROLE` fail with [`BackendError::Other`].
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
+use secrecy::{ExposeSecret, SecretString};
+use tokio_postgres::error::SqlState;
+use tracing::{debug, instrument};
+
+use crate::sql::{
+    LIKE_ESCAPE, check_grant_clause, check_name, like_prefix, pg_ident, pg_literal, redact,
+};
+use crate::{
+    Backend, BackendError, CredentialId, DrainSessions, IssueRequest, RevokeMode, RevokeOutcome,
+    RevokeRequest, TlsMode, VerifyRequest,
+};
+
+/// PostgreSQL limits names to 63 bytes and silently truncates longer ones: refuse
+/// them instead, or two leases could share a role.
+const MAX_NAME_BYTES: usize = 63;
+/// How long `Terminate` waits for terminated backends to exit.
+const TERMINATE_WAIT: Duration = Duration::from_secs(5);
+
+/// Where and how to reach one PostgreSQL database as admin.
+#[derive(Debug, Clone)]
+pub struct PostgresTarget {
+    pub host: String,
+    pub port: u16,
+    pub database: String,
+    pub admin_user: String,
+    /// Redacted in `Debug`.
+    pub admin_password: SecretString,
+    pub tls: TlsMode,
+    /// Upper bound of pooled admin connections to this target.
+    pub max_admin_connections: usize,
+    /// Bound on establishing a connection (and on waiting for a pooled one).
+    pub connect_timeout: Duration,
+    /// Bound on one whole backend call once connected.
+    pub operation_timeout: Duration,
+}
+
+impl PostgresTarget {
+    /// A target with the defaults: no TLS, 4 admin connections, 5 s connect timeout,
+    /// 30 s operation timeout.
+    pub fn new(
+        host: impl Into<String>,
+        port: u16,
+        database: impl Into<String>,
+        admin_user: impl Into<String>,
+        admin_password: SecretString,
+    ) -> Self {
+        Self {
+            host: host.into(),
+            port,
+            database: database.into(),
+            admin_user: admin_user.into(),
+            admin_password,
+            tls: TlsMode::Disable,
+            max_admin_connections: 4,
+            connect_timeout: Duration::from_secs(5),
+            operation_timeout: Duration::from_secs(30),
+        }
+    }
+
+    fn config(&self, user: &str, password: &str) -> tokio_postgres::Config {
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host(&self.host)
+            .port(self.port)
+            .dbname(&self.database)
+            .user(user)
+            .password(password)
+            .application_name("leasehold")
+            .connect_timeout(self.connect_timeout);
+        config
+    }
+}
+
+/// [`Backend`] for PostgreSQL.
+pub struct PostgresBackend {
+    target: PostgresTarget,
+    pool: Pool,
+}
+
+impl std::fmt::Debug for PostgresBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresBackend")
+            .field("target", &self.target)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PostgresBackend {
+    /// Build the backend. Connects lazily: call [`Backend::ping`] to check the target.
+    pub fn new(target: PostgresTarget) -> Result<Self, BackendError> {
+        target.tls.check_supported()?;
+        if target.max_admin_connections == 0 {
+            return Err(BackendError::Invalid(
+                "max_admin_connections must be at least 1".into(),
+            ));
+        }
+        let config = target.config(&target.admin_user, target.admin_password.expose_secret());
+        let manager = Manager::from_config(
+            config,
+            tokio_postgres::NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(target.max_admin_connections)
+            .wait_timeout(Some(target.connect_timeout))
+            .create_timeout(Some(target.connect_timeout))
+            .recycle_timeout(Some(target.connect_timeout))
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|e| BackendError::Other(format!("cannot build the admin pool: {e}")))?;
+        Ok(Self { target, pool })
+    }
+
+    pub fn target(&self) -> &PostgresTarget {
+        &self.target
+    }
+
+    async fn admin(&self) -> Result<deadpool_postgres::Object, BackendError> {
+        self.pool.get().await.map_err(|e| self.pool_error(e))
+    }
+
+    fn pool_error(&self, e: PoolError) -> BackendError {
+        let secret = self.target.admin_password.expose_secret();
+        match e {
+            PoolError::Backend(e) => admin_error(&e, &[secret]),
+            PoolError::Timeout(kind) => BackendError::Unreachable(format!(
+                "no admin connection to {} within {:?} ({kind:?})",
+                self.target_key(),
+                self.target.connect_timeout
+            )),
+            other => BackendError::Other(redact(other.to_string(), &[secret])),
+        }
+    }
+
+    /// Run `op` under the target's operation timeout.
+    async fn bounded<T>(
+        &self,
+        op: impl Future<Output = Result<T, BackendError>>,
+    ) -> Result<T, BackendError> {
+        tokio::time::timeout(self.target.operation_timeout, op)
+            .await
+            .unwrap_or_else(|_| {
+                Err(BackendError::Unreachable(format!(
+                    "{} did not answer within {:?}",
+                    self.target_key(),
+                    self.target.operation_timeout
+                )))
+            })
+    }
+
+    async fn issue_inner(&self, req: &IssueRequest) -> Result<(), BackendError> {
+        let name = req.id.0.as_str();
+        check_name("role", name, MAX_NAME_BYTES)?;
+        for role in &req.privileges.member_of {
+            check_name("role", role, MAX_NAME_BYTES)?;
+        }
+        for clause in &req.privileges.grants {
+            check_grant_clause(clause)?;
+        }
+        let password = req.password.expose_secret();
+        if password.is_empty() {
+            return Err(BackendError::Invalid("empty password".into()));
+        }
+        // A fresh salt each time: the verifier differs on every call even for the
+        // same password, which is fine (the server only stores it).
+        let verifier = postgres_protocol::password::scram_sha_256(password.as_bytes());
+        let secrets = [password, verifier.as_str()];
+        let valid_until = req
+            .valid_until
+            .map_or_else(|| "infinity".to_owned(), |ts| ts.to_string());
+        let role = pg_ident(name);
+        let login = format!(
+            "LOGIN PASSWORD {} VALID UNTIL {}",
+            pg_literal(&verifier),
+            pg_literal(&valid_until)
+        );
+
+        let mut client = self.admin().await?;
+        // Two attempts: a concurrent issue of the same role can make CREATE ROLE
+        // collide; the retry then sees the role and alters it.
+        for attempt in 1..=2 {
+            let result: Result<(), tokio_postgres::Error> = async {
+                let tx = client.transaction().await?;
+                let exists = tx
+                    .query_opt(
+                        "SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = $1",
+                        &[&name],
+                    )
+                    .await?
+                    .is_some();
+                let verb = if exists { "ALTER" } else { "CREATE" };
+                tx.execute(&format!("{verb} ROLE {role} {login}"), &[])
+                    .await?;
+                for parent in &req.privileges.member_of {
+                    tx.execute(&format!("GRANT {} TO {role}", pg_ident(parent)), &[])
+                        .await?;
+                }
+                for clause in &req.privileges.grants {
+                    tx.execute(&format!("GRANT {} TO {role}", clause.trim()), &[])
+                        .await?;
+                }
+                tx.commit().await
+            }
+            .await;
+            match result {
+                Ok(()) => return Ok(()),
+                Err(e)
+                    if attempt == 1
+                        && matches!(
+                            e.code(),
+                            Some(&SqlState::DUPLICATE_OBJECT | &SqlState::UNIQUE_VIOLATION)
+                        ) =>
+                {
+                    debug!("role appeared concurrently, retrying as ALTER");
+                }
+                Err(e) => return Err(admin_error(&e, &secrets)),
+            }
+        }
+        Err(BackendError::Other(format!(
+            "role {name} kept colliding with a concurrent change"
+        )))
+    }
+
+    async fn verify_inner(&self, req: &VerifyRequest) -> Result<(), BackendError> {
+        let password = req.password.expose_secret();
+        let secrets = [password];
+        let config = self.target.config(&req.id.0, password);
+        let (client, connection) = match config.connect(tokio_postgres::NoTls).await {
+            Ok(pair) => pair,
+            // No answer from the server at all: not the credential's fault.
+            Err(e) if e.as_db_error().is_none() => {
+                return Err(BackendError::Unreachable(redact(describe(&e), &secrets)));
+            }
+            Err(e) => {
+                return Err(BackendError::VerificationFailed(redact(
+                    format!("login as {} refused: {}", req.id, describe(&e)),
+                    &secrets,
+                )));
+            }
+        };
+        let connection = tokio::spawn(connection);
+        let result = client.simple_query(&req.query).await;
+        drop(client);
+        let _ = connection.await;
+        result.map(|_| ()).map_err(|e| {
+            BackendError::VerificationFailed(redact(
+                format!("query as {} failed: {}", req.id, describe(&e)),
+                &secrets,
+            ))
+        })
+    }
+
+    async fn revoke_inner(&self, req: &RevokeRequest) -> Result<RevokeOutcome, BackendError> {
+        if req.mode == RevokeMode::Nothing {
+            return Ok(RevokeOutcome::Revoked);
+        }
+        let name = req.id.0.as_str();
+        check_name("role", name, MAX_NAME_BYTES)?;
+        let role = pg_ident(name);
+        let client = self.admin().await?;
+        let map = |e: tokio_postgres::Error| admin_error(&e, &[]);
+
+        let exists = client
+            .query_opt(
+                "SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = $1",
+                &[&name],
+            )
+            .await
+            .map_err(map)?
+            .is_some();
+        if !exists {
+            return Ok(RevokeOutcome::Revoked);
+        }
+        match client
+            .execute(&format!("ALTER ROLE {role} NOLOGIN"), &[])
+            .await
+        {
+            Ok(_) => {}
+            Err(e) if e.code() == Some(&SqlState::UNDEFINED_OBJECT) => {
+                return Ok(RevokeOutcome::Revoked);
+            }
+            Err(e) => return Err(map(e)),
+        }
+
+        let remaining = match req.drain {
+            DrainSessions::Ignore => 0,
+            DrainSessions::Wait => count_sessions(&client, name).await.map_err(map)?,
+            DrainSessions::Terminate => {
+                client
+                    .execute(
+                        "SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity \
+                         WHERE usename = $1 AND pid <> pg_catalog.pg_backend_pid()",
+                        &[&name],
+                    )
+                    .await
+                    .map_err(map)?;
+                // Termination is asynchronous: give the backends a moment to exit.
+                let deadline = tokio::time::Instant::now() + TERMINATE_WAIT;
+                loop {
+                    let n = count_sessions(&client, name).await.map_err(map)?;
+                    if n == 0 || tokio::time::Instant::now() >= deadline {
+                        break n;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        };
+        if remaining > 0 {
+            return Ok(RevokeOutcome::SessionsRemain(remaining));
+        }
+
+        if req.mode == RevokeMode::DropUser {
+            let mut client = client;
+            let result: Result<(), tokio_postgres::Error> = async {
+                let tx = client.transaction().await?;
+                tx.execute(&format!("REASSIGN OWNED BY {role} TO CURRENT_USER"), &[])
+                    .await?;
+                tx.execute(&format!("DROP OWNED BY {role}"), &[]).await?;
+                tx.execute(&format!("DROP ROLE IF EXISTS {role}"), &[])
+                    .await?;
+                tx.commit().await
+            }
+            .await;
+            match result {
+                Ok(()) => {}
+                // Dropped concurrently between our check and REASSIGN.
+                Err(e) if e.code() == Some(&SqlState::UNDEFINED_OBJECT) => {}
+                Err(e) => return Err(map(e)),
+            }
+        }
+        Ok(RevokeOutcome::Revoked)
+    }
+}
+
+async fn count_sessions(
+    client: &tokio_postgres::Client,
+    name: &str,
+) -> Result<u32, tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "SELECT count(*) FROM pg_catalog.pg_stat_activity \
+             WHERE usename = $1 AND pid <> pg_catalog.pg_backend_pid()",
+            &[&name],
+        )
+        .await?;
+    let n: i64 = row.try_get(0)?;
+    Ok(u32::try_from(n).unwrap_or(u32::MAX))
+}
+
+#[async_trait]
+impl Backend for PostgresBackend {
+    fn kind(&self) -> &'static str {
+        "postgres"
+    }
+
+    fn target_key(&self) -> String {
+        format!(
+            "{}:{}/{}",
+            self.target.host, self.target.port, self.target.database
+        )
+    }
+
+    #[instrument(skip_all, fields(backend = "postgres", id = %req.id, mode = ?req.mode))]
+    async fn issue(&self, req: &IssueRequest) -> Result<(), BackendError> {
+        self.bounded(self.issue_inner(req)).await
+    }
+
+    #[instrument(skip_all, fields(backend = "postgres", id = %req.id))]
+    async fn verify(&self, req: &VerifyRequest) -> Result<(), BackendError> {
+        match tokio::time::timeout(req.timeout, self.verify_inner(req)).await {
+            Ok(result) => result,
+            Err(_) => Err(BackendError::VerificationFailed(format!(
+                "verification as {} did not finish within {:?}",
+                req.id, req.timeout
+            ))),
+        }
+    }
+
+    #[instrument(skip_all, fields(backend = "postgres", id = %req.id, mode = ?req.mode, drain = ?req.drain))]
+    async fn revoke(&self, req: &RevokeRequest) -> Result<RevokeOutcome, BackendError> {
+        self.bounded(self.revoke_inner(req)).await
+    }
+
+    #[instrument(skip_all, fields(backend = "postgres", id = %id))]
+    async fn can_login(&self, id: &CredentialId) -> Result<bool, BackendError> {
+        self.bounded(async {
+            let client = self.admin().await?;
+            let row = client
+                .query_opt(
+                    "SELECT rolcanlogin AND (rolvaliduntil IS NULL OR rolvaliduntil > now()) \
+                     FROM pg_catalog.pg_roles WHERE rolname = $1",
+                    &[&id.0],
+                )
+                .await
+                .map_err(|e| admin_error(&e, &[]))?;
+            Ok(match row {
+                Some(row) => row
+                    .try_get::<_, Option<bool>>(0)
+                    .map_err(|e| admin_error(&e, &[]))?
+                    .unwrap_or(false),
+                None => false,
+            })
+        })
+        .await
+    }
+
+    #[instrument(skip_all, fields(backend = "postgres", prefix))]
+    async fn list_users(&self, prefix: &str) -> Result<Vec<CredentialId>, BackendError> {
+        let pattern = like_prefix(prefix);
+        let sql = format!(
+            "SELECT rolname::text FROM pg_catalog.pg_roles \
+             WHERE rolname LIKE $1 ESCAPE '{LIKE_ESCAPE}' ORDER BY 1"
+        );
+        self.bounded(async {
+            let client = self.admin().await?;
+            let rows = client
+                .query(&sql, &[&pattern])
+                .await
+                .map_err(|e| admin_error(&e, &[]))?;
+            rows.iter()
+                .map(|row| row.try_get::<_, String>(0).map(CredentialId))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| admin_error(&e, &[]))
+        })
+        .await
+    }
+
+    #[instrument(skip_all, fields(backend = "postgres"))]
+    async fn ping(&self) -> Result<(), BackendError> {
+        self.bounded(async {
+            let client = self.admin().await?;
+            client
+                .simple_query("SELECT 1")
+                .await
+                .map(|_| ())
+                .map_err(|e| admin_error(&e, &[]))
+        })
+        .await
+    }
+}
+
+/// A readable one-line description: SQLSTATE and message for server errors.
+fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => {
+            let mut text = format!("{} ({})", db.message(), db.code().code());
+            if let Some(detail) = db.detail() {
+                text.push_str(": ");
+                text.push_str(detail);
+            }
+            text
+        }
+        None => e.to_string(),
+    }
+}
+
+/// Classify an error met while working as admin.
+fn admin_error(e: &tokio_postgres::Error, secrets: &[&str]) -> BackendError {
+    let text = redact(describe(e), secrets);
+    let Some(code) = e.code() else {
+        // No SQLSTATE: I/O error, closed connection, timeout.
+        return BackendError::Unreachable(text);
+    };
+    let code = code.code();
+    match code {
+        // Authentication failed, or the admin lacks a privilege it needs.
+        _ if code.starts_with("28") || code == "42501" => BackendError::AdminRejected(text),
+        // Syntax error, unknown role or table, bad grant clause, unknown database.
+        _ if code.starts_with("42") || code == "3D000" || code == "22023" => {
+            BackendError::Invalid(text)
+        }
+        // Connection exceptions, shutdown in progress, too many connections.
+        _ if code.starts_with("08") || code.starts_with("57P") || code == "53300" => {
+            BackendError::Unreachable(text)
+        }
+        _ => BackendError::Other(text),
+    }
+}
