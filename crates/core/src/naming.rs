@@ -60,9 +60,9 @@ pub fn check_template(template: &str) -> Result<(), NamingError> {
     if !template.contains("{{version}}") {
         return Err(NamingError::MissingVersion);
     }
-    if !template.contains("{{uid}}")
-        && !(template.contains("{{namespace}}") && template.contains("{{name}}"))
-    {
+    let unique = template.contains("{{uid}}")
+        || (template.contains("{{namespace}}") && template.contains("{{name}}"));
+    if !unique {
         return Err(NamingError::NotUnique);
     }
     if literal_prefix(template).len() < 2 {

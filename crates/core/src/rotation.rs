@@ -352,13 +352,6 @@ pub(crate) fn add(t: Timestamp, d: Duration) -> Timestamp {
     t.checked_add(d).unwrap_or(Timestamp::MAX)
 }
 
-fn earliest(a: Option<Timestamp>, b: Option<Timestamp>) -> Option<Timestamp> {
-    match (a, b) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    }
-}
-
 /// The backend work a revocation needs.
 pub fn revoke_plan(strategy: Strategy, reason: RevokeReason) -> RevokePlan {
     match (strategy, reason) {

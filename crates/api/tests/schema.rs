@@ -1,0 +1,403 @@
+#![allow(clippy::unwrap_used)]
+//! The CRDs: committed files match the types, the examples are valid, and invalid specs
+//! are rejected with a message that names the field.
+
+use std::path::{Path, PathBuf};
+
+use kube::CustomResourceExt;
+use kube::core::cel::Validator;
+use leasehold_api::validate::{policy_params, validate_lease};
+use leasehold_api::{RotationPolicy, SecretLease};
+use serde::Deserialize;
+use serde_json::Value;
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+#[test]
+fn committed_crds_match_the_rust_types() {
+    for (file, crd) in leasehold_api::crds() {
+        let want = leasehold_api::crd_yaml(&crd).unwrap();
+        for dir in ["crds", "charts/leasehold-crds/templates"] {
+            let path = repo_root().join(dir).join(&file);
+            let have = std::fs::read_to_string(&path).unwrap_or_default();
+            assert!(
+                have == want,
+                "{} is out of date with crates/api: run `make crds` (cargo run -p leasehold-api --bin crdgen) and commit the result",
+                path.display()
+            );
+        }
+    }
+}
+
+/// The openAPIV3Schema of a CRD as plain JSON.
+fn schema_of(
+    crd: &k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+) -> Value {
+    serde_json::to_value(
+        crd.spec.versions[0]
+            .schema
+            .as_ref()
+            .and_then(|s| s.open_api_v3_schema.as_ref())
+            .unwrap(),
+    )
+    .unwrap()
+}
+
+/// Validate an object as the API server would: structure first, then CEL rules (after
+/// defaulting). Returns the error messages.
+fn admit(object: &Value) -> Vec<String> {
+    let crd = match object["kind"].as_str() {
+        Some("SecretLease") => SecretLease::crd(),
+        Some("RotationPolicy") => RotationPolicy::crd(),
+        other => panic!("not a leasehold object: {other:?}"),
+    };
+    let schema = schema_of(&crd);
+    let mut errors = Vec::new();
+    // `nullable` is an OpenAPI keyword JSON Schema does not know; treat it as allowing null.
+    let structural = jsonschema::options()
+        .should_validate_formats(false)
+        .build(&openapi_to_jsonschema(schema.clone()))
+        .unwrap();
+    for e in structural.iter_errors(object) {
+        errors.push(format!("{}: {}", e.instance_path(), e));
+    }
+    if errors.is_empty()
+        && let Err(es) = Validator::new().validate_with_defaults(&schema, object, None)
+    {
+        for e in es.into_vec() {
+            errors.push(e.to_string());
+        }
+    }
+    errors
+}
+
+fn openapi_to_jsonschema(mut v: Value) -> Value {
+    fn walk(v: &mut Value) {
+        if let Value::Object(map) = v {
+            if map.remove("nullable") == Some(Value::Bool(true))
+                && let Some(Value::String(t)) = map.get("type").cloned()
+            {
+                map.insert("type".into(), serde_json::json!([t, "null"]));
+            }
+            // Formats like uint32/int-or-string are OpenAPI-only.
+            map.remove("format");
+            for (_, child) in map.iter_mut() {
+                walk(child);
+            }
+        } else if let Value::Array(items) = v {
+            items.iter_mut().for_each(walk);
+        }
+    }
+    walk(&mut v);
+    v
+}
+
+fn documents(path: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap();
+    serde_norway::Deserializer::from_str(&text)
+        .map(|d| Value::deserialize(d).unwrap())
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+fn example_files() -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for dir in ["examples", "examples/local"] {
+        for entry in std::fs::read_dir(repo_root().join(dir)).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "yaml") {
+                files.push(path);
+            }
+        }
+    }
+    files.sort();
+    files
+}
+
+#[test]
+fn every_example_is_admitted_and_valid() {
+    let mut checked = 0;
+    for file in example_files() {
+        let docs = documents(&file);
+        let policies: Vec<RotationPolicy> = docs
+            .iter()
+            .filter(|d| d["kind"] == "RotationPolicy")
+            .map(|d| serde_json::from_value(d.clone()).unwrap())
+            .collect();
+        for doc in &docs {
+            if !matches!(doc["kind"].as_str(), Some("SecretLease" | "RotationPolicy")) {
+                continue;
+            }
+            let errors = admit(doc);
+            assert!(errors.is_empty(), "{}: {errors:?}", file.display());
+            match doc["kind"].as_str() {
+                Some("RotationPolicy") => {
+                    let p: RotationPolicy = serde_json::from_value(doc.clone()).unwrap();
+                    policy_params(&p.spec).unwrap_or_else(|e| panic!("{}: {e:?}", file.display()));
+                }
+                _ => {
+                    let l: SecretLease = serde_json::from_value(doc.clone()).unwrap();
+                    // Policies live in rotationpolicy.yaml or the same file.
+                    let all_policies: Vec<RotationPolicy> = example_files()
+                        .iter()
+                        .flat_map(|f| documents(f))
+                        .filter(|d| d["kind"] == "RotationPolicy")
+                        .map(|d| serde_json::from_value(d).unwrap())
+                        .chain(policies.iter().cloned())
+                        .collect();
+                    let policy = all_policies
+                        .iter()
+                        .find(|p| p.metadata.name.as_deref() == Some(&l.spec.policy_ref.name))
+                        .unwrap_or_else(|| {
+                            panic!("{}: no policy {}", file.display(), l.spec.policy_ref.name)
+                        });
+                    let errors = validate_lease(&l.spec, Some(&policy.spec));
+                    assert!(errors.is_empty(), "{}: {errors:?}", file.display());
+                }
+            }
+            checked += 1;
+        }
+    }
+    assert!(
+        checked >= 4,
+        "expected the examples to hold policies and leases"
+    );
+}
+
+fn lease(spec: Value) -> Value {
+    serde_json::json!({
+        "apiVersion": "leasehold.dev/v1alpha1",
+        "kind": "SecretLease",
+        "metadata": {"name": "x", "namespace": "default"},
+        "spec": spec,
+    })
+}
+
+fn policy(spec: Value) -> Value {
+    serde_json::json!({
+        "apiVersion": "leasehold.dev/v1alpha1",
+        "kind": "RotationPolicy",
+        "metadata": {"name": "p", "namespace": "default"},
+        "spec": spec,
+    })
+}
+
+fn pg() -> Value {
+    serde_json::json!({"host": "db", "database": "app", "adminSecretRef": {"name": "admin"}})
+}
+
+/// Cases the API server rejects, with a word each message must contain.
+#[test]
+fn schema_rejects_invalid_specs_naming_the_field() {
+    let cases: Vec<(&str, Value, &str)> = vec![
+        (
+            "no backend",
+            lease(serde_json::json!({"policyRef": {"name": "p"}})),
+            "exactly one backend",
+        ),
+        (
+            "two backends",
+            lease(serde_json::json!({"policyRef": {"name": "p"}, "postgres": pg(), "mysql": pg()})),
+            "exactly one backend",
+        ),
+        (
+            "missing policyRef",
+            lease(serde_json::json!({"postgres": pg()})),
+            "policyRef",
+        ),
+        (
+            "port out of range",
+            lease(
+                serde_json::json!({"policyRef": {"name": "p"}, "postgres": {"host": "db", "database": "app", "port": 70000, "adminSecretRef": {"name": "a"}}}),
+            ),
+            "port",
+        ),
+        (
+            "unknown TLS mode",
+            lease(
+                serde_json::json!({"policyRef": {"name": "p"}, "postgres": {"host": "db", "database": "app", "tls": {"mode": "Sometimes"}, "adminSecretRef": {"name": "a"}}}),
+            ),
+            "mode",
+        ),
+        (
+            "perPod without CSI",
+            lease(
+                serde_json::json!({"policyRef": {"name": "p"}, "postgres": pg(), "perPod": true}),
+            ),
+            "perPod",
+        ),
+        (
+            "unknown strategy",
+            policy(serde_json::json!({"ttl": "1h", "strategy": "Sometimes"})),
+            "strategy",
+        ),
+        (
+            "ttl too short",
+            policy(serde_json::json!({"ttl": "10s"})),
+            "ttl",
+        ),
+        (
+            "negative ttl",
+            policy(serde_json::json!({"ttl": "-1h"})),
+            "ttl",
+        ),
+        (
+            "renewBefore not a duration",
+            policy(serde_json::json!({"ttl": "1h", "renewBefore": "soon"})),
+            "renewBefore",
+        ),
+        (
+            "renewBefore >= ttl",
+            policy(serde_json::json!({"ttl": "1h", "renewBefore": "2h"})),
+            "renewBefore",
+        ),
+        (
+            "maxWait < gracePeriod",
+            policy(
+                serde_json::json!({"ttl": "1h", "revoke": {"gracePeriod": "10m", "maxWait": "1m"}}),
+            ),
+            "maxWait",
+        ),
+        (
+            "drain mode",
+            policy(serde_json::json!({"ttl": "1h", "revoke": {"drainSessions": {"mode": "Kill"}}})),
+            "mode",
+        ),
+        (
+            "password too short",
+            policy(serde_json::json!({"ttl": "1h", "password": {"length": 8}})),
+            "length",
+        ),
+        (
+            "window start",
+            policy(
+                serde_json::json!({"ttl": "1h", "maintenanceWindow": {"start": "25:00", "duration": "1h"}}),
+            ),
+            "start",
+        ),
+        (
+            "verify timeout",
+            policy(serde_json::json!({"ttl": "1h", "verify": {"timeout": "0s"}})),
+            "verify.timeout",
+        ),
+    ];
+    for (name, object, needle) in cases {
+        let errors = admit(&object);
+        assert!(
+            !errors.is_empty(),
+            "{name}: accepted but should be rejected"
+        );
+        assert!(
+            errors.iter().any(|e| e.contains(needle)),
+            "{name}: no error mentions {needle:?}: {errors:?}"
+        );
+    }
+}
+
+/// Cases only `validate()` can judge (they need the policy, or parse free text).
+#[test]
+fn validate_rejects_what_the_schema_cannot_express() {
+    let p = |spec: Value| -> leasehold_api::RotationPolicySpec {
+        serde_json::from_value(spec).unwrap()
+    };
+    let l =
+        |spec: Value| -> leasehold_api::SecretLeaseSpec { serde_json::from_value(spec).unwrap() };
+
+    let err = policy_params(&p(
+        serde_json::json!({"ttl": "1h", "renewBefore": "5m", "revoke": {"maxWait": "30m"}}),
+    ))
+    .unwrap_err();
+    assert!(
+        err.iter()
+            .any(|e| e.field == "spec.renewBefore" && e.message.contains("maxWait")),
+        "{err:?}"
+    );
+
+    let err =
+        policy_params(&p(serde_json::json!({"ttl": "1h", "renewBefore": "95%"}))).unwrap_err();
+    assert!(err.iter().any(|e| e.field == "spec.renewBefore"), "{err:?}");
+
+    let err = policy_params(&p(
+        serde_json::json!({"ttl": "1h", "access": {"serviceAccounts": ["Bad Name"]}}),
+    ))
+    .unwrap_err();
+    assert!(
+        err.iter()
+            .any(|e| e.field == "spec.access.serviceAccounts[0]"),
+        "{err:?}"
+    );
+
+    let alternating = p(serde_json::json!({"ttl": "1h", "strategy": "AlternatingUsers"}));
+    let errs = validate_lease(
+        &l(serde_json::json!({"policyRef": {"name": "p"}, "postgres": pg()})),
+        Some(&alternating),
+    );
+    assert!(
+        errs.iter()
+            .any(|e| e.field == "spec.postgres.username" && e.message.contains("required")),
+        "{errs:?}"
+    );
+
+    let dynamic = p(serde_json::json!({"ttl": "1h"}));
+    let mut bad_template = pg();
+    bad_template["usernameTemplate"] = "app_{{name}}".into();
+    let errs = validate_lease(
+        &l(serde_json::json!({"policyRef": {"name": "p"}, "postgres": bad_template})),
+        Some(&dynamic),
+    );
+    assert!(
+        errs.iter()
+            .any(|e| e.field == "spec.postgres.usernameTemplate"),
+        "{errs:?}"
+    );
+
+    let mut long_template = pg();
+    long_template["usernameTemplate"] = "app_{{namespace}}_{{name}}_{{version}}".into();
+    let errs = validate_lease(
+        &l(serde_json::json!({"policyRef": {"name": "p"}, "mysql": long_template})),
+        Some(&dynamic),
+    );
+    assert!(
+        errs.iter()
+            .any(|e| e.field == "spec.mysql.usernameTemplate" && e.message.contains("32")),
+        "{errs:?}"
+    );
+
+    let mut bad_grant = pg();
+    bad_grant["grants"] = serde_json::json!(["SELECT ON t TO bob; DROP TABLE t"]);
+    let errs = validate_lease(
+        &l(serde_json::json!({"policyRef": {"name": "p"}, "postgres": bad_grant})),
+        Some(&dynamic),
+    );
+    assert!(
+        errs.iter().any(|e| e.field == "spec.postgres.grants[0]"),
+        "{errs:?}"
+    );
+
+    let errs = validate_lease(
+        &l(
+            serde_json::json!({"policyRef": {"name": "p"}, "postgres": pg(), "delivery": {"secret": {"template": {"dsn": "{{ secret }}"}}}}),
+        ),
+        Some(&dynamic),
+    );
+    assert!(
+        errs.iter()
+            .any(|e| e.field == "spec.delivery.secret.template[dsn]"
+                && e.message.contains("unknown placeholder")),
+        "{errs:?}"
+    );
+
+    let errs = validate_lease(
+        &l(
+            serde_json::json!({"policyRef": {"name": "p"}, "postgres": pg(), "delivery": {"csi": {"files": {"../escape": "{{ password }}"}}}}),
+        ),
+        Some(&dynamic),
+    );
+    assert!(
+        errs.iter()
+            .any(|e| e.field == "spec.delivery.csi.files[../escape]"),
+        "{errs:?}"
+    );
+}
