@@ -19,7 +19,7 @@ fn repo_root() -> PathBuf {
 fn committed_crds_match_the_rust_types() {
     for (file, crd) in leasehold_api::crds() {
         let want = leasehold_api::crd_yaml(&crd).unwrap();
-        for dir in ["crds", "charts/leasehold-crds/templates"] {
+        for dir in ["crds", "charts/leasehold-crds/files"] {
             let path = repo_root().join(dir).join(&file);
             let have = std::fs::read_to_string(&path).unwrap_or_default();
             assert!(

@@ -1,7 +1,7 @@
 //! Writes the CRDs generated from the Rust types.
 //!
 //! `crdgen [DIR...]` writes one YAML file per CRD into each DIR (default: `crds` and
-//! `charts/leasehold-crds/templates`). `crdgen --stdout` prints them instead.
+//! `charts/leasehold-crds/files`). `crdgen --stdout` prints them instead.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -12,7 +12,7 @@ fn main() -> ExitCode {
         println!(
             "crdgen: write the leasehold CRDs generated from the Rust API types\n\n\
              usage: crdgen [--stdout] [DIR...]\n\n\
-             Without DIR, writes into ./crds and ./charts/leasehold-crds/templates\n\
+             Without DIR, writes into ./crds and ./charts/leasehold-crds/files\n\
              (run it from the repository root). --stdout prints all CRDs as one YAML stream."
         );
         return ExitCode::SUCCESS;
@@ -24,7 +24,7 @@ fn main() -> ExitCode {
         .map(PathBuf::from)
         .collect();
     if dirs.is_empty() {
-        dirs = vec!["crds".into(), "charts/leasehold-crds/templates".into()];
+        dirs = vec!["crds".into(), "charts/leasehold-crds/files".into()];
     }
     for (file, crd) in leasehold_api::crds() {
         let yaml = match leasehold_api::crd_yaml(&crd) {
