@@ -182,7 +182,13 @@ impl PostgresBackend {
         }
         // A fresh salt each time: the verifier differs on every call even for the
         // same password, which is fine (the server only stores it).
-        let verifier = postgres_protocol::password::scram_sha_256(password.as_bytes());
+        // 4096 PBKDF2 rounds: CPU work, kept off the async worker threads.
+        let secret = req.password.clone();
+        let verifier = tokio::task::spawn_blocking(move || {
+            postgres_protocol::password::scram_sha_256(secret.expose_secret().as_bytes())
+        })
+        .await
+        .map_err(|e| BackendError::Other(format!("verifier computation failed: {e}")))?;
         let secrets = [password, verifier.as_str()];
         let valid_until = req
             .valid_until

@@ -1,0 +1,704 @@
+//! PostgreSQL backend against a real server (leasehold-testkit). Most tests share one
+//! server and use names of their own; the outage test starts its own.
+
+use std::time::{Duration, Instant};
+
+use jiff::{SignedDuration, Timestamp};
+use leasehold_backends::{
+    Backend, BackendError, CredentialId, DrainSessions, IssueMode, IssueRequest, PasswordPolicy,
+    PostgresBackend, PostgresTarget, Privileges, RevokeMode, RevokeOutcome, RevokeRequest, TlsMode,
+    VerifyRequest, generate_password,
+};
+use leasehold_testkit::{PostgresServer, unique_name};
+use secrecy::{ExposeSecret, SecretString};
+
+fn target(pg: &PostgresServer) -> PostgresTarget {
+    let mut target = PostgresTarget::new(
+        pg.host(),
+        pg.port(),
+        pg.database(),
+        pg.admin_user(),
+        pg.admin_password().clone(),
+    );
+    // Generous: tests run in parallel on a small, shared, unoptimised build.
+    target.connect_timeout = Duration::from_secs(15);
+    target
+}
+
+fn backend(pg: &PostgresServer) -> PostgresBackend {
+    PostgresBackend::new(target(pg)).expect("backend")
+}
+
+fn password() -> SecretString {
+    generate_password(&PasswordPolicy::default()).expect("password")
+}
+
+fn issue(
+    id: &str,
+    mode: IssueMode,
+    password: &SecretString,
+    privileges: Privileges,
+) -> IssueRequest {
+    IssueRequest {
+        id: CredentialId(id.to_owned()),
+        mode,
+        password: password.clone(),
+        valid_until: Some(Timestamp::now() + SignedDuration::from_hours(1)),
+        privileges,
+    }
+}
+
+fn verify(id: &str, password: &SecretString) -> VerifyRequest {
+    VerifyRequest {
+        id: CredentialId(id.to_owned()),
+        password: password.clone(),
+        query: "SELECT 1".into(),
+        timeout: Duration::from_secs(10),
+    }
+}
+
+fn revoke(id: &str, mode: RevokeMode, drain: DrainSessions) -> RevokeRequest {
+    RevokeRequest {
+        id: CredentialId(id.to_owned()),
+        mode,
+        drain,
+    }
+}
+
+async fn can_connect(pg: &PostgresServer, user: &str, password: &SecretString) -> bool {
+    pg.connect_as(user, password.expose_secret()).await.is_ok()
+}
+
+fn assert_secret_free(err: &BackendError, secrets: &[&str]) {
+    let shown = format!("{err} {err:?}");
+    for secret in secrets {
+        assert!(!shown.contains(secret), "secret leaked in error: {shown}");
+    }
+    assert!(
+        !shown.contains("SCRAM-SHA-256$"),
+        "verifier leaked: {shown}"
+    );
+}
+
+/// Tables `<p>_role_t` (readable through role `<p>_reader`), `<p>_grant_t` (readable
+/// through a direct grant) and `<p>_private_t` (readable by neither).
+async fn fixture(pg: &PostgresServer, p: &str) -> Privileges {
+    let admin = pg.admin_client().await;
+    admin
+        .batch_execute(&format!(
+            "CREATE TABLE {p}_role_t (x int); INSERT INTO {p}_role_t VALUES (1);
+             CREATE TABLE {p}_grant_t (x int); INSERT INTO {p}_grant_t VALUES (2);
+             CREATE TABLE {p}_private_t (x int);
+             CREATE ROLE {p}_reader NOLOGIN;
+             GRANT SELECT ON {p}_role_t TO {p}_reader;"
+        ))
+        .await
+        .expect("fixture");
+    Privileges {
+        member_of: vec![format!("{p}_reader")],
+        grants: vec![format!("SELECT ON TABLE {p}_grant_t")],
+    }
+}
+
+#[tokio::test]
+async fn dynamic_user_lifecycle() {
+    let pg = PostgresServer::shared().await;
+    let b = backend(pg);
+    let p = unique_name("dyn_");
+    let privileges = fixture(pg, &p).await;
+    let user = format!("{p}_u");
+    let pw = password();
+    let req = issue(&user, IssueMode::CreateUser, &pw, privileges);
+
+    b.issue(&req).await.expect("issue");
+    b.issue(&req).await.expect("issue twice converges");
+    b.verify(&verify(&user, &pw)).await.expect("verify");
+    assert!(b.can_login(&req.id).await.expect("can_login"));
+
+    let client = pg
+        .connect_as(&user, pw.expose_secret())
+        .await
+        .expect("real login");
+    let role_row = client
+        .query_one(&format!("SELECT x FROM {p}_role_t"), &[])
+        .await;
+    assert_eq!(role_row.expect("select via role").get::<_, i32>(0), 1);
+    let grant_row = client
+        .query_one(&format!("SELECT x FROM {p}_grant_t"), &[])
+        .await;
+    assert_eq!(grant_row.expect("select via grant").get::<_, i32>(0), 2);
+    let denied = client
+        .query(&format!("SELECT x FROM {p}_private_t"), &[])
+        .await;
+    let denied = denied.expect_err("private table must be denied");
+    assert_eq!(
+        denied.code(),
+        Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE)
+    );
+    drop(client);
+
+    // Issuing with a new password replaces the old one.
+    let pw2 = password();
+    b.issue(&issue(
+        &user,
+        IssueMode::CreateUser,
+        &pw2,
+        req.privileges.clone(),
+    ))
+    .await
+    .expect("re-issue");
+    assert!(
+        !can_connect(pg, &user, &pw).await,
+        "old password must stop working"
+    );
+    assert!(can_connect(pg, &user, &pw2).await);
+
+    let r = revoke(&user, RevokeMode::DropUser, DrainSessions::Terminate);
+    assert_eq!(b.revoke(&r).await.expect("revoke"), RevokeOutcome::Revoked);
+    assert!(
+        !can_connect(pg, &user, &pw2).await,
+        "login must fail after revoke"
+    );
+    assert!(!b.can_login(&req.id).await.expect("can_login"));
+    assert!(
+        b.list_users(&user).await.expect("list").is_empty(),
+        "role dropped"
+    );
+    assert_eq!(
+        b.revoke(&r).await.expect("revoke twice"),
+        RevokeOutcome::Revoked
+    );
+    let missing = revoke(
+        &unique_name("never_"),
+        RevokeMode::DropUser,
+        DrainSessions::Wait,
+    );
+    assert_eq!(
+        b.revoke(&missing).await.expect("revoke missing"),
+        RevokeOutcome::Revoked
+    );
+}
+
+#[tokio::test]
+async fn dropping_a_user_that_owns_objects() {
+    let pg = PostgresServer::shared().await;
+    let b = backend(pg);
+    let user = unique_name("owner_");
+    let pw = password();
+    let privileges = Privileges {
+        member_of: vec![],
+        grants: vec!["CREATE ON SCHEMA public".into()],
+    };
+    b.issue(&issue(&user, IssueMode::CreateUser, &pw, privileges))
+        .await
+        .expect("issue");
+    let client = pg
+        .connect_as(&user, pw.expose_secret())
+        .await
+        .expect("login");
+    client
+        .batch_execute(&format!("CREATE TABLE {user}_t (x int)"))
+        .await
+        .expect("user creates a table");
+    drop(client);
+    let r = revoke(&user, RevokeMode::DropUser, DrainSessions::Terminate);
+    assert_eq!(b.revoke(&r).await.expect("revoke"), RevokeOutcome::Revoked);
+    assert!(b.list_users(&user).await.expect("list").is_empty());
+}
+
+#[tokio::test]
+async fn alternating_users_disable_then_reenable() {
+    let pg = PostgresServer::shared().await;
+    let b = backend(pg);
+    let p = unique_name("alt_");
+    let privileges = fixture(pg, &p).await;
+    let user = format!("{p}_a");
+    let pw = password();
+    // SetPassword creates the missing `_a` user.
+    let req = issue(&user, IssueMode::SetPassword, &pw, privileges.clone());
+    b.issue(&req).await.expect("issue");
+    b.verify(&verify(&user, &pw)).await.expect("verify");
+
+    let r = revoke(&user, RevokeMode::DisableLogin, DrainSessions::Terminate);
+    assert_eq!(b.revoke(&r).await.expect("disable"), RevokeOutcome::Revoked);
+    assert_eq!(
+        b.revoke(&r).await.expect("disable twice"),
+        RevokeOutcome::Revoked
+    );
+    assert!(!can_connect(pg, &user, &pw).await);
+    assert!(!b.can_login(&req.id).await.expect("can_login"));
+    assert_eq!(
+        b.list_users(&user).await.expect("list"),
+        vec![req.id.clone()],
+        "role kept"
+    );
+    assert!(matches!(
+        b.verify(&verify(&user, &pw)).await,
+        Err(BackendError::VerificationFailed(_))
+    ));
+
+    // The next rotation sets a new password and login works again, grants intact.
+    let pw2 = password();
+    b.issue(&issue(&user, IssueMode::SetPassword, &pw2, privileges))
+        .await
+        .expect("re-issue");
+    b.verify(&verify(&user, &pw2)).await.expect("verify again");
+    let client = pg
+        .connect_as(&user, pw2.expose_secret())
+        .await
+        .expect("login");
+    client
+        .query_one(&format!("SELECT x FROM {p}_role_t"), &[])
+        .await
+        .expect("grant kept");
+}
+
+#[tokio::test]
+async fn in_place_revoke_does_nothing() {
+    let pg = PostgresServer::shared().await;
+    let b = backend(pg);
+    let user = unique_name("inplace_");
+    let pw = password();
+    b.issue(&issue(
+        &user,
+        IssueMode::SetPassword,
+        &pw,
+        Privileges::default(),
+    ))
+    .await
+    .expect("issue");
+    let r = revoke(&user, RevokeMode::Nothing, DrainSessions::Ignore);
+    assert_eq!(b.revoke(&r).await.expect("revoke"), RevokeOutcome::Revoked);
+    assert!(
+        can_connect(pg, &user, &pw).await,
+        "Nothing leaves the user alone"
+    );
+    let pw2 = password();
+    b.issue(&issue(
+        &user,
+        IssueMode::SetPassword,
+        &pw2,
+        Privileges::default(),
+    ))
+    .await
+    .expect("rotate in place");
+    assert!(!can_connect(pg, &user, &pw).await);
+    assert!(can_connect(pg, &user, &pw2).await);
+}
+
+#[tokio::test]
+async fn drain_wait_then_terminate() {
+    let pg = PostgresServer::shared().await;
+    let b = backend(pg);
+    let user = unique_name("drain_");
+    let pw = password();
+    b.issue(&issue(
+        &user,
+        IssueMode::CreateUser,
+        &pw,
+        Privileges::default(),
+    ))
+    .await
+    .expect("issue");
+    let session = pg
+        .connect_as(&user, pw.expose_secret())
+        .await
+        .expect("session");
+
+    let wait = revoke(&user, RevokeMode::DropUser, DrainSessions::Wait);
+    assert_eq!(
+        b.revoke(&wait).await.expect("revoke"),
+        RevokeOutcome::SessionsRemain(1)
+    );
+    assert!(
+        !can_connect(pg, &user, &pw).await,
+        "no new logins while draining"
+    );
+    session
+        .simple_query("SELECT 1")
+        .await
+        .expect("existing session still alive");
+    assert_eq!(
+        b.revoke(&wait).await.expect("again"),
+        RevokeOutcome::SessionsRemain(1)
+    );
+
+    let terminate = revoke(&user, RevokeMode::DropUser, DrainSessions::Terminate);
+    assert_eq!(
+        b.revoke(&terminate).await.expect("terminate"),
+        RevokeOutcome::Revoked
+    );
+    assert!(
+        session.simple_query("SELECT 1").await.is_err(),
+        "session must be dead"
+    );
+    assert!(b.list_users(&user).await.expect("list").is_empty());
+}
+
+#[tokio::test]
+async fn drain_wait_finishes_once_sessions_end() {
+    let pg = PostgresServer::shared().await;
+    let b = backend(pg);
+    let user = unique_name("drainend_");
+    let pw = password();
+    b.issue(&issue(
+        &user,
+        IssueMode::CreateUser,
+        &pw,
+        Privileges::default(),
+    ))
+    .await
+    .expect("issue");
+    let session = pg
+        .connect_as(&user, pw.expose_secret())
+        .await
+        .expect("session");
+    let wait = revoke(&user, RevokeMode::DisableLogin, DrainSessions::Wait);
+    assert_eq!(
+        b.revoke(&wait).await.expect("revoke"),
+        RevokeOutcome::SessionsRemain(1)
+    );
+    drop(session);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match b.revoke(&wait).await.expect("revoke") {
+            RevokeOutcome::Revoked => break,
+            RevokeOutcome::SessionsRemain(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => panic!("session did not go away: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn verification_failures() {
+    let pg = PostgresServer::shared().await;
+    let b = backend(pg);
+    let user = unique_name("verify_");
+    let pw = password();
+    b.issue(&issue(
+        &user,
+        IssueMode::CreateUser,
+        &pw,
+        Privileges::default(),
+    ))
+    .await
+    .expect("issue");
+    let wrong = password();
+    let err = b
+        .verify(&verify(&user, &wrong))
+        .await
+        .expect_err("wrong password");
+    assert!(
+        matches!(err, BackendError::VerificationFailed(_)),
+        "{err:?}"
+    );
+    assert_secret_free(&err, &[pw.expose_secret(), wrong.expose_secret()]);
+
+    let mut bad_query = verify(&user, &pw);
+    bad_query.query = "SELECT * FROM no_such_table".into();
+    let err = b.verify(&bad_query).await.expect_err("bad query");
+    assert!(
+        matches!(err, BackendError::VerificationFailed(_)),
+        "{err:?}"
+    );
+
+    let err = b
+        .verify(&verify(&unique_name("nobody_"), &pw))
+        .await
+        .expect_err("no user");
+    assert!(
+        matches!(err, BackendError::VerificationFailed(_)),
+        "{err:?}"
+    );
+
+    // Expired: VALID UNTIL in the past.
+    let mut expired = issue(&user, IssueMode::CreateUser, &pw, Privileges::default());
+    expired.valid_until = Some(Timestamp::now() - SignedDuration::from_hours(1));
+    b.issue(&expired).await.expect("issue expired");
+    assert!(!b.can_login(&expired.id).await.expect("can_login"));
+    let err = b.verify(&verify(&user, &pw)).await.expect_err("expired");
+    assert!(
+        matches!(err, BackendError::VerificationFailed(_)),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn invalid_requests_and_rejected_admin() {
+    let pg = PostgresServer::shared().await;
+    let b = backend(pg);
+    let user = unique_name("invalid_");
+    let pw = password();
+    let unknown_role = Privileges {
+        member_of: vec![unique_name("no_such_role_")],
+        grants: vec![],
+    };
+    let err = b
+        .issue(&issue(&user, IssueMode::CreateUser, &pw, unknown_role))
+        .await
+        .expect_err("unknown role");
+    assert!(matches!(err, BackendError::Invalid(_)), "{err:?}");
+    assert_secret_free(&err, &[pw.expose_secret()]);
+    // All or nothing: the role was not left behind.
+    assert!(b.list_users(&user).await.expect("list").is_empty());
+
+    let bad_grant = Privileges {
+        member_of: vec![],
+        grants: vec!["SELECT ON TABLE no_such_table_xyz".into()],
+    };
+    let err = b
+        .issue(&issue(&user, IssueMode::CreateUser, &pw, bad_grant))
+        .await
+        .expect_err("bad grant");
+    assert!(matches!(err, BackendError::Invalid(_)), "{err:?}");
+    assert_secret_free(&err, &[pw.expose_secret()]);
+
+    let injection = Privileges {
+        member_of: vec![],
+        grants: vec!["SELECT ON TABLE x TO public; DROP TABLE y".into()],
+    };
+    let err = b
+        .issue(&issue(&user, IssueMode::CreateUser, &pw, injection))
+        .await
+        .expect_err("two statements");
+    assert!(matches!(err, BackendError::Invalid(_)), "{err:?}");
+
+    let long = "x".repeat(64);
+    let err = b
+        .issue(&issue(
+            &long,
+            IssueMode::CreateUser,
+            &pw,
+            Privileges::default(),
+        ))
+        .await
+        .expect_err("name too long");
+    assert!(matches!(err, BackendError::Invalid(_)), "{err:?}");
+
+    let wrong_admin = SecretString::from("not-the-admin-password".to_owned());
+    let mut t = target(pg);
+    t.admin_password = wrong_admin.clone();
+    let rejected = PostgresBackend::new(t).expect("backend");
+    let err = rejected.ping().await.expect_err("wrong admin password");
+    assert!(matches!(err, BackendError::AdminRejected(_)), "{err:?}");
+    assert_secret_free(&err, &[wrong_admin.expose_secret()]);
+    assert!(!format!("{:?}", target(pg)).contains(pg.admin_password().expose_secret()));
+
+    let mut tls = target(pg);
+    tls.tls = TlsMode::Require;
+    assert!(matches!(
+        PostgresBackend::new(tls),
+        Err(BackendError::Invalid(_))
+    ));
+}
+
+#[tokio::test]
+async fn secrets_never_reach_the_server_log() {
+    let pg = PostgresServer::shared().await;
+    let b = backend(pg);
+    let user = unique_name("secret_");
+    let pw1 = password();
+    let pw2 = password();
+    b.issue(&issue(
+        &user,
+        IssueMode::CreateUser,
+        &pw1,
+        Privileges::default(),
+    ))
+    .await
+    .expect("issue");
+    b.verify(&verify(&user, &pw1)).await.expect("verify");
+    // Rotation: new password, verify, old one rejected.
+    b.issue(&issue(
+        &user,
+        IssueMode::SetPassword,
+        &pw2,
+        Privileges::default(),
+    ))
+    .await
+    .expect("rotate");
+    b.verify(&verify(&user, &pw2))
+        .await
+        .expect("verify rotated");
+    let err = b
+        .verify(&verify(&user, &pw1))
+        .await
+        .expect_err("old password");
+    assert_secret_free(&err, &[pw1.expose_secret(), pw2.expose_secret()]);
+    b.revoke(&revoke(
+        &user,
+        RevokeMode::DropUser,
+        DrainSessions::Terminate,
+    ))
+    .await
+    .expect("revoke");
+
+    let log = pg.log_contents();
+    assert!(
+        log.contains(&format!(
+            "ALTER ROLE \"{user}\" LOGIN PASSWORD 'SCRAM-SHA-256$"
+        )),
+        "the statement is logged, with a verifier"
+    );
+    for pw in [&pw1, &pw2] {
+        assert!(
+            !log.contains(pw.expose_secret()),
+            "plaintext password in the server log"
+        );
+    }
+    // Every password the server saw for this user is a SCRAM verifier.
+    for line in log
+        .lines()
+        .filter(|l| l.contains(&format!("ROLE \"{user}\" LOGIN PASSWORD")))
+    {
+        assert!(
+            line.contains("PASSWORD 'SCRAM-SHA-256$4096:"),
+            "not a verifier: {line}"
+        );
+    }
+    let req = issue(&user, IssueMode::CreateUser, &pw1, Privileges::default());
+    assert!(!format!("{req:?}").contains(pw1.expose_secret()));
+}
+
+#[tokio::test]
+async fn list_users_by_prefix() {
+    let pg = PostgresServer::shared().await;
+    let b = backend(pg);
+    let p = unique_name("lst");
+    for name in [format!("{p}_a"), format!("{p}_b"), format!("{p}xc")] {
+        b.issue(&issue(
+            &name,
+            IssueMode::CreateUser,
+            &password(),
+            Privileges::default(),
+        ))
+        .await
+        .expect("issue");
+    }
+    let found = b.list_users(&format!("{p}_")).await.expect("list");
+    // `_` is literal: `{p}xc` does not match `{p}_`.
+    assert_eq!(
+        found,
+        vec![
+            CredentialId(format!("{p}_a")),
+            CredentialId(format!("{p}_b"))
+        ]
+    );
+    assert_eq!(b.list_users(&p).await.expect("list").len(), 3);
+    assert!(
+        b.list_users("%").await.expect("list").is_empty(),
+        "% is literal"
+    );
+}
+
+#[tokio::test]
+async fn many_concurrent_leases() {
+    let pg = PostgresServer::shared().await;
+    let b = std::sync::Arc::new(backend(pg));
+    let p = unique_name("many");
+    let tasks: Vec<_> = (0..25)
+        .map(|i| {
+            let b = b.clone();
+            let user = format!("{p}_{i}");
+            tokio::spawn(async move {
+                let pw = password();
+                b.issue(&issue(
+                    &user,
+                    IssueMode::CreateUser,
+                    &pw,
+                    Privileges::default(),
+                ))
+                .await?;
+                b.verify(&verify(&user, &pw)).await?;
+                b.revoke(&revoke(
+                    &user,
+                    RevokeMode::DropUser,
+                    DrainSessions::Terminate,
+                ))
+                .await
+            })
+        })
+        .collect();
+    for task in tasks {
+        assert_eq!(
+            task.await.expect("join").expect("lease"),
+            RevokeOutcome::Revoked
+        );
+    }
+    assert!(b.list_users(&p).await.expect("list").is_empty());
+}
+
+#[tokio::test]
+async fn outage_is_unreachable_then_recovers() {
+    let mut pg = PostgresServer::start().await;
+    let mut t = target(&pg);
+    t.connect_timeout = Duration::from_secs(2);
+    let b = PostgresBackend::new(t).expect("backend");
+    b.ping().await.expect("ping");
+    let user = unique_name("outage_");
+    let pw = password();
+    b.issue(&issue(
+        &user,
+        IssueMode::CreateUser,
+        &pw,
+        Privileges::default(),
+    ))
+    .await
+    .expect("issue");
+
+    pg.stop().await;
+    let started = Instant::now();
+    let err = b.ping().await.expect_err("server down");
+    assert!(matches!(err, BackendError::Unreachable(_)), "{err:?}");
+    assert!(err.is_transient());
+    let err = b
+        .issue(&issue(
+            &user,
+            IssueMode::SetPassword,
+            &pw,
+            Privileges::default(),
+        ))
+        .await
+        .expect_err("issue while down");
+    assert!(matches!(err, BackendError::Unreachable(_)), "{err:?}");
+    assert_secret_free(
+        &err,
+        &[pw.expose_secret(), pg.admin_password().expose_secret()],
+    );
+    let err = b
+        .verify(&verify(&user, &pw))
+        .await
+        .expect_err("verify while down");
+    assert!(matches!(err, BackendError::Unreachable(_)), "{err:?}");
+    let err = b
+        .revoke(&revoke(
+            &user,
+            RevokeMode::DropUser,
+            DrainSessions::Terminate,
+        ))
+        .await
+        .expect_err("revoke while down");
+    assert!(matches!(err, BackendError::Unreachable(_)), "{err:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "calls must fail fast"
+    );
+
+    pg.resume().await;
+    b.ping().await.expect("ping after restart");
+    b.verify(&verify(&user, &pw))
+        .await
+        .expect("verify after restart");
+    assert_eq!(
+        b.revoke(&revoke(
+            &user,
+            RevokeMode::DropUser,
+            DrainSessions::Terminate
+        ))
+        .await
+        .expect("revoke after restart"),
+        RevokeOutcome::Revoked
+    );
+}
