@@ -1,1 +1,159 @@
-//! placeholder
+//! leasehold's CSI node driver.
+//!
+//! Serves the CSI Identity and Node services on a Unix socket for inline
+//! ephemeral volumes: each volume is a tmpfs at the pod's target path holding
+//! one lease's credential, issued by the broker for that pod, refreshed on
+//! republish (`requiresRepublish`) and released on unpublish.
+//!
+//! The lead's binary calls, for example:
+//!
+//! ```ignore
+//! let broker = Arc::new(GrpcBroker::new(GrpcBrokerConfig { .. })?);
+//! let verifier: Arc<dyn PodTokenVerifier> = Arc::new(my_verifier);
+//! let driver = NodeDriver::new(config, verifier, broker, &mut registry)?;
+//! driver.run(shutdown_signal).await?;
+//! ```
+
+#![forbid(unsafe_code)]
+
+pub mod auth;
+pub mod broker;
+pub mod context;
+pub mod identity;
+pub mod metrics;
+pub mod mount;
+pub mod node;
+pub mod server;
+pub mod state;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use auth::{AuthError, ExpectedPod, PodTokenVerifier, VerifiedPod};
+pub use broker::{
+    BrokerError, CredentialBroker, GrpcBroker, GrpcBrokerConfig, IssuedCredential, LeaseRef,
+    NodeToken, PodInfo, VolumeRef,
+};
+pub use identity::{DRIVER_NAME, IdentityService};
+pub use metrics::NodeMetrics;
+pub use node::NodeService;
+pub use server::{ServeError, bind_socket, serve};
+
+/// Default tmpfs size per volume: 1 MiB.
+pub const DEFAULT_TMPFS_SIZE: u64 = 1024 * 1024;
+/// Upper bound of the broker deadline: the kubelet gives a CSI call 2 minutes.
+pub const MAX_BROKER_TIMEOUT: Duration = Duration::from_secs(85);
+
+/// Settings of the node driver.
+#[derive(Debug, Clone)]
+pub struct NodeDriverConfig {
+    /// The CSI socket (`CSI_ENDPOINT` without `unix://`).
+    pub socket_path: PathBuf,
+    /// This node's name: the CSI node id and what the broker checks.
+    pub node_name: String,
+    /// Where per-volume metadata lives (a hostPath that survives restarts).
+    pub state_dir: PathBuf,
+    /// Audience of the pod tokens the kubelet passes (`CSIDriver.tokenRequests`).
+    pub token_audience: String,
+    /// tmpfs `size=` per volume.
+    pub tmpfs_size_bytes: u64,
+    /// Publishes that may run at once; more wait (then `RESOURCE_EXHAUSTED`).
+    pub publish_concurrency: usize,
+    /// Deadline of each broker call (clamped to [`MAX_BROKER_TIMEOUT`]).
+    pub broker_timeout: Duration,
+    /// How often failed releases are retried.
+    pub release_retry_interval: Duration,
+}
+
+impl NodeDriverConfig {
+    /// Defaults for everything but the identity of the node and its paths.
+    pub fn new(
+        socket_path: impl Into<PathBuf>,
+        node_name: impl Into<String>,
+        state_dir: impl Into<PathBuf>,
+        token_audience: impl Into<String>,
+    ) -> Self {
+        Self {
+            socket_path: socket_path.into(),
+            node_name: node_name.into(),
+            state_dir: state_dir.into(),
+            token_audience: token_audience.into(),
+            tmpfs_size_bytes: DEFAULT_TMPFS_SIZE,
+            publish_concurrency: 16,
+            broker_timeout: Duration::from_secs(30),
+            release_retry_interval: Duration::from_secs(60),
+        }
+    }
+}
+
+/// A ready-to-run node driver: services built, metrics registered.
+#[derive(Debug)]
+pub struct NodeDriver {
+    socket_path: PathBuf,
+    release_retry_interval: Duration,
+    identity: IdentityService,
+    node: NodeService,
+}
+
+impl NodeDriver {
+    /// Opens the state directory, resumes known volumes and registers metrics
+    /// into `registry` (give it a sub-registry, e.g. prefixed `leasehold_csi`).
+    pub fn new(
+        mut config: NodeDriverConfig,
+        verifier: Arc<dyn PodTokenVerifier>,
+        broker: Arc<dyn CredentialBroker>,
+        registry: &mut prometheus_client::registry::Registry,
+    ) -> Result<Self, ServeError> {
+        config.broker_timeout = config.broker_timeout.min(MAX_BROKER_TIMEOUT);
+        let state = state::StateStore::open(&config.state_dir).map_err(ServeError::State)?;
+        let metrics = NodeMetrics::register(registry);
+        let socket_path = config.socket_path.clone();
+        let release_retry_interval = config.release_retry_interval;
+        let identity = IdentityService::new(broker.clone());
+        let node = NodeService::new(config, verifier, broker, state, metrics);
+        Ok(Self {
+            socket_path,
+            release_retry_interval,
+            identity,
+            node,
+        })
+    }
+
+    /// The Node service (for callers that build their own server).
+    pub fn node_service(&self) -> &NodeService {
+        &self.node
+    }
+
+    /// Serves until `shutdown` completes; retries failed releases meanwhile.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), ServeError> {
+        let node = self.node.clone();
+        let interval = self.release_retry_interval;
+        let retry = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                node.retry_pending_releases().await;
+            }
+        });
+        let result = serve(&self.socket_path, self.identity, self.node, shutdown).await;
+        retry.abort();
+        result
+    }
+}
+
+/// Builds and runs the driver with its own (unexported) metrics registry.
+/// Use [`NodeDriver`] to expose metrics.
+pub async fn run(
+    config: NodeDriverConfig,
+    verifier: Arc<dyn PodTokenVerifier>,
+    broker: Arc<dyn CredentialBroker>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    let mut registry = prometheus_client::registry::Registry::default();
+    NodeDriver::new(config, verifier, broker, &mut registry)?
+        .run(shutdown)
+        .await
+}

@@ -1,0 +1,57 @@
+//! Pod authentication: the seam to the service-account token verifier.
+//!
+//! `leasehold-auth` implements [`PodTokenVerifier`]; this crate only calls it.
+
+use async_trait::async_trait;
+
+/// What the kubelet told us about the pod; the token must match it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpectedPod {
+    /// Pod namespace.
+    pub namespace: String,
+    /// Pod name.
+    pub pod_name: String,
+    /// Pod UID.
+    pub pod_uid: String,
+    /// Service-account name.
+    pub service_account: String,
+}
+
+/// The identity a verified token proves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedPod {
+    /// Pod namespace from the token.
+    pub namespace: String,
+    /// Pod name from the token.
+    pub pod_name: String,
+    /// Pod UID from the token.
+    pub pod_uid: String,
+    /// Service-account name from the token.
+    pub service_account: String,
+    /// Token expiry, if known.
+    pub expires_at: Option<jiff::Timestamp>,
+}
+
+/// Why a token was not accepted. Reasons never contain the token.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AuthError {
+    /// The token is not valid: bad signature, expired, wrong audience or issuer,
+    /// malformed. Maps to `UNAUTHENTICATED`.
+    #[error("token rejected: {0}")]
+    Invalid(String),
+    /// The token is valid but names another pod or service account, or the pod
+    /// is no longer bound. Maps to `PERMISSION_DENIED`.
+    #[error("token does not match the pod: {0}")]
+    Mismatch(String),
+    /// The verifier could not decide (keys unavailable). Maps to `UNAVAILABLE`.
+    #[error("token verifier unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Verifies a pod's projected service-account token.
+#[async_trait]
+pub trait PodTokenVerifier: Send + Sync {
+    /// Checks `token` (for the driver's audience) and that it was issued to
+    /// `expected`.
+    async fn verify(&self, token: &str, expected: &ExpectedPod) -> Result<VerifiedPod, AuthError>;
+}

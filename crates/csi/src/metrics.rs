@@ -1,0 +1,86 @@
+//! Prometheus metrics of the node driver.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// The gRPC result code of a call.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabels {
+    /// For example `Ok`, `InvalidArgument`, `Unavailable`.
+    pub code: String,
+}
+
+/// Node driver metrics; clones share the same series.
+#[derive(Debug, Clone)]
+pub struct NodeMetrics {
+    publishes: Family<CodeLabels, Counter>,
+    unpublishes: Family<CodeLabels, Counter>,
+    publish_seconds: Histogram,
+    volumes: Gauge,
+}
+
+impl Default for NodeMetrics {
+    fn default() -> Self {
+        Self {
+            publishes: Family::default(),
+            unpublishes: Family::default(),
+            // 1 ms .. ~16 s.
+            publish_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+            volumes: Gauge::default(),
+        }
+    }
+}
+
+impl NodeMetrics {
+    /// Metrics registered under `registry` (use a sub-registry such as
+    /// `registry.sub_registry_with_prefix("leasehold_csi")`).
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        registry.register(
+            "node_publish",
+            "NodePublishVolume calls by result code",
+            m.publishes.clone(),
+        );
+        registry.register(
+            "node_unpublish",
+            "NodeUnpublishVolume calls by result code",
+            m.unpublishes.clone(),
+        );
+        registry.register(
+            "node_publish_duration_seconds",
+            "NodePublishVolume handling time",
+            m.publish_seconds.clone(),
+        );
+        registry.register(
+            "volumes_published",
+            "Volumes currently published on this node",
+            m.volumes.clone(),
+        );
+        m
+    }
+
+    pub(crate) fn publish_done(&self, code: tonic::Code, seconds: f64) {
+        self.publishes
+            .get_or_create(&CodeLabels {
+                code: format!("{code:?}"),
+            })
+            .inc();
+        self.publish_seconds.observe(seconds);
+    }
+
+    pub(crate) fn unpublish_done(&self, code: tonic::Code) {
+        self.unpublishes
+            .get_or_create(&CodeLabels {
+                code: format!("{code:?}"),
+            })
+            .inc();
+    }
+
+    pub(crate) fn set_volumes(&self, n: usize) {
+        self.volumes.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+}
