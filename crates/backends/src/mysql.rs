@@ -413,11 +413,11 @@ impl Backend for MySqlBackend {
             }
             // Works on both MySQL and MariaDB (whose mysql.user view lacks
             // `account_locked`).
-            let row: Option<(String, String)> = conn
+            let create: Option<String> = conn
                 .query_first(format!("SHOW CREATE USER {}", account(&id.0)))
                 .await
                 .map_err(map)?;
-            Ok(row.is_some_and(|(_, create)| !create.contains("ACCOUNT LOCK")))
+            Ok(create.is_some_and(|create| !create.contains("ACCOUNT LOCK")))
         })
         .await
     }

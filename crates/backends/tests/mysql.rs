@@ -1,0 +1,624 @@
+//! MySQL/MariaDB backend against a real MariaDB (leasehold-testkit). Most tests share
+//! one server and use names of their own; the outage test starts its own.
+
+use std::time::{Duration, Instant};
+
+use leasehold_backends::{
+    Backend, BackendError, CredentialId, DrainSessions, IssueMode, IssueRequest, MySqlBackend,
+    MySqlTarget, PasswordPolicy, Privileges, RevokeMode, RevokeOutcome, RevokeRequest, TlsMode,
+    VerifyRequest, generate_password,
+};
+use leasehold_testkit::{MariaDbServer, unique_name};
+use mysql_async::prelude::Queryable;
+use secrecy::{ExposeSecret, SecretString};
+
+fn target(db: &MariaDbServer) -> MySqlTarget {
+    let mut target = MySqlTarget::new(
+        db.host(),
+        db.port(),
+        db.database(),
+        db.admin_user(),
+        db.admin_password().clone(),
+    );
+    // Generous: tests run in parallel on a small, shared, unoptimised build.
+    target.connect_timeout = Duration::from_secs(15);
+    target
+}
+
+fn backend(db: &MariaDbServer) -> MySqlBackend {
+    MySqlBackend::new(target(db)).expect("backend")
+}
+
+fn password() -> SecretString {
+    generate_password(&PasswordPolicy::default()).expect("password")
+}
+
+fn issue(
+    id: &str,
+    mode: IssueMode,
+    password: &SecretString,
+    privileges: Privileges,
+) -> IssueRequest {
+    IssueRequest {
+        id: CredentialId(id.to_owned()),
+        mode,
+        password: password.clone(),
+        valid_until: None,
+        privileges,
+    }
+}
+
+/// Just enough to log in with the target database as default: reading it.
+fn basic(database: &str) -> Privileges {
+    Privileges {
+        member_of: vec![],
+        grants: vec![format!("SELECT ON `{database}`.*")],
+    }
+}
+
+fn verify(id: &str, password: &SecretString) -> VerifyRequest {
+    VerifyRequest {
+        id: CredentialId(id.to_owned()),
+        password: password.clone(),
+        query: "SELECT 1".into(),
+        timeout: Duration::from_secs(10),
+    }
+}
+
+fn revoke(id: &str, mode: RevokeMode, drain: DrainSessions) -> RevokeRequest {
+    RevokeRequest {
+        id: CredentialId(id.to_owned()),
+        mode,
+        drain,
+    }
+}
+
+async fn can_connect(db: &MariaDbServer, user: &str, password: &SecretString) -> bool {
+    match db.connect_as(user, password.expose_secret()).await {
+        Ok(conn) => {
+            let _ = conn.disconnect().await;
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+fn assert_secret_free(err: &BackendError, secrets: &[&str]) {
+    let shown = format!("{err} {err:?}");
+    for secret in secrets {
+        assert!(!shown.contains(secret), "secret leaked in error: {shown}");
+    }
+}
+
+/// Tables `<p>_role_t` (readable through role `<p>_reader`), `<p>_grant_t` (through
+/// a direct grant) and `<p>_private_t` (by neither).
+async fn fixture(db: &MariaDbServer, p: &str) -> Privileges {
+    let mut admin = db.admin_conn().await;
+    let d = db.database();
+    for statement in [
+        format!("CREATE TABLE `{d}`.{p}_role_t (x INT)"),
+        format!("INSERT INTO `{d}`.{p}_role_t VALUES (1)"),
+        format!("CREATE TABLE `{d}`.{p}_grant_t (x INT)"),
+        format!("INSERT INTO `{d}`.{p}_grant_t VALUES (2)"),
+        format!("CREATE TABLE `{d}`.{p}_private_t (x INT)"),
+        format!("CREATE ROLE {p}_reader"),
+        format!("GRANT SELECT ON `{d}`.{p}_role_t TO {p}_reader"),
+    ] {
+        admin.query_drop(statement).await.expect("fixture");
+    }
+    admin.disconnect().await.expect("disconnect");
+    Privileges {
+        member_of: vec![format!("{p}_reader")],
+        grants: vec![format!("SELECT ON `{d}`.{p}_grant_t")],
+    }
+}
+
+#[tokio::test]
+async fn dynamic_user_lifecycle() {
+    let db = MariaDbServer::shared().await;
+    let b = backend(db);
+    let p = unique_name("dyn_");
+    let privileges = fixture(db, &p).await;
+    let user = format!("{p}_u");
+    let pw = password();
+    let req = issue(&user, IssueMode::CreateUser, &pw, privileges);
+
+    b.issue(&req).await.expect("issue");
+    b.issue(&req).await.expect("issue twice converges");
+    b.verify(&verify(&user, &pw)).await.expect("verify");
+    assert!(b.can_login(&req.id).await.expect("can_login"));
+
+    let mut conn = db
+        .connect_as(&user, pw.expose_secret())
+        .await
+        .expect("real login");
+    let via_role: Option<i32> = conn
+        .query_first(format!("SELECT x FROM {p}_role_t"))
+        .await
+        .expect("select via default role");
+    assert_eq!(via_role, Some(1));
+    let via_grant: Option<i32> = conn
+        .query_first(format!("SELECT x FROM {p}_grant_t"))
+        .await
+        .expect("select via grant");
+    assert_eq!(via_grant, Some(2));
+    let denied = conn
+        .query_drop(format!("SELECT x FROM {p}_private_t"))
+        .await;
+    match denied {
+        Err(mysql_async::Error::Server(e)) => assert_eq!(e.code, 1142, "{e:?}"),
+        other => panic!("private table must be denied: {other:?}"),
+    }
+    conn.disconnect().await.expect("disconnect");
+
+    let pw2 = password();
+    b.issue(&issue(
+        &user,
+        IssueMode::CreateUser,
+        &pw2,
+        req.privileges.clone(),
+    ))
+    .await
+    .expect("re-issue");
+    assert!(
+        !can_connect(db, &user, &pw).await,
+        "old password must stop working"
+    );
+    assert!(can_connect(db, &user, &pw2).await);
+
+    let r = revoke(&user, RevokeMode::DropUser, DrainSessions::Terminate);
+    assert_eq!(b.revoke(&r).await.expect("revoke"), RevokeOutcome::Revoked);
+    assert!(
+        !can_connect(db, &user, &pw2).await,
+        "login must fail after revoke"
+    );
+    assert!(!b.can_login(&req.id).await.expect("can_login"));
+    assert!(b.list_users(&user).await.expect("list").is_empty());
+    assert_eq!(
+        b.revoke(&r).await.expect("revoke twice"),
+        RevokeOutcome::Revoked
+    );
+    let missing = revoke(
+        &unique_name("never_"),
+        RevokeMode::DropUser,
+        DrainSessions::Wait,
+    );
+    assert_eq!(
+        b.revoke(&missing).await.expect("revoke missing"),
+        RevokeOutcome::Revoked
+    );
+    b.close().await;
+}
+
+#[tokio::test]
+async fn alternating_users_disable_then_reenable() {
+    let db = MariaDbServer::shared().await;
+    let b = backend(db);
+    let p = unique_name("alt_");
+    let privileges = fixture(db, &p).await;
+    let user = format!("{p}_a");
+    let pw = password();
+    let req = issue(&user, IssueMode::SetPassword, &pw, privileges.clone());
+    b.issue(&req).await.expect("issue creates the missing user");
+    b.verify(&verify(&user, &pw)).await.expect("verify");
+
+    let r = revoke(&user, RevokeMode::DisableLogin, DrainSessions::Terminate);
+    assert_eq!(b.revoke(&r).await.expect("disable"), RevokeOutcome::Revoked);
+    assert_eq!(
+        b.revoke(&r).await.expect("disable twice"),
+        RevokeOutcome::Revoked
+    );
+    assert!(!can_connect(db, &user, &pw).await);
+    assert!(!b.can_login(&req.id).await.expect("can_login"));
+    assert_eq!(
+        b.list_users(&user).await.expect("list"),
+        vec![req.id.clone()],
+        "user kept"
+    );
+    assert!(matches!(
+        b.verify(&verify(&user, &pw)).await,
+        Err(BackendError::VerificationFailed(_))
+    ));
+
+    let pw2 = password();
+    b.issue(&issue(&user, IssueMode::SetPassword, &pw2, privileges))
+        .await
+        .expect("re-issue unlocks");
+    b.verify(&verify(&user, &pw2)).await.expect("verify again");
+    let mut conn = db
+        .connect_as(&user, pw2.expose_secret())
+        .await
+        .expect("login");
+    conn.query_drop(format!("SELECT x FROM {p}_role_t"))
+        .await
+        .expect("grant kept");
+    conn.disconnect().await.expect("disconnect");
+    b.close().await;
+}
+
+#[tokio::test]
+async fn in_place_revoke_does_nothing() {
+    let db = MariaDbServer::shared().await;
+    let b = backend(db);
+    let user = unique_name("inplace_");
+    let pw = password();
+    b.issue(&issue(
+        &user,
+        IssueMode::SetPassword,
+        &pw,
+        basic(db.database()),
+    ))
+    .await
+    .expect("issue");
+    let r = revoke(&user, RevokeMode::Nothing, DrainSessions::Ignore);
+    assert_eq!(b.revoke(&r).await.expect("revoke"), RevokeOutcome::Revoked);
+    assert!(
+        can_connect(db, &user, &pw).await,
+        "Nothing leaves the user alone"
+    );
+    let pw2 = password();
+    b.issue(&issue(
+        &user,
+        IssueMode::SetPassword,
+        &pw2,
+        basic(db.database()),
+    ))
+    .await
+    .expect("rotate in place");
+    assert!(!can_connect(db, &user, &pw).await);
+    assert!(can_connect(db, &user, &pw2).await);
+    b.close().await;
+}
+
+#[tokio::test]
+async fn drain_wait_then_terminate() {
+    let db = MariaDbServer::shared().await;
+    let b = backend(db);
+    let user = unique_name("drain_");
+    let pw = password();
+    b.issue(&issue(
+        &user,
+        IssueMode::CreateUser,
+        &pw,
+        basic(db.database()),
+    ))
+    .await
+    .expect("issue");
+    let mut session = db
+        .connect_as(&user, pw.expose_secret())
+        .await
+        .expect("session");
+
+    let wait = revoke(&user, RevokeMode::DropUser, DrainSessions::Wait);
+    assert_eq!(
+        b.revoke(&wait).await.expect("revoke"),
+        RevokeOutcome::SessionsRemain(1)
+    );
+    assert!(
+        !can_connect(db, &user, &pw).await,
+        "no new logins while draining"
+    );
+    session
+        .query_drop("SELECT 1")
+        .await
+        .expect("existing session still alive");
+
+    let terminate = revoke(&user, RevokeMode::DropUser, DrainSessions::Terminate);
+    assert_eq!(
+        b.revoke(&terminate).await.expect("terminate"),
+        RevokeOutcome::Revoked
+    );
+    assert!(
+        session.query_drop("SELECT 1").await.is_err(),
+        "session must be dead"
+    );
+    assert!(b.list_users(&user).await.expect("list").is_empty());
+    b.close().await;
+}
+
+#[tokio::test]
+async fn verification_failures() {
+    let db = MariaDbServer::shared().await;
+    let b = backend(db);
+    let user = unique_name("verify_");
+    let pw = password();
+    b.issue(&issue(
+        &user,
+        IssueMode::CreateUser,
+        &pw,
+        basic(db.database()),
+    ))
+    .await
+    .expect("issue");
+    let wrong = password();
+    let err = b
+        .verify(&verify(&user, &wrong))
+        .await
+        .expect_err("wrong password");
+    assert!(
+        matches!(err, BackendError::VerificationFailed(_)),
+        "{err:?}"
+    );
+    assert_secret_free(&err, &[pw.expose_secret(), wrong.expose_secret()]);
+
+    let mut bad_query = verify(&user, &pw);
+    bad_query.query = "SELECT * FROM no_such_table".into();
+    let err = b.verify(&bad_query).await.expect_err("bad query");
+    assert!(
+        matches!(err, BackendError::VerificationFailed(_)),
+        "{err:?}"
+    );
+
+    let err = b
+        .verify(&verify(&unique_name("nobody_"), &pw))
+        .await
+        .expect_err("no user");
+    assert!(
+        matches!(err, BackendError::VerificationFailed(_)),
+        "{err:?}"
+    );
+    b.close().await;
+}
+
+#[tokio::test]
+async fn invalid_requests_and_rejected_admin() {
+    let db = MariaDbServer::shared().await;
+    let b = backend(db);
+    let user = unique_name("invalid_");
+    let pw = password();
+    let unknown_role = Privileges {
+        member_of: vec![unique_name("no_such_role_")],
+        grants: vec![],
+    };
+    let err = b
+        .issue(&issue(&user, IssueMode::CreateUser, &pw, unknown_role))
+        .await
+        .expect_err("unknown role");
+    assert!(matches!(err, BackendError::Invalid(_)), "{err:?}");
+    assert_secret_free(&err, &[pw.expose_secret()]);
+    // Created locked before the grants: the half-made user cannot log in.
+    assert!(
+        !b.can_login(&CredentialId(user.clone()))
+            .await
+            .expect("can_login")
+    );
+    assert!(!can_connect(db, &user, &pw).await);
+
+    let bad_grant = Privileges {
+        member_of: vec![],
+        grants: vec!["SELEC ON *.*".into()],
+    };
+    let err = b
+        .issue(&issue(&user, IssueMode::CreateUser, &pw, bad_grant))
+        .await
+        .expect_err("bad grant");
+    assert!(matches!(err, BackendError::Invalid(_)), "{err:?}");
+    assert_secret_free(&err, &[pw.expose_secret()]);
+
+    let err = b
+        .issue(&issue(
+            "bad\\name",
+            IssueMode::CreateUser,
+            &pw,
+            basic(db.database()),
+        ))
+        .await
+        .expect_err("backslash");
+    assert!(matches!(err, BackendError::Invalid(_)), "{err:?}");
+
+    let wrong_admin = SecretString::from("not-the-admin-password".to_owned());
+    let mut t = target(db);
+    t.admin_password = wrong_admin.clone();
+    let rejected = MySqlBackend::new(t).expect("backend");
+    let err = rejected.ping().await.expect_err("wrong admin password");
+    assert!(matches!(err, BackendError::AdminRejected(_)), "{err:?}");
+    assert_secret_free(&err, &[wrong_admin.expose_secret()]);
+    assert!(!format!("{:?}", target(db)).contains(db.admin_password().expose_secret()));
+
+    let mut tls = target(db);
+    tls.tls = TlsMode::VerifyFull {
+        ca_pem: String::new(),
+    };
+    assert!(matches!(
+        MySqlBackend::new(tls),
+        Err(BackendError::Invalid(_))
+    ));
+    b.close().await;
+}
+
+#[tokio::test]
+async fn secrets_never_reach_the_server_log() {
+    let db = MariaDbServer::shared().await;
+    let b = backend(db);
+    let user = unique_name("secret_");
+    let pw1 = password();
+    let pw2 = password();
+    b.issue(&issue(
+        &user,
+        IssueMode::CreateUser,
+        &pw1,
+        basic(db.database()),
+    ))
+    .await
+    .expect("issue");
+    b.verify(&verify(&user, &pw1)).await.expect("verify");
+    b.issue(&issue(
+        &user,
+        IssueMode::SetPassword,
+        &pw2,
+        basic(db.database()),
+    ))
+    .await
+    .expect("rotate");
+    b.verify(&verify(&user, &pw2))
+        .await
+        .expect("verify rotated");
+    let err = b
+        .verify(&verify(&user, &pw1))
+        .await
+        .expect_err("old password");
+    assert_secret_free(&err, &[pw1.expose_secret(), pw2.expose_secret()]);
+    b.revoke(&revoke(
+        &user,
+        RevokeMode::DropUser,
+        DrainSessions::Terminate,
+    ))
+    .await
+    .expect("revoke");
+
+    let log = db.log_contents();
+    assert!(
+        log.contains(&format!(
+            "ALTER USER '{user}'@'%' IDENTIFIED WITH mysql_native_password AS '*"
+        )),
+        "the statement is logged, with a hash"
+    );
+    for pw in [&pw1, &pw2] {
+        assert!(
+            !log.contains(pw.expose_secret()),
+            "plaintext password in the general log"
+        );
+    }
+    b.close().await;
+}
+
+#[tokio::test]
+async fn list_users_by_prefix() {
+    let db = MariaDbServer::shared().await;
+    let b = backend(db);
+    let p = unique_name("lst");
+    for name in [format!("{p}_a"), format!("{p}_b"), format!("{p}xc")] {
+        b.issue(&issue(
+            &name,
+            IssueMode::CreateUser,
+            &password(),
+            basic(db.database()),
+        ))
+        .await
+        .expect("issue");
+    }
+    let found = b.list_users(&format!("{p}_")).await.expect("list");
+    assert_eq!(
+        found,
+        vec![
+            CredentialId(format!("{p}_a")),
+            CredentialId(format!("{p}_b"))
+        ]
+    );
+    assert_eq!(b.list_users(&p).await.expect("list").len(), 3);
+    assert!(
+        b.list_users("%").await.expect("list").is_empty(),
+        "% is literal"
+    );
+    b.close().await;
+}
+
+#[tokio::test]
+async fn many_concurrent_leases() {
+    let db = MariaDbServer::shared().await;
+    let b = std::sync::Arc::new(backend(db));
+    let p = unique_name("many");
+    let tasks: Vec<_> = (0..25)
+        .map(|i| {
+            let b = b.clone();
+            let user = format!("{p}_{i}");
+            tokio::spawn(async move {
+                let pw = password();
+                b.issue(&issue(
+                    &user,
+                    IssueMode::CreateUser,
+                    &pw,
+                    basic(db.database()),
+                ))
+                .await?;
+                b.verify(&verify(&user, &pw)).await?;
+                b.revoke(&revoke(
+                    &user,
+                    RevokeMode::DropUser,
+                    DrainSessions::Terminate,
+                ))
+                .await
+            })
+        })
+        .collect();
+    for task in tasks {
+        assert_eq!(
+            task.await.expect("join").expect("lease"),
+            RevokeOutcome::Revoked
+        );
+    }
+    assert!(b.list_users(&p).await.expect("list").is_empty());
+}
+
+#[tokio::test]
+async fn outage_is_unreachable_then_recovers() {
+    let mut db = MariaDbServer::start().await;
+    let mut t = target(&db);
+    t.connect_timeout = Duration::from_secs(2);
+    let b = MySqlBackend::new(t).expect("backend");
+    b.ping().await.expect("ping");
+    let user = unique_name("outage_");
+    let pw = password();
+    b.issue(&issue(
+        &user,
+        IssueMode::CreateUser,
+        &pw,
+        basic(db.database()),
+    ))
+    .await
+    .expect("issue");
+
+    db.stop().await;
+    let started = Instant::now();
+    let err = b.ping().await.expect_err("server down");
+    assert!(matches!(err, BackendError::Unreachable(_)), "{err:?}");
+    let err = b
+        .issue(&issue(
+            &user,
+            IssueMode::SetPassword,
+            &pw,
+            basic(db.database()),
+        ))
+        .await
+        .expect_err("issue while down");
+    assert!(matches!(err, BackendError::Unreachable(_)), "{err:?}");
+    assert_secret_free(
+        &err,
+        &[pw.expose_secret(), db.admin_password().expose_secret()],
+    );
+    let err = b
+        .verify(&verify(&user, &pw))
+        .await
+        .expect_err("verify while down");
+    assert!(matches!(err, BackendError::Unreachable(_)), "{err:?}");
+    let err = b
+        .revoke(&revoke(
+            &user,
+            RevokeMode::DropUser,
+            DrainSessions::Terminate,
+        ))
+        .await
+        .expect_err("revoke while down");
+    assert!(matches!(err, BackendError::Unreachable(_)), "{err:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "calls must fail fast"
+    );
+
+    db.resume().await;
+    b.ping().await.expect("ping after restart");
+    b.verify(&verify(&user, &pw))
+        .await
+        .expect("verify after restart");
+    assert_eq!(
+        b.revoke(&revoke(
+            &user,
+            RevokeMode::DropUser,
+            DrainSessions::Terminate
+        ))
+        .await
+        .expect("revoke after restart"),
+        RevokeOutcome::Revoked
+    );
+    b.close().await;
+}
