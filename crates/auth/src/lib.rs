@@ -18,7 +18,9 @@ mod verifier;
 
 pub use error::{AuthError, ErrorClass, KeySourceError, PodField, SanitizedValue};
 pub use jwks::{Algorithm, Jwk, JwkSet, OidcDiscovery};
-pub use source::{DISCOVERY_PATH, HttpKeySource, JWKS_PATH, JwksLocation, KeySource};
+pub use source::{
+    DISCOVERY_PATH, HttpKeySource, JWKS_PATH, JwksLocation, KeySource, StaticKeySource,
+};
 pub use token::ServiceAccountToken;
 pub use verifier::{
     BoundObject, ConfigError, ExpectedPod, MAX_TOKEN_LEN, TokenVerifier, VerifiedPod,
