@@ -1,0 +1,527 @@
+//! The CSI node driver through its real gRPC server on a Unix socket.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::*;
+use leasehold_proto::csi::v1 as csi;
+use tonic::Code;
+
+fn version_of_username(s: &str) -> u64 {
+    s.strip_prefix("user-v").unwrap().parse().unwrap()
+}
+
+/// Checks a password file is one complete version; returns it.
+fn version_of_password(s: &str) -> u64 {
+    let v: u64 = s[CRED_MARKER.len() + 2..CRED_MARKER.len() + 6]
+        .parse()
+        .unwrap();
+    assert_eq!(
+        s,
+        format!("{CRED_MARKER}-v{v:04};").repeat(2000),
+        "torn or mixed password file"
+    );
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_probe_and_socket_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = FakeBroker::start().await;
+    let mut d = start_driver(dir.path(), &broker).await;
+
+    let mode = std::fs::metadata(&d.socket).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "socket mode {mode:o}");
+
+    let info = d
+        .identity
+        .get_plugin_info(csi::GetPluginInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.name, "csi.leasehold.dev");
+    assert_eq!(info.vendor_version, env!("CARGO_PKG_VERSION"));
+    let caps = d
+        .identity
+        .get_plugin_capabilities(csi::GetPluginCapabilitiesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(caps.capabilities.is_empty());
+    let probe = d
+        .identity
+        .probe(csi::ProbeRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(probe.ready, Some(true));
+
+    let node_info = d
+        .node
+        .node_get_info(csi::NodeGetInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(node_info.node_id, "node-a");
+    let node_caps = d
+        .node
+        .node_get_capabilities(csi::NodeGetCapabilitiesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(node_caps.capabilities.len(), 1, "VOLUME_MOUNT_GROUP only");
+    let err = d
+        .node
+        .node_stage_volume(csi::NodeStageVolumeRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unimplemented);
+
+    broker.stop().await;
+    // The readiness cache lasts a few seconds.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let probe = d
+        .identity
+        .probe(csi::ProbeRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(probe.ready, Some(false));
+
+    let socket = d.socket.clone();
+    d.stop().await;
+    assert!(!socket.exists(), "socket removed on shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_socket_is_replaced_and_non_socket_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = FakeBroker::start().await;
+    // A stale socket from a previous run.
+    let stale = std::os::unix::net::UnixListener::bind(dir.path().join("csi.sock")).unwrap();
+    drop(stale);
+    let d = start_driver(dir.path(), &broker).await;
+    assert_eq!(
+        std::fs::metadata(&d.socket).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    d.stop().await;
+
+    std::fs::write(dir.path().join("not-a-socket"), b"x").unwrap();
+    let err = leasehold_csi::bind_socket(&dir.path().join("not-a-socket")).unwrap_err();
+    assert!(err.to_string().contains("non-socket"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_get_the_right_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = FakeBroker::start().await;
+    let mut d = start_driver(dir.path(), &broker).await;
+    let target = target_under(dir.path(), "pod-bad");
+
+    let cases: Vec<(&str, csi::NodePublishVolumeRequest, Code)> = vec![
+        (
+            "missing target path",
+            {
+                let mut r = Pub::new("csi-bad1", &target).build();
+                r.target_path.clear();
+                r
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            "missing volume id",
+            {
+                let mut r = Pub::new("csi-bad1", &target).build();
+                r.volume_id.clear();
+                r
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            "missing capability",
+            {
+                let mut r = Pub::new("csi-bad1", &target).build();
+                r.volume_capability = None;
+                r
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            "block access",
+            {
+                let mut r = Pub::new("csi-bad1", &target).build();
+                r.volume_capability.as_mut().unwrap().access_type =
+                    Some(csi::volume_capability::AccessType::Block(Default::default()));
+                r
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            "multi-node writer",
+            {
+                let mut r = Pub::new("csi-bad1", &target).build();
+                r.volume_capability
+                    .as_mut()
+                    .unwrap()
+                    .access_mode
+                    .as_mut()
+                    .unwrap()
+                    .mode = csi::volume_capability::access_mode::Mode::MultiNodeMultiWriter as i32;
+                r
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            "non-ephemeral",
+            Pub {
+                ephemeral: "false",
+                ..Pub::new("csi-bad1", &target)
+            }
+            .build(),
+            Code::InvalidArgument,
+        ),
+        (
+            "readonly=false",
+            Pub {
+                readonly: false,
+                ..Pub::new("csi-bad1", &target)
+            }
+            .build(),
+            Code::InvalidArgument,
+        ),
+        (
+            "missing lease",
+            Pub {
+                lease: None,
+                ..Pub::new("csi-bad1", &target)
+            }
+            .build(),
+            Code::InvalidArgument,
+        ),
+        (
+            "missing token",
+            Pub {
+                token: None,
+                ..Pub::new("csi-bad1", &target)
+            }
+            .build(),
+            Code::Unauthenticated,
+        ),
+        (
+            "bad token",
+            Pub {
+                token: Some("forged-token"),
+                ..Pub::new("csi-bad1", &target)
+            }
+            .build(),
+            Code::Unauthenticated,
+        ),
+        (
+            "token of another pod",
+            Pub {
+                pod_name: "impostor",
+                ..Pub::new("csi-bad1", &target)
+            }
+            .build(),
+            Code::PermissionDenied,
+        ),
+    ];
+    for (what, req, code) in cases {
+        let err = d.node.node_publish_volume(req).await.expect_err(what);
+        assert_eq!(err.code(), code, "{what}: {}", err.message());
+        assert!(!err.message().contains(POD_TOKEN));
+    }
+    assert!(!target.exists(), "nothing created for rejected requests");
+    assert_eq!(broker.issues(), 0);
+
+    let err = d
+        .node
+        .node_unpublish_volume(unpublish_req("", &target))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let err = d
+        .node
+        .node_unpublish_volume(unpublish_req("csi-x", Path::new("")))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    // Unpublishing something that never existed succeeds.
+    d.node
+        .node_unpublish_volume(unpublish_req("csi-never", &target))
+        .await
+        .unwrap();
+    d.stop().await;
+    assert_no_secrets_in_logs();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_republish_unpublish_lifecycle() {
+    if skip_unless_root("publish_republish_unpublish_lifecycle") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = FakeBroker::start().await;
+    let mut d = start_driver(dir.path(), &broker).await;
+    let target = target_under(dir.path(), "pod-life");
+    let gid = 4242;
+    let req = Pub {
+        gid: Some(gid),
+        ..Pub::new("csi-life", &target)
+    };
+
+    // Publish.
+    d.node.node_publish_volume(req.build()).await.unwrap();
+    let mounts = mounts_at(&target);
+    assert_eq!(mounts.len(), 1, "one mount: {mounts:?}");
+    let m = &mounts[0];
+    assert_eq!(m.fs_type, "tmpfs");
+    for opt in ["nodev", "noexec", "nosuid"] {
+        assert!(m.has_option(opt), "{opt} missing: {}", m.mount_options);
+    }
+    assert!(
+        m.super_options.contains("size=1024k"),
+        "{}",
+        m.super_options
+    );
+    let root = std::fs::metadata(&target).unwrap();
+    assert_eq!(root.mode() & 0o7777, 0o550);
+    assert_eq!(root.gid(), gid);
+    for f in ["username", "password", "conf/db.properties"] {
+        let meta = std::fs::metadata(target.join(f)).unwrap();
+        assert_eq!(meta.mode() & 0o7777, 0o440, "{f}");
+        assert_eq!(meta.gid(), gid, "{f}");
+    }
+    let conf = std::fs::metadata(target.join("conf")).unwrap();
+    assert_eq!(conf.mode() & 0o7777, 0o550);
+    assert_eq!(conf.gid(), gid);
+    assert_eq!(
+        std::fs::read_to_string(target.join("username")).unwrap(),
+        "user-v0001"
+    );
+    assert_eq!(broker.issues(), 1);
+
+    // Metadata: 0600, resumable, no credential.
+    let meta_path = dir.path().join("state/volumes/csi-life.json");
+    let meta = std::fs::read_to_string(&meta_path).unwrap();
+    assert_eq!(std::fs::metadata(&meta_path).unwrap().mode() & 0o777, 0o600);
+    assert!(
+        meta.contains("\"version\": 1") && meta.contains("\"db\""),
+        "{meta}"
+    );
+    assert!(!meta.contains(CRED_MARKER) && !meta.contains(POD_TOKEN));
+
+    // Publish again, nothing new at the broker: idempotent, no new Issue.
+    let data_dir = std::fs::read_link(target.join("..data")).unwrap();
+    d.node.node_publish_volume(req.build()).await.unwrap();
+    assert_eq!(broker.issues(), 1);
+    assert_eq!(std::fs::read_link(target.join("..data")).unwrap(), data_dir);
+    assert_eq!(mounts_at(&target).len(), 1);
+
+    // Same volume, different lease: ALREADY_EXISTS.
+    let err = d
+        .node
+        .node_publish_volume(
+            Pub {
+                lease: Some("other"),
+                ..Pub {
+                    gid: Some(gid),
+                    ..Pub::new("csi-life", &target)
+                }
+            }
+            .build(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists);
+
+    // Rotations while readers read: never a mix.
+    let stop = Arc::new(AtomicBool::new(false));
+    let reads = Arc::new(AtomicUsize::new(0));
+    let reader = {
+        let (stop, reads, target) = (stop.clone(), reads.clone(), target.clone());
+        std::thread::spawn(move || {
+            let dir = leasehold_files::AtomicDir::new(&target);
+            let mut last = 0;
+            while !stop.load(Ordering::Relaxed) {
+                // Both files from one version, via one resolution of ..data.
+                let cur = dir.read_current().unwrap().unwrap();
+                use secrecy::ExposeSecret;
+                let u = version_of_username(
+                    std::str::from_utf8(cur.files["username"].expose_secret()).unwrap(),
+                );
+                let p = version_of_password(
+                    std::str::from_utf8(cur.files["password"].expose_secret()).unwrap(),
+                );
+                assert_eq!(u, p, "username and password from different versions");
+                // And the pod's view: each visible file complete.
+                if let Ok(s) = std::fs::read_to_string(target.join("password")) {
+                    let v = version_of_password(&s);
+                    assert!(v + 1 >= last);
+                    last = last.max(v);
+                }
+                reads.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+    for _ in 0..15 {
+        let v = broker.bump_version();
+        d.node.node_publish_volume(req.build()).await.unwrap();
+        assert_eq!(
+            version_of_username(&std::fs::read_to_string(target.join("username")).unwrap()),
+            v
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    reader.join().unwrap();
+    assert!(reads.load(Ordering::Relaxed) > 0);
+    let held = broker.state.lock().unwrap().version;
+    assert_eq!(broker.issues(), 16);
+    assert!(
+        broker
+            .state
+            .lock()
+            .unwrap()
+            .acks
+            .iter()
+            .any(|(id, v)| id == "csi-life" && *v == held)
+    );
+    let meta = std::fs::read_to_string(&meta_path).unwrap();
+    assert!(meta.contains(&format!("\"version\": {held}")));
+
+    // Broker down: republish succeeds and leaves the files alone.
+    broker.stop().await;
+    let before = std::fs::read(target.join("password")).unwrap();
+    let data_dir = std::fs::read_link(target.join("..data")).unwrap();
+    d.node.node_publish_volume(req.build()).await.unwrap();
+    assert_eq!(std::fs::read(target.join("password")).unwrap(), before);
+    assert_eq!(std::fs::read_link(target.join("..data")).unwrap(), data_dir);
+
+    // Unpublish with the broker still down: mount, files and metadata go; the
+    // release is recorded and retried later.
+    d.node
+        .node_unpublish_volume(unpublish_req("csi-life", &target))
+        .await
+        .unwrap();
+    assert!(mounts_at(&target).is_empty());
+    assert!(!target.exists());
+    assert!(!meta_path.exists());
+    let pending = dir.path().join("state/pending-release/csi-life.json");
+    assert!(pending.exists());
+    broker.restart().await;
+    assert_eq!(d.service.retry_pending_releases().await, 0);
+    assert_eq!(broker.releases(), vec!["csi-life".to_owned()]);
+    assert!(!pending.exists());
+
+    // Repeated unpublish: OK.
+    d.node
+        .node_unpublish_volume(unpublish_req("csi-life", &target))
+        .await
+        .unwrap();
+    d.node
+        .node_unpublish_volume(unpublish_req("csi-life", &target))
+        .await
+        .unwrap();
+    assert_eq!(broker.releases().len(), 1);
+    assert_eq!(
+        broker.state.lock().unwrap().bad_auth,
+        0,
+        "node token always sent"
+    );
+
+    d.stop().await;
+    unmount_all_under(dir.path());
+    let logs = logs().text();
+    assert!(logs.contains("volume published") && logs.contains("credential refreshed"));
+    assert!(logs.contains("broker unavailable on republish"));
+    assert_no_secrets_in_logs();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_publishes_of_one_volume_mount_once() {
+    if skip_unless_root("concurrent_publishes_of_one_volume_mount_once") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let broker = FakeBroker::start().await;
+    broker.state.lock().unwrap().issue_delay = Duration::from_millis(300);
+    let d = start_driver(dir.path(), &broker).await;
+    let target = target_under(dir.path(), "pod-race");
+
+    let mut calls = Vec::new();
+    for _ in 0..4 {
+        let mut node = d.node.clone();
+        let req = Pub::new("csi-race", &target).build();
+        calls.push(tokio::spawn(
+            async move { node.node_publish_volume(req).await },
+        ));
+    }
+    let mut ok = 0;
+    for call in calls {
+        match call.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(s) => assert_eq!(s.code(), Code::Aborted, "{}", s.message()),
+        }
+    }
+    assert!(ok >= 1);
+    assert_eq!(mounts_at(&target).len(), 1, "exactly one tmpfs");
+    assert_eq!(broker.issues(), 1);
+
+    let mut node = d.node.clone();
+    node.node_unpublish_volume(unpublish_req("csi-race", &target))
+        .await
+        .unwrap();
+    assert!(mounts_at(&target).is_empty());
+    d.stop().await;
+    unmount_all_under(dir.path());
+    assert_no_secrets_in_logs();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_resumes_from_metadata_without_issue() {
+    if skip_unless_root("restart_resumes_from_metadata_without_issue") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let broker = FakeBroker::start().await;
+    let target = target_under(dir.path(), "pod-restart");
+    let req = Pub::new("csi-restart", &target);
+
+    let mut d = start_driver(dir.path(), &broker).await;
+    d.node.node_publish_volume(req.build()).await.unwrap();
+    assert_eq!(broker.issues(), 1);
+    d.stop().await;
+
+    // A new process: same state dir, same socket path.
+    let mut d = start_driver(dir.path(), &broker).await;
+    let acks_before = broker.acks();
+    d.node.node_publish_volume(req.build()).await.unwrap();
+    assert_eq!(broker.issues(), 1, "resumed without a new Issue");
+    assert_eq!(broker.acks(), acks_before + 1, "held version acknowledged");
+    assert_eq!(mounts_at(&target).len(), 1);
+
+    // Renewal window reached: a republish refreshes even without a new version.
+    let meta_path = dir.path().join("state/volumes/csi-restart.json");
+    let mut record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&meta_path).unwrap()).unwrap();
+    record["renew_at"] = serde_json::Value::String("2000-01-01T00:00:00Z".into());
+    std::fs::write(&meta_path, serde_json::to_vec(&record).unwrap()).unwrap();
+    d.node.node_publish_volume(req.build()).await.unwrap();
+    assert_eq!(broker.issues(), 2, "renewed once due");
+
+    d.node
+        .node_unpublish_volume(unpublish_req("csi-restart", &target))
+        .await
+        .unwrap();
+    assert_eq!(broker.releases(), vec!["csi-restart".to_owned()]);
+    d.stop().await;
+    unmount_all_under(dir.path());
+    assert_no_secrets_in_logs();
+}
