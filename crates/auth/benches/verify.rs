@@ -82,7 +82,11 @@ fn report(alg: &str, case: &str, rate: f64) {
 /// The key as aws-lc-rs's unparsed verifier takes it: PKCS#1 RSAPublicKey or
 /// an uncompressed EC point.
 fn public_key_der(name: &str, key: &TestKey) -> Vec<u8> {
-    let b64 = |member: &str| URL_SAFE_NO_PAD.decode(key.jwk[member].as_str().unwrap()).unwrap();
+    let b64 = |member: &str| {
+        URL_SAFE_NO_PAD
+            .decode(key.jwk[member].as_str().unwrap())
+            .unwrap()
+    };
     if name == "RS256" {
         der_rsa_public_key(&b64("n"), &b64("e"))
     } else {

@@ -203,8 +203,7 @@ mod tests {
 
     #[test]
     fn dates_and_duplicates() {
-        let c: Claims<'_> =
-            serde_json::from_str(r#"{"exp":10,"nbf":2.9,"iat":1}"#).expect("dates");
+        let c: Claims<'_> = serde_json::from_str(r#"{"exp":10,"nbf":2.9,"iat":1}"#).expect("dates");
         assert_eq!((c.exp, c.nbf, c.iat), (Some(10), Some(2), Some(1)));
         assert!(serde_json::from_str::<Claims<'_>>(r#"{"exp":"10"}"#).is_err());
         assert!(serde_json::from_str::<Claims<'_>>(r#"{"exp":1,"exp":2}"#).is_err());

@@ -227,9 +227,10 @@ impl VerifyKey {
             ("EC", _) => return Err(skip("unsupported curve")),
             _ => return Err(skip("unsupported key type")),
         };
-        let algorithms = allowed.iter().copied().filter(|a| {
-            a.key_type() == key_type && pinned_alg.is_none_or(|p| p == *a)
-        });
+        let algorithms = allowed
+            .iter()
+            .copied()
+            .filter(|a| a.key_type() == key_type && pinned_alg.is_none_or(|p| p == *a));
         let mut verifiers = Vec::new();
         match key_type {
             KeyType::Rsa => {
@@ -299,7 +300,9 @@ mod tests {
         for a in Algorithm::ALL {
             assert_eq!(Algorithm::from_name(a.as_str()), Some(a));
         }
-        for bad in ["none", "None", "HS256", "HS384", "HS512", "EdDSA", "rs256", ""] {
+        for bad in [
+            "none", "None", "HS256", "HS384", "HS512", "EdDSA", "rs256", "",
+        ] {
             assert_eq!(Algorithm::from_name(bad), None, "{bad}");
         }
     }

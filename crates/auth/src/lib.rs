@@ -7,6 +7,29 @@
 //! by the broker (pod tokens, and node drivers' own tokens).
 //!
 //! No error, log line or `Debug` output contains a token.
+//!
+//! ```no_run
+//! use leasehold_auth::{ExpectedPod, HttpKeySource, TokenVerifier, VerifierConfig};
+//!
+//! # async fn example(token: &str) -> Result<(), Box<dyn std::error::Error>> {
+//! let keys = HttpKeySource::infer().await?; // in-cluster config or KUBECONFIG
+//! let verifier = TokenVerifier::new(VerifierConfig::new("csi.leasehold.dev"), keys)?;
+//! verifier.refresh_keys().await?; // optional: fail fast at start-up
+//! let expected = ExpectedPod {
+//!     namespace: "shop".into(),
+//!     pod_name: "web-0".into(),
+//!     pod_uid: "3c2f1e0a-5b6d-4e7f-8a9b-0c1d2e3f4a5b".into(),
+//!     service_account: "web".into(),
+//! };
+//! match verifier.verify_pod_token(token, &expected).await {
+//!     Ok(pod) => println!("token of {}/{} valid until {}", pod.namespace, pod.pod_name, pod.expires_at),
+//!     Err(e) if e.is_unauthenticated() => { /* UNAUTHENTICATED */ }
+//!     Err(e) if e.is_permission_denied() => { /* PERMISSION_DENIED */ }
+//!     Err(e) => { /* UNAVAILABLE: keys could not be fetched */ let _ = e; }
+//! }
+//! # Ok(())
+//! # }
+//! ```
 #![forbid(unsafe_code)]
 
 mod claims;

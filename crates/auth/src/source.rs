@@ -162,10 +162,12 @@ impl KeySource for StaticKeySource {
 }
 
 fn path_of(uri: &str) -> Result<String, KeySourceError> {
-    let uri: http::Uri = uri.parse().map_err(|e: http::uri::InvalidUri| KeySourceError::Decode {
-        what: "jwks_uri",
-        message: e.to_string(),
-    })?;
+    let uri: http::Uri =
+        uri.parse()
+            .map_err(|e: http::uri::InvalidUri| KeySourceError::Decode {
+                what: "jwks_uri",
+                message: e.to_string(),
+            })?;
     match uri.path_and_query() {
         Some(pq) if pq.path() != "/" || pq.query().is_some() => Ok(pq.as_str().to_owned()),
         _ => Err(KeySourceError::Decode {
@@ -182,7 +184,9 @@ mod tests {
     #[test]
     fn jwks_uri_path_is_extracted() {
         assert_eq!(
-            path_of("https://10.0.0.1:6443/openid/v1/jwks").ok().as_deref(),
+            path_of("https://10.0.0.1:6443/openid/v1/jwks")
+                .ok()
+                .as_deref(),
             Some("/openid/v1/jwks")
         );
         assert_eq!(

@@ -358,21 +358,21 @@ impl TokenVerifier {
         // The signature is good: from here on the claims are the issuer's.
         let mut stack_payload = [0u8; STACK_PAYLOAD_LEN];
         let heap_payload;
-        let payload: &[u8] =
-            if base64::decoded_len_estimate(payload_b64.len()) <= STACK_PAYLOAD_LEN {
-                let len = decode_into(
-                    payload_b64,
-                    &mut stack_payload,
-                    "payload too large",
-                    "payload is not base64url",
-                )?;
-                &stack_payload[..len]
-            } else {
-                heap_payload = URL_SAFE_NO_PAD
-                    .decode(payload_b64)
-                    .map_err(|_| AuthError::Malformed("payload is not base64url"))?;
-                &heap_payload
-            };
+        let payload: &[u8] = if base64::decoded_len_estimate(payload_b64.len()) <= STACK_PAYLOAD_LEN
+        {
+            let len = decode_into(
+                payload_b64,
+                &mut stack_payload,
+                "payload too large",
+                "payload is not base64url",
+            )?;
+            &stack_payload[..len]
+        } else {
+            heap_payload = URL_SAFE_NO_PAD
+                .decode(payload_b64)
+                .map_err(|_| AuthError::Malformed("payload is not base64url"))?;
+            &heap_payload
+        };
         let claims: Claims<'_> = serde_json::from_slice(payload)
             .map_err(|_| AuthError::Malformed("claims are not valid JSON"))?;
 
@@ -393,11 +393,9 @@ impl TokenVerifier {
             .kubernetes
             .as_ref()
             .ok_or(AuthError::NotServiceAccountToken("no kubernetes.io claim"))?;
-        let (sub_namespace, sub_name) = claims
-            .sub
-            .as_deref()
-            .and_then(parse_subject)
-            .ok_or(AuthError::NotServiceAccountToken("subject is not a service account"))?;
+        let (sub_namespace, sub_name) = claims.sub.as_deref().and_then(parse_subject).ok_or(
+            AuthError::NotServiceAccountToken("subject is not a service account"),
+        )?;
         if sub_namespace != &*k8s.namespace || sub_name != &*k8s.serviceaccount.name {
             return Err(AuthError::NotServiceAccountToken(
                 "subject does not match the kubernetes.io claim",
@@ -409,9 +407,7 @@ impl TokenVerifier {
     fn check_times(&self, claims: &Claims<'_>) -> Result<jiff::Timestamp, AuthError> {
         let now = unix_now();
         let leeway = i64::try_from(self.config.leeway.as_secs()).unwrap_or(i64::MAX);
-        let exp = claims
-            .exp
-            .ok_or(AuthError::Malformed("no exp claim"))?;
+        let exp = claims.exp.ok_or(AuthError::Malformed("no exp claim"))?;
         if now > exp.saturating_add(leeway) {
             return Err(AuthError::Expired);
         }

@@ -86,7 +86,12 @@ async fn tokens_never_reach_logs_or_errors() {
         .unwrap(),
     ];
     // Garbage that still looks like a token, with long parts.
-    tokens.push(format!("{}.{}.{}", "x".repeat(40), "y".repeat(40), "z".repeat(40)));
+    tokens.push(format!(
+        "{}.{}.{}",
+        "x".repeat(40),
+        "y".repeat(40),
+        "z".repeat(40)
+    ));
 
     let wrong_pod = ExpectedPod {
         pod_uid: "not-the-uid".into(),

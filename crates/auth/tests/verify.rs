@@ -66,7 +66,10 @@ async fn accepts_valid_rs256_pod_token() {
     let server = server_with_all_keys().await;
     let verifier = server.verifier(config());
     let token = mint(&RSA, &pod_claims());
-    let verified = verifier.verify_pod_token(&token, &expected_pod()).await.unwrap();
+    let verified = verifier
+        .verify_pod_token(&token, &expected_pod())
+        .await
+        .unwrap();
     assert_eq!(verified.namespace, NAMESPACE);
     assert_eq!(verified.pod_name, POD);
     assert_eq!(verified.pod_uid, POD_UID);
@@ -78,7 +81,10 @@ async fn accepts_valid_rs256_pod_token() {
     assert_eq!(server.discovery_hits(), 1);
     assert_eq!(server.jwks_hits(), 1);
     // Cached: a second verification fetches nothing.
-    verifier.verify_pod_token(&token, &expected_pod()).await.unwrap();
+    verifier
+        .verify_pod_token(&token, &expected_pod())
+        .await
+        .unwrap();
     assert_eq!(server.jwks_hits(), 1);
 }
 
@@ -87,7 +93,10 @@ async fn accepts_valid_es256_pod_token() {
     let server = server_with_all_keys().await;
     let verifier = server.verifier(config());
     let token = mint(&EC, &pod_claims());
-    let verified = verifier.verify_pod_token(&token, &expected_pod()).await.unwrap();
+    let verified = verifier
+        .verify_pod_token(&token, &expected_pod())
+        .await
+        .unwrap();
     assert_eq!(verified.pod_uid, POD_UID);
 }
 
@@ -96,7 +105,10 @@ async fn fixed_issuer_skips_discovery() {
     let server = server_with_all_keys().await;
     let verifier = server.verifier(config().with_issuer(ISSUER));
     let token = mint(&RSA, &pod_claims());
-    verifier.verify_pod_token(&token, &expected_pod()).await.unwrap();
+    verifier
+        .verify_pod_token(&token, &expected_pod())
+        .await
+        .unwrap();
     assert_eq!(server.discovery_hits(), 0);
 
     let other = server.verifier(config().with_issuer("https://other.example"));
@@ -112,7 +124,10 @@ async fn service_account_token_reports_identity_and_bindings() {
         .verify_service_account_token(&mint(&RSA, &pod_claims()))
         .await
         .unwrap();
-    assert_eq!((sa.namespace.as_str(), sa.name.as_str(), sa.uid.as_str()), (NAMESPACE, SA, SA_UID));
+    assert_eq!(
+        (sa.namespace.as_str(), sa.name.as_str(), sa.uid.as_str()),
+        (NAMESPACE, SA, SA_UID)
+    );
     assert_eq!(sa.pod.as_ref().map(|p| p.uid.as_str()), Some(POD_UID));
     assert_eq!(sa.node.as_ref().map(|n| n.name.as_str()), Some(NODE));
 
@@ -166,7 +181,11 @@ async fn refuses_missing_exp() {
 
 #[tokio::test]
 async fn refuses_wrong_audience() {
-    let claims = with(pod_claims(), &["aud"], json!(["https://kubernetes.default.svc"]));
+    let claims = with(
+        pod_claims(),
+        &["aud"],
+        json!(["https://kubernetes.default.svc"]),
+    );
     let e = refuse(&mint(&RSA, &claims)).await;
     assert!(matches!(e, AuthError::WrongAudience), "{e:?}");
 
@@ -194,12 +213,33 @@ async fn refuses_token_of_another_pod() {
     let token = mint(&RSA, &pod_claims());
     let cases = [
         (
-            ExpectedPod { pod_uid: "00000000-0000-4000-8000-000000000000".into(), ..expected_pod() },
+            ExpectedPod {
+                pod_uid: "00000000-0000-4000-8000-000000000000".into(),
+                ..expected_pod()
+            },
             PodField::PodUid,
         ),
-        (ExpectedPod { pod_name: "web-other".into(), ..expected_pod() }, PodField::PodName),
-        (ExpectedPod { namespace: "other".into(), ..expected_pod() }, PodField::Namespace),
-        (ExpectedPod { service_account: "admin".into(), ..expected_pod() }, PodField::ServiceAccount),
+        (
+            ExpectedPod {
+                pod_name: "web-other".into(),
+                ..expected_pod()
+            },
+            PodField::PodName,
+        ),
+        (
+            ExpectedPod {
+                namespace: "other".into(),
+                ..expected_pod()
+            },
+            PodField::Namespace,
+        ),
+        (
+            ExpectedPod {
+                service_account: "admin".into(),
+                ..expected_pod()
+            },
+            PodField::ServiceAccount,
+        ),
     ];
     for (expected, field) in cases {
         let e = refuse_with(&verifier, &token, &expected).await;
@@ -210,7 +250,10 @@ async fn refuses_token_of_another_pod() {
         assert!(e.is_permission_denied());
         // Display names the field but not the values.
         let shown = e.to_string();
-        assert!(!shown.contains(POD_UID) && !shown.contains("00000000"), "{shown}");
+        assert!(
+            !shown.contains(POD_UID) && !shown.contains("00000000"),
+            "{shown}"
+        );
     }
 }
 
@@ -225,7 +268,11 @@ async fn refuses_token_not_bound_to_a_pod() {
 #[tokio::test]
 async fn refuses_inconsistent_or_missing_identity() {
     // sub names another service account than the kubernetes.io claim.
-    let claims = with(pod_claims(), &["sub"], json!(format!("system:serviceaccount:{NAMESPACE}:admin")));
+    let claims = with(
+        pod_claims(),
+        &["sub"],
+        json!(format!("system:serviceaccount:{NAMESPACE}:admin")),
+    );
     let e = refuse(&mint(&RSA, &claims)).await;
     assert!(matches!(e, AuthError::NotServiceAccountToken(_)), "{e:?}");
 
@@ -242,11 +289,18 @@ async fn refuses_inconsistent_or_missing_identity() {
 async fn refuses_tampered_payload() {
     let token = mint(&RSA, &pod_claims());
     let parts: Vec<&str> = token.split('.').collect();
-    let forged = with(pod_claims(), &["kubernetes.io", "pod", "uid"], json!("attacker"));
+    let forged = with(
+        pod_claims(),
+        &["kubernetes.io", "pod", "uid"],
+        json!("attacker"),
+    );
     let forged_payload = base64_url(&forged.to_string());
     let tampered = format!("{}.{}.{}", parts[0], forged_payload, parts[2]);
     let server = server_with_all_keys().await;
-    let expected = ExpectedPod { pod_uid: "attacker".into(), ..expected_pod() };
+    let expected = ExpectedPod {
+        pod_uid: "attacker".into(),
+        ..expected_pod()
+    };
     let e = refuse_with(&server.verifier(config()), &tampered, &expected).await;
     assert!(matches!(e, AuthError::BadSignature), "{e:?}");
 }
@@ -280,9 +334,12 @@ async fn refuses_hs256_signed_with_the_rsa_public_key() {
     let public_pem = RSA.public_pem.clone().unwrap();
     let mut header = Header::new(jsonwebtoken::Algorithm::HS256);
     header.kid = Some(RSA.kid.clone());
-    for secret in [public_pem.as_bytes(), RSA.jwk["n"].as_str().unwrap().as_bytes()] {
-        let token =
-            jsonwebtoken::encode(&header, &pod_claims(), &EncodingKey::from_secret(secret)).unwrap();
+    for secret in [
+        public_pem.as_bytes(),
+        RSA.jwk["n"].as_str().unwrap().as_bytes(),
+    ] {
+        let token = jsonwebtoken::encode(&header, &pod_claims(), &EncodingKey::from_secret(secret))
+            .unwrap();
         let e = refuse(&token).await;
         assert!(matches!(e, AuthError::AlgorithmNotAllowed { .. }), "{e:?}");
     }
@@ -332,7 +389,12 @@ async fn refuses_algorithms_outside_the_allowed_set() {
     let server = server_with_all_keys().await;
     let mut cfg = config();
     cfg.allowed_algorithms = vec![Algorithm::RS256];
-    let e = refuse_with(&server.verifier(cfg), &mint(&EC, &pod_claims()), &expected_pod()).await;
+    let e = refuse_with(
+        &server.verifier(cfg),
+        &mint(&EC, &pod_claims()),
+        &expected_pod(),
+    )
+    .await;
     assert!(matches!(e, AuthError::AlgorithmNotAllowed { .. }), "{e:?}");
 }
 
@@ -351,7 +413,19 @@ async fn refuses_malformed_tokens() {
         &pod_claims(),
         b"sig",
     );
-    for token in ["", ".", "..", "abc", "a.b", "a.b.c", &too_long, &four_parts, &not_json_header, &padded, &crit] {
+    for token in [
+        "",
+        ".",
+        "..",
+        "abc",
+        "a.b",
+        "a.b.c",
+        &too_long,
+        &four_parts,
+        &not_json_header,
+        &padded,
+        &crit,
+    ] {
         let e = refuse_with(&verifier, token, &expected_pod()).await;
         assert!(matches!(e, AuthError::Malformed(_)), "{token:.40}: {e:?}");
         assert!(e.is_unauthenticated());
@@ -362,8 +436,14 @@ async fn refuses_malformed_tokens() {
 async fn config_is_validated() {
     let server = server_with_all_keys().await;
     let err = |c| TokenVerifier::new(c, server.key_source()).err();
-    assert_eq!(err(VerifierConfig::new("")), Some(ConfigError::EmptyAudience));
-    assert_eq!(err(config().with_issuer("")), Some(ConfigError::EmptyIssuer));
+    assert_eq!(
+        err(VerifierConfig::new("")),
+        Some(ConfigError::EmptyAudience)
+    );
+    assert_eq!(
+        err(config().with_issuer("")),
+        Some(ConfigError::EmptyIssuer)
+    );
     let mut none = config();
     none.allowed_algorithms.clear();
     assert_eq!(err(none), Some(ConfigError::NoAlgorithms));
@@ -384,7 +464,10 @@ async fn unknown_key_is_refetched_at_most_once_per_interval() {
     // A token signed with a key the server does not publish yet.
     let rotated = mint(&RSA_2, &pod_claims());
     let e = refuse_with(&verifier, &rotated, &expected_pod()).await;
-    assert!(matches!(&e, AuthError::UnknownKey { kid: Some(k) } if k.as_str() == "rsa-2"), "{e:?}");
+    assert!(
+        matches!(&e, AuthError::UnknownKey { kid: Some(k) } if k.as_str() == "rsa-2"),
+        "{e:?}"
+    );
     assert!(e.is_unauthenticated());
 
     // The server rotates keys; within the interval nothing is fetched.
@@ -397,9 +480,15 @@ async fn unknown_key_is_refetched_at_most_once_per_interval() {
 
     // After the interval the unknown kid triggers one refetch and is accepted.
     tokio::time::sleep(Duration::from_millis(1600)).await;
-    verifier.verify_pod_token(&rotated, &expected_pod()).await.unwrap();
+    verifier
+        .verify_pod_token(&rotated, &expected_pod())
+        .await
+        .unwrap();
     assert_eq!(server.jwks_hits(), 2);
-    verifier.verify_pod_token(&rotated, &expected_pod()).await.unwrap();
+    verifier
+        .verify_pod_token(&rotated, &expected_pod())
+        .await
+        .unwrap();
     assert_eq!(server.jwks_hits(), 2);
 }
 
@@ -438,7 +527,10 @@ async fn failed_refetch_keeps_the_cached_keys() {
     cfg.min_refetch_interval = Duration::from_millis(100);
     let verifier = server.verifier(cfg);
     let good = mint(&RSA, &pod_claims());
-    verifier.verify_pod_token(&good, &expected_pod()).await.unwrap();
+    verifier
+        .verify_pod_token(&good, &expected_pod())
+        .await
+        .unwrap();
 
     server.set_failing(true);
     tokio::time::sleep(Duration::from_millis(150)).await;
@@ -446,7 +538,10 @@ async fn failed_refetch_keeps_the_cached_keys() {
     assert!(matches!(e, AuthError::UnknownKey { .. }), "{e:?}");
     assert_eq!(server.jwks_hits(), 2);
     // The old key still verifies.
-    verifier.verify_pod_token(&good, &expected_pod()).await.unwrap();
+    verifier
+        .verify_pod_token(&good, &expected_pod())
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -474,7 +569,10 @@ async fn stale_keys_are_refreshed_and_removed_keys_stop_working() {
     let verifier = server.verifier(cfg);
     let old = mint(&RSA_2, &pod_claims());
     verifier.refresh_keys().await.unwrap();
-    verifier.verify_pod_token(&old, &expected_pod()).await.unwrap();
+    verifier
+        .verify_pod_token(&old, &expected_pod())
+        .await
+        .unwrap();
 
     server.set_keys(vec![RSA.jwk.clone()]);
     tokio::time::sleep(Duration::from_millis(150)).await;
@@ -489,4 +587,38 @@ async fn stale_keys_are_refreshed_and_removed_keys_stop_working() {
 fn base64_url(text: &str) -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(text)
+}
+
+#[tokio::test]
+async fn jwks_location_from_discovery_uses_only_the_path() {
+    // Discovery names an unreachable external host; only its path is used,
+    // requested from the API server the client points at.
+    let server = server_with_all_keys().await;
+    let source = server
+        .key_source()
+        .with_jwks_location(leasehold_auth::JwksLocation::FromDiscovery);
+    let verifier = TokenVerifier::new(config(), source).unwrap();
+    verifier
+        .verify_pod_token(&mint(&RSA, &pod_claims()), &expected_pod())
+        .await
+        .unwrap();
+    assert_eq!(server.jwks_hits(), 1);
+}
+
+#[tokio::test]
+async fn keys_without_alg_or_use_are_accepted_for_their_key_type() {
+    let mut rsa = RSA.jwk.clone();
+    rsa.as_object_mut().unwrap().remove("alg");
+    rsa.as_object_mut().unwrap().remove("use");
+    let mut enc = EC.jwk.clone();
+    enc["use"] = json!("enc");
+    let server = TestServer::start(vec![rsa, enc]).await;
+    let verifier = server.verifier(config());
+    verifier
+        .verify_pod_token(&mint(&RSA, &pod_claims()), &expected_pod())
+        .await
+        .unwrap();
+    // An encryption key is never used to verify signatures.
+    let e = refuse_with(&verifier, &mint(&EC, &pod_claims()), &expected_pod()).await;
+    assert!(matches!(e, AuthError::UnknownKey { .. }), "{e:?}");
 }

@@ -54,7 +54,8 @@ fn pem(label: &str, der: &[u8]) -> String {
 pub fn rsa_key(kid: &str) -> TestKey {
     let pair = RsaKeyPair::generate(KeySize::Rsa2048).unwrap();
     let pkcs8 = pair.as_der().unwrap();
-    let encoding = EncodingKey::from_rsa_pem(pem("PRIVATE KEY", pkcs8.as_ref()).as_bytes()).unwrap();
+    let encoding =
+        EncodingKey::from_rsa_pem(pem("PRIVATE KEY", pkcs8.as_ref()).as_bytes()).unwrap();
     let public = pair.public_key();
     let n = URL_SAFE_NO_PAD.encode(public.modulus().big_endian_without_leading_zero());
     let e = URL_SAFE_NO_PAD.encode(public.exponent().big_endian_without_leading_zero());
@@ -91,7 +92,10 @@ pub static RSA_2: LazyLock<TestKey> = LazyLock::new(|| rsa_key("rsa-2"));
 pub static EC: LazyLock<TestKey> = LazyLock::new(|| ec_key("ec-1"));
 
 pub fn now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
 }
 
 /// Claims of a projected token for the test pod, valid for an hour.
@@ -199,7 +203,9 @@ impl TestServer {
     }
 }
 
-async fn discovery(State(state): State<Arc<ServerState>>) -> (StatusCode, [(header::HeaderName, &'static str); 1], String) {
+async fn discovery(
+    State(state): State<Arc<ServerState>>,
+) -> (StatusCode, [(header::HeaderName, &'static str); 1], String) {
     state.discovery_hits.fetch_add(1, Ordering::SeqCst);
     let body = json!({
         "issuer": ISSUER,
@@ -208,10 +214,16 @@ async fn discovery(State(state): State<Arc<ServerState>>) -> (StatusCode, [(head
         "subject_types_supported": ["public"],
         "id_token_signing_alg_values_supported": ["RS256"]
     });
-    (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], body.to_string())
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
 }
 
-async fn jwks(State(state): State<Arc<ServerState>>) -> (StatusCode, [(header::HeaderName, &'static str); 1], String) {
+async fn jwks(
+    State(state): State<Arc<ServerState>>,
+) -> (StatusCode, [(header::HeaderName, &'static str); 1], String) {
     state.jwks_hits.fetch_add(1, Ordering::SeqCst);
     if state.fail.load(Ordering::SeqCst) {
         return (
