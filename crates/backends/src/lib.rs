@@ -137,6 +137,8 @@ pub enum BackendError {
     #[error("admin credential rejected: {0}")]
     AdminRejected(String),
     /// Verification as the new credential failed (login refused, query failed, timeout).
+    /// A server that does not answer at all (connection refused) is `Unreachable`
+    /// instead: the credential may well be fine.
     #[error("verification failed: {0}")]
     VerificationFailed(String),
     /// The request itself is wrong (bad grant, unknown role). The user must fix the spec.

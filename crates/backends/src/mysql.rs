@@ -122,7 +122,8 @@ impl std::fmt::Debug for MySqlBackend {
 
 impl MySqlBackend {
     /// Build the backend. Connects lazily: call [`Backend::ping`] to check the target.
-    /// Must be called within a Tokio runtime (the pool starts a background task).
+    /// The pool's background tasks start on the Tokio runtime of first use: use one
+    /// backend from one runtime.
     pub fn new(target: MySqlTarget) -> Result<Self, BackendError> {
         target.tls.check_supported()?;
         let constraints = PoolConstraints::new(0, target.max_admin_connections)
