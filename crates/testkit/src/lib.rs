@@ -15,7 +15,8 @@
 //! # }
 //! ```
 //!
-//! These are test helpers: they panic with a clear message instead of returning
+//! Run as root (they start PostgreSQL as the `postgres` system user and MariaDB as
+//! root). These are test helpers: they panic with a clear message instead of returning
 //! errors, so a broken environment fails the test loudly.
 
 #![forbid(unsafe_code)]
@@ -42,6 +43,14 @@ pub fn random_alphanumeric(len: usize) -> String {
 /// A fresh, unique-enough name for test objects: `prefix` + 10 random lowercase chars.
 pub fn unique_name(prefix: &str) -> String {
     format!("{prefix}{}", random_alphanumeric(10).to_ascii_lowercase())
+}
+
+/// The harness switches users (`setpriv`) and uses MariaDB's socket authentication
+/// as OS root, so it must run as root, as CI and the dev machines do.
+fn require_root(what: &str) {
+    if !rustix::process::geteuid().is_root() {
+        panic!("leasehold-testkit must run as root to start a throwaway {what} server");
+    }
 }
 
 /// A loopback port that was free a moment ago. Servers retry with another port if

@@ -40,6 +40,7 @@ static SHARED: OnceCell<MariaDbServer> = OnceCell::const_new();
 impl MariaDbServer {
     /// Initialise and start a new server; returns once the admin can log in.
     pub async fn start() -> Self {
+        crate::require_root("MariaDB");
         let server_bin = find_binary(&["/usr/sbin/mariadbd", "/usr/sbin/mysqld"]);
         let install_bin = find_binary(&[
             "/usr/bin/mariadb-install-db",

@@ -43,6 +43,7 @@ static SHARED: OnceCell<PostgresServer> = OnceCell::const_new();
 impl PostgresServer {
     /// Initialise and start a new cluster; returns once it accepts admin logins.
     pub async fn start() -> Self {
+        crate::require_root("PostgreSQL");
         let bin_dir = find_bin_dir();
         let (uid, gid) = system_user("postgres")
             .unwrap_or_else(|| panic!("no `postgres` system user. {MISSING}"));
