@@ -1,1 +1,170 @@
-fn main() {}
+//! `leasehold`: one binary, one subcommand per component.
+
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use jiff::Timestamp;
+use leasehold_engine::Engine;
+use leasehold_engine::local::{LocalOptions, LocalRunner, LocalState, format_table, status_rows};
+use tracing::{error, info};
+
+/// leasehold issues short-lived database credentials, proves each new one works by
+/// logging in with it, and revokes the old one only after every consumer has moved over.
+#[derive(Debug, Parser)]
+#[command(name = "leasehold", version, about, long_about = None, propagate_version = true)]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "LEASEHOLD_LOG_FORMAT")]
+    log_format: LogFormat,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the rotation engine without a cluster, from manifests in a directory.
+    Local {
+        #[command(subcommand)]
+        command: LocalCommand,
+    },
+    /// Print the CRDs (YAML) that this build expects; apply them with `kubectl apply -f -`.
+    Crds,
+}
+
+#[derive(Debug, Subcommand)]
+enum LocalCommand {
+    /// Reconcile SecretLease/RotationPolicy/Secret manifests against real databases.
+    ///
+    /// Progress and credential secrets are kept in the state file (mode 0600, written
+    /// atomically); each lease's current credential is written to
+    /// OUTPUT/<namespace>/<lease>/{username,password,uri} with an atomic `..data` swap.
+    /// Removing a lease from the manifests revokes all its credentials.
+    Run {
+        /// Directory of YAML manifests (RotationPolicy, SecretLease and the admin Secrets).
+        #[arg(long, value_name = "DIR")]
+        manifests: PathBuf,
+        /// State file (created if missing).
+        #[arg(long, value_name = "FILE", default_value = "leasehold-state.json")]
+        state: PathBuf,
+        /// Where credentials are written.
+        #[arg(long, value_name = "DIR", default_value = "leasehold-out")]
+        output: PathBuf,
+        /// Reconcile every lease until it has to wait, print the status table, and exit.
+        #[arg(long)]
+        once: bool,
+        /// As a daemon: the longest sleep between passes (manifest changes are picked up on the next pass).
+        #[arg(long, value_name = "SECONDS", default_value_t = 10)]
+        resync_seconds: u64,
+    },
+    /// Print each lease's phase, version, user and expiry from a state file.
+    Status {
+        #[arg(long, value_name = "FILE", default_value = "leasehold-state.json")]
+        state: PathBuf,
+    },
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LEASEHOLD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("leasehold: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        match cli.command {
+            Command::Crds => {
+                for (_, crd) in leasehold_api::crds() {
+                    match leasehold_api::crd_yaml(&crd) {
+                        Ok(y) => print!("---\n{y}"),
+                        Err(e) => {
+                            eprintln!("leasehold: {e}");
+                            return ExitCode::FAILURE;
+                        }
+                    }
+                }
+                ExitCode::SUCCESS
+            }
+            Command::Local { command: LocalCommand::Status { state } } => match LocalState::load(&state) {
+                Ok(s) => {
+                    print!("{}", format_table(&status_rows(&s, Timestamp::now())));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("leasehold: {e}");
+                    ExitCode::FAILURE
+                }
+            },
+            Command::Local {
+                command: LocalCommand::Run { manifests, state, output, once, resync_seconds },
+            } => run_local(LocalOptions { manifests, state, output }, once, Duration::from_secs(resync_seconds.max(1))).await,
+        }
+    })
+}
+
+async fn run_local(options: LocalOptions, once: bool, resync: Duration) -> ExitCode {
+    let state_path = options.state.clone();
+    let runner = match LocalRunner::new(options, Engine::new()) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("leasehold: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    loop {
+        let report = match runner.pass().await {
+            Ok(r) => r,
+            Err(e) => {
+                error!(error = %e, "pass failed");
+                if once {
+                    return ExitCode::FAILURE;
+                }
+                tokio::time::sleep(resync).await;
+                continue;
+            }
+        };
+        let state = LocalState::load(&state_path).unwrap_or_default();
+        print!("{}", format_table(&status_rows(&state, Timestamp::now())));
+        if once {
+            return if report.errors.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE };
+        }
+        let sleep = report
+            .next_wake
+            .map(|t| {
+                let secs = t.as_second() - Timestamp::now().as_second();
+                Duration::from_secs(secs.max(1) as u64).min(resync)
+            })
+            .unwrap_or(resync);
+        info!(seconds = sleep.as_secs(), "next pass");
+        tokio::select! {
+            _ = tokio::time::sleep(sleep) => {}
+            _ = tokio::signal::ctrl_c() => {
+                info!("interrupted; state is saved");
+                return ExitCode::SUCCESS;
+            }
+        }
+    }
+}

@@ -1,0 +1,311 @@
+//! Everything the engine needs to know about one lease, resolved from the API objects.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use leasehold_api::validate::{self, FieldError};
+use leasehold_api::{DatabaseSpec, PasswordAlphabet, RotationPolicySpec, SecretLeaseSpec, TlsMode};
+use leasehold_backends::mysql::{MySqlBackend, MySqlTarget};
+use leasehold_backends::password::PasswordPolicy;
+use leasehold_backends::postgres::{PostgresBackend, PostgresTarget};
+use leasehold_backends::{Backend, BackendError, CredentialId, Privileges};
+use leasehold_core::naming::{self, DEFAULT_DYNAMIC_TEMPLATE, LeaseIdentity};
+use leasehold_core::{PolicyParams, Strategy};
+use secrecy::{ExposeSecret, SecretString};
+
+/// Identity of a lease: where it lives and its UID (credential names derive from the UID).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LeaseKey {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+}
+
+impl std::fmt::Display for LeaseKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// How version numbers map to backend user names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NamingRule {
+    Dynamic { template: String, max_len: usize },
+    Alternating { base: String },
+    InPlace { user: String },
+}
+
+impl NamingRule {
+    pub fn credential_id(&self, lease: &LeaseKey, version: u64) -> Result<CredentialId, FieldError> {
+        let name = match self {
+            NamingRule::Dynamic { template, max_len } => naming::dynamic_username(
+                template,
+                &LeaseIdentity {
+                    namespace: lease.namespace.clone(),
+                    name: lease.name.clone(),
+                    uid: lease.uid.clone(),
+                },
+                version,
+                *max_len,
+            )
+            .map_err(|e| FieldError {
+                field: "spec.usernameTemplate".into(),
+                message: e.to_string(),
+            })?,
+            NamingRule::Alternating { base } => naming::alternating_username(base, version),
+            NamingRule::InPlace { user } => user.clone(),
+        };
+        Ok(CredentialId(name))
+    }
+
+    /// The literal prefix of the names this rule produces (for the orphan sweeper).
+    pub fn sweep_prefix(&self) -> Option<&str> {
+        match self {
+            NamingRule::Dynamic { template, .. } => Some(naming::literal_prefix(template)),
+            _ => None,
+        }
+    }
+}
+
+/// Which kind of database a lease talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DatabaseKind {
+    Postgres,
+    MySql,
+}
+
+impl DatabaseKind {
+    pub fn scheme(self) -> &'static str {
+        match self {
+            DatabaseKind::Postgres => "postgres",
+            DatabaseKind::MySql => "mysql",
+        }
+    }
+    pub fn default_port(self) -> u16 {
+        match self {
+            DatabaseKind::Postgres => 5432,
+            DatabaseKind::MySql => 3306,
+        }
+    }
+}
+
+/// Everything the engine needs for one lease.
+#[derive(Clone)]
+pub struct LeaseContext {
+    pub key: LeaseKey,
+    pub policy: PolicyParams,
+    pub naming: NamingRule,
+    pub privileges: Privileges,
+    pub password: PasswordPolicy,
+    pub verify_query: String,
+    pub verify_timeout: Duration,
+    pub max_concurrent_per_target: usize,
+    pub backend: Arc<dyn Backend>,
+    /// Connection facts consumers need (never secret).
+    pub kind: DatabaseKind,
+    pub host: String,
+    pub port: u16,
+    pub database: String,
+    /// Templates for the delivered Secret / files (empty: defaults).
+    pub templates: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for LeaseContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LeaseContext")
+            .field("key", &self.key)
+            .field("strategy", &self.policy.strategy)
+            .field("backend", &self.backend.target_key())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a lease cannot be run; each maps to a `Ready=False` reason.
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    #[error("the policy is invalid: {}", validate::summary(.0))]
+    InvalidPolicy(Vec<FieldError>),
+    #[error("the lease is invalid: {}", validate::summary(.0))]
+    InvalidLease(Vec<FieldError>),
+    #[error("certificate leases are not supported by this version of leasehold yet")]
+    UnsupportedBackend,
+    #[error("cannot build the backend: {0}")]
+    Backend(#[from] BackendError),
+}
+
+impl ResolveError {
+    /// The `Ready=False` reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ResolveError::InvalidPolicy(_) => "InvalidPolicy",
+            ResolveError::InvalidLease(_) => "InvalidSpec",
+            ResolveError::UnsupportedBackend => "UnsupportedBackend",
+            ResolveError::Backend(_) => "BackendError",
+        }
+    }
+}
+
+/// Admin credentials read from the referenced Secret.
+#[derive(Clone)]
+pub struct AdminCredentials {
+    pub username: String,
+    pub password: SecretString,
+}
+
+impl std::fmt::Debug for AdminCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminCredentials")
+            .field("username", &self.username)
+            .field("password", &"[redacted]")
+            .finish()
+    }
+}
+
+/// Backends shared per target and admin credential, so each database gets one bounded pool.
+#[derive(Default, Clone)]
+pub struct BackendRegistry {
+    backends: Arc<Mutex<HashMap<String, Arc<dyn Backend>>>>,
+    /// Admin pool size per target.
+    pub max_admin_connections: usize,
+}
+
+impl std::fmt::Debug for BackendRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackendRegistry").finish_non_exhaustive()
+    }
+}
+
+impl BackendRegistry {
+    pub fn new(max_admin_connections: usize) -> Self {
+        Self {
+            backends: Arc::default(),
+            max_admin_connections: max_admin_connections.max(1),
+        }
+    }
+
+    /// The backend for a database, created on first use. A changed admin password
+    /// creates a new pool (the key includes a fingerprint of the credential).
+    pub fn get(
+        &self,
+        kind: DatabaseKind,
+        db: &DatabaseSpec,
+        admin: &AdminCredentials,
+        tls: leasehold_backends::TlsMode,
+    ) -> Result<Arc<dyn Backend>, BackendError> {
+        let port = db.port.unwrap_or(kind.default_port());
+        let key = format!(
+            "{}://{}@{}:{}/{}#{:016x}",
+            kind.scheme(),
+            admin.username,
+            db.host,
+            port,
+            db.database,
+            fingerprint(admin.password.expose_secret()),
+        );
+        let mut backends = self.backends.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(b) = backends.get(&key) {
+            return Ok(b.clone());
+        }
+        let backend: Arc<dyn Backend> = match kind {
+            DatabaseKind::Postgres => {
+                let mut t = PostgresTarget::new(&db.host, port, &db.database, &admin.username, admin.password.clone());
+                t.tls = tls;
+                t.max_admin_connections = self.max_admin_connections;
+                Arc::new(PostgresBackend::new(t)?)
+            }
+            DatabaseKind::MySql => {
+                let mut t = MySqlTarget::new(&db.host, port, &db.database, &admin.username, admin.password.clone());
+                t.tls = tls;
+                t.max_admin_connections = self.max_admin_connections;
+                Arc::new(MySqlBackend::new(t)?)
+            }
+        };
+        backends.insert(key, backend.clone());
+        Ok(backend)
+    }
+}
+
+/// Not cryptographic: only tells two admin passwords apart in a map key.
+fn fingerprint(s: &str) -> u64 {
+    leasehold_core::backoff::splitmix(leasehold_core::backoff::seed_of(s))
+}
+
+/// Build the context of a database lease from its spec, policy and admin credentials.
+pub fn resolve(
+    key: LeaseKey,
+    lease: &SecretLeaseSpec,
+    policy: &RotationPolicySpec,
+    admin: &AdminCredentials,
+    ca_pem: Option<String>,
+    registry: &BackendRegistry,
+) -> Result<LeaseContext, ResolveError> {
+    let params = validate::policy_params(policy).map_err(ResolveError::InvalidPolicy)?;
+    let errors = validate::validate_lease(lease, Some(policy));
+    if !errors.is_empty() {
+        return Err(ResolveError::InvalidLease(errors));
+    }
+    let (kind, db, max_len) = match (&lease.postgres, &lease.mysql) {
+        (Some(db), _) => (DatabaseKind::Postgres, db, validate::POSTGRES_MAX_USERNAME),
+        (None, Some(db)) => (DatabaseKind::MySql, db, validate::MYSQL_MAX_USERNAME),
+        (None, None) => return Err(ResolveError::UnsupportedBackend),
+    };
+    let naming = match policy.strategy {
+        Strategy::Dynamic => NamingRule::Dynamic {
+            template: db
+                .username_template
+                .clone()
+                .unwrap_or_else(|| DEFAULT_DYNAMIC_TEMPLATE.to_string()),
+            max_len,
+        },
+        Strategy::AlternatingUsers => NamingRule::Alternating {
+            base: db.username.clone().unwrap_or_default(),
+        },
+        Strategy::InPlace => NamingRule::InPlace {
+            user: db.username.clone().unwrap_or_default(),
+        },
+    };
+    let tls = match db.tls.mode {
+        TlsMode::Disable => leasehold_backends::TlsMode::Disable,
+        TlsMode::Require => leasehold_backends::TlsMode::Require,
+        TlsMode::VerifyFull => leasehold_backends::TlsMode::VerifyFull {
+            ca_pem: ca_pem.unwrap_or_default(),
+        },
+    };
+    let backend = registry.get(kind, db, admin, tls)?;
+    let templates = lease
+        .delivery
+        .secret
+        .as_ref()
+        .map(|s| s.template.clone())
+        .unwrap_or_default();
+    Ok(LeaseContext {
+        key,
+        policy: params,
+        naming,
+        privileges: Privileges {
+            member_of: db.member_of.clone(),
+            grants: db.grants.clone(),
+        },
+        password: PasswordPolicy {
+            length: policy.password.length as usize,
+            alphabet: match policy.password.alphabet {
+                PasswordAlphabet::Alphanumeric => {
+                    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789".into()
+                }
+                PasswordAlphabet::AlphanumericSymbols => {
+                    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.~!*".into()
+                }
+            },
+        },
+        verify_query: policy.verify.query.clone(),
+        verify_timeout: policy.verify.timeout.into(),
+        max_concurrent_per_target: policy.rate_limit.max_concurrent_rotations_per_target as usize,
+        backend,
+        kind,
+        host: db.host.clone(),
+        port: db.port.unwrap_or(kind.default_port()),
+        database: db.database.clone(),
+        templates,
+    })
+}

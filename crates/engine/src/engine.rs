@@ -1,0 +1,643 @@
+//! The loop that turns decisions into side effects, recording progress around each one.
+
+use std::sync::Arc;
+
+use jiff::Timestamp;
+use leasehold_backends::{
+    BackendError, CredentialMaterial, DrainSessions, IssueMode, IssueRequest, RevokeMode,
+    RevokeOutcome, RevokeRequest, VerifyRequest,
+};
+use leasehold_core::rotation::{
+    Action, DrainSessionsMode, Observations, Progress, RevokePlan, RevokeProgress, RevokeReason,
+    RotationOutcome, RotationRecord, SESSION_POLL, VersionRecord, VersionState, WaitReason, decide,
+    revoke_retry_at,
+};
+use secrecy::SecretString;
+use tracing::{info, warn};
+
+use crate::context::LeaseContext;
+use crate::limiter::{TargetLimiter, TargetPermit};
+use crate::template::{CredentialValues, render};
+use crate::{Delivery, ProgressStore, SecretStore, StoreError};
+
+/// Where a fault can be injected (tests only). Each sits on a step boundary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FaultPoint {
+    /// Intent recorded, before the backend creates the credential.
+    BeforeIssue,
+    /// The backend created it, before `Issued` is recorded.
+    AfterIssue,
+    /// Before a fresh login as the new credential.
+    BeforeVerify,
+    /// Verified, before `Verified` is recorded.
+    AfterVerify,
+    /// Before promotion is recorded.
+    BeforePromote,
+    /// Before delivery to consumers.
+    BeforeDeliver,
+    /// `Revoking` recorded, before the backend revokes.
+    BeforeRevoke,
+    /// The backend revoked, before `Revoked` is recorded.
+    AfterRevoke,
+}
+
+/// A test hook called at every [`FaultPoint`]; returning `Err` simulates a crash there.
+pub type FaultHook = Arc<dyn Fn(FaultPoint) -> Result<(), String> + Send + Sync>;
+
+/// What happened, for events and metrics. Never carries secret values.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StepEvent {
+    Issued { version: u64, username: String },
+    Verified { version: u64 },
+    VerificationFailed { version: u64, reason: String },
+    Promoted { version: u64, previous: Option<u64> },
+    Delivered { version: u64 },
+    Revoked { version: u64, reason: RevokeReason },
+    RevocationRetry { version: u64, failures: u32, error: String },
+    RevocationStuck { version: u64, since: Timestamp },
+    SessionsRemain { version: u64, sessions: u32 },
+}
+
+/// Receives [`StepEvent`]s.
+pub type EventSink = Arc<dyn Fn(&LeaseContextRef<'_>, &StepEvent) + Send + Sync>;
+
+/// The lease an event belongs to.
+#[derive(Debug, Clone, Copy)]
+pub struct LeaseContextRef<'a> {
+    pub key: &'a crate::LeaseKey,
+}
+
+/// How a reconcile ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Nothing to do until `until` (or an observed change).
+    Wait { until: Option<Timestamp>, reason: WaitReason },
+    /// The lease is being deleted and everything is revoked.
+    Finished,
+}
+
+/// Why a reconcile stopped early. Progress saved so far stands; the next reconcile resumes.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The backend could not be reached; the step is retried later, nothing is lost.
+    #[error("backend unavailable during {step}: {source}")]
+    Backend {
+        step: &'static str,
+        #[source]
+        source: BackendError,
+    },
+    #[error("cannot record progress: {0}")]
+    Store(#[from] StoreError),
+    #[error("the secret of version {0} is missing from the secret store")]
+    SecretMissing(u64),
+    #[error("invalid spec: {0}")]
+    Invalid(String),
+    #[error("injected fault at {0:?}: {1}")]
+    Injected(FaultPoint, String),
+}
+
+impl EngineError {
+    /// A short label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            EngineError::Backend { .. } => "backend",
+            EngineError::Store(_) => "store",
+            EngineError::SecretMissing(_) => "secret_missing",
+            EngineError::Invalid(_) => "invalid",
+            EngineError::Injected(..) => "injected",
+        }
+    }
+}
+
+/// Runs leases. Cheap to clone; share one per process.
+#[derive(Clone)]
+pub struct Engine {
+    limiter: TargetLimiter,
+    clock: Arc<dyn Fn() -> Timestamp + Send + Sync>,
+    fault: Option<FaultHook>,
+    events: Option<EventSink>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").finish_non_exhaustive()
+    }
+}
+
+impl Default for Engine {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The stores a reconcile works with.
+#[derive(Clone, Copy)]
+pub struct Stores<'a> {
+    pub progress: &'a dyn ProgressStore,
+    pub secrets: &'a dyn SecretStore,
+    pub delivery: &'a dyn Delivery,
+}
+
+impl std::fmt::Debug for Stores<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stores").finish_non_exhaustive()
+    }
+}
+
+impl Engine {
+    pub fn new() -> Self {
+        Self {
+            limiter: TargetLimiter::new(),
+            clock: Arc::new(Timestamp::now),
+            fault: None,
+            events: None,
+        }
+    }
+
+    /// Use another clock (tests).
+    pub fn with_clock(mut self, clock: Arc<dyn Fn() -> Timestamp + Send + Sync>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Inject faults at step boundaries (tests).
+    pub fn with_fault_hook(mut self, hook: FaultHook) -> Self {
+        self.fault = Some(hook);
+        self
+    }
+
+    /// Receive events (the controller turns them into Kubernetes events and metrics).
+    pub fn with_events(mut self, sink: EventSink) -> Self {
+        self.events = Some(sink);
+        self
+    }
+
+    pub fn limiter(&self) -> &TargetLimiter {
+        &self.limiter
+    }
+
+    fn now(&self) -> Timestamp {
+        (self.clock)()
+    }
+
+    fn fault(&self, point: FaultPoint) -> Result<(), EngineError> {
+        match &self.fault {
+            Some(hook) => hook(point).map_err(|e| EngineError::Injected(point, e)),
+            None => Ok(()),
+        }
+    }
+
+    fn emit(&self, ctx: &LeaseContext, event: StepEvent) {
+        match &event {
+            StepEvent::VerificationFailed { version, reason } => {
+                warn!(lease = %ctx.key, version, reason, "verification failed; the new credential is revoked and the current one kept")
+            }
+            StepEvent::RevocationRetry { version, failures, error } => {
+                warn!(lease = %ctx.key, version, failures, error, "revocation failed; retrying with backoff")
+            }
+            StepEvent::RevocationStuck { version, since } => {
+                warn!(lease = %ctx.key, version, %since, "revocation stuck; still retrying")
+            }
+            other => info!(lease = %ctx.key, event = ?other, "rotation step"),
+        }
+        if let Some(sink) = &self.events {
+            sink(&LeaseContextRef { key: &ctx.key }, &event);
+        }
+    }
+
+    async fn save(&self, stores: Stores<'_>, ctx: &LeaseContext, progress: &Progress) -> Result<(), EngineError> {
+        stores.progress.save(&ctx.key, progress).await?;
+        Ok(())
+    }
+
+    /// Perform actions until the lease has to wait. `progress` is updated in place and
+    /// saved through `stores.progress` before and after every side effect.
+    #[tracing::instrument(skip_all, fields(lease = %ctx.key))]
+    pub async fn reconcile(
+        &self,
+        ctx: &LeaseContext,
+        progress: &mut Progress,
+        obs: &Observations,
+        stores: Stores<'_>,
+    ) -> Result<Outcome, EngineError> {
+        let mut permit: Option<TargetPermit> = None;
+        // A bound on steps per call, so a bug can never spin forever.
+        for _ in 0..64 {
+            let now = self.now();
+            let action = decide(&ctx.policy, progress, obs, now);
+            if matches!(
+                action,
+                Action::Issue { .. } | Action::Verify { .. } | Action::Revoke { .. }
+            ) && permit.is_none()
+            {
+                permit = Some(
+                    self.limiter
+                        .acquire(&ctx.backend.target_key(), ctx.max_concurrent_per_target)
+                        .await,
+                );
+            }
+            match action {
+                Action::Issue { version, resume } => self.issue(ctx, progress, obs, stores, version, resume).await?,
+                Action::Verify { version } => self.verify(ctx, progress, stores, version).await?,
+                Action::Promote { version } => self.promote(ctx, progress, stores, version).await?,
+                Action::Deliver { version } => self.deliver(ctx, progress, stores, version).await?,
+                Action::Revoke { version, reason, plan, drain } => {
+                    self.revoke(ctx, progress, stores, version, reason, plan, drain).await?
+                }
+                Action::Wait { until, reason } => return Ok(Outcome::Wait { until, reason }),
+                Action::Finished => return Ok(Outcome::Finished),
+            }
+        }
+        Ok(Outcome::Wait {
+            until: Some(self.now()),
+            reason: WaitReason::Renewal,
+        })
+    }
+
+    async fn issue(
+        &self,
+        ctx: &LeaseContext,
+        progress: &mut Progress,
+        obs: &Observations,
+        stores: Stores<'_>,
+        version: u64,
+        resume: bool,
+    ) -> Result<(), EngineError> {
+        let now = self.now();
+        let id = ctx
+            .naming
+            .credential_id(&ctx.key, version)
+            .map_err(|e| EngineError::Invalid(e.to_string()))?;
+        let password = match stores.secrets.get(&ctx.key, version).await? {
+            Some(p) if resume => p,
+            _ => {
+                // The secret is stored before anything refers to it, so a crash after this
+                // point always finds the password that may already be on the backend.
+                let p = leasehold_backends::password::generate(&ctx.password)
+                    .map_err(|e| EngineError::Invalid(e.to_string()))?;
+                stores.secrets.put(&ctx.key, version, &p).await?;
+                p
+            }
+        };
+        if !resume {
+            progress.versions.push(VersionRecord {
+                version,
+                credential_id: id.0.clone(),
+                state: VersionState::Issuing,
+                issued_at: now,
+                verified_at: None,
+                promoted_at: None,
+                superseded_at: None,
+                expires_at: ctx.policy.expires_at(now),
+                revoke_reason: None,
+                revoke: None,
+            });
+            progress.last_version = progress.last_version.max(version);
+            if obs.rotation_request.is_some() {
+                progress.handled_rotation_request = obs.rotation_request.clone();
+            }
+            self.save(stores, ctx, progress).await?;
+        }
+        let issued_at = progress.version(version).map_or(now, |r| r.issued_at);
+        self.fault(FaultPoint::BeforeIssue)?;
+        let mode = match ctx.policy.strategy {
+            leasehold_core::Strategy::Dynamic => IssueMode::CreateUser,
+            _ => IssueMode::SetPassword,
+        };
+        let request = IssueRequest {
+            id: id.clone(),
+            mode,
+            password,
+            valid_until: ctx.policy.expires_at(issued_at),
+            privileges: ctx.privileges.clone(),
+        };
+        match ctx.backend.issue(&request).await {
+            Ok(()) => {}
+            Err(e) if e.is_transient() => return Err(EngineError::Backend { step: "issue", source: e }),
+            Err(e) => {
+                // The backend refused (bad grant, missing role): remove whatever exists of it.
+                let reason = e.to_string();
+                if let Some(r) = progress.version_mut(version) {
+                    r.state = VersionState::Revoking;
+                    r.revoke_reason = Some(RevokeReason::IssueFailed);
+                }
+                progress.verify_failures += 1;
+                progress.last_verify_failure_at = Some(now);
+                progress.push_history(RotationRecord {
+                    version,
+                    started_at: issued_at,
+                    verified_at: None,
+                    promoted_at: None,
+                    revoked_at: None,
+                    outcome: RotationOutcome::IssueFailed,
+                    reason: Some(reason.clone()),
+                });
+                self.save(stores, ctx, progress).await?;
+                self.emit(ctx, StepEvent::VerificationFailed { version, reason });
+                return Ok(());
+            }
+        }
+        self.fault(FaultPoint::AfterIssue)?;
+        if let Some(r) = progress.version_mut(version) {
+            r.state = VersionState::Issued;
+        }
+        self.save(stores, ctx, progress).await?;
+        self.emit(ctx, StepEvent::Issued { version, username: id.0 });
+        Ok(())
+    }
+
+    async fn secret(&self, ctx: &LeaseContext, stores: Stores<'_>, version: u64) -> Result<SecretString, EngineError> {
+        stores
+            .secrets
+            .get(&ctx.key, version)
+            .await?
+            .ok_or(EngineError::SecretMissing(version))
+    }
+
+    async fn verify(
+        &self,
+        ctx: &LeaseContext,
+        progress: &mut Progress,
+        stores: Stores<'_>,
+        version: u64,
+    ) -> Result<(), EngineError> {
+        let now = self.now();
+        let Some(record) = progress.version(version).cloned() else {
+            return Ok(());
+        };
+        let password = match stores.secrets.get(&ctx.key, version).await? {
+            Some(p) => p,
+            None => {
+                // Without the secret the version is useless: discard it.
+                self.fail_verification(ctx, progress, stores, &record, "its secret was lost before verification".into(), now)
+                    .await?;
+                return Ok(());
+            }
+        };
+        self.fault(FaultPoint::BeforeVerify)?;
+        let result = ctx
+            .backend
+            .verify(&VerifyRequest {
+                id: leasehold_backends::CredentialId(record.credential_id.clone()),
+                password,
+                query: ctx.verify_query.clone(),
+                timeout: ctx.verify_timeout,
+            })
+            .await;
+        match result {
+            Ok(()) => {
+                self.fault(FaultPoint::AfterVerify)?;
+                if let Some(r) = progress.version_mut(version) {
+                    r.state = VersionState::Verified;
+                    r.verified_at = Some(now);
+                }
+                self.save(stores, ctx, progress).await?;
+                self.emit(ctx, StepEvent::Verified { version });
+                Ok(())
+            }
+            // A database that is down delays the rotation; it is not a failed verification.
+            Err(e @ BackendError::Unreachable(_)) => Err(EngineError::Backend { step: "verify", source: e }),
+            Err(e) => self.fail_verification(ctx, progress, stores, &record, e.to_string(), now).await,
+        }
+    }
+
+    async fn fail_verification(
+        &self,
+        ctx: &LeaseContext,
+        progress: &mut Progress,
+        stores: Stores<'_>,
+        record: &VersionRecord,
+        reason: String,
+        now: Timestamp,
+    ) -> Result<(), EngineError> {
+        if let Some(r) = progress.version_mut(record.version) {
+            r.state = VersionState::Revoking;
+            r.revoke_reason = Some(RevokeReason::VerificationFailed);
+        }
+        progress.verify_failures += 1;
+        progress.last_verify_failure_at = Some(now);
+        progress.push_history(RotationRecord {
+            version: record.version,
+            started_at: record.issued_at,
+            verified_at: None,
+            promoted_at: None,
+            revoked_at: None,
+            outcome: RotationOutcome::VerificationFailed,
+            reason: Some(reason.clone()),
+        });
+        self.save(stores, ctx, progress).await?;
+        self.emit(ctx, StepEvent::VerificationFailed { version: record.version, reason });
+        Ok(())
+    }
+
+    async fn promote(
+        &self,
+        ctx: &LeaseContext,
+        progress: &mut Progress,
+        stores: Stores<'_>,
+        version: u64,
+    ) -> Result<(), EngineError> {
+        let now = self.now();
+        self.fault(FaultPoint::BeforePromote)?;
+        let mut previous = None;
+        for r in &mut progress.versions {
+            if r.state == VersionState::Current {
+                r.state = VersionState::Superseded;
+                r.superseded_at = Some(now);
+                previous = Some(r.version);
+            }
+        }
+        let mut started = now;
+        let mut verified = None;
+        if let Some(r) = progress.version_mut(version) {
+            r.state = VersionState::Current;
+            r.promoted_at = Some(now);
+            started = r.issued_at;
+            verified = r.verified_at;
+        }
+        progress.verify_failures = 0;
+        progress.last_verify_failure_at = None;
+        progress.push_history(RotationRecord {
+            version,
+            started_at: started,
+            verified_at: verified,
+            promoted_at: Some(now),
+            revoked_at: None,
+            outcome: RotationOutcome::Succeeded,
+            reason: None,
+        });
+        self.save(stores, ctx, progress).await?;
+        self.emit(ctx, StepEvent::Promoted { version, previous });
+        Ok(())
+    }
+
+    async fn deliver(
+        &self,
+        ctx: &LeaseContext,
+        progress: &mut Progress,
+        stores: Stores<'_>,
+        version: u64,
+    ) -> Result<(), EngineError> {
+        let Some(record) = progress.version(version).cloned() else {
+            return Ok(());
+        };
+        let password = self.secret(ctx, stores, version).await?;
+        let material = material_for(ctx, &record, password);
+        self.fault(FaultPoint::BeforeDeliver)?;
+        stores.delivery.deliver(&ctx.key, version, &material).await?;
+        progress.delivered_version = Some(version);
+        self.save(stores, ctx, progress).await?;
+        self.emit(ctx, StepEvent::Delivered { version });
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn revoke(
+        &self,
+        ctx: &LeaseContext,
+        progress: &mut Progress,
+        stores: Stores<'_>,
+        version: u64,
+        reason: RevokeReason,
+        plan: RevokePlan,
+        drain: DrainSessionsMode,
+    ) -> Result<(), EngineError> {
+        let now = self.now();
+        let Some(record) = progress.version(version).cloned() else {
+            return Ok(());
+        };
+        if record.state != VersionState::Revoking {
+            if let Some(r) = progress.version_mut(version) {
+                r.state = VersionState::Revoking;
+                r.revoke_reason = Some(reason);
+            }
+        }
+        if let Some(r) = progress.version_mut(version) {
+            let p = r.revoke.get_or_insert_with(RevokeProgress::default);
+            if p.drain_started_at.is_none() {
+                p.drain_started_at = Some(now);
+            }
+        }
+        self.save(stores, ctx, progress).await?;
+        self.fault(FaultPoint::BeforeRevoke)?;
+
+        let id = leasehold_backends::CredentialId(record.credential_id.clone());
+        let drain = match drain {
+            DrainSessionsMode::Wait => DrainSessions::Wait,
+            DrainSessionsMode::Terminate => DrainSessions::Terminate,
+            DrainSessionsMode::Ignore => DrainSessions::Ignore,
+        };
+        let result = match plan {
+            RevokePlan::DropUser | RevokePlan::DisableLogin => {
+                let mode = if plan == RevokePlan::DropUser { RevokeMode::DropUser } else { RevokeMode::DisableLogin };
+                ctx.backend.revoke(&RevokeRequest { id, mode, drain }).await
+            }
+            RevokePlan::Nothing => Ok(RevokeOutcome::Revoked),
+            RevokePlan::RestoreCurrent => self.restore_current(ctx, progress, stores).await,
+        };
+        match result {
+            Ok(RevokeOutcome::Revoked) => {
+                self.fault(FaultPoint::AfterRevoke)?;
+                stores.secrets.remove(&ctx.key, version).await?;
+                progress.versions.retain(|r| r.version != version);
+                if let Some(h) = progress.history.iter_mut().find(|h| h.version == version) {
+                    h.revoked_at = Some(now);
+                }
+                self.save(stores, ctx, progress).await?;
+                self.emit(ctx, StepEvent::Revoked { version, reason });
+            }
+            Ok(RevokeOutcome::SessionsRemain(n)) => {
+                if let Some(p) = progress.version_mut(version).and_then(|r| r.revoke.as_mut()) {
+                    p.sessions_remaining = Some(n);
+                    p.next_attempt_at = Some(leasehold_core_add(now, SESSION_POLL));
+                }
+                self.save(stores, ctx, progress).await?;
+                self.emit(ctx, StepEvent::SessionsRemain { version, sessions: n });
+            }
+            Err(e) => {
+                let error = e.to_string();
+                let mut failures = 0;
+                let mut stuck_since = None;
+                if let Some(r) = progress.version_mut(version) {
+                    let retry = |f| revoke_retry_at(&record, f, now);
+                    let p = r.revoke.get_or_insert_with(RevokeProgress::default);
+                    p.failures += 1;
+                    failures = p.failures;
+                    let first = *p.first_failure_at.get_or_insert(now);
+                    p.next_attempt_at = Some(retry(p.failures));
+                    p.last_error = Some(error.clone());
+                    if leasehold_core_add(first, leasehold_core::rotation::REVOCATION_STUCK_AFTER) <= now {
+                        stuck_since = Some(first);
+                    }
+                }
+                self.save(stores, ctx, progress).await?;
+                self.emit(ctx, StepEvent::RevocationRetry { version, failures, error });
+                if let Some(since) = stuck_since {
+                    self.emit(ctx, StepEvent::RevocationStuck { version, since });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// InPlace after a failed verification: the user now has the rejected password; put
+    /// the current version's password back.
+    async fn restore_current(
+        &self,
+        ctx: &LeaseContext,
+        progress: &Progress,
+        stores: Stores<'_>,
+    ) -> Result<RevokeOutcome, BackendError> {
+        let Some(current) = progress.current() else {
+            // Nothing to restore to (first issue failed): lock the user out instead.
+            return ctx
+                .backend
+                .revoke(&RevokeRequest {
+                    id: leasehold_backends::CredentialId(match &ctx.naming {
+                        crate::NamingRule::InPlace { user } => user.clone(),
+                        _ => String::new(),
+                    }),
+                    mode: RevokeMode::DisableLogin,
+                    drain: DrainSessions::Ignore,
+                })
+                .await;
+        };
+        let password = stores
+            .secrets
+            .get(&ctx.key, current.version)
+            .await
+            .map_err(|e| BackendError::Other(e.to_string()))?
+            .ok_or_else(|| BackendError::Other("the current version's secret is missing".into()))?;
+        ctx.backend
+            .issue(&IssueRequest {
+                id: leasehold_backends::CredentialId(current.credential_id.clone()),
+                mode: IssueMode::SetPassword,
+                password,
+                valid_until: current.expires_at,
+                privileges: ctx.privileges.clone(),
+            })
+            .await?;
+        Ok(RevokeOutcome::Revoked)
+    }
+}
+
+fn leasehold_core_add(t: Timestamp, d: std::time::Duration) -> Timestamp {
+    let d = jiff::SignedDuration::try_from(d).unwrap_or(jiff::SignedDuration::MAX);
+    t.checked_add(d).unwrap_or(Timestamp::MAX)
+}
+
+/// The delivered files/keys of a version.
+pub fn material_for(ctx: &LeaseContext, record: &VersionRecord, password: SecretString) -> CredentialMaterial {
+    render(
+        &ctx.templates,
+        &CredentialValues {
+            username: record.credential_id.clone(),
+            password,
+            host: ctx.host.clone(),
+            port: ctx.port,
+            database: ctx.database.clone(),
+            scheme: ctx.kind.scheme(),
+            version: record.version,
+        },
+    )
+}

@@ -1,0 +1,568 @@
+//! Local mode: the same engine without a cluster.
+//!
+//! Reads `RotationPolicy`, `SecretLease` and `Secret` manifests (the very same API types)
+//! from a directory, keeps progress and credential secrets in one state file (written
+//! atomically, mode 0600), and writes each lease's current credential into
+//! `OUTPUT/<namespace>/<lease>/` with the atomic `..data` swap.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use base64::Engine as _;
+use jiff::Timestamp;
+use leasehold_api::{RotationPolicy, RotationPolicySpec, SecretLease, SecretLeaseSpec, ROTATE_ANNOTATION};
+use leasehold_backends::CredentialMaterial;
+use leasehold_core::rotation::{Observations, Phase, phase, rotation_due_at};
+use leasehold_core::Progress;
+use leasehold_files::{AtomicDir, WriteOptions};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+use tracing::{info, warn};
+
+use crate::context::{AdminCredentials, BackendRegistry, LeaseKey, resolve};
+use crate::engine::{Engine, Outcome, Stores};
+use crate::{Delivery, ProgressStore, SecretStore, StoreError};
+
+/// Errors of local mode (never with secret values).
+#[derive(Debug, thiserror::Error)]
+pub enum LocalError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Manifest { path: PathBuf, message: String },
+    #[error("cannot write the state file {path}: {message}")]
+    State { path: PathBuf, message: String },
+}
+
+/// One lease as kept in the state file.
+#[derive(Serialize, Deserialize, Clone, Debug, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct LocalLease {
+    /// Stable identity (credential names derive from it), made up on first sight.
+    pub uid: String,
+    #[serde(default)]
+    pub progress: Progress,
+    /// Version → password. The reason the state file is 0600.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    secrets: BTreeMap<u64, String>,
+    /// The last spec seen, so a lease removed from the manifests can still be revoked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_spec: Option<SecretLeaseSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_policy: Option<RotationPolicySpec>,
+    /// Last error, for `status` (no secrets).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_check_at: Option<Timestamp>,
+}
+
+impl std::fmt::Debug for LocalState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalState")
+            .field("leases", &self.leases.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+/// The whole state file.
+#[derive(Serialize, Deserialize, Clone, Default)]
+pub struct LocalState {
+    #[serde(default)]
+    pub leases: BTreeMap<String, LocalLease>,
+}
+
+impl LocalState {
+    pub fn load(path: &Path) -> Result<Self, LocalError> {
+        match std::fs::read(path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| LocalError::State {
+                path: path.into(),
+                message: format!("not a leasehold state file: {e}"),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(source) => Err(LocalError::Read { path: path.into(), source }),
+        }
+    }
+
+    fn write(&self, path: &Path) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec_pretty(self).map_err(|e| StoreError(e.to_string()))?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| StoreError(format!("cannot create {}: {e}", dir.display())))?;
+        }
+        leasehold_files::write_file_atomic(path, &bytes, 0o600).map_err(|e| StoreError(e.to_string()))
+    }
+}
+
+/// The state file behind both the progress and the secret store.
+pub struct StateFile {
+    path: PathBuf,
+    state: Mutex<LocalState>,
+}
+
+impl std::fmt::Debug for StateFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateFile").field("path", &self.path).finish()
+    }
+}
+
+impl StateFile {
+    pub fn open(path: impl Into<PathBuf>) -> Result<Self, LocalError> {
+        let path = path.into();
+        let state = LocalState::load(&path)?;
+        Ok(Self { path, state: Mutex::new(state) })
+    }
+
+    pub async fn snapshot(&self) -> LocalState {
+        self.state.lock().await.clone()
+    }
+
+    async fn update<R>(&self, f: impl FnOnce(&mut LocalState) -> R) -> Result<R, StoreError> {
+        let mut state = self.state.lock().await;
+        let r = f(&mut state);
+        state.write(&self.path)?;
+        Ok(r)
+    }
+}
+
+fn key_of(lease: &LeaseKey) -> String {
+    format!("{}/{}", lease.namespace, lease.name)
+}
+
+#[async_trait]
+impl ProgressStore for StateFile {
+    async fn save(&self, lease: &LeaseKey, progress: &Progress) -> Result<(), StoreError> {
+        self.update(|s| s.leases.entry(key_of(lease)).or_default().progress = progress.clone())
+            .await
+    }
+}
+
+#[async_trait]
+impl SecretStore for StateFile {
+    async fn put(&self, lease: &LeaseKey, version: u64, secret: &SecretString) -> Result<(), StoreError> {
+        let value = secret.expose_secret().to_string();
+        self.update(|s| {
+            s.leases.entry(key_of(lease)).or_default().secrets.insert(version, value);
+        })
+        .await
+    }
+
+    async fn get(&self, lease: &LeaseKey, version: u64) -> Result<Option<SecretString>, StoreError> {
+        let state = self.state.lock().await;
+        Ok(state
+            .leases
+            .get(&key_of(lease))
+            .and_then(|l| l.secrets.get(&version))
+            .map(|s| SecretString::from(s.clone())))
+    }
+
+    async fn remove(&self, lease: &LeaseKey, version: u64) -> Result<(), StoreError> {
+        self.update(|s| {
+            if let Some(l) = s.leases.get_mut(&key_of(lease)) {
+                l.secrets.remove(&version);
+            }
+        })
+        .await
+    }
+}
+
+/// Writes credentials into `OUTPUT/<namespace>/<lease>/`.
+#[derive(Debug, Clone)]
+pub struct DirectoryDelivery {
+    pub root: PathBuf,
+}
+
+#[async_trait]
+impl Delivery for DirectoryDelivery {
+    async fn deliver(&self, lease: &LeaseKey, _version: u64, material: &CredentialMaterial) -> Result<(), StoreError> {
+        let dir = self.root.join(&lease.namespace).join(&lease.name);
+        let files = material.0.clone();
+        tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&dir).map_err(|e| StoreError(format!("cannot create {}: {e}", dir.display())))?;
+            AtomicDir::new(&dir)
+                .write(&files, WriteOptions { file_mode: 0o400, dir_mode: 0o500, gid: None })
+                .map(|_| ())
+                .map_err(|e| StoreError(e.to_string()))
+        })
+        .await
+        .map_err(|e| StoreError(e.to_string()))?
+    }
+}
+
+/// The objects found in a manifest directory.
+#[derive(Default)]
+pub struct Manifests {
+    pub policies: BTreeMap<(String, String), RotationPolicy>,
+    pub leases: BTreeMap<(String, String), SecretLease>,
+    /// (namespace, name) → key → value.
+    secrets: BTreeMap<(String, String), BTreeMap<String, SecretString>>,
+}
+
+impl std::fmt::Debug for Manifests {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Manifests")
+            .field("policies", &self.policies.keys().collect::<Vec<_>>())
+            .field("leases", &self.leases.keys().collect::<Vec<_>>())
+            .field("secrets", &self.secrets.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl Manifests {
+    /// Read every `*.yaml`/`*.yml` file in `dir` (not recursive).
+    pub fn load(dir: &Path) -> Result<Self, LocalError> {
+        let mut out = Self::default();
+        let entries = std::fs::read_dir(dir).map_err(|source| LocalError::Read { path: dir.into(), source })?;
+        let mut files: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
+            .collect();
+        files.sort();
+        for path in files {
+            let text = std::fs::read_to_string(&path).map_err(|source| LocalError::Read { path: path.clone(), source })?;
+            for doc in serde_norway::Deserializer::from_str(&text) {
+                let value = serde_json::Value::deserialize(doc).map_err(|e| LocalError::Manifest {
+                    path: path.clone(),
+                    message: format!("not YAML: {e}"),
+                })?;
+                if value.is_null() {
+                    continue;
+                }
+                out.add(&path, value)?;
+            }
+        }
+        Ok(out)
+    }
+
+    fn add(&mut self, path: &Path, value: serde_json::Value) -> Result<(), LocalError> {
+        let err = |message: String| LocalError::Manifest { path: path.into(), message };
+        let kind = value["kind"].as_str().unwrap_or_default().to_string();
+        let namespace = value["metadata"]["namespace"].as_str().unwrap_or("default").to_string();
+        let name = value["metadata"]["name"].as_str().unwrap_or_default().to_string();
+        match kind.as_str() {
+            "RotationPolicy" => {
+                let mut p: RotationPolicy =
+                    serde_json::from_value(value).map_err(|e| err(format!("RotationPolicy {name}: {e}")))?;
+                p.metadata.namespace = Some(namespace.clone());
+                self.policies.insert((namespace, name), p);
+            }
+            "SecretLease" => {
+                let mut l: SecretLease =
+                    serde_json::from_value(value).map_err(|e| err(format!("SecretLease {name}: {e}")))?;
+                l.metadata.namespace = Some(namespace.clone());
+                self.leases.insert((namespace, name), l);
+            }
+            "Secret" => {
+                let mut data = BTreeMap::new();
+                if let Some(map) = value["stringData"].as_object() {
+                    for (k, v) in map {
+                        data.insert(k.clone(), SecretString::from(v.as_str().unwrap_or_default().to_string()));
+                    }
+                }
+                if let Some(map) = value["data"].as_object() {
+                    for (k, v) in map {
+                        let bytes = base64::engine::general_purpose::STANDARD
+                            .decode(v.as_str().unwrap_or_default())
+                            .map_err(|_| err(format!("Secret {name}: data.{k} is not base64")))?;
+                        let text = String::from_utf8(bytes).map_err(|_| err(format!("Secret {name}: data.{k} is not UTF-8")))?;
+                        data.insert(k.clone(), SecretString::from(text));
+                    }
+                }
+                self.secrets.insert((namespace, name), data);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn admin_for(&self, namespace: &str, spec: &SecretLeaseSpec) -> Result<AdminCredentials, String> {
+        let db = spec.postgres.as_ref().or(spec.mysql.as_ref()).ok_or("no database backend")?;
+        let r = &db.admin_secret_ref;
+        let secret = self
+            .secrets
+            .get(&(namespace.to_string(), r.name.clone()))
+            .ok_or_else(|| format!("admin Secret {namespace}/{} not found in the manifests", r.name))?;
+        let username = secret
+            .get(&r.username_key)
+            .ok_or_else(|| format!("admin Secret {} has no key {:?}", r.name, r.username_key))?;
+        let password = secret
+            .get(&r.password_key)
+            .ok_or_else(|| format!("admin Secret {} has no key {:?}", r.name, r.password_key))?;
+        Ok(AdminCredentials {
+            username: username.expose_secret().to_string(),
+            password: password.clone(),
+        })
+    }
+}
+
+/// One line of the status table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusRow {
+    pub lease: String,
+    pub phase: String,
+    pub version: Option<u64>,
+    pub username: Option<String>,
+    pub expires_at: Option<Timestamp>,
+    pub next_rotation_at: Option<Timestamp>,
+    pub message: Option<String>,
+}
+
+/// Status rows from a state file.
+pub fn status_rows(state: &LocalState, now: Timestamp) -> Vec<StatusRow> {
+    state
+        .leases
+        .iter()
+        .map(|(key, l)| {
+            let current = l.progress.current();
+            let next = match (current, l.last_policy.as_ref()) {
+                (Some(c), Some(p)) => leasehold_api::validate::policy_params(p)
+                    .ok()
+                    .map(|params| rotation_due_at(&params, c)),
+                _ => None,
+            };
+            let ph = if l.last_error.is_some() && current.is_none() {
+                "Invalid".to_string()
+            } else {
+                format!("{:?}", phase(&l.progress, false, now))
+            };
+            StatusRow {
+                lease: key.clone(),
+                phase: ph,
+                version: current.map(|c| c.version),
+                username: current.map(|c| c.credential_id.clone()),
+                expires_at: current.and_then(|c| c.expires_at),
+                next_rotation_at: next,
+                message: l.last_error.clone(),
+            }
+        })
+        .collect()
+}
+
+/// Render rows as an aligned table.
+pub fn format_table(rows: &[StatusRow]) -> String {
+    let mut out = format!(
+        "{:<32} {:<10} {:>7} {:<24} {:<22} {:<22} {}\n",
+        "LEASE", "PHASE", "VERSION", "USER", "EXPIRES", "NEXT ROTATION", "MESSAGE"
+    );
+    let ts = |t: &Option<Timestamp>| t.map(|t| t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()).unwrap_or_else(|| "-".into());
+    for r in rows {
+        out.push_str(&format!(
+            "{:<32} {:<10} {:>7} {:<24} {:<22} {:<22} {}\n",
+            r.lease,
+            r.phase,
+            r.version.map(|v| v.to_string()).unwrap_or_else(|| "-".into()),
+            r.username.clone().unwrap_or_else(|| "-".into()),
+            ts(&r.expires_at),
+            ts(&r.next_rotation_at),
+            r.message.clone().unwrap_or_default()
+        ));
+    }
+    out
+}
+
+/// Options of a local run.
+#[derive(Debug, Clone)]
+pub struct LocalOptions {
+    pub manifests: PathBuf,
+    pub state: PathBuf,
+    pub output: PathBuf,
+}
+
+/// The local runner: one pass over all leases per call to [`LocalRunner::pass`].
+pub struct LocalRunner {
+    pub options: LocalOptions,
+    pub engine: Engine,
+    pub store: Arc<StateFile>,
+    registry: BackendRegistry,
+}
+
+impl std::fmt::Debug for LocalRunner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalRunner").field("options", &self.options).finish()
+    }
+}
+
+/// What one pass did.
+#[derive(Debug, Default, Clone)]
+pub struct PassReport {
+    /// When the next pass has something to do (earliest wake-up).
+    pub next_wake: Option<Timestamp>,
+    /// Leases that failed this pass, with the error (no secrets).
+    pub errors: Vec<(String, String)>,
+}
+
+impl LocalRunner {
+    pub fn new(options: LocalOptions, engine: Engine) -> Result<Self, LocalError> {
+        let store = Arc::new(StateFile::open(&options.state)?);
+        Ok(Self { options, engine, store, registry: BackendRegistry::new(4) })
+    }
+
+    /// Reconcile every lease once (running each until it has to wait).
+    pub async fn pass(&self) -> Result<PassReport, LocalError> {
+        let manifests = Manifests::load(&self.options.manifests)?;
+        let delivery = DirectoryDelivery { root: self.options.output.clone() };
+        let mut report = PassReport::default();
+        let known: BTreeSet<String> = self.store.snapshot().await.leases.keys().cloned().collect();
+        let present: BTreeSet<String> = manifests.leases.keys().map(|(ns, n)| format!("{ns}/{n}")).collect();
+
+        let mut work = Vec::new();
+        for ((ns, name), lease) in &manifests.leases {
+            work.push((ns.clone(), name.clone(), Some(lease.clone())));
+        }
+        for gone in known.difference(&present) {
+            if let Some((ns, name)) = gone.split_once('/') {
+                work.push((ns.to_string(), name.to_string(), None));
+            }
+        }
+
+        let results = futures::future::join_all(work.into_iter().map(|(ns, name, lease)| {
+            let manifests = &manifests;
+            let delivery = &delivery;
+            async move {
+                let key = format!("{ns}/{name}");
+                let r = self.reconcile_one(manifests, delivery, &ns, &name, lease.as_ref()).await;
+                (key, r)
+            }
+        }))
+        .await;
+        for (key, r) in results {
+            match r {
+                Ok(Some(t)) => report.next_wake = Some(report.next_wake.map_or(t, |w: Timestamp| w.min(t))),
+                Ok(None) => {}
+                Err(e) => {
+                    warn!(lease = %key, error = %e, "lease not reconciled");
+                    report.errors.push((key, e));
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    async fn set_error(&self, key: &str, error: Option<String>) {
+        let _ = self
+            .store
+            .update(|s| {
+                if let Some(l) = s.leases.get_mut(key) {
+                    l.last_error = error;
+                }
+            })
+            .await;
+    }
+
+    async fn reconcile_one(
+        &self,
+        manifests: &Manifests,
+        delivery: &DirectoryDelivery,
+        ns: &str,
+        name: &str,
+        lease: Option<&SecretLease>,
+    ) -> Result<Option<Timestamp>, String> {
+        let key_str = format!("{ns}/{name}");
+        let snapshot = self.store.snapshot().await;
+        let existing = snapshot.leases.get(&key_str).cloned();
+        let deleting = lease.is_none();
+        let (spec, policy) = match lease {
+            Some(l) => {
+                let policy = manifests
+                    .policies
+                    .get(&(ns.to_string(), l.spec.policy_ref.name.clone()))
+                    .map(|p| p.spec.clone());
+                (l.spec.clone(), policy)
+            }
+            None => match existing.as_ref().and_then(|e| e.last_spec.clone().zip(e.last_policy.clone())) {
+                Some((s, p)) => (s, Some(p)),
+                None => return Ok(None),
+            },
+        };
+        // Record identity and the spec before anything else touches the database.
+        let uid = existing.as_ref().map(|e| e.uid.clone()).unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let store_spec = (!deleting).then(|| spec.clone());
+        let store_policy = policy.clone();
+        self.store
+            .update(|s| {
+                let entry = s.leases.entry(key_str.clone()).or_default();
+                entry.uid = uid.clone();
+                if let Some(sp) = store_spec {
+                    entry.last_spec = Some(sp);
+                }
+                if let Some(p) = store_policy {
+                    entry.last_policy = Some(p);
+                }
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+
+        let Some(policy) = policy else {
+            let msg = format!("RotationPolicy {ns}/{} not found", spec.policy_ref.name);
+            self.set_error(&key_str, Some(msg.clone())).await;
+            return Err(msg);
+        };
+        let admin = match manifests.admin_for(ns, &spec) {
+            Ok(a) => a,
+            Err(msg) => {
+                self.set_error(&key_str, Some(msg.clone())).await;
+                return Err(msg);
+            }
+        };
+        let key = LeaseKey { namespace: ns.into(), name: name.into(), uid };
+        let ctx = match resolve(key.clone(), &spec, &policy, &admin, None, &self.registry) {
+            Ok(c) => c,
+            Err(e) => {
+                let msg = format!("{}: {e}", e.reason());
+                self.set_error(&key_str, Some(msg.clone())).await;
+                return Err(msg);
+            }
+        };
+        let (open, opens_at) = crate::window::window_state(policy.maintenance_window.as_ref(), Timestamp::now());
+        let obs = Observations {
+            deleting,
+            consumers_on_current: true,
+            rotation_request: lease.and_then(|l| l.metadata.annotations.as_ref()).and_then(|a| a.get(ROTATE_ANNOTATION).cloned()),
+            maintenance_window_open: open,
+            maintenance_window_opens_at: opens_at,
+        };
+        let mut progress = existing.map(|e| e.progress).unwrap_or_default();
+        let stores = Stores { progress: self.store.as_ref(), secrets: self.store.as_ref(), delivery };
+        let outcome = self.engine.reconcile(&ctx, &mut progress, &obs, stores).await;
+        match outcome {
+            Ok(Outcome::Finished) => {
+                let out_dir = self.options.output.join(ns).join(name);
+                let _ = tokio::task::spawn_blocking(move || {
+                    let _ = AtomicDir::new(&out_dir).remove_all();
+                    let _ = std::fs::remove_dir(&out_dir);
+                })
+                .await;
+                self.store
+                    .update(|s| s.leases.remove(&key_str))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                info!(lease = %key_str, "lease removed; every credential revoked");
+                Ok(None)
+            }
+            Ok(Outcome::Wait { until, .. }) => {
+                self.set_error(&key_str, None).await;
+                let _ = self
+                    .store
+                    .update(|s| {
+                        if let Some(l) = s.leases.get_mut(&key_str) {
+                            l.next_check_at = until;
+                        }
+                    })
+                    .await;
+                Ok(until)
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                self.set_error(&key_str, Some(msg.clone())).await;
+                Err(msg)
+            }
+        }
+    }
+}
+
+/// Phase as text for a lease key (used by tests and the status command).
+pub fn phase_of(state: &LocalState, key: &str, now: Timestamp) -> Option<Phase> {
+    state.leases.get(key).map(|l| phase(&l.progress, false, now))
+}
