@@ -1,0 +1,89 @@
+//! One interface over the test PostgreSQL and MariaDB.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::sync::Arc;
+
+use leasehold_backends::{Backend, MySqlBackend, MySqlTarget, PostgresBackend, PostgresTarget};
+use leasehold_engine::context::DatabaseKind;
+use leasehold_testkit::{MariaDbServer, PostgresServer};
+use mysql_async::prelude::Queryable;
+
+#[derive(Clone, Copy)]
+pub enum Db<'a> {
+    Pg(&'a PostgresServer),
+    Maria(&'a MariaDbServer),
+}
+
+impl Db<'_> {
+    pub fn kind(&self) -> DatabaseKind {
+        match self {
+            Db::Pg(_) => DatabaseKind::Postgres,
+            Db::Maria(_) => DatabaseKind::MySql,
+        }
+    }
+    pub fn host(&self) -> &str {
+        match self {
+            Db::Pg(s) => s.host(),
+            Db::Maria(s) => s.host(),
+        }
+    }
+    pub fn port(&self) -> u16 {
+        match self {
+            Db::Pg(s) => s.port(),
+            Db::Maria(s) => s.port(),
+        }
+    }
+    pub fn database(&self) -> &str {
+        match self {
+            Db::Pg(s) => s.database(),
+            Db::Maria(s) => s.database(),
+        }
+    }
+    pub fn backend(&self, max_conns: usize) -> Arc<dyn Backend> {
+        match self {
+            Db::Pg(s) => {
+                let mut t = PostgresTarget::new(s.host(), s.port(), s.database(), s.admin_user(), s.admin_password().clone());
+                t.max_admin_connections = max_conns;
+                Arc::new(PostgresBackend::new(t).unwrap())
+            }
+            Db::Maria(s) => {
+                let mut t = MySqlTarget::new(s.host(), s.port(), s.database(), s.admin_user(), s.admin_password().clone());
+                t.max_admin_connections = max_conns;
+                Arc::new(MySqlBackend::new(t).unwrap())
+            }
+        }
+    }
+    /// Whether `user` can log in with `password` and run `sql`.
+    pub async fn query_ok(&self, user: &str, password: &str, sql: &str) -> bool {
+        match self {
+            Db::Pg(s) => match s.connect_as(user, password).await {
+                Ok(c) => c.simple_query(sql).await.is_ok(),
+                Err(_) => false,
+            },
+            Db::Maria(s) => match s.connect_as(user, password).await {
+                Ok(mut c) => {
+                    let ok = c.query_drop(sql).await.is_ok();
+                    let _ = c.disconnect().await;
+                    ok
+                }
+                Err(_) => false,
+            },
+        }
+    }
+    pub async fn can_login(&self, user: &str, password: &str) -> bool {
+        self.query_ok(user, password, "SELECT 1").await
+    }
+    /// Run admin SQL.
+    pub async fn admin(&self, sql: &str) {
+        match self {
+            Db::Pg(s) => {
+                s.admin_client().await.batch_execute(sql).await.unwrap();
+            }
+            Db::Maria(s) => {
+                let mut c = s.admin_conn().await;
+                c.query_drop(sql).await.unwrap();
+                let _ = c.disconnect().await;
+            }
+        }
+    }
+}

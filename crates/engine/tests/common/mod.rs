@@ -1,0 +1,176 @@
+//! Shared test harness: in-memory stores and lease contexts against the testkit servers.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use jiff::Timestamp;
+use leasehold_backends::{Backend, CredentialMaterial, PasswordPolicy, Privileges};
+use leasehold_core::{DrainSessionsMode, PolicyParams, Progress, Strategy};
+use leasehold_engine::context::DatabaseKind;
+use leasehold_engine::engine::Stores;
+use leasehold_engine::{Delivery, LeaseContext, LeaseKey, NamingRule, ProgressStore, SecretStore, StoreError};
+use secrecy::{ExposeSecret, SecretString};
+
+pub mod db;
+
+/// Progress, secrets and deliveries kept in memory. `saved` is what survives a "crash".
+#[derive(Default)]
+pub struct MemoryStores {
+    pub saved: Mutex<BTreeMap<LeaseKey, Progress>>,
+    pub secrets: Mutex<BTreeMap<(LeaseKey, u64), String>>,
+    pub delivered: Mutex<Vec<(LeaseKey, u64, BTreeMap<String, String>)>>,
+    pub saves: AtomicI64,
+}
+
+impl MemoryStores {
+    pub fn stores(&self) -> Stores<'_> {
+        Stores { progress: self, secrets: self, delivery: self }
+    }
+    /// The progress as last saved (what a restarted process would load).
+    pub fn load(&self, key: &LeaseKey) -> Progress {
+        self.saved.lock().unwrap().get(key).cloned().unwrap_or_default()
+    }
+    pub fn password(&self, key: &LeaseKey, version: u64) -> Option<String> {
+        self.secrets.lock().unwrap().get(&(key.clone(), version)).cloned()
+    }
+    pub fn all_passwords(&self) -> Vec<String> {
+        self.secrets.lock().unwrap().values().cloned().collect()
+    }
+}
+
+#[async_trait]
+impl ProgressStore for MemoryStores {
+    async fn save(&self, lease: &LeaseKey, progress: &Progress) -> Result<(), StoreError> {
+        self.saves.fetch_add(1, Ordering::SeqCst);
+        self.saved.lock().unwrap().insert(lease.clone(), progress.clone());
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl SecretStore for MemoryStores {
+    async fn put(&self, lease: &LeaseKey, version: u64, secret: &SecretString) -> Result<(), StoreError> {
+        self.secrets
+            .lock()
+            .unwrap()
+            .insert((lease.clone(), version), secret.expose_secret().to_string());
+        Ok(())
+    }
+    async fn get(&self, lease: &LeaseKey, version: u64) -> Result<Option<SecretString>, StoreError> {
+        Ok(self
+            .secrets
+            .lock()
+            .unwrap()
+            .get(&(lease.clone(), version))
+            .map(|s| SecretString::from(s.clone())))
+    }
+    async fn remove(&self, lease: &LeaseKey, version: u64) -> Result<(), StoreError> {
+        self.secrets.lock().unwrap().remove(&(lease.clone(), version));
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Delivery for MemoryStores {
+    async fn deliver(&self, lease: &LeaseKey, version: u64, material: &CredentialMaterial) -> Result<(), StoreError> {
+        let files = material
+            .0
+            .iter()
+            .map(|(k, v)| (k.clone(), v.expose_secret().to_string()))
+            .collect();
+        self.delivered.lock().unwrap().push((lease.clone(), version, files));
+        Ok(())
+    }
+}
+
+/// A clock tests move by hand.
+#[derive(Clone)]
+pub struct TestClock(pub Arc<AtomicI64>);
+
+impl TestClock {
+    pub fn new() -> Self {
+        Self(Arc::new(AtomicI64::new(Timestamp::now().as_second())))
+    }
+    pub fn advance(&self, d: Duration) {
+        self.0.fetch_add(d.as_secs() as i64, Ordering::SeqCst);
+    }
+    pub fn func(&self) -> Arc<dyn Fn() -> Timestamp + Send + Sync> {
+        let c = self.0.clone();
+        Arc::new(move || Timestamp::from_second(c.load(Ordering::SeqCst)).unwrap())
+    }
+}
+
+/// Policy for tests: immediate revocation unless a grace period is given.
+pub fn policy(strategy: Strategy, grace: Duration) -> PolicyParams {
+    PolicyParams {
+        strategy,
+        ttl: Duration::from_secs(3600),
+        renew_before: Duration::from_secs(1200),
+        rotation_interval: None,
+        grace_period: grace,
+        wait_for_consumers: false,
+        max_wait: grace,
+        drain: DrainSessionsMode::Terminate,
+        drain_timeout: Duration::ZERO,
+    }
+}
+
+pub fn lease_key(prefix: &str) -> LeaseKey {
+    let uid = format!("{:032x}", rand_u128());
+    LeaseKey { namespace: "test".into(), name: format!("{prefix}-{}", &uid[..6]), uid }
+}
+
+fn rand_u128() -> u128 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(std::process::id() as u64);
+    let a = h.finish() as u128;
+    let mut h2 = std::collections::hash_map::RandomState::new().build_hasher();
+    h2.write_u64(a as u64);
+    (a << 64) | h2.finish() as u128
+}
+
+/// Naming for a strategy, unique per lease.
+pub fn naming(strategy: Strategy, key: &LeaseKey, kind: DatabaseKind) -> NamingRule {
+    let base = format!("app_{}", &key.uid[..10]);
+    match strategy {
+        Strategy::Dynamic => NamingRule::Dynamic {
+            template: "lh_{{uid}}_v{{version}}".into(),
+            max_len: if kind == DatabaseKind::Postgres { 63 } else { 32 },
+        },
+        Strategy::AlternatingUsers => NamingRule::Alternating { base },
+        Strategy::InPlace => NamingRule::InPlace { user: base },
+    }
+}
+
+pub fn context(
+    key: LeaseKey,
+    kind: DatabaseKind,
+    backend: Arc<dyn Backend>,
+    host: &str,
+    port: u16,
+    database: &str,
+    policy: PolicyParams,
+    privileges: Privileges,
+) -> LeaseContext {
+    LeaseContext {
+        naming: naming(policy.strategy, &key, kind),
+        key,
+        policy,
+        privileges,
+        password: PasswordPolicy::default(),
+        verify_query: "SELECT 1".into(),
+        verify_timeout: Duration::from_secs(10),
+        max_concurrent_per_target: 4,
+        backend,
+        kind,
+        host: host.into(),
+        port,
+        database: database.into(),
+        templates: BTreeMap::new(),
+    }
+}
