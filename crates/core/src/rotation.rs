@@ -525,27 +525,33 @@ pub fn decide(
             )
         }
     };
+    // After a failed attempt the rotation is still wanted: retry with backoff (a new
+    // rotation request skips the backoff).
+    let failed_retry_at = progress
+        .last_verify_failure_at
+        .filter(|_| progress.verify_failures > 0 && !requested)
+        .map(|t| {
+            add(
+                t,
+                Backoff::VERIFICATION.delay(
+                    progress.verify_failures.saturating_sub(1),
+                    seed_of(&progress.last_version.to_string()),
+                ),
+            )
+        });
+    let (due_at, due_reason) = match failed_retry_at {
+        Some(r) => (r, WaitReason::VerificationBackoff),
+        None => (due_at, WaitReason::Renewal),
+    };
 
     if due_at > now {
-        wait_for(due_at, WaitReason::Renewal);
+        wait_for(due_at, due_reason);
     } else if draining && policy.strategy != Strategy::Dynamic {
         // The idle user (or the single user) is still held by the previous rotation.
         wait_for(
             add(now, SESSION_POLL),
             WaitReason::PreviousRotationUnfinished,
         );
-    } else if let Some(retry_at) = progress.last_verify_failure_at.map(|t| {
-        add(
-            t,
-            Backoff::VERIFICATION.delay(
-                progress.verify_failures.saturating_sub(1),
-                seed_of(&progress.last_version.to_string()),
-            ),
-        )
-    }) && retry_at > now
-        && !requested
-    {
-        wait_for(retry_at, WaitReason::VerificationBackoff);
     } else if !urgent && !obs.maintenance_window_open {
         match obs.maintenance_window_opens_at {
             Some(t) => wait_for(t, WaitReason::MaintenanceWindow),
@@ -814,6 +820,35 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    #[test]
+    fn failed_rotation_is_retried_after_backoff_not_at_next_renewal() {
+        let p = policy(Strategy::Dynamic);
+        let progress = Progress {
+            versions: vec![record(1, VersionState::Current, 0)],
+            last_version: 2,
+            delivered_version: Some(1),
+            verify_failures: 2,
+            last_verify_failure_at: Some(t(5)),
+            ..Default::default()
+        };
+        match decide(&p, &progress, &obs(), t(5)) {
+            Action::Wait {
+                until: Some(u),
+                reason: WaitReason::VerificationBackoff,
+            } => {
+                assert!(u > t(5) && u <= add(t(5), Duration::from_secs(20)), "{u}")
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert_eq!(
+            decide(&p, &progress, &obs(), t(6)),
+            Action::Issue {
+                version: 3,
+                resume: false
+            }
+        );
     }
 
     #[test]

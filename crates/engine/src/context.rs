@@ -37,7 +37,11 @@ pub enum NamingRule {
 }
 
 impl NamingRule {
-    pub fn credential_id(&self, lease: &LeaseKey, version: u64) -> Result<CredentialId, FieldError> {
+    pub fn credential_id(
+        &self,
+        lease: &LeaseKey,
+        version: u64,
+    ) -> Result<CredentialId, FieldError> {
         let name = match self {
             NamingRule::Dynamic { template, max_len } => naming::dynamic_username(
                 template,
@@ -209,13 +213,25 @@ impl BackendRegistry {
         }
         let backend: Arc<dyn Backend> = match kind {
             DatabaseKind::Postgres => {
-                let mut t = PostgresTarget::new(&db.host, port, &db.database, &admin.username, admin.password.clone());
+                let mut t = PostgresTarget::new(
+                    &db.host,
+                    port,
+                    &db.database,
+                    &admin.username,
+                    admin.password.clone(),
+                );
                 t.tls = tls;
                 t.max_admin_connections = self.max_admin_connections;
                 Arc::new(PostgresBackend::new(t)?)
             }
             DatabaseKind::MySql => {
-                let mut t = MySqlTarget::new(&db.host, port, &db.database, &admin.username, admin.password.clone());
+                let mut t = MySqlTarget::new(
+                    &db.host,
+                    port,
+                    &db.database,
+                    &admin.username,
+                    admin.password.clone(),
+                );
                 t.tls = tls;
                 t.max_admin_connections = self.max_admin_connections;
                 Arc::new(MySqlBackend::new(t)?)

@@ -47,15 +47,41 @@ pub type FaultHook = Arc<dyn Fn(FaultPoint) -> Result<(), String> + Send + Sync>
 /// What happened, for events and metrics. Never carries secret values.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StepEvent {
-    Issued { version: u64, username: String },
-    Verified { version: u64 },
-    VerificationFailed { version: u64, reason: String },
-    Promoted { version: u64, previous: Option<u64> },
-    Delivered { version: u64 },
-    Revoked { version: u64, reason: RevokeReason },
-    RevocationRetry { version: u64, failures: u32, error: String },
-    RevocationStuck { version: u64, since: Timestamp },
-    SessionsRemain { version: u64, sessions: u32 },
+    Issued {
+        version: u64,
+        username: String,
+    },
+    Verified {
+        version: u64,
+    },
+    VerificationFailed {
+        version: u64,
+        reason: String,
+    },
+    Promoted {
+        version: u64,
+        previous: Option<u64>,
+    },
+    Delivered {
+        version: u64,
+    },
+    Revoked {
+        version: u64,
+        reason: RevokeReason,
+    },
+    RevocationRetry {
+        version: u64,
+        failures: u32,
+        error: String,
+    },
+    RevocationStuck {
+        version: u64,
+        since: Timestamp,
+    },
+    SessionsRemain {
+        version: u64,
+        sessions: u32,
+    },
 }
 
 /// Receives [`StepEvent`]s.
@@ -71,7 +97,10 @@ pub struct LeaseContextRef<'a> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     /// Nothing to do until `until` (or an observed change).
-    Wait { until: Option<Timestamp>, reason: WaitReason },
+    Wait {
+        until: Option<Timestamp>,
+        reason: WaitReason,
+    },
     /// The lease is being deleted and everything is revoked.
     Finished,
 }
@@ -192,7 +221,11 @@ impl Engine {
             StepEvent::VerificationFailed { version, reason } => {
                 warn!(lease = %ctx.key, version, reason, "verification failed; the new credential is revoked and the current one kept")
             }
-            StepEvent::RevocationRetry { version, failures, error } => {
+            StepEvent::RevocationRetry {
+                version,
+                failures,
+                error,
+            } => {
                 warn!(lease = %ctx.key, version, failures, error, "revocation failed; retrying with backoff")
             }
             StepEvent::RevocationStuck { version, since } => {
@@ -205,7 +238,12 @@ impl Engine {
         }
     }
 
-    async fn save(&self, stores: Stores<'_>, ctx: &LeaseContext, progress: &Progress) -> Result<(), EngineError> {
+    async fn save(
+        &self,
+        stores: Stores<'_>,
+        ctx: &LeaseContext,
+        progress: &Progress,
+    ) -> Result<(), EngineError> {
         stores.progress.save(&ctx.key, progress).await?;
         Ok(())
     }
@@ -237,12 +275,21 @@ impl Engine {
                 );
             }
             match action {
-                Action::Issue { version, resume } => self.issue(ctx, progress, obs, stores, version, resume).await?,
+                Action::Issue { version, resume } => {
+                    self.issue(ctx, progress, obs, stores, version, resume)
+                        .await?
+                }
                 Action::Verify { version } => self.verify(ctx, progress, stores, version).await?,
                 Action::Promote { version } => self.promote(ctx, progress, stores, version).await?,
                 Action::Deliver { version } => self.deliver(ctx, progress, stores, version).await?,
-                Action::Revoke { version, reason, plan, drain } => {
-                    self.revoke(ctx, progress, stores, version, reason, plan, drain).await?
+                Action::Revoke {
+                    version,
+                    reason,
+                    plan,
+                    drain,
+                } => {
+                    self.revoke(ctx, progress, stores, version, reason, plan, drain)
+                        .await?
                 }
                 Action::Wait { until, reason } => return Ok(Outcome::Wait { until, reason }),
                 Action::Finished => return Ok(Outcome::Finished),
@@ -313,7 +360,12 @@ impl Engine {
         };
         match ctx.backend.issue(&request).await {
             Ok(()) => {}
-            Err(e) if e.is_transient() => return Err(EngineError::Backend { step: "issue", source: e }),
+            Err(e) if e.is_transient() => {
+                return Err(EngineError::Backend {
+                    step: "issue",
+                    source: e,
+                });
+            }
             Err(e) => {
                 // The backend refused (bad grant, missing role): remove whatever exists of it.
                 let reason = e.to_string();
@@ -342,11 +394,22 @@ impl Engine {
             r.state = VersionState::Issued;
         }
         self.save(stores, ctx, progress).await?;
-        self.emit(ctx, StepEvent::Issued { version, username: id.0 });
+        self.emit(
+            ctx,
+            StepEvent::Issued {
+                version,
+                username: id.0,
+            },
+        );
         Ok(())
     }
 
-    async fn secret(&self, ctx: &LeaseContext, stores: Stores<'_>, version: u64) -> Result<SecretString, EngineError> {
+    async fn secret(
+        &self,
+        ctx: &LeaseContext,
+        stores: Stores<'_>,
+        version: u64,
+    ) -> Result<SecretString, EngineError> {
         stores
             .secrets
             .get(&ctx.key, version)
@@ -369,8 +432,15 @@ impl Engine {
             Some(p) => p,
             None => {
                 // Without the secret the version is useless: discard it.
-                self.fail_verification(ctx, progress, stores, &record, "its secret was lost before verification".into(), now)
-                    .await?;
+                self.fail_verification(
+                    ctx,
+                    progress,
+                    stores,
+                    &record,
+                    "its secret was lost before verification".into(),
+                    now,
+                )
+                .await?;
                 return Ok(());
             }
         };
@@ -396,8 +466,14 @@ impl Engine {
                 Ok(())
             }
             // A database that is down delays the rotation; it is not a failed verification.
-            Err(e @ BackendError::Unreachable(_)) => Err(EngineError::Backend { step: "verify", source: e }),
-            Err(e) => self.fail_verification(ctx, progress, stores, &record, e.to_string(), now).await,
+            Err(e @ BackendError::Unreachable(_)) => Err(EngineError::Backend {
+                step: "verify",
+                source: e,
+            }),
+            Err(e) => {
+                self.fail_verification(ctx, progress, stores, &record, e.to_string(), now)
+                    .await
+            }
         }
     }
 
@@ -426,7 +502,13 @@ impl Engine {
             reason: Some(reason.clone()),
         });
         self.save(stores, ctx, progress).await?;
-        self.emit(ctx, StepEvent::VerificationFailed { version: record.version, reason });
+        self.emit(
+            ctx,
+            StepEvent::VerificationFailed {
+                version: record.version,
+                reason,
+            },
+        );
         Ok(())
     }
 
@@ -484,7 +566,10 @@ impl Engine {
         let password = self.secret(ctx, stores, version).await?;
         let material = material_for(ctx, &record, password);
         self.fault(FaultPoint::BeforeDeliver)?;
-        stores.delivery.deliver(&ctx.key, version, &material).await?;
+        stores
+            .delivery
+            .deliver(&ctx.key, version, &material)
+            .await?;
         progress.delivered_version = Some(version);
         self.save(stores, ctx, progress).await?;
         self.emit(ctx, StepEvent::Delivered { version });
@@ -506,11 +591,11 @@ impl Engine {
         let Some(record) = progress.version(version).cloned() else {
             return Ok(());
         };
-        if record.state != VersionState::Revoking {
-            if let Some(r) = progress.version_mut(version) {
-                r.state = VersionState::Revoking;
-                r.revoke_reason = Some(reason);
-            }
+        if record.state != VersionState::Revoking
+            && let Some(r) = progress.version_mut(version)
+        {
+            r.state = VersionState::Revoking;
+            r.revoke_reason = Some(reason);
         }
         if let Some(r) = progress.version_mut(version) {
             let p = r.revoke.get_or_insert_with(RevokeProgress::default);
@@ -529,7 +614,11 @@ impl Engine {
         };
         let result = match plan {
             RevokePlan::DropUser | RevokePlan::DisableLogin => {
-                let mode = if plan == RevokePlan::DropUser { RevokeMode::DropUser } else { RevokeMode::DisableLogin };
+                let mode = if plan == RevokePlan::DropUser {
+                    RevokeMode::DropUser
+                } else {
+                    RevokeMode::DisableLogin
+                };
                 ctx.backend.revoke(&RevokeRequest { id, mode, drain }).await
             }
             RevokePlan::Nothing => Ok(RevokeOutcome::Revoked),
@@ -547,12 +636,21 @@ impl Engine {
                 self.emit(ctx, StepEvent::Revoked { version, reason });
             }
             Ok(RevokeOutcome::SessionsRemain(n)) => {
-                if let Some(p) = progress.version_mut(version).and_then(|r| r.revoke.as_mut()) {
+                if let Some(p) = progress
+                    .version_mut(version)
+                    .and_then(|r| r.revoke.as_mut())
+                {
                     p.sessions_remaining = Some(n);
                     p.next_attempt_at = Some(leasehold_core_add(now, SESSION_POLL));
                 }
                 self.save(stores, ctx, progress).await?;
-                self.emit(ctx, StepEvent::SessionsRemain { version, sessions: n });
+                self.emit(
+                    ctx,
+                    StepEvent::SessionsRemain {
+                        version,
+                        sessions: n,
+                    },
+                );
             }
             Err(e) => {
                 let error = e.to_string();
@@ -566,12 +664,21 @@ impl Engine {
                     let first = *p.first_failure_at.get_or_insert(now);
                     p.next_attempt_at = Some(retry(p.failures));
                     p.last_error = Some(error.clone());
-                    if leasehold_core_add(first, leasehold_core::rotation::REVOCATION_STUCK_AFTER) <= now {
+                    if leasehold_core_add(first, leasehold_core::rotation::REVOCATION_STUCK_AFTER)
+                        <= now
+                    {
                         stuck_since = Some(first);
                     }
                 }
                 self.save(stores, ctx, progress).await?;
-                self.emit(ctx, StepEvent::RevocationRetry { version, failures, error });
+                self.emit(
+                    ctx,
+                    StepEvent::RevocationRetry {
+                        version,
+                        failures,
+                        error,
+                    },
+                );
                 if let Some(since) = stuck_since {
                     self.emit(ctx, StepEvent::RevocationStuck { version, since });
                 }
@@ -627,7 +734,11 @@ fn leasehold_core_add(t: Timestamp, d: std::time::Duration) -> Timestamp {
 }
 
 /// The delivered files/keys of a version.
-pub fn material_for(ctx: &LeaseContext, record: &VersionRecord, password: SecretString) -> CredentialMaterial {
+pub fn material_for(
+    ctx: &LeaseContext,
+    record: &VersionRecord,
+    password: SecretString,
+) -> CredentialMaterial {
     render(
         &ctx.templates,
         &CredentialValues {

@@ -36,8 +36,14 @@ pub trait ProgressStore: Send + Sync {
 /// Where credential secrets are kept between reconciles (an owned Secret, a 0600 file).
 #[async_trait]
 pub trait SecretStore: Send + Sync {
-    async fn put(&self, lease: &LeaseKey, version: u64, secret: &SecretString) -> Result<(), StoreError>;
-    async fn get(&self, lease: &LeaseKey, version: u64) -> Result<Option<SecretString>, StoreError>;
+    async fn put(
+        &self,
+        lease: &LeaseKey,
+        version: u64,
+        secret: &SecretString,
+    ) -> Result<(), StoreError>;
+    async fn get(&self, lease: &LeaseKey, version: u64)
+    -> Result<Option<SecretString>, StoreError>;
     async fn remove(&self, lease: &LeaseKey, version: u64) -> Result<(), StoreError>;
 }
 
@@ -63,7 +69,12 @@ pub struct NoDelivery;
 
 #[async_trait]
 impl Delivery for NoDelivery {
-    async fn deliver(&self, _: &LeaseKey, _: u64, _: &CredentialMaterial) -> Result<(), StoreError> {
+    async fn deliver(
+        &self,
+        _: &LeaseKey,
+        _: u64,
+        _: &CredentialMaterial,
+    ) -> Result<(), StoreError> {
         Ok(())
     }
 }

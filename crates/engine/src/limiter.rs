@@ -54,7 +54,11 @@ impl TargetLimiter {
                 slot.semaphore = Arc::new(Semaphore::new(limit));
                 slot.limit = limit;
             }
-            (slot.semaphore.clone(), slot.in_use.clone(), slot.peak.clone())
+            (
+                slot.semaphore.clone(),
+                slot.in_use.clone(),
+                slot.peak.clone(),
+            )
         };
         // The semaphore is never closed, so acquisition cannot fail.
         let permit = match semaphore.acquire_owned().await {
@@ -72,6 +76,8 @@ impl TargetLimiter {
     /// The highest number of permits held at once for `target` (for tests and metrics).
     pub fn peak(&self, target: &str) -> usize {
         let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        slots.get(target).map_or(0, |s| s.peak.load(Ordering::SeqCst))
+        slots
+            .get(target)
+            .map_or(0, |s| s.peak.load(Ordering::SeqCst))
     }
 }

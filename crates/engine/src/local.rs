@@ -12,10 +12,12 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use base64::Engine as _;
 use jiff::Timestamp;
-use leasehold_api::{RotationPolicy, RotationPolicySpec, SecretLease, SecretLeaseSpec, ROTATE_ANNOTATION};
+use leasehold_api::{
+    ROTATE_ANNOTATION, RotationPolicy, RotationPolicySpec, SecretLease, SecretLeaseSpec,
+};
 use leasehold_backends::CredentialMaterial;
-use leasehold_core::rotation::{Observations, Phase, phase, rotation_due_at};
 use leasehold_core::Progress;
+use leasehold_core::rotation::{Observations, Phase, phase, rotation_due_at};
 use leasehold_files::{AtomicDir, WriteOptions};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
@@ -30,7 +32,10 @@ use crate::{Delivery, ProgressStore, SecretStore, StoreError};
 #[derive(Debug, thiserror::Error)]
 pub enum LocalError {
     #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: {message}")]
     Manifest { path: PathBuf, message: String },
     #[error("cannot write the state file {path}: {message}")]
@@ -83,16 +88,21 @@ impl LocalState {
                 message: format!("not a leasehold state file: {e}"),
             }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
-            Err(source) => Err(LocalError::Read { path: path.into(), source }),
+            Err(source) => Err(LocalError::Read {
+                path: path.into(),
+                source,
+            }),
         }
     }
 
     fn write(&self, path: &Path) -> Result<(), StoreError> {
         let bytes = serde_json::to_vec_pretty(self).map_err(|e| StoreError(e.to_string()))?;
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| StoreError(format!("cannot create {}: {e}", dir.display())))?;
+            std::fs::create_dir_all(dir)
+                .map_err(|e| StoreError(format!("cannot create {}: {e}", dir.display())))?;
         }
-        leasehold_files::write_file_atomic(path, &bytes, 0o600).map_err(|e| StoreError(e.to_string()))
+        leasehold_files::write_file_atomic(path, &bytes, 0o600)
+            .map_err(|e| StoreError(e.to_string()))
     }
 }
 
@@ -104,7 +114,9 @@ pub struct StateFile {
 
 impl std::fmt::Debug for StateFile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StateFile").field("path", &self.path).finish()
+        f.debug_struct("StateFile")
+            .field("path", &self.path)
+            .finish()
     }
 }
 
@@ -112,7 +124,10 @@ impl StateFile {
     pub fn open(path: impl Into<PathBuf>) -> Result<Self, LocalError> {
         let path = path.into();
         let state = LocalState::load(&path)?;
-        Ok(Self { path, state: Mutex::new(state) })
+        Ok(Self {
+            path,
+            state: Mutex::new(state),
+        })
     }
 
     pub async fn snapshot(&self) -> LocalState {
@@ -141,15 +156,28 @@ impl ProgressStore for StateFile {
 
 #[async_trait]
 impl SecretStore for StateFile {
-    async fn put(&self, lease: &LeaseKey, version: u64, secret: &SecretString) -> Result<(), StoreError> {
+    async fn put(
+        &self,
+        lease: &LeaseKey,
+        version: u64,
+        secret: &SecretString,
+    ) -> Result<(), StoreError> {
         let value = secret.expose_secret().to_string();
         self.update(|s| {
-            s.leases.entry(key_of(lease)).or_default().secrets.insert(version, value);
+            s.leases
+                .entry(key_of(lease))
+                .or_default()
+                .secrets
+                .insert(version, value);
         })
         .await
     }
 
-    async fn get(&self, lease: &LeaseKey, version: u64) -> Result<Option<SecretString>, StoreError> {
+    async fn get(
+        &self,
+        lease: &LeaseKey,
+        version: u64,
+    ) -> Result<Option<SecretString>, StoreError> {
         let state = self.state.lock().await;
         Ok(state
             .leases
@@ -176,13 +204,26 @@ pub struct DirectoryDelivery {
 
 #[async_trait]
 impl Delivery for DirectoryDelivery {
-    async fn deliver(&self, lease: &LeaseKey, _version: u64, material: &CredentialMaterial) -> Result<(), StoreError> {
+    async fn deliver(
+        &self,
+        lease: &LeaseKey,
+        _version: u64,
+        material: &CredentialMaterial,
+    ) -> Result<(), StoreError> {
         let dir = self.root.join(&lease.namespace).join(&lease.name);
         let files = material.0.clone();
         tokio::task::spawn_blocking(move || {
-            std::fs::create_dir_all(&dir).map_err(|e| StoreError(format!("cannot create {}: {e}", dir.display())))?;
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| StoreError(format!("cannot create {}: {e}", dir.display())))?;
             AtomicDir::new(&dir)
-                .write(&files, WriteOptions { file_mode: 0o400, dir_mode: 0o500, gid: None })
+                .write(
+                    &files,
+                    WriteOptions {
+                        file_mode: 0o400,
+                        dir_mode: 0o500,
+                        gid: None,
+                    },
+                )
                 .map(|_| ())
                 .map_err(|e| StoreError(e.to_string()))
         })
@@ -214,19 +255,26 @@ impl Manifests {
     /// Read every `*.yaml`/`*.yml` file in `dir` (not recursive).
     pub fn load(dir: &Path) -> Result<Self, LocalError> {
         let mut out = Self::default();
-        let entries = std::fs::read_dir(dir).map_err(|source| LocalError::Read { path: dir.into(), source })?;
+        let entries = std::fs::read_dir(dir).map_err(|source| LocalError::Read {
+            path: dir.into(),
+            source,
+        })?;
         let mut files: Vec<PathBuf> = entries
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
             .collect();
         files.sort();
         for path in files {
-            let text = std::fs::read_to_string(&path).map_err(|source| LocalError::Read { path: path.clone(), source })?;
+            let text = std::fs::read_to_string(&path).map_err(|source| LocalError::Read {
+                path: path.clone(),
+                source,
+            })?;
             for doc in serde_norway::Deserializer::from_str(&text) {
-                let value = serde_json::Value::deserialize(doc).map_err(|e| LocalError::Manifest {
-                    path: path.clone(),
-                    message: format!("not YAML: {e}"),
-                })?;
+                let value =
+                    serde_json::Value::deserialize(doc).map_err(|e| LocalError::Manifest {
+                        path: path.clone(),
+                        message: format!("not YAML: {e}"),
+                    })?;
                 if value.is_null() {
                     continue;
                 }
@@ -237,20 +285,29 @@ impl Manifests {
     }
 
     fn add(&mut self, path: &Path, value: serde_json::Value) -> Result<(), LocalError> {
-        let err = |message: String| LocalError::Manifest { path: path.into(), message };
+        let err = |message: String| LocalError::Manifest {
+            path: path.into(),
+            message,
+        };
         let kind = value["kind"].as_str().unwrap_or_default().to_string();
-        let namespace = value["metadata"]["namespace"].as_str().unwrap_or("default").to_string();
-        let name = value["metadata"]["name"].as_str().unwrap_or_default().to_string();
+        let namespace = value["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("default")
+            .to_string();
+        let name = value["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         match kind.as_str() {
             "RotationPolicy" => {
-                let mut p: RotationPolicy =
-                    serde_json::from_value(value).map_err(|e| err(format!("RotationPolicy {name}: {e}")))?;
+                let mut p: RotationPolicy = serde_json::from_value(value)
+                    .map_err(|e| err(format!("RotationPolicy {name}: {e}")))?;
                 p.metadata.namespace = Some(namespace.clone());
                 self.policies.insert((namespace, name), p);
             }
             "SecretLease" => {
-                let mut l: SecretLease =
-                    serde_json::from_value(value).map_err(|e| err(format!("SecretLease {name}: {e}")))?;
+                let mut l: SecretLease = serde_json::from_value(value)
+                    .map_err(|e| err(format!("SecretLease {name}: {e}")))?;
                 l.metadata.namespace = Some(namespace.clone());
                 self.leases.insert((namespace, name), l);
             }
@@ -258,7 +315,10 @@ impl Manifests {
                 let mut data = BTreeMap::new();
                 if let Some(map) = value["stringData"].as_object() {
                     for (k, v) in map {
-                        data.insert(k.clone(), SecretString::from(v.as_str().unwrap_or_default().to_string()));
+                        data.insert(
+                            k.clone(),
+                            SecretString::from(v.as_str().unwrap_or_default().to_string()),
+                        );
                     }
                 }
                 if let Some(map) = value["data"].as_object() {
@@ -266,7 +326,8 @@ impl Manifests {
                         let bytes = base64::engine::general_purpose::STANDARD
                             .decode(v.as_str().unwrap_or_default())
                             .map_err(|_| err(format!("Secret {name}: data.{k} is not base64")))?;
-                        let text = String::from_utf8(bytes).map_err(|_| err(format!("Secret {name}: data.{k} is not UTF-8")))?;
+                        let text = String::from_utf8(bytes)
+                            .map_err(|_| err(format!("Secret {name}: data.{k} is not UTF-8")))?;
                         data.insert(k.clone(), SecretString::from(text));
                     }
                 }
@@ -277,13 +338,26 @@ impl Manifests {
         Ok(())
     }
 
-    fn admin_for(&self, namespace: &str, spec: &SecretLeaseSpec) -> Result<AdminCredentials, String> {
-        let db = spec.postgres.as_ref().or(spec.mysql.as_ref()).ok_or("no database backend")?;
+    fn admin_for(
+        &self,
+        namespace: &str,
+        spec: &SecretLeaseSpec,
+    ) -> Result<AdminCredentials, String> {
+        let db = spec
+            .postgres
+            .as_ref()
+            .or(spec.mysql.as_ref())
+            .ok_or("no database backend")?;
         let r = &db.admin_secret_ref;
         let secret = self
             .secrets
             .get(&(namespace.to_string(), r.name.clone()))
-            .ok_or_else(|| format!("admin Secret {namespace}/{} not found in the manifests", r.name))?;
+            .ok_or_else(|| {
+                format!(
+                    "admin Secret {namespace}/{} not found in the manifests",
+                    r.name
+                )
+            })?;
         let username = secret
             .get(&r.username_key)
             .ok_or_else(|| format!("admin Secret {} has no key {:?}", r.name, r.username_key))?;
@@ -346,13 +420,18 @@ pub fn format_table(rows: &[StatusRow]) -> String {
         "{:<32} {:<10} {:>7} {:<24} {:<22} {:<22} {}\n",
         "LEASE", "PHASE", "VERSION", "USER", "EXPIRES", "NEXT ROTATION", "MESSAGE"
     );
-    let ts = |t: &Option<Timestamp>| t.map(|t| t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()).unwrap_or_else(|| "-".into());
+    let ts = |t: &Option<Timestamp>| {
+        t.map(|t| t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string())
+            .unwrap_or_else(|| "-".into())
+    };
     for r in rows {
         out.push_str(&format!(
             "{:<32} {:<10} {:>7} {:<24} {:<22} {:<22} {}\n",
             r.lease,
             r.phase,
-            r.version.map(|v| v.to_string()).unwrap_or_else(|| "-".into()),
+            r.version
+                .map(|v| v.to_string())
+                .unwrap_or_else(|| "-".into()),
             r.username.clone().unwrap_or_else(|| "-".into()),
             ts(&r.expires_at),
             ts(&r.next_rotation_at),
@@ -380,7 +459,9 @@ pub struct LocalRunner {
 
 impl std::fmt::Debug for LocalRunner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LocalRunner").field("options", &self.options).finish()
+        f.debug_struct("LocalRunner")
+            .field("options", &self.options)
+            .finish()
     }
 }
 
@@ -396,16 +477,27 @@ pub struct PassReport {
 impl LocalRunner {
     pub fn new(options: LocalOptions, engine: Engine) -> Result<Self, LocalError> {
         let store = Arc::new(StateFile::open(&options.state)?);
-        Ok(Self { options, engine, store, registry: BackendRegistry::new(4) })
+        Ok(Self {
+            options,
+            engine,
+            store,
+            registry: BackendRegistry::new(4),
+        })
     }
 
     /// Reconcile every lease once (running each until it has to wait).
     pub async fn pass(&self) -> Result<PassReport, LocalError> {
         let manifests = Manifests::load(&self.options.manifests)?;
-        let delivery = DirectoryDelivery { root: self.options.output.clone() };
+        let delivery = DirectoryDelivery {
+            root: self.options.output.clone(),
+        };
         let mut report = PassReport::default();
         let known: BTreeSet<String> = self.store.snapshot().await.leases.keys().cloned().collect();
-        let present: BTreeSet<String> = manifests.leases.keys().map(|(ns, n)| format!("{ns}/{n}")).collect();
+        let present: BTreeSet<String> = manifests
+            .leases
+            .keys()
+            .map(|(ns, n)| format!("{ns}/{n}"))
+            .collect();
 
         let mut work = Vec::new();
         for ((ns, name), lease) in &manifests.leases {
@@ -422,14 +514,18 @@ impl LocalRunner {
             let delivery = &delivery;
             async move {
                 let key = format!("{ns}/{name}");
-                let r = self.reconcile_one(manifests, delivery, &ns, &name, lease.as_ref()).await;
+                let r = self
+                    .reconcile_one(manifests, delivery, &ns, &name, lease.as_ref())
+                    .await;
                 (key, r)
             }
         }))
         .await;
         for (key, r) in results {
             match r {
-                Ok(Some(t)) => report.next_wake = Some(report.next_wake.map_or(t, |w: Timestamp| w.min(t))),
+                Ok(Some(t)) => {
+                    report.next_wake = Some(report.next_wake.map_or(t, |w: Timestamp| w.min(t)))
+                }
                 Ok(None) => {}
                 Err(e) => {
                     warn!(lease = %key, error = %e, "lease not reconciled");
@@ -471,13 +567,19 @@ impl LocalRunner {
                     .map(|p| p.spec.clone());
                 (l.spec.clone(), policy)
             }
-            None => match existing.as_ref().and_then(|e| e.last_spec.clone().zip(e.last_policy.clone())) {
+            None => match existing
+                .as_ref()
+                .and_then(|e| e.last_spec.clone().zip(e.last_policy.clone()))
+            {
                 Some((s, p)) => (s, Some(p)),
                 None => return Ok(None),
             },
         };
         // Record identity and the spec before anything else touches the database.
-        let uid = existing.as_ref().map(|e| e.uid.clone()).unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let uid = existing
+            .as_ref()
+            .map(|e| e.uid.clone())
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         let store_spec = (!deleting).then(|| spec.clone());
         let store_policy = policy.clone();
         self.store
@@ -506,7 +608,11 @@ impl LocalRunner {
                 return Err(msg);
             }
         };
-        let key = LeaseKey { namespace: ns.into(), name: name.into(), uid };
+        let key = LeaseKey {
+            namespace: ns.into(),
+            name: name.into(),
+            uid,
+        };
         let ctx = match resolve(key.clone(), &spec, &policy, &admin, None, &self.registry) {
             Ok(c) => c,
             Err(e) => {
@@ -515,17 +621,27 @@ impl LocalRunner {
                 return Err(msg);
             }
         };
-        let (open, opens_at) = crate::window::window_state(policy.maintenance_window.as_ref(), Timestamp::now());
+        let (open, opens_at) =
+            crate::window::window_state(policy.maintenance_window.as_ref(), Timestamp::now());
         let obs = Observations {
             deleting,
             consumers_on_current: true,
-            rotation_request: lease.and_then(|l| l.metadata.annotations.as_ref()).and_then(|a| a.get(ROTATE_ANNOTATION).cloned()),
+            rotation_request: lease
+                .and_then(|l| l.metadata.annotations.as_ref())
+                .and_then(|a| a.get(ROTATE_ANNOTATION).cloned()),
             maintenance_window_open: open,
             maintenance_window_opens_at: opens_at,
         };
         let mut progress = existing.map(|e| e.progress).unwrap_or_default();
-        let stores = Stores { progress: self.store.as_ref(), secrets: self.store.as_ref(), delivery };
-        let outcome = self.engine.reconcile(&ctx, &mut progress, &obs, stores).await;
+        let stores = Stores {
+            progress: self.store.as_ref(),
+            secrets: self.store.as_ref(),
+            delivery,
+        };
+        let outcome = self
+            .engine
+            .reconcile(&ctx, &mut progress, &obs, stores)
+            .await;
         match outcome {
             Ok(Outcome::Finished) => {
                 let out_dir = self.options.output.join(ns).join(name);
@@ -564,5 +680,8 @@ impl LocalRunner {
 
 /// Phase as text for a lease key (used by tests and the status command).
 pub fn phase_of(state: &LocalState, key: &str, now: Timestamp) -> Option<Phase> {
-    state.leases.get(key).map(|l| phase(&l.progress, false, now))
+    state
+        .leases
+        .get(key)
+        .map(|l| phase(&l.progress, false, now))
 }

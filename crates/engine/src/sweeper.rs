@@ -8,7 +8,9 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use leasehold_backends::{Backend, BackendError, CredentialId, DrainSessions, RevokeMode, RevokeRequest};
+use leasehold_backends::{
+    Backend, BackendError, CredentialId, DrainSessions, RevokeMode, RevokeRequest,
+};
 use tracing::{info, warn};
 
 /// What the sweeper did (or would do in dry-run mode).

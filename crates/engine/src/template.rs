@@ -72,8 +72,15 @@ pub fn default_templates() -> BTreeMap<String, String> {
 
 /// Render every template. Unknown placeholders were rejected by validation; here they
 /// render as empty text rather than failing delivery.
-pub fn render(templates: &BTreeMap<String, String>, values: &CredentialValues) -> CredentialMaterial {
-    let templates = if templates.is_empty() { default_templates() } else { templates.clone() };
+pub fn render(
+    templates: &BTreeMap<String, String>,
+    values: &CredentialValues,
+) -> CredentialMaterial {
+    let templates = if templates.is_empty() {
+        default_templates()
+    } else {
+        templates.clone()
+    };
     let mut out = BTreeMap::new();
     for (key, template) in &templates {
         let mut rendered = String::with_capacity(template.len() + 32);
@@ -126,10 +133,20 @@ mod tests {
             version: 3,
         };
         let material = render(&BTreeMap::new(), &values);
-        assert_eq!(material.0["uri"].expose_secret(), "postgres://lh_1:p%40ss%20word@db:5432/app");
+        assert_eq!(
+            material.0["uri"].expose_secret(),
+            "postgres://lh_1:p%40ss%20word@db:5432/app"
+        );
         assert_eq!(material.0["password"].expose_secret(), "p@ss word");
         assert!(!format!("{values:?} {material:?}").contains("p@ss"));
-        let custom = [("dsn".to_string(), "user={{username}} v={{ version }}".to_string())].into();
-        assert_eq!(render(&custom, &values).0["dsn"].expose_secret(), "user=lh_1 v=3");
+        let custom = [(
+            "dsn".to_string(),
+            "user={{username}} v={{ version }}".to_string(),
+        )]
+        .into();
+        assert_eq!(
+            render(&custom, &values).0["dsn"].expose_secret(),
+            "user=lh_1 v=3"
+        );
     }
 }

@@ -5,7 +5,10 @@ use jiff::{SignedDuration, Timestamp};
 use leasehold_api::{MaintenanceWindow, Weekday};
 
 /// `(open_now, next_opening)` for `window` at `now` (UTC). No window: always open.
-pub fn window_state(window: Option<&MaintenanceWindow>, now: Timestamp) -> (bool, Option<Timestamp>) {
+pub fn window_state(
+    window: Option<&MaintenanceWindow>,
+    now: Timestamp,
+) -> (bool, Option<Timestamp>) {
     let Some(w) = window else {
         return (true, None);
     };
@@ -15,7 +18,8 @@ pub fn window_state(window: Option<&MaintenanceWindow>, now: Timestamp) -> (bool
     let (Ok(h), Ok(m)) = (h.parse::<i8>(), m.parse::<i8>()) else {
         return (true, None);
     };
-    let length = SignedDuration::try_from(std::time::Duration::from(w.duration)).unwrap_or(SignedDuration::ZERO);
+    let length = SignedDuration::try_from(std::time::Duration::from(w.duration))
+        .unwrap_or(SignedDuration::ZERO);
     let today = now.to_zoned(TimeZone::UTC).date();
     let mut next: Option<Timestamp> = None;
     for offset in -8i32..=8 {
@@ -34,10 +38,16 @@ pub fn window_state(window: Option<&MaintenanceWindow>, now: Timestamp) -> (bool
         if !w.days.is_empty() && !w.days.contains(&weekday) {
             continue;
         }
-        let Ok(open) = day.at(h, m, 0, 0).to_zoned(TimeZone::UTC).map(|z| z.timestamp()) else {
+        let Ok(open) = day
+            .at(h, m, 0, 0)
+            .to_zoned(TimeZone::UTC)
+            .map(|z| z.timestamp())
+        else {
             continue;
         };
-        let Ok(close) = open.checked_add(length) else { continue };
+        let Ok(close) = open.checked_add(length) else {
+            continue;
+        };
         if open <= now && now < close {
             return (true, None);
         }

@@ -42,12 +42,24 @@ impl Db<'_> {
     pub fn backend(&self, max_conns: usize) -> Arc<dyn Backend> {
         match self {
             Db::Pg(s) => {
-                let mut t = PostgresTarget::new(s.host(), s.port(), s.database(), s.admin_user(), s.admin_password().clone());
+                let mut t = PostgresTarget::new(
+                    s.host(),
+                    s.port(),
+                    s.database(),
+                    s.admin_user(),
+                    s.admin_password().clone(),
+                );
                 t.max_admin_connections = max_conns;
                 Arc::new(PostgresBackend::new(t).unwrap())
             }
             Db::Maria(s) => {
-                let mut t = MySqlTarget::new(s.host(), s.port(), s.database(), s.admin_user(), s.admin_password().clone());
+                let mut t = MySqlTarget::new(
+                    s.host(),
+                    s.port(),
+                    s.database(),
+                    s.admin_user(),
+                    s.admin_password().clone(),
+                );
                 t.max_admin_connections = max_conns;
                 Arc::new(MySqlBackend::new(t).unwrap())
             }
@@ -67,6 +79,16 @@ impl Db<'_> {
                     ok
                 }
                 Err(_) => false,
+            },
+        }
+    }
+    /// Enough privilege to log in and run `SELECT 1` (MySQL needs a grant on the database).
+    pub fn minimal_privileges(&self) -> leasehold_backends::Privileges {
+        match self {
+            Db::Pg(_) => leasehold_backends::Privileges::default(),
+            Db::Maria(s) => leasehold_backends::Privileges {
+                member_of: vec![],
+                grants: vec![format!("SELECT ON {}.*", s.database())],
             },
         }
     }

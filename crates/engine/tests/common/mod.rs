@@ -1,5 +1,5 @@
 //! Shared test harness: in-memory stores and lease contexts against the testkit servers.
-#![allow(dead_code, clippy::unwrap_used)]
+#![allow(dead_code, clippy::unwrap_used, clippy::type_complexity, clippy::too_many_arguments)]
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -12,7 +12,9 @@ use leasehold_backends::{Backend, CredentialMaterial, PasswordPolicy, Privileges
 use leasehold_core::{DrainSessionsMode, PolicyParams, Progress, Strategy};
 use leasehold_engine::context::DatabaseKind;
 use leasehold_engine::engine::Stores;
-use leasehold_engine::{Delivery, LeaseContext, LeaseKey, NamingRule, ProgressStore, SecretStore, StoreError};
+use leasehold_engine::{
+    Delivery, LeaseContext, LeaseKey, NamingRule, ProgressStore, SecretStore, StoreError,
+};
 use secrecy::{ExposeSecret, SecretString};
 
 pub mod db;
@@ -28,14 +30,27 @@ pub struct MemoryStores {
 
 impl MemoryStores {
     pub fn stores(&self) -> Stores<'_> {
-        Stores { progress: self, secrets: self, delivery: self }
+        Stores {
+            progress: self,
+            secrets: self,
+            delivery: self,
+        }
     }
     /// The progress as last saved (what a restarted process would load).
     pub fn load(&self, key: &LeaseKey) -> Progress {
-        self.saved.lock().unwrap().get(key).cloned().unwrap_or_default()
+        self.saved
+            .lock()
+            .unwrap()
+            .get(key)
+            .cloned()
+            .unwrap_or_default()
     }
     pub fn password(&self, key: &LeaseKey, version: u64) -> Option<String> {
-        self.secrets.lock().unwrap().get(&(key.clone(), version)).cloned()
+        self.secrets
+            .lock()
+            .unwrap()
+            .get(&(key.clone(), version))
+            .cloned()
     }
     pub fn all_passwords(&self) -> Vec<String> {
         self.secrets.lock().unwrap().values().cloned().collect()
@@ -46,21 +61,33 @@ impl MemoryStores {
 impl ProgressStore for MemoryStores {
     async fn save(&self, lease: &LeaseKey, progress: &Progress) -> Result<(), StoreError> {
         self.saves.fetch_add(1, Ordering::SeqCst);
-        self.saved.lock().unwrap().insert(lease.clone(), progress.clone());
+        self.saved
+            .lock()
+            .unwrap()
+            .insert(lease.clone(), progress.clone());
         Ok(())
     }
 }
 
 #[async_trait]
 impl SecretStore for MemoryStores {
-    async fn put(&self, lease: &LeaseKey, version: u64, secret: &SecretString) -> Result<(), StoreError> {
+    async fn put(
+        &self,
+        lease: &LeaseKey,
+        version: u64,
+        secret: &SecretString,
+    ) -> Result<(), StoreError> {
         self.secrets
             .lock()
             .unwrap()
             .insert((lease.clone(), version), secret.expose_secret().to_string());
         Ok(())
     }
-    async fn get(&self, lease: &LeaseKey, version: u64) -> Result<Option<SecretString>, StoreError> {
+    async fn get(
+        &self,
+        lease: &LeaseKey,
+        version: u64,
+    ) -> Result<Option<SecretString>, StoreError> {
         Ok(self
             .secrets
             .lock()
@@ -69,20 +96,31 @@ impl SecretStore for MemoryStores {
             .map(|s| SecretString::from(s.clone())))
     }
     async fn remove(&self, lease: &LeaseKey, version: u64) -> Result<(), StoreError> {
-        self.secrets.lock().unwrap().remove(&(lease.clone(), version));
+        self.secrets
+            .lock()
+            .unwrap()
+            .remove(&(lease.clone(), version));
         Ok(())
     }
 }
 
 #[async_trait]
 impl Delivery for MemoryStores {
-    async fn deliver(&self, lease: &LeaseKey, version: u64, material: &CredentialMaterial) -> Result<(), StoreError> {
+    async fn deliver(
+        &self,
+        lease: &LeaseKey,
+        version: u64,
+        material: &CredentialMaterial,
+    ) -> Result<(), StoreError> {
         let files = material
             .0
             .iter()
             .map(|(k, v)| (k.clone(), v.expose_secret().to_string()))
             .collect();
-        self.delivered.lock().unwrap().push((lease.clone(), version, files));
+        self.delivered
+            .lock()
+            .unwrap()
+            .push((lease.clone(), version, files));
         Ok(())
     }
 }
@@ -121,7 +159,11 @@ pub fn policy(strategy: Strategy, grace: Duration) -> PolicyParams {
 
 pub fn lease_key(prefix: &str) -> LeaseKey {
     let uid = format!("{:032x}", rand_u128());
-    LeaseKey { namespace: "test".into(), name: format!("{prefix}-{}", &uid[..6]), uid }
+    LeaseKey {
+        namespace: "test".into(),
+        name: format!("{prefix}-{}", &uid[..6]),
+        uid,
+    }
 }
 
 fn rand_u128() -> u128 {
@@ -140,7 +182,11 @@ pub fn naming(strategy: Strategy, key: &LeaseKey, kind: DatabaseKind) -> NamingR
     match strategy {
         Strategy::Dynamic => NamingRule::Dynamic {
             template: "lh_{{uid}}_v{{version}}".into(),
-            max_len: if kind == DatabaseKind::Postgres { 63 } else { 32 },
+            max_len: if kind == DatabaseKind::Postgres {
+                63
+            } else {
+                32
+            },
         },
         Strategy::AlternatingUsers => NamingRule::Alternating { base },
         Strategy::InPlace => NamingRule::InPlace { user: base },
