@@ -1,5 +1,10 @@
 //! Shared test harness: in-memory stores and lease contexts against the testkit servers.
-#![allow(dead_code, clippy::unwrap_used, clippy::type_complexity, clippy::too_many_arguments)]
+#![allow(
+    dead_code,
+    clippy::unwrap_used,
+    clippy::type_complexity,
+    clippy::too_many_arguments
+)]
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, Ordering};

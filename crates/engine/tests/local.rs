@@ -1,0 +1,182 @@
+//! Local mode end to end: manifests in a directory, a real PostgreSQL, files on disk.
+#![allow(clippy::unwrap_used)]
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use leasehold_engine::Engine;
+use leasehold_engine::local::{LocalOptions, LocalRunner, LocalState, format_table, status_rows};
+use leasehold_testkit::PostgresServer;
+use secrecy::ExposeSecret;
+
+fn manifests(dir: &Path, server: &PostgresServer, rotate: Option<&str>, with_lease: bool) {
+    let annotations = rotate
+        .map(|r| format!("  annotations:\n    leasehold.dev/rotate: \"{r}\"\n"))
+        .unwrap_or_default();
+    let policy = "apiVersion: leasehold.dev/v1alpha1
+kind: RotationPolicy
+metadata:
+  name: p
+spec:
+  ttl: 1h
+  revoke: {gracePeriod: 0s, maxWait: 0s, waitForConsumers: false}
+";
+    let secret = format!(
+        "apiVersion: v1
+kind: Secret
+metadata:
+  name: admin
+stringData:
+  username: {}
+  password: {}
+",
+        server.admin_user(),
+        server.admin_password().expose_secret()
+    );
+    let lease = format!(
+        "apiVersion: leasehold.dev/v1alpha1
+kind: SecretLease
+metadata:
+  name: app
+{annotations}spec:
+  policyRef: {{name: p}}
+  postgres:
+    host: {}
+    port: {}
+    database: {}
+    adminSecretRef: {{name: admin}}
+    tls: {{mode: Disable}}
+",
+        server.host(),
+        server.port(),
+        server.database()
+    );
+    std::fs::write(dir.join("policy.yaml"), policy).unwrap();
+    std::fs::write(dir.join("admin.yaml"), secret).unwrap();
+    if with_lease {
+        std::fs::write(dir.join("lease.yaml"), lease).unwrap();
+    } else {
+        let _ = std::fs::remove_file(dir.join("lease.yaml"));
+    }
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap()
+}
+
+#[tokio::test]
+async fn local_mode_issues_rotates_and_revokes_on_removal() {
+    let server = PostgresServer::shared().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let (mdir, state, out) = (
+        tmp.path().join("m"),
+        tmp.path().join("state.json"),
+        tmp.path().join("out"),
+    );
+    std::fs::create_dir_all(&mdir).unwrap();
+    manifests(&mdir, server, None, true);
+    let options = LocalOptions {
+        manifests: mdir.clone(),
+        state: state.clone(),
+        output: out.clone(),
+    };
+
+    let runner = LocalRunner::new(options.clone(), Engine::new()).unwrap();
+    let report = runner.pass().await.unwrap();
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    let files = out.join("default/app");
+    let user1 = read(&files.join("username"));
+    let pw1 = read(&files.join("password"));
+    assert!(read(&files.join("uri")).starts_with(&format!("postgres://{user1}:")));
+    assert!(
+        server.connect_as(&user1, &pw1).await.is_ok(),
+        "the delivered credential logs in"
+    );
+    let mode = std::fs::metadata(files.join("..data/password"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o400, "credential files are owner-read-only");
+    let state_mode = std::fs::metadata(&state).unwrap().permissions().mode() & 0o777;
+    assert_eq!(state_mode, 0o600, "the state file holds secrets: 0600");
+    let rows = status_rows(&LocalState::load(&state).unwrap(), jiff::Timestamp::now());
+    assert_eq!(rows.len(), 1);
+    assert_eq!(
+        (rows[0].phase.as_str(), rows[0].version),
+        ("Active", Some(1))
+    );
+    assert!(format_table(&rows).contains("default/app"));
+    assert!(
+        !format_table(&rows).contains(&pw1),
+        "status never shows secrets"
+    );
+
+    // A restarted process resumes from the state file: nothing new is issued.
+    let runner = LocalRunner::new(options.clone(), Engine::new()).unwrap();
+    runner.pass().await.unwrap();
+    assert_eq!(read(&files.join("username")), user1);
+
+    // Request a rotation through the annotation.
+    manifests(&mdir, server, Some("2026-11-26T00:00:00Z"), true);
+    runner.pass().await.unwrap();
+    let user2 = read(&files.join("username"));
+    let pw2 = read(&files.join("password"));
+    assert_ne!(user1, user2);
+    assert!(server.connect_as(&user2, &pw2).await.is_ok());
+    assert!(
+        server.connect_as(&user1, &pw1).await.is_err(),
+        "the old credential is revoked"
+    );
+    // The same annotation value does not rotate again.
+    runner.pass().await.unwrap();
+    assert_eq!(read(&files.join("username")), user2);
+
+    // Removing the lease revokes everything and forgets it.
+    manifests(&mdir, server, None, false);
+    runner.pass().await.unwrap();
+    assert!(
+        server.connect_as(&user2, &pw2).await.is_err(),
+        "removal revokes the credential"
+    );
+    assert!(LocalState::load(&state).unwrap().leases.is_empty());
+    assert!(!files.exists());
+}
+
+#[tokio::test]
+async fn local_mode_reports_invalid_specs_without_touching_the_database() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mdir = tmp.path().join("m");
+    std::fs::create_dir_all(&mdir).unwrap();
+    std::fs::write(
+        mdir.join("lease.yaml"),
+        "apiVersion: leasehold.dev/v1alpha1
+kind: SecretLease
+metadata: {name: orphan}
+spec:
+  policyRef: {name: missing}
+  postgres: {host: 127.0.0.1, port: 1, database: x, adminSecretRef: {name: a}}
+",
+    )
+    .unwrap();
+    let options = LocalOptions {
+        manifests: mdir,
+        state: tmp.path().join("s.json"),
+        output: tmp.path().join("o"),
+    };
+    let runner = LocalRunner::new(options, Engine::new()).unwrap();
+    let report = runner.pass().await.unwrap();
+    assert_eq!(report.errors.len(), 1);
+    assert!(
+        report.errors[0]
+            .1
+            .contains("RotationPolicy default/missing not found"),
+        "{:?}",
+        report.errors
+    );
+    let rows = status_rows(
+        &LocalState::load(&tmp.path().join("s.json")).unwrap(),
+        jiff::Timestamp::now(),
+    );
+    assert_eq!(rows[0].phase, "Invalid");
+}
