@@ -27,6 +27,9 @@ pub const CRED_MARKER: &str = "CREDSECRET";
 
 // ---------- logs ----------
 
+/// Set by the benchmark: no log capture.
+pub static QUIET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 #[derive(Clone, Default)]
 pub struct LogBuffer(Arc<Mutex<Vec<u8>>>);
 
@@ -254,7 +257,12 @@ impl FakeBroker {
             let _ = tonic::transport::Server::builder()
                 .add_service(svc)
                 .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    // TCP_NODELAY as a real broker would set it (tonic's
+                    // builder option only applies to listeners it binds).
+                    tokio_stream::StreamExt::map(
+                        tokio_stream::wrappers::TcpListenerStream::new(listener),
+                        |conn| conn.inspect(|s| drop(s.set_nodelay(true))),
+                    ),
                     async move {
                         let _ = rx.await;
                     },
@@ -361,7 +369,9 @@ pub async fn start_driver_with(
     broker: &FakeBroker,
     tweak: impl FnOnce(&mut NodeDriverConfig),
 ) -> Driver {
-    logs();
+    if !QUIET.load(std::sync::atomic::Ordering::Relaxed) {
+        logs();
+    }
     let socket = dir.join("csi.sock");
     let mut config = NodeDriverConfig::new(&socket, "node-a", dir.join("state"), AUDIENCE);
     config.broker_timeout = Duration::from_secs(5);
