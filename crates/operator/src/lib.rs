@@ -1,1 +1,290 @@
-//! placeholder
+//! The Kubernetes side of leasehold.
+//!
+//! - [`lease_controller`]: SecretLease reconcile (finalizer, engine, conditions).
+//! - [`policy_controller`]: RotationPolicy validation status.
+//! - [`status`], [`secrets`], [`delivery`]: the engine's stores on Kubernetes.
+//! - [`events`], [`metrics`], [`leader`]: events, Prometheus metrics and health, leader election.
+//!
+//! [`run`] wires them together; the `leasehold controller` subcommand calls it.
+
+#![forbid(unsafe_code)]
+
+pub mod delivery;
+pub mod error;
+pub mod events;
+pub mod leader;
+pub mod lease_controller;
+pub mod metrics;
+pub mod policy_controller;
+pub mod secrets;
+pub mod status;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
+use kube::runtime::controller::{self, Controller};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Api, Client, ResourceExt};
+use leasehold_api::{RotationPolicy, SecretLease};
+use tokio::sync::watch;
+
+pub use error::OperatorError;
+pub use leader::{LeaderElectionConfig, LeadershipAction, decide_leadership};
+pub use lease_controller::Context;
+
+/// How the controller runs (no CLI types: the CLI maps its flags onto this).
+#[derive(Debug, Clone)]
+pub struct ControllerConfig {
+    /// Watch only these namespaces; empty: all namespaces.
+    pub namespaces: Vec<String>,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served.
+    pub metrics_addr: SocketAddr,
+    /// Elect a leader among replicas; `None`: this process always leads.
+    pub leader_election: Option<LeaderElectionConfig>,
+    /// Leases reconciled at once (per namespace stream).
+    pub concurrency: u16,
+    /// Admin connections per database.
+    pub max_admin_connections: usize,
+    /// `reportingInstance` of events (the pod name).
+    pub instance: Option<String>,
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        Self {
+            namespaces: Vec::new(),
+            metrics_addr: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            leader_election: None,
+            concurrency: 16,
+            max_admin_connections: 4,
+            instance: None,
+        }
+    }
+}
+
+fn api_for<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+async fn wait_for(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+/// Leases in `leases` that reference the policy.
+pub fn leases_for_policy(
+    leases: &[Arc<SecretLease>],
+    policy: &RotationPolicy,
+) -> Vec<ObjectRef<SecretLease>> {
+    let ns = policy.namespace();
+    leases
+        .iter()
+        .filter(|l| l.namespace() == ns && l.spec.policy_ref.name == policy.name_any())
+        .map(|l| ObjectRef::from_obj(l.as_ref()))
+        .collect()
+}
+
+/// Leases in `leases` whose admin (or CA) Secret is `secret`.
+pub fn leases_for_secret(
+    leases: &[Arc<SecretLease>],
+    secret: &Secret,
+) -> Vec<ObjectRef<SecretLease>> {
+    let ns = secret.namespace();
+    let name = secret.name_any();
+    leases
+        .iter()
+        .filter(|l| l.namespace() == ns)
+        .filter(|l| {
+            l.spec.postgres.iter().chain(l.spec.mysql.iter()).any(|db| {
+                db.admin_secret_ref.name == name
+                    || db
+                        .tls
+                        .ca_secret_ref
+                        .as_ref()
+                        .is_some_and(|c| c.name == name)
+            })
+        })
+        .map(|l| ObjectRef::from_obj(l.as_ref()))
+        .collect()
+}
+
+/// The SecretLease and RotationPolicy controllers for one namespace (or all).
+async fn run_controllers(
+    client: Client,
+    namespace: Option<String>,
+    ctx: Arc<Context>,
+    concurrency: u16,
+    stop: watch::Receiver<bool>,
+    health: Arc<metrics::Health>,
+) {
+    let ns = namespace.as_deref();
+    let leases: Api<SecretLease> = api_for(&client, ns);
+    let secrets: Api<Secret> = api_for(&client, ns);
+    let policies: Api<RotationPolicy> = api_for(&client, ns);
+    let owned = watcher::Config::default().labels(&format!(
+        "{}={}",
+        secrets::MANAGED_BY_LABEL,
+        secrets::MANAGED_BY_VALUE
+    ));
+    let lease_ctrl = Controller::new(leases, watcher::Config::default());
+    let store = lease_ctrl.store();
+    let by_policy = store.clone();
+    let by_secret = store.clone();
+    let lease_stream = lease_ctrl
+        .owns(secrets.clone(), owned)
+        .watches(
+            policies.clone(),
+            watcher::Config::default(),
+            move |p: RotationPolicy| leases_for_policy(&by_policy.state(), &p),
+        )
+        .watches(secrets, watcher::Config::default(), move |s: Secret| {
+            leases_for_secret(&by_secret.state(), &s)
+        })
+        .with_config(controller::Config::default().concurrency(concurrency))
+        .graceful_shutdown_on(wait_for(stop.clone()))
+        .run(
+            lease_controller::reconcile_lease,
+            lease_controller::error_policy,
+            ctx.clone(),
+        )
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "SecretLease controller");
+            }
+        });
+    let policy_stream = Controller::new(policies, watcher::Config::default())
+        .graceful_shutdown_on(wait_for(stop))
+        .run(
+            policy_controller::reconcile_policy,
+            policy_controller::error_policy,
+            ctx,
+        )
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "RotationPolicy controller");
+            }
+        });
+    let ready = async move {
+        if store.wait_until_ready().await.is_ok() {
+            health.set_ready(true);
+        }
+    };
+    tokio::join!(lease_stream, policy_stream, ready);
+}
+
+/// Run the controller until `shutdown` resolves (Ok) or leadership is lost (Err: exit
+/// the process and let the Deployment restart it as a standby).
+pub async fn run<F>(config: ControllerConfig, shutdown: F) -> Result<(), OperatorError>
+where
+    F: Future + Send + 'static,
+{
+    let client = Client::try_default().await?;
+    run_with_client(client, config, shutdown).await
+}
+
+/// [`run`] with a given client (tests, e2e).
+pub async fn run_with_client<F>(
+    client: Client,
+    config: ControllerConfig,
+    shutdown: F,
+) -> Result<(), OperatorError>
+where
+    F: Future + Send + 'static,
+{
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stop_tx = Arc::new(stop_tx);
+    {
+        let stop_tx = stop_tx.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        });
+    }
+    let metrics = Arc::new(metrics::Metrics::new());
+    let health = Arc::new(metrics::Health::default());
+    let server = tokio::spawn(metrics::serve(
+        config.metrics_addr,
+        metrics.clone(),
+        health.clone(),
+        wait_for(stop_rx.clone()),
+    ));
+
+    let elector = config
+        .leader_election
+        .clone()
+        .map(|le| leader::LeaderElector::new(client.clone(), le));
+    if let Some(e) = &elector {
+        // A standby is ready: it serves nothing but is healthy.
+        health.set_ready(true);
+        tokio::select! {
+            _ = e.acquire() => {}
+            _ = wait_for(stop_rx.clone()) => {
+                server.abort();
+                return Ok(());
+            }
+        }
+        health.set_ready(false);
+    }
+
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: leasehold_api::FIELD_MANAGER.into(),
+            instance: config.instance.clone(),
+        },
+    );
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        metrics,
+        Some(recorder),
+        config.max_admin_connections,
+    ));
+    let namespaces: Vec<Option<String>> = if config.namespaces.is_empty() {
+        vec![None]
+    } else {
+        config.namespaces.iter().cloned().map(Some).collect()
+    };
+    let controllers = futures::future::join_all(namespaces.into_iter().map(|ns| {
+        run_controllers(
+            client.clone(),
+            ns,
+            ctx.clone(),
+            config.concurrency.max(1),
+            stop_rx.clone(),
+            health.clone(),
+        )
+    }));
+    tracing::info!(namespaces = ?config.namespaces, "leasehold controller running");
+    let result = match &elector {
+        Some(e) => tokio::select! {
+            _ = controllers => Ok(()),
+            lost = e.hold() => {
+                let _ = stop_tx.send(true);
+                Err(lost)
+            }
+        },
+        None => {
+            controllers.await;
+            Ok(())
+        }
+    };
+    if let Some(e) = &elector
+        && result.is_ok()
+    {
+        e.release().await;
+    }
+    let _ = stop_tx.send(true);
+    match server.await {
+        Ok(Err(e)) if result.is_ok() => Err(e),
+        _ => result,
+    }
+}

@@ -1,0 +1,508 @@
+//! Delivery on Kubernetes: an owned Secret with the rendered keys, and rollout restarts
+//! of workloads (debounced).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use jiff::Timestamp;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::api::{Patch, PatchParams};
+use kube::{Api, Client};
+use leasehold_api::{ConsumerStatus, DeliverySpec, FIELD_MANAGER, RolloutTarget, WorkloadKind};
+use leasehold_backends::CredentialMaterial;
+use leasehold_engine::{Delivery, LeaseKey, StoreError};
+use tokio::sync::Mutex;
+
+use crate::error::store_error;
+use crate::secrets::{owned_secret_patch, secret_apply_body};
+
+/// Pod template annotation set on restart (also the debounce clock).
+pub const RESTARTED_AT_ANNOTATION: &str = "leasehold.dev/restartedAt";
+/// Pod template annotation with the credential version the restart delivers.
+pub const VERSION_ANNOTATION: &str = "leasehold.dev/version";
+
+/// What the controller saw of one rollout-restart target.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TargetObservation {
+    pub kind: String,
+    pub name: String,
+    pub exists: bool,
+    /// The version its pod template was last restarted for.
+    pub version: Option<u64>,
+    pub restarted_at: Option<Timestamp>,
+    pub generation: Option<i64>,
+    pub observed_generation: Option<i64>,
+    pub replicas: i32,
+    pub updated_replicas: i32,
+}
+
+impl TargetObservation {
+    /// The controller of the workload has rolled out its latest template everywhere.
+    pub fn rollout_complete(&self) -> bool {
+        let observed = match (self.observed_generation, self.generation) {
+            (Some(o), Some(g)) => o >= g,
+            (_, None) => true,
+            (None, Some(_)) => false,
+        };
+        observed && self.updated_replicas == self.replicas
+    }
+}
+
+/// Whether every known consumer holds `current`: pods that reported a version through
+/// CSI, and rollout targets whose restart for `current` has completed.
+pub fn consumers_on_current(
+    current: Option<u64>,
+    consumers: &[ConsumerStatus],
+    targets: &[TargetObservation],
+) -> bool {
+    let Some(current) = current else {
+        return true;
+    };
+    let pods_ok = consumers
+        .iter()
+        .filter(|c| c.kind == "Pod")
+        .all(|c| c.version.is_some_and(|v| v >= current));
+    let targets_ok = targets
+        .iter()
+        .filter(|t| t.exists)
+        .all(|t| t.version.is_some_and(|v| v >= current) && t.rollout_complete());
+    pods_ok && targets_ok
+}
+
+/// What to do about one target for `version`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestartDecision {
+    /// Its template already carries this version (or a newer one).
+    Done,
+    /// Restart now.
+    Restart,
+    /// Restarted too recently; restart at this time.
+    Debounced(Timestamp),
+    /// The workload does not exist.
+    Missing,
+}
+
+pub fn restart_decision(
+    target: &TargetObservation,
+    version: u64,
+    debounce: std::time::Duration,
+    now: Timestamp,
+) -> RestartDecision {
+    if !target.exists {
+        return RestartDecision::Missing;
+    }
+    if target.version.is_some_and(|v| v >= version) {
+        return RestartDecision::Done;
+    }
+    let debounce = jiff::SignedDuration::try_from(debounce).unwrap_or(jiff::SignedDuration::ZERO);
+    match target
+        .restarted_at
+        .and_then(|t| t.checked_add(debounce).ok())
+    {
+        Some(until) if until > now => RestartDecision::Debounced(until),
+        _ => RestartDecision::Restart,
+    }
+}
+
+fn kind_name(kind: WorkloadKind) -> &'static str {
+    match kind {
+        WorkloadKind::Deployment => "Deployment",
+        WorkloadKind::StatefulSet => "StatefulSet",
+        WorkloadKind::DaemonSet => "DaemonSet",
+    }
+}
+
+fn observation_from(
+    kind: WorkloadKind,
+    name: &str,
+    meta: Option<(&kube::api::ObjectMeta, Option<&BTreeMap<String, String>>)>,
+    counts: (Option<i64>, i32, i32),
+) -> TargetObservation {
+    let mut o = TargetObservation {
+        kind: kind_name(kind).into(),
+        name: name.into(),
+        ..Default::default()
+    };
+    let Some((meta, annotations)) = meta else {
+        return o;
+    };
+    o.exists = true;
+    o.generation = meta.generation;
+    o.observed_generation = counts.0;
+    o.replicas = counts.1;
+    o.updated_replicas = counts.2;
+    if let Some(a) = annotations {
+        o.version = a.get(VERSION_ANNOTATION).and_then(|v| v.parse().ok());
+        o.restarted_at = a.get(RESTARTED_AT_ANNOTATION).and_then(|v| v.parse().ok());
+    }
+    o
+}
+
+/// Look at one rollout target.
+pub async fn observe_target(
+    client: &Client,
+    namespace: &str,
+    target: &RolloutTarget,
+) -> Result<TargetObservation, kube::Error> {
+    let name = target.name.as_str();
+    Ok(match target.kind {
+        WorkloadKind::Deployment => {
+            let d = Api::<Deployment>::namespaced(client.clone(), namespace)
+                .get_opt(name)
+                .await?;
+            let ann = |d: &Deployment| {
+                d.spec
+                    .template
+                    .metadata
+                    .as_ref()
+                    .and_then(|m| m.annotations.clone())
+            };
+            let a = d.as_ref().and_then(ann);
+            let st = d
+                .as_ref()
+                .and_then(|d| d.status.clone())
+                .unwrap_or_default();
+            let want = d.as_ref().and_then(|d| d.spec.replicas).unwrap_or(1);
+            observation_from(
+                target.kind,
+                name,
+                d.as_ref().map(|d| (&d.metadata, a.as_ref())),
+                (
+                    st.observed_generation,
+                    want,
+                    st.updated_replicas.unwrap_or(0),
+                ),
+            )
+        }
+        WorkloadKind::StatefulSet => {
+            let s = Api::<StatefulSet>::namespaced(client.clone(), namespace)
+                .get_opt(name)
+                .await?;
+            let a = s
+                .as_ref()
+                .and_then(|s| s.spec.template.metadata.as_ref())
+                .and_then(|m| m.annotations.clone());
+            let st = s
+                .as_ref()
+                .and_then(|s| s.status.clone())
+                .unwrap_or_default();
+            let want = s.as_ref().and_then(|s| s.spec.replicas).unwrap_or(1);
+            observation_from(
+                target.kind,
+                name,
+                s.as_ref().map(|s| (&s.metadata, a.as_ref())),
+                (
+                    st.observed_generation,
+                    want,
+                    st.updated_replicas.unwrap_or(0),
+                ),
+            )
+        }
+        WorkloadKind::DaemonSet => {
+            let d = Api::<DaemonSet>::namespaced(client.clone(), namespace)
+                .get_opt(name)
+                .await?;
+            let a = d
+                .as_ref()
+                .and_then(|d| d.spec.template.metadata.as_ref())
+                .and_then(|m| m.annotations.clone());
+            let st = d
+                .as_ref()
+                .and_then(|d| d.status.clone())
+                .unwrap_or_default();
+            observation_from(
+                target.kind,
+                name,
+                d.as_ref().map(|d| (&d.metadata, a.as_ref())),
+                (
+                    st.observed_generation,
+                    st.desired_number_scheduled,
+                    st.updated_number_scheduled.unwrap_or(0),
+                ),
+            )
+        }
+    })
+}
+
+/// The apply body that restarts a workload for `version`.
+pub fn restart_patch(
+    kind: WorkloadKind,
+    name: &str,
+    version: u64,
+    now: Timestamp,
+) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "apps/v1",
+        "kind": kind_name(kind),
+        "metadata": { "name": name },
+        "spec": { "template": { "metadata": { "annotations": {
+            RESTARTED_AT_ANNOTATION: crate::status::k8s_time(now).0.strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
+            VERSION_ANNOTATION: version.to_string(),
+        }}}}
+    })
+}
+
+async fn restart(
+    client: &Client,
+    namespace: &str,
+    target: &RolloutTarget,
+    version: u64,
+    now: Timestamp,
+) -> Result<(), kube::Error> {
+    let body = restart_patch(target.kind, &target.name, version, now);
+    let pp = PatchParams::apply(FIELD_MANAGER).force();
+    let patch = Patch::Apply(&body);
+    match target.kind {
+        WorkloadKind::Deployment => {
+            Api::<Deployment>::namespaced(client.clone(), namespace)
+                .patch(&target.name, &pp, &patch)
+                .await?;
+        }
+        WorkloadKind::StatefulSet => {
+            Api::<StatefulSet>::namespaced(client.clone(), namespace)
+                .patch(&target.name, &pp, &patch)
+                .await?;
+        }
+        WorkloadKind::DaemonSet => {
+            Api::<DaemonSet>::namespaced(client.clone(), namespace)
+                .patch(&target.name, &pp, &patch)
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+/// Delivery to a Secret and rollout restarts for one lease.
+pub struct KubeDelivery {
+    client: Client,
+    namespace: String,
+    lease_name: String,
+    owner: OwnerReference,
+    spec: DeliverySpec,
+    clock: Arc<dyn Fn() -> Timestamp + Send + Sync>,
+    /// The earliest time a debounced restart is due.
+    debounced_until: Mutex<Option<Timestamp>>,
+}
+
+impl std::fmt::Debug for KubeDelivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeDelivery")
+            .field("namespace", &self.namespace)
+            .field("lease", &self.lease_name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KubeDelivery {
+    pub fn new(
+        client: Client,
+        namespace: &str,
+        lease_name: &str,
+        owner: OwnerReference,
+        spec: DeliverySpec,
+        clock: Arc<dyn Fn() -> Timestamp + Send + Sync>,
+    ) -> Self {
+        Self {
+            client,
+            namespace: namespace.into(),
+            lease_name: lease_name.into(),
+            owner,
+            spec,
+            clock,
+            debounced_until: Mutex::new(None),
+        }
+    }
+
+    /// Observe every rollout target.
+    pub async fn observe_targets(&self) -> Result<Vec<TargetObservation>, kube::Error> {
+        let mut out = Vec::with_capacity(self.spec.rollout_restart.len());
+        for t in &self.spec.rollout_restart {
+            out.push(observe_target(&self.client, &self.namespace, t).await?);
+        }
+        Ok(out)
+    }
+
+    /// Restart the targets that do not have `version` yet and are not debounced.
+    /// Returns when the next debounced restart is due, if any.
+    pub async fn sync_restarts(
+        &self,
+        version: u64,
+        observed: &[TargetObservation],
+    ) -> Result<Option<Timestamp>, StoreError> {
+        let now = (self.clock)();
+        let debounce: std::time::Duration = self.spec.restart_debounce.into();
+        let mut next: Option<Timestamp> = None;
+        for (target, obs) in self.spec.rollout_restart.iter().zip(observed) {
+            match restart_decision(obs, version, debounce, now) {
+                RestartDecision::Restart => {
+                    restart(&self.client, &self.namespace, target, version, now)
+                        .await
+                        .map_err(|e| {
+                            store_error(
+                                &format!(
+                                    "cannot restart {} {}",
+                                    kind_name(target.kind),
+                                    target.name
+                                ),
+                                e,
+                            )
+                        })?;
+                    tracing::info!(lease = %self.lease_name, kind = kind_name(target.kind), name = %target.name, version, "rollout restart");
+                }
+                RestartDecision::Debounced(until) => {
+                    next = Some(next.map_or(until, |n| n.min(until)))
+                }
+                RestartDecision::Done | RestartDecision::Missing => {}
+            }
+        }
+        *self.debounced_until.lock().await = next;
+        Ok(next)
+    }
+
+    /// When a debounced restart is due (set by the last delivery or sync).
+    pub async fn debounced_until(&self) -> Option<Timestamp> {
+        *self.debounced_until.lock().await
+    }
+
+    /// Name of the delivered Secret, if any.
+    pub fn secret_name(&self) -> Option<String> {
+        self.spec
+            .secret
+            .as_ref()
+            .map(|s| s.name.clone().unwrap_or_else(|| self.lease_name.clone()))
+    }
+}
+
+#[async_trait]
+impl Delivery for KubeDelivery {
+    async fn deliver(
+        &self,
+        _: &LeaseKey,
+        version: u64,
+        material: &CredentialMaterial,
+    ) -> Result<(), StoreError> {
+        if let Some(name) = self.secret_name() {
+            let body = owned_secret_patch(&name, &self.lease_name, &self.owner, &material.0);
+            let body = secret_apply_body(&body)?;
+            Api::<Secret>::namespaced(self.client.clone(), &self.namespace)
+                .patch(
+                    &name,
+                    &PatchParams::apply(FIELD_MANAGER).force(),
+                    &Patch::Apply(&body),
+                )
+                .await
+                .map_err(|e| store_error("cannot write the delivered Secret", e))?;
+        }
+        if !self.spec.rollout_restart.is_empty() {
+            let observed = self
+                .observe_targets()
+                .await
+                .map_err(|e| store_error("cannot read a rollout target", e))?;
+            self.sync_restarts(version, &observed).await?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn t(s: i64) -> Timestamp {
+        Timestamp::from_second(1_800_000_000 + s).unwrap()
+    }
+
+    fn target(version: Option<u64>, complete: bool) -> TargetObservation {
+        TargetObservation {
+            kind: "Deployment".into(),
+            name: "orders".into(),
+            exists: true,
+            version,
+            restarted_at: Some(t(0)),
+            generation: Some(5),
+            observed_generation: Some(if complete { 5 } else { 4 }),
+            replicas: 3,
+            updated_replicas: 3,
+        }
+    }
+
+    fn pod(version: Option<u64>) -> ConsumerStatus {
+        ConsumerStatus {
+            kind: "Pod".into(),
+            namespace: "shop".into(),
+            name: "orders-1".into(),
+            version,
+            acknowledged_at: None,
+        }
+    }
+
+    #[test]
+    fn consumer_evidence_needs_completed_rollouts_and_acknowledging_pods() {
+        assert!(consumers_on_current(None, &[pod(None)], &[]));
+        assert!(consumers_on_current(Some(2), &[], &[]));
+        assert!(consumers_on_current(
+            Some(2),
+            &[pod(Some(2))],
+            &[target(Some(2), true)]
+        ));
+        assert!(!consumers_on_current(Some(2), &[pod(Some(1))], &[]));
+        assert!(!consumers_on_current(Some(2), &[pod(None)], &[]));
+        assert!(!consumers_on_current(
+            Some(2),
+            &[],
+            &[target(Some(2), false)]
+        ));
+        assert!(!consumers_on_current(
+            Some(2),
+            &[],
+            &[target(Some(1), true)]
+        ));
+        let mut partial = target(Some(2), true);
+        partial.updated_replicas = 2;
+        assert!(!consumers_on_current(Some(2), &[], &[partial]));
+        let missing = TargetObservation {
+            exists: false,
+            ..Default::default()
+        };
+        assert!(consumers_on_current(Some(2), &[], &[missing]));
+    }
+
+    #[test]
+    fn restarts_are_debounced() {
+        let d = Duration::from_secs(30);
+        assert_eq!(
+            restart_decision(&target(Some(2), true), 2, d, t(5)),
+            RestartDecision::Done
+        );
+        assert_eq!(
+            restart_decision(&target(Some(1), true), 2, d, t(5)),
+            RestartDecision::Debounced(t(30))
+        );
+        assert_eq!(
+            restart_decision(&target(Some(1), true), 2, d, t(30)),
+            RestartDecision::Restart
+        );
+        let mut fresh = target(None, true);
+        fresh.restarted_at = None;
+        assert_eq!(
+            restart_decision(&fresh, 1, d, t(0)),
+            RestartDecision::Restart
+        );
+        assert_eq!(
+            restart_decision(&TargetObservation::default(), 1, d, t(0)),
+            RestartDecision::Missing
+        );
+        let p = restart_patch(WorkloadKind::Deployment, "orders", 3, t(0));
+        assert_eq!(
+            p["spec"]["template"]["metadata"]["annotations"][VERSION_ANNOTATION],
+            "3"
+        );
+        assert!(
+            p["spec"]["template"]["metadata"]["annotations"][RESTARTED_AT_ANNOTATION].is_string()
+        );
+    }
+}

@@ -1,0 +1,63 @@
+//! The operator's one error type. Messages never contain secret values.
+
+use leasehold_engine::{EngineError, StoreError};
+
+/// Why a reconcile, a store or the controller itself failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OperatorError {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<OperatorError>>),
+    #[error("the object has no {0}")]
+    MissingField(&'static str),
+    #[error("cannot serialize {what}: {message}")]
+    Serialize { what: &'static str, message: String },
+    #[error("metrics server: {0}")]
+    Server(#[source] std::io::Error),
+    #[error("lost leadership of lease {0}")]
+    LostLeadership(String),
+    #[error("configuration: {0}")]
+    Config(String),
+}
+
+impl OperatorError {
+    /// A short label for the `error` metric label.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            OperatorError::Kube(kube::Error::Api(s)) if s.code == 409 => "conflict",
+            OperatorError::Kube(_) => "kube",
+            OperatorError::Engine(e) => e.kind(),
+            OperatorError::Store(_) => "store",
+            OperatorError::Finalizer(e) => match e.as_ref() {
+                kube::runtime::finalizer::Error::ApplyFailed(inner)
+                | kube::runtime::finalizer::Error::CleanupFailed(inner) => inner.kind(),
+                _ => "finalizer",
+            },
+            OperatorError::MissingField(_) => "invalid_object",
+            OperatorError::Serialize { .. } => "serialize",
+            OperatorError::Server(_) => "server",
+            OperatorError::LostLeadership(_) => "leadership",
+            OperatorError::Config(_) => "config",
+        }
+    }
+}
+
+impl From<kube::runtime::finalizer::Error<OperatorError>> for OperatorError {
+    fn from(e: kube::runtime::finalizer::Error<OperatorError>) -> Self {
+        OperatorError::Finalizer(Box::new(e))
+    }
+}
+
+/// Turn a Kubernetes error into the engine's store error (no secret values are ever in
+/// the request bodies' error echoes we format here: only the status message).
+pub(crate) fn store_error(what: &str, e: kube::Error) -> StoreError {
+    match e {
+        kube::Error::Api(s) => StoreError(format!("{what}: {} ({})", s.message, s.code)),
+        other => StoreError(format!("{what}: {other}")),
+    }
+}

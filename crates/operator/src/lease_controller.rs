@@ -1,0 +1,472 @@
+//! The SecretLease controller: dereference (policy, admin Secret) → resolve → observe →
+//! run the engine → write status only if it changed.
+
+use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::Secret;
+use kube::runtime::controller::Action;
+use kube::runtime::events::{EventType, Recorder};
+use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
+use kube::{Api, Client, ResourceExt};
+use leasehold_api::{DatabaseSpec, FINALIZER, ROTATE_ANNOTATION, RotationPolicy, SecretLease};
+use leasehold_backends::Backend;
+use leasehold_core::rotation::{Observations, WaitReason};
+use leasehold_engine::context::{AdminCredentials, resolve};
+use leasehold_engine::engine::Stores;
+use leasehold_engine::{BackendRegistry, Engine, LeaseKey, Outcome};
+use rand::Rng;
+use secrecy::SecretString;
+
+use crate::OperatorError;
+use crate::delivery::{KubeDelivery, consumers_on_current};
+use crate::metrics::Metrics;
+use crate::secrets::{OwnedSecretStore, owner_reference};
+use crate::status::{LeaseCondition, StatusProgressStore, revocations_pending};
+
+pub const CONTROLLER: &str = "secretlease";
+
+/// Longest time between two reconciles of a lease.
+pub const MAX_REQUEUE: Duration = Duration::from_secs(600);
+
+/// Shared state of the SecretLease controller.
+pub struct Context {
+    pub client: Client,
+    pub engine: Engine,
+    pub registry: BackendRegistry,
+    pub metrics: Arc<Metrics>,
+    pub recorder: Option<Recorder>,
+    /// Use this backend instead of the one built from the spec (tests and benchmarks).
+    pub backend_override: Option<Arc<dyn Backend>>,
+    pub clock: Arc<dyn Fn() -> Timestamp + Send + Sync>,
+    /// Status writes so far (the benchmark checks a no-op resync writes nothing).
+    pub status_writes: Arc<AtomicU64>,
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context").finish_non_exhaustive()
+    }
+}
+
+impl Context {
+    /// A context whose engine reports steps as events on `recorder` and as metrics.
+    pub fn new(
+        client: Client,
+        metrics: Arc<Metrics>,
+        recorder: Option<Recorder>,
+        max_admin_connections: usize,
+    ) -> Self {
+        let engine =
+            Engine::new().with_events(crate::events::sink(recorder.clone(), metrics.clone()));
+        Self {
+            client,
+            engine,
+            registry: BackendRegistry::new(max_admin_connections),
+            metrics,
+            recorder,
+            backend_override: None,
+            clock: Arc::new(Timestamp::now),
+            status_writes: Arc::default(),
+            failures: Mutex::default(),
+        }
+    }
+
+    fn now(&self) -> Timestamp {
+        (self.clock)()
+    }
+
+    /// Next error backoff for an object (5 s doubling to 5 min, with jitter).
+    pub fn next_backoff(&self, key: &str) -> Duration {
+        let mut map = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(key.to_string()).or_insert(0);
+        let base = Duration::from_secs(5).saturating_mul(1u32 << (*n).min(6));
+        *n = n.saturating_add(1);
+        let base = base.min(Duration::from_secs(300));
+        base + Duration::from_millis(rand::rng().random_range(0..=base.as_millis() as u64 / 10))
+    }
+
+    fn reset_backoff(&self, key: &str) {
+        self.failures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key);
+    }
+}
+
+/// The requeue delay for an engine wait: until `until` plus a little jitter, capped.
+pub fn requeue_after(until: Option<Timestamp>, now: Timestamp, jitter_fraction: f64) -> Duration {
+    let Some(until) = until else {
+        return MAX_REQUEUE;
+    };
+    let delay = until
+        .duration_since(now)
+        .try_into()
+        .unwrap_or(Duration::ZERO)
+        .max(Duration::from_millis(500));
+    let jitter = delay
+        .mul_f64(jitter_fraction.clamp(0.0, 1.0) * 0.05)
+        .min(Duration::from_secs(5));
+    (delay + jitter).min(MAX_REQUEUE)
+}
+
+fn object_key(lease: &SecretLease) -> String {
+    format!(
+        "{}/{}",
+        lease.namespace().unwrap_or_default(),
+        lease.name_any()
+    )
+}
+
+/// Reconcile one SecretLease (the controller's reconciler).
+#[tracing::instrument(skip_all, fields(lease = %object_key(&lease)))]
+pub async fn reconcile_lease(
+    lease: Arc<SecretLease>,
+    ctx: Arc<Context>,
+) -> Result<Action, OperatorError> {
+    let started = std::time::Instant::now();
+    let key = object_key(&lease);
+    let ns = lease
+        .namespace()
+        .ok_or(OperatorError::MissingField("metadata.namespace"))?;
+    let api: Api<SecretLease> = Api::namespaced(ctx.client.clone(), &ns);
+    let result = finalizer(&api, FINALIZER, lease, |event| async {
+        match event {
+            FinalizerEvent::Apply(l) => run_lease(&l, &ctx, false).await,
+            FinalizerEvent::Cleanup(l) => run_lease(&l, &ctx, true).await,
+        }
+    })
+    .await
+    .map_err(OperatorError::from);
+    ctx.metrics
+        .reconciled(CONTROLLER, started.elapsed().as_secs_f64());
+    if result.is_ok() {
+        ctx.reset_backoff(&key);
+    }
+    result
+}
+
+/// What happens after a reconcile error.
+pub fn error_policy(lease: Arc<SecretLease>, error: &OperatorError, ctx: Arc<Context>) -> Action {
+    ctx.metrics.failed(CONTROLLER, error.kind());
+    tracing::warn!(lease = %object_key(&lease), error = %error, kind = error.kind(), "reconcile failed");
+    if error.kind() == "invalid" {
+        return Action::await_change();
+    }
+    Action::requeue(ctx.next_backoff(&object_key(&lease)))
+}
+
+fn database(lease: &SecretLease) -> Option<&DatabaseSpec> {
+    lease.spec.postgres.as_ref().or(lease.spec.mysql.as_ref())
+}
+
+/// Read a key of a Secret as text.
+fn secret_value(secret: &Secret, key: &str) -> Option<String> {
+    if let Some(v) = secret.data.as_ref().and_then(|d| d.get(key)) {
+        return String::from_utf8(v.0.clone()).ok();
+    }
+    secret
+        .string_data
+        .as_ref()
+        .and_then(|d| d.get(key))
+        .cloned()
+}
+
+/// The admin credentials of a database lease, or the reason they are unusable.
+async fn admin_credentials(
+    client: &Client,
+    ns: &str,
+    db: &DatabaseSpec,
+) -> Result<Result<AdminCredentials, String>, OperatorError> {
+    let r = &db.admin_secret_ref;
+    let Some(secret) = Api::<Secret>::namespaced(client.clone(), ns)
+        .get_opt(&r.name)
+        .await?
+    else {
+        return Ok(Err(format!("admin Secret {ns}/{} not found", r.name)));
+    };
+    let Some(username) = secret_value(&secret, &r.username_key) else {
+        return Ok(Err(format!(
+            "admin Secret {ns}/{} has no key {:?}",
+            r.name, r.username_key
+        )));
+    };
+    let Some(password) = secret_value(&secret, &r.password_key) else {
+        return Ok(Err(format!(
+            "admin Secret {ns}/{} has no key {:?}",
+            r.name, r.password_key
+        )));
+    };
+    Ok(Ok(AdminCredentials {
+        username,
+        password: SecretString::from(password),
+    }))
+}
+
+async fn ca_pem(
+    client: &Client,
+    ns: &str,
+    db: &DatabaseSpec,
+) -> Result<Result<Option<String>, String>, OperatorError> {
+    let Some(r) = db.tls.ca_secret_ref.as_ref() else {
+        return Ok(Ok(None));
+    };
+    let Some(secret) = Api::<Secret>::namespaced(client.clone(), ns)
+        .get_opt(&r.name)
+        .await?
+    else {
+        return Ok(Err(format!("CA Secret {ns}/{} not found", r.name)));
+    };
+    match secret_value(&secret, &r.key) {
+        Some(v) => Ok(Ok(Some(v))),
+        None => Ok(Err(format!(
+            "CA Secret {ns}/{} has no key {:?}",
+            r.name, r.key
+        ))),
+    }
+}
+
+/// Write `Ready=False` with `reason` and wait for a change (or retry, when deleting).
+async fn blocked(
+    status: &StatusProgressStore,
+    lease: &SecretLease,
+    ctx: &Context,
+    deleting: bool,
+    reason: &str,
+    message: String,
+) -> Result<Action, OperatorError> {
+    tracing::info!(lease = %object_key(lease), reason, message = %message, "lease blocked");
+    status
+        .finish(
+            &LeaseCondition::Blocked {
+                reason: reason.into(),
+                message,
+            },
+            lease.metadata.generation,
+        )
+        .await?;
+    if deleting {
+        // The finalizer stays until credentials can be revoked; keep trying.
+        Ok(Action::requeue(ctx.next_backoff(&object_key(lease))))
+    } else {
+        Ok(Action::await_change())
+    }
+}
+
+/// Apply (`deleting == false`) or clean up one lease.
+pub async fn run_lease(
+    lease: &SecretLease,
+    ctx: &Context,
+    deleting: bool,
+) -> Result<Action, OperatorError> {
+    let ns = lease
+        .namespace()
+        .ok_or(OperatorError::MissingField("metadata.namespace"))?;
+    let name = lease.name_any();
+    let uid = lease
+        .uid()
+        .ok_or(OperatorError::MissingField("metadata.uid"))?;
+    let generation = lease.metadata.generation;
+    let observed = lease.status.clone().unwrap_or_default();
+    let mut progress = observed.progress.clone();
+    let api: Api<SecretLease> = Api::namespaced(ctx.client.clone(), &ns);
+
+    if deleting && progress.versions.is_empty() {
+        // Nothing was ever issued (or everything is revoked): let the finalizer go.
+        ctx.metrics.lease_state(&ns, &name, None, 0);
+        return Ok(Action::await_change());
+    }
+
+    let policy = Api::<RotationPolicy>::namespaced(ctx.client.clone(), &ns)
+        .get_opt(&lease.spec.policy_ref.name)
+        .await?;
+    let params = policy
+        .as_ref()
+        .and_then(|p| leasehold_api::validate::policy_params(&p.spec).ok());
+    let status = StatusProgressStore::new(
+        api.clone(),
+        lease,
+        params.clone(),
+        deleting,
+        ctx.clock.clone(),
+        ctx.status_writes.clone(),
+    );
+    let Some(policy) = policy else {
+        let msg = format!(
+            "RotationPolicy {ns}/{} not found",
+            lease.spec.policy_ref.name
+        );
+        return blocked(&status, lease, ctx, deleting, "PolicyNotFound", msg).await;
+    };
+    let admin = match database(lease) {
+        Some(db) => match admin_credentials(&ctx.client, &ns, db).await? {
+            Ok(a) => Some(a),
+            Err(msg) => {
+                return blocked(&status, lease, ctx, deleting, "AdminSecretNotFound", msg).await;
+            }
+        },
+        None => None,
+    };
+    let ca = match database(lease) {
+        Some(db) => match ca_pem(&ctx.client, &ns, db).await? {
+            Ok(ca) => ca,
+            Err(msg) => {
+                return blocked(&status, lease, ctx, deleting, "CASecretNotFound", msg).await;
+            }
+        },
+        None => None,
+    };
+    let key = LeaseKey {
+        namespace: ns.clone(),
+        name: name.clone(),
+        uid,
+    };
+    let admin = admin.unwrap_or_else(|| AdminCredentials {
+        username: String::new(),
+        password: SecretString::from(String::new()),
+    });
+    let mut lease_ctx = match resolve(
+        key.clone(),
+        &lease.spec,
+        &policy.spec,
+        &admin,
+        ca,
+        &ctx.registry,
+    ) {
+        Ok(c) => c,
+        Err(e) => {
+            let reason = e.reason();
+            return blocked(&status, lease, ctx, deleting, reason, e.to_string()).await;
+        }
+    };
+    if let Some(b) = &ctx.backend_override {
+        lease_ctx.backend = b.clone();
+    }
+
+    let owner = owner_reference(lease).ok_or(OperatorError::MissingField("metadata.uid"))?;
+    let secrets = OwnedSecretStore::new(
+        Api::namespaced(ctx.client.clone(), &ns),
+        &name,
+        owner.clone(),
+    );
+    let delivery = KubeDelivery::new(
+        ctx.client.clone(),
+        &ns,
+        &name,
+        owner,
+        lease.spec.delivery.clone(),
+        ctx.clock.clone(),
+    );
+    let targets = if deleting || lease.spec.delivery.rollout_restart.is_empty() {
+        Vec::new()
+    } else {
+        delivery.observe_targets().await?
+    };
+    let now = ctx.now();
+    let (open, opens_at) =
+        leasehold_engine::window::window_state(policy.spec.maintenance_window.as_ref(), now);
+    let obs = Observations {
+        deleting,
+        consumers_on_current: consumers_on_current(
+            progress.current().map(|c| c.version),
+            &observed.consumers,
+            &targets,
+        ),
+        rotation_request: lease.annotations().get(ROTATE_ANNOTATION).cloned(),
+        maintenance_window_open: open,
+        maintenance_window_opens_at: opens_at,
+    };
+    let stores = Stores {
+        progress: &status,
+        secrets: &secrets,
+        delivery: &delivery,
+    };
+    let outcome = ctx
+        .engine
+        .reconcile(&lease_ctx, &mut progress, &obs, stores)
+        .await;
+    let expiry = progress
+        .current()
+        .and_then(|c| c.expires_at)
+        .map(|t| t.as_second());
+    ctx.metrics
+        .lease_state(&ns, &name, expiry, revocations_pending(&progress));
+    match outcome {
+        Ok(Outcome::Finished) => {
+            ctx.metrics.lease_state(&ns, &name, None, 0);
+            Ok(Action::await_change())
+        }
+        Ok(Outcome::Wait { until, reason }) => {
+            let mut until = until;
+            if !deleting
+                && !targets.is_empty()
+                && let Some(v) = progress.delivered_version
+            {
+                // Debounced restarts from an earlier promotion.
+                let fresh = delivery.observe_targets().await?;
+                if let Some(t) = delivery.sync_restarts(v, &fresh).await? {
+                    until = Some(until.map_or(t, |u| u.min(t)));
+                }
+            }
+            status.finish(&LeaseCondition::Running, generation).await?;
+            if deleting && reason == WaitReason::RevocationBackoff {
+                tracing::info!(lease = %key, "revocation pending; retrying with backoff");
+            }
+            let jitter: f64 = rand::rng().random();
+            Ok(Action::requeue(requeue_after(until, ctx.now(), jitter)))
+        }
+        Err(e) => {
+            // Best effort: say why in status, then let error_policy back off.
+            let _ = status
+                .finish(
+                    &LeaseCondition::Failing {
+                        message: e.to_string(),
+                    },
+                    generation,
+                )
+                .await;
+            if deleting && let Some(r) = &ctx.recorder {
+                crate::events::publish(
+                    r,
+                    &key,
+                    EventType::Warning,
+                    "RevocationPending",
+                    e.to_string(),
+                );
+            }
+            Err(e.into())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requeue_follows_the_engine_with_a_cap() {
+        let now = Timestamp::from_second(1_800_000_000).unwrap();
+        let in_a_minute = now
+            .checked_add(jiff::SignedDuration::from_secs(60))
+            .unwrap();
+        assert_eq!(
+            requeue_after(Some(in_a_minute), now, 0.0),
+            Duration::from_secs(60)
+        );
+        let r = requeue_after(Some(in_a_minute), now, 1.0);
+        assert!(r > Duration::from_secs(60) && r <= Duration::from_secs(63));
+        let far = now
+            .checked_add(jiff::SignedDuration::from_hours(5))
+            .unwrap();
+        assert_eq!(requeue_after(Some(far), now, 0.5), MAX_REQUEUE);
+        assert_eq!(requeue_after(None, now, 0.5), MAX_REQUEUE);
+        assert_eq!(
+            requeue_after(Some(now), now, 0.0),
+            Duration::from_millis(500)
+        );
+    }
+}

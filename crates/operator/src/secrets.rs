@@ -1,0 +1,223 @@
+//! Credential secrets per version, in a Secret owned by the SecretLease.
+//!
+//! Behind the engine's [`SecretStore`] trait, so envelope encryption (KMS) can be added
+//! here later without touching the engine.
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::api::{Patch, PatchParams};
+use kube::{Api, Resource};
+use leasehold_api::{FIELD_MANAGER, SecretLease};
+use leasehold_engine::{LeaseKey, SecretStore, StoreError};
+use secrecy::{ExposeSecret, SecretString};
+use tokio::sync::Mutex;
+
+use crate::error::store_error;
+
+/// Label on every Secret leasehold writes (the controller watches only these).
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+pub const MANAGED_BY_VALUE: &str = "leasehold";
+/// Label naming the SecretLease a Secret belongs to.
+pub const LEASE_LABEL: &str = "leasehold.dev/lease";
+
+/// Name of the Secret that keeps a lease's credential versions.
+pub fn versions_secret_name(lease: &str) -> String {
+    format!("{lease}-leasehold-versions")
+}
+
+/// The owner reference (controller=true) of objects owned by `lease`.
+pub fn owner_reference(lease: &SecretLease) -> Option<OwnerReference> {
+    let mut r = lease.controller_owner_ref(&())?;
+    r.block_owner_deletion = Some(true);
+    Some(r)
+}
+
+/// Server-side apply body of an owned Secret with `data`.
+pub fn owned_secret_patch(
+    name: &str,
+    lease_name: &str,
+    owner: &OwnerReference,
+    data: &BTreeMap<String, SecretString>,
+) -> Secret {
+    let mut s = Secret::default();
+    s.metadata.name = Some(name.to_string());
+    s.metadata.owner_references = Some(vec![owner.clone()]);
+    s.metadata.labels = Some(BTreeMap::from([
+        (MANAGED_BY_LABEL.to_string(), MANAGED_BY_VALUE.to_string()),
+        (LEASE_LABEL.to_string(), lease_name.to_string()),
+    ]));
+    s.type_ = Some("Opaque".into());
+    s.data = Some(
+        data.iter()
+            .map(|(k, v)| (k.clone(), ByteString(v.expose_secret().as_bytes().to_vec())))
+            .collect(),
+    );
+    s
+}
+
+/// Serialize a Secret for an apply patch (with apiVersion and kind).
+pub(crate) fn secret_apply_body(s: &Secret) -> Result<serde_json::Value, StoreError> {
+    let mut v =
+        serde_json::to_value(s).map_err(|_| StoreError("cannot serialize a Secret".into()))?;
+    if let Some(o) = v.as_object_mut() {
+        o.insert("apiVersion".into(), "v1".into());
+        o.insert("kind".into(), "Secret".into());
+    }
+    Ok(v)
+}
+
+/// The versions Secret of one lease. Loaded on first use and written whole with
+/// server-side apply (an apply that left a key out would delete it).
+pub struct OwnedSecretStore {
+    api: Api<Secret>,
+    lease_name: String,
+    owner: OwnerReference,
+    cache: Mutex<Option<BTreeMap<u64, SecretString>>>,
+}
+
+impl std::fmt::Debug for OwnedSecretStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OwnedSecretStore")
+            .field("lease", &self.lease_name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl OwnedSecretStore {
+    pub fn new(api: Api<Secret>, lease_name: &str, owner: OwnerReference) -> Self {
+        Self {
+            api,
+            lease_name: lease_name.to_string(),
+            owner,
+            cache: Mutex::new(None),
+        }
+    }
+
+    fn secret_name(&self) -> String {
+        versions_secret_name(&self.lease_name)
+    }
+
+    async fn load(&self) -> Result<BTreeMap<u64, SecretString>, StoreError> {
+        let secret = self
+            .api
+            .get_opt(&self.secret_name())
+            .await
+            .map_err(|e| store_error("cannot read the versions Secret", e))?;
+        Ok(parse_versions(secret.as_ref()))
+    }
+
+    async fn write(&self, versions: &BTreeMap<u64, SecretString>) -> Result<(), StoreError> {
+        let data = versions
+            .iter()
+            .map(|(v, s)| (format!("v{v}"), s.clone()))
+            .collect();
+        let body = owned_secret_patch(&self.secret_name(), &self.lease_name, &self.owner, &data);
+        let body = secret_apply_body(&body)?;
+        self.api
+            .patch(
+                &self.secret_name(),
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&body),
+            )
+            .await
+            .map_err(|e| store_error("cannot write the versions Secret", e))?;
+        Ok(())
+    }
+}
+
+/// `v<N>` keys of a versions Secret.
+pub fn parse_versions(secret: Option<&Secret>) -> BTreeMap<u64, SecretString> {
+    let mut out = BTreeMap::new();
+    let Some(data) = secret.and_then(|s| s.data.as_ref()) else {
+        return out;
+    };
+    for (k, v) in data {
+        let Some(n) = k.strip_prefix('v').and_then(|n| n.parse::<u64>().ok()) else {
+            continue;
+        };
+        if let Ok(text) = String::from_utf8(v.0.clone()) {
+            out.insert(n, SecretString::from(text));
+        }
+    }
+    out
+}
+
+#[async_trait]
+impl SecretStore for OwnedSecretStore {
+    async fn put(
+        &self,
+        _: &LeaseKey,
+        version: u64,
+        secret: &SecretString,
+    ) -> Result<(), StoreError> {
+        let mut cache = self.cache.lock().await;
+        let mut versions = match cache.take() {
+            Some(v) => v,
+            None => self.load().await?,
+        };
+        versions.insert(version, secret.clone());
+        let result = self.write(&versions).await;
+        *cache = Some(versions);
+        result
+    }
+
+    async fn get(&self, _: &LeaseKey, version: u64) -> Result<Option<SecretString>, StoreError> {
+        let mut cache = self.cache.lock().await;
+        if cache.is_none() {
+            *cache = Some(self.load().await?);
+        }
+        Ok(cache.as_ref().and_then(|c| c.get(&version).cloned()))
+    }
+
+    async fn remove(&self, _: &LeaseKey, version: u64) -> Result<(), StoreError> {
+        let mut cache = self.cache.lock().await;
+        let mut versions = match cache.take() {
+            Some(v) => v,
+            None => self.load().await?,
+        };
+        let existed = versions.remove(&version).is_some();
+        let result = if existed {
+            self.write(&versions).await
+        } else {
+            Ok(())
+        };
+        *cache = Some(versions);
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_round_trip_through_secret_data() {
+        let owner = OwnerReference {
+            api_version: "leasehold.dev/v1alpha1".into(),
+            kind: "SecretLease".into(),
+            name: "db".into(),
+            uid: "u".into(),
+            controller: Some(true),
+            block_owner_deletion: Some(true),
+        };
+        let data = BTreeMap::from([
+            ("v1".to_string(), SecretString::from("one")),
+            ("v2".to_string(), SecretString::from("two")),
+        ]);
+        let s = owned_secret_patch("db-leasehold-versions", "db", &owner, &data);
+        let parsed = parse_versions(Some(&s));
+        assert_eq!(parsed.len(), 2);
+        assert_eq!(parsed[&2].expose_secret(), "two");
+        let body = secret_apply_body(&s).unwrap();
+        assert_eq!(body["kind"], "Secret");
+        assert_eq!(body["metadata"]["ownerReferences"][0]["controller"], true);
+        assert_eq!(
+            body["metadata"]["labels"][MANAGED_BY_LABEL],
+            MANAGED_BY_VALUE
+        );
+    }
+}
