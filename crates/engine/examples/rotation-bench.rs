@@ -190,8 +190,7 @@ async fn main() {
     let store = Arc::new(Memory::default());
     let engine = Engine::new();
     println!(
-        "rotation bench: PostgreSQL {} on 127.0.0.1:{}, {leases} leases, at most 4 admin connections and 4 concurrent rotations, {seconds}s",
-        "(throwaway)",
+        "rotation bench: throwaway PostgreSQL on 127.0.0.1:{}, {leases} leases, at most 4 admin connections and 4 concurrent rotations, {seconds}s",
         server.port()
     );
 
