@@ -77,7 +77,9 @@ enum LocalCommand {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("LEASEHOLD_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -87,7 +89,10 @@ fn init_logging(format: LogFormat) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("leasehold: cannot start the runtime: {e}");
@@ -108,7 +113,9 @@ fn main() -> ExitCode {
                 }
                 ExitCode::SUCCESS
             }
-            Command::Local { command: LocalCommand::Status { state } } => match LocalState::load(&state) {
+            Command::Local {
+                command: LocalCommand::Status { state },
+            } => match LocalState::load(&state) {
                 Ok(s) => {
                     print!("{}", format_table(&status_rows(&s, Timestamp::now())));
                     ExitCode::SUCCESS
@@ -119,8 +126,26 @@ fn main() -> ExitCode {
                 }
             },
             Command::Local {
-                command: LocalCommand::Run { manifests, state, output, once, resync_seconds },
-            } => run_local(LocalOptions { manifests, state, output }, once, Duration::from_secs(resync_seconds.max(1))).await,
+                command:
+                    LocalCommand::Run {
+                        manifests,
+                        state,
+                        output,
+                        once,
+                        resync_seconds,
+                    },
+            } => {
+                run_local(
+                    LocalOptions {
+                        manifests,
+                        state,
+                        output,
+                    },
+                    once,
+                    Duration::from_secs(resync_seconds.max(1)),
+                )
+                .await
+            }
         }
     })
 }
@@ -149,7 +174,11 @@ async fn run_local(options: LocalOptions, once: bool, resync: Duration) -> ExitC
         let state = LocalState::load(&state_path).unwrap_or_default();
         print!("{}", format_table(&status_rows(&state, Timestamp::now())));
         if once {
-            return if report.errors.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE };
+            return if report.errors.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            };
         }
         let sleep = report
             .next_wake
