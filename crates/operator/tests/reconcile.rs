@@ -1,0 +1,347 @@
+#![allow(clippy::unwrap_used)]
+//! SecretLease reconciles against a scripted API and a real PostgreSQL.
+
+mod common;
+
+use std::sync::Arc;
+
+use base64::Engine as _;
+use common::{Step, apply_status, echo, not_found, scripted};
+use http::Method;
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Recorder, Reporter};
+use leasehold_api::SecretLease;
+use leasehold_operator::lease_controller::{Context, reconcile_lease};
+use leasehold_operator::metrics::Metrics;
+use leasehold_testkit::PostgresServer;
+use secrecy::ExposeSecret;
+use serde_json::{Value, json};
+
+const LEASES: &str = "/apis/leasehold.dev/v1alpha1/namespaces/shop/secretleases";
+const POLICIES: &str = "/apis/leasehold.dev/v1alpha1/namespaces/shop/rotationpolicies";
+const SECRETS: &str = "/api/v1/namespaces/shop/secrets";
+
+fn uid() -> String {
+    let h = format!("{:032x}", rand::random::<u128>());
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+fn lease(name: &str, uid: &str, pg: Option<&PostgresServer>, finalizer: bool) -> Value {
+    let (host, port, db) = match pg {
+        Some(pg) => (pg.host().to_string(), pg.port(), pg.database().to_string()),
+        None => ("127.0.0.1".into(), 5432, "postgres".into()),
+    };
+    let mut metadata = json!({"name": name, "namespace": "shop", "uid": uid, "generation": 1, "resourceVersion": "1"});
+    if finalizer {
+        metadata["finalizers"] = json!(["leasehold.dev/revoke"]);
+    }
+    json!({
+        "apiVersion": "leasehold.dev/v1alpha1",
+        "kind": "SecretLease",
+        "metadata": metadata,
+        "spec": {
+            "policyRef": {"name": "short"},
+            "postgres": {"host": host, "port": port, "database": db, "adminSecretRef": {"name": "pg-admin"}, "tls": {"mode": "Disable"}},
+            "delivery": {"secret": {"name": format!("{name}-creds")}}
+        }
+    })
+}
+
+fn policy(ttl: &str) -> Value {
+    json!({
+        "apiVersion": "leasehold.dev/v1alpha1",
+        "kind": "RotationPolicy",
+        "metadata": {"name": "short", "namespace": "shop", "generation": 1},
+        "spec": {"ttl": ttl, "revoke": {"gracePeriod": "0s", "maxWait": "10m"}}
+    })
+}
+
+fn admin_secret(pg: &PostgresServer) -> Value {
+    let b = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "pg-admin", "namespace": "shop"},
+        "data": {"username": b(pg.admin_user()), "password": b(pg.admin_password().expose_secret())}
+    })
+}
+
+fn context(client: kube::Client) -> Arc<Context> {
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "leasehold-test".into(),
+            instance: None,
+        },
+    );
+    Arc::new(Context::new(
+        client,
+        Arc::new(Metrics::new()),
+        Some(recorder),
+        2,
+    ))
+}
+
+fn reply(v: Value) -> impl FnMut(&Value, &mut Value) -> (u16, Value) + Send + 'static {
+    move |_, _| (200, v.clone())
+}
+
+fn decode(secret: &Value, key: &str) -> String {
+    let b = secret["data"][key]
+        .as_str()
+        .unwrap_or_else(|| panic!("no key {key} in {secret}"));
+    String::from_utf8(base64::engine::general_purpose::STANDARD.decode(b).unwrap()).unwrap()
+}
+
+async fn role_exists(pg: &PostgresServer, user: &str) -> bool {
+    let admin = pg.admin_client().await;
+    !admin
+        .query("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&user])
+        .await
+        .unwrap()
+        .is_empty()
+}
+
+#[tokio::test]
+async fn create_adds_the_finalizer_first() {
+    let name = "fresh";
+    let obj = lease(name, &uid(), None, false);
+    let steps = vec![Step::new(
+        Method::PATCH,
+        &format!("{LEASES}/{name}"),
+        |body, state| {
+            let ops = body.as_array().expect("a JSON patch");
+            assert!(
+                ops.iter().any(|op| op["op"] == "add"
+                    && op["value"].to_string().contains("leasehold.dev/revoke")),
+                "{body}"
+            );
+            state["metadata"]["finalizers"] = json!(["leasehold.dev/revoke"]);
+            (200, state.clone())
+        },
+    )];
+    let (client, api) = scripted(steps, obj.clone());
+    let lease: SecretLease = serde_json::from_value(obj).unwrap();
+    let action = reconcile_lease(Arc::new(lease), context(client))
+        .await
+        .unwrap();
+    assert_eq!(action, Action::await_change());
+    let (seen, _) = api.await.unwrap();
+    assert_eq!(seen.requests.len(), 1);
+}
+
+#[tokio::test]
+async fn invalid_policy_and_missing_policy_set_ready_false_without_requeue() {
+    let name = "bad";
+    let obj = lease(name, &uid(), None, true);
+    let status_path = format!("{LEASES}/{name}/status");
+    let steps = vec![
+        Step::new(
+            Method::GET,
+            &format!("{POLICIES}/short"),
+            reply(policy("30s")),
+        ),
+        Step::new(
+            Method::GET,
+            &format!("{SECRETS}/pg-admin"),
+            reply(json!({
+                "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "pg-admin", "namespace": "shop"},
+                "stringData": {"username": "admin", "password": "x"}
+            })),
+        ),
+        Step::new(Method::PATCH, &status_path, apply_status),
+        Step::new(Method::GET, &format!("{POLICIES}/short"), |_, _| {
+            not_found()
+        }),
+        Step::new(Method::PATCH, &status_path, apply_status),
+    ];
+    let (client, api) = scripted(steps, obj.clone());
+    let ctx = context(client);
+    let lease: SecretLease = serde_json::from_value(obj).unwrap();
+    let action = reconcile_lease(Arc::new(lease.clone()), ctx.clone())
+        .await
+        .unwrap();
+    assert_eq!(action, Action::await_change());
+    let action = reconcile_lease(Arc::new(lease), ctx).await.unwrap();
+    assert_eq!(action, Action::await_change());
+    let (seen, _) = api.await.unwrap();
+    let statuses = seen.bodies(&Method::PATCH, &status_path);
+    let ready = |s: &Value| {
+        s["status"]["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == "Ready")
+            .unwrap()
+            .clone()
+    };
+    let first = ready(&statuses[0]);
+    assert_eq!(first["status"], "False");
+    assert_eq!(first["reason"], "InvalidPolicy");
+    assert!(
+        first["message"].as_str().unwrap().contains("spec.ttl"),
+        "{first}"
+    );
+    assert_eq!(first["observedGeneration"], 1);
+    assert_eq!(statuses[0]["status"]["phase"], "Invalid");
+    assert_eq!(ready(&statuses[1])["reason"], "PolicyNotFound");
+}
+
+/// Apply issues and delivers a real user; a resync writes nothing; delete revokes the
+/// user and releases the finalizer.
+#[tokio::test]
+async fn apply_resync_and_delete_against_real_postgres() {
+    let pg = PostgresServer::shared().await;
+    let name = "orders-db";
+    let obj = lease(name, &uid(), Some(pg), true);
+    let status_path = format!("{LEASES}/{name}/status");
+    let versions_path = format!("{SECRETS}/{name}-leasehold-versions");
+    let creds_path = format!("{SECRETS}/{name}-creds");
+
+    // 1. Apply: v1 is issued, verified, promoted and delivered.
+    let steps = vec![
+        Step::new(
+            Method::GET,
+            &format!("{POLICIES}/short"),
+            reply(policy("3h")),
+        ),
+        Step::new(
+            Method::GET,
+            &format!("{SECRETS}/pg-admin"),
+            reply(admin_secret(pg)),
+        ),
+        Step::new(Method::GET, &versions_path, |_, _| not_found()),
+        Step::new(Method::PATCH, &versions_path, echo),
+        Step::new(Method::PATCH, &status_path, apply_status).repeated(),
+        Step::new(Method::PATCH, &creds_path, echo),
+        Step::new(Method::PATCH, &status_path, apply_status).repeated(),
+    ];
+    let (client, api) = scripted(steps, obj.clone());
+    let lease: SecretLease = serde_json::from_value(obj).unwrap();
+    let action = reconcile_lease(Arc::new(lease), context(client))
+        .await
+        .unwrap();
+    let (seen, state) = api.await.unwrap();
+    assert_ne!(
+        action,
+        Action::await_change(),
+        "a running lease is requeued for renewal"
+    );
+    let status = &state["status"];
+    assert_eq!(status["phase"], "Active", "{status}");
+    assert_eq!(status["currentVersion"], 1);
+    let user = status["currentUsername"].as_str().unwrap().to_string();
+    assert!(role_exists(pg, &user).await, "user {user} should exist");
+    let ready = status["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Ready")
+        .unwrap();
+    assert_eq!(ready["status"], "True");
+    let versions = seen.bodies(&Method::PATCH, &versions_path).pop().unwrap();
+    assert_eq!(
+        versions["metadata"]["ownerReferences"][0]["kind"],
+        "SecretLease"
+    );
+    assert_eq!(
+        versions["metadata"]["ownerReferences"][0]["controller"],
+        true
+    );
+    let delivered = seen.bodies(&Method::PATCH, &creds_path).pop().unwrap();
+    assert_eq!(decode(&delivered, "username"), user);
+    let password = decode(&delivered, "password");
+    pg.connect_as(&user, &password)
+        .await
+        .expect("the delivered credential logs in");
+    let reasons = seen.event_reasons();
+    for r in ["Issued", "Verified", "Promoted"] {
+        assert!(
+            reasons.iter().any(|x| x == r),
+            "event {r} missing: {reasons:?}"
+        );
+    }
+    let everything = format!("{:?}{:?}", seen.events, state["status"]);
+    assert!(
+        !everything.contains(&password),
+        "a password leaked into events or status"
+    );
+
+    // 2. Resync with nothing changed: reads only, no write.
+    let steps = vec![
+        Step::new(
+            Method::GET,
+            &format!("{POLICIES}/short"),
+            reply(policy("3h")),
+        ),
+        Step::new(
+            Method::GET,
+            &format!("{SECRETS}/pg-admin"),
+            reply(admin_secret(pg)),
+        ),
+    ];
+    let (client, api) = scripted(steps, state.clone());
+    let lease: SecretLease = serde_json::from_value(state.clone()).unwrap();
+    reconcile_lease(Arc::new(lease), context(client))
+        .await
+        .unwrap();
+    let (seen, _) = api.await.unwrap();
+    assert!(
+        seen.requests.iter().all(|(m, _, _)| m == Method::GET),
+        "{:?}",
+        seen.requests
+    );
+
+    // 3. Delete: v1 is revoked (the user dropped), then the finalizer goes.
+    let mut deleting = state.clone();
+    deleting["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+    let stored_versions = versions.clone();
+    let steps = vec![
+        Step::new(
+            Method::GET,
+            &format!("{POLICIES}/short"),
+            reply(policy("3h")),
+        ),
+        Step::new(
+            Method::GET,
+            &format!("{SECRETS}/pg-admin"),
+            reply(admin_secret(pg)),
+        ),
+        Step::new(Method::PATCH, &status_path, apply_status),
+        Step::new(Method::GET, &versions_path, reply(stored_versions)),
+        Step::new(Method::PATCH, &versions_path, echo),
+        Step::new(Method::PATCH, &status_path, apply_status),
+        Step::new(Method::PATCH, &format!("{LEASES}/{name}"), |body, state| {
+            assert!(body.to_string().contains("remove"), "{body}");
+            state["metadata"]["finalizers"] = json!([]);
+            (200, state.clone())
+        }),
+    ];
+    let (client, api) = scripted(steps, deleting.clone());
+    let lease: SecretLease = serde_json::from_value(deleting).unwrap();
+    let action = reconcile_lease(Arc::new(lease), context(client))
+        .await
+        .unwrap();
+    assert_eq!(action, Action::await_change());
+    let (seen, _) = api.await.unwrap();
+    assert!(
+        !role_exists(pg, &user).await,
+        "user {user} should be dropped"
+    );
+    let emptied = seen.bodies(&Method::PATCH, &versions_path).pop().unwrap();
+    assert!(
+        emptied["data"].as_object().is_none_or(|d| d.is_empty()),
+        "{emptied}"
+    );
+    assert!(
+        seen.event_reasons().iter().any(|r| r == "Revoked"),
+        "{:?}",
+        seen.event_reasons()
+    );
+}
