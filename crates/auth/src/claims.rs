@@ -1,146 +1,38 @@
-//! Borrowed views of the JWS header and the token's claims. Strings borrow from
-//! the decoded buffers unless they contain escapes.
+//! The claims of a Kubernetes service-account token that `jsonwebtoken` does
+//! not check for us: the `kubernetes.io` binding, `sub`, `iat`, and `exp` (to
+//! report it). `iss`, `aud`, `exp` and `nbf` are validated by `jsonwebtoken`.
 
-use std::borrow::Cow;
 use std::fmt;
 
 use serde::Deserialize;
-use serde::de::{self, IgnoredAny, SeqAccess, Visitor};
+use serde::de::{self, Visitor};
 
 #[derive(Deserialize)]
-pub(crate) struct Header<'a> {
-    #[serde(borrow)]
-    pub(crate) alg: Str<'a>,
-    #[serde(borrow, default)]
-    pub(crate) kid: Option<Str<'a>>,
-    /// Any critical extension is one we do not understand (RFC 7515 §4.1.11).
+pub(crate) struct Claims {
     #[serde(default)]
-    pub(crate) crit: Option<IgnoredAny>,
-}
-
-#[derive(Deserialize)]
-pub(crate) struct Claims<'a> {
-    #[serde(borrow, default)]
-    pub(crate) iss: Option<Str<'a>>,
-    #[serde(borrow, default)]
-    pub(crate) aud: Audience<'a>,
-    #[serde(borrow, default)]
-    pub(crate) sub: Option<Str<'a>>,
+    pub(crate) sub: Option<String>,
     #[serde(default, deserialize_with = "numeric_date")]
     pub(crate) exp: Option<i64>,
     #[serde(default, deserialize_with = "numeric_date")]
-    pub(crate) nbf: Option<i64>,
-    #[serde(default, deserialize_with = "numeric_date")]
     pub(crate) iat: Option<i64>,
-    #[serde(borrow, default, rename = "kubernetes.io")]
-    pub(crate) kubernetes: Option<KubernetesClaim<'a>>,
+    #[serde(default, rename = "kubernetes.io")]
+    pub(crate) kubernetes: Option<KubernetesClaim>,
 }
 
 #[derive(Deserialize)]
-pub(crate) struct KubernetesClaim<'a> {
-    #[serde(borrow)]
-    pub(crate) namespace: Str<'a>,
-    #[serde(borrow)]
-    pub(crate) serviceaccount: ObjectRef<'a>,
-    #[serde(borrow, default)]
-    pub(crate) pod: Option<ObjectRef<'a>>,
-    #[serde(borrow, default)]
-    pub(crate) node: Option<ObjectRef<'a>>,
+pub(crate) struct KubernetesClaim {
+    pub(crate) namespace: String,
+    pub(crate) serviceaccount: ObjectRef,
+    #[serde(default)]
+    pub(crate) pod: Option<ObjectRef>,
+    #[serde(default)]
+    pub(crate) node: Option<ObjectRef>,
 }
 
 #[derive(Deserialize)]
-pub(crate) struct ObjectRef<'a> {
-    #[serde(borrow)]
-    pub(crate) name: Str<'a>,
-    #[serde(borrow)]
-    pub(crate) uid: Str<'a>,
-}
-
-/// `aud`: a single string or an array of strings (RFC 7519 §4.1.3).
-#[derive(Default)]
-pub(crate) enum Audience<'a> {
-    #[default]
-    Absent,
-    One(Str<'a>),
-    Many(Vec<Str<'a>>),
-}
-
-impl Audience<'_> {
-    pub(crate) fn contains(&self, wanted: &str) -> bool {
-        match self {
-            Audience::Absent => false,
-            Audience::One(a) => &**a == wanted,
-            Audience::Many(all) => all.iter().any(|a| &**a == wanted),
-        }
-    }
-}
-
-impl<'de: 'a, 'a> Deserialize<'de> for Audience<'a> {
-    fn deserialize<D: de::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct AudienceVisitor;
-
-        impl<'de> Visitor<'de> for AudienceVisitor {
-            type Value = Audience<'de>;
-
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a string or an array of strings")
-            }
-
-            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
-                Ok(Audience::One(Str(Cow::Borrowed(v))))
-            }
-
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-                Ok(Audience::One(Str(Cow::Owned(v.to_owned()))))
-            }
-
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-                let mut all = Vec::with_capacity(seq.size_hint().unwrap_or(1).min(16));
-                while let Some(a) = seq.next_element::<Str<'de>>()? {
-                    all.push(a);
-                }
-                Ok(Audience::Many(all))
-            }
-        }
-
-        deserializer.deserialize_any(AudienceVisitor)
-    }
-}
-
-/// A string that borrows from the input when it has no escapes. (serde's own
-/// borrowing of `Cow<str>` does not reach inside `Option` or sequences.)
-pub(crate) struct Str<'a>(Cow<'a, str>);
-
-impl std::ops::Deref for Str<'_> {
-    type Target = str;
-
-    fn deref(&self) -> &str {
-        &self.0
-    }
-}
-
-impl<'de: 'a, 'a> Deserialize<'de> for Str<'a> {
-    fn deserialize<D: de::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct StrVisitor;
-
-        impl<'de> Visitor<'de> for StrVisitor {
-            type Value = Str<'de>;
-
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a string")
-            }
-
-            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
-                Ok(Str(Cow::Borrowed(v)))
-            }
-
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-                Ok(Str(Cow::Owned(v.to_owned())))
-            }
-        }
-
-        deserializer.deserialize_str(StrVisitor)
-    }
+pub(crate) struct ObjectRef {
+    pub(crate) name: String,
+    pub(crate) uid: String,
 }
 
 /// NumericDate: seconds since the epoch, integer or fractional (truncated).
@@ -191,23 +83,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn audience_forms() {
-        let c: Claims<'_> = serde_json::from_str(r#"{"aud":"a"}"#).expect("one");
-        assert!(c.aud.contains("a") && !c.aud.contains("b"));
-        let c: Claims<'_> = serde_json::from_str(r#"{"aud":["b","a"]}"#).expect("many");
-        assert!(c.aud.contains("a"));
-        let c: Claims<'_> = serde_json::from_str(r#"{}"#).expect("absent");
-        assert!(!c.aud.contains(""));
-        assert!(serde_json::from_str::<Claims<'_>>(r#"{"aud":3}"#).is_err());
-    }
-
-    #[test]
     fn dates_and_duplicates() {
-        let c: Claims<'_> = serde_json::from_str(r#"{"exp":10,"nbf":2.9,"iat":1}"#).expect("dates");
-        assert_eq!((c.exp, c.nbf, c.iat), (Some(10), Some(2), Some(1)));
-        assert!(serde_json::from_str::<Claims<'_>>(r#"{"exp":"10"}"#).is_err());
-        assert!(serde_json::from_str::<Claims<'_>>(r#"{"exp":1,"exp":2}"#).is_err());
-        assert!(serde_json::from_str::<Header<'_>>(r#"{"alg":"RS256","alg":"none"}"#).is_err());
+        let c: Claims = serde_json::from_str(r#"{"exp":10,"iat":1.9}"#).expect("dates");
+        assert_eq!((c.exp, c.iat), (Some(10), Some(1)));
+        assert!(serde_json::from_str::<Claims>(r#"{"exp":"10"}"#).is_err());
+        assert!(serde_json::from_str::<Claims>(r#"{"exp":1,"exp":2}"#).is_err());
+        let c: Claims = serde_json::from_str(r#"{"aud":3,"other":[1]}"#).expect("ignored");
+        assert!(c.exp.is_none() && c.kubernetes.is_none());
     }
 
     #[test]

@@ -1,9 +1,7 @@
-//! OIDC discovery and JWK set documents, and their conversion into parsed
-//! verification keys.
+//! OIDC discovery and JWK set documents, and their conversion into
+//! `jsonwebtoken` decoding keys.
 
-use aws_lc_rs::signature::{self as sig, ParsedPublicKey, RsaPublicKeyComponents};
-use base64::Engine as _;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use jsonwebtoken::DecodingKey;
 use serde::{Deserialize, Serialize};
 
 use crate::error::SanitizedValue;
@@ -128,16 +126,24 @@ impl Algorithm {
         }
     }
 
-    fn rsa_params(self) -> Option<&'static sig::RsaParameters> {
-        Some(match self {
-            Algorithm::RS256 => &sig::RSA_PKCS1_2048_8192_SHA256,
-            Algorithm::RS384 => &sig::RSA_PKCS1_2048_8192_SHA384,
-            Algorithm::RS512 => &sig::RSA_PKCS1_2048_8192_SHA512,
-            Algorithm::PS256 => &sig::RSA_PSS_2048_8192_SHA256,
-            Algorithm::PS384 => &sig::RSA_PSS_2048_8192_SHA384,
-            Algorithm::PS512 => &sig::RSA_PSS_2048_8192_SHA512,
-            Algorithm::ES256 | Algorithm::ES384 => return None,
-        })
+    /// The `jsonwebtoken` algorithm of the same name.
+    pub(crate) fn to_jwt(self) -> jsonwebtoken::Algorithm {
+        match self {
+            Algorithm::RS256 => jsonwebtoken::Algorithm::RS256,
+            Algorithm::RS384 => jsonwebtoken::Algorithm::RS384,
+            Algorithm::RS512 => jsonwebtoken::Algorithm::RS512,
+            Algorithm::PS256 => jsonwebtoken::Algorithm::PS256,
+            Algorithm::PS384 => jsonwebtoken::Algorithm::PS384,
+            Algorithm::PS512 => jsonwebtoken::Algorithm::PS512,
+            Algorithm::ES256 => jsonwebtoken::Algorithm::ES256,
+            Algorithm::ES384 => jsonwebtoken::Algorithm::ES384,
+        }
+    }
+
+    /// The supported algorithm for a `jsonwebtoken` one; `None` for HMAC,
+    /// EdDSA and anything else.
+    pub(crate) fn from_jwt(alg: jsonwebtoken::Algorithm) -> Option<Algorithm> {
+        Algorithm::ALL.into_iter().find(|a| a.to_jwt() == alg)
     }
 }
 
@@ -161,13 +167,15 @@ pub(crate) struct SkippedKey {
     pub(crate) reason: &'static str,
 }
 
-/// A key from the set, parsed once, with one verifier per algorithm it may
-/// be used with.
+/// A key from the set, turned into a `jsonwebtoken` decoding key once, with
+/// the algorithms it may be used with.
 pub(crate) struct VerifyKey {
     pub(crate) kid: Option<Box<str>>,
     key_type: KeyType,
     pinned_alg: Option<Algorithm>,
-    verifiers: Vec<(Algorithm, ParsedPublicKey)>,
+    /// The allowed algorithms that fit this key (never empty).
+    algorithms: Vec<Algorithm>,
+    key: DecodingKey,
 }
 
 impl std::fmt::Debug for VerifyKey {
@@ -176,35 +184,25 @@ impl std::fmt::Debug for VerifyKey {
             .field("kid", &self.kid)
             .field("key_type", &self.key_type)
             .field("pinned_alg", &self.pinned_alg)
-            .field(
-                "algorithms",
-                &self.verifiers.iter().map(|(a, _)| *a).collect::<Vec<_>>(),
-            )
-            .finish()
+            .field("algorithms", &self.algorithms)
+            .finish_non_exhaustive()
     }
-}
-
-/// Outcome of asking a key for a verifier for the header's algorithm.
-pub(crate) enum KeyMatch<'a> {
-    Verifier(&'a ParsedPublicKey),
-    /// Wrong key type or curve, or the JWK pins another `alg`.
-    Mismatch,
 }
 
 impl VerifyKey {
-    pub(crate) fn verifier_for(&self, alg: Algorithm) -> KeyMatch<'_> {
+    /// The decoding key, if the header's algorithm may be used with this key:
+    /// `None` for a wrong key type or curve, a JWK that pins another `alg`,
+    /// or an algorithm outside the allowed set.
+    pub(crate) fn decoding_key_for(&self, alg: Algorithm) -> Option<&DecodingKey> {
         if alg.key_type() != self.key_type || self.pinned_alg.is_some_and(|p| p != alg) {
-            return KeyMatch::Mismatch;
+            return None;
         }
-        match self.verifiers.iter().find(|(a, _)| *a == alg) {
-            Some((_, key)) => KeyMatch::Verifier(key),
-            // Compatible but not allowed: the caller checked the allowed set
-            // first, so this only happens for a pinned alg outside it.
-            None => KeyMatch::Mismatch,
-        }
+        self.algorithms.contains(&alg).then_some(&self.key)
     }
 
-    /// Parses a JWK, keeping verifiers for the allowed algorithms it fits.
+    /// Checks a JWK and builds its decoding key, for the allowed algorithms
+    /// it fits. The key material itself is checked by aws-lc when a
+    /// signature is verified: a key it refuses verifies nothing.
     pub(crate) fn from_jwk(jwk: &Jwk, allowed: &[Algorithm]) -> Result<VerifyKey, SkippedKey> {
         let skip = |reason| SkippedKey {
             kid: jwk.kid.as_deref().map(SanitizedValue::new),
@@ -227,68 +225,49 @@ impl VerifyKey {
             ("EC", _) => return Err(skip("unsupported curve")),
             _ => return Err(skip("unsupported key type")),
         };
-        let algorithms = allowed
+        let algorithms: Vec<Algorithm> = allowed
             .iter()
             .copied()
-            .filter(|a| a.key_type() == key_type && pinned_alg.is_none_or(|p| p == *a));
-        let mut verifiers = Vec::new();
-        match key_type {
-            KeyType::Rsa => {
-                let n = decode_member(jwk.n.as_deref()).ok_or_else(|| skip("bad n"))?;
-                let e = decode_member(jwk.e.as_deref()).ok_or_else(|| skip("bad e"))?;
-                let components = RsaPublicKeyComponents {
-                    n: n.as_slice(),
-                    e: e.as_slice(),
-                };
-                for alg in algorithms {
-                    let Some(params) = alg.rsa_params() else {
-                        continue;
-                    };
-                    let key = components
-                        .to_parsed_public_key(params)
-                        .map_err(|_| skip("invalid RSA key"))?;
-                    verifiers.push((alg, key));
-                }
-            }
-            KeyType::EcP256 | KeyType::EcP384 => {
-                let (coord_len, verify_alg): (usize, &'static sig::EcdsaVerificationAlgorithm) =
-                    if key_type == KeyType::EcP256 {
-                        (32, &sig::ECDSA_P256_SHA256_FIXED)
-                    } else {
-                        (48, &sig::ECDSA_P384_SHA384_FIXED)
-                    };
-                let x = decode_member(jwk.x.as_deref()).ok_or_else(|| skip("bad x"))?;
-                let y = decode_member(jwk.y.as_deref()).ok_or_else(|| skip("bad y"))?;
-                if x.len() != coord_len || y.len() != coord_len {
-                    return Err(skip("bad coordinate length"));
-                }
-                // SEC 1 uncompressed point: 0x04 || x || y.
-                let mut point = Vec::with_capacity(1 + 2 * coord_len);
-                point.push(0x04);
-                point.extend_from_slice(&x);
-                point.extend_from_slice(&y);
-                for alg in algorithms {
-                    let key = ParsedPublicKey::new(verify_alg, &point)
-                        .map_err(|_| skip("invalid EC point"))?;
-                    verifiers.push((alg, key));
-                }
-            }
-        }
-        if verifiers.is_empty() {
+            .filter(|a| a.key_type() == key_type && pinned_alg.is_none_or(|p| p == *a))
+            .collect();
+        if algorithms.is_empty() {
             return Err(skip("no allowed algorithm fits this key"));
         }
+        let key = match key_type {
+            KeyType::Rsa => {
+                let (Some(n), Some(e)) = (jwk.n.as_deref(), jwk.e.as_deref()) else {
+                    return Err(skip("missing n or e"));
+                };
+                if n.is_empty() || e.is_empty() {
+                    return Err(skip("empty n or e"));
+                }
+                DecodingKey::from_rsa_components(n, e)
+                    .map_err(|_| skip("n or e is not base64url"))?
+            }
+            KeyType::EcP256 | KeyType::EcP384 => {
+                let coord_len = if key_type == KeyType::EcP256 { 32 } else { 48 };
+                let (Some(x), Some(y)) = (jwk.x.as_deref(), jwk.y.as_deref()) else {
+                    return Err(skip("missing x or y"));
+                };
+                let key = DecodingKey::from_ec_components(x, y)
+                    .map_err(|_| skip("x or y is not base64url"))?;
+                // The key is the SEC 1 point 0x04 || x || y; equal encoded
+                // lengths mean equal decoded lengths, so each is coord_len.
+                let point_len = key.try_get_as_bytes().ok().map(<[u8]>::len);
+                if x.len() != y.len() || point_len != Some(1 + 2 * coord_len) {
+                    return Err(skip("bad coordinate length"));
+                }
+                key
+            }
+        };
         Ok(VerifyKey {
             kid: jwk.kid.as_deref().map(Box::from),
             key_type,
             pinned_alg,
-            verifiers,
+            algorithms,
+            key,
         })
     }
-}
-
-fn decode_member(value: Option<&str>) -> Option<Vec<u8>> {
-    let bytes = URL_SAFE_NO_PAD.decode(value?).ok()?;
-    (!bytes.is_empty()).then_some(bytes)
 }
 
 #[cfg(test)]

@@ -1,24 +1,22 @@
-//! The token verifier: parsing, signature, claims, and the key cache.
+//! The token verifier: header and key selection, `jsonwebtoken` decoding and
+//! validation, the Kubernetes claim checks, and the key cache.
 
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use jsonwebtoken::Validation;
+use jsonwebtoken::errors::{Error as JwtError, ErrorKind as JwtErrorKind};
 use tracing::{debug, instrument, warn};
 
-use crate::claims::{Claims, Header, KubernetesClaim, parse_subject};
+use crate::claims::{Claims, KubernetesClaim, ObjectRef, parse_subject};
 use crate::error::{AuthError, KeySourceError, PodField, SanitizedValue};
-use crate::jwks::{Algorithm, KeyMatch, VerifyKey};
+use crate::jwks::{Algorithm, VerifyKey};
 use crate::source::KeySource;
 
 /// Tokens longer than this are refused before any decoding.
 pub const MAX_TOKEN_LEN: usize = 16 * 1024;
-/// Decoded header and signature must fit these stack buffers.
-const MAX_HEADER_LEN: usize = 1024;
-const MAX_SIGNATURE_LEN: usize = 1024;
-/// Payloads up to this size are decoded on the stack.
-const STACK_PAYLOAD_LEN: usize = 4096;
 
 /// How a [`TokenVerifier`] checks tokens.
 #[derive(Debug, Clone)]
@@ -137,13 +135,20 @@ pub struct VerifiedServiceAccount {
 #[derive(Debug, Default)]
 struct KeySnapshot {
     keys: Vec<VerifyKey>,
-    /// From discovery, when the configuration has no issuer.
-    discovered_issuer: Option<Box<str>>,
+    /// One `jsonwebtoken` validation per allowed algorithm, for this
+    /// snapshot's issuer (configured or discovered).
+    validations: Vec<(Algorithm, Validation)>,
     /// `None` until the first successful fetch.
     fetched_at: Option<Instant>,
 }
 
 impl KeySnapshot {
+    fn validation(&self, alg: Algorithm) -> Option<&Validation> {
+        self.validations
+            .iter()
+            .find_map(|(a, v)| (*a == alg).then_some(v))
+    }
+
     fn find(&self, kid: Option<&str>) -> Option<&VerifyKey> {
         match kid {
             Some(kid) => self.keys.iter().find(|k| k.kid.as_deref() == Some(kid)),
@@ -240,7 +245,7 @@ impl TokenVerifier {
                     pod_name: expected.pod_name.clone(),
                     pod_uid: expected.pod_uid.clone(),
                     service_account: expected.service_account.clone(),
-                    node_name: k8s.node.as_ref().map(|n| n.name.to_string()),
+                    node_name: k8s.node.map(|n| n.name),
                     expires_at: exp,
                 })
             })
@@ -260,16 +265,16 @@ impl TokenVerifier {
     ) -> Result<VerifiedServiceAccount, AuthError> {
         let result = self
             .verify_with(token, |k8s, exp| {
-                let bound = |o: &crate::claims::ObjectRef<'_>| BoundObject {
-                    name: o.name.to_string(),
-                    uid: o.uid.to_string(),
+                let bound = |o: ObjectRef| BoundObject {
+                    name: o.name,
+                    uid: o.uid,
                 };
                 Ok(VerifiedServiceAccount {
-                    namespace: k8s.namespace.to_string(),
-                    name: k8s.serviceaccount.name.to_string(),
-                    uid: k8s.serviceaccount.uid.to_string(),
-                    pod: k8s.pod.as_ref().map(bound),
-                    node: k8s.node.as_ref().map(bound),
+                    namespace: k8s.namespace,
+                    name: k8s.serviceaccount.name,
+                    uid: k8s.serviceaccount.uid,
+                    pod: k8s.pod.map(bound),
+                    node: k8s.node.map(bound),
                     expires_at: exp,
                 })
             })
@@ -297,106 +302,58 @@ impl TokenVerifier {
     async fn verify_with<R>(
         &self,
         token: &str,
-        finish: impl FnOnce(&KubernetesClaim<'_>, jiff::Timestamp) -> Result<R, AuthError>,
+        finish: impl FnOnce(KubernetesClaim, jiff::Timestamp) -> Result<R, AuthError>,
     ) -> Result<R, AuthError> {
         if token.len() > MAX_TOKEN_LEN {
             return Err(AuthError::Malformed("token too long"));
         }
-        let (signing_input, signature_b64) = token
-            .rsplit_once('.')
-            .ok_or(AuthError::Malformed("not a compact JWS"))?;
-        let (header_b64, payload_b64) = signing_input
-            .split_once('.')
-            .ok_or(AuthError::Malformed("not a compact JWS"))?;
-        if header_b64.is_empty() || payload_b64.is_empty() || payload_b64.contains('.') {
-            return Err(AuthError::Malformed("not a compact JWS"));
-        }
-
-        let mut header_buf = [0u8; MAX_HEADER_LEN];
-        let header_len = decode_into(
-            header_b64,
-            &mut header_buf,
-            "header too large",
-            "header is not base64url",
-        )?;
-        let header: Header<'_> = serde_json::from_slice(&header_buf[..header_len])
-            .map_err(|_| AuthError::Malformed("header is not valid JSON"))?;
+        let header = read_header(token)?;
         if header.crit.is_some() {
             return Err(AuthError::Malformed("unsupported critical header"));
         }
-        let alg = Algorithm::from_name(&header.alg)
+        // Alg-confusion defence, before any key is touched: the header's alg
+        // must be one we allow (never `none` or HMAC) ...
+        let alg = Algorithm::from_jwt(header.alg)
             .filter(|a| self.config.allowed_algorithms.contains(a))
             .ok_or_else(|| AuthError::AlgorithmNotAllowed {
-                alg: SanitizedValue::new(&header.alg),
+                alg: SanitizedValue::new(&format!("{:?}", header.alg)),
             })?;
-
-        let mut signature_buf = [0u8; MAX_SIGNATURE_LEN];
-        let signature_len = decode_into(
-            signature_b64,
-            &mut signature_buf,
-            "signature too large",
-            "signature is not base64url",
-        )?;
 
         let kid = header.kid.as_deref();
         let snapshot = self.keys_for(kid).await?;
         let key = snapshot.find(kid).ok_or_else(|| AuthError::UnknownKey {
             kid: kid.map(SanitizedValue::new),
         })?;
-        let verifier = match key.verifier_for(alg) {
-            KeyMatch::Verifier(v) => v,
-            KeyMatch::Mismatch => {
-                return Err(AuthError::AlgorithmKeyMismatch {
-                    alg: SanitizedValue::new(alg.as_str()),
-                });
-            }
+        // ... and must fit the key named by kid (type, curve, pinned alg).
+        let mismatch = || AuthError::AlgorithmKeyMismatch {
+            alg: SanitizedValue::new(alg.as_str()),
         };
-        verifier
-            .verify_sig(signing_input.as_bytes(), &signature_buf[..signature_len])
-            .map_err(|_| AuthError::BadSignature)?;
+        let decoding_key = key.decoding_key_for(alg).ok_or_else(mismatch)?;
+        // Built for exactly this algorithm, the audience, the issuer, leeway.
+        let validation =
+            snapshot
+                .validation(alg)
+                .ok_or_else(|| AuthError::AlgorithmNotAllowed {
+                    alg: SanitizedValue::new(alg.as_str()),
+                })?;
+        // Signature first, then iss, aud, exp (required) and nbf.
+        let claims = jsonwebtoken::decode::<Claims>(token, decoding_key, validation)
+            .map_err(|e| decode_error(&e, alg))?
+            .claims;
 
         // The signature is good: from here on the claims are the issuer's.
-        let mut stack_payload = [0u8; STACK_PAYLOAD_LEN];
-        let heap_payload;
-        let payload: &[u8] = if base64::decoded_len_estimate(payload_b64.len()) <= STACK_PAYLOAD_LEN
-        {
-            let len = decode_into(
-                payload_b64,
-                &mut stack_payload,
-                "payload too large",
-                "payload is not base64url",
-            )?;
-            &stack_payload[..len]
-        } else {
-            heap_payload = URL_SAFE_NO_PAD
-                .decode(payload_b64)
-                .map_err(|_| AuthError::Malformed("payload is not base64url"))?;
-            &heap_payload
-        };
-        let claims: Claims<'_> = serde_json::from_slice(payload)
-            .map_err(|_| AuthError::Malformed("claims are not valid JSON"))?;
-
-        let expected_issuer = match (&self.config.issuer, &snapshot.discovered_issuer) {
-            (Some(configured), _) => configured.as_str(),
-            (None, Some(discovered)) => discovered,
-            (None, None) => return Err(AuthError::KeysUnavailable(KeySourceError::NoIssuer)),
-        };
-        if claims.iss.as_deref() != Some(expected_issuer) {
-            return Err(AuthError::WrongIssuer);
-        }
-        if !claims.aud.contains(&self.config.audience) {
-            return Err(AuthError::WrongAudience);
-        }
         let expires_at = self.check_times(&claims)?;
-
-        let k8s = claims
-            .kubernetes
-            .as_ref()
-            .ok_or(AuthError::NotServiceAccountToken("no kubernetes.io claim"))?;
-        let (sub_namespace, sub_name) = claims.sub.as_deref().and_then(parse_subject).ok_or(
-            AuthError::NotServiceAccountToken("subject is not a service account"),
-        )?;
-        if sub_namespace != &*k8s.namespace || sub_name != &*k8s.serviceaccount.name {
+        let Claims {
+            sub, kubernetes, ..
+        } = claims;
+        let k8s = kubernetes.ok_or(AuthError::NotServiceAccountToken("no kubernetes.io claim"))?;
+        let (sub_namespace, sub_name) =
+            sub.as_deref()
+                .and_then(parse_subject)
+                .ok_or(AuthError::NotServiceAccountToken(
+                    "subject is not a service account",
+                ))?;
+        if sub_namespace != k8s.namespace || sub_name != k8s.serviceaccount.name {
             return Err(AuthError::NotServiceAccountToken(
                 "subject does not match the kubernetes.io claim",
             ));
@@ -404,18 +361,35 @@ impl TokenVerifier {
         finish(k8s, expires_at)
     }
 
-    fn check_times(&self, claims: &Claims<'_>) -> Result<jiff::Timestamp, AuthError> {
+    /// `exp` and `nbf` were checked by `jsonwebtoken`; `iat` is not, so a
+    /// token issued in the future (beyond leeway) is refused here.
+    fn check_times(&self, claims: &Claims) -> Result<jiff::Timestamp, AuthError> {
         let now = unix_now();
         let leeway = i64::try_from(self.config.leeway.as_secs()).unwrap_or(i64::MAX);
         let exp = claims.exp.ok_or(AuthError::Malformed("no exp claim"))?;
-        if now > exp.saturating_add(leeway) {
-            return Err(AuthError::Expired);
-        }
-        let in_future = |t: Option<i64>| t.is_some_and(|t| t > now.saturating_add(leeway));
-        if in_future(claims.nbf) || in_future(claims.iat) {
+        if claims.iat.is_some_and(|t| t > now.saturating_add(leeway)) {
             return Err(AuthError::NotYetValid);
         }
         jiff::Timestamp::from_second(exp).map_err(|_| AuthError::Malformed("exp out of range"))
+    }
+
+    /// The `jsonwebtoken` validation for `alg`: that one algorithm, our
+    /// audience and `issuer`, `exp`, `iss` and `aud` required, `exp` and
+    /// `nbf` checked with the configured leeway.
+    fn validation(&self, alg: Algorithm, issuer: &str) -> Validation {
+        let mut validation = Validation::new(alg.to_jwt());
+        validation.set_audience(&[self.config.audience.as_str()]);
+        validation.set_issuer(&[issuer]);
+        validation.set_required_spec_claims(&["exp", "iss", "aud"]);
+        validation.validate_exp = true;
+        validation.validate_nbf = true;
+        validation.validate_aud = true;
+        // jsonwebtoken computes `now - leeway` and `now + leeway` in u64:
+        // a leeway beyond the current time would overflow and means
+        // "any time" anyway.
+        let now = u64::try_from(unix_now()).unwrap_or(0);
+        validation.leeway = self.config.leeway.as_secs().min(now);
+        validation
     }
 
     fn snapshot(&self) -> Arc<KeySnapshot> {
@@ -502,20 +476,20 @@ impl TokenVerifier {
     #[instrument(level = "debug", skip(self))]
     async fn fetch(&self) -> Result<KeySnapshot, KeySourceError> {
         let work = async {
-            let discovered_issuer = match self.config.issuer {
-                Some(_) => None,
+            let issuer = match &self.config.issuer {
+                Some(configured) => configured.clone(),
                 None => {
                     let discovery = self.source.discovery().await?;
                     if discovery.issuer.is_empty() {
                         return Err(KeySourceError::NoIssuer);
                     }
-                    Some(discovery.issuer.into_boxed_str())
+                    discovery.issuer
                 }
             };
             let set = self.source.jwks().await?;
-            Ok((discovered_issuer, set))
+            Ok((issuer, set))
         };
-        let (discovered_issuer, set) = tokio::time::timeout(self.config.fetch_timeout, work)
+        let (issuer, set) = tokio::time::timeout(self.config.fetch_timeout, work)
             .await
             .map_err(|_| KeySourceError::Request {
                 what: "signing keys",
@@ -534,27 +508,86 @@ impl TokenVerifier {
             return Err(KeySourceError::NoUsableKeys);
         }
         debug!(keys = keys.len(), "fetched signing keys");
+        let validations = self
+            .config
+            .allowed_algorithms
+            .iter()
+            .map(|&alg| (alg, self.validation(alg, &issuer)))
+            .collect();
         Ok(KeySnapshot {
             keys,
-            discovered_issuer,
+            validations,
             fetched_at: Some(Instant::now()),
         })
     }
 }
 
-/// Decodes base64url (no padding) into `buf`, refusing what does not fit.
-fn decode_into(
-    input: &str,
-    buf: &mut [u8],
-    too_large: &'static str,
-    invalid: &'static str,
-) -> Result<usize, AuthError> {
-    if base64::decoded_len_estimate(input.len()) > buf.len() {
-        return Err(AuthError::Malformed(too_large));
+/// The token's header, through `jsonwebtoken`. A header it refuses only
+/// because `alg` is a name it does not know (`none`, ...) is reported as a
+/// refused algorithm, not as a malformed token.
+fn read_header(token: &str) -> Result<jsonwebtoken::Header, AuthError> {
+    jsonwebtoken::decode_header(token).map_err(|e| match e.kind() {
+        JwtErrorKind::Json(_) => {
+            unknown_alg(token).unwrap_or(AuthError::Malformed("header is not valid JSON"))
+        }
+        JwtErrorKind::Base64(_) => AuthError::Malformed("header is not base64url"),
+        JwtErrorKind::Utf8(_) => AuthError::Malformed("header is not valid JSON"),
+        _ => AuthError::Malformed("not a compact JWS"),
+    })
+}
+
+/// For a header `jsonwebtoken` could not parse: its `alg`, when that is a
+/// string naming no algorithm `jsonwebtoken` knows.
+fn unknown_alg(token: &str) -> Option<AuthError> {
+    #[derive(serde::Deserialize)]
+    struct AlgOnly {
+        alg: String,
     }
-    URL_SAFE_NO_PAD
-        .decode_slice(input, buf)
-        .map_err(|_| AuthError::Malformed(invalid))
+    // decode_header got as far as JSON, so the header is the first of three
+    // parts and valid base64url.
+    let json = URL_SAFE_NO_PAD.decode(token.split('.').next()?).ok()?;
+    let AlgOnly { alg } = serde_json::from_slice(&json).ok()?;
+    alg.parse::<jsonwebtoken::Algorithm>()
+        .is_err()
+        .then(|| AuthError::AlgorithmNotAllowed {
+            alg: SanitizedValue::new(&alg),
+        })
+}
+
+/// Maps a `jsonwebtoken` decoding or validation error. Only fixed texts are
+/// kept: `jsonwebtoken`'s messages may quote parts of the token.
+fn decode_error(e: &JwtError, alg: Algorithm) -> AuthError {
+    match e.kind() {
+        JwtErrorKind::InvalidSignature
+        // A key that aws-lc refuses verifies nothing.
+        | JwtErrorKind::InvalidRsaKey(_)
+        | JwtErrorKind::InvalidEcdsaKey => AuthError::BadSignature,
+        JwtErrorKind::ExpiredSignature => AuthError::Expired,
+        JwtErrorKind::ImmatureSignature => AuthError::NotYetValid,
+        JwtErrorKind::InvalidAudience => AuthError::WrongAudience,
+        JwtErrorKind::InvalidIssuer => AuthError::WrongIssuer,
+        JwtErrorKind::MissingRequiredClaim(claim) => match claim.as_str() {
+            "iss" => AuthError::WrongIssuer,
+            "aud" => AuthError::WrongAudience,
+            "exp" => AuthError::Malformed("no exp claim"),
+            _ => AuthError::Malformed("a required claim is missing"),
+        },
+        JwtErrorKind::InvalidClaimFormat(_) => {
+            AuthError::Malformed("a registered claim has an invalid format")
+        }
+        // Checked before decoding; kept in case jsonwebtoken disagrees.
+        JwtErrorKind::InvalidAlgorithm | JwtErrorKind::InvalidKeyFormat => {
+            AuthError::AlgorithmKeyMismatch {
+                alg: SanitizedValue::new(alg.as_str()),
+            }
+        }
+        JwtErrorKind::InvalidToken => AuthError::Malformed("not a compact JWS"),
+        JwtErrorKind::Base64(_) => AuthError::Malformed("payload or signature is not base64url"),
+        JwtErrorKind::Json(_) | JwtErrorKind::Utf8(_) => {
+            AuthError::Malformed("claims are not valid JSON")
+        }
+        _ => AuthError::Malformed("token could not be decoded"),
+    }
 }
 
 fn unix_now() -> i64 {

@@ -207,6 +207,31 @@ async fn refuses_wrong_issuer() {
 }
 
 #[tokio::test]
+async fn refuses_missing_issuer_or_audience() {
+    let e = refuse(&mint(&RSA, &without(pod_claims(), &["iss"]))).await;
+    assert!(matches!(e, AuthError::WrongIssuer), "{e:?}");
+    let e = refuse(&mint(&RSA, &without(pod_claims(), &["aud"]))).await;
+    assert!(matches!(e, AuthError::WrongAudience), "{e:?}");
+    let e = refuse(&mint(&RSA, &with(pod_claims(), &["aud"], json!([])))).await;
+    assert!(matches!(e, AuthError::WrongAudience), "{e:?}");
+    let e = refuse(&mint(&RSA, &with(pod_claims(), &["nbf"], json!("soon")))).await;
+    assert!(matches!(e, AuthError::Malformed(_)), "{e:?}");
+}
+
+#[tokio::test]
+async fn huge_leeway_does_not_overflow() {
+    let server = server_with_all_keys().await;
+    let mut cfg = config();
+    cfg.leeway = Duration::MAX;
+    let claims = with(pod_claims(), &["nbf"], json!(now() + 120));
+    server
+        .verifier(cfg)
+        .verify_pod_token(&mint(&RSA, &claims), &expected_pod())
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
 async fn refuses_token_of_another_pod() {
     let server = server_with_all_keys().await;
     let verifier = server.verifier(config());
