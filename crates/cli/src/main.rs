@@ -66,6 +66,13 @@ enum LocalCommand {
         /// As a daemon: the longest sleep between passes (manifest changes are picked up on the next pass).
         #[arg(long, value_name = "SECONDS", default_value_t = 10)]
         resync_seconds: u64,
+        /// Look for leaked versions of known leases (database users that match a lease's
+        /// naming but not its recorded state) on start and then this often; 0 disables.
+        #[arg(long, value_name = "SECONDS", default_value_t = 600)]
+        sweep_seconds: u64,
+        /// Only report what the sweeper would revoke.
+        #[arg(long)]
+        sweep_dry_run: bool,
     },
     /// Print each lease's phase, version, user and expiry from a state file.
     Status {
@@ -150,7 +157,19 @@ fn main() -> ExitCode {
     })
 }
 
-async fn run_local(options: LocalOptions, once: bool, resync: Duration) -> ExitCode {
+/// Orphan sweeping schedule.
+#[derive(Debug, Clone, Copy)]
+struct Sweep {
+    every: Duration,
+    dry_run: bool,
+}
+
+async fn run_local(
+    options: LocalOptions,
+    once: bool,
+    resync: Duration,
+    sweep: Option<Sweep>,
+) -> ExitCode {
     let state_path = options.state.clone();
     let runner = match LocalRunner::new(options, Engine::new()) {
         Ok(r) => r,
@@ -159,7 +178,28 @@ async fn run_local(options: LocalOptions, once: bool, resync: Duration) -> ExitC
             return ExitCode::FAILURE;
         }
     };
+    let mut next_sweep = std::time::Instant::now();
     loop {
+        if let Some(sw) = sweep
+            && std::time::Instant::now() >= next_sweep
+        {
+            match runner.sweep(sw.dry_run).await {
+                Ok(reports) => {
+                    for (lease, r) in reports.iter().filter(|(_, r)| !r.orphans.is_empty()) {
+                        info!(
+                            lease,
+                            orphans = r.orphans.len(),
+                            revoked = r.revoked.len(),
+                            failed = r.failed.len(),
+                            dry_run = sw.dry_run,
+                            "orphan sweep"
+                        );
+                    }
+                }
+                Err(e) => error!(error = %e, "orphan sweep failed"),
+            }
+            next_sweep = std::time::Instant::now() + sw.every;
+        }
         let report = match runner.pass().await {
             Ok(r) => r,
             Err(e) => {

@@ -536,6 +536,52 @@ impl LocalRunner {
         Ok(report)
     }
 
+    /// Find (and unless `dry_run`, revoke) users of known leases that their recorded
+    /// progress does not reference. Run it on start and periodically.
+    pub async fn sweep(
+        &self,
+        dry_run: bool,
+    ) -> Result<Vec<(String, crate::sweeper::SweepReport)>, LocalError> {
+        let manifests = Manifests::load(&self.options.manifests)?;
+        let state = self.store.snapshot().await;
+        let mut reports = Vec::new();
+        for (key_str, lease) in &state.leases {
+            let (Some(spec), Some(policy)) = (&lease.last_spec, &lease.last_policy) else {
+                continue;
+            };
+            let Some((ns, name)) = key_str.split_once('/') else {
+                continue;
+            };
+            let Ok(admin) = manifests.admin_for(ns, spec) else {
+                continue;
+            };
+            let key = LeaseKey {
+                namespace: ns.into(),
+                name: name.into(),
+                uid: lease.uid.clone(),
+            };
+            let Ok(ctx) = resolve(key.clone(), spec, policy, &admin, None, &self.registry) else {
+                continue;
+            };
+            let Some(pattern) = crate::sweeper::lease_pattern(&ctx.naming, &key) else {
+                continue;
+            };
+            let referenced: BTreeSet<String> = lease
+                .progress
+                .versions
+                .iter()
+                .map(|v| v.credential_id.clone())
+                .collect();
+            match crate::sweeper::sweep_lease(&ctx.backend, &pattern, &referenced, dry_run).await {
+                Ok(report) => reports.push((key_str.clone(), report)),
+                Err(e) => {
+                    warn!(lease = %key_str, error = %e, "orphan sweep skipped: database unavailable")
+                }
+            }
+        }
+        Ok(reports)
+    }
+
     async fn set_error(&self, key: &str, error: Option<String>) {
         let _ = self
             .store

@@ -180,3 +180,63 @@ spec:
     );
     assert_eq!(rows[0].phase, "Invalid");
 }
+
+#[tokio::test]
+async fn sweeper_revokes_only_unrecorded_versions_of_known_leases() {
+    let server = PostgresServer::shared().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let (mdir, state, out) = (
+        tmp.path().join("m"),
+        tmp.path().join("state.json"),
+        tmp.path().join("out"),
+    );
+    std::fs::create_dir_all(&mdir).unwrap();
+    manifests(&mdir, server, None, true);
+    let options = LocalOptions {
+        manifests: mdir.clone(),
+        state: state.clone(),
+        output: out.clone(),
+    };
+    let runner = LocalRunner::new(options, Engine::new()).unwrap();
+    runner.pass().await.unwrap();
+    let current = read(&out.join("default/app/username"));
+    // A leaked version of this lease (as if state had been restored from an old backup),
+    // and a user that merely looks similar.
+    let leaked = current.replace("_v1", "_v7");
+    let lookalike = format!("{current}_extra");
+    let admin = server.admin_client().await;
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE {leaked} LOGIN; CREATE ROLE {lookalike} LOGIN"
+        ))
+        .await
+        .unwrap();
+
+    let dry = runner.sweep(true).await.unwrap();
+    assert_eq!(dry.len(), 1);
+    assert_eq!(dry[0].1.orphans, vec![leaked.clone()]);
+    assert!(dry[0].1.revoked.is_empty());
+    let exists = |name: String| async move {
+        server
+            .admin_client()
+            .await
+            .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&name])
+            .await
+            .unwrap()
+            .is_some()
+    };
+    assert!(exists(leaked.clone()).await, "dry run keeps it");
+
+    let real = runner.sweep(false).await.unwrap();
+    assert_eq!(real[0].1.revoked, vec![leaked.clone()]);
+    assert!(!exists(leaked).await, "the orphan is dropped");
+    assert!(exists(current).await, "the current user is untouched");
+    assert!(
+        exists(lookalike.clone()).await,
+        "a user outside the exact pattern is untouched"
+    );
+    admin
+        .batch_execute(&format!("DROP ROLE {lookalike}"))
+        .await
+        .unwrap();
+}
