@@ -140,16 +140,24 @@ fn main() -> ExitCode {
                         output,
                         once,
                         resync_seconds,
+                        sweep_seconds,
+                        sweep_dry_run,
                     },
             } => {
+                let sweep = (sweep_seconds > 0).then_some(Sweep {
+                    every: Duration::from_secs(sweep_seconds),
+                    dry_run: sweep_dry_run,
+                });
+                let options = LocalOptions {
+                    manifests,
+                    state,
+                    output,
+                };
                 run_local(
-                    LocalOptions {
-                        manifests,
-                        state,
-                        output,
-                    },
+                    options,
                     once,
                     Duration::from_secs(resync_seconds.max(1)),
+                    sweep,
                 )
                 .await
             }
