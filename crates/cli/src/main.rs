@@ -12,6 +12,9 @@ use leasehold_engine::Engine;
 use leasehold_engine::local::{LocalOptions, LocalRunner, LocalState, format_table, status_rows};
 use tracing::{error, info};
 
+mod node;
+mod serve;
+
 /// leasehold issues short-lived database credentials, proves each new one works by
 /// logging in with it, and revokes the old one only after every consumer has moved over.
 #[derive(Debug, Parser)]
@@ -38,6 +41,12 @@ enum Command {
         #[command(subcommand)]
         command: LocalCommand,
     },
+    /// Run the CSI node driver (one per node, from the chart's DaemonSet).
+    ///
+    /// Verifies each pod's projected service-account token against the cluster's signing
+    /// keys, asks the broker for the lease's credential, and writes it atomically into a
+    /// per-volume tmpfs (nodev,noexec,nosuid; files 0440 with the pod's fsGroup).
+    Node(node::NodeArgs),
     /// Print the CRDs (YAML) that this build expects; apply them with `kubectl apply -f -`.
     Crds,
 }
@@ -108,6 +117,13 @@ fn main() -> ExitCode {
     };
     runtime.block_on(async {
         match cli.command {
+            Command::Node(args) => match node::run(args).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    error!(error = %e, "node driver stopped");
+                    ExitCode::FAILURE
+                }
+            },
             Command::Crds => {
                 for (_, crd) in leasehold_api::crds() {
                     match leasehold_api::crd_yaml(&crd) {

@@ -55,3 +55,31 @@ pub trait PodTokenVerifier: Send + Sync {
     /// `expected`.
     async fn verify(&self, token: &str, expected: &ExpectedPod) -> Result<VerifiedPod, AuthError>;
 }
+
+/// The production verifier: `leasehold-auth` checks the token against the cluster's
+/// service-account signing keys.
+#[async_trait]
+impl PodTokenVerifier for leasehold_auth::TokenVerifier {
+    async fn verify(&self, token: &str, expected: &ExpectedPod) -> Result<VerifiedPod, AuthError> {
+        let want = leasehold_auth::ExpectedPod {
+            namespace: expected.namespace.clone(),
+            pod_name: expected.pod_name.clone(),
+            pod_uid: expected.pod_uid.clone(),
+            service_account: expected.service_account.clone(),
+        };
+        match self.verify_pod_token(token, &want).await {
+            Ok(v) => Ok(VerifiedPod {
+                namespace: v.namespace,
+                pod_name: v.pod_name,
+                pod_uid: v.pod_uid,
+                service_account: v.service_account,
+                expires_at: Some(v.expires_at),
+            }),
+            Err(e) => Err(match e.class() {
+                leasehold_auth::ErrorClass::Unauthenticated => AuthError::Invalid(e.to_string()),
+                leasehold_auth::ErrorClass::PermissionDenied => AuthError::Mismatch(e.to_string()),
+                leasehold_auth::ErrorClass::Unavailable => AuthError::Unavailable(e.to_string()),
+            }),
+        }
+    }
+}

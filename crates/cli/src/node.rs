@@ -1,0 +1,128 @@
+//! `leasehold node`: the CSI node driver.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args;
+use leasehold_auth::{HttpKeySource, TokenVerifier, VerifierConfig};
+use leasehold_csi::{
+    CredentialBroker, GrpcBroker, GrpcBrokerConfig, NodeDriver, NodeDriverConfig, NodeToken,
+    PodTokenVerifier,
+};
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
+use tracing::info;
+
+use crate::serve::{metrics_server, shutdown_signal};
+
+/// Flags of `leasehold node`.
+#[derive(Debug, Args)]
+pub struct NodeArgs {
+    /// The CSI socket the kubelet (through node-driver-registrar) talks to.
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "/csi/csi.sock",
+        env = "CSI_ENDPOINT"
+    )]
+    csi_socket: PathBuf,
+    /// This node's name (the CSI node id; the broker checks pods run here).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: String,
+    /// The broker in the controller, `https://host:port`.
+    #[arg(long, value_name = "URL")]
+    broker_url: String,
+    /// CA bundle to verify the broker's certificate.
+    #[arg(long, value_name = "FILE")]
+    broker_ca: Option<PathBuf>,
+    /// This driver's own service-account token, sent to the broker (re-read on every call).
+    #[arg(
+        long,
+        value_name = "FILE",
+        default_value = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    )]
+    node_token: PathBuf,
+    /// Audience of the pod tokens the kubelet passes (must match the CSIDriver's tokenRequests).
+    #[arg(long, default_value = leasehold_api::CSI_TOKEN_AUDIENCE)]
+    token_audience: String,
+    /// Per-volume metadata, so a restarted driver resumes its volumes without re-issuing.
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/leasehold")]
+    state_dir: PathBuf,
+    /// Size cap of each volume's tmpfs, in KiB.
+    #[arg(long, value_name = "KIB", default_value_t = 1024)]
+    tmpfs_size_kib: u64,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served.
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:9090")]
+    metrics_addr: SocketAddr,
+}
+
+pub async fn run(args: NodeArgs) -> Result<(), String> {
+    let keys = HttpKeySource::infer().await.map_err(|e| {
+        format!("cannot reach the API server for the service-account signing keys: {e}")
+    })?;
+    let verifier = TokenVerifier::new(VerifierConfig::new(args.token_audience.clone()), keys)
+        .map_err(|e| format!("token verifier: {e}"))?;
+    let verifier: Arc<dyn PodTokenVerifier> = Arc::new(verifier);
+    let broker = GrpcBroker::new(GrpcBrokerConfig {
+        endpoint: args.broker_url.clone(),
+        ca_file: args.broker_ca.clone(),
+        tls_server_name: None,
+        node_token: NodeToken::File(args.node_token.clone()),
+        call_timeout: Duration::from_secs(30),
+    })
+    .map_err(|e| format!("broker client: {e}"))?;
+    let broker: Arc<dyn CredentialBroker> = Arc::new(broker);
+
+    let mut config = NodeDriverConfig::new(
+        &args.csi_socket,
+        &args.node_name,
+        &args.state_dir,
+        &args.token_audience,
+    );
+    config.tmpfs_size_bytes = args.tmpfs_size_kib * 1024;
+    let mut registry = Registry::default();
+    let driver = NodeDriver::new(
+        config,
+        verifier,
+        broker.clone(),
+        registry.sub_registry_with_prefix("leasehold_csi"),
+    )
+    .map_err(|e| format!("node driver: {e}"))?;
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let ready_broker = broker.clone();
+    let ready_flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = ready_flag.clone();
+    tokio::spawn(async move {
+        loop {
+            flag.store(
+                ready_broker.ready().await,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+    });
+    let mut metrics_stop = stop_rx.clone();
+    let metrics = tokio::spawn(metrics_server(
+        args.metrics_addr,
+        Arc::new(registry),
+        Arc::new(move || ready_flag.load(std::sync::atomic::Ordering::Relaxed)),
+        async move {
+            let _ = metrics_stop.changed().await;
+        },
+    ));
+    info!(node = %args.node_name, socket = %args.csi_socket.display(), broker = %args.broker_url, "CSI node driver starting");
+    let mut driver_stop = stop_rx;
+    let driver_task = driver.run(async move {
+        let _ = driver_stop.changed().await;
+    });
+    let result = tokio::select! {
+        r = driver_task => r.map_err(|e| format!("CSI server: {e}")),
+        () = shutdown_signal() => Ok(()),
+    };
+    let _ = stop_tx.send(true);
+    let _ = metrics.await;
+    result
+}
