@@ -17,8 +17,8 @@ use secrecy::ExposeSecret;
 use serde::Deserialize;
 
 enum Server {
-    Pg(PostgresServer),
-    Maria(MariaDbServer),
+    Pg(Box<PostgresServer>),
+    Maria(Box<MariaDbServer>),
 }
 
 impl Server {
@@ -120,7 +120,7 @@ async fn main() {
     servers.push((
         "default/app-postgres".into(),
         "postgres.yaml",
-        Server::Pg(pg),
+        Server::Pg(Box::new(pg)),
     ));
     let mariadb_installed =
         Path::new("/usr/sbin/mariadbd").exists() || Path::new("/usr/bin/mariadbd").exists();
@@ -136,7 +136,7 @@ async fn main() {
         servers.push((
             "default/app-mariadb".into(),
             "mariadb.yaml",
-            Server::Maria(maria),
+            Server::Maria(Box::new(maria)),
         ));
     } else {
         println!("MariaDB is not installed: showing PostgreSQL only");
