@@ -14,6 +14,7 @@ pub mod mysql;
 pub mod password;
 pub mod postgres;
 mod sql;
+mod tls;
 
 pub use mysql::{MySqlBackend, MySqlTarget};
 pub use password::{PasswordPolicy, generate as generate_password};
@@ -188,29 +189,18 @@ pub trait Backend: Send + Sync {
 }
 
 /// How the SQL backends protect their connections (admin and verification alike).
+///
+/// TLS uses rustls with the `ring` provider. A server that does not offer TLS is
+/// refused in `Require` and `VerifyFull`, never silently used in plain text.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub enum TlsMode {
     /// Plain TCP.
     #[default]
     Disable,
-    /// TLS without checking the server certificate.
+    /// TLS without checking the server certificate (libpq's `sslmode=require`):
+    /// protects against eavesdropping, not against an active man in the middle.
     Require,
-    /// TLS, the server certificate checked against this CA and the host name.
+    /// TLS, the server certificate checked against this CA bundle (PEM, one or more
+    /// certificates; empty = the Mozilla roots of `webpki-roots`) and the host name.
     VerifyFull { ca_pem: String },
-}
-
-impl TlsMode {
-    /// Only `Disable` is implemented so far; the others are refused up front rather
-    /// than silently downgraded.
-    pub(crate) fn check_supported(&self) -> Result<(), BackendError> {
-        match self {
-            Self::Disable => Ok(()),
-            Self::Require => Err(BackendError::Invalid(
-                "TLS mode Require is not supported yet".into(),
-            )),
-            Self::VerifyFull { .. } => Err(BackendError::Invalid(
-                "TLS mode VerifyFull is not supported yet".into(),
-            )),
-        }
-    }
 }

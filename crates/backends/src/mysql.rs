@@ -16,12 +16,17 @@
 //! The admin needs `CREATE USER`, the privileges it grants `WITH GRANT OPTION` (or
 //! the roles `WITH ADMIN OPTION`), `SELECT` on `mysql.user`, and `CONNECTION ADMIN`
 //! / `SUPER` (or `PROCESS` + the right to kill) to see and end other users' sessions.
+//!
+//! With [`TlsMode::Require`] or [`TlsMode::VerifyFull`] both the admin pool and the
+//! verification connections use TLS (mysql_async over rustls with `ring`). A server
+//! that does not offer TLS, or whose certificate fails verification, is refused with
+//! [`BackendError::Invalid`].
 
 use std::time::Duration;
 
 use async_trait::async_trait;
 use mysql_async::prelude::Queryable;
-use mysql_async::{Conn, OptsBuilder, Pool, PoolConstraints, PoolOpts};
+use mysql_async::{Conn, OptsBuilder, Pool, PoolConstraints, PoolOpts, SslOpts};
 use secrecy::{ExposeSecret, SecretString};
 use sha1::{Digest, Sha1};
 use tokio::sync::OnceCell;
@@ -86,7 +91,33 @@ impl MySqlTarget {
         }
     }
 
-    fn opts(&self, user: &str, password: &str) -> OptsBuilder {
+    /// mysql_async's TLS settings for the target's mode (`None`: plain TCP).
+    fn ssl_opts(&self) -> Result<Option<SslOpts>, BackendError> {
+        Ok(match &self.tls {
+            TlsMode::Disable => None,
+            // Encrypt, check nothing about the certificate (libpq's `require`).
+            TlsMode::Require => Some(
+                SslOpts::default()
+                    .with_danger_accept_invalid_certs(true)
+                    .with_danger_skip_domain_validation(true),
+            ),
+            TlsMode::VerifyFull { ca_pem } => {
+                let certs = crate::tls::parse_ca_bundle(ca_pem)?;
+                // An explicit CA bundle replaces the built-in (Mozilla) roots.
+                let roots = certs
+                    .into_iter()
+                    .map(|cert| cert.as_ref().to_vec().into())
+                    .collect::<Vec<_>>();
+                Some(
+                    SslOpts::default()
+                        .with_disable_built_in_roots(!roots.is_empty())
+                        .with_root_certs(roots),
+                )
+            }
+        })
+    }
+
+    fn opts(&self, user: &str, password: &str, ssl: Option<SslOpts>) -> OptsBuilder {
         OptsBuilder::default()
             .ip_or_hostname(self.host.clone())
             .tcp_port(self.port)
@@ -96,6 +127,7 @@ impl MySqlTarget {
             .user(Some(user))
             .pass(Some(password))
             .db_name((!self.database.is_empty()).then(|| self.database.clone()))
+            .ssl_opts(ssl)
     }
 }
 
@@ -109,6 +141,7 @@ enum Flavor {
 pub struct MySqlBackend {
     target: MySqlTarget,
     pool: Pool,
+    ssl: Option<SslOpts>,
     flavor: OnceCell<Flavor>,
 }
 
@@ -125,19 +158,28 @@ impl MySqlBackend {
     /// The pool's background tasks start on the Tokio runtime of first use: use one
     /// backend from one runtime.
     pub fn new(target: MySqlTarget) -> Result<Self, BackendError> {
-        target.tls.check_supported()?;
+        crate::tls::check_server_name(&target.tls, &target.host)?;
+        let ssl = target.ssl_opts()?;
+        if ssl.is_some() {
+            crate::tls::ensure_default_provider();
+        }
         let constraints = PoolConstraints::new(0, target.max_admin_connections)
             .filter(|_| target.max_admin_connections > 0)
             .ok_or_else(|| {
                 BackendError::Invalid("max_admin_connections must be at least 1".into())
             })?;
         let opts = target
-            .opts(&target.admin_user, target.admin_password.expose_secret())
+            .opts(
+                &target.admin_user,
+                target.admin_password.expose_secret(),
+                ssl.clone(),
+            )
             .pool_opts(PoolOpts::default().with_constraints(constraints));
         let pool = Pool::new(opts);
         Ok(Self {
             target,
             pool,
+            ssl,
             flavor: OnceCell::new(),
         })
     }
@@ -257,7 +299,7 @@ impl MySqlBackend {
     async fn verify_inner(&self, req: &VerifyRequest) -> Result<(), BackendError> {
         let password = req.password.expose_secret();
         let secrets = [password];
-        let opts = self.target.opts(&req.id.0, password);
+        let opts = self.target.opts(&req.id.0, password, self.ssl.clone());
         let connect = tokio::time::timeout(self.target.connect_timeout, Conn::new(opts)).await;
         let mut conn = match connect {
             Err(_) => {
@@ -267,8 +309,14 @@ impl MySqlBackend {
                     self.target.connect_timeout
                 )));
             }
-            Ok(Err(e @ mysql_async::Error::Io(_))) => {
-                return Err(BackendError::Unreachable(redact(e.to_string(), &secrets)));
+            // No answer, or no acceptable TLS session: not the credential's fault.
+            Ok(Err(
+                e @ (mysql_async::Error::Io(_)
+                | mysql_async::Error::Driver(
+                    mysql_async::DriverError::NoClientSslFlagFromServer,
+                )),
+            )) => {
+                return Err(admin_error(&e, &secrets));
             }
             Ok(Err(e)) => {
                 return Err(BackendError::VerificationFailed(redact(
@@ -481,7 +529,20 @@ fn describe(e: &mysql_async::Error) -> String {
 fn admin_error(e: &mysql_async::Error, secrets: &[&str]) -> BackendError {
     let text = redact(describe(e), secrets);
     match e {
-        mysql_async::Error::Io(_) => BackendError::Unreachable(text),
+        mysql_async::Error::Io(io) => match crate::tls::certificate_rejection(io) {
+            // The spec's CA or host does not match the server: retrying cannot help.
+            Some(why) => BackendError::Invalid(redact(
+                format!("the server's TLS certificate was rejected: {why}"),
+                secrets,
+            )),
+            None => BackendError::Unreachable(text),
+        },
+        mysql_async::Error::Driver(mysql_async::DriverError::NoClientSslFlagFromServer) => {
+            BackendError::Invalid(format!(
+                "TLS is required by the target's TLS mode but the server does not offer it \
+                 ({text})"
+            ))
+        }
         mysql_async::Error::Driver(mysql_async::DriverError::ConnectionClosed) => {
             BackendError::Unreachable(text)
         }

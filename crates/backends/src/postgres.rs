@@ -10,13 +10,22 @@
 //! and membership in `pg_signal_backend` to terminate sessions. `REASSIGN OWNED` and
 //! `DROP OWNED` only act on the target database: objects a user owns elsewhere make
 //! `DROP ROLE` fail with [`BackendError::Other`].
+//!
+//! With [`TlsMode::Require`] or [`TlsMode::VerifyFull`] both the admin pool and the
+//! verification connections use TLS (rustls) with `sslmode=require` semantics on the
+//! wire: a server that answers the TLS request with "no" is refused
+//! ([`BackendError::Invalid`]), and so is a certificate that fails verification.
 
 use std::time::Duration;
 
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
 use secrecy::{ExposeSecret, SecretString};
+use tokio_postgres::config::SslMode;
 use tokio_postgres::error::SqlState;
+use tokio_postgres::tls::MakeTlsConnect;
+use tokio_postgres::{Client, Socket};
+use tokio_postgres_rustls::MakeRustlsConnect;
 use tracing::{debug, instrument};
 
 use crate::sql::{
@@ -83,7 +92,13 @@ impl PostgresTarget {
             .user(user)
             .password(password)
             .application_name("leasehold")
-            .connect_timeout(self.connect_timeout);
+            .connect_timeout(self.connect_timeout)
+            // With TLS, insist on it: a server that does not offer TLS is refused
+            // instead of being talked to in plain text.
+            .ssl_mode(match self.tls {
+                TlsMode::Disable => SslMode::Disable,
+                TlsMode::Require | TlsMode::VerifyFull { .. } => SslMode::Require,
+            });
         config
     }
 }
@@ -92,6 +107,8 @@ impl PostgresTarget {
 pub struct PostgresBackend {
     target: PostgresTarget,
     pool: Pool,
+    /// `None` for [`TlsMode::Disable`].
+    tls: Option<MakeRustlsConnect>,
 }
 
 impl std::fmt::Debug for PostgresBackend {
@@ -105,20 +122,21 @@ impl std::fmt::Debug for PostgresBackend {
 impl PostgresBackend {
     /// Build the backend. Connects lazily: call [`Backend::ping`] to check the target.
     pub fn new(target: PostgresTarget) -> Result<Self, BackendError> {
-        target.tls.check_supported()?;
         if target.max_admin_connections == 0 {
             return Err(BackendError::Invalid(
                 "max_admin_connections must be at least 1".into(),
             ));
         }
+        crate::tls::check_server_name(&target.tls, &target.host)?;
+        let tls = crate::tls::client_config(&target.tls)?.map(MakeRustlsConnect::new);
         let config = target.config(&target.admin_user, target.admin_password.expose_secret());
-        let manager = Manager::from_config(
-            config,
-            tokio_postgres::NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
+        let manager_config = ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let manager = match &tls {
+            Some(tls) => Manager::from_config(config, tls.clone(), manager_config),
+            None => Manager::from_config(config, tokio_postgres::NoTls, manager_config),
+        };
         let pool = Pool::builder(manager)
             .max_size(target.max_admin_connections)
             .wait_timeout(Some(target.connect_timeout))
@@ -127,7 +145,7 @@ impl PostgresBackend {
             .runtime(Runtime::Tokio1)
             .build()
             .map_err(|e| BackendError::Other(format!("cannot build the admin pool: {e}")))?;
-        Ok(Self { target, pool })
+        Ok(Self { target, pool, tls })
     }
 
     pub fn target(&self) -> &PostgresTarget {
@@ -250,11 +268,16 @@ impl PostgresBackend {
         let password = req.password.expose_secret();
         let secrets = [password];
         let config = self.target.config(&req.id.0, password);
-        let (client, connection) = match config.connect(tokio_postgres::NoTls).await {
+        let connected = match &self.tls {
+            Some(tls) => connect(&config, tls.clone()).await,
+            None => connect(&config, tokio_postgres::NoTls).await,
+        };
+        let (client, connection) = match connected {
             Ok(pair) => pair,
-            // No answer from the server at all: not the credential's fault.
+            // No answer from the server at all, or no acceptable TLS session: not
+            // the credential's fault.
             Err(e) if e.as_db_error().is_none() => {
-                return Err(BackendError::Unreachable(redact(describe(&e), &secrets)));
+                return Err(connect_error(&e, &secrets));
             }
             Err(e) => {
                 return Err(BackendError::VerificationFailed(redact(
@@ -263,7 +286,6 @@ impl PostgresBackend {
                 )));
             }
         };
-        let connection = tokio::spawn(connection);
         let result = client.simple_query(&req.query).await;
         drop(client);
         let _ = connection.await;
@@ -355,6 +377,22 @@ impl PostgresBackend {
         }
         Ok(RevokeOutcome::Revoked)
     }
+}
+
+/// Open one connection (plain or TLS) and drive it on a task of its own.
+async fn connect<T>(
+    config: &tokio_postgres::Config,
+    tls: T,
+) -> Result<(Client, tokio::task::JoinHandle<()>), tokio_postgres::Error>
+where
+    T: MakeTlsConnect<Socket>,
+    T::Stream: Send + 'static,
+{
+    let (client, connection) = config.connect(tls).await?;
+    let task = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok((client, task))
 }
 
 async fn count_sessions(
@@ -475,16 +513,49 @@ fn describe(e: &tokio_postgres::Error) -> String {
             }
             text
         }
-        None => e.to_string(),
+        // Client-side errors keep their cause in the source chain (for example
+        // "error performing TLS handshake" ← "server does not support TLS").
+        None => {
+            let mut text = e.to_string();
+            let mut source = std::error::Error::source(e);
+            while let Some(cause) = source {
+                let cause_text = cause.to_string();
+                if !text.contains(&cause_text) {
+                    text.push_str(": ");
+                    text.push_str(&cause_text);
+                }
+                source = cause.source();
+            }
+            text
+        }
     }
+}
+
+/// Classify an error without a server answer (no SQLSTATE): I/O error, closed
+/// connection, timeout, or a TLS session that could not be set up.
+fn connect_error(e: &tokio_postgres::Error, secrets: &[&str]) -> BackendError {
+    let text = redact(describe(e), secrets);
+    if let Some(why) = crate::tls::certificate_rejection(e) {
+        // The spec's CA or host does not match the server: retrying cannot help.
+        return BackendError::Invalid(redact(
+            format!("the server's TLS certificate was rejected: {why}"),
+            secrets,
+        ));
+    }
+    // tokio-postgres says so when the server answers the TLS request with "no".
+    if text.contains("server does not support TLS") {
+        return BackendError::Invalid(format!(
+            "TLS is required by the target's TLS mode but the server does not offer it ({text})"
+        ));
+    }
+    BackendError::Unreachable(text)
 }
 
 /// Classify an error met while working as admin.
 fn admin_error(e: &tokio_postgres::Error, secrets: &[&str]) -> BackendError {
     let text = redact(describe(e), secrets);
     let Some(code) = e.code() else {
-        // No SQLSTATE: I/O error, closed connection, timeout.
-        return BackendError::Unreachable(text);
+        return connect_error(e, secrets);
     };
     let code = code.code();
     match code {

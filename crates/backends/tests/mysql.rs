@@ -415,14 +415,25 @@ async fn invalid_requests_and_rejected_admin() {
     assert_secret_free(&err, &[wrong_admin.expose_secret()]);
     assert!(!format!("{:?}", target(db)).contains(db.admin_password().expose_secret()));
 
+    // A CA bundle without a certificate is refused up front.
     let mut tls = target(db);
     tls.tls = TlsMode::VerifyFull {
-        ca_pem: String::new(),
+        ca_pem: "not a certificate".into(),
     };
     assert!(matches!(
         MySqlBackend::new(tls),
         Err(BackendError::Invalid(_))
     ));
+    // TLS asked of a server without TLS: refused, never downgraded to plain text.
+    let mut tls = target(db);
+    tls.tls = TlsMode::Require;
+    let tls = MySqlBackend::new(tls).expect("backend");
+    let err = tls.ping().await.expect_err("no TLS on the shared server");
+    assert!(
+        matches!(&err, BackendError::Invalid(m) if m.contains("does not offer")),
+        "{err:?}"
+    );
+    tls.close().await;
     b.close().await;
 }
 

@@ -486,12 +486,27 @@ async fn invalid_requests_and_rejected_admin() {
     assert_secret_free(&err, &[wrong_admin.expose_secret()]);
     assert!(!format!("{:?}", target(pg)).contains(pg.admin_password().expose_secret()));
 
+    // A CA bundle without a certificate is refused up front.
     let mut tls = target(pg);
-    tls.tls = TlsMode::Require;
+    tls.tls = TlsMode::VerifyFull {
+        ca_pem: "not a certificate".into(),
+    };
     assert!(matches!(
         PostgresBackend::new(tls),
         Err(BackendError::Invalid(_))
     ));
+    // TLS asked of a server without TLS: refused, never downgraded to plain text.
+    let mut tls = target(pg);
+    tls.tls = TlsMode::Require;
+    let err = PostgresBackend::new(tls)
+        .expect("backend")
+        .ping()
+        .await
+        .expect_err("no TLS on the shared server");
+    assert!(
+        matches!(&err, BackendError::Invalid(m) if m.contains("does not offer")),
+        "{err:?}"
+    );
 }
 
 #[tokio::test]

@@ -15,6 +15,10 @@
 //! # }
 //! ```
 //!
+//! [`PostgresServer::start_with`] and [`MariaDbServer::start_with`] take
+//! [`ServerOptions`] to serve TLS (optionally TLS only) with a certificate signed by
+//! a CA made for that server; `ca_pem()` hands that CA to tests.
+//!
 //! Run as root (they start PostgreSQL as the `postgres` system user and MariaDB as
 //! root). These are test helpers: they panic with a clear message instead of returning
 //! errors, so a broken environment fails the test loudly.
@@ -24,9 +28,11 @@
 mod mariadb;
 mod postgres;
 mod process;
+mod tls;
 
 pub use mariadb::MariaDbServer;
 pub use postgres::PostgresServer;
+pub use tls::{ServerOptions, unrelated_ca_pem};
 
 use rand::Rng;
 use rand::distr::Alphanumeric;

@@ -12,6 +12,7 @@ use tempfile::TempDir;
 use tokio::sync::OnceCell;
 
 use crate::process::{Watchdog, shutdown_blocking, signal, spawn_in_group, wait_async};
+use crate::tls::{ServerCertificates, ServerOptions};
 
 const ADMIN_USER: &str = "leasehold_admin";
 const DATABASE: &str = "leasehold";
@@ -22,7 +23,9 @@ const MISSING: &str = "MariaDB server binaries not found: install the Debian pac
 /// A MariaDB server of its own: temporary data directory, its own socket, a random
 /// loopback port, grant tables enforced, and the general query log written to a file
 /// tests can read. It has an admin `'leasehold_admin'@'%'` with every privilege and
-/// the grant option, and an empty database `leasehold`.
+/// the grant option, and an empty database `leasehold`. With [`ServerOptions::tls`]
+/// it also serves TLS (`--ssl-cert`, `--ssl-key`, `--ssl-ca`); with
+/// [`ServerOptions::require_tls`] it refuses plain TCP (`--require-secure-transport`).
 ///
 /// Dropping it kills the server and removes the directory.
 #[derive(Debug)]
@@ -31,6 +34,8 @@ pub struct MariaDbServer {
     server_bin: PathBuf,
     port: u16,
     admin_password: SecretString,
+    options: ServerOptions,
+    certs: Option<ServerCertificates>,
     process: Option<Child>,
     watchdog: Watchdog,
 }
@@ -38,8 +43,15 @@ pub struct MariaDbServer {
 static SHARED: OnceCell<MariaDbServer> = OnceCell::const_new();
 
 impl MariaDbServer {
-    /// Initialise and start a new server; returns once the admin can log in.
+    /// Initialise and start a new server without TLS; returns once the admin can
+    /// log in.
     pub async fn start() -> Self {
+        Self::start_with(ServerOptions::default()).await
+    }
+
+    /// Initialise and start a new server as `options` say; returns once the admin
+    /// can log in (over TLS when it serves TLS).
+    pub async fn start_with(options: ServerOptions) -> Self {
         crate::require_root("MariaDB");
         let server_bin = find_binary(&["/usr/sbin/mariadbd", "/usr/sbin/mysqld"]);
         let install_bin = find_binary(&[
@@ -57,9 +69,25 @@ impl MariaDbServer {
             server_bin,
             port: 0,
             admin_password: SecretString::from(crate::random_alphanumeric(32)),
+            options,
+            certs: options.serves_tls().then(ServerCertificates::generate),
             process: None,
             watchdog,
         };
+        if let Some(certs) = &server.certs {
+            crate::tls::ensure_default_provider();
+            let dir = server.tls_dir();
+            std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("cannot create the TLS dir: {e}"));
+            for (name, contents) in [
+                ("ca.crt", &certs.ca_pem),
+                ("server.crt", &certs.cert_pem),
+                ("server.key", &certs.key_pem),
+            ] {
+                let path = dir.join(name);
+                std::fs::write(&path, contents)
+                    .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+            }
+        }
 
         let output = Command::new(&install_bin)
             .arg("--no-defaults")
@@ -120,13 +148,34 @@ impl MariaDbServer {
         self.root.path().join("data")
     }
 
+    /// The PEM certificate of the CA that signed the server certificate (for
+    /// `127.0.0.1` and `localhost`), or `None` for a server without TLS.
+    pub fn ca_pem(&self) -> Option<&str> {
+        self.certs.as_ref().map(|certs| certs.ca_pem.as_str())
+    }
+
+    /// The options the server was started with.
+    pub fn options(&self) -> ServerOptions {
+        self.options
+    }
+
+    fn tls_dir(&self) -> PathBuf {
+        self.root.path().join("tls")
+    }
+
     /// The server's own unix socket.
     pub fn socket_path(&self) -> PathBuf {
         self.root.path().join("mysqld.sock")
     }
 
-    /// Connection options for `user` over TCP to the test database.
+    /// Connection options for `user` over TCP to the test database; over TLS
+    /// verified against [`ca_pem`](Self::ca_pem) when the server serves TLS.
     pub fn opts_for(&self, user: &str, password: &str) -> mysql_async::Opts {
+        let ssl = self.certs.as_ref().map(|certs| {
+            mysql_async::SslOpts::default()
+                .with_disable_built_in_roots(true)
+                .with_root_certs(vec![certs.ca_pem.clone().into_bytes().into()])
+        });
         mysql_async::OptsBuilder::default()
             .ip_or_hostname(self.host())
             .tcp_port(self.port)
@@ -134,6 +183,7 @@ impl MariaDbServer {
             .user(Some(user))
             .pass(Some(password))
             .db_name(Some(DATABASE))
+            .ssl_opts(ssl)
             .into()
     }
 
@@ -223,6 +273,15 @@ impl MariaDbServer {
                 "--innodb-doublewrite=0",
                 "--performance-schema=0",
             ]);
+        if self.certs.is_some() {
+            let dir = self.tls_dir();
+            cmd.arg(format!("--ssl-ca={}", dir.join("ca.crt").display()))
+                .arg(format!("--ssl-cert={}", dir.join("server.crt").display()))
+                .arg(format!("--ssl-key={}", dir.join("server.key").display()));
+        }
+        if self.options.require_tls {
+            cmd.arg("--require-secure-transport=ON");
+        }
         let log_start = self.error_log_contents().len();
         let child = spawn_in_group(cmd, &root.join("stdout.log"));
         self.watchdog.watch(Some(child.id()));

@@ -9,10 +9,15 @@ use rustix::process::Signal;
 use secrecy::{ExposeSecret, SecretString};
 use tempfile::TempDir;
 use tokio::sync::OnceCell;
+use tokio_postgres::config::SslMode;
+use tokio_postgres::tls::MakeTlsConnect;
+use tokio_postgres::{Client, Socket};
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::process::{
     Watchdog, chown_tree, shutdown_blocking, signal, spawn_in_group, system_user, wait_async,
 };
+use crate::tls::{ServerCertificates, ServerOptions};
 
 const ADMIN_USER: &str = "leasehold_admin";
 const DATABASE: &str = "postgres";
@@ -22,7 +27,9 @@ const MISSING: &str = "PostgreSQL server binaries not found: install the Debian 
 
 /// A PostgreSQL server of its own: temporary data directory owned by the `postgres`
 /// system user, random loopback port, SCRAM password authentication for TCP, every
-/// statement logged (`log_statement=all`) to a file tests can read.
+/// statement logged (`log_statement=all`) to a file tests can read. With
+/// [`ServerOptions::tls`] it also serves TLS (`ssl=on`); with
+/// [`ServerOptions::require_tls`] its `pg_hba.conf` only has `hostssl` lines for TCP.
 ///
 /// Dropping it kills the server and removes the directory.
 #[derive(Debug)]
@@ -34,6 +41,10 @@ pub struct PostgresServer {
     gid: u32,
     port: u16,
     admin_password: SecretString,
+    options: ServerOptions,
+    certs: Option<ServerCertificates>,
+    /// Trusts `certs.ca_pem` only; `None` without TLS.
+    tls_config: Option<rustls::ClientConfig>,
     process: Option<Child>,
     watchdog: Watchdog,
 }
@@ -41,8 +52,15 @@ pub struct PostgresServer {
 static SHARED: OnceCell<PostgresServer> = OnceCell::const_new();
 
 impl PostgresServer {
-    /// Initialise and start a new cluster; returns once it accepts admin logins.
+    /// Initialise and start a new cluster without TLS; returns once it accepts admin
+    /// logins.
     pub async fn start() -> Self {
+        Self::start_with(ServerOptions::default()).await
+    }
+
+    /// Initialise and start a new cluster as `options` say; returns once it accepts
+    /// admin logins (over TLS when it serves TLS).
+    pub async fn start_with(options: ServerOptions) -> Self {
         crate::require_root("PostgreSQL");
         let bin_dir = find_bin_dir();
         let (uid, gid) = system_user("postgres")
@@ -53,6 +71,10 @@ impl PostgresServer {
             .unwrap_or_else(|e| panic!("cannot create a temp dir: {e}"));
         let watchdog = Watchdog::spawn(root.path(), "QUIT");
         let admin_password = SecretString::from(crate::random_alphanumeric(32));
+        let certs = options.serves_tls().then(ServerCertificates::generate);
+        let tls_config = certs
+            .as_ref()
+            .map(|certs| crate::tls::client_config(&certs.ca_pem));
         let mut server = Self {
             root,
             bin_dir,
@@ -60,6 +82,9 @@ impl PostgresServer {
             gid,
             port: 0,
             admin_password,
+            options,
+            certs,
+            tls_config,
             process: None,
             watchdog,
         };
@@ -105,12 +130,25 @@ impl PostgresServer {
         &self.admin_password
     }
 
+    /// The PEM certificate of the CA that signed the server certificate (for
+    /// `127.0.0.1` and `localhost`), or `None` for a server without TLS.
+    pub fn ca_pem(&self) -> Option<&str> {
+        self.certs.as_ref().map(|certs| certs.ca_pem.as_str())
+    }
+
+    /// The options the server was started with.
+    pub fn options(&self) -> ServerOptions {
+        self.options
+    }
+
     /// The data directory (owned by the `postgres` system user).
     pub fn data_dir(&self) -> PathBuf {
         self.root.path().join("data")
     }
 
-    /// Connection settings for `user` over TCP with password authentication.
+    /// Connection settings for `user` over TCP with password authentication (TLS
+    /// required when the server serves TLS; [`connect_as`](Self::connect_as) brings
+    /// the matching TLS connector).
     pub fn config_for(&self, user: &str, password: &str) -> tokio_postgres::Config {
         let mut config = tokio_postgres::Config::new();
         config
@@ -120,24 +158,35 @@ impl PostgresServer {
             .password(password)
             .dbname(DATABASE)
             .connect_timeout(Duration::from_secs(5));
+        if self.tls_config.is_some() {
+            config.ssl_mode(SslMode::Require);
+        }
         config
     }
 
-    /// Log in as `user` over TCP (the password is really checked). The connection
-    /// task is spawned on the current runtime.
+    /// Log in as `user` over TCP (the password is really checked), over TLS
+    /// verified against [`ca_pem`](Self::ca_pem) when the server serves TLS. The
+    /// connection task is spawned on the current runtime.
     pub async fn connect_as(
         &self,
         user: &str,
         password: &str,
     ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-        let (client, connection) = self
-            .config_for(user, password)
-            .connect(tokio_postgres::NoTls)
-            .await?;
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
-        Ok(client)
+        self.open(user, password)
+            .await
+            .map(|(client, _task)| client)
+    }
+
+    async fn open(
+        &self,
+        user: &str,
+        password: &str,
+    ) -> Result<(Client, tokio::task::JoinHandle<()>), tokio_postgres::Error> {
+        let config = self.config_for(user, password);
+        match &self.tls_config {
+            Some(tls) => open_with(&config, MakeRustlsConnect::new(tls.clone())).await,
+            None => open_with(&config, tokio_postgres::NoTls).await,
+        }
     }
 
     /// A fresh superuser connection. Panics if the server does not accept it.
@@ -199,6 +248,13 @@ impl PostgresServer {
             .unwrap_or_else(|e| panic!("cannot write the password file: {e}"));
         std::fs::create_dir(root.join("sock"))
             .unwrap_or_else(|e| panic!("cannot create the socket dir: {e}"));
+        if let Some(certs) = &self.certs {
+            let dir = root.join("tls");
+            std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("cannot create the TLS dir: {e}"));
+            write_file(&dir.join("server.crt"), &certs.cert_pem, 0o644);
+            // PostgreSQL refuses a key file others can read.
+            write_file(&dir.join("server.key"), &certs.key_pem, 0o600);
+        }
         chown_tree(root, self.uid, self.gid)
             .unwrap_or_else(|e| panic!("cannot hand the temp dir to `postgres`: {e}"));
 
@@ -247,6 +303,31 @@ impl PostgresServer {
         ] {
             let _ = writeln!(conf, "{line}");
         }
+        if self.certs.is_some() {
+            let dir = root.join("tls");
+            let _ = writeln!(conf, "ssl = on");
+            let _ = writeln!(
+                conf,
+                "ssl_cert_file = '{}'",
+                dir.join("server.crt").display()
+            );
+            let _ = writeln!(
+                conf,
+                "ssl_key_file = '{}'",
+                dir.join("server.key").display()
+            );
+        }
+        if self.options.require_tls {
+            // Replacing the contents keeps the file's owner (postgres).
+            let hba = "# leasehold-testkit: TCP only over TLS
+                 local all all scram-sha-256
+                 hostssl all all 127.0.0.1/32 scram-sha-256
+                 hostssl all all ::1/128 scram-sha-256
+";
+            let path = self.data_dir().join("pg_hba.conf");
+            std::fs::write(&path, hba)
+                .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+        }
         let path = self.data_dir().join("postgresql.conf");
         let mut file = std::fs::OpenOptions::new()
             .append(true)
@@ -279,10 +360,12 @@ impl PostgresServer {
                 let log = self.log_contents();
                 return Err(log.get(log_start..).unwrap_or(&log).to_owned());
             }
-            let config = self.config_for(ADMIN_USER, self.admin_password.expose_secret());
-            if let Ok((client, connection)) = config.connect(tokio_postgres::NoTls).await {
+            if let Ok((client, task)) = self
+                .open(ADMIN_USER, self.admin_password.expose_secret())
+                .await
+            {
                 drop(client);
-                let _ = connection.await;
+                let _ = task.await;
                 return Ok(());
             }
             if Instant::now() >= deadline {
@@ -310,6 +393,35 @@ impl Drop for PostgresServer {
         }
         // `root` (TempDir) removes the directory when dropped after this.
     }
+}
+
+/// Open one connection and drive it on a task of its own.
+async fn open_with<T>(
+    config: &tokio_postgres::Config,
+    tls: T,
+) -> Result<(Client, tokio::task::JoinHandle<()>), tokio_postgres::Error>
+where
+    T: MakeTlsConnect<Socket>,
+    T::Stream: Send + 'static,
+{
+    let (client, connection) = config.connect(tls).await?;
+    let task = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok((client, task))
+}
+
+/// Create `path` with `contents` and permission bits `mode`.
+fn write_file(path: &Path, contents: &str, mode: u32) {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .unwrap_or_else(|e| panic!("cannot create {}: {e}", path.display()));
+    std::io::Write::write_all(&mut file, contents.as_bytes())
+        .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
 }
 
 /// The newest `/usr/lib/postgresql/<major>/bin` holding `postgres`, or

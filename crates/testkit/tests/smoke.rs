@@ -1,7 +1,7 @@
 //! The harness itself: servers start, accept admin logins, survive stop/resume, and
 //! leave nothing behind.
 
-use leasehold_testkit::{MariaDbServer, PostgresServer};
+use leasehold_testkit::{MariaDbServer, PostgresServer, ServerOptions};
 use mysql_async::prelude::Queryable;
 use secrecy::ExposeSecret;
 
@@ -84,4 +84,65 @@ async fn mariadb_starts_stops_resumes_and_cleans_up() {
     let dir = db.data_dir();
     drop(db);
     assert!(!dir.exists());
+}
+
+#[tokio::test]
+async fn tls_servers_serve_tls_and_still_take_plain_tcp() {
+    let options = ServerOptions {
+        tls: true,
+        require_tls: false,
+    };
+
+    let pg = PostgresServer::start_with(options).await;
+    assert!(
+        pg.ca_pem()
+            .is_some_and(|pem| pem.contains("BEGIN CERTIFICATE"))
+    );
+    let admin = pg.admin_client().await;
+    let row = admin
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .expect("query");
+    assert!(
+        row.get::<_, bool>(0),
+        "the testkit's own session is not TLS"
+    );
+    let mut plain = pg.config_for("leasehold_admin", pg.admin_password().expose_secret());
+    plain.ssl_mode(tokio_postgres::config::SslMode::Disable);
+    let (client, connection) = plain
+        .connect(tokio_postgres::NoTls)
+        .await
+        .expect("plain TCP is still accepted");
+    drop(client);
+    let _ = connection.await;
+
+    let db = MariaDbServer::start_with(options).await;
+    assert!(db.ca_pem().is_some());
+    let mut admin = db.admin_conn().await;
+    let row: Option<(String, String)> = admin
+        .query_first("SHOW STATUS LIKE 'Ssl_cipher'")
+        .await
+        .expect("status");
+    assert!(row.is_some_and(|(_, cipher)| !cipher.is_empty()));
+    admin.disconnect().await.expect("disconnect");
+    let plain = mysql_async::OptsBuilder::from_opts(
+        db.opts_for("leasehold_admin", db.admin_password().expose_secret()),
+    )
+    .ssl_opts(None::<mysql_async::SslOpts>);
+    let conn = mysql_async::Conn::new(plain)
+        .await
+        .expect("plain TCP is still accepted");
+    conn.disconnect().await.expect("disconnect");
+
+    // Servers started without options have no TLS.
+    assert_eq!(
+        ServerOptions::default(),
+        ServerOptions {
+            tls: false,
+            require_tls: false
+        }
+    );
 }
