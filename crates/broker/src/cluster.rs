@@ -1,0 +1,294 @@
+//! What the broker reads from the cluster, behind [`ClusterView`].
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
+use kube::Api;
+use leasehold_api::{RotationPolicy, SecretLease};
+use secrecy::SecretString;
+
+use crate::authz::{LeaseFacts, PodFacts};
+use crate::error::BrokerError;
+
+/// Values of a Secret. `Debug` shows the keys only.
+#[derive(Clone, Default)]
+pub struct SecretData(pub BTreeMap<String, SecretString>);
+
+impl std::fmt::Debug for SecretData {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.0.keys()).finish()
+    }
+}
+
+impl SecretData {
+    /// The value under `key`.
+    pub fn get(&self, key: &str) -> Option<&SecretString> {
+        self.0.get(key)
+    }
+
+    /// Decodes a Secret's `data` (values that are not UTF-8 are left out:
+    /// every value the broker reads is text).
+    pub fn from_secret(secret: &Secret) -> Self {
+        SecretData(
+            secret
+                .data
+                .iter()
+                .flatten()
+                .filter_map(|(k, v)| {
+                    String::from_utf8(v.0.clone())
+                        .ok()
+                        .map(|s| (k.clone(), SecretString::from(s)))
+                })
+                .collect(),
+        )
+    }
+}
+
+/// Read access to the objects the broker decides on.
+#[async_trait]
+pub trait ClusterView: Send + Sync {
+    /// A pod, `None` when it does not exist.
+    async fn pod(&self, namespace: &str, name: &str) -> Result<Option<Pod>, BrokerError>;
+    /// A namespace's labels, `None` when it does not exist.
+    async fn namespace_labels(
+        &self,
+        name: &str,
+    ) -> Result<Option<BTreeMap<String, String>>, BrokerError>;
+    /// A `SecretLease`.
+    async fn lease(&self, namespace: &str, name: &str) -> Result<Option<SecretLease>, BrokerError>;
+    /// A `RotationPolicy`.
+    async fn policy(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<RotationPolicy>, BrokerError>;
+    /// A Secret's data (admin credentials, CA bundles, a lease's versions).
+    async fn secret(&self, namespace: &str, name: &str) -> Result<Option<SecretData>, BrokerError>;
+}
+
+/// Name of the Secret in which the controller keeps a lease's version passwords (`v<N>`).
+pub fn versions_secret_name(lease: &str) -> String {
+    format!("{lease}-leasehold-versions")
+}
+
+/// The password of `version` of a lease, from its versions Secret.
+pub async fn version_password(
+    cluster: &dyn ClusterView,
+    namespace: &str,
+    lease: &str,
+    version: u64,
+) -> Result<Option<SecretString>, BrokerError> {
+    Ok(cluster
+        .secret(namespace, &versions_secret_name(lease))
+        .await?
+        .and_then(|data| data.get(&format!("v{version}")).cloned()))
+}
+
+/// The facts of a pod that authorization uses.
+pub fn pod_facts(pod: &Pod) -> PodFacts {
+    let spec = pod.spec.as_ref();
+    PodFacts {
+        namespace: pod.metadata.namespace.clone().unwrap_or_default(),
+        name: pod.metadata.name.clone().unwrap_or_default(),
+        uid: pod.metadata.uid.clone().unwrap_or_default(),
+        service_account: spec
+            .and_then(|s| s.service_account_name.clone())
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "default".to_owned()),
+        node_name: spec
+            .and_then(|s| s.node_name.clone())
+            .filter(|n| !n.is_empty()),
+        phase: pod.status.as_ref().and_then(|s| s.phase.clone()),
+    }
+}
+
+/// The facts of a lease that authorization uses.
+pub fn lease_facts(lease: &SecretLease) -> LeaseFacts {
+    LeaseFacts {
+        namespace: lease.metadata.namespace.clone().unwrap_or_default(),
+        name: lease.metadata.name.clone().unwrap_or_default(),
+        csi_enabled: lease.spec.delivery.csi.as_ref().is_some_and(|c| c.enabled),
+        per_pod: lease.spec.per_pod,
+    }
+}
+
+/// [`ClusterView`] over the API server: one GET per question, so a decision
+/// always sees the current pod (a cache could lag behind a recreated pod).
+#[derive(Clone)]
+pub struct KubeClusterView {
+    client: kube::Client,
+}
+
+impl std::fmt::Debug for KubeClusterView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeClusterView").finish_non_exhaustive()
+    }
+}
+
+impl KubeClusterView {
+    /// Reads through `client`. Needs `get` on pods, namespaces, secrets,
+    /// secretleases and rotationpolicies.
+    pub fn new(client: kube::Client) -> Self {
+        Self { client }
+    }
+}
+
+#[async_trait]
+impl ClusterView for KubeClusterView {
+    async fn pod(&self, namespace: &str, name: &str) -> Result<Option<Pod>, BrokerError> {
+        Api::<Pod>::namespaced(self.client.clone(), namespace)
+            .get_opt(name)
+            .await
+            .map_err(|e| BrokerError::kube("cannot read the pod", &e))
+    }
+
+    async fn namespace_labels(
+        &self,
+        name: &str,
+    ) -> Result<Option<BTreeMap<String, String>>, BrokerError> {
+        Ok(Api::<Namespace>::all(self.client.clone())
+            .get_opt(name)
+            .await
+            .map_err(|e| BrokerError::kube("cannot read the namespace", &e))?
+            .map(|ns| ns.metadata.labels.unwrap_or_default()))
+    }
+
+    async fn lease(&self, namespace: &str, name: &str) -> Result<Option<SecretLease>, BrokerError> {
+        Api::<SecretLease>::namespaced(self.client.clone(), namespace)
+            .get_opt(name)
+            .await
+            .map_err(|e| BrokerError::kube("cannot read the SecretLease", &e))
+    }
+
+    async fn policy(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<RotationPolicy>, BrokerError> {
+        Api::<RotationPolicy>::namespaced(self.client.clone(), namespace)
+            .get_opt(name)
+            .await
+            .map_err(|e| BrokerError::kube("cannot read the RotationPolicy", &e))
+    }
+
+    async fn secret(&self, namespace: &str, name: &str) -> Result<Option<SecretData>, BrokerError> {
+        Ok(Api::<Secret>::namespaced(self.client.clone(), namespace)
+            .get_opt(name)
+            .await
+            .map_err(|e| BrokerError::kube("cannot read a Secret", &e))?
+            .map(|s| SecretData::from_secret(&s)))
+    }
+}
+
+type Key = (String, String);
+
+fn key(namespace: &str, name: &str) -> Key {
+    (namespace.to_owned(), name.to_owned())
+}
+
+#[derive(Default)]
+struct MemoryObjects {
+    pods: HashMap<Key, Pod>,
+    namespaces: HashMap<String, BTreeMap<String, String>>,
+    leases: HashMap<Key, SecretLease>,
+    policies: HashMap<Key, RotationPolicy>,
+    secrets: HashMap<Key, SecretData>,
+}
+
+/// An in-memory [`ClusterView`] for tests: objects are put in and read back.
+#[derive(Default)]
+pub struct MemoryCluster {
+    objects: Mutex<MemoryObjects>,
+}
+
+impl std::fmt::Debug for MemoryCluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryCluster").finish_non_exhaustive()
+    }
+}
+
+impl MemoryCluster {
+    /// An empty cluster.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&mut MemoryObjects) -> R) -> R {
+        let mut guard = self.objects.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut guard)
+    }
+
+    /// Adds or replaces a pod.
+    pub fn put_pod(&self, pod: Pod) {
+        let k = key(
+            pod.metadata.namespace.as_deref().unwrap_or_default(),
+            pod.metadata.name.as_deref().unwrap_or_default(),
+        );
+        self.with(|o| o.pods.insert(k, pod));
+    }
+
+    /// Removes a pod.
+    pub fn remove_pod(&self, namespace: &str, name: &str) {
+        self.with(|o| o.pods.remove(&key(namespace, name)));
+    }
+
+    /// Adds or replaces a namespace with its labels.
+    pub fn put_namespace(&self, name: &str, labels: BTreeMap<String, String>) {
+        self.with(|o| o.namespaces.insert(name.to_owned(), labels));
+    }
+
+    /// Adds or replaces a lease.
+    pub fn put_lease(&self, lease: SecretLease) {
+        let k = key(
+            lease.metadata.namespace.as_deref().unwrap_or_default(),
+            lease.metadata.name.as_deref().unwrap_or_default(),
+        );
+        self.with(|o| o.leases.insert(k, lease));
+    }
+
+    /// Adds or replaces a policy.
+    pub fn put_policy(&self, policy: RotationPolicy) {
+        let k = key(
+            policy.metadata.namespace.as_deref().unwrap_or_default(),
+            policy.metadata.name.as_deref().unwrap_or_default(),
+        );
+        self.with(|o| o.policies.insert(k, policy));
+    }
+
+    /// Adds or replaces a Secret's data.
+    pub fn put_secret(&self, namespace: &str, name: &str, data: SecretData) {
+        self.with(|o| o.secrets.insert(key(namespace, name), data));
+    }
+}
+
+#[async_trait]
+impl ClusterView for MemoryCluster {
+    async fn pod(&self, namespace: &str, name: &str) -> Result<Option<Pod>, BrokerError> {
+        Ok(self.with(|o| o.pods.get(&key(namespace, name)).cloned()))
+    }
+
+    async fn namespace_labels(
+        &self,
+        name: &str,
+    ) -> Result<Option<BTreeMap<String, String>>, BrokerError> {
+        Ok(self.with(|o| o.namespaces.get(name).cloned()))
+    }
+
+    async fn lease(&self, namespace: &str, name: &str) -> Result<Option<SecretLease>, BrokerError> {
+        Ok(self.with(|o| o.leases.get(&key(namespace, name)).cloned()))
+    }
+
+    async fn policy(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<RotationPolicy>, BrokerError> {
+        Ok(self.with(|o| o.policies.get(&key(namespace, name)).cloned()))
+    }
+
+    async fn secret(&self, namespace: &str, name: &str) -> Result<Option<SecretData>, BrokerError> {
+        Ok(self.with(|o| o.secrets.get(&key(namespace, name)).cloned()))
+    }
+}

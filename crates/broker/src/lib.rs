@@ -1,0 +1,66 @@
+//! The leasehold broker: a gRPC service, run inside the controller, through
+//! which node drivers obtain lease credentials for the CSI volumes of pods on
+//! their node, report the versions they hold, and release volumes.
+//!
+//! - [`authz`]: the authorization rules as pure functions.
+//! - [`cluster`]: the objects it reads ([`ClusterView`]), over the API server or in memory.
+//! - [`consumers`]: `status.consumers` of leases, coalesced server-side apply.
+//! - [`per_pod`]: credentials of `perPod` leases, one database user per pod.
+//! - [`service`]: the tonic service [`BrokerService`].
+//! - [`tls`] and [`server`]: TLS material that works out of the box, and serving.
+//!
+//! ```no_run
+//! # async fn run(client: kube::Client, node_verifier: std::sync::Arc<leasehold_auth::TokenVerifier>,
+//! #     pod_verifier: std::sync::Arc<leasehold_auth::TokenVerifier>,
+//! #     registry: &mut prometheus_client::registry::Registry,
+//! #     backends: leasehold_engine::BackendRegistry) -> Result<(), Box<dyn std::error::Error>> {
+//! use std::sync::Arc;
+//! use leasehold_broker::*;
+//!
+//! let settings = TlsSettings::new("leasehold-system", "leasehold-broker",
+//!     "leasehold-broker-tls", "leasehold-broker-ca");
+//! let tls = BrokerTls::ensure(client.clone(), &settings).await?;
+//! tls.spawn_renewal(client.clone(), settings, std::time::Duration::from_secs(3600));
+//! let cluster: Arc<dyn ClusterView> = Arc::new(KubeClusterView::new(client.clone()));
+//! let per_pod = EnginePerPodIssuer::new(cluster.clone(),
+//!     Arc::new(KubePodCredentialStore::new(client.clone())), backends);
+//! let service = BrokerService::new(
+//!     BrokerConfig::new("leasehold-system", "leasehold-csi"),
+//!     Verifiers { node: node_verifier, pod: pod_verifier },
+//!     cluster,
+//!     Arc::new(CoalescingRecorder::kube(client.clone())),
+//! )
+//! .with_per_pod(Arc::new(per_pod))
+//! .with_metrics(BrokerMetrics::register(registry));
+//! serve("0.0.0.0:8443".parse()?, &tls, service, std::future::pending()).await?;
+//! # Ok(())
+//! # }
+//! ```
+
+#![forbid(unsafe_code)]
+
+pub mod authz;
+pub mod cluster;
+pub mod consumers;
+pub mod error;
+pub mod metrics;
+pub mod per_pod;
+pub mod server;
+pub mod service;
+pub mod tls;
+
+pub use authz::{Deny, NodeDriverAccount};
+pub use cluster::{ClusterView, KubeClusterView, MemoryCluster, SecretData};
+pub use consumers::{
+    CoalescingRecorder, ConsumerRecorder, ConsumerStore, KubeConsumerStore, MemoryConsumerStore,
+    ObjectRef,
+};
+pub use error::BrokerError;
+pub use metrics::BrokerMetrics;
+pub use per_pod::{
+    EnginePerPodIssuer, KubePodCredentialStore, MemoryPodCredentialStore, PerPodIssuer,
+    PodCredential, PodCredentialStore,
+};
+pub use server::{ServeError, serve, serve_with_listener};
+pub use service::{BrokerConfig, BrokerService, Verifiers};
+pub use tls::{BrokerTls, CertPem, TlsSettings};

@@ -1,0 +1,745 @@
+//! Per-pod credentials (`spec.perPod`): every pod gets a database user of its
+//! own, issued and verified when it mounts the lease and dropped on `Release`.
+//!
+//! Each pod credential is recorded *before* the user is created, in a Secret
+//! `leasehold-pod-<lease uid>-<pod uid>` in the lease's namespace (owned by
+//! the lease, labelled with both UIDs), holding the password and a small JSON
+//! record (user name, node, generation, times). So a repeated `Issue` returns
+//! the same credential, and `Release` can revoke it after a broker restart.
+//! The user name is `lh_<lease uid 12>_p<pod uid 12>` (29 characters: fits
+//! PostgreSQL and MySQL). At its renewal time the next `Issue` sets a new
+//! password (generation + 1) and extends the database-side expiry.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use jiff::Timestamp;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use kube::Api;
+use kube::api::{DeleteParams, Patch, PatchParams};
+use leasehold_api::{RotationPolicy, SecretLease};
+use leasehold_backends::{
+    BackendError, CredentialId, CredentialMaterial, DrainSessions, IssueMode, IssueRequest,
+    RevokeMode, RevokeRequest, VerifyRequest,
+};
+use leasehold_core::naming::short_uid;
+use leasehold_engine::context::{AdminCredentials, BackendRegistry, LeaseContext, LeaseKey};
+use leasehold_engine::template::{CredentialValues, render};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+use tracing::{info, instrument};
+
+use crate::authz::{Deny, PodIdentity};
+use crate::cluster::ClusterView;
+use crate::consumers::FIELD_MANAGER;
+use crate::error::BrokerError;
+
+/// A credential issued to one pod. `Debug` shows file names only.
+#[derive(Debug, Clone)]
+pub struct PodCredential {
+    /// Rendered files.
+    pub files: CredentialMaterial,
+    /// Generation of this pod's credential (1, 2, ...).
+    pub version: u64,
+    /// When it stops working.
+    pub expires_at: Timestamp,
+    /// When the driver should ask again.
+    pub renew_at: Timestamp,
+}
+
+/// One `Issue` of a per-pod lease, already authorized.
+#[derive(Debug, Clone, Copy)]
+pub struct PerPodRequest<'a> {
+    /// The lease.
+    pub lease: &'a SecretLease,
+    /// Its policy.
+    pub policy: &'a RotationPolicy,
+    /// The pod.
+    pub pod: &'a PodIdentity,
+    /// Its node.
+    pub node: &'a str,
+}
+
+/// Issues and revokes per-pod credentials.
+#[async_trait]
+pub trait PerPodIssuer: Send + Sync {
+    /// The pod's credential: the recorded one while it is fresh, a new
+    /// (issued and verified) one otherwise.
+    async fn issue(&self, request: &PerPodRequest<'_>) -> Result<PodCredential, BrokerError>;
+    /// The generation the pod should hold, if it has a credential.
+    async fn latest_version(
+        &self,
+        lease: &SecretLease,
+        pod_uid: &str,
+    ) -> Result<Option<u64>, BrokerError>;
+    /// Revokes the pod's credential, if any. Only the node it was issued to
+    /// may release it. Idempotent.
+    async fn release(
+        &self,
+        lease: &SecretLease,
+        policy: Option<&RotationPolicy>,
+        pod_uid: &str,
+        node: &str,
+    ) -> Result<(), BrokerError>;
+}
+
+/// The record of one pod credential. `Debug` hides the password.
+#[derive(Clone)]
+pub struct PodCredentialRecord {
+    /// Non-secret facts.
+    pub meta: PodCredentialMeta,
+    /// The password.
+    pub password: SecretString,
+}
+
+impl std::fmt::Debug for PodCredentialRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PodCredentialRecord")
+            .field("meta", &self.meta)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+/// The non-secret part of a [`PodCredentialRecord`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodCredentialMeta {
+    /// Database user.
+    pub username: String,
+    /// Pod namespace.
+    pub pod_namespace: String,
+    /// Pod name.
+    pub pod_name: String,
+    /// Pod UID.
+    pub pod_uid: String,
+    /// The node it was issued to.
+    pub node: String,
+    /// 1, 2, ... (a new password each time).
+    pub generation: u64,
+    /// When this generation was issued.
+    pub issued_at: Timestamp,
+    /// Database-side expiry.
+    pub expires_at: Timestamp,
+    /// When to replace it.
+    pub renew_at: Timestamp,
+    /// Whether the backend has it and a login with it worked.
+    pub verified: bool,
+}
+
+/// Where pod credentials are recorded.
+#[async_trait]
+pub trait PodCredentialStore: Send + Sync {
+    /// The record of a pod's credential for `lease`.
+    async fn get(
+        &self,
+        lease: &SecretLease,
+        pod_uid: &str,
+    ) -> Result<Option<PodCredentialRecord>, BrokerError>;
+    /// Creates or replaces it. Durable when it returns.
+    async fn put(
+        &self,
+        lease: &SecretLease,
+        record: &PodCredentialRecord,
+    ) -> Result<(), BrokerError>;
+    /// Removes it (missing is fine).
+    async fn delete(&self, lease: &SecretLease, pod_uid: &str) -> Result<(), BrokerError>;
+}
+
+/// The database user of a pod's credential.
+pub fn per_pod_username(lease_uid: &str, pod_uid: &str) -> String {
+    format!("lh_{}_p{}", short_uid(lease_uid), short_uid(pod_uid))
+}
+
+/// Name of the Secret recording a pod's credential.
+pub fn pod_secret_name(lease_uid: &str, pod_uid: &str) -> String {
+    let pod: String = pod_uid
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+        .take(40)
+        .collect::<String>()
+        .to_ascii_lowercase();
+    format!("leasehold-pod-{}-{pod}", short_uid(lease_uid))
+}
+
+/// Label with the lease UID on pod-credential Secrets.
+pub const LEASE_UID_LABEL: &str = "leasehold.dev/lease-uid";
+/// Label with the pod UID on pod-credential Secrets.
+pub const POD_UID_LABEL: &str = "leasehold.dev/pod-uid";
+
+const RECORD_KEY: &str = "record";
+const PASSWORD_KEY: &str = "password";
+
+fn lease_ns(lease: &SecretLease) -> &str {
+    lease.metadata.namespace.as_deref().unwrap_or_default()
+}
+
+fn lease_uid(lease: &SecretLease) -> &str {
+    lease.metadata.uid.as_deref().unwrap_or_default()
+}
+
+/// [`PodCredentialStore`] in Secrets owned by the lease.
+#[derive(Clone)]
+pub struct KubePodCredentialStore {
+    client: kube::Client,
+}
+
+impl std::fmt::Debug for KubePodCredentialStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubePodCredentialStore")
+            .finish_non_exhaustive()
+    }
+}
+
+impl KubePodCredentialStore {
+    /// Needs `get`, `patch` and `delete` on secrets in lease namespaces.
+    pub fn new(client: kube::Client) -> Self {
+        Self { client }
+    }
+}
+
+/// The Secret recording `record` (server-side apply body).
+pub fn pod_secret(
+    lease: &SecretLease,
+    record: &PodCredentialRecord,
+) -> Result<Secret, BrokerError> {
+    let uid = lease_uid(lease);
+    let meta = serde_json::to_vec(&record.meta).map_err(|e| {
+        BrokerError::Internal(format!("cannot encode the pod credential record: {e}"))
+    })?;
+    let data = BTreeMap::from([
+        (RECORD_KEY.to_owned(), ByteString(meta)),
+        (
+            PASSWORD_KEY.to_owned(),
+            ByteString(record.password.expose_secret().as_bytes().to_vec()),
+        ),
+    ]);
+    Ok(Secret {
+        metadata: ObjectMeta {
+            name: Some(pod_secret_name(uid, &record.meta.pod_uid)),
+            namespace: lease.metadata.namespace.clone(),
+            labels: Some(BTreeMap::from([
+                (LEASE_UID_LABEL.to_owned(), short_uid(uid)),
+                (POD_UID_LABEL.to_owned(), record.meta.pod_uid.clone()),
+                (
+                    "app.kubernetes.io/managed-by".to_owned(),
+                    "leasehold".to_owned(),
+                ),
+            ])),
+            owner_references: Some(vec![OwnerReference {
+                api_version: format!("{}/{}", leasehold_api::GROUP, leasehold_api::VERSION),
+                kind: "SecretLease".to_owned(),
+                name: lease.metadata.name.clone().unwrap_or_default(),
+                uid: uid.to_owned(),
+                controller: Some(false),
+                block_owner_deletion: None,
+            }]),
+            ..ObjectMeta::default()
+        },
+        data: Some(data),
+        type_: Some("Opaque".to_owned()),
+        ..Secret::default()
+    })
+}
+
+/// Reads a record back from its Secret.
+pub fn record_from_secret(secret: &Secret) -> Option<PodCredentialRecord> {
+    let data = secret.data.as_ref()?;
+    let meta = serde_json::from_slice(&data.get(RECORD_KEY)?.0).ok()?;
+    let password = String::from_utf8(data.get(PASSWORD_KEY)?.0.clone()).ok()?;
+    Some(PodCredentialRecord {
+        meta,
+        password: SecretString::from(password),
+    })
+}
+
+#[async_trait]
+impl PodCredentialStore for KubePodCredentialStore {
+    async fn get(
+        &self,
+        lease: &SecretLease,
+        pod_uid: &str,
+    ) -> Result<Option<PodCredentialRecord>, BrokerError> {
+        let secret = Api::<Secret>::namespaced(self.client.clone(), lease_ns(lease))
+            .get_opt(&pod_secret_name(lease_uid(lease), pod_uid))
+            .await
+            .map_err(|e| BrokerError::kube("cannot read a pod credential record", &e))?;
+        Ok(secret.as_ref().and_then(record_from_secret))
+    }
+
+    async fn put(
+        &self,
+        lease: &SecretLease,
+        record: &PodCredentialRecord,
+    ) -> Result<(), BrokerError> {
+        let secret = pod_secret(lease, record)?;
+        let name = secret.metadata.name.clone().unwrap_or_default();
+        let mut body = serde_json::to_value(&secret)
+            .map_err(|e| BrokerError::Internal(format!("cannot encode a Secret: {e}")))?;
+        body["apiVersion"] = "v1".into();
+        body["kind"] = "Secret".into();
+        Api::<Secret>::namespaced(self.client.clone(), lease_ns(lease))
+            .patch(
+                &name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(body),
+            )
+            .await
+            .map_err(|e| BrokerError::kube("cannot write a pod credential record", &e))?;
+        Ok(())
+    }
+
+    async fn delete(&self, lease: &SecretLease, pod_uid: &str) -> Result<(), BrokerError> {
+        match Api::<Secret>::namespaced(self.client.clone(), lease_ns(lease))
+            .delete(
+                &pod_secret_name(lease_uid(lease), pod_uid),
+                &DeleteParams::default(),
+            )
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+            Err(e) => Err(BrokerError::kube(
+                "cannot delete a pod credential record",
+                &e,
+            )),
+        }
+    }
+}
+
+/// An in-memory [`PodCredentialStore`] (tests, or a broker without persistence).
+#[derive(Debug, Default)]
+pub struct MemoryPodCredentialStore {
+    records: Mutex<HashMap<(String, String), PodCredentialRecord>>,
+}
+
+impl MemoryPodCredentialStore {
+    /// Empty.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// How many records exist.
+    pub fn len(&self) -> usize {
+        self.records.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Whether there is none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[async_trait]
+impl PodCredentialStore for MemoryPodCredentialStore {
+    async fn get(
+        &self,
+        lease: &SecretLease,
+        pod_uid: &str,
+    ) -> Result<Option<PodCredentialRecord>, BrokerError> {
+        let key = (lease_uid(lease).to_owned(), pod_uid.to_owned());
+        Ok(self
+            .records
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+            .cloned())
+    }
+
+    async fn put(
+        &self,
+        lease: &SecretLease,
+        record: &PodCredentialRecord,
+    ) -> Result<(), BrokerError> {
+        let key = (lease_uid(lease).to_owned(), record.meta.pod_uid.clone());
+        self.records
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, record.clone());
+        Ok(())
+    }
+
+    async fn delete(&self, lease: &SecretLease, pod_uid: &str) -> Result<(), BrokerError> {
+        let key = (lease_uid(lease).to_owned(), pod_uid.to_owned());
+        self.records
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&key);
+        Ok(())
+    }
+}
+
+fn backend_error(what: &str, e: &BackendError) -> BrokerError {
+    if e.is_transient() {
+        BrokerError::Unavailable(format!("{what}: {e}"))
+    } else {
+        BrokerError::FailedPrecondition(format!("{what}: {e}"))
+    }
+}
+
+fn add(t: Timestamp, d: std::time::Duration) -> Timestamp {
+    jiff::SignedDuration::try_from(d)
+        .ok()
+        .and_then(|d| t.checked_add(d).ok())
+        .unwrap_or(Timestamp::MAX)
+}
+
+/// [`PerPodIssuer`] on the engine's backends: `CREATE ROLE` (or user) with
+/// the lease's privileges, a login test, and `DROP` on release.
+pub struct EnginePerPodIssuer {
+    cluster: Arc<dyn ClusterView>,
+    store: Arc<dyn PodCredentialStore>,
+    registry: BackendRegistry,
+    /// Serialises work on one pod's credential.
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl std::fmt::Debug for EnginePerPodIssuer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EnginePerPodIssuer").finish_non_exhaustive()
+    }
+}
+
+impl EnginePerPodIssuer {
+    /// Reads admin credentials through `cluster`, records in `store`, and
+    /// shares database pools through `registry` (share the controller's).
+    pub fn new(
+        cluster: Arc<dyn ClusterView>,
+        store: Arc<dyn PodCredentialStore>,
+        registry: BackendRegistry,
+    ) -> Self {
+        Self {
+            cluster,
+            store,
+            registry,
+            locks: Mutex::default(),
+        }
+    }
+
+    fn lock_for(&self, lease: &SecretLease, pod_uid: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let key = format!("{}/{pod_uid}", lease_uid(lease));
+        self.locks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(key)
+            .or_default()
+            .clone()
+    }
+
+    fn forget_lock(&self, lease: &SecretLease, pod_uid: &str) {
+        let key = format!("{}/{pod_uid}", lease_uid(lease));
+        self.locks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&key);
+    }
+
+    async fn context(
+        &self,
+        lease: &SecretLease,
+        policy: &RotationPolicy,
+    ) -> Result<LeaseContext, BrokerError> {
+        let namespace = lease_ns(lease);
+        let db = lease
+            .spec
+            .postgres
+            .as_ref()
+            .or(lease.spec.mysql.as_ref())
+            .ok_or_else(|| {
+                BrokerError::FailedPrecondition(
+                    "per-pod credentials need a postgres or mysql lease".into(),
+                )
+            })?;
+        let secret_ref = &db.admin_secret_ref;
+        let admin = self
+            .cluster
+            .secret(namespace, &secret_ref.name)
+            .await?
+            .ok_or_else(|| {
+                BrokerError::FailedPrecondition(format!(
+                    "admin Secret {namespace}/{} not found",
+                    secret_ref.name
+                ))
+            })?;
+        let field = |key: &str| {
+            admin.get(key).cloned().ok_or_else(|| {
+                BrokerError::FailedPrecondition(format!(
+                    "admin Secret {namespace}/{} has no key {key:?}",
+                    secret_ref.name
+                ))
+            })
+        };
+        let admin = AdminCredentials {
+            username: field(&secret_ref.username_key)?.expose_secret().to_owned(),
+            password: field(&secret_ref.password_key)?,
+        };
+        let ca_pem = match &db.tls.ca_secret_ref {
+            Some(r) => self
+                .cluster
+                .secret(namespace, &r.name)
+                .await?
+                .and_then(|d| d.get(&r.key).map(|v| v.expose_secret().to_owned())),
+            None => None,
+        };
+        let key = LeaseKey {
+            namespace: namespace.to_owned(),
+            name: lease.metadata.name.clone().unwrap_or_default(),
+            uid: lease_uid(lease).to_owned(),
+        };
+        leasehold_engine::context::resolve(
+            key,
+            &lease.spec,
+            &policy.spec,
+            &admin,
+            ca_pem,
+            &self.registry,
+        )
+        .map_err(|e| match e {
+            leasehold_engine::context::ResolveError::Backend(b) => {
+                backend_error("cannot reach the database", &b)
+            }
+            other => BrokerError::FailedPrecondition(other.to_string()),
+        })
+    }
+
+    fn credential(
+        lease: &SecretLease,
+        ctx_facts: (&str, &str, u16, &str),
+        record: &PodCredentialRecord,
+    ) -> PodCredential {
+        let (scheme, host, port, database) = ctx_facts;
+        let scheme = if scheme == "mysql" {
+            "mysql"
+        } else {
+            "postgres"
+        };
+        let templates = lease
+            .spec
+            .delivery
+            .csi
+            .as_ref()
+            .map(|c| c.files.clone())
+            .unwrap_or_default();
+        let files = render(
+            &templates,
+            &CredentialValues {
+                username: record.meta.username.clone(),
+                password: record.password.clone(),
+                host: host.to_owned(),
+                port,
+                database: database.to_owned(),
+                scheme,
+                version: record.meta.generation,
+            },
+        );
+        PodCredential {
+            files,
+            version: record.meta.generation,
+            expires_at: record.meta.expires_at,
+            renew_at: record.meta.renew_at,
+        }
+    }
+}
+
+/// Connection facts of a lease (scheme, host, port, database) without building a backend.
+pub(crate) fn db_facts(lease: &SecretLease) -> Option<(&'static str, &str, u16, &str)> {
+    if let Some(db) = &lease.spec.postgres {
+        Some(("postgres", &db.host, db.port.unwrap_or(5432), &db.database))
+    } else {
+        let db = lease.spec.mysql.as_ref()?;
+        Some(("mysql", &db.host, db.port.unwrap_or(3306), &db.database))
+    }
+}
+
+#[async_trait]
+impl PerPodIssuer for EnginePerPodIssuer {
+    #[instrument(skip_all, fields(pod = %request.pod.name, namespace = %request.pod.namespace))]
+    async fn issue(&self, request: &PerPodRequest<'_>) -> Result<PodCredential, BrokerError> {
+        let lease = request.lease;
+        let lock = self.lock_for(lease, &request.pod.uid);
+        let _guard = lock.lock().await;
+        let facts = db_facts(lease).ok_or_else(|| {
+            BrokerError::FailedPrecondition(
+                "per-pod credentials need a postgres or mysql lease".into(),
+            )
+        })?;
+        let now = Timestamp::now();
+        let existing = self.store.get(lease, &request.pod.uid).await?;
+        if let Some(r) = &existing
+            && r.meta.verified
+            && r.meta.node == request.node
+            && now < r.meta.renew_at
+        {
+            return Ok(Self::credential(lease, facts, r));
+        }
+
+        let ctx = self.context(lease, request.policy).await?;
+        let password = leasehold_backends::password::generate(&ctx.password)
+            .map_err(|e| backend_error("cannot generate a password", &e))?;
+        let generation = existing.as_ref().map_or(1, |r| r.meta.generation + 1);
+        let mut record = PodCredentialRecord {
+            meta: PodCredentialMeta {
+                username: per_pod_username(lease_uid(lease), &request.pod.uid),
+                pod_namespace: request.pod.namespace.clone(),
+                pod_name: request.pod.name.clone(),
+                pod_uid: request.pod.uid.clone(),
+                node: request.node.to_owned(),
+                generation,
+                issued_at: now,
+                expires_at: add(now, ctx.policy.ttl),
+                renew_at: ctx.policy.renew_at(now),
+                verified: false,
+            },
+            password,
+        };
+        // Recorded first: whatever happens next, Release can find the user.
+        self.store.put(lease, &record).await?;
+        let id = CredentialId(record.meta.username.clone());
+        ctx.backend
+            .issue(&IssueRequest {
+                id: id.clone(),
+                mode: IssueMode::CreateUser,
+                password: record.password.clone(),
+                valid_until: Some(record.meta.expires_at),
+                privileges: ctx.privileges.clone(),
+            })
+            .await
+            .map_err(|e| backend_error("cannot create the pod's user", &e))?;
+        ctx.backend
+            .verify(&VerifyRequest {
+                id,
+                password: record.password.clone(),
+                query: ctx.verify_query.clone(),
+                timeout: ctx.verify_timeout,
+            })
+            .await
+            .map_err(|e| {
+                BrokerError::Unavailable(format!("the pod's credential did not verify: {e}"))
+            })?;
+        record.meta.verified = true;
+        self.store.put(lease, &record).await?;
+        info!(user = %record.meta.username, generation, "per-pod credential issued and verified");
+        Ok(Self::credential(
+            lease,
+            (ctx.kind.scheme(), &ctx.host, ctx.port, &ctx.database),
+            &record,
+        ))
+    }
+
+    async fn latest_version(
+        &self,
+        lease: &SecretLease,
+        pod_uid: &str,
+    ) -> Result<Option<u64>, BrokerError> {
+        Ok(self
+            .store
+            .get(lease, pod_uid)
+            .await?
+            .filter(|r| r.meta.verified)
+            .map(|r| r.meta.generation))
+    }
+
+    #[instrument(skip_all, fields(pod_uid = %pod_uid))]
+    async fn release(
+        &self,
+        lease: &SecretLease,
+        policy: Option<&RotationPolicy>,
+        pod_uid: &str,
+        node: &str,
+    ) -> Result<(), BrokerError> {
+        let lock = self.lock_for(lease, pod_uid);
+        let _guard = lock.lock().await;
+        let Some(record) = self.store.get(lease, pod_uid).await? else {
+            return Ok(());
+        };
+        if record.meta.node != node {
+            return Err(Deny::CallerOnOtherNode {
+                caller_node: node.to_owned(),
+                requested_node: record.meta.node,
+            }
+            .into());
+        }
+        let policy = policy.ok_or_else(|| {
+            BrokerError::FailedPrecondition("the lease's RotationPolicy is missing".into())
+        })?;
+        let ctx = self.context(lease, policy).await?;
+        ctx.backend
+            .revoke(&RevokeRequest {
+                id: CredentialId(record.meta.username.clone()),
+                mode: RevokeMode::DropUser,
+                drain: DrainSessions::Terminate,
+            })
+            .await
+            .map_err(|e| backend_error("cannot drop the pod's user", &e))?;
+        self.store.delete(lease, pod_uid).await?;
+        drop(_guard);
+        self.forget_lock(lease, pod_uid);
+        info!(user = %record.meta.username, "per-pod credential revoked");
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_fit_every_database() {
+        let u = per_pod_username(
+            "7f3c2a1b-0d9e-4c8f-a6b5-4e3d2c1b0a99",
+            "3c2f1e0a-5b6d-4e7f-8a9b-0c1d2e3f4a5b",
+        );
+        assert_eq!(u, "lh_7f3c2a1b0d9e_p3c2f1e0a5b6d");
+        assert!(u.len() <= 32);
+        let s = pod_secret_name("7f3c2a1b-0d9e", "3C2F1E0A-5b6d-4e7f-8a9b-0c1d2e3f4a5b");
+        assert_eq!(
+            s,
+            "leasehold-pod-7f3c2a1b0d9e-3c2f1e0a-5b6d-4e7f-8a9b-0c1d2e3f4a5b"
+        );
+        assert!(s.len() <= 63);
+    }
+
+    #[test]
+    fn record_round_trips_through_a_secret() {
+        let mut lease = SecretLease::new(
+            "db",
+            serde_json::from_value(serde_json::json!({
+                "policyRef": {"name": "p"},
+                "postgres": {"host": "h", "database": "d", "adminSecretRef": {"name": "a"}}
+            }))
+            .unwrap(),
+        );
+        lease.metadata.namespace = Some("shop".into());
+        lease.metadata.uid = Some("7f3c2a1b-0d9e".into());
+        let now = Timestamp::now();
+        let record = PodCredentialRecord {
+            meta: PodCredentialMeta {
+                username: "lh_x_py".into(),
+                pod_namespace: "shop".into(),
+                pod_name: "web-0".into(),
+                pod_uid: "uid-1".into(),
+                node: "node-a".into(),
+                generation: 2,
+                issued_at: now,
+                expires_at: now,
+                renew_at: now,
+                verified: true,
+            },
+            password: SecretString::from("s3cret-value"),
+        };
+        let secret = pod_secret(&lease, &record).unwrap();
+        let back = record_from_secret(&secret).unwrap();
+        assert_eq!(back.meta, record.meta);
+        assert_eq!(back.password.expose_secret(), "s3cret-value");
+        assert!(!format!("{record:?}").contains("s3cret"));
+        let owner = &secret.metadata.owner_references.as_ref().unwrap()[0];
+        assert_eq!(
+            (owner.kind.as_str(), owner.name.as_str()),
+            ("SecretLease", "db")
+        );
+    }
+}

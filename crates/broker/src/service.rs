@@ -1,0 +1,647 @@
+//! The tonic `Broker` service.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use jiff::Timestamp;
+use leasehold_api::{RotationPolicy, SecretLease};
+use leasehold_auth::{ExpectedPod, TokenVerifier};
+use leasehold_backends::CredentialMaterial;
+use leasehold_engine::template::{CredentialValues, render};
+use leasehold_proto::AUTHORIZATION_METADATA;
+use leasehold_proto::broker::v1 as pb;
+use secrecy::ExposeSecret;
+use tonic::metadata::MetadataMap;
+use tonic::{Request, Response, Status};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::authz::{
+    CallerIdentity, Deny, IssueFacts, NodeDriverAccount, PodIdentity, authorize_issue,
+    authorize_node, authorize_pod_on_node, authorize_pod_placement, namespace_allowed,
+};
+use crate::cluster::{ClusterView, lease_facts, pod_facts, version_password};
+use crate::consumers::{ConsumerRecorder, ObjectRef};
+use crate::error::BrokerError;
+use crate::metrics::BrokerMetrics;
+use crate::per_pod::{PerPodIssuer, PerPodRequest, db_facts};
+
+/// Longest name or UID accepted in a request.
+const MAX_NAME: usize = 253;
+
+/// How the broker is set up.
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    /// The service account the node drivers run as; no one else may call.
+    pub node_driver: NodeDriverAccount,
+    /// When a lease names no next rotation, the driver is told to ask again after this.
+    pub default_recheck: Duration,
+}
+
+impl BrokerConfig {
+    /// Callers must be `namespace/name`; re-check after 30 s without a rotation plan.
+    pub fn new(
+        node_driver_namespace: impl Into<String>,
+        node_driver_name: impl Into<String>,
+    ) -> Self {
+        Self {
+            node_driver: NodeDriverAccount {
+                namespace: node_driver_namespace.into(),
+                name: node_driver_name.into(),
+            },
+            default_recheck: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Token verifiers: one for the node drivers' own tokens (their audience), one
+/// for pod tokens (audience [`leasehold_api::CSI_TOKEN_AUDIENCE`]). May be the same.
+#[derive(Debug, Clone)]
+pub struct Verifiers {
+    /// Verifies `authorization: Bearer` tokens of node drivers.
+    pub node: Arc<TokenVerifier>,
+    /// Verifies `IssueRequest.pod_token`.
+    pub pod: Arc<TokenVerifier>,
+}
+
+/// The broker: implements the generated `Broker` trait.
+#[derive(Clone)]
+pub struct BrokerService {
+    config: BrokerConfig,
+    verifiers: Verifiers,
+    cluster: Arc<dyn ClusterView>,
+    recorder: Arc<dyn ConsumerRecorder>,
+    per_pod: Option<Arc<dyn PerPodIssuer>>,
+    metrics: BrokerMetrics,
+}
+
+impl std::fmt::Debug for BrokerService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokerService")
+            .field("config", &self.config)
+            .field("per_pod", &self.per_pod.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl BrokerService {
+    /// A broker reading through `cluster` and recording consumers through `recorder`.
+    /// Per-pod leases are refused (`FAILED_PRECONDITION`) until [`Self::with_per_pod`].
+    pub fn new(
+        config: BrokerConfig,
+        verifiers: Verifiers,
+        cluster: Arc<dyn ClusterView>,
+        recorder: Arc<dyn ConsumerRecorder>,
+    ) -> Self {
+        Self {
+            config,
+            verifiers,
+            cluster,
+            recorder,
+            per_pod: None,
+            metrics: BrokerMetrics::default(),
+        }
+    }
+
+    /// Serves `perPod` leases with `issuer`.
+    pub fn with_per_pod(mut self, issuer: Arc<dyn PerPodIssuer>) -> Self {
+        self.per_pod = Some(issuer);
+        self
+    }
+
+    /// Records metrics in `metrics` (from [`BrokerMetrics::register`]).
+    pub fn with_metrics(mut self, metrics: BrokerMetrics) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// The tonic server for this service.
+    pub fn into_server(self) -> pb::broker_server::BrokerServer<Self> {
+        pb::broker_server::BrokerServer::new(self)
+    }
+
+    async fn observe<T>(
+        &self,
+        method: &'static str,
+        call: impl Future<Output = Result<T, BrokerError>>,
+    ) -> Result<Response<T>, Status> {
+        let start = Instant::now();
+        let result = call.await;
+        let code = result
+            .as_ref()
+            .map_or_else(BrokerError::code, |_| tonic::Code::Ok);
+        self.metrics
+            .observe(method, code, start.elapsed().as_secs_f64());
+        match result {
+            Ok(v) => Ok(Response::new(v)),
+            Err(e) => {
+                match code {
+                    tonic::Code::Internal
+                    | tonic::Code::Unavailable
+                    | tonic::Code::FailedPrecondition => {
+                        warn!(method, code = ?code, error = %e, "broker call failed");
+                    }
+                    _ => info!(method, code = ?code, error = %e, "broker call refused"),
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    /// The verified caller, with the node it runs on.
+    async fn caller(&self, metadata: &MetadataMap) -> Result<CallerIdentity, BrokerError> {
+        let token = bearer(metadata)?;
+        let sa = self
+            .verifiers
+            .node
+            .verify_service_account_token(token)
+            .await
+            .map_err(|e| BrokerError::from_auth("node driver token", &e))?;
+        let driver = &self.config.node_driver;
+        let mut caller = CallerIdentity {
+            node_claim: sa.node.map(|n| n.name),
+            bound_pod_node: None,
+            namespace: sa.namespace,
+            name: sa.name,
+        };
+        // Older clusters put no node in the token: take it from the bound pod,
+        // but only for the driver account (no lookups for strangers).
+        if caller.node_claim.is_none()
+            && caller.namespace == driver.namespace
+            && caller.name == driver.name
+            && let Some(bound) = sa.pod
+            && let Some(pod) = self.cluster.pod(&caller.namespace, &bound.name).await?
+        {
+            let facts = pod_facts(&pod);
+            if facts.uid == bound.uid {
+                caller.bound_pod_node = facts.node_name;
+            }
+        }
+        Ok(caller)
+    }
+
+    async fn lease(&self, lease: &ObjectRef) -> Result<SecretLease, BrokerError> {
+        self.cluster
+            .lease(&lease.namespace, &lease.name)
+            .await?
+            .ok_or_else(|| BrokerError::LeaseNotFound {
+                namespace: lease.namespace.clone(),
+                name: lease.name.clone(),
+            })
+    }
+
+    async fn policy_of(&self, lease: &SecretLease) -> Result<Option<RotationPolicy>, BrokerError> {
+        let namespace = lease.metadata.namespace.as_deref().unwrap_or_default();
+        self.cluster
+            .policy(namespace, &lease.spec.policy_ref.name)
+            .await
+    }
+
+    async fn issue_inner(
+        &self,
+        request: Request<pb::IssueRequest>,
+    ) -> Result<pb::IssueResponse, BrokerError> {
+        let (metadata, _, msg) = request.into_parts();
+        let requested = pod_identity(msg.pod.as_ref())?;
+        let lease_ref = lease_ref(msg.lease.as_ref(), &requested)?;
+        let node = required("node_name", &msg.node_name)?;
+        required("volume_id", &msg.volume_id)?;
+        required("pod_token", &msg.pod_token)?;
+
+        let caller = self.caller(&metadata).await?;
+        // Before anything else is looked at: only node drivers, on that node.
+        authorize_node(&caller, &self.config.node_driver, node)?;
+        let verified = self
+            .verifiers
+            .pod
+            .verify_pod_token(
+                &msg.pod_token,
+                &ExpectedPod {
+                    namespace: requested.namespace.clone(),
+                    pod_name: requested.name.clone(),
+                    pod_uid: requested.uid.clone(),
+                    service_account: requested.service_account.clone(),
+                },
+            )
+            .await
+            .map_err(|e| BrokerError::from_auth("pod token", &e))?;
+        let token_pod = PodIdentity {
+            namespace: verified.namespace,
+            name: verified.pod_name,
+            uid: verified.pod_uid,
+            service_account: verified.service_account,
+        };
+        let pod = self
+            .cluster
+            .pod(&requested.namespace, &requested.name)
+            .await?
+            .ok_or_else(|| Deny::PodNotFound {
+                namespace: requested.namespace.clone(),
+                name: requested.name.clone(),
+            })?;
+        let lease = self.lease(&lease_ref).await?;
+        let policy = self.policy_of(&lease).await?.ok_or_else(|| {
+            BrokerError::FailedPrecondition(format!(
+                "RotationPolicy {}/{} of the lease not found",
+                lease_ref.namespace, lease.spec.policy_ref.name
+            ))
+        })?;
+        let facts = lease_facts(&lease);
+        let access = &policy.spec.access;
+        // Namespace labels only when nothing cheaper decides.
+        let labels = if access.namespace_selector.is_some()
+            && !namespace_allowed(&facts, access, &requested.namespace, None)
+        {
+            self.cluster.namespace_labels(&requested.namespace).await?
+        } else {
+            None
+        };
+        authorize_issue(&IssueFacts {
+            driver: &self.config.node_driver,
+            caller: &caller,
+            pod_token: &token_pod,
+            requested: &requested,
+            node,
+            pod: &pod_facts(&pod),
+            lease: &facts,
+            access,
+            namespace_labels: labels.as_ref(),
+        })?;
+
+        if lease.spec.per_pod {
+            let issuer = self.per_pod.as_ref().ok_or_else(|| {
+                BrokerError::FailedPrecondition(
+                    "per-pod leases are not enabled on this broker".into(),
+                )
+            })?;
+            let credential = issuer
+                .issue(&PerPodRequest {
+                    lease: &lease,
+                    policy: &policy,
+                    pod: &requested,
+                    node,
+                })
+                .await?;
+            debug!(
+                version = credential.version,
+                "per-pod credential handed out"
+            );
+            return Ok(issue_response(
+                credential.files,
+                credential.version,
+                credential.expires_at,
+                credential.renew_at,
+            ));
+        }
+        self.shared_credential(&lease, &lease_ref).await
+    }
+
+    /// The lease's current version, rendered with its CSI file templates.
+    async fn shared_credential(
+        &self,
+        lease: &SecretLease,
+        lease_ref: &ObjectRef,
+    ) -> Result<pb::IssueResponse, BrokerError> {
+        let not_ready = || BrokerError::NotReady {
+            namespace: lease_ref.namespace.clone(),
+            name: lease_ref.name.clone(),
+        };
+        let status = lease.status.as_ref().ok_or_else(not_ready)?;
+        let version = status.current_version.ok_or_else(not_ready)?;
+        let record = status.progress.version(version).ok_or_else(not_ready)?;
+        let (scheme, host, port, database) = db_facts(lease).ok_or_else(|| {
+            BrokerError::FailedPrecondition("only postgres and mysql leases can be mounted".into())
+        })?;
+        let password = version_password(
+            self.cluster.as_ref(),
+            &lease_ref.namespace,
+            &lease_ref.name,
+            version,
+        )
+        .await?
+        .ok_or_else(not_ready)?;
+        let templates = lease
+            .spec
+            .delivery
+            .csi
+            .as_ref()
+            .map(|c| c.files.clone())
+            .unwrap_or_default();
+        let files = render(
+            &templates,
+            &CredentialValues {
+                username: record.credential_id.clone(),
+                password,
+                host: host.to_owned(),
+                port,
+                database: database.to_owned(),
+                scheme,
+                version,
+            },
+        );
+        let now = Timestamp::now();
+        let expires_at = record
+            .expires_at
+            .or(status.expires_at.as_ref().map(|t| t.0))
+            .unwrap_or_else(|| add(now, Duration::from_secs(24 * 3600)));
+        let renew_at = status
+            .next_rotation_at
+            .as_ref()
+            .map(|t| t.0)
+            .filter(|t| *t > now)
+            .unwrap_or_else(|| add(now, self.config.default_recheck))
+            .min(expires_at);
+        Ok(issue_response(files, version, expires_at, renew_at))
+    }
+
+    async fn acknowledge_inner(
+        &self,
+        request: Request<pb::AcknowledgeRequest>,
+    ) -> Result<pb::AcknowledgeResponse, BrokerError> {
+        let (metadata, _, msg) = request.into_parts();
+        let requested = pod_identity(msg.pod.as_ref())?;
+        let lease_ref = lease_ref(msg.lease.as_ref(), &requested)?;
+        let node = required("node_name", &msg.node_name)?;
+        required("volume_id", &msg.volume_id)?;
+
+        let caller = self.caller(&metadata).await?;
+        authorize_node(&caller, &self.config.node_driver, node)?;
+        let pod = self
+            .cluster
+            .pod(&requested.namespace, &requested.name)
+            .await?
+            .ok_or_else(|| Deny::PodNotFound {
+                namespace: requested.namespace.clone(),
+                name: requested.name.clone(),
+            })?;
+        authorize_pod_on_node(&pod_facts(&pod), &requested, node)?;
+        let lease = self.lease(&lease_ref).await?;
+
+        if lease.spec.per_pod {
+            // A pod's own credential is not a lease version: nothing to record.
+            let latest = match &self.per_pod {
+                Some(issuer) => issuer.latest_version(&lease, &requested.uid).await?,
+                None => None,
+            };
+            return Ok(pb::AcknowledgeResponse {
+                latest_version: latest.unwrap_or(0),
+            });
+        }
+        let latest = lease
+            .status
+            .as_ref()
+            .and_then(|s| s.current_version)
+            .unwrap_or(0);
+        if msg.version > latest {
+            return Err(BrokerError::InvalidArgument(format!(
+                "version {} is newer than the lease's current version {latest}",
+                msg.version
+            )));
+        }
+        if msg.version > 0 {
+            self.recorder
+                .acknowledged(
+                    &lease_ref,
+                    &ObjectRef::new(&requested.namespace, &requested.name),
+                    msg.version,
+                )
+                .await?;
+        }
+        Ok(pb::AcknowledgeResponse {
+            latest_version: latest,
+        })
+    }
+
+    async fn release_inner(
+        &self,
+        request: Request<pb::ReleaseRequest>,
+    ) -> Result<pb::ReleaseResponse, BrokerError> {
+        let (metadata, _, msg) = request.into_parts();
+        let requested = pod_identity(msg.pod.as_ref())?;
+        let lease_ref = lease_ref(msg.lease.as_ref(), &requested)?;
+        let node = required("node_name", &msg.node_name)?;
+        required("volume_id", &msg.volume_id)?;
+
+        let caller = self.caller(&metadata).await?;
+        authorize_node(&caller, &self.config.node_driver, node)?;
+        // The pod may be gone already. If it still exists it must be on this
+        // node; if a new pod took its name, its consumer entry is left alone.
+        let recreated = match self
+            .cluster
+            .pod(&requested.namespace, &requested.name)
+            .await?
+        {
+            Some(pod) => {
+                let facts = pod_facts(&pod);
+                if facts.uid == requested.uid {
+                    authorize_pod_placement(&facts, &requested, node)?;
+                    false
+                } else {
+                    true
+                }
+            }
+            None => false,
+        };
+        let Some(lease) = self
+            .cluster
+            .lease(&lease_ref.namespace, &lease_ref.name)
+            .await?
+        else {
+            return Ok(pb::ReleaseResponse {});
+        };
+        if lease.spec.per_pod {
+            if let Some(issuer) = &self.per_pod {
+                let policy = self.policy_of(&lease).await?;
+                issuer
+                    .release(&lease, policy.as_ref(), &requested.uid, node)
+                    .await?;
+            }
+        } else if !recreated {
+            self.recorder
+                .released(
+                    &lease_ref,
+                    &ObjectRef::new(&requested.namespace, &requested.name),
+                )
+                .await?;
+        }
+        Ok(pb::ReleaseResponse {})
+    }
+}
+
+fn add(t: Timestamp, d: Duration) -> Timestamp {
+    jiff::SignedDuration::try_from(d)
+        .ok()
+        .and_then(|d| t.checked_add(d).ok())
+        .unwrap_or(Timestamp::MAX)
+}
+
+fn timestamp(t: Timestamp) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: t.as_second(),
+        nanos: t.subsec_nanosecond(),
+    }
+}
+
+fn issue_response(
+    files: CredentialMaterial,
+    version: u64,
+    expires_at: Timestamp,
+    renew_at: Timestamp,
+) -> pb::IssueResponse {
+    pb::IssueResponse {
+        files: files
+            .0
+            .into_iter()
+            .map(|(name, value)| (name, value.expose_secret().as_bytes().to_vec()))
+            .collect(),
+        version,
+        expires_at: Some(timestamp(expires_at)),
+        renew_at: Some(timestamp(renew_at)),
+    }
+}
+
+/// The token of `authorization: Bearer <token>`.
+fn bearer(metadata: &MetadataMap) -> Result<&str, BrokerError> {
+    let missing =
+        || BrokerError::Unauthenticated("no bearer token in the authorization metadata".into());
+    let value = metadata
+        .get(AUTHORIZATION_METADATA)
+        .ok_or_else(missing)?
+        .to_str()
+        .map_err(|_| missing())?;
+    let (scheme, token) = value.split_once(' ').ok_or_else(missing)?;
+    let token = token.trim();
+    if !scheme.eq_ignore_ascii_case("bearer") || token.is_empty() {
+        return Err(missing());
+    }
+    Ok(token)
+}
+
+fn required<'a>(field: &str, value: &'a str) -> Result<&'a str, BrokerError> {
+    if value.is_empty() {
+        return Err(BrokerError::InvalidArgument(format!("{field} is required")));
+    }
+    if field != "pod_token" && value.len() > MAX_NAME {
+        return Err(BrokerError::InvalidArgument(format!("{field} is too long")));
+    }
+    Ok(value)
+}
+
+fn pod_identity(pod: Option<&pb::PodIdentity>) -> Result<PodIdentity, BrokerError> {
+    let pod = pod.ok_or_else(|| BrokerError::InvalidArgument("pod is required".into()))?;
+    Ok(PodIdentity {
+        namespace: required("pod.namespace", &pod.namespace)?.to_owned(),
+        name: required("pod.name", &pod.name)?.to_owned(),
+        uid: required("pod.uid", &pod.uid)?.to_owned(),
+        service_account: required("pod.service_account", &pod.service_account)?.to_owned(),
+    })
+}
+
+fn lease_ref(lease: Option<&pb::LeaseRef>, pod: &PodIdentity) -> Result<ObjectRef, BrokerError> {
+    let lease = lease.ok_or_else(|| BrokerError::InvalidArgument("lease is required".into()))?;
+    let name = required("lease.name", &lease.name)?;
+    let namespace = if lease.namespace.is_empty() {
+        pod.namespace.as_str()
+    } else {
+        required("lease.namespace", &lease.namespace)?
+    };
+    Ok(ObjectRef::new(namespace, name))
+}
+
+fn pod_label(pod: Option<&pb::PodIdentity>) -> String {
+    pod.map(|p| format!("{}/{}", p.namespace, p.name))
+        .unwrap_or_default()
+}
+
+fn lease_label(lease: Option<&pb::LeaseRef>) -> String {
+    lease
+        .map(|l| format!("{}/{}", l.namespace, l.name))
+        .unwrap_or_default()
+}
+
+#[tonic::async_trait]
+impl pb::broker_server::Broker for BrokerService {
+    async fn issue(
+        &self,
+        request: Request<pb::IssueRequest>,
+    ) -> Result<Response<pb::IssueResponse>, Status> {
+        // The span names objects only; the request (with the pod token) is not recorded.
+        let span = info_span!(
+            "broker.issue",
+            volume_id = %request.get_ref().volume_id,
+            pod = %pod_label(request.get_ref().pod.as_ref()),
+            lease = %lease_label(request.get_ref().lease.as_ref()),
+            node = %request.get_ref().node_name,
+        );
+        self.observe("Issue", self.issue_inner(request))
+            .instrument(span)
+            .await
+    }
+
+    async fn acknowledge(
+        &self,
+        request: Request<pb::AcknowledgeRequest>,
+    ) -> Result<Response<pb::AcknowledgeResponse>, Status> {
+        let span = info_span!(
+            "broker.acknowledge",
+            volume_id = %request.get_ref().volume_id,
+            pod = %pod_label(request.get_ref().pod.as_ref()),
+            lease = %lease_label(request.get_ref().lease.as_ref()),
+            version = request.get_ref().version,
+        );
+        self.observe("Acknowledge", self.acknowledge_inner(request))
+            .instrument(span)
+            .await
+    }
+
+    async fn release(
+        &self,
+        request: Request<pb::ReleaseRequest>,
+    ) -> Result<Response<pb::ReleaseResponse>, Status> {
+        let span = info_span!(
+            "broker.release",
+            volume_id = %request.get_ref().volume_id,
+            pod = %pod_label(request.get_ref().pod.as_ref()),
+            lease = %lease_label(request.get_ref().lease.as_ref()),
+        );
+        self.observe("Release", self.release_inner(request))
+            .instrument(span)
+            .await
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_parsing() {
+        let mut m = MetadataMap::new();
+        assert_eq!(bearer(&m).unwrap_err().code(), tonic::Code::Unauthenticated);
+        m.insert("authorization", "Basic abc".parse().unwrap());
+        assert!(bearer(&m).is_err());
+        m.insert("authorization", "Bearer ".parse().unwrap());
+        assert!(bearer(&m).is_err());
+        m.insert("authorization", "bearer eyJx.y.z".parse().unwrap());
+        assert_eq!(bearer(&m).unwrap(), "eyJx.y.z");
+    }
+
+    #[test]
+    fn lease_defaults_to_the_pods_namespace() {
+        let pod = PodIdentity {
+            namespace: "shop".into(),
+            ..PodIdentity::default()
+        };
+        let l = pb::LeaseRef {
+            namespace: String::new(),
+            name: "db".into(),
+        };
+        assert_eq!(
+            lease_ref(Some(&l), &pod).unwrap(),
+            ObjectRef::new("shop", "db")
+        );
+        assert!(lease_ref(None, &pod).is_err());
+        let long = "x".repeat(300);
+        assert!(required("pod.name", &long).is_err());
+    }
+}
