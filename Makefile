@@ -32,8 +32,10 @@ crds: ## Regenerate crds/ and charts/leasehold-crds/files/ from the Rust types
 demo: setup ## Rotate a credential against a throwaway PostgreSQL (and MariaDB) in local mode, with real logins
 	cargo run -q -p leasehold-engine --example demo
 
-bench: ## Print rotation throughput and per-phase latency against a throwaway PostgreSQL
+bench: ## Print every benchmark figure: rotations/minute, token verifications/s, NodePublishVolume latency and driver memory
 	cargo run -q --release -p leasehold-engine --example rotation-bench
+	cargo bench -q -p leasehold-auth --bench verify
+	cargo bench -q -p leasehold-csi --bench csi-bench
 
 e2e: ## End-to-end tests against the cluster in KUBECONFIG (skipped, loudly, without one)
 	bash e2e/run.sh
