@@ -1,0 +1,121 @@
+//! Per-pod credentials on a real PostgreSQL: a user of the pod's own,
+//! verified before it is handed out, the same credential on a repeated
+//! Issue, dropped on Release (only by the node it was issued to).
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use leasehold_broker::authz::PodIdentity;
+use leasehold_broker::per_pod::{PerPodRequest, per_pod_username};
+use leasehold_broker::{
+    EnginePerPodIssuer, MemoryCluster, MemoryPodCredentialStore, PerPodIssuer, SecretData,
+};
+use leasehold_engine::BackendRegistry;
+use leasehold_testkit::PostgresServer;
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::json;
+
+#[tokio::test]
+async fn per_pod_user_is_issued_verified_reused_and_dropped() {
+    let pg = PostgresServer::shared().await;
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let lease_uid = format!(
+        "{:012x}-0000-4000-8000-000000000000",
+        nanos & 0xffff_ffff_ffff
+    );
+    let cluster = Arc::new(MemoryCluster::new());
+    cluster.put_secret(
+        "shop",
+        "pg-admin",
+        SecretData(BTreeMap::from([
+            ("username".to_owned(), SecretString::from(pg.admin_user())),
+            ("password".to_owned(), pg.admin_password().clone()),
+        ])),
+    );
+    let lease: leasehold_api::SecretLease = serde_json::from_value(json!({
+        "apiVersion": "leasehold.dev/v1alpha1", "kind": "SecretLease",
+        "metadata": {"namespace": "shop", "name": "db", "uid": lease_uid},
+        "spec": {
+            "policyRef": {"name": "p"},
+            "perPod": true,
+            "postgres": {"host": pg.host(), "port": pg.port(), "database": pg.database(),
+                         "adminSecretRef": {"name": "pg-admin"}, "tls": {"mode": "Disable"}},
+            "delivery": {"csi": {"enabled": true}},
+        },
+    }))
+    .unwrap();
+    let policy: leasehold_api::RotationPolicy = serde_json::from_value(json!({
+        "apiVersion": "leasehold.dev/v1alpha1", "kind": "RotationPolicy",
+        "metadata": {"namespace": "shop", "name": "p"},
+        "spec": {"ttl": "2h", "strategy": "Dynamic", "renewBefore": "40m"},
+    }))
+    .unwrap();
+    let store = Arc::new(MemoryPodCredentialStore::new());
+    let issuer = EnginePerPodIssuer::new(cluster.clone(), store.clone(), BackendRegistry::new(2));
+    let pod = PodIdentity {
+        namespace: "shop".into(),
+        name: "web-0".into(),
+        uid: "3c2f1e0a-5b6d-4e7f-8a9b-0c1d2e3f4a5b".into(),
+        service_account: "web".into(),
+    };
+    let request = PerPodRequest {
+        lease: &lease,
+        policy: &policy,
+        pod: &pod,
+        node: "node-a",
+    };
+
+    let first = issuer.issue(&request).await.unwrap();
+    let file =
+        |c: &leasehold_broker::PodCredential, k: &str| c.files.0[k].expose_secret().to_owned();
+    let user = file(&first, "username");
+    assert_eq!(user, per_pod_username(&lease_uid, &pod.uid));
+    assert_eq!(first.version, 1);
+    assert!(file(&first, "uri").starts_with(&format!("postgres://{user}:")));
+    let password = file(&first, "password");
+    pg.connect_as(&user, &password)
+        .await
+        .unwrap()
+        .simple_query("SELECT 1")
+        .await
+        .unwrap();
+
+    // Again: the same credential, no new password.
+    let again = issuer.issue(&request).await.unwrap();
+    assert_eq!(
+        (again.version, file(&again, "password")),
+        (1, password.clone())
+    );
+    assert_eq!(
+        issuer.latest_version(&lease, &pod.uid).await.unwrap(),
+        Some(1)
+    );
+
+    // Only the node it was issued to may release it.
+    let err = issuer
+        .release(&lease, Some(&policy), &pod.uid, "node-b")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    pg.connect_as(&user, &password).await.unwrap();
+
+    issuer
+        .release(&lease, Some(&policy), &pod.uid, "node-a")
+        .await
+        .unwrap();
+    assert!(
+        pg.connect_as(&user, &password).await.is_err(),
+        "the user is dropped"
+    );
+    assert!(store.is_empty());
+    issuer
+        .release(&lease, Some(&policy), &pod.uid, "node-a")
+        .await
+        .unwrap();
+    assert_eq!(issuer.latest_version(&lease, &pod.uid).await.unwrap(), None);
+}
