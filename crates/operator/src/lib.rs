@@ -24,10 +24,11 @@ use std::sync::Arc;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{self, Controller};
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use leasehold_api::{RotationPolicy, SecretLease};
 use tokio::sync::watch;
@@ -93,16 +94,15 @@ pub fn leases_for_policy(
         .collect()
 }
 
-/// Leases in `leases` whose admin (or CA) Secret is `secret`.
+/// Leases in `leases` whose admin (or CA) Secret is `namespace/name`.
 pub fn leases_for_secret(
     leases: &[Arc<SecretLease>],
-    secret: &Secret,
+    namespace: Option<&str>,
+    name: &str,
 ) -> Vec<ObjectRef<SecretLease>> {
-    let ns = secret.namespace();
-    let name = secret.name_any();
     leases
         .iter()
-        .filter(|l| l.namespace() == ns)
+        .filter(|l| l.namespace().as_deref() == namespace)
         .filter(|l| {
             l.spec.postgres.iter().chain(l.spec.mysql.iter()).any(|db| {
                 db.admin_secret_ref.name == name
@@ -128,26 +128,40 @@ async fn run_controllers(
 ) {
     let ns = namespace.as_deref();
     let leases: Api<SecretLease> = api_for(&client, ns);
-    let secrets: Api<Secret> = api_for(&client, ns);
+    let secrets: Api<PartialObjectMeta<Secret>> = api_for(&client, ns);
     let policies: Api<RotationPolicy> = api_for(&client, ns);
     let owned = watcher::Config::default().labels(&format!(
         "{}={}",
         secrets::MANAGED_BY_LABEL,
         secrets::MANAGED_BY_VALUE
     ));
-    let lease_ctrl = Controller::new(leases, watcher::Config::default());
-    let store = lease_ctrl.store();
+    // The cache keeps every lease; managedFields are the bulk of an object on a real
+    // API server and are never read, so they are dropped before caching.
+    let (store, writer) = reflector::store::<SecretLease>();
+    let lease_stream = watcher(leases, watcher::Config::default())
+        .default_backoff()
+        .modify(|l| l.managed_fields_mut().clear())
+        .reflect(writer)
+        .applied_objects();
     let by_policy = store.clone();
     let by_secret = store.clone();
-    let lease_stream = lease_ctrl
-        .owns(secrets.clone(), owned)
+    // Secrets are watched as metadata only: the mappers need names and owners, and
+    // secret values never pass through the watch.
+    let owned_secrets = watcher(secrets.clone(), owned)
+        .default_backoff()
+        .touched_objects();
+    let referenced_secrets = watcher(secrets, watcher::Config::default())
+        .default_backoff()
+        .touched_objects();
+    let lease_stream = Controller::for_stream(lease_stream, store.clone())
+        .owns_stream(owned_secrets)
         .watches(
             policies.clone(),
             watcher::Config::default(),
             move |p: RotationPolicy| leases_for_policy(&by_policy.state(), &p),
         )
-        .watches(secrets, watcher::Config::default(), move |s: Secret| {
-            leases_for_secret(&by_secret.state(), &s)
+        .watches_stream(referenced_secrets, move |s: PartialObjectMeta<Secret>| {
+            leases_for_secret(&by_secret.state(), s.namespace().as_deref(), &s.name_any())
         })
         .with_config(controller::Config::default().concurrency(concurrency))
         .graceful_shutdown_on(wait_for(stop.clone()))
