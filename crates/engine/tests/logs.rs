@@ -8,59 +8,12 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_trait::async_trait;
 use common::db::Db;
-use common::{MemoryStores, context, lease_key, policy};
-use leasehold_backends::{
-    Backend, BackendError, CredentialId, IssueRequest, Privileges, RevokeOutcome, RevokeRequest,
-    VerifyRequest,
-};
+use common::{FailVerifyFor, MemoryStores, context, lease_key, obs, policy};
+use leasehold_backends::Privileges;
 use leasehold_core::Strategy;
-use leasehold_core::rotation::Observations;
 use leasehold_engine::Engine;
 use leasehold_testkit::PostgresServer;
-
-fn obs(request: Option<&str>) -> Observations {
-    Observations {
-        consumers_on_current: true,
-        maintenance_window_open: true,
-        rotation_request: request.map(String::from),
-        ..Default::default()
-    }
-}
-
-/// Verification always fails (to log a failure).
-struct FailVerify(Arc<dyn Backend>);
-
-#[async_trait]
-impl Backend for FailVerify {
-    fn kind(&self) -> &'static str {
-        self.0.kind()
-    }
-    fn target_key(&self) -> String {
-        self.0.target_key()
-    }
-    async fn issue(&self, req: &IssueRequest) -> Result<(), BackendError> {
-        self.0.issue(req).await
-    }
-    async fn verify(&self, _: &VerifyRequest) -> Result<(), BackendError> {
-        Err(BackendError::VerificationFailed(
-            "login refused (test)".into(),
-        ))
-    }
-    async fn revoke(&self, req: &RevokeRequest) -> Result<RevokeOutcome, BackendError> {
-        self.0.revoke(req).await
-    }
-    async fn can_login(&self, id: &CredentialId) -> Result<bool, BackendError> {
-        self.0.can_login(id).await
-    }
-    async fn list_users(&self, prefix: &str) -> Result<Vec<CredentialId>, BackendError> {
-        self.0.list_users(prefix).await
-    }
-    async fn ping(&self) -> Result<(), BackendError> {
-        self.0.ping().await
-    }
-}
 
 /// A writer that keeps everything logged.
 #[derive(Clone, Default)]
@@ -116,7 +69,10 @@ async fn no_password_appears_in_logs_errors_or_debug_output() {
     let bad = context(
         key.clone(),
         db.kind(),
-        Arc::new(FailVerify(db.backend(1))),
+        Arc::new(FailVerifyFor {
+            inner: db.backend(1),
+            user_suffix: String::new(),
+        }),
         db.host(),
         db.port(),
         db.database(),

@@ -9,29 +9,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use async_trait::async_trait;
 use common::db::Db;
-use common::{MemoryStores, TestClock, context, lease_key, policy};
-use leasehold_backends::{
-    Backend, BackendError, CredentialId, IssueRequest, Privileges, RevokeOutcome, RevokeRequest,
-    VerifyRequest,
-};
+use common::{FailVerifyFor, MemoryStores, TestClock, context, lease_key, obs, policy};
+use leasehold_backends::{CredentialId, Privileges};
 use leasehold_core::Strategy;
-use leasehold_core::rotation::{
-    Observations, RevokeReason, RotationOutcome, VersionState, WaitReason,
-};
+use leasehold_core::rotation::{RevokeReason, RotationOutcome, VersionState, WaitReason};
 use leasehold_engine::engine::FaultPoint;
 use leasehold_engine::{Engine, EngineError, Outcome};
 use leasehold_testkit::{MariaDbServer, PostgresServer};
-
-fn obs(request: Option<&str>) -> Observations {
-    Observations {
-        consumers_on_current: true,
-        maintenance_window_open: true,
-        rotation_request: request.map(String::from),
-        ..Default::default()
-    }
-}
 
 const ALL_POINTS: [FaultPoint; 8] = [
     FaultPoint::BeforeIssue,
@@ -142,45 +127,6 @@ async fn mariadb_crash_at_every_step_boundary_resumes_cleanly() {
     let s = MariaDbServer::shared().await;
     for point in ALL_POINTS {
         crash_and_resume(Db::Maria(s), Strategy::Dynamic, point).await;
-    }
-}
-
-/// A backend whose verification of one user fails, like a credential that does not work.
-struct FailVerifyFor {
-    inner: Arc<dyn Backend>,
-    user_suffix: String,
-}
-
-#[async_trait]
-impl Backend for FailVerifyFor {
-    fn kind(&self) -> &'static str {
-        self.inner.kind()
-    }
-    fn target_key(&self) -> String {
-        self.inner.target_key()
-    }
-    async fn issue(&self, req: &IssueRequest) -> Result<(), BackendError> {
-        self.inner.issue(req).await
-    }
-    async fn verify(&self, req: &VerifyRequest) -> Result<(), BackendError> {
-        if req.id.0.ends_with(&self.user_suffix) {
-            return Err(BackendError::VerificationFailed(
-                "login refused (test)".into(),
-            ));
-        }
-        self.inner.verify(req).await
-    }
-    async fn revoke(&self, req: &RevokeRequest) -> Result<RevokeOutcome, BackendError> {
-        self.inner.revoke(req).await
-    }
-    async fn can_login(&self, id: &CredentialId) -> Result<bool, BackendError> {
-        self.inner.can_login(id).await
-    }
-    async fn list_users(&self, prefix: &str) -> Result<Vec<CredentialId>, BackendError> {
-        self.inner.list_users(prefix).await
-    }
-    async fn ping(&self) -> Result<(), BackendError> {
-        self.inner.ping().await
     }
 }
 

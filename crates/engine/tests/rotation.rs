@@ -6,21 +6,12 @@ mod common;
 use std::time::Duration;
 
 use common::db::Db;
-use common::{MemoryStores, TestClock, context, lease_key, policy};
+use common::{MemoryStores, TestClock, context, lease_key, obs, policy};
 use leasehold_backends::Privileges;
 use leasehold_core::Strategy;
-use leasehold_core::rotation::{Observations, VersionState, WaitReason};
+use leasehold_core::rotation::{VersionState, WaitReason};
 use leasehold_engine::{Engine, Outcome};
 use leasehold_testkit::{MariaDbServer, PostgresServer};
-
-fn obs(request: Option<&str>) -> Observations {
-    Observations {
-        consumers_on_current: true,
-        maintenance_window_open: true,
-        rotation_request: request.map(String::from),
-        ..Default::default()
-    }
-}
 
 /// Issue v1, rotate to v2 with a grace period, check who can log in at each stage.
 async fn full_rotation(db: Db<'_>, strategy: Strategy) {

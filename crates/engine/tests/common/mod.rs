@@ -225,3 +225,69 @@ pub fn context(
         templates: BTreeMap::new(),
     }
 }
+
+/// Observations of a lease with all consumers current and no window, optionally with a
+/// rotation request.
+pub fn obs(request: Option<&str>) -> leasehold_core::rotation::Observations {
+    leasehold_core::rotation::Observations {
+        consumers_on_current: true,
+        maintenance_window_open: true,
+        rotation_request: request.map(String::from),
+        ..Default::default()
+    }
+}
+
+/// A backend whose verification fails for users ending in `user_suffix` (all users when
+/// empty), like a credential that does not work.
+pub struct FailVerifyFor {
+    pub inner: Arc<dyn Backend>,
+    pub user_suffix: String,
+}
+
+#[async_trait]
+impl Backend for FailVerifyFor {
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+    fn target_key(&self) -> String {
+        self.inner.target_key()
+    }
+    async fn issue(
+        &self,
+        req: &leasehold_backends::IssueRequest,
+    ) -> Result<(), leasehold_backends::BackendError> {
+        self.inner.issue(req).await
+    }
+    async fn verify(
+        &self,
+        req: &leasehold_backends::VerifyRequest,
+    ) -> Result<(), leasehold_backends::BackendError> {
+        if req.id.0.ends_with(&self.user_suffix) {
+            return Err(leasehold_backends::BackendError::VerificationFailed(
+                "login refused (test)".into(),
+            ));
+        }
+        self.inner.verify(req).await
+    }
+    async fn revoke(
+        &self,
+        req: &leasehold_backends::RevokeRequest,
+    ) -> Result<leasehold_backends::RevokeOutcome, leasehold_backends::BackendError> {
+        self.inner.revoke(req).await
+    }
+    async fn can_login(
+        &self,
+        id: &leasehold_backends::CredentialId,
+    ) -> Result<bool, leasehold_backends::BackendError> {
+        self.inner.can_login(id).await
+    }
+    async fn list_users(
+        &self,
+        prefix: &str,
+    ) -> Result<Vec<leasehold_backends::CredentialId>, leasehold_backends::BackendError> {
+        self.inner.list_users(prefix).await
+    }
+    async fn ping(&self) -> Result<(), leasehold_backends::BackendError> {
+        self.inner.ping().await
+    }
+}
