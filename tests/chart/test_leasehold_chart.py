@@ -219,6 +219,9 @@ def test_controller_defaults(default: Rendered) -> None:
         "--leader-election-lease", f"{FULLNAME}-controller",
         "--broker-ca-configmap", f"{FULLNAME}-broker-ca",
         "--broker-tls-generated-secret", f"{FULLNAME}-broker-tls",
+        "--broker-service", f"{FULLNAME}-broker",
+        "--broker-token-audience", "leasehold-broker",
+        "--node-service-account", f"{FULLNAME}-node",
         "--log-format", "json",
     ]  # fmt: skip
     ports = {p["name"]: p["containerPort"] for p in ctr["ports"]}
@@ -308,7 +311,11 @@ def test_services_target_controller_ports(
     for name, (target, port) in expected.items():
         svc = r.get("Service", name)
         assert svc["spec"]["type"] == "ClusterIP"
-        assert svc["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+        selector = dict(svc["spec"]["selector"])
+        if target == "broker":
+            # Only the elected leader (which labels its own pod) serves the broker.
+            assert selector.pop("leasehold.dev/leader") == "true"
+        assert selector.items() <= pod["metadata"]["labels"].items()
         assert [(p["port"], p["targetPort"]) for p in svc["spec"]["ports"]] == [(port, target)]
         assert ports[target] == port
     assert arg_value(ctr["args"], "--broker-addr") == f"0.0.0.0:{values['broker']['port']}"
@@ -331,6 +338,7 @@ def test_node_defaults(default: Rendered) -> None:
         "--broker-url", f"https://{FULLNAME}-broker.{NAMESPACE}.svc:8443",
         "--broker-ca", "/etc/leasehold/broker-ca/ca.crt",
         "--token-audience", "csi.leasehold.dev",
+        "--node-token", "/var/run/secrets/leasehold/broker-token/token",
         "--state-dir", "/var/lib/leasehold",
         "--metrics-addr", "0.0.0.0:9090",
         "--log-format", "json",
@@ -351,6 +359,10 @@ def test_node_defaults(default: Rendered) -> None:
     assert probe["image"].startswith("registry.k8s.io/sig-storage/livenessprobe:")
     volumes = {v["name"]: v for v in spec["volumes"]}
     assert volumes["state-dir"]["hostPath"]["path"] == "/var/lib/leasehold"
+    # The driver's identity towards the broker: a token for the broker's audience only.
+    token_source = volumes["broker-token"]["projected"]["sources"][0]["serviceAccountToken"]
+    assert token_source["audience"] == "leasehold-broker"
+    assert token_source["expirationSeconds"] == 3600
     assert volumes["registration-dir"]["hostPath"]["path"] == "/var/lib/kubelet/plugins_registry"
 
 
@@ -512,16 +524,20 @@ CONTROLLER_NAMESPACED_RULES = (
     triples("leasehold.dev", ["secretleases", "rotationpolicies"], ["get", "list", "watch"])
     | triples("leasehold.dev", ["secretleases/status"], ["get", "patch"])
     | triples("leasehold.dev", ["secretleases/finalizers"], ["update"])
-    | triples("", ["secrets"], ["get", "list", "watch", "create", "patch", "delete"])
+    | triples("", ["secrets"], ["get", "list", "watch", "create", "update", "patch", "delete"])
     | triples("", ["events"], ["create", "patch"])
     | triples("events.k8s.io", ["events"], ["create", "patch"])
     | triples("", ["pods"], ["get", "list", "watch"])
     | triples("apps", ["deployments", "statefulsets", "daemonsets"], ["get", "list", "watch", "patch"])
 )
-CONTROLLER_CLUSTER_ONLY_RULES = triples("authentication.k8s.io", ["tokenreviews"], ["create"])
-CONTROLLER_RELEASE_NS_RULES = triples(
-    "coordination.k8s.io", ["leases"], ["get", "list", "watch", "create", "update", "patch"]
-) | triples("", ["configmaps"], ["get", "create", "patch", "update"])
+CONTROLLER_CLUSTER_ONLY_RULES = triples(
+    "authentication.k8s.io", ["tokenreviews"], ["create"]
+) | triples("", ["namespaces"], ["get"])
+CONTROLLER_RELEASE_NS_RULES = (
+    triples("coordination.k8s.io", ["leases"], ["get", "list", "watch", "create", "update", "patch"])
+    | triples("", ["configmaps"], ["get", "create", "patch", "update"])
+    | triples("", ["pods"], ["get", "patch"])
+)
 
 
 @pytest.mark.parametrize("value_set", ALL_SETS)
@@ -595,7 +611,9 @@ def test_controller_rbac_restricted_namespaces(
         b["roleRef"]["name"] == f"{CONTROLLER}-namespaced" for b in r.of_kind("ClusterRoleBinding")
     )
     role_rules = rules_of(r.get("Role", CONTROLLER, NAMESPACE))
-    secrets = triples("", ["secrets"], ["get", "list", "watch", "create", "patch", "delete"])
+    secrets = triples(
+        "", ["secrets"], ["get", "list", "watch", "create", "update", "patch", "delete"]
+    )
     if NAMESPACE in watched:
         assert role_rules == CONTROLLER_RELEASE_NS_RULES
     else:
