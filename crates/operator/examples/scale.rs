@@ -23,12 +23,12 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use futures::StreamExt;
 use kube::api::ListParams;
-use kube::{Api, Client, ResourceExt};
+use kube::{Api, Client};
 use leasehold_api::SecretLease;
 use leasehold_backends::{
     Backend, BackendError, CredentialId, IssueRequest, RevokeOutcome, RevokeRequest, VerifyRequest,
 };
-use leasehold_operator::lease_controller::{Context, reconcile_lease};
+use leasehold_operator::lease_controller::{Context, reconcile_cached, slim_for_cache};
 use leasehold_operator::metrics::Metrics;
 use serde_json::{Value, json};
 use tokio::io::AsyncBufReadExt;
@@ -200,6 +200,17 @@ async fn patch_status(
     Ok(axum::Json(lease.clone()))
 }
 
+async fn get_lease(
+    State(f): State<Shared>,
+    Path((_ns, name)): Path<(String, String)>,
+) -> Result<axum::Json<Value>, (StatusCode, axum::Json<Value>)> {
+    let leases = f.leases.lock().await;
+    let lease = leases
+        .get(&name)
+        .ok_or_else(|| status_json(404, "NotFound"))?;
+    Ok(axum::Json(with_managed_fields(lease.clone())))
+}
+
 async fn get_policy(Path((ns, name)): Path<(String, String)>) -> axum::Json<Value> {
     axum::Json(json!({
         "apiVersion": "leasehold.dev/v1alpha1", "kind": "RotationPolicy",
@@ -266,6 +277,10 @@ async fn serve_fake(n: usize) {
             get(list_leases),
         )
         .route(
+            "/apis/leasehold.dev/v1alpha1/namespaces/{ns}/secretleases/{name}",
+            get(get_lease),
+        )
+        .route(
             "/apis/leasehold.dev/v1alpha1/namespaces/{ns}/secretleases/{name}/status",
             axum::routing::patch(patch_status),
         )
@@ -326,8 +341,9 @@ async fn api_writes(base: &str) -> u64 {
         .unwrap_or(0)
 }
 
-fn keep_managed_fields() -> bool {
-    std::env::var_os("SCALE_KEEP_MANAGED_FIELDS").is_some()
+/// `SCALE_FULL_OBJECTS=1`: cache whole objects (to compare with the slim cache).
+fn keep_full_objects() -> bool {
+    std::env::var_os("SCALE_FULL_OBJECTS").is_some()
 }
 
 /// List in pages of 500, as the controller's watcher does.
@@ -343,8 +359,8 @@ async fn list_paged(client: &Client) -> Vec<SecretLease> {
         let Ok(page) = api.list(&lp).await else { break };
         out.extend(page.items.into_iter().map(|mut l| {
             // As the controller's cache does (see `run_controllers`).
-            if !keep_managed_fields() {
-                l.managed_fields_mut().clear();
+            if !keep_full_objects() {
+                slim_for_cache(&mut l);
             }
             l
         }));
@@ -373,7 +389,7 @@ async fn pass(
     let failures = futures::stream::iter(leases.into_iter().map(|l| {
         let ctx = ctx.clone();
         async move {
-            match reconcile_lease(Arc::new(l), ctx).await {
+            match reconcile_cached(Arc::new(l), ctx).await {
                 Ok(_) => false,
                 Err(e) => {
                     static SHOWN: std::sync::Once = std::sync::Once::new();

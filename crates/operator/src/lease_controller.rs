@@ -122,7 +122,39 @@ fn object_key(lease: &SecretLease) -> String {
     )
 }
 
-/// Reconcile one SecretLease (the controller's reconciler).
+/// Shrink a lease for the controller's cache: the cache only triggers reconciles and
+/// feeds the watch mappers (which read the spec). Status, managedFields and kubectl's
+/// last-applied copy are the bulk of the object and are read fresh by
+/// [`reconcile_cached`] instead.
+pub fn slim_for_cache(lease: &mut SecretLease) {
+    lease.metadata.managed_fields = None;
+    lease.status = None;
+    if let Some(a) = lease.metadata.annotations.as_mut() {
+        a.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
+}
+
+/// The controller's reconciler: read the current object (the cache holds a slim copy),
+/// then [`reconcile_lease`].
+pub async fn reconcile_cached(
+    cached: Arc<SecretLease>,
+    ctx: Arc<Context>,
+) -> Result<Action, OperatorError> {
+    let ns = cached
+        .namespace()
+        .ok_or(OperatorError::MissingField("metadata.namespace"))?;
+    let api: Api<SecretLease> = Api::namespaced(ctx.client.clone(), &ns);
+    match api.get_opt(&cached.name_any()).await? {
+        Some(mut lease) => {
+            lease.metadata.managed_fields = None;
+            reconcile_lease(Arc::new(lease), ctx).await
+        }
+        // Gone: nothing left to do (the finalizer made sure credentials were revoked).
+        None => Ok(Action::await_change()),
+    }
+}
+
+/// Reconcile one SecretLease, given the whole object.
 #[tracing::instrument(skip_all, fields(lease = %object_key(&lease)))]
 pub async fn reconcile_lease(
     lease: Arc<SecretLease>,

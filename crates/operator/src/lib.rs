@@ -135,12 +135,12 @@ async fn run_controllers(
         secrets::MANAGED_BY_LABEL,
         secrets::MANAGED_BY_VALUE
     ));
-    // The cache keeps every lease; managedFields are the bulk of an object on a real
-    // API server and are never read, so they are dropped before caching.
+    // The cache keeps every lease, slimmed (no status, no managedFields): memory per
+    // lease stays small; the reconciler reads the whole object when it runs.
     let (store, writer) = reflector::store::<SecretLease>();
     let lease_stream = watcher(leases, watcher::Config::default())
         .default_backoff()
-        .modify(|l| l.managed_fields_mut().clear())
+        .modify(lease_controller::slim_for_cache)
         .reflect(writer)
         .applied_objects();
     let by_policy = store.clone();
@@ -166,7 +166,7 @@ async fn run_controllers(
         .with_config(controller::Config::default().concurrency(concurrency))
         .graceful_shutdown_on(wait_for(stop.clone()))
         .run(
-            lease_controller::reconcile_lease,
+            lease_controller::reconcile_cached,
             lease_controller::error_policy,
             ctx.clone(),
         )
@@ -300,5 +300,61 @@ where
     match server.await {
         Ok(Err(e)) if result.is_ok() => Err(e),
         _ => result,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lease_controller::slim_for_cache;
+
+    fn lease(ns: &str, name: &str, policy: &str, admin: &str) -> Arc<SecretLease> {
+        Arc::new(
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "leasehold.dev/v1alpha1", "kind": "SecretLease",
+                "metadata": {"name": name, "namespace": ns, "uid": "u",
+                             "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{...}", "keep": "me"},
+                             "managedFields": [{"manager": "kubectl", "operation": "Apply"}]},
+                "spec": {"policyRef": {"name": policy},
+                         "postgres": {"host": "db", "database": "app", "adminSecretRef": {"name": admin}}},
+                "status": {"phase": "Active"}
+            }))
+            .unwrap(),
+        )
+    }
+
+    #[test]
+    fn mappers_find_the_referencing_leases() {
+        let leases = vec![
+            lease("shop", "a", "p1", "admin1"),
+            lease("shop", "b", "p2", "admin1"),
+            lease("other", "c", "p1", "admin1"),
+        ];
+        let policy: RotationPolicy = serde_json::from_value(serde_json::json!({
+            "apiVersion": "leasehold.dev/v1alpha1", "kind": "RotationPolicy",
+            "metadata": {"name": "p1", "namespace": "shop"}, "spec": {"ttl": "1h"}
+        }))
+        .unwrap();
+        let names = |refs: Vec<ObjectRef<SecretLease>>| {
+            refs.into_iter().map(|r| r.name).collect::<Vec<_>>()
+        };
+        assert_eq!(names(leases_for_policy(&leases, &policy)), ["a"]);
+        assert_eq!(
+            names(leases_for_secret(&leases, Some("shop"), "admin1")),
+            ["a", "b"]
+        );
+        assert!(leases_for_secret(&leases, Some("shop"), "unrelated").is_empty());
+    }
+
+    #[test]
+    fn the_cache_keeps_spec_and_drops_the_bulk() {
+        let mut l = (*lease("shop", "a", "p1", "admin1")).clone();
+        slim_for_cache(&mut l);
+        assert!(l.status.is_none());
+        assert!(l.metadata.managed_fields.is_none());
+        let a = l.metadata.annotations.as_ref().unwrap();
+        assert!(!a.contains_key("kubectl.kubernetes.io/last-applied-configuration"));
+        assert_eq!(a["keep"], "me");
+        assert_eq!(l.spec.policy_ref.name, "p1");
     }
 }

@@ -345,3 +345,24 @@ async fn apply_resync_and_delete_against_real_postgres() {
         seen.event_reasons()
     );
 }
+
+#[tokio::test]
+async fn the_controller_reads_the_whole_object_and_ignores_deleted_ones() {
+    use leasehold_operator::lease_controller::{reconcile_cached, slim_for_cache};
+    let name = "gone";
+    let obj = lease(name, &uid(), None, true);
+    let steps = vec![Step::new(
+        Method::GET,
+        &format!("{LEASES}/{name}"),
+        |_, _| not_found(),
+    )];
+    let (client, api) = scripted(steps, obj.clone());
+    let mut cached: SecretLease = serde_json::from_value(obj).unwrap();
+    slim_for_cache(&mut cached);
+    let action = reconcile_cached(Arc::new(cached), context(client))
+        .await
+        .unwrap();
+    assert_eq!(action, Action::await_change());
+    let (seen, _) = api.await.unwrap();
+    assert_eq!(seen.requests.len(), 1);
+}
