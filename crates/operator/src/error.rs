@@ -23,6 +23,9 @@ pub enum OperatorError {
     LostLeadership(String),
     #[error("configuration: {0}")]
     Config(String),
+    /// The lease cannot be worked on until something else changes (Ready=False says why).
+    #[error("{reason}: {message}")]
+    Blocked { reason: String, message: String },
 }
 
 impl OperatorError {
@@ -43,6 +46,7 @@ impl OperatorError {
             OperatorError::Server(_) => "server",
             OperatorError::LostLeadership(_) => "leadership",
             OperatorError::Config(_) => "config",
+            OperatorError::Blocked { .. } => "blocked",
         }
     }
 }

@@ -128,6 +128,17 @@ pub fn next_spec(
     }
 }
 
+/// The result of one election round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Round {
+    /// We hold the lease (acquired, renewed or taken over).
+    Leading,
+    /// Another replica holds a valid lease.
+    StandingBy,
+    /// Our write lost a race (409); nothing is known until the next round.
+    Conflict,
+}
+
 /// Applies [`decide_leadership`] against the API.
 #[derive(Clone)]
 pub struct LeaderElector {
@@ -151,15 +162,15 @@ impl LeaderElector {
         }
     }
 
-    /// One round: read, decide, write. Returns whether we lead afterwards.
-    pub async fn try_once(&self) -> Result<bool, OperatorError> {
+    /// One round: read, decide, write.
+    pub async fn try_once(&self) -> Result<Round, OperatorError> {
         let now = Timestamp::now();
         let existing = self.api.get_opt(&self.config.lease_name).await?;
         let spec = existing.as_ref().and_then(|l| l.spec.as_ref());
         let action = decide_leadership(spec, &self.config.identity, now, &self.config);
         let Some(new_spec) = next_spec(spec, action, &self.config.identity, now, &self.config)
         else {
-            return Ok(false);
+            return Ok(Round::StandingBy);
         };
         let result = match existing {
             None => {
@@ -193,9 +204,9 @@ impl LeaderElector {
                 ) {
                     tracing::info!(identity = %self.config.identity, lease = %self.config.lease_name, "became the leader");
                 }
-                Ok(true)
+                Ok(Round::Leading)
             }
-            Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
+            Err(kube::Error::Api(s)) if s.code == 409 => Ok(Round::Conflict),
             Err(e) => Err(e.into()),
         }
     }
@@ -204,8 +215,8 @@ impl LeaderElector {
     pub async fn acquire(&self) {
         loop {
             match self.try_once().await {
-                Ok(true) => return,
-                Ok(false) => {}
+                Ok(Round::Leading) => return,
+                Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "leader election attempt failed"),
             }
             tokio::time::sleep(self.config.retry_period).await;
@@ -219,8 +230,12 @@ impl LeaderElector {
         loop {
             tokio::time::sleep(self.config.retry_period).await;
             match self.try_once().await {
-                Ok(true) => last_renewal = tokio::time::Instant::now(),
-                Ok(false) => return OperatorError::LostLeadership(self.config.lease_name.clone()),
+                Ok(Round::Leading) => last_renewal = tokio::time::Instant::now(),
+                Ok(Round::StandingBy) => {
+                    return OperatorError::LostLeadership(self.config.lease_name.clone());
+                }
+                // Someone wrote at the same moment: look again next period.
+                Ok(Round::Conflict) => {}
                 Err(e) => tracing::warn!(error = %e, "cannot renew the leader lease"),
             }
             if last_renewal.elapsed() > self.config.renew_deadline {

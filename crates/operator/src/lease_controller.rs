@@ -266,7 +266,6 @@ async fn ca_pem(
 async fn blocked(
     status: &StatusProgressStore,
     lease: &SecretLease,
-    ctx: &Context,
     deleting: bool,
     reason: &str,
     message: String,
@@ -282,8 +281,12 @@ async fn blocked(
         )
         .await?;
     if deleting {
-        // The finalizer stays until credentials can be revoked; keep trying.
-        Ok(Action::requeue(ctx.next_backoff(&object_key(lease))))
+        // The finalizer stays until credentials can be revoked: retry with backoff
+        // (through error_policy).
+        Err(OperatorError::Blocked {
+            reason: reason.into(),
+            message: "cannot revoke credentials of a deleted lease".into(),
+        })
     } else {
         Ok(Action::await_change())
     }
@@ -332,13 +335,13 @@ pub async fn run_lease(
             "RotationPolicy {ns}/{} not found",
             lease.spec.policy_ref.name
         );
-        return blocked(&status, lease, ctx, deleting, "PolicyNotFound", msg).await;
+        return blocked(&status, lease, deleting, "PolicyNotFound", msg).await;
     };
     let admin = match database(lease) {
         Some(db) => match admin_credentials(&ctx.client, &ns, db).await? {
             Ok(a) => Some(a),
             Err(msg) => {
-                return blocked(&status, lease, ctx, deleting, "AdminSecretNotFound", msg).await;
+                return blocked(&status, lease, deleting, "AdminSecretNotFound", msg).await;
             }
         },
         None => None,
@@ -347,7 +350,7 @@ pub async fn run_lease(
         Some(db) => match ca_pem(&ctx.client, &ns, db).await? {
             Ok(ca) => ca,
             Err(msg) => {
-                return blocked(&status, lease, ctx, deleting, "CASecretNotFound", msg).await;
+                return blocked(&status, lease, deleting, "CASecretNotFound", msg).await;
             }
         },
         None => None,
@@ -372,7 +375,7 @@ pub async fn run_lease(
         Ok(c) => c,
         Err(e) => {
             let reason = e.reason();
-            return blocked(&status, lease, ctx, deleting, reason, e.to_string()).await;
+            return blocked(&status, lease, deleting, reason, e.to_string()).await;
         }
     };
     if let Some(b) = &ctx.backend_override {
