@@ -122,15 +122,30 @@ fn object_key(lease: &SecretLease) -> String {
     )
 }
 
-/// Shrink a lease for the controller's cache: the cache only triggers reconciles and
-/// feeds the watch mappers (which read the spec). Status, managedFields and kubectl's
-/// last-applied copy are the bulk of the object and are read fresh by
-/// [`reconcile_cached`] instead.
+/// Shrink a lease for the controller's cache. The cache only feeds the watch mappers
+/// (policy and Secret names) and names what to reconcile; [`reconcile_cached`] reads
+/// the whole object fresh. Everything else (status, managedFields, annotations, most
+/// of the spec) would only cost memory per lease.
 pub fn slim_for_cache(lease: &mut SecretLease) {
-    lease.metadata.managed_fields = None;
+    let meta = &mut lease.metadata;
+    *meta = kube::api::ObjectMeta {
+        name: meta.name.take(),
+        namespace: meta.namespace.take(),
+        uid: meta.uid.take(),
+        resource_version: meta.resource_version.take(),
+        ..Default::default()
+    };
     lease.status = None;
-    if let Some(a) = lease.metadata.annotations.as_mut() {
-        a.remove("kubectl.kubernetes.io/last-applied-configuration");
+    let spec = &mut lease.spec;
+    spec.certificate = None;
+    spec.delivery = Default::default();
+    for db in spec.postgres.iter_mut().chain(spec.mysql.iter_mut()) {
+        db.host = String::new();
+        db.database = String::new();
+        db.username = None;
+        db.username_template = None;
+        db.member_of = Vec::new();
+        db.grants = Vec::new();
     }
 }
 

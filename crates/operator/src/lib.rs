@@ -347,14 +347,16 @@ mod tests {
     }
 
     #[test]
-    fn the_cache_keeps_spec_and_drops_the_bulk() {
+    fn the_cache_keeps_what_the_mappers_read() {
         let mut l = (*lease("shop", "a", "p1", "admin1")).clone();
         slim_for_cache(&mut l);
         assert!(l.status.is_none());
         assert!(l.metadata.managed_fields.is_none());
-        let a = l.metadata.annotations.as_ref().unwrap();
-        assert!(!a.contains_key("kubectl.kubernetes.io/last-applied-configuration"));
-        assert_eq!(a["keep"], "me");
+        assert!(l.metadata.annotations.is_none());
         assert_eq!(l.spec.policy_ref.name, "p1");
+        let slim = vec![Arc::new(l)];
+        assert_eq!(leases_for_secret(&slim, Some("shop"), "admin1").len(), 1);
+        assert_eq!(slim[0].metadata.name.as_deref(), Some("a"));
+        assert_eq!(slim[0].metadata.uid.as_deref(), Some("u"));
     }
 }
