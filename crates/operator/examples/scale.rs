@@ -28,6 +28,7 @@ use leasehold_api::SecretLease;
 use leasehold_backends::{
     Backend, BackendError, CredentialId, IssueRequest, RevokeOutcome, RevokeRequest, VerifyRequest,
 };
+use leasehold_operator::LIST_PAGE_SIZE;
 use leasehold_operator::lease_controller::{Context, reconcile_cached, slim_for_cache};
 use leasehold_operator::metrics::Metrics;
 use serde_json::{Value, json};
@@ -346,13 +347,13 @@ fn keep_full_objects() -> bool {
     std::env::var_os("SCALE_FULL_OBJECTS").is_some()
 }
 
-/// List in pages of 500, as the controller's watcher does.
+/// List in pages, as the controller's watcher does.
 async fn list_paged(client: &Client) -> Vec<SecretLease> {
     let api = Api::<SecretLease>::all(client.clone());
     let mut out = Vec::new();
     let mut token: Option<String> = None;
     loop {
-        let mut lp = ListParams::default().limit(500);
+        let mut lp = ListParams::default().limit(LIST_PAGE_SIZE);
         if let Some(t) = &token {
             lp = lp.continue_token(t);
         }

@@ -67,6 +67,10 @@ impl Default for ControllerConfig {
     }
 }
 
+/// Objects per page of the initial lists: small pages keep the memory peak of a start
+/// (or re-list) with many leases low.
+pub const LIST_PAGE_SIZE: u32 = 100;
+
 fn api_for<K>(client: &Client, namespace: Option<&str>) -> Api<K>
 where
     K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
@@ -138,7 +142,7 @@ async fn run_controllers(
     // The cache keeps every lease, slimmed (no status, no managedFields): memory per
     // lease stays small; the reconciler reads the whole object when it runs.
     let (store, writer) = reflector::store::<SecretLease>();
-    let lease_stream = watcher(leases, watcher::Config::default())
+    let lease_stream = watcher(leases, watcher::Config::default().page_size(LIST_PAGE_SIZE))
         .default_backoff()
         .modify(lease_controller::slim_for_cache)
         .reflect(writer)
