@@ -12,6 +12,7 @@ use leasehold_engine::Engine;
 use leasehold_engine::local::{LocalOptions, LocalRunner, LocalState, format_table, status_rows};
 use tracing::{error, info};
 
+mod controller;
 mod node;
 mod serve;
 
@@ -41,6 +42,11 @@ enum Command {
         #[command(subcommand)]
         command: LocalCommand,
     },
+    /// Run the controller: SecretLease and RotationPolicy reconcilers and the broker.
+    ///
+    /// Replicas elect a leader through a coordination.k8s.io Lease; only the leader
+    /// reconciles and serves the broker (it labels its pod leasehold.dev/leader=true).
+    Controller(controller::ControllerArgs),
     /// Run the CSI node driver (one per node, from the chart's DaemonSet).
     ///
     /// Verifies each pod's projected service-account token against the cluster's signing
@@ -117,6 +123,13 @@ fn main() -> ExitCode {
     };
     runtime.block_on(async {
         match cli.command {
+            Command::Controller(args) => match controller::run(args).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    error!(error = %e, "controller stopped");
+                    ExitCode::FAILURE
+                }
+            },
             Command::Node(args) => match node::run(args).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

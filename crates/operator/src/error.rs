@@ -23,6 +23,8 @@ pub enum OperatorError {
     LostLeadership(String),
     #[error("configuration: {0}")]
     Config(String),
+    #[error("broker: {0}")]
+    Broker(String),
     /// The lease cannot be worked on until something else changes (Ready=False says why).
     #[error("{reason}: {message}")]
     Blocked { reason: String, message: String },
@@ -45,6 +47,7 @@ impl OperatorError {
             OperatorError::Serialize { .. } => "serialize",
             OperatorError::Server(_) => "server",
             OperatorError::LostLeadership(_) => "leadership",
+            OperatorError::Broker(_) => "broker",
             OperatorError::Config(_) => "config",
             OperatorError::Blocked { .. } => "blocked",
         }

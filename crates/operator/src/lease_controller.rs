@@ -447,6 +447,30 @@ pub async fn run_lease(
         .lease_state(&ns, &name, expiry, revocations_pending(&progress));
     match outcome {
         Ok(Outcome::Finished) => {
+            if lease.spec.per_pod {
+                // Per-pod credentials are not lease versions: drop every one of this lease.
+                // `lh_<lease uid>_p`: every per-pod user of this lease and nothing else.
+                let prefix = leasehold_broker::per_pod::per_pod_username(&key.uid, "");
+                let report = leasehold_engine::sweeper::sweep(
+                    &lease_ctx.backend,
+                    &prefix,
+                    &std::collections::BTreeSet::new(),
+                    false,
+                )
+                .await
+                .map_err(|e| {
+                    OperatorError::Engine(leasehold_engine::EngineError::Backend {
+                        step: "revoke per-pod credentials",
+                        source: e,
+                    })
+                })?;
+                if let Some((user, error)) = report.failed.first() {
+                    return Err(OperatorError::Blocked {
+                        reason: "RevocationPending".into(),
+                        message: format!("cannot drop per-pod user {user}: {error}"),
+                    });
+                }
+            }
             ctx.metrics.lease_state(&ns, &name, None, 0);
             Ok(Action::await_change())
         }

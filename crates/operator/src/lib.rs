@@ -9,6 +9,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod broker;
 pub mod delivery;
 pub mod error;
 pub mod events;
@@ -52,6 +53,11 @@ pub struct ControllerConfig {
     pub max_admin_connections: usize,
     /// `reportingInstance` of events (the pod name).
     pub instance: Option<String>,
+    /// This controller's pod (`namespace`, `name`): labelled `leasehold.dev/leader=true`
+    /// while it leads, so the broker Service routes to it.
+    pub pod: Option<(String, String)>,
+    /// Serve the broker while leading.
+    pub broker: Option<broker::BrokerSettings>,
 }
 
 impl Default for ControllerConfig {
@@ -63,6 +69,8 @@ impl Default for ControllerConfig {
             concurrency: 16,
             max_admin_connections: 4,
             instance: None,
+            pod: None,
+            broker: None,
         }
     }
 }
@@ -227,7 +235,9 @@ where
             let _ = stop_tx.send(true);
         });
     }
-    let metrics = Arc::new(metrics::Metrics::new());
+    let mut metrics = metrics::Metrics::new();
+    let broker_metrics = leasehold_broker::BrokerMetrics::register(metrics.registry_mut());
+    let metrics = Arc::new(metrics);
     let health = Arc::new(metrics::Health::default());
     let server = tokio::spawn(metrics::serve(
         config.metrics_addr,
@@ -252,6 +262,27 @@ where
         }
         health.set_ready(false);
     }
+
+    if let Some((ns, pod)) = &config.pod
+        && let Err(e) = broker::label_leader(&client, ns, pod, true).await
+    {
+        tracing::warn!(error = %e, "cannot label this pod as leader; the broker Service will not route to it");
+    }
+    let broker_task = config.broker.clone().map(|settings| {
+        let stop = wait_for(stop_rx.clone());
+        let stop_tx = stop_tx.clone();
+        tokio::spawn({
+            let client = client.clone();
+            async move {
+                if let Err(e) = broker::run(client, settings, broker_metrics, stop).await {
+                    tracing::error!(error = %e, "the broker failed; stopping so a healthy replica can lead");
+                    let _ = stop_tx.send(true);
+                    return Err(e);
+                }
+                Ok(())
+            }
+        })
+    });
 
     let recorder = Recorder::new(
         client.clone(),
@@ -295,12 +326,20 @@ where
             Ok(())
         }
     };
+    let _ = stop_tx.send(true);
+    let broker_result = match broker_task {
+        Some(task) => task.await.unwrap_or(Ok(())),
+        None => Ok(()),
+    };
+    if let Some((ns, pod)) = &config.pod {
+        let _ = broker::label_leader(&client, ns, pod, false).await;
+    }
     if let Some(e) = &elector
         && result.is_ok()
     {
         e.release().await;
     }
-    let _ = stop_tx.send(true);
+    let result = result.and(broker_result);
     match server.await {
         Ok(Err(e)) if result.is_ok() => Err(e),
         _ => result,

@@ -173,6 +173,11 @@ impl Metrics {
     }
 
     /// The text exposition format.
+    /// Register more metrics (the broker's) before the metrics are shared.
+    pub fn registry_mut(&mut self) -> &mut Registry {
+        &mut self.registry
+    }
+
     pub fn encode(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.

@@ -1,0 +1,107 @@
+//! `leasehold controller`: the SecretLease/RotationPolicy controllers and the broker.
+
+use std::net::SocketAddr;
+
+use clap::Args;
+use leasehold_operator::broker::BrokerSettings;
+use leasehold_operator::{ControllerConfig, LeaderElectionConfig, OperatorError};
+
+use crate::serve::shutdown_signal;
+
+/// Flags of `leasehold controller`.
+#[derive(Debug, Args)]
+pub struct ControllerArgs {
+    /// Reconcile only these namespaces (comma-separated); default: all namespaces.
+    #[arg(long, value_delimiter = ',', value_name = "NS,...")]
+    namespaces: Vec<String>,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served.
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:8080")]
+    metrics_addr: SocketAddr,
+    /// Namespace of the leader-election Lease; without it this process always leads
+    /// (run a single replica).
+    #[arg(long, value_name = "NS")]
+    leader_election_namespace: Option<String>,
+    /// Name of the leader-election Lease.
+    #[arg(long, value_name = "NAME", default_value = "leasehold-controller")]
+    leader_election_lease: String,
+    /// This pod's name (leader identity and the pod labelled for the broker Service).
+    #[arg(long, env = "POD_NAME")]
+    pod_name: Option<String>,
+    /// This pod's namespace.
+    #[arg(long, env = "POD_NAMESPACE")]
+    pod_namespace: Option<String>,
+    /// Leases reconciled at once.
+    #[arg(long, default_value_t = 16)]
+    concurrency: u16,
+    /// Admin connections per database.
+    #[arg(long, default_value_t = 4)]
+    max_admin_connections: usize,
+    /// Where the broker (gRPC over TLS, for the node drivers) listens.
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:8443")]
+    broker_addr: SocketAddr,
+    /// Do not serve the broker (no CSI delivery).
+    #[arg(long)]
+    no_broker: bool,
+    /// Name of the broker Service (DNS names of the generated certificate).
+    #[arg(long, default_value = "leasehold-broker")]
+    broker_service: String,
+    /// A TLS Secret you provide (`tls.crt`, `tls.key`, optional `ca.crt`) in this pod's
+    /// namespace; default: generate a CA and serving certificate.
+    #[arg(long, value_name = "NAME")]
+    broker_tls_secret: Option<String>,
+    /// Secret the generated broker CA and certificate are kept in.
+    #[arg(long, value_name = "NAME", default_value = "leasehold-broker-tls")]
+    broker_tls_generated_secret: String,
+    /// ConfigMap the broker CA is published in (key `ca.crt`) for the node drivers.
+    #[arg(long, value_name = "NAME", default_value = "leasehold-broker-ca")]
+    broker_ca_configmap: String,
+    /// Audience of the node drivers' own tokens.
+    #[arg(long, default_value = "leasehold-broker")]
+    broker_token_audience: String,
+    /// The node drivers' service account (in this pod's namespace).
+    #[arg(long, value_name = "NAME", default_value = "leasehold-node")]
+    node_service_account: String,
+}
+
+pub async fn run(args: ControllerArgs) -> Result<(), OperatorError> {
+    let identity = args
+        .pod_name
+        .clone()
+        .unwrap_or_else(|| format!("leasehold-{}", std::process::id()));
+    let pod = args
+        .pod_name
+        .clone()
+        .zip(args.pod_namespace.clone())
+        .map(|(name, ns)| (ns, name));
+    let broker = if args.no_broker {
+        None
+    } else {
+        let namespace = args.pod_namespace.clone().ok_or_else(|| {
+            OperatorError::Config("the broker needs POD_NAMESPACE (or --pod-namespace); pass --no-broker to run without it".into())
+        })?;
+        Some(BrokerSettings {
+            addr: args.broker_addr,
+            namespace,
+            service: args.broker_service.clone(),
+            generated_secret: args.broker_tls_generated_secret.clone(),
+            ca_configmap: args.broker_ca_configmap.clone(),
+            user_secret: args.broker_tls_secret.clone(),
+            node_service_account: args.node_service_account.clone(),
+            node_token_audience: args.broker_token_audience.clone(),
+            pod_token_audience: leasehold_api::CSI_TOKEN_AUDIENCE.into(),
+        })
+    };
+    let config = ControllerConfig {
+        namespaces: args.namespaces,
+        metrics_addr: args.metrics_addr,
+        leader_election: args
+            .leader_election_namespace
+            .map(|ns| LeaderElectionConfig::new(ns, args.leader_election_lease, identity.clone())),
+        concurrency: args.concurrency,
+        max_admin_connections: args.max_admin_connections,
+        instance: Some(identity),
+        pod,
+        broker,
+    };
+    leasehold_operator::run(config, shutdown_signal()).await
+}
