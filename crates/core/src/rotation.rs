@@ -211,6 +211,10 @@ pub struct Progress {
     /// The last few rotations, newest last.
     #[serde(default)]
     pub history: Vec<RotationRecord>,
+    /// The strategy the live versions were issued with, so they can still be revoked
+    /// correctly when the policy is gone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strategy: Option<Strategy>,
 }
 
 /// How many history entries to keep.

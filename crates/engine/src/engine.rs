@@ -340,6 +340,7 @@ impl Engine {
                 revoke: None,
             });
             progress.last_version = progress.last_version.max(version);
+            progress.strategy = Some(ctx.policy.strategy);
             if obs.rotation_request.is_some() {
                 progress.handled_rotation_request = obs.rotation_request.clone();
             }

@@ -345,12 +345,18 @@ pub async fn run_lease(
         ctx.clock.clone(),
         ctx.status_writes.clone(),
     );
-    let Some(policy) = policy else {
-        let msg = format!(
-            "RotationPolicy {ns}/{} not found",
-            lease.spec.policy_ref.name
-        );
-        return blocked(&status, lease, deleting, "PolicyNotFound", msg).await;
+    let policy = match policy {
+        Some(p) => p,
+        // Deleting after the policy is gone (a GitOps teardown removes both): revoke
+        // with the strategy the versions were issued with.
+        None if deleting => policy_for_cleanup(progress.strategy),
+        None => {
+            let msg = format!(
+                "RotationPolicy {ns}/{} not found",
+                lease.spec.policy_ref.name
+            );
+            return blocked(&status, lease, deleting, "PolicyNotFound", msg).await;
+        }
     };
     let admin = match database(lease) {
         Some(db) => match admin_credentials(&ctx.client, &ns, db).await? {
@@ -543,4 +549,25 @@ mod tests {
             Duration::from_millis(500)
         );
     }
+}
+
+/// A stand-in policy for revoking a lease whose policy was deleted first: the recorded
+/// strategy, no grace period, sessions terminated.
+fn policy_for_cleanup(strategy: Option<leasehold_core::Strategy>) -> RotationPolicy {
+    let mut spec = leasehold_api::RotationPolicySpec {
+        strategy: strategy.unwrap_or_default(),
+        ttl: std::time::Duration::from_secs(3600).into(),
+        renew_before: None,
+        rotation_interval: None,
+        maintenance_window: None,
+        verify: Default::default(),
+        revoke: Default::default(),
+        access: Default::default(),
+        rate_limit: Default::default(),
+        password: Default::default(),
+    };
+    spec.revoke.grace_period = std::time::Duration::ZERO.into();
+    spec.revoke.max_wait = std::time::Duration::ZERO.into();
+    spec.revoke.drain_sessions.timeout = std::time::Duration::ZERO.into();
+    RotationPolicy::new("deleted-policy", spec)
 }

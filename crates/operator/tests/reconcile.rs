@@ -298,16 +298,16 @@ async fn apply_resync_and_delete_against_real_postgres() {
         seen.requests
     );
 
-    // 3. Delete: v1 is revoked (the user dropped), then the finalizer goes.
+    // 3. Delete after the policy is gone (a GitOps teardown removes both): v1 is
+    //    revoked with the recorded strategy (the user dropped), then the finalizer goes.
     let mut deleting = state.clone();
     deleting["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+    assert_eq!(state["status"]["progress"]["strategy"], "Dynamic");
     let stored_versions = versions.clone();
     let steps = vec![
-        Step::new(
-            Method::GET,
-            &format!("{POLICIES}/short"),
-            reply(policy("3h")),
-        ),
+        Step::new(Method::GET, &format!("{POLICIES}/short"), |_, _| {
+            not_found()
+        }),
         Step::new(
             Method::GET,
             &format!("{SECRETS}/pg-admin"),
