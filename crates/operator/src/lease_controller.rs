@@ -523,6 +523,27 @@ pub async fn run_lease(
     }
 }
 
+/// A stand-in policy for revoking a lease whose policy was deleted first: the recorded
+/// strategy, no grace period, sessions terminated.
+fn policy_for_cleanup(strategy: Option<leasehold_core::Strategy>) -> RotationPolicy {
+    let mut spec = leasehold_api::RotationPolicySpec {
+        strategy: strategy.unwrap_or_default(),
+        ttl: std::time::Duration::from_secs(3600).into(),
+        renew_before: None,
+        rotation_interval: None,
+        maintenance_window: None,
+        verify: Default::default(),
+        revoke: Default::default(),
+        access: Default::default(),
+        rate_limit: Default::default(),
+        password: Default::default(),
+    };
+    spec.revoke.grace_period = std::time::Duration::ZERO.into();
+    spec.revoke.max_wait = std::time::Duration::ZERO.into();
+    spec.revoke.drain_sessions.timeout = std::time::Duration::ZERO.into();
+    RotationPolicy::new("deleted-policy", spec)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -549,25 +570,4 @@ mod tests {
             Duration::from_millis(500)
         );
     }
-}
-
-/// A stand-in policy for revoking a lease whose policy was deleted first: the recorded
-/// strategy, no grace period, sessions terminated.
-fn policy_for_cleanup(strategy: Option<leasehold_core::Strategy>) -> RotationPolicy {
-    let mut spec = leasehold_api::RotationPolicySpec {
-        strategy: strategy.unwrap_or_default(),
-        ttl: std::time::Duration::from_secs(3600).into(),
-        renew_before: None,
-        rotation_interval: None,
-        maintenance_window: None,
-        verify: Default::default(),
-        revoke: Default::default(),
-        access: Default::default(),
-        rate_limit: Default::default(),
-        password: Default::default(),
-    };
-    spec.revoke.grace_period = std::time::Duration::ZERO.into();
-    spec.revoke.max_wait = std::time::Duration::ZERO.into();
-    spec.revoke.drain_sessions.timeout = std::time::Duration::ZERO.into();
-    RotationPolicy::new("deleted-policy", spec)
 }
