@@ -8,6 +8,7 @@
 pub mod conditions;
 pub mod lease;
 pub mod policy;
+pub mod reference;
 pub mod validate;
 
 pub use lease::*;

@@ -31,6 +31,17 @@ fn committed_crds_match_the_rust_types() {
     }
 }
 
+#[test]
+fn committed_api_reference_matches_the_rust_types() {
+    let path = repo_root().join("docs/api-reference.md");
+    let have = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        have == leasehold_api::reference::markdown(),
+        "{} is out of date: run `make crds` and commit the result",
+        path.display()
+    );
+}
+
 /// The openAPIV3Schema of a CRD as plain JSON.
 fn schema_of(
     crd: &k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,

@@ -12,8 +12,8 @@ fn main() -> ExitCode {
         println!(
             "crdgen: write the leasehold CRDs generated from the Rust API types\n\n\
              usage: crdgen [--stdout] [DIR...]\n\n\
-             Without DIR, writes into ./crds and ./charts/leasehold-crds/files\n\
-             (run it from the repository root). --stdout prints all CRDs as one YAML stream."
+             Without DIR, writes into ./crds and ./charts/leasehold-crds/files, and the API\n\
+             reference into ./docs/api-reference.md (run it from the repository root). --stdout prints all CRDs as one YAML stream."
         );
         return ExitCode::SUCCESS;
     }
@@ -25,6 +25,16 @@ fn main() -> ExitCode {
         .collect();
     if dirs.is_empty() {
         dirs = vec!["crds".into(), "charts/leasehold-crds/files".into()];
+    }
+    if !stdout {
+        let path = std::path::Path::new("docs/api-reference.md");
+        if let Err(e) = std::fs::create_dir_all("docs")
+            .and_then(|()| std::fs::write(path, leasehold_api::reference::markdown()))
+        {
+            eprintln!("crdgen: cannot write {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+        println!("wrote {}", path.display());
     }
     for (file, crd) in leasehold_api::crds() {
         let yaml = match leasehold_api::crd_yaml(&crd) {
