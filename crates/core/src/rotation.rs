@@ -351,7 +351,8 @@ pub enum WaitReason {
     PreviousRotationUnfinished,
 }
 
-pub(crate) fn add(t: Timestamp, d: Duration) -> Timestamp {
+/// `t + d`, saturating at the end of time.
+pub fn add(t: Timestamp, d: Duration) -> Timestamp {
     let d = SignedDuration::try_from(d).unwrap_or(SignedDuration::MAX);
     t.checked_add(d).unwrap_or(Timestamp::MAX)
 }

@@ -642,7 +642,7 @@ impl Engine {
                     .and_then(|r| r.revoke.as_mut())
                 {
                     p.sessions_remaining = Some(n);
-                    p.next_attempt_at = Some(leasehold_core_add(now, SESSION_POLL));
+                    p.next_attempt_at = Some(leasehold_core::rotation::add(now, SESSION_POLL));
                 }
                 self.save(stores, ctx, progress).await?;
                 self.emit(
@@ -665,8 +665,10 @@ impl Engine {
                     let first = *p.first_failure_at.get_or_insert(now);
                     p.next_attempt_at = Some(retry(p.failures));
                     p.last_error = Some(error.clone());
-                    if leasehold_core_add(first, leasehold_core::rotation::REVOCATION_STUCK_AFTER)
-                        <= now
+                    if leasehold_core::rotation::add(
+                        first,
+                        leasehold_core::rotation::REVOCATION_STUCK_AFTER,
+                    ) <= now
                     {
                         stuck_since = Some(first);
                     }
@@ -727,11 +729,6 @@ impl Engine {
             .await?;
         Ok(RevokeOutcome::Revoked)
     }
-}
-
-fn leasehold_core_add(t: Timestamp, d: std::time::Duration) -> Timestamp {
-    let d = jiff::SignedDuration::try_from(d).unwrap_or(jiff::SignedDuration::MAX);
-    t.checked_add(d).unwrap_or(Timestamp::MAX)
 }
 
 /// The delivered files/keys of a version.

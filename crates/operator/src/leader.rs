@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use jiff::{SignedDuration, Timestamp};
+use jiff::Timestamp;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::api::{ObjectMeta, PostParams};
@@ -58,10 +58,7 @@ pub enum LeadershipAction {
     StandBy { expires_at: Timestamp },
 }
 
-fn add(t: Timestamp, d: Duration) -> Timestamp {
-    t.checked_add(SignedDuration::try_from(d).unwrap_or(SignedDuration::MAX))
-        .unwrap_or(Timestamp::MAX)
-}
+use leasehold_core::rotation::add;
 
 /// Decide from the Lease's spec (or its absence).
 pub fn decide_leadership(
