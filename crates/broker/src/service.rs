@@ -255,7 +255,7 @@ impl BrokerService {
         } else {
             None
         };
-        authorize_issue(&IssueFacts {
+        let decision = authorize_issue(&IssueFacts {
             driver: &self.config.node_driver,
             caller: &caller,
             pod_token: &token_pod,
@@ -265,7 +265,27 @@ impl BrokerService {
             lease: &facts,
             access,
             namespace_labels: labels.as_ref(),
-        })?;
+        });
+        if let Err(
+            deny @ (Deny::NamespaceNotAllowed { .. }
+            | Deny::ServiceAccountNotAllowed { .. }
+            | Deny::CsiDisabled { .. }),
+        ) = decision
+        {
+            // The pod lost access (policy or lease changed): it is no longer a consumer
+            // the controller should wait for before revoking old versions.
+            if !lease.spec.per_pod {
+                let _ = self
+                    .recorder
+                    .released(
+                        &lease_ref,
+                        &ObjectRef::new(&requested.namespace, &requested.name),
+                    )
+                    .await;
+            }
+            return Err(deny.into());
+        }
+        decision?;
 
         if lease.spec.per_pod {
             let issuer = self.per_pod.as_ref().ok_or_else(|| {

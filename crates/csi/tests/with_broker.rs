@@ -358,6 +358,18 @@ impl Broker {
         );
     }
 
+    /// The policy stops allowing any service account but `batch`.
+    fn revoke_web_access(&self) {
+        self.cluster.put_policy(
+            serde_json::from_value(json!({
+                "apiVersion": "leasehold.dev/v1alpha1", "kind": "RotationPolicy",
+                "metadata": {"namespace": NS, "name": POLICY},
+                "spec": {"ttl": "2h", "access": {"serviceAccounts": ["batch"]}},
+            }))
+            .unwrap(),
+        );
+    }
+
     async fn stop(mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
@@ -692,6 +704,47 @@ async fn service_account_outside_the_policy_is_denied() {
     unmount_all_under(dir.path());
     let text = logs().text();
     assert!(text.contains("broker call refused"), "refusal logged");
+    assert_no_secrets_in_logs();
+}
+
+/// A pod that loses access (policy changed) is refused on its next republish and stops
+/// counting as a consumer, so it cannot hold back revocation of the old version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_that_loses_access_stops_being_a_consumer() {
+    if skip_unless_root("a_pod_that_loses_access_stops_being_a_consumer") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path()).await;
+    let mut d = Driver::start(dir.path(), &broker, NODE, node_token(NODE)).await;
+    let target = target_under(dir.path(), WEB.uid);
+    let volume = "csi-5d0c7e1a-web1";
+    let token = pod_token(&WEB);
+    d.publish(publish_req(volume, &target, &WEB, &token))
+        .await
+        .unwrap();
+    broker
+        .wait_consumers("recorded web-0 at v1", one_consumer(1))
+        .await;
+
+    broker.revoke_web_access();
+    broker.rotate_to_v2();
+    let err = d
+        .publish(publish_req(volume, &target, &WEB, &token))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{}", err.message());
+    broker
+        .wait_consumers("web-0 no longer a consumer", <[_]>::is_empty)
+        .await;
+
+    d.node
+        .node_unpublish_volume(unpublish_req(volume, &target))
+        .await
+        .unwrap();
+    d.stop().await;
+    broker.stop().await;
+    unmount_all_under(dir.path());
     assert_no_secrets_in_logs();
 }
 
