@@ -16,9 +16,9 @@ pub mod postgres;
 mod sql;
 mod tls;
 
-pub use mysql::{MySqlBackend, MySqlTarget};
+pub use mysql::MySqlBackend;
 pub use password::{PasswordPolicy, generate as generate_password};
-pub use postgres::{PostgresBackend, PostgresTarget};
+pub use postgres::PostgresBackend;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -203,4 +203,52 @@ pub enum TlsMode {
     /// TLS, the server certificate checked against this CA bundle (PEM, one or more
     /// certificates; empty = the Mozilla roots of `webpki-roots`) and the host name.
     VerifyFull { ca_pem: String },
+}
+
+/// Where and how to reach one database server as admin (PostgreSQL or MySQL/MariaDB).
+#[derive(Debug, Clone)]
+pub struct DatabaseTarget {
+    pub host: String,
+    pub port: u16,
+    /// Database for admin and verification connections.
+    pub database: String,
+    pub admin_user: String,
+    /// Redacted in `Debug`.
+    pub admin_password: SecretString,
+    pub tls: TlsMode,
+    /// Upper bound of pooled admin connections to this target.
+    pub max_admin_connections: usize,
+    /// Bound on establishing a connection (and on waiting for a pooled one).
+    pub connect_timeout: Duration,
+    /// Bound on one whole backend call once connected.
+    pub operation_timeout: Duration,
+}
+
+/// A PostgreSQL target.
+pub type PostgresTarget = DatabaseTarget;
+/// A MySQL or MariaDB target.
+pub type MySqlTarget = DatabaseTarget;
+
+impl DatabaseTarget {
+    /// A target with the defaults: no TLS, 4 admin connections, 5 s connect timeout,
+    /// 30 s operation timeout.
+    pub fn new(
+        host: impl Into<String>,
+        port: u16,
+        database: impl Into<String>,
+        admin_user: impl Into<String>,
+        admin_password: SecretString,
+    ) -> Self {
+        Self {
+            host: host.into(),
+            port,
+            database: database.into(),
+            admin_user: admin_user.into(),
+            admin_password,
+            tls: TlsMode::Disable,
+            max_admin_connections: 4,
+            connect_timeout: Duration::from_secs(5),
+            operation_timeout: Duration::from_secs(30),
+        }
+    }
 }

@@ -27,7 +27,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, OptsBuilder, Pool, PoolConstraints, PoolOpts, SslOpts};
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::ExposeSecret;
 use sha1::{Digest, Sha1};
 use tokio::sync::OnceCell;
 use tracing::instrument;
@@ -37,8 +37,8 @@ use crate::sql::{
     mysql_literal, redact,
 };
 use crate::{
-    Backend, BackendError, CredentialId, DrainSessions, IssueRequest, RevokeMode, RevokeOutcome,
-    RevokeRequest, TlsMode, VerifyRequest,
+    Backend, BackendError, CredentialId, DrainSessions, IssueRequest, MySqlTarget, RevokeMode,
+    RevokeOutcome, RevokeRequest, TlsMode, VerifyRequest,
 };
 
 /// MariaDB allows 80 characters for a user name (MySQL 8: 32; the server rejects
@@ -49,48 +49,7 @@ const TERMINATE_WAIT: Duration = Duration::from_secs(5);
 /// `ER_NO_SUCH_THREAD`: the session ended before we killed it.
 const ER_NO_SUCH_THREAD: u16 = 1094;
 
-/// Where and how to reach one MySQL or MariaDB server as admin.
-#[derive(Debug, Clone)]
-pub struct MySqlTarget {
-    pub host: String,
-    pub port: u16,
-    /// Default database for admin and verification connections.
-    pub database: String,
-    pub admin_user: String,
-    /// Redacted in `Debug`.
-    pub admin_password: SecretString,
-    pub tls: TlsMode,
-    /// Upper bound of pooled admin connections to this target.
-    pub max_admin_connections: usize,
-    /// Bound on establishing a connection (and on waiting for a pooled one).
-    pub connect_timeout: Duration,
-    /// Bound on one whole backend call once connected.
-    pub operation_timeout: Duration,
-}
-
 impl MySqlTarget {
-    /// A target with the defaults: no TLS, 4 admin connections, 5 s connect timeout,
-    /// 30 s operation timeout.
-    pub fn new(
-        host: impl Into<String>,
-        port: u16,
-        database: impl Into<String>,
-        admin_user: impl Into<String>,
-        admin_password: SecretString,
-    ) -> Self {
-        Self {
-            host: host.into(),
-            port,
-            database: database.into(),
-            admin_user: admin_user.into(),
-            admin_password,
-            tls: TlsMode::Disable,
-            max_admin_connections: 4,
-            connect_timeout: Duration::from_secs(5),
-            operation_timeout: Duration::from_secs(30),
-        }
-    }
-
     /// mysql_async's TLS settings for the target's mode (`None`: plain TCP).
     fn ssl_opts(&self) -> Result<Option<SslOpts>, BackendError> {
         Ok(match &self.tls {

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::ExposeSecret;
 use tokio_postgres::config::SslMode;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::tls::MakeTlsConnect;
@@ -32,8 +32,8 @@ use crate::sql::{
     LIKE_ESCAPE, check_grant_clause, check_name, like_prefix, pg_ident, pg_literal, redact,
 };
 use crate::{
-    Backend, BackendError, CredentialId, DrainSessions, IssueRequest, RevokeMode, RevokeOutcome,
-    RevokeRequest, TlsMode, VerifyRequest,
+    Backend, BackendError, CredentialId, DrainSessions, IssueRequest, PostgresTarget, RevokeMode,
+    RevokeOutcome, RevokeRequest, TlsMode, VerifyRequest,
 };
 
 /// PostgreSQL limits names to 63 bytes and silently truncates longer ones: refuse
@@ -42,47 +42,7 @@ const MAX_NAME_BYTES: usize = 63;
 /// How long `Terminate` waits for terminated backends to exit.
 const TERMINATE_WAIT: Duration = Duration::from_secs(5);
 
-/// Where and how to reach one PostgreSQL database as admin.
-#[derive(Debug, Clone)]
-pub struct PostgresTarget {
-    pub host: String,
-    pub port: u16,
-    pub database: String,
-    pub admin_user: String,
-    /// Redacted in `Debug`.
-    pub admin_password: SecretString,
-    pub tls: TlsMode,
-    /// Upper bound of pooled admin connections to this target.
-    pub max_admin_connections: usize,
-    /// Bound on establishing a connection (and on waiting for a pooled one).
-    pub connect_timeout: Duration,
-    /// Bound on one whole backend call once connected.
-    pub operation_timeout: Duration,
-}
-
 impl PostgresTarget {
-    /// A target with the defaults: no TLS, 4 admin connections, 5 s connect timeout,
-    /// 30 s operation timeout.
-    pub fn new(
-        host: impl Into<String>,
-        port: u16,
-        database: impl Into<String>,
-        admin_user: impl Into<String>,
-        admin_password: SecretString,
-    ) -> Self {
-        Self {
-            host: host.into(),
-            port,
-            database: database.into(),
-            admin_user: admin_user.into(),
-            admin_password,
-            tls: TlsMode::Disable,
-            max_admin_connections: 4,
-            connect_timeout: Duration::from_secs(5),
-            operation_timeout: Duration::from_secs(30),
-        }
-    }
-
     fn config(&self, user: &str, password: &str) -> tokio_postgres::Config {
         let mut config = tokio_postgres::Config::new();
         config

@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use leasehold_api::validate::{self, FieldError};
 use leasehold_api::{DatabaseSpec, PasswordAlphabet, RotationPolicySpec, SecretLeaseSpec, TlsMode};
-use leasehold_backends::mysql::{MySqlBackend, MySqlTarget};
 use leasehold_backends::password::PasswordPolicy;
-use leasehold_backends::postgres::{PostgresBackend, PostgresTarget};
 use leasehold_backends::{Backend, BackendError, CredentialId, Privileges};
+use leasehold_backends::{MySqlBackend, MySqlTarget};
+use leasehold_backends::{PostgresBackend, PostgresTarget};
 use leasehold_core::naming::{self, DEFAULT_DYNAMIC_TEMPLATE, LeaseIdentity};
 use leasehold_core::{PolicyParams, Strategy};
 use secrecy::{ExposeSecret, SecretString};

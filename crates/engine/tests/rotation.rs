@@ -177,7 +177,14 @@ async fn full_rotation(db: Db<'_>, strategy: Strategy) {
     assert_eq!(history, vec![(1, true), (2, false)]);
 }
 
-async fn setup_pg(s: &PostgresServer) {
+/// Schema for the grant checks, created once per test binary (the tests run in parallel
+/// against the shared server, and `IF NOT EXISTS` does not make DDL race-free).
+async fn setup_pg(s: &'static PostgresServer) {
+    static DONE: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+    DONE.get_or_init(|| create_pg_schema(s)).await;
+}
+
+async fn create_pg_schema(s: &PostgresServer) {
     Db::Pg(s)
         .admin(
             "DO $$ BEGIN
@@ -190,7 +197,12 @@ async fn setup_pg(s: &PostgresServer) {
         .await;
 }
 
-async fn setup_maria(s: &MariaDbServer) {
+async fn setup_maria(s: &'static MariaDbServer) {
+    static DONE: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+    DONE.get_or_init(|| create_maria_schema(s)).await;
+}
+
+async fn create_maria_schema(s: &MariaDbServer) {
     let db = Db::Maria(s);
     db.admin("CREATE TABLE IF NOT EXISTS widgets (id int)")
         .await;
