@@ -7,12 +7,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use jiff::Timestamp;
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{EventType, Recorder};
 use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
 use kube::{Api, Client, ResourceExt};
-use leasehold_api::{DatabaseSpec, FINALIZER, ROTATE_ANNOTATION, RotationPolicy, SecretLease};
+use leasehold_api::{
+    ConsumerStatus, DatabaseSpec, FINALIZER, ROTATE_ANNOTATION, RotationPolicy, SecretLease,
+};
 use leasehold_backends::Backend;
 use leasehold_core::rotation::{Observations, WaitReason};
 use leasehold_engine::context::{AdminCredentials, resolve};
@@ -425,11 +427,17 @@ pub async fn run_lease(
     let now = ctx.now();
     let (open, opens_at) =
         leasehold_engine::window::window_state(policy.spec.maintenance_window.as_ref(), now);
+    let consumers = live_consumers(
+        &ctx.client,
+        progress.current().map(|c| c.version),
+        &observed.consumers,
+    )
+    .await?;
     let obs = Observations {
         deleting,
         consumers_on_current: consumers_on_current(
             progress.current().map(|c| c.version),
-            &observed.consumers,
+            &consumers,
             &targets,
         ),
         rotation_request: lease.annotations().get(ROTATE_ANNOTATION).cloned(),
@@ -523,6 +531,46 @@ pub async fn run_lease(
     }
 }
 
+/// Consumers that still count: a pod that fell behind but no longer exists (its node
+/// died before the kubelet could unpublish) must not hold back revocation until maxWait.
+/// Only lagging pods are looked up, so a lease whose consumers are current costs nothing.
+async fn live_consumers(
+    client: &Client,
+    current: Option<u64>,
+    consumers: &[ConsumerStatus],
+) -> Result<Vec<ConsumerStatus>, OperatorError> {
+    let mut live = Vec::with_capacity(consumers.len());
+    for c in consumers {
+        if lags_behind(c, current) {
+            let pod = Api::<Pod>::namespaced(client.clone(), &c.namespace)
+                .get_opt(&c.name)
+                .await?;
+            if !pod_still_consumes(pod.as_ref()) {
+                tracing::debug!(pod = %format!("{}/{}", c.namespace, c.name), "ignoring a consumer whose pod is gone");
+                continue;
+            }
+        }
+        live.push(c.clone());
+    }
+    Ok(live)
+}
+
+/// A pod consumer that does not hold `current` yet.
+fn lags_behind(c: &ConsumerStatus, current: Option<u64>) -> bool {
+    c.kind == "Pod" && current.is_some_and(|v| c.version.is_none_or(|held| held < v))
+}
+
+/// Whether a consumer's pod can still pick up a new version.
+fn pod_still_consumes(pod: Option<&Pod>) -> bool {
+    pod.is_some_and(|p| {
+        p.metadata.deletion_timestamp.is_none()
+            && !matches!(
+                p.status.as_ref().and_then(|s| s.phase.as_deref()),
+                Some("Succeeded" | "Failed")
+            )
+    })
+}
+
 /// A stand-in policy for revoking a lease whose policy was deleted first: the recorded
 /// strategy, no grace period, sessions terminated.
 fn policy_for_cleanup(strategy: Option<leasehold_core::Strategy>) -> RotationPolicy {
@@ -546,6 +594,35 @@ fn policy_for_cleanup(strategy: Option<leasehold_core::Strategy>) -> RotationPol
 
 #[cfg(test)]
 mod tests {
+    use super::{lags_behind, pod_still_consumes};
+
+    #[test]
+    fn gone_or_finished_pods_stop_counting_as_consumers() {
+        let consumer = |version| leasehold_api::ConsumerStatus {
+            kind: "Pod".into(),
+            namespace: "shop".into(),
+            name: "web-0".into(),
+            version,
+            acknowledged_at: None,
+        };
+        assert!(lags_behind(&consumer(Some(1)), Some(2)));
+        assert!(lags_behind(&consumer(None), Some(2)));
+        assert!(!lags_behind(&consumer(Some(2)), Some(2)));
+        assert!(!lags_behind(&consumer(Some(1)), None));
+        let pod = |phase: &str, deleting: bool| -> k8s_openapi::api::core::v1::Pod {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "web-0", "deletionTimestamp": if deleting { Some("2026-01-01T00:00:00Z") } else { None }},
+                "status": {"phase": phase},
+            }))
+            .unwrap()
+        };
+        assert!(!pod_still_consumes(None));
+        assert!(pod_still_consumes(Some(&pod("Running", false))));
+        assert!(!pod_still_consumes(Some(&pod("Running", true))));
+        assert!(!pod_still_consumes(Some(&pod("Failed", false))));
+        assert!(!pod_still_consumes(Some(&pod("Succeeded", false))));
+    }
+
     use super::*;
 
     #[test]
