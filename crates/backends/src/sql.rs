@@ -7,20 +7,16 @@ use crate::BackendError;
 /// Escape character used in every LIKE pattern we build.
 pub(crate) const LIKE_ESCAPE: char = '!';
 
-/// PostgreSQL identifier: always double-quoted, embedded quotes doubled.
+/// PostgreSQL identifier: always double-quoted, embedded quotes doubled (libpq's
+/// `PQescapeIdentifier`, from postgres-protocol).
 pub(crate) fn pg_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
+    postgres_protocol::escape::escape_identifier(name)
 }
 
 /// PostgreSQL string literal that is correct whatever `standard_conforming_strings`
-/// says: backslashes are written in the `E''` form.
+/// says (libpq's `PQescapeLiteral`: with backslashes, the ` E''` form).
 pub(crate) fn pg_literal(value: &str) -> String {
-    let doubled = value.replace('\'', "''");
-    if doubled.contains('\\') {
-        format!("E'{}'", doubled.replace('\\', "\\\\"))
-    } else {
-        format!("'{doubled}'")
-    }
+    postgres_protocol::escape::escape_literal(value)
 }
 
 /// MySQL/MariaDB string literal. Backslashes are rejected by [`check_mysql_text`]
@@ -112,7 +108,7 @@ mod tests {
         assert_eq!(pg_ident("app"), "\"app\"");
         assert_eq!(pg_ident("we\"ird"), "\"we\"\"ird\"");
         assert_eq!(pg_literal("it's"), "'it''s'");
-        assert_eq!(pg_literal("a\\b'"), "E'a\\\\b'''");
+        assert_eq!(pg_literal("a\\b'"), " E'a\\\\b'''");
     }
 
     #[test]
