@@ -20,6 +20,8 @@ pub struct FakeApi {
     pub objects: Mutex<HashMap<(String, String), BTreeMap<String, Value>>>,
     /// (method, path) of every write.
     pub writes: Mutex<Vec<(String, String, Value)>>,
+    /// resourceVersion counter for creates and replaces.
+    pub versions: std::sync::atomic::AtomicU64,
 }
 
 impl FakeApi {
@@ -139,8 +141,53 @@ async fn handle(api: Arc<FakeApi>, method: Method, uri: Uri, body: Bytes) -> Res
                 json_response(StatusCode::OK, o)
             }
         }
+        // Create: 409 when it exists.
+        (Method::POST, None) => {
+            let Some(name) = body["metadata"]["name"].as_str().map(String::from) else {
+                return json_response(StatusCode::UNPROCESSABLE_ENTITY, json!({}));
+            };
+            let mut objects = api.objects.lock().await;
+            let coll = objects.entry(key).or_default();
+            if coll.contains_key(&name) {
+                return conflict();
+            }
+            let mut o = body.clone();
+            o["metadata"]["namespace"] = json!(ns);
+            o["metadata"]["resourceVersion"] = json!(next_version(&api));
+            coll.insert(name, o.clone());
+            json_response(StatusCode::CREATED, o)
+        }
+        // Replace with optimistic concurrency: 409 unless resourceVersion matches.
+        (Method::PUT, Some(name)) => {
+            let mut objects = api.objects.lock().await;
+            let coll = objects.entry(key).or_default();
+            let Some(current) = coll.get(&name) else {
+                return not_found();
+            };
+            if body["metadata"]["resourceVersion"] != current["metadata"]["resourceVersion"] {
+                return conflict();
+            }
+            let mut o = body.clone();
+            o["metadata"]["resourceVersion"] = json!(next_version(&api));
+            coll.insert(name, o.clone());
+            json_response(StatusCode::OK, o)
+        }
         _ => not_found(),
     }
+}
+
+fn conflict() -> Response {
+    json_response(
+        StatusCode::CONFLICT,
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict", "code": 409, "message": "conflict"}),
+    )
+}
+
+fn next_version(api: &FakeApi) -> String {
+    (api.versions
+        .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+        + 1)
+    .to_string()
 }
 
 /// Serve on a random loopback port; returns the base URL.
