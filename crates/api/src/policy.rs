@@ -62,8 +62,9 @@ pub struct RotationPolicySpec {
     pub strategy: Strategy,
 
     /// Lifetime of each credential version, as a Go duration (`1h`, `90m`, `24h`). Dynamic and
-    /// AlternatingUsers credentials also expire on the database side after this long, so
-    /// they die by themselves even if leasehold is gone.
+    /// AlternatingUsers credentials also expire on the database side (PostgreSQL: after
+    /// exactly this long; MySQL/MariaDB: this long rounded up to whole days), so they die
+    /// by themselves even if leasehold is gone.
     pub ttl: Duration,
 
     /// How long before expiry to rotate: a duration (`20m`) or a percentage of the TTL

@@ -249,7 +249,8 @@ impl MySqlBackend {
                 .await
                 .map_err(map)?;
         }
-        conn.query_drop(format!("ALTER USER {account} {auth} ACCOUNT UNLOCK"))
+        let expiry = password_expiry_clause(req.valid_until, jiff::Timestamp::now());
+        conn.query_drop(format!("ALTER USER {account} {auth} ACCOUNT UNLOCK {expiry}").trim_end())
             .await
             .map_err(map)?;
         Ok(())
@@ -540,5 +541,48 @@ mod tests {
         assert_eq!(account("app_1"), "'app_1'@'%'");
         assert_eq!(account("o'x"), "'o''x'@'%'");
         assert!(check_user_name("a\\b").is_err());
+    }
+}
+
+/// MySQL and MariaDB have no expiry time for a user, only a password lifetime in whole
+/// days: a credential with `valid_until` expires on the server at most a day after it,
+/// even if leasehold never revokes it (an expired password cannot run statements).
+fn password_expiry_clause(valid_until: Option<jiff::Timestamp>, now: jiff::Timestamp) -> String {
+    match valid_until {
+        Some(until) => {
+            let seconds = until.as_second().saturating_sub(now.as_second()).max(0);
+            let days = (seconds + 86_399) / 86_400;
+            format!("PASSWORD EXPIRE INTERVAL {} DAY", days.max(1))
+        }
+        // InPlace users belong to someone else: leave their password policy alone.
+        None => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod expiry_tests {
+    use super::password_expiry_clause;
+
+    #[test]
+    fn lifetimes_round_up_to_whole_days() {
+        let now = jiff::Timestamp::from_second(1_800_000_000).unwrap();
+        let at = |s: i64| Some(jiff::Timestamp::from_second(1_800_000_000 + s).unwrap());
+        assert_eq!(
+            password_expiry_clause(at(3600), now),
+            "PASSWORD EXPIRE INTERVAL 1 DAY"
+        );
+        assert_eq!(
+            password_expiry_clause(at(86_400), now),
+            "PASSWORD EXPIRE INTERVAL 1 DAY"
+        );
+        assert_eq!(
+            password_expiry_clause(at(86_401), now),
+            "PASSWORD EXPIRE INTERVAL 2 DAY"
+        );
+        assert_eq!(
+            password_expiry_clause(at(-5), now),
+            "PASSWORD EXPIRE INTERVAL 1 DAY"
+        );
+        assert_eq!(password_expiry_clause(None, now), "");
     }
 }

@@ -191,6 +191,37 @@ async fn dynamic_user_lifecycle() {
 }
 
 #[tokio::test]
+async fn credentials_with_a_lifetime_expire_on_the_server() {
+    let db = MariaDbServer::shared().await;
+    let b = backend(db);
+    let user = unique_name("exp_");
+    let pw = password();
+    let mut req = issue(&user, IssueMode::CreateUser, &pw, basic(db.database()));
+    req.valid_until = Some(jiff::Timestamp::now() + std::time::Duration::from_secs(3600));
+    b.issue(&req).await.expect("issue");
+    let mut admin = db.admin_conn().await;
+    let create: Option<String> = admin
+        .query_first(format!("SHOW CREATE USER '{user}'@'%'"))
+        .await
+        .expect("show create user");
+    let create = create.unwrap();
+    assert!(
+        create.contains("PASSWORD EXPIRE INTERVAL 1 DAY"),
+        "a 1h credential dies on the server within a day even without leasehold: {create}"
+    );
+    b.verify(&verify(&user, &pw))
+        .await
+        .expect("still works now");
+    b.revoke(&revoke(
+        &user,
+        RevokeMode::DropUser,
+        DrainSessions::Terminate,
+    ))
+    .await
+    .expect("revoke");
+}
+
+#[tokio::test]
 async fn alternating_users_disable_then_reenable() {
     let db = MariaDbServer::shared().await;
     let b = backend(db);
