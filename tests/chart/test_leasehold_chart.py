@@ -508,7 +508,12 @@ def rules_of(obj: dict[str, Any]) -> set[tuple[str, str, str]]:
     """Expand rules into (apiGroup, resource, verb) triples."""
     out = set()
     for rule in obj.get("rules", []):
-        assert "nonResourceURLs" not in rule, obj["metadata"]["name"]
+        if "nonResourceURLs" in rule:
+            assert "apiGroups" not in rule and "resources" not in rule, obj["metadata"]["name"]
+            for url in rule["nonResourceURLs"]:
+                for verb in rule["verbs"]:
+                    out.add(("url", url, verb))
+            continue
         for group in rule["apiGroups"]:
             for resource in rule["resources"]:
                 for verb in rule["verbs"]:
@@ -530,9 +535,11 @@ CONTROLLER_NAMESPACED_RULES = (
     | triples("", ["pods"], ["get", "list", "watch"])
     | triples("apps", ["deployments", "statefulsets", "daemonsets"], ["get", "list", "watch", "patch"])
 )
-CONTROLLER_CLUSTER_ONLY_RULES = triples(
-    "authentication.k8s.io", ["tokenreviews"], ["create"]
-) | triples("", ["namespaces"], ["get"])
+CONTROLLER_CLUSTER_ONLY_RULES = (
+    triples("authentication.k8s.io", ["tokenreviews"], ["create"])
+    | triples("", ["namespaces"], ["get"])
+    | triples("url", ["/.well-known/openid-configuration", "/openid/v1/jwks"], ["get"])
+)
 CONTROLLER_RELEASE_NS_RULES = (
     triples("coordination.k8s.io", ["leases"], ["get", "list", "watch", "create", "update", "patch"])
     | triples("", ["configmaps"], ["get", "create", "patch", "update"])
