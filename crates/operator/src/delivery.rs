@@ -19,10 +19,30 @@ use tokio::sync::Mutex;
 use crate::error::store_error;
 use crate::secrets::{owned_secret_patch, secret_apply_body};
 
-/// Pod template annotation set on restart (also the debounce clock).
+/// Pod template annotation set on restart (also the debounce clock, shared by every
+/// lease restarting the workload).
 pub const RESTARTED_AT_ANNOTATION: &str = "leasehold.dev/restartedAt";
-/// Pod template annotation with the credential version the restart delivers.
-pub const VERSION_ANNOTATION: &str = "leasehold.dev/version";
+
+/// The pod-template annotation recording which version of *this* lease a workload was
+/// restarted for. One key per lease: a workload that consumes two leases must not let
+/// one lease's restart count as the other's.
+pub fn version_annotation(lease: &str) -> String {
+    let prefix = format!("{lease}.lease.leasehold.dev");
+    if prefix.len() <= 253 {
+        format!("{prefix}/version")
+    } else {
+        let digest = leasehold_core::backoff::seed_of(lease);
+        format!("{digest:016x}.lease.leasehold.dev/version")
+    }
+}
+
+/// Field manager of one lease's restart annotations: with a shared manager, one lease's
+/// apply would remove the other lease's version annotation.
+pub fn restart_field_manager(lease: &str) -> String {
+    let mut m = format!("leasehold-restart/{lease}");
+    m.truncate(128);
+    m
+}
 
 /// What the controller saw of one rollout-restart target.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -118,6 +138,7 @@ fn kind_name(kind: WorkloadKind) -> &'static str {
 fn observation_from(
     kind: WorkloadKind,
     name: &str,
+    lease: &str,
     meta: Option<(&kube::api::ObjectMeta, Option<&BTreeMap<String, String>>)>,
     counts: (Option<i64>, i32, i32),
 ) -> TargetObservation {
@@ -135,7 +156,9 @@ fn observation_from(
     o.replicas = counts.1;
     o.updated_replicas = counts.2;
     if let Some(a) = annotations {
-        o.version = a.get(VERSION_ANNOTATION).and_then(|v| v.parse().ok());
+        o.version = a
+            .get(&version_annotation(lease))
+            .and_then(|v| v.parse().ok());
         o.restarted_at = a.get(RESTARTED_AT_ANNOTATION).and_then(|v| v.parse().ok());
     }
     o
@@ -145,6 +168,7 @@ fn observation_from(
 pub async fn observe_target(
     client: &Client,
     namespace: &str,
+    lease: &str,
     target: &RolloutTarget,
 ) -> Result<TargetObservation, kube::Error> {
     let name = target.name.as_str();
@@ -169,6 +193,7 @@ pub async fn observe_target(
             observation_from(
                 target.kind,
                 name,
+                lease,
                 d.as_ref().map(|d| (&d.metadata, a.as_ref())),
                 (
                     st.observed_generation,
@@ -193,6 +218,7 @@ pub async fn observe_target(
             observation_from(
                 target.kind,
                 name,
+                lease,
                 s.as_ref().map(|s| (&s.metadata, a.as_ref())),
                 (
                     st.observed_generation,
@@ -216,6 +242,7 @@ pub async fn observe_target(
             observation_from(
                 target.kind,
                 name,
+                lease,
                 d.as_ref().map(|d| (&d.metadata, a.as_ref())),
                 (
                     st.observed_generation,
@@ -231,29 +258,33 @@ pub async fn observe_target(
 pub fn restart_patch(
     kind: WorkloadKind,
     name: &str,
+    lease: &str,
     version: u64,
     now: Timestamp,
 ) -> serde_json::Value {
-    serde_json::json!({
+    let mut body = serde_json::json!({
         "apiVersion": "apps/v1",
         "kind": kind_name(kind),
         "metadata": { "name": name },
         "spec": { "template": { "metadata": { "annotations": {
             RESTARTED_AT_ANNOTATION: crate::status::k8s_time(now).0.strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
-            VERSION_ANNOTATION: version.to_string(),
         }}}}
-    })
+    });
+    body["spec"]["template"]["metadata"]["annotations"][version_annotation(lease)] =
+        serde_json::Value::String(version.to_string());
+    body
 }
 
 async fn restart(
     client: &Client,
     namespace: &str,
+    lease: &str,
     target: &RolloutTarget,
     version: u64,
     now: Timestamp,
 ) -> Result<(), kube::Error> {
-    let body = restart_patch(target.kind, &target.name, version, now);
-    let pp = PatchParams::apply(FIELD_MANAGER).force();
+    let body = restart_patch(target.kind, &target.name, lease, version, now);
+    let pp = PatchParams::apply(&restart_field_manager(lease)).force();
     let patch = Patch::Apply(&body);
     match target.kind {
         WorkloadKind::Deployment => {
@@ -320,7 +351,7 @@ impl KubeDelivery {
     pub async fn observe_targets(&self) -> Result<Vec<TargetObservation>, kube::Error> {
         let mut out = Vec::with_capacity(self.spec.rollout_restart.len());
         for t in &self.spec.rollout_restart {
-            out.push(observe_target(&self.client, &self.namespace, t).await?);
+            out.push(observe_target(&self.client, &self.namespace, &self.lease_name, t).await?);
         }
         Ok(out)
     }
@@ -338,18 +369,21 @@ impl KubeDelivery {
         for (target, obs) in self.spec.rollout_restart.iter().zip(observed) {
             match restart_decision(obs, version, debounce, now) {
                 RestartDecision::Restart => {
-                    restart(&self.client, &self.namespace, target, version, now)
-                        .await
-                        .map_err(|e| {
-                            store_error(
-                                &format!(
-                                    "cannot restart {} {}",
-                                    kind_name(target.kind),
-                                    target.name
-                                ),
-                                e,
-                            )
-                        })?;
+                    restart(
+                        &self.client,
+                        &self.namespace,
+                        &self.lease_name,
+                        target,
+                        version,
+                        now,
+                    )
+                    .await
+                    .map_err(|e| {
+                        store_error(
+                            &format!("cannot restart {} {}", kind_name(target.kind), target.name),
+                            e,
+                        )
+                    })?;
                     tracing::info!(lease = %self.lease_name, kind = kind_name(target.kind), name = %target.name, version, "rollout restart");
                 }
                 RestartDecision::Debounced(until) => {
@@ -496,11 +530,18 @@ mod tests {
             restart_decision(&TargetObservation::default(), 1, d, t(0)),
             RestartDecision::Missing
         );
-        let p = restart_patch(WorkloadKind::Deployment, "orders", 3, t(0));
-        assert_eq!(
-            p["spec"]["template"]["metadata"]["annotations"][VERSION_ANNOTATION],
-            "3"
+        let p = restart_patch(WorkloadKind::Deployment, "orders", "orders-db", 3, t(0));
+        let annotations = &p["spec"]["template"]["metadata"]["annotations"];
+        assert_eq!(annotations["orders-db.lease.leasehold.dev/version"], "3");
+        // Another lease restarting the same workload writes its own key, under its own
+        // field manager, so neither overwrites the other.
+        let q = restart_patch(WorkloadKind::Deployment, "orders", "orders-cache", 5, t(0));
+        assert!(q["spec"]["template"]["metadata"]["annotations"]["orders-db.lease.leasehold.dev/version"].is_null());
+        assert_ne!(
+            restart_field_manager("orders-db"),
+            restart_field_manager("orders-cache")
         );
+        assert!(version_annotation(&"x".repeat(250)).len() < 80);
         assert!(
             p["spec"]["template"]["metadata"]["annotations"][RESTARTED_AT_ANNOTATION].is_string()
         );
