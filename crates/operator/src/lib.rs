@@ -246,6 +246,13 @@ where
         wait_for(stop_rx.clone()),
     ));
 
+    // A restarted former leader keeps its pod object, and with it the leader label:
+    // drop it until this process wins the election again.
+    if let Some((ns, pod)) = &config.pod
+        && config.leader_election.is_some()
+    {
+        let _ = broker::label_leader(&client, ns, pod, false).await;
+    }
     let elector = config
         .leader_election
         .clone()
