@@ -168,7 +168,7 @@ impl Default for VerifySpec {
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
     {
-        "rule": "duration(self.maxWait) >= duration(self.gracePeriod)",
+        "rule": "!has(self.maxWait) || duration(self.maxWait) >= duration(self.gracePeriod)",
         "message": "revoke.maxWait must be at least revoke.gracePeriod",
         "fieldPath": ".maxWait"
     }
@@ -181,9 +181,11 @@ pub struct RevokeSpec {
     /// CSI, rollout-restart targets) holds the new one, or `maxWait` has passed.
     #[serde(default = "default_true")]
     pub wait_for_consumers: bool,
-    /// Upper bound on waiting for consumers after promotion.
-    #[serde(default = "default_max_wait")]
-    pub max_wait: Duration,
+    /// Upper bound on waiting for consumers after promotion. Default: 30m, or the
+    /// renewal window (`renewBefore`) when that is shorter, so the old credential never
+    /// expires while consumers still move over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_wait: Option<Duration>,
     /// What to do with sessions still open under the old credential.
     #[serde(default)]
     pub drain_sessions: DrainSessionsSpec,
@@ -192,9 +194,8 @@ pub struct RevokeSpec {
 fn default_grace_period() -> Duration {
     std::time::Duration::from_secs(120).into()
 }
-fn default_max_wait() -> Duration {
-    std::time::Duration::from_secs(1800).into()
-}
+/// `maxWait` when the policy does not set it (capped by the renewal window).
+pub const DEFAULT_MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(1800);
 fn default_true() -> bool {
     true
 }
@@ -204,7 +205,7 @@ impl Default for RevokeSpec {
         Self {
             grace_period: default_grace_period(),
             wait_for_consumers: true,
-            max_wait: default_max_wait(),
+            max_wait: None,
             drain_sessions: DrainSessionsSpec::default(),
         }
     }

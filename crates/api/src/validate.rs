@@ -106,7 +106,11 @@ pub fn policy_params(spec: &RotationPolicySpec) -> Result<PolicyParams, Vec<Fiel
         &spec.revoke.grace_period,
         &mut errors,
     );
-    let max_wait = non_negative("spec.revoke.maxWait", &spec.revoke.max_wait, &mut errors);
+    let max_wait = match &spec.revoke.max_wait {
+        Some(d) => non_negative("spec.revoke.maxWait", d, &mut errors),
+        // Unset: as long as the renewal window allows, at most 30 minutes.
+        None => crate::policy::DEFAULT_MAX_WAIT.min(renew).max(grace),
+    };
     let drain_timeout = non_negative(
         "spec.revoke.drainSessions.timeout",
         &spec.revoke.drain_sessions.timeout,

@@ -326,6 +326,13 @@ fn validate_rejects_what_the_schema_cannot_express() {
         "{err:?}"
     );
 
+    // The defaults alone make a valid policy: maxWait shrinks to fit the renewal window.
+    let minimal = policy_params(&p(serde_json::json!({"ttl": "1h"}))).unwrap();
+    assert_eq!(minimal.renew_before, std::time::Duration::from_secs(1200));
+    assert_eq!(minimal.max_wait, std::time::Duration::from_secs(1200));
+    let long = policy_params(&p(serde_json::json!({"ttl": "24h"}))).unwrap();
+    assert_eq!(long.max_wait, std::time::Duration::from_secs(1800));
+    assert!(admit(&policy(serde_json::json!({"ttl": "1h"}))).is_empty());
     let err =
         policy_params(&p(serde_json::json!({"ttl": "1h", "renewBefore": "95%"}))).unwrap_err();
     assert!(err.iter().any(|e| e.field == "spec.renewBefore"), "{err:?}");

@@ -587,7 +587,7 @@ fn policy_for_cleanup(strategy: Option<leasehold_core::Strategy>) -> RotationPol
         password: Default::default(),
     };
     spec.revoke.grace_period = std::time::Duration::ZERO.into();
-    spec.revoke.max_wait = std::time::Duration::ZERO.into();
+    spec.revoke.max_wait = Some(std::time::Duration::ZERO.into());
     spec.revoke.drain_sessions.timeout = std::time::Duration::ZERO.into();
     RotationPolicy::new("deleted-policy", spec)
 }
