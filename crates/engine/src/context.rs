@@ -198,19 +198,25 @@ impl BackendRegistry {
         tls: leasehold_backends::TlsMode,
     ) -> Result<Arc<dyn Backend>, BackendError> {
         let port = db.port.unwrap_or(kind.default_port());
-        let key = format!(
-            "{}://{}@{}:{}/{}#{:016x}",
+        let target = format!(
+            "{}://{}@{}:{}/{}",
             kind.scheme(),
             admin.username,
             db.host,
             port,
-            db.database,
-            fingerprint(admin.password.expose_secret()),
+            db.database
+        );
+        let key = format!(
+            "{target}#{:016x}",
+            fingerprint(admin.password.expose_secret())
         );
         let mut backends = self.backends.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(b) = backends.get(&key) {
             return Ok(b.clone());
         }
+        // The admin password changed: the old pool's connections still work until the
+        // server drops them, but no new work should go there.
+        backends.retain(|k, _| k.split_once('#').is_none_or(|(t, _)| t != target));
         let backend: Arc<dyn Backend> = match kind {
             DatabaseKind::Postgres => {
                 let mut t = PostgresTarget::new(
@@ -324,4 +330,49 @@ pub fn resolve(
         database: db.database.clone(),
         templates,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn db() -> DatabaseSpec {
+        serde_json::from_value(serde_json::json!({
+            "host": "127.0.0.1", "port": 5432, "database": "app",
+            "adminSecretRef": {"name": "admin"}
+        }))
+        .unwrap()
+    }
+
+    fn admin(password: &str) -> AdminCredentials {
+        AdminCredentials {
+            username: "leasehold_admin".into(),
+            password: SecretString::from(password.to_string()),
+        }
+    }
+
+    #[tokio::test]
+    async fn one_pool_per_target_replaced_when_the_admin_password_changes() {
+        let registry = BackendRegistry::new(2);
+        let tls = || leasehold_backends::TlsMode::Disable;
+        let a = registry
+            .get(DatabaseKind::Postgres, &db(), &admin("one"), tls())
+            .unwrap();
+        let again = registry
+            .get(DatabaseKind::Postgres, &db(), &admin("one"), tls())
+            .unwrap();
+        assert!(Arc::ptr_eq(&a, &again), "the pool is shared");
+        let rotated = registry
+            .get(DatabaseKind::Postgres, &db(), &admin("two"), tls())
+            .unwrap();
+        assert!(
+            !Arc::ptr_eq(&a, &rotated),
+            "a new admin password gets a new pool"
+        );
+        assert_eq!(
+            registry.backends.lock().unwrap().len(),
+            1,
+            "the old pool is dropped"
+        );
+    }
 }
