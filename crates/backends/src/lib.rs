@@ -251,4 +251,41 @@ impl DatabaseTarget {
             operation_timeout: Duration::from_secs(30),
         }
     }
+
+    /// `host:port/database`: the key per-target limits and logs use.
+    pub fn key(&self) -> String {
+        format!("{}:{}/{}", self.host, self.port, self.database)
+    }
+
+    /// Run one admin operation within `operation_timeout`; a server that does not answer
+    /// in time is `Unreachable`.
+    pub(crate) async fn bounded<T>(
+        &self,
+        op: impl Future<Output = Result<T, BackendError>>,
+    ) -> Result<T, BackendError> {
+        tokio::time::timeout(self.operation_timeout, op)
+            .await
+            .unwrap_or_else(|_| {
+                Err(BackendError::Unreachable(format!(
+                    "{} did not answer within {:?}",
+                    self.key(),
+                    self.operation_timeout
+                )))
+            })
+    }
+}
+
+/// Run a verification within its own timeout; running out is a failed verification.
+pub(crate) async fn verify_within(
+    req: &VerifyRequest,
+    op: impl Future<Output = Result<(), BackendError>>,
+) -> Result<(), BackendError> {
+    tokio::time::timeout(req.timeout, op)
+        .await
+        .unwrap_or_else(|_| {
+            Err(BackendError::VerificationFailed(format!(
+                "verification as {} did not finish within {:?}",
+                req.id, req.timeout
+            )))
+        })
 }

@@ -183,21 +183,6 @@ impl MySqlBackend {
             .copied()
     }
 
-    async fn bounded<T>(
-        &self,
-        op: impl Future<Output = Result<T, BackendError>>,
-    ) -> Result<T, BackendError> {
-        tokio::time::timeout(self.target.operation_timeout, op)
-            .await
-            .unwrap_or_else(|_| {
-                Err(BackendError::Unreachable(format!(
-                    "{} did not answer within {:?}",
-                    self.target_key(),
-                    self.target.operation_timeout
-                )))
-            })
-    }
-
     async fn issue_inner(&self, req: &IssueRequest) -> Result<(), BackendError> {
         let name = req.id.0.as_str();
         check_user_name(name)?;
@@ -384,51 +369,43 @@ impl Backend for MySqlBackend {
     }
 
     fn target_key(&self) -> String {
-        format!(
-            "{}:{}/{}",
-            self.target.host, self.target.port, self.target.database
-        )
+        self.target.key()
     }
 
     #[instrument(skip_all, fields(backend = "mysql", id = %req.id, mode = ?req.mode))]
     async fn issue(&self, req: &IssueRequest) -> Result<(), BackendError> {
-        self.bounded(self.issue_inner(req)).await
+        self.target.bounded(self.issue_inner(req)).await
     }
 
     #[instrument(skip_all, fields(backend = "mysql", id = %req.id))]
     async fn verify(&self, req: &VerifyRequest) -> Result<(), BackendError> {
-        match tokio::time::timeout(req.timeout, self.verify_inner(req)).await {
-            Ok(result) => result,
-            Err(_) => Err(BackendError::VerificationFailed(format!(
-                "verification as {} did not finish within {:?}",
-                req.id, req.timeout
-            ))),
-        }
+        crate::verify_within(req, self.verify_inner(req)).await
     }
 
     #[instrument(skip_all, fields(backend = "mysql", id = %req.id, mode = ?req.mode, drain = ?req.drain))]
     async fn revoke(&self, req: &RevokeRequest) -> Result<RevokeOutcome, BackendError> {
-        self.bounded(self.revoke_inner(req)).await
+        self.target.bounded(self.revoke_inner(req)).await
     }
 
     #[instrument(skip_all, fields(backend = "mysql", id = %id))]
     async fn can_login(&self, id: &CredentialId) -> Result<bool, BackendError> {
         check_user_name(&id.0)?;
-        self.bounded(async {
-            let mut conn = self.admin().await?;
-            let map = |e: mysql_async::Error| admin_error(&e, &[]);
-            if !user_exists(&mut conn, &id.0).await.map_err(map)? {
-                return Ok(false);
-            }
-            // Works on both MySQL and MariaDB (whose mysql.user view lacks
-            // `account_locked`).
-            let create: Option<String> = conn
-                .query_first(format!("SHOW CREATE USER {}", account(&id.0)))
-                .await
-                .map_err(map)?;
-            Ok(create.is_some_and(|create| !create.contains("ACCOUNT LOCK")))
-        })
-        .await
+        self.target
+            .bounded(async {
+                let mut conn = self.admin().await?;
+                let map = |e: mysql_async::Error| admin_error(&e, &[]);
+                if !user_exists(&mut conn, &id.0).await.map_err(map)? {
+                    return Ok(false);
+                }
+                // Works on both MySQL and MariaDB (whose mysql.user view lacks
+                // `account_locked`).
+                let create: Option<String> = conn
+                    .query_first(format!("SHOW CREATE USER {}", account(&id.0)))
+                    .await
+                    .map_err(map)?;
+                Ok(create.is_some_and(|create| !create.contains("ACCOUNT LOCK")))
+            })
+            .await
     }
 
     #[instrument(skip_all, fields(backend = "mysql", prefix))]
@@ -438,26 +415,28 @@ impl Backend for MySqlBackend {
             "SELECT User FROM mysql.user WHERE Host = '%' AND User LIKE ? ESCAPE '{LIKE_ESCAPE}' \
              ORDER BY User"
         );
-        self.bounded(async {
-            let mut conn = self.admin().await?;
-            let users: Vec<String> = conn
-                .exec(sql.as_str(), (pattern.as_str(),))
-                .await
-                .map_err(|e| admin_error(&e, &[]))?;
-            Ok(users.into_iter().map(CredentialId).collect())
-        })
-        .await
+        self.target
+            .bounded(async {
+                let mut conn = self.admin().await?;
+                let users: Vec<String> = conn
+                    .exec(sql.as_str(), (pattern.as_str(),))
+                    .await
+                    .map_err(|e| admin_error(&e, &[]))?;
+                Ok(users.into_iter().map(CredentialId).collect())
+            })
+            .await
     }
 
     #[instrument(skip_all, fields(backend = "mysql"))]
     async fn ping(&self) -> Result<(), BackendError> {
-        self.bounded(async {
-            let mut conn = self.admin().await?;
-            conn.query_drop("SELECT 1")
-                .await
-                .map_err(|e| admin_error(&e, &[]))
-        })
-        .await
+        self.target
+            .bounded(async {
+                let mut conn = self.admin().await?;
+                conn.query_drop("SELECT 1")
+                    .await
+                    .map_err(|e| admin_error(&e, &[]))
+            })
+            .await
     }
 }
 

@@ -129,22 +129,6 @@ impl PostgresBackend {
         }
     }
 
-    /// Run `op` under the target's operation timeout.
-    async fn bounded<T>(
-        &self,
-        op: impl Future<Output = Result<T, BackendError>>,
-    ) -> Result<T, BackendError> {
-        tokio::time::timeout(self.target.operation_timeout, op)
-            .await
-            .unwrap_or_else(|_| {
-                Err(BackendError::Unreachable(format!(
-                    "{} did not answer within {:?}",
-                    self.target_key(),
-                    self.target.operation_timeout
-                )))
-            })
-    }
-
     async fn issue_inner(&self, req: &IssueRequest) -> Result<(), BackendError> {
         let name = req.id.0.as_str();
         check_name("role", name, MAX_NAME_BYTES)?;
@@ -377,54 +361,46 @@ impl Backend for PostgresBackend {
     }
 
     fn target_key(&self) -> String {
-        format!(
-            "{}:{}/{}",
-            self.target.host, self.target.port, self.target.database
-        )
+        self.target.key()
     }
 
     #[instrument(skip_all, fields(backend = "postgres", id = %req.id, mode = ?req.mode))]
     async fn issue(&self, req: &IssueRequest) -> Result<(), BackendError> {
-        self.bounded(self.issue_inner(req)).await
+        self.target.bounded(self.issue_inner(req)).await
     }
 
     #[instrument(skip_all, fields(backend = "postgres", id = %req.id))]
     async fn verify(&self, req: &VerifyRequest) -> Result<(), BackendError> {
-        match tokio::time::timeout(req.timeout, self.verify_inner(req)).await {
-            Ok(result) => result,
-            Err(_) => Err(BackendError::VerificationFailed(format!(
-                "verification as {} did not finish within {:?}",
-                req.id, req.timeout
-            ))),
-        }
+        crate::verify_within(req, self.verify_inner(req)).await
     }
 
     #[instrument(skip_all, fields(backend = "postgres", id = %req.id, mode = ?req.mode, drain = ?req.drain))]
     async fn revoke(&self, req: &RevokeRequest) -> Result<RevokeOutcome, BackendError> {
-        self.bounded(self.revoke_inner(req)).await
+        self.target.bounded(self.revoke_inner(req)).await
     }
 
     #[instrument(skip_all, fields(backend = "postgres", id = %id))]
     async fn can_login(&self, id: &CredentialId) -> Result<bool, BackendError> {
-        self.bounded(async {
-            let client = self.admin().await?;
-            let row = client
-                .query_opt(
-                    "SELECT rolcanlogin AND (rolvaliduntil IS NULL OR rolvaliduntil > now()) \
+        self.target
+            .bounded(async {
+                let client = self.admin().await?;
+                let row = client
+                    .query_opt(
+                        "SELECT rolcanlogin AND (rolvaliduntil IS NULL OR rolvaliduntil > now()) \
                      FROM pg_catalog.pg_roles WHERE rolname = $1",
-                    &[&id.0],
-                )
-                .await
-                .map_err(|e| admin_error(&e, &[]))?;
-            Ok(match row {
-                Some(row) => row
-                    .try_get::<_, Option<bool>>(0)
-                    .map_err(|e| admin_error(&e, &[]))?
-                    .unwrap_or(false),
-                None => false,
+                        &[&id.0],
+                    )
+                    .await
+                    .map_err(|e| admin_error(&e, &[]))?;
+                Ok(match row {
+                    Some(row) => row
+                        .try_get::<_, Option<bool>>(0)
+                        .map_err(|e| admin_error(&e, &[]))?
+                        .unwrap_or(false),
+                    None => false,
+                })
             })
-        })
-        .await
+            .await
     }
 
     #[instrument(skip_all, fields(backend = "postgres", prefix))]
@@ -434,31 +410,33 @@ impl Backend for PostgresBackend {
             "SELECT rolname::text FROM pg_catalog.pg_roles \
              WHERE rolname LIKE $1 ESCAPE '{LIKE_ESCAPE}' ORDER BY 1"
         );
-        self.bounded(async {
-            let client = self.admin().await?;
-            let rows = client
-                .query(&sql, &[&pattern])
-                .await
-                .map_err(|e| admin_error(&e, &[]))?;
-            rows.iter()
-                .map(|row| row.try_get::<_, String>(0).map(CredentialId))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| admin_error(&e, &[]))
-        })
-        .await
+        self.target
+            .bounded(async {
+                let client = self.admin().await?;
+                let rows = client
+                    .query(&sql, &[&pattern])
+                    .await
+                    .map_err(|e| admin_error(&e, &[]))?;
+                rows.iter()
+                    .map(|row| row.try_get::<_, String>(0).map(CredentialId))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| admin_error(&e, &[]))
+            })
+            .await
     }
 
     #[instrument(skip_all, fields(backend = "postgres"))]
     async fn ping(&self) -> Result<(), BackendError> {
-        self.bounded(async {
-            let client = self.admin().await?;
-            client
-                .simple_query("SELECT 1")
-                .await
-                .map(|_| ())
-                .map_err(|e| admin_error(&e, &[]))
-        })
-        .await
+        self.target
+            .bounded(async {
+                let client = self.admin().await?;
+                client
+                    .simple_query("SELECT 1")
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| admin_error(&e, &[]))
+            })
+            .await
     }
 }
 
