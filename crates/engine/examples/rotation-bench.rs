@@ -4,24 +4,23 @@
 //! Environment: `BENCH_SECONDS` (default 30), `BENCH_LEASES` (concurrent leases, default 32).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use leasehold_backends::{
-    Backend, BackendError, CredentialId, CredentialMaterial, IssueRequest, PasswordPolicy,
-    PostgresBackend, PostgresTarget, Privileges, RevokeOutcome, RevokeRequest, VerifyRequest,
+    Backend, BackendError, CredentialId, IssueRequest, PasswordPolicy, PostgresBackend,
+    PostgresTarget, Privileges, RevokeOutcome, RevokeRequest, VerifyRequest,
 };
 use leasehold_core::rotation::Observations;
 use leasehold_core::{DrainSessionsMode, PolicyParams, Progress, Strategy};
 use leasehold_engine::context::DatabaseKind;
-use leasehold_engine::engine::Stores;
-use leasehold_engine::{
-    Delivery, Engine, LeaseContext, LeaseKey, NamingRule, ProgressStore, SecretStore, StoreError,
-};
+use leasehold_engine::{Engine, LeaseContext, LeaseKey, NamingRule};
 use leasehold_testkit::PostgresServer;
-use secrecy::{ExposeSecret, SecretString};
 
 type Samples = Arc<Mutex<BTreeMap<&'static str, Vec<Duration>>>>;
 
@@ -79,71 +78,6 @@ impl Backend for Timed {
     }
 }
 
-/// In-memory stores (the bench measures the database side, not persistence).
-#[derive(Default)]
-struct Memory {
-    progress: Mutex<BTreeMap<LeaseKey, Progress>>,
-    secrets: Mutex<BTreeMap<(LeaseKey, u64), String>>,
-}
-
-#[async_trait]
-impl ProgressStore for Memory {
-    async fn save(&self, lease: &LeaseKey, progress: &Progress) -> Result<(), StoreError> {
-        self.progress
-            .lock()
-            .unwrap()
-            .insert(lease.clone(), progress.clone());
-        Ok(())
-    }
-}
-
-#[async_trait]
-impl SecretStore for Memory {
-    async fn put(
-        &self,
-        lease: &LeaseKey,
-        version: u64,
-        secret: &SecretString,
-    ) -> Result<(), StoreError> {
-        self.secrets
-            .lock()
-            .unwrap()
-            .insert((lease.clone(), version), secret.expose_secret().to_string());
-        Ok(())
-    }
-    async fn get(
-        &self,
-        lease: &LeaseKey,
-        version: u64,
-    ) -> Result<Option<SecretString>, StoreError> {
-        Ok(self
-            .secrets
-            .lock()
-            .unwrap()
-            .get(&(lease.clone(), version))
-            .map(|s| SecretString::from(s.clone())))
-    }
-    async fn remove(&self, lease: &LeaseKey, version: u64) -> Result<(), StoreError> {
-        self.secrets
-            .lock()
-            .unwrap()
-            .remove(&(lease.clone(), version));
-        Ok(())
-    }
-}
-
-#[async_trait]
-impl Delivery for Memory {
-    async fn deliver(
-        &self,
-        _: &LeaseKey,
-        _: u64,
-        _: &CredentialMaterial,
-    ) -> Result<(), StoreError> {
-        Ok(())
-    }
-}
-
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -187,7 +121,7 @@ async fn main() {
         drain: DrainSessionsMode::Terminate,
         drain_timeout: Duration::ZERO,
     };
-    let store = Arc::new(Memory::default());
+    let store = Arc::new(common::MemoryStores::default());
     let engine = Engine::new();
     println!(
         "rotation bench: throwaway PostgreSQL on 127.0.0.1:{}, {leases} leases, at most 4 admin connections and 4 concurrent rotations, {seconds}s",
@@ -225,18 +159,13 @@ async fn main() {
         let (engine, store) = (engine.clone(), store.clone());
         async move {
             let mut p = Progress::default();
-            let stores = Stores {
-                progress: store.as_ref(),
-                secrets: store.as_ref(),
-                delivery: store.as_ref(),
-            };
+            let stores = store.stores();
             let obs = Observations {
                 consumers_on_current: true,
                 maintenance_window_open: true,
                 ..Default::default()
             };
             engine.reconcile(ctx, &mut p, &obs, stores).await.unwrap();
-            store.progress.lock().unwrap().insert(ctx.key.clone(), p);
         }
     }))
     .await;
@@ -251,18 +180,8 @@ async fn main() {
             let mut n = 0u64;
             while Instant::now() < deadline {
                 n += 1;
-                let mut p = store
-                    .progress
-                    .lock()
-                    .unwrap()
-                    .get(&ctx.key)
-                    .cloned()
-                    .unwrap_or_default();
-                let stores = Stores {
-                    progress: store.as_ref(),
-                    secrets: store.as_ref(),
-                    delivery: store.as_ref(),
-                };
+                let mut p = store.load(&ctx.key);
+                let stores = store.stores();
                 let obs = Observations {
                     consumers_on_current: true,
                     maintenance_window_open: true,
