@@ -121,11 +121,19 @@ pub fn dynamic_username(
     Ok(name)
 }
 
-/// The two users of `AlternatingUsers`: odd versions use `<base>_a`, even ones `<base>_b`,
-/// so a new version always lands on the user the previous version does not hold.
-pub fn alternating_username(base: &str, version: u64) -> String {
-    let slot = if version % 2 == 1 { "a" } else { "b" };
-    format!("{base}_{slot}")
+/// The user a new `AlternatingUsers` version goes to: of `<base>_a` and `<base>_b`, the
+/// one the current version does not hold (`<base>_a` when nothing is current).
+///
+/// The slot comes from the recorded current user, never from the version number: failed
+/// attempts use up version numbers, so parity would sooner or later point a new version
+/// (and the revocation that follows its failure) at the current user.
+pub fn alternating_username(base: &str, current: Option<&str>) -> String {
+    let a = format!("{base}_a");
+    if current == Some(a.as_str()) {
+        format!("{base}_b")
+    } else {
+        a
+    }
 }
 
 #[cfg(test)]
@@ -187,9 +195,11 @@ mod tests {
     }
 
     #[test]
-    fn alternating_slots_differ_between_consecutive_versions() {
-        assert_eq!(alternating_username("orders", 1), "orders_a");
-        assert_eq!(alternating_username("orders", 2), "orders_b");
-        assert_eq!(alternating_username("orders", 3), "orders_a");
+    fn alternating_slot_is_the_one_not_current() {
+        assert_eq!(alternating_username("orders", None), "orders_a");
+        assert_eq!(alternating_username("orders", Some("orders_a")), "orders_b");
+        assert_eq!(alternating_username("orders", Some("orders_b")), "orders_a");
+        // A current user from another base (renamed lease): start at `_a`.
+        assert_eq!(alternating_username("orders", Some("other_a")), "orders_a");
     }
 }

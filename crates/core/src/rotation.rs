@@ -261,6 +261,18 @@ impl Progress {
         })
     }
 
+    /// The failed attempt behind the rotation that is still wanted, if the latest
+    /// attempt failed (issue refused or verification failed) and no promotion has
+    /// succeeded since. Status reports its reason instead of a clean `Active`.
+    pub fn rotation_failure(&self) -> Option<&RotationRecord> {
+        if self.verify_failures == 0 {
+            return None;
+        }
+        self.history
+            .last()
+            .filter(|h| h.outcome != RotationOutcome::Succeeded)
+    }
+
     /// Append to history, keeping the newest [`HISTORY_LIMIT`] entries.
     pub fn push_history(&mut self, record: RotationRecord) {
         if let Some(existing) = self
@@ -1002,6 +1014,30 @@ mod tests {
             decide(&p, &progress, &requested, t(5)),
             Action::Issue { version: 2, .. }
         ));
+    }
+
+    #[test]
+    fn a_failed_rotation_stays_visible_until_one_succeeds() {
+        let failed = RotationRecord {
+            version: 3,
+            started_at: t(0),
+            verified_at: None,
+            promoted_at: None,
+            revoked_at: Some(t(0)),
+            outcome: RotationOutcome::IssueFailed,
+            reason: Some("relation \"no_such_table\" does not exist".into()),
+        };
+        let mut progress = Progress {
+            versions: vec![record(2, VersionState::Current, 0)],
+            last_version: 3,
+            verify_failures: 1,
+            history: vec![failed.clone()],
+            ..Default::default()
+        };
+        assert_eq!(progress.rotation_failure(), Some(&failed));
+        assert_eq!(phase(&progress, false, t(1)), Phase::Active);
+        progress.verify_failures = 0;
+        assert_eq!(progress.rotation_failure(), None);
     }
 
     #[test]

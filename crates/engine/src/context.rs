@@ -37,10 +37,13 @@ pub enum NamingRule {
 }
 
 impl NamingRule {
+    /// The user of a new version `version`. `current` is the user of the current version
+    /// (AlternatingUsers takes the other of its two users).
     pub fn credential_id(
         &self,
         lease: &LeaseKey,
         version: u64,
+        current: Option<&str>,
     ) -> Result<CredentialId, FieldError> {
         let name = match self {
             NamingRule::Dynamic { template, max_len } => naming::dynamic_username(
@@ -57,7 +60,7 @@ impl NamingRule {
                 field: "spec.usernameTemplate".into(),
                 message: e.to_string(),
             })?,
-            NamingRule::Alternating { base } => naming::alternating_username(base, version),
+            NamingRule::Alternating { base } => naming::alternating_username(base, current),
             NamingRule::InPlace { user } => user.clone(),
         };
         Ok(CredentialId(name))

@@ -311,10 +311,23 @@ impl Engine {
         resume: bool,
     ) -> Result<(), EngineError> {
         let now = self.now();
-        let id = ctx
-            .naming
-            .credential_id(&ctx.key, version)
-            .map_err(|e| EngineError::Invalid(e.to_string()))?;
+        // A resumed version keeps the user recorded with its intent; a new one is named
+        // from the recorded state (AlternatingUsers: the user that is not current).
+        let recorded = progress
+            .version(version)
+            .filter(|_| resume)
+            .map(|r| r.credential_id.clone());
+        let id = match recorded {
+            Some(name) => leasehold_backends::CredentialId(name),
+            None => ctx
+                .naming
+                .credential_id(
+                    &ctx.key,
+                    version,
+                    progress.current().map(|c| c.credential_id.as_str()),
+                )
+                .map_err(|e| EngineError::Invalid(e.to_string()))?,
+        };
         let password = match stores.secrets.get(&ctx.key, version).await? {
             Some(p) if resume => p,
             _ => {
@@ -359,7 +372,21 @@ impl Engine {
             valid_until: ctx.policy.expires_at(issued_at),
             privileges: ctx.privileges.clone(),
         };
-        match ctx.backend.issue(&request).await {
+        // Only InPlace re-issues the current user (that is what it is for). Anything else
+        // landing on it (a version recorded before the slot was taken from the recorded
+        // state) would change the current password: refuse before touching the backend.
+        let issued = if ctx.policy.strategy != leasehold_core::Strategy::InPlace
+            && progress
+                .current()
+                .is_some_and(|c| c.version != version && c.credential_id == id.0)
+        {
+            Err(BackendError::Invalid(format!(
+                "version {version} would reuse {id}, the current version's user; it is discarded"
+            )))
+        } else {
+            ctx.backend.issue(&request).await
+        };
+        match issued {
             Ok(()) => {}
             Err(e) if e.is_transient() => {
                 return Err(EngineError::Backend {
@@ -613,7 +640,17 @@ impl Engine {
             DrainSessionsMode::Terminate => DrainSessions::Terminate,
             DrainSessionsMode::Ignore => DrainSessions::Ignore,
         };
+        // The current version's user is never revoked on behalf of another version (a
+        // failed version that named it): that would lock out every consumer.
+        let holds_current_user = progress
+            .current()
+            .is_some_and(|c| c.version != version && c.credential_id == record.credential_id);
         let result = match plan {
+            RevokePlan::DropUser | RevokePlan::DisableLogin if holds_current_user => {
+                warn!(lease = %ctx.key, version, user = %record.credential_id,
+                    "not revoking: the user belongs to the current version");
+                Ok(RevokeOutcome::Revoked)
+            }
             RevokePlan::DropUser | RevokePlan::DisableLogin => {
                 let mode = if plan == RevokePlan::DropUser {
                     RevokeMode::DropUser

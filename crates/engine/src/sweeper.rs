@@ -34,7 +34,7 @@ pub fn lease_pattern(naming: &NamingRule, lease: &LeaseKey) -> Option<(String, S
     let NamingRule::Dynamic { .. } = naming else {
         return None;
     };
-    let name = naming.credential_id(lease, SENTINEL).ok()?.0;
+    let name = naming.credential_id(lease, SENTINEL, None).ok()?.0;
     let (prefix, suffix) = name.split_once(&SENTINEL.to_string())?;
     let identifies = prefix.contains(&leasehold_core::naming::short_uid(&lease.uid))
         || (prefix.contains(&lease.namespace.replace('-', "_"))

@@ -9,7 +9,7 @@ use common::db::Db;
 use common::{MemoryStores, TestClock, context, lease_key, obs, policy};
 use leasehold_backends::Privileges;
 use leasehold_core::Strategy;
-use leasehold_core::rotation::{VersionState, WaitReason};
+use leasehold_core::rotation::{RevokeReason, RotationOutcome, VersionState, WaitReason};
 use leasehold_engine::{Engine, Outcome};
 use leasehold_testkit::{MariaDbServer, PostgresServer};
 
@@ -282,4 +282,187 @@ async fn versions_never_share_state_across_leases() {
         names.push(p.current().unwrap().credential_id.clone());
     }
     assert_ne!(names[0], names[1]);
+}
+
+/// AlternatingUsers: `<base>_a` (v1) then `<base>_b` (v2) is current; a grant that can
+/// never succeed is added and a rotation requested. Every attempt fails and is retried,
+/// and through all of it the current user must keep logging in, while the recorded
+/// state says why the rotation fails.
+async fn failed_alternating_rotation_keeps_current(db: Db<'_>, bad_grant: String) {
+    let key = lease_key("altfail");
+    let mut ctx = context(
+        key.clone(),
+        db.kind(),
+        db.backend(2),
+        db.host(),
+        db.port(),
+        db.database(),
+        policy(Strategy::AlternatingUsers, Duration::ZERO),
+        db.minimal_privileges(),
+    );
+    let stores = MemoryStores::default();
+    let clock = TestClock::new();
+    let engine = Engine::new().with_clock(clock.func());
+    let mut progress = stores.load(&key);
+    engine
+        .reconcile(&ctx, &mut progress, &obs(None), stores.stores())
+        .await
+        .unwrap();
+    engine
+        .reconcile(&ctx, &mut progress, &obs(Some("r1")), stores.stores())
+        .await
+        .unwrap();
+    let v2 = progress.current().unwrap().clone();
+    assert_eq!(v2.version, 2);
+    assert!(v2.credential_id.ends_with("_b"), "{}", v2.credential_id);
+    assert_eq!(
+        progress.versions.len(),
+        1,
+        "v1 revoked: {:?}",
+        progress.versions
+    );
+    let pw2 = stores.password(&key, 2).unwrap();
+    assert!(db.can_login(&v2.credential_id, &pw2).await);
+
+    ctx.privileges.grants.push(bad_grant);
+    for attempt in 0..4 {
+        let out = engine
+            .reconcile(&ctx, &mut progress, &obs(Some("r2")), stores.stores())
+            .await
+            .unwrap();
+        assert!(
+            matches!(
+                out,
+                Outcome::Wait {
+                    reason: WaitReason::VerificationBackoff,
+                    ..
+                }
+            ),
+            "attempt {attempt}: {out:?}"
+        );
+        assert!(
+            db.can_login(&v2.credential_id, &pw2).await,
+            "attempt {attempt}: the current user {} was locked out by a failed rotation",
+            v2.credential_id
+        );
+        assert!(
+            ctx.backend
+                .can_login(&leasehold_backends::CredentialId(v2.credential_id.clone()))
+                .await
+                .unwrap()
+        );
+        assert_eq!(progress.current().map(|c| c.version), Some(2));
+        // Past the longest verification backoff: the next reconcile retries.
+        clock.advance(Duration::from_secs(11 * 60));
+    }
+    // The failure is recorded, not a clean state.
+    let saved = stores.load(&key);
+    assert_eq!(saved.current().map(|c| c.version), Some(2));
+    assert!(saved.verify_failures >= 4, "{}", saved.verify_failures);
+    let failure = saved
+        .rotation_failure()
+        .expect("the failed rotation is recorded");
+    assert_eq!(failure.outcome, RotationOutcome::IssueFailed);
+    let reason = failure.reason.clone().unwrap_or_default();
+    assert!(reason.contains("no_such_table"), "{reason}");
+    // Every failed version is gone and nothing but v2 remains.
+    assert_eq!(
+        saved.versions.iter().map(|v| v.version).collect::<Vec<_>>(),
+        vec![2],
+        "{:?}",
+        saved.versions
+    );
+}
+
+#[tokio::test]
+async fn postgres_failed_alternating_rotation_keeps_current_user() {
+    let s = PostgresServer::shared().await;
+    setup_pg(s).await;
+    failed_alternating_rotation_keeps_current(Db::Pg(s), "SELECT ON TABLE no_such_table".into())
+        .await;
+}
+
+#[tokio::test]
+async fn mariadb_failed_alternating_rotation_keeps_current_user() {
+    let s = MariaDbServer::shared().await;
+    setup_maria(s).await;
+    failed_alternating_rotation_keeps_current(
+        Db::Maria(s),
+        format!("SELECT ON {}.no_such_table", s.database()),
+    )
+    .await;
+}
+
+/// Recorded state from before the slot came from the recorded current user may hold a
+/// failed or half-issued version naming the current user: the engine neither issues nor
+/// revokes it on that version's behalf.
+async fn versions_naming_the_current_user_never_touch_it(db: Db<'_>) {
+    let key = lease_key("altguard");
+    let ctx = context(
+        key.clone(),
+        db.kind(),
+        db.backend(2),
+        db.host(),
+        db.port(),
+        db.database(),
+        policy(Strategy::AlternatingUsers, Duration::ZERO),
+        db.minimal_privileges(),
+    );
+    let stores = MemoryStores::default();
+    let clock = TestClock::new();
+    let engine = Engine::new().with_clock(clock.func());
+    let mut progress = stores.load(&key);
+    engine
+        .reconcile(&ctx, &mut progress, &obs(None), stores.stores())
+        .await
+        .unwrap();
+    let current = progress.current().unwrap().clone();
+    let password = stores.password(&key, 1).unwrap();
+
+    for (state, reason) in [
+        (VersionState::Revoking, Some(RevokeReason::IssueFailed)),
+        (VersionState::Issuing, None),
+    ] {
+        let version = progress.last_version + 1;
+        let mut stale = current.clone();
+        stale.version = version;
+        stale.state = state;
+        stale.revoke_reason = reason;
+        stale.promoted_at = None;
+        progress.versions.push(stale);
+        progress.last_version = version;
+        engine
+            .reconcile(&ctx, &mut progress, &obs(None), stores.stores())
+            .await
+            .unwrap();
+        assert!(
+            db.can_login(&current.credential_id, &password).await,
+            "{state:?}: the current user was locked out"
+        );
+        assert_eq!(
+            progress
+                .versions
+                .iter()
+                .map(|v| v.version)
+                .collect::<Vec<_>>(),
+            vec![1],
+            "{state:?}: {:?}",
+            progress.versions
+        );
+        clock.advance(Duration::from_secs(11 * 60));
+    }
+}
+
+#[tokio::test]
+async fn postgres_versions_naming_the_current_user_never_touch_it() {
+    let s = PostgresServer::shared().await;
+    setup_pg(s).await;
+    versions_naming_the_current_user_never_touch_it(Db::Pg(s)).await;
+}
+
+#[tokio::test]
+async fn mariadb_versions_naming_the_current_user_never_touch_it() {
+    let s = MariaDbServer::shared().await;
+    setup_maria(s).await;
+    versions_naming_the_current_user_never_touch_it(Db::Maria(s)).await;
 }
