@@ -134,9 +134,14 @@ pub enum BackendError {
     /// The backend could not be reached (connection refused, DNS, timeout). Retry later.
     #[error("backend unreachable: {0}")]
     Unreachable(String),
-    /// The admin credential was refused or lacks privilege. The user must fix it.
+    /// The admin credential was refused at login. The user must fix it.
     #[error("admin credential rejected: {0}")]
     AdminRejected(String),
+    /// The admin logged in but lacks a privilege a step needs (PostgreSQL SQLSTATE
+    /// 42501, MySQL access-denied errors after login). The message names the step and
+    /// what the server says is missing. The user must grant it.
+    #[error("the admin lacks a privilege {0}")]
+    PermissionDenied(String),
     /// Verification as the new credential failed (login refused, query failed, timeout).
     /// A server that does not answer at all (connection refused) is `Unreachable`
     /// instead: the credential may well be fine.
@@ -150,10 +155,29 @@ pub enum BackendError {
     Other(String),
 }
 
+/// How a [`BackendError::PermissionDenied`] starts before the step is known.
+const UNNAMED_STEP: &str = "for this step: ";
+
 impl BackendError {
     /// Whether retrying the same call later can succeed without a spec change.
     pub fn is_transient(&self) -> bool {
         matches!(self, Self::Unreachable(_) | Self::Other(_))
+    }
+
+    /// A missing privilege, the step not yet named (see [`in_step`](Self::in_step)).
+    pub(crate) fn permission_denied(server_text: String) -> Self {
+        Self::PermissionDenied(format!("{UNNAMED_STEP}{server_text}"))
+    }
+
+    /// Name the step a missing privilege was met in, e.g. `to drop role "x" (needs ...)`.
+    pub(crate) fn in_step(self, step: impl FnOnce() -> String) -> Self {
+        match self {
+            Self::PermissionDenied(m) => {
+                let server_text = m.strip_prefix(UNNAMED_STEP).unwrap_or(&m);
+                Self::PermissionDenied(format!("{}: {server_text}", step()))
+            }
+            other => other,
+        }
     }
 }
 

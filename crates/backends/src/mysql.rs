@@ -13,9 +13,22 @@
 //! MySQL has no per-user expiry time, so `IssueRequest::valid_until` is ignored and
 //! the orphan sweeper is relied upon.
 //!
-//! The admin needs `CREATE USER`, the privileges it grants `WITH GRANT OPTION` (or
-//! the roles `WITH ADMIN OPTION`), `SELECT` on `mysql.user`, and `CONNECTION ADMIN`
-//! / `SUPER` (or `PROCESS` + the right to kill) to see and end other users' sessions.
+//! The admin needs no more than a managed database's admin has, and not root:
+//! * `CREATE USER` (create, alter, lock, drop users; the creator of a role gets
+//!   `ADMIN OPTION` on it, so it may grant it);
+//! * the privileges it grants, `WITH GRANT OPTION`;
+//! * `SELECT` on `mysql.user` (and on MariaDB `mysql.global_priv`, which holds the
+//!   lock state) to find users;
+//! * `PROCESS` to see other users' sessions: without it the admin only sees its own
+//!   and draining would find none, so revocation refuses to go on (see below);
+//! * `CONNECTION ADMIN` (MariaDB 10.5.2+, MySQL 8) or `SUPER` to kill them
+//!   (`DrainSessions::Terminate`);
+//! * on MariaDB with `memberOf`: `UPDATE` on the `mysql` database, which
+//!   `SET DEFAULT ROLE ... FOR <user>` requires for any user but one's own (roles
+//!   only take effect at login as the default role). MySQL needs no more than the
+//!   role's `ADMIN OPTION`.
+//!
+//! A missing privilege is reported as [`BackendError::PermissionDenied`] naming the step.
 //!
 //! With [`TlsMode::Require`] or [`TlsMode::VerifyFull`] both the admin pool and the
 //! verification connections use TLS (mysql_async over rustls with `ring`). A server
@@ -218,7 +231,11 @@ impl MySqlBackend {
         for role in &req.privileges.member_of {
             conn.query_drop(format!("GRANT {} TO {account}", mysql_ident(role)))
                 .await
-                .map_err(map)?;
+                .map_err(|e| {
+                    map(e).in_step(|| {
+                        format!("to grant role {role:?} (it needs ADMIN OPTION on the role)")
+                    })
+                })?;
         }
         if let Some(first) = req.privileges.member_of.first() {
             // Roles only take effect when active; make them active at login.
@@ -227,12 +244,30 @@ impl MySqlBackend {
                 Flavor::MariaDb => format!("SET DEFAULT ROLE {} FOR {account}", mysql_ident(first)),
                 Flavor::MySql => format!("SET DEFAULT ROLE ALL TO {account}"),
             };
-            conn.query_drop(statement).await.map_err(map)?;
+            conn.query_drop(statement).await.map_err(|e| {
+                map(e).in_step(|| match flavor {
+                    Flavor::MariaDb => format!(
+                        "to make {first:?} the default role of user {name:?} (MariaDB requires \
+                         UPDATE on the mysql database for SET DEFAULT ROLE ... FOR another user)"
+                    ),
+                    Flavor::MySql => format!(
+                        "to make the roles of user {name:?} its default roles (it needs \
+                         CREATE USER)"
+                    ),
+                })
+            })?;
         }
         for clause in &req.privileges.grants {
             conn.query_drop(format!("GRANT {} TO {account}", clause.trim()))
                 .await
-                .map_err(map)?;
+                .map_err(|e| {
+                    map(e).in_step(|| {
+                        format!(
+                            "to grant `{}` (it needs those privileges WITH GRANT OPTION)",
+                            clause.trim()
+                        )
+                    })
+                })?;
         }
         let expiry = password_expiry_clause(req.valid_until, jiff::Timestamp::now());
         conn.query_drop(format!("ALTER USER {account} {auth} ACCOUNT UNLOCK {expiry}").trim_end())
@@ -297,7 +332,19 @@ impl MySqlBackend {
         // IF EXISTS: a concurrent revoke may have dropped it since the check.
         conn.query_drop(format!("ALTER USER IF EXISTS {account} ACCOUNT LOCK"))
             .await
-            .map_err(map)?;
+            .map_err(|e| {
+                map(e).in_step(|| format!("to lock user {name:?} (it needs CREATE USER)"))
+            })?;
+
+        if req.drain != DrainSessions::Ignore && !sees_all_sessions(&mut conn).await.map_err(map)? {
+            // The process list would only show the admin's own sessions: counting none
+            // there would drop a user whose sessions are still open.
+            return Err(BackendError::PermissionDenied(format!(
+                "to see the sessions of user {name:?}: the admin needs the PROCESS privilege \
+                 (and CONNECTION ADMIN or SUPER to terminate them), or the policy's \
+                 drainSessions mode Ignore"
+            )));
+        }
 
         let remaining = match req.drain {
             DrainSessions::Ignore => 0,
@@ -307,7 +354,14 @@ impl MySqlBackend {
                     match conn.query_drop(format!("KILL CONNECTION {id}")).await {
                         Ok(()) => {}
                         Err(mysql_async::Error::Server(e)) if e.code == ER_NO_SUCH_THREAD => {}
-                        Err(e) => return Err(map(e)),
+                        Err(e) => {
+                            return Err(map(e).in_step(|| {
+                                format!(
+                                    "to terminate the sessions of user {name:?} (it needs \
+                                     CONNECTION ADMIN or SUPER)"
+                                )
+                            }));
+                        }
                     }
                 }
                 let deadline = tokio::time::Instant::now() + TERMINATE_WAIT;
@@ -328,7 +382,9 @@ impl MySqlBackend {
         if req.mode == RevokeMode::DropUser {
             conn.query_drop(format!("DROP USER IF EXISTS {account}"))
                 .await
-                .map_err(map)?;
+                .map_err(|e| {
+                    map(e).in_step(|| format!("to drop user {name:?} (it needs CREATE USER)"))
+                })?;
         }
         Ok(RevokeOutcome::Revoked)
     }
@@ -349,6 +405,20 @@ async fn user_exists(conn: &mut Conn, name: &str) -> Result<bool, mysql_async::E
         .exec_first(
             "SELECT COUNT(*) FROM mysql.user WHERE User = ? AND Host = '%'",
             (name,),
+        )
+        .await?;
+    Ok(n.unwrap_or(0) > 0)
+}
+
+/// Whether the admin sees every user's sessions in the process list (`PROCESS`, or
+/// `SUPER` which implies it on older servers).
+async fn sees_all_sessions(conn: &mut Conn) -> Result<bool, mysql_async::Error> {
+    let n: Option<u64> = conn
+        .query_first(
+            "SELECT COUNT(*) FROM information_schema.USER_PRIVILEGES \
+             WHERE PRIVILEGE_TYPE IN ('PROCESS', 'SUPER') \
+               AND GRANTEE = CONCAT(QUOTE(SUBSTRING_INDEX(CURRENT_USER(), '@', 1)), '@', \
+                                    QUOTE(SUBSTRING_INDEX(CURRENT_USER(), '@', -1)))",
         )
         .await?;
     Ok(n.unwrap_or(0) > 0)
@@ -397,13 +467,29 @@ impl Backend for MySqlBackend {
                 if !user_exists(&mut conn, &id.0).await.map_err(map)? {
                     return Ok(false);
                 }
-                // Works on both MySQL and MariaDB (whose mysql.user view lacks
-                // `account_locked`).
-                let create: Option<String> = conn
-                    .query_first(format!("SHOW CREATE USER {}", account(&id.0)))
-                    .await
-                    .map_err(map)?;
-                Ok(create.is_some_and(|create| !create.contains("ACCOUNT LOCK")))
+                match self.flavor(&mut conn).await? {
+                    // MariaDB's mysql.user view lacks `account_locked`, and SHOW CREATE
+                    // USER needs SELECT on the whole mysql database: read the JSON.
+                    Flavor::MariaDb => {
+                        let locked: Option<Option<String>> = conn
+                            .exec_first(
+                                "SELECT JSON_VALUE(Priv, '$.account_locked') \
+                                 FROM mysql.global_priv WHERE User = ? AND Host = '%'",
+                                (id.0.as_str(),),
+                            )
+                            .await
+                            .map_err(map)?;
+                        // JSON `true` comes back as "1" (10.11) or "true".
+                        Ok(!matches!(locked, Some(Some(v)) if v == "1" || v == "true"))
+                    }
+                    Flavor::MySql => {
+                        let create: Option<String> = conn
+                            .query_first(format!("SHOW CREATE USER {}", account(&id.0)))
+                            .await
+                            .map_err(map)?;
+                        Ok(create.is_some_and(|create| !create.contains("ACCOUNT LOCK")))
+                    }
+                }
             })
             .await
     }
@@ -487,9 +573,11 @@ fn admin_error(e: &mysql_async::Error, secrets: &[&str]) -> BackendError {
         }
         mysql_async::Error::Url(_) => BackendError::Invalid(text),
         mysql_async::Error::Server(s) => match s.code {
-            // Access denied at login (1045), to a database (1044), a table (1142),
-            // a column (1143), needing a privilege (1227), or creating users (1410).
-            1044 | 1045 | 1142 | 1143 | 1227 | 1410 => BackendError::AdminRejected(text),
+            // Access denied at login: a wrong admin user or password.
+            1045 => BackendError::AdminRejected(text),
+            // Logged in, but denied a database (1044), a table (1142), a column (1143),
+            // a privilege (1227), granting (1410), or killing a thread (1095).
+            1044 | 1095 | 1142 | 1143 | 1227 | 1410 => BackendError::permission_denied(text),
             // Too many connections, shutdown in progress, server gone.
             1040 | 1053 | 2006 | 2013 => BackendError::Unreachable(text),
             // Invalid role (MariaDB 1959), unknown database (1049).

@@ -5,11 +5,24 @@
 //! through a small bounded pool; verification always opens a brand-new connection
 //! as the credential itself.
 //!
-//! The admin role needs `CREATEROLE` (on PostgreSQL 16+ also `ADMIN OPTION` on the
-//! roles it grants, which it has for roles it created), the privileges it hands out,
-//! and membership in `pg_signal_backend` to terminate sessions. `REASSIGN OWNED` and
-//! `DROP OWNED` only act on the target database: objects a user owns elsewhere make
-//! `DROP ROLE` fail with [`BackendError::Other`].
+//! The admin needs no superuser: `CREATEROLE` (what RDS, Cloud SQL and Azure hand
+//! out; on PostgreSQL 16+ it also needs `ADMIN OPTION` on the roles it grants and drops,
+//! which it has for roles it created) and the privileges it hands out (owning the
+//! database's tables, or holding them `WITH GRANT OPTION`).
+//!
+//! `REASSIGN OWNED`, `DROP OWNED` and `pg_terminate_backend` require the privileges of
+//! the role they act on, which a `CREATEROLE` admin lacks (before 16 it has no
+//! membership in roles it created; from 16 only `ADMIN OPTION` without `INHERIT`, see
+//! `createrole_self_grant`). So the admin grants the role to itself inside the
+//! transaction that needs it (`WITH INHERIT TRUE` on 16+): when dropping a role that
+//! owns or was granted something (a `pg_shdepend` entry; a role without one is dropped
+//! directly), and when terminating its sessions (that transaction is rolled back, so
+//! the membership never stays). A member of `pg_signal_backend` terminates without it.
+//! `REASSIGN OWNED` and `DROP OWNED` only act on the target database: objects a user
+//! owns elsewhere make `DROP ROLE` fail with [`BackendError::Invalid`].
+//!
+//! A missing privilege is [`BackendError::PermissionDenied`] naming the step and what it
+//! needs, never "admin credential rejected" (that is a refused login).
 //!
 //! With [`TlsMode::Require`] or [`TlsMode::VerifyFull`] both the admin pool and the
 //! verification connections use TLS (rustls) with `sslmode=require` semantics on the
@@ -273,18 +286,20 @@ impl PostgresBackend {
             Err(e) => return Err(map(e)),
         }
 
+        let mut client = client;
         let remaining = match req.drain {
             DrainSessions::Ignore => 0,
             DrainSessions::Wait => count_sessions(&client, name).await.map_err(map)?,
             DrainSessions::Terminate => {
-                client
-                    .execute(
-                        "SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity \
-                         WHERE usename = $1 AND pid <> pg_catalog.pg_backend_pid()",
-                        &[&name],
-                    )
-                    .await
-                    .map_err(map)?;
+                terminate_sessions(&mut client, name).await.map_err(|e| {
+                    map(e).in_step(|| {
+                        format!(
+                            "to terminate the sessions of role {name:?} (it needs CREATEROLE \
+                                 and, from PostgreSQL 16, ADMIN OPTION on the role, or membership \
+                                 in pg_signal_backend)"
+                        )
+                    })
+                })?;
                 // Termination is asynchronous: give the backends a moment to exit.
                 let deadline = tokio::time::Instant::now() + TERMINATE_WAIT;
                 loop {
@@ -301,26 +316,138 @@ impl PostgresBackend {
         }
 
         if req.mode == RevokeMode::DropUser {
-            let mut client = client;
-            let result: Result<(), tokio_postgres::Error> = async {
-                let tx = client.transaction().await?;
-                tx.execute(&format!("REASSIGN OWNED BY {role} TO CURRENT_USER"), &[])
-                    .await?;
-                tx.execute(&format!("DROP OWNED BY {role}"), &[]).await?;
-                tx.execute(&format!("DROP ROLE IF EXISTS {role}"), &[])
-                    .await?;
-                tx.commit().await
-            }
-            .await;
-            match result {
+            match drop_role(&mut client, name).await {
                 Ok(()) => {}
                 // Dropped concurrently between our check and REASSIGN.
                 Err(e) if e.code() == Some(&SqlState::UNDEFINED_OBJECT) => {}
-                Err(e) => return Err(map(e)),
+                Err(e) => {
+                    return Err(map(e).in_step(|| {
+                        format!(
+                            "to drop role {name:?} (it needs CREATEROLE and, from PostgreSQL 16, \
+                             ADMIN OPTION on the role, which the role's creator has; for objects \
+                             the role owns or was granted, the right to grant the role to itself)"
+                        )
+                    }));
+                }
             }
         }
         Ok(RevokeOutcome::Revoked)
     }
+}
+
+/// What the admin may already do about a role without being granted it.
+struct AdminStanding {
+    superuser: bool,
+    /// Has the privileges of the role (inherited membership).
+    has_privileges: bool,
+    /// PostgreSQL 16 or later: memberships carry `INHERIT`/`SET` options.
+    v16: bool,
+}
+
+async fn admin_standing(
+    client: &impl tokio_postgres::GenericClient,
+    name: &str,
+) -> Result<AdminStanding, tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "SELECT r.rolsuper, pg_catalog.pg_has_role($1::text::name, 'USAGE'), \
+                    pg_catalog.current_setting('server_version_num')::int >= 160000 \
+             FROM pg_catalog.pg_roles r WHERE r.rolname = CURRENT_USER",
+            &[&name],
+        )
+        .await?;
+    Ok(AdminStanding {
+        superuser: row.try_get(0)?,
+        has_privileges: row.try_get(1)?,
+        v16: row.try_get(2)?,
+    })
+}
+
+/// `GRANT <role> TO CURRENT_USER` so the admin has the role's privileges, which
+/// `REASSIGN OWNED`, `DROP OWNED` and `pg_terminate_backend` require. A `CREATEROLE`
+/// admin (what managed databases hand out) has no membership in the roles it creates
+/// before PostgreSQL 16, and from 16 only `ADMIN OPTION` without `INHERIT` (see
+/// `createrole_self_grant`); it may grant them to itself, which is done inside the
+/// caller's transaction so the membership never outlives it.
+async fn borrow_role(
+    tx: &tokio_postgres::Transaction<'_>,
+    name: &str,
+) -> Result<(), tokio_postgres::Error> {
+    let standing = admin_standing(tx, name).await?;
+    if standing.superuser || standing.has_privileges {
+        return Ok(());
+    }
+    let options = if standing.v16 {
+        " WITH INHERIT TRUE"
+    } else {
+        ""
+    };
+    tx.execute(
+        &format!("GRANT {} TO CURRENT_USER{options}", pg_ident(name)),
+        &[],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Terminate every session of `name` but our own. The admin borrows the role for the
+/// duration of a transaction that is then rolled back: the signals stay sent, the
+/// membership goes.
+async fn terminate_sessions(
+    client: &mut deadpool_postgres::ClientWrapper,
+    name: &str,
+) -> Result<(), tokio_postgres::Error> {
+    let tx = client.transaction().await?;
+    let may_signal: bool = tx
+        .query_one(
+            "SELECT pg_catalog.pg_has_role('pg_signal_backend', 'USAGE')",
+            &[],
+        )
+        .await?
+        .try_get(0)?;
+    if !may_signal {
+        borrow_role(&tx, name).await?;
+    }
+    tx.execute(
+        "SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity \
+         WHERE usename = $1 AND pid <> pg_catalog.pg_backend_pid()",
+        &[&name],
+    )
+    .await?;
+    tx.rollback().await
+}
+
+/// Drop the role, first reassigning what it owns to the admin and dropping its
+/// privileges, in one transaction. A role that owns nothing and was granted nothing
+/// (no `pg_shdepend` entry here or on shared objects) is dropped directly, which needs
+/// no more than `CREATEROLE` (and from PostgreSQL 16 `ADMIN OPTION` on it).
+async fn drop_role(
+    client: &mut deadpool_postgres::ClientWrapper,
+    name: &str,
+) -> Result<(), tokio_postgres::Error> {
+    let role = pg_ident(name);
+    let tx = client.transaction().await?;
+    let depended_on: bool = tx
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_shdepend d \
+               JOIN pg_catalog.pg_roles r ON d.refclassid = 'pg_catalog.pg_authid'::regclass \
+                                          AND d.refobjid = r.oid \
+             WHERE r.rolname = $1 \
+               AND d.dbid IN (0, (SELECT oid FROM pg_catalog.pg_database \
+                                  WHERE datname = pg_catalog.current_database())))",
+            &[&name],
+        )
+        .await?
+        .try_get(0)?;
+    if depended_on {
+        borrow_role(&tx, name).await?;
+        tx.execute(&format!("REASSIGN OWNED BY {role} TO CURRENT_USER"), &[])
+            .await?;
+        tx.execute(&format!("DROP OWNED BY {role}"), &[]).await?;
+    }
+    tx.execute(&format!("DROP ROLE IF EXISTS {role}"), &[])
+        .await?;
+    tx.commit().await
 }
 
 /// Open one connection (plain or TLS) and drive it on a task of its own.
@@ -497,8 +624,10 @@ fn admin_error(e: &tokio_postgres::Error, secrets: &[&str]) -> BackendError {
     };
     let code = code.code();
     match code {
-        // Authentication failed, or the admin lacks a privilege it needs.
-        _ if code.starts_with("28") || code == "42501" => BackendError::AdminRejected(text),
+        // Authentication failed: the admin credential itself is wrong.
+        _ if code.starts_with("28") => BackendError::AdminRejected(text),
+        // Logged in, but a statement needs a privilege the admin does not have.
+        "42501" => BackendError::permission_denied(text),
         // Syntax error, unknown role or table, bad grant clause, unknown database.
         _ if code.starts_with("42") || code == "3D000" || code == "22023" => {
             BackendError::Invalid(text)

@@ -199,7 +199,8 @@ async fn credentials_with_a_lifetime_expire_on_the_server() {
     let mut req = issue(&user, IssueMode::CreateUser, &pw, basic(db.database()));
     req.valid_until = Some(jiff::Timestamp::now() + std::time::Duration::from_secs(3600));
     b.issue(&req).await.expect("issue");
-    let mut admin = db.admin_conn().await;
+    // Inspection only: SHOW CREATE USER of another user needs SELECT on all of `mysql`.
+    let mut admin = db.superuser_conn().await;
     let create: Option<String> = admin
         .query_first(format!("SHOW CREATE USER '{user}'@'%'"))
         .await

@@ -15,15 +15,41 @@ use crate::process::{Watchdog, shutdown_blocking, signal, spawn_in_group, wait_a
 use crate::tls::{ServerCertificates, ServerOptions};
 
 const ADMIN_USER: &str = "leasehold_admin";
+/// Every privilege: the harness uses it only to set the server up.
+const SUPERUSER: &str = "leasehold_superuser";
 const DATABASE: &str = "leasehold";
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The admin's privileges, no more than an RDS / Cloud SQL admin has:
+/// * `CREATE USER`: create, alter (password, lock), drop users and create roles
+///   (the creator of a role gets `ADMIN OPTION` on it, so it can grant it);
+/// * everything on the application database, with the grant option, to hand out;
+/// * `SELECT` on `mysql.user` and `mysql.global_priv`: to find users (`mysql.user`
+///   is a view over `mysql.global_priv` since 10.4) and `SHOW CREATE USER` them;
+/// * `PROCESS`: to see other users' sessions (without it `PROCESSLIST` only shows the
+///   admin's own, and draining would wrongly see none);
+/// * `CONNECTION ADMIN` (MariaDB 10.5.2+; `SUPER` before): to `KILL` them;
+/// * `UPDATE` on the `mysql` database: MariaDB requires it for
+///   `SET DEFAULT ROLE <role> FOR <another user>`, which leases with `memberOf` need
+///   (RDS's admin has it through its global `UPDATE`). Without it such an issue fails
+///   with a `PermissionDenied` that says so.
+pub const ADMIN_GRANTS: &[&str] = &[
+    "CREATE USER, PROCESS, CONNECTION ADMIN ON *.*",
+    "ALL PRIVILEGES ON `leasehold`.* WITH GRANT OPTION",
+    "SELECT ON `mysql`.`user`",
+    "SELECT ON `mysql`.`global_priv`",
+    "UPDATE ON `mysql`.*",
+];
+
 const MISSING: &str = "MariaDB server binaries not found: install the Debian package `mariadb-server` \
      (leasehold's .ci/run does)";
 
 /// A MariaDB server of its own: temporary data directory, its own socket, a random
 /// loopback port, grant tables enforced, and the general query log written to a file
-/// tests can read. It has an admin `'leasehold_admin'@'%'` with every privilege and
-/// the grant option, and an empty database `leasehold`. With [`ServerOptions::tls`]
+/// tests can read. It has an empty database `leasehold` and an admin
+/// `'leasehold_admin'@'%'` that is not root but has what a managed database's admin
+/// has and leasehold needs (see [`ADMIN_GRANTS`]). Root (socket authentication) is
+/// only used to set the server up ([`superuser_conn`](Self::superuser_conn)). With [`ServerOptions::tls`]
 /// it also serves TLS (`--ssl-cert`, `--ssl-key`, `--ssl-ca`); with
 /// [`ServerOptions::require_tls`] it refuses plain TCP (`--require-secure-transport`).
 ///
@@ -34,6 +60,7 @@ pub struct MariaDbServer {
     server_bin: PathBuf,
     port: u16,
     admin_password: SecretString,
+    superuser_password: SecretString,
     options: ServerOptions,
     certs: Option<ServerCertificates>,
     process: Option<Child>,
@@ -69,6 +96,7 @@ impl MariaDbServer {
             server_bin,
             port: 0,
             admin_password: SecretString::from(crate::random_alphanumeric(32)),
+            superuser_password: SecretString::from(crate::random_alphanumeric(32)),
             options,
             certs: options.serves_tls().then(ServerCertificates::generate),
             process: None,
@@ -200,11 +228,20 @@ impl MariaDbServer {
         }
     }
 
-    /// A fresh admin connection. Panics if the server does not accept it.
+    /// A fresh connection as the (non-root) admin. Panics if the server does not
+    /// accept it.
     pub async fn admin_conn(&self) -> mysql_async::Conn {
         self.connect_as(ADMIN_USER, self.admin_password.expose_secret())
             .await
             .unwrap_or_else(|e| panic!("admin login to the test MariaDB failed: {e}"))
+    }
+
+    /// A fresh connection with every privilege, for setting up what the admin could not
+    /// (objects outside its database, for example). Never hand it to the code under test.
+    pub async fn superuser_conn(&self) -> mysql_async::Conn {
+        self.connect_as(SUPERUSER, self.superuser_password.expose_secret())
+            .await
+            .unwrap_or_else(|e| panic!("superuser login to the test MariaDB failed: {e}"))
     }
 
     /// The general query log so far (every statement the server received).
@@ -329,11 +366,22 @@ impl MariaDbServer {
     /// general log never shows it. Returns `Ok(false)` if the server is not ready yet.
     fn bootstrap_admin(&self) -> Result<bool, String> {
         let hash = native_password_hash(self.admin_password.expose_secret());
-        let sql = format!(
-            "CREATE USER '{ADMIN_USER}'@'%' IDENTIFIED BY PASSWORD '{hash}';\n\
-             GRANT ALL PRIVILEGES ON *.* TO '{ADMIN_USER}'@'%' WITH GRANT OPTION;\n\
+        let super_hash = native_password_hash(self.superuser_password.expose_secret());
+        let mut sql = format!(
+            "CREATE USER '{SUPERUSER}'@'%' IDENTIFIED BY PASSWORD '{super_hash}';\n\
+             GRANT ALL PRIVILEGES ON *.* TO '{SUPERUSER}'@'%' WITH GRANT OPTION;\n\
+             CREATE USER '{ADMIN_USER}'@'%' IDENTIFIED BY PASSWORD '{hash}';\n\
              CREATE DATABASE `{DATABASE}`;\n"
         );
+        for grant in ADMIN_GRANTS {
+            let (privileges, option) = match grant.strip_suffix(" WITH GRANT OPTION") {
+                Some(p) => (p, " WITH GRANT OPTION"),
+                None => (*grant, ""),
+            };
+            sql.push_str(&format!(
+                "GRANT {privileges} TO '{ADMIN_USER}'@'%'{option};\n"
+            ));
+        }
         let mut child = Command::new(client_binary())
             .arg("--no-defaults")
             .arg("--protocol=socket")

@@ -20,14 +20,23 @@ use crate::process::{
 use crate::tls::{ServerCertificates, ServerOptions};
 
 const ADMIN_USER: &str = "leasehold_admin";
-const DATABASE: &str = "postgres";
+/// The bootstrap superuser: the harness uses it only to set the server up.
+const SUPERUSER: &str = "leasehold_superuser";
+/// The test database, owned by the admin.
+const DATABASE: &str = "leasehold";
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 const MISSING: &str = "PostgreSQL server binaries not found: install the Debian package `postgresql` \
      (leasehold's .ci/run does), or point LEASEHOLD_PG_BIN at a directory holding initdb and postgres";
 
 /// A PostgreSQL server of its own: temporary data directory owned by the `postgres`
 /// system user, random loopback port, SCRAM password authentication for TCP, every
-/// statement logged (`log_statement=all`) to a file tests can read. With
+/// statement logged (`log_statement=all`) to a file tests can read.
+///
+/// The admin tests log in as is what a managed database (RDS, Cloud SQL, Azure) hands
+/// out, not a superuser: `leasehold_admin` with `LOGIN CREATEROLE`, owner of the test
+/// database `leasehold` (so it owns its `public` schema and creates the tables tests
+/// grant on). It is not a member of `pg_signal_backend`. The bootstrap superuser is
+/// only for setting the server up ([`superuser_client`](Self::superuser_client)). With
 /// [`ServerOptions::tls`] it also serves TLS (`ssl=on`); with
 /// [`ServerOptions::require_tls`] its `pg_hba.conf` only has `hostssl` lines for TCP.
 ///
@@ -41,6 +50,7 @@ pub struct PostgresServer {
     gid: u32,
     port: u16,
     admin_password: SecretString,
+    superuser_password: SecretString,
     options: ServerOptions,
     certs: Option<ServerCertificates>,
     /// Trusts `certs.ca_pem` only; `None` without TLS.
@@ -82,6 +92,7 @@ impl PostgresServer {
             gid,
             port: 0,
             admin_password,
+            superuser_password: SecretString::from(crate::random_alphanumeric(32)),
             options,
             certs,
             tls_config,
@@ -93,7 +104,10 @@ impl PostgresServer {
         for attempt in 1..=5 {
             server.port = crate::free_port();
             match server.launch().await {
-                Ok(()) => return server,
+                Ok(()) => {
+                    server.bootstrap_admin().await;
+                    return server;
+                }
                 Err(log) if attempt < 5 && log.contains("could not bind") => continue,
                 Err(log) => panic!("PostgreSQL did not start. Server log:\n{log}"),
             }
@@ -121,7 +135,8 @@ impl PostgresServer {
         DATABASE
     }
 
-    /// A superuser with a random password.
+    /// The admin leasehold is given: `LOGIN CREATEROLE`, owner of [`database`](Self::database),
+    /// not a superuser. Random password.
     pub fn admin_user(&self) -> &str {
         ADMIN_USER
     }
@@ -182,18 +197,64 @@ impl PostgresServer {
         user: &str,
         password: &str,
     ) -> Result<(Client, tokio::task::JoinHandle<()>), tokio_postgres::Error> {
-        let config = self.config_for(user, password);
+        self.open_to(user, password, DATABASE).await
+    }
+
+    async fn open_to(
+        &self,
+        user: &str,
+        password: &str,
+        database: &str,
+    ) -> Result<(Client, tokio::task::JoinHandle<()>), tokio_postgres::Error> {
+        let mut config = self.config_for(user, password);
+        config.dbname(database);
         match &self.tls_config {
             Some(tls) => open_with(&config, MakeRustlsConnect::new(tls.clone())).await,
             None => open_with(&config, tokio_postgres::NoTls).await,
         }
     }
 
-    /// A fresh superuser connection. Panics if the server does not accept it.
+    /// A fresh connection as the (non-superuser) admin. Panics if the server does not
+    /// accept it.
     pub async fn admin_client(&self) -> tokio_postgres::Client {
         self.connect_as(ADMIN_USER, self.admin_password.expose_secret())
             .await
             .unwrap_or_else(|e| panic!("admin login to the test PostgreSQL failed: {e}"))
+    }
+
+    /// A fresh superuser connection to the test database, for setting up what a managed
+    /// database's own operators would (objects the admin must not own, for example).
+    /// Never hand it to the code under test.
+    pub async fn superuser_client(&self) -> tokio_postgres::Client {
+        self.superuser_client_to(DATABASE).await
+    }
+
+    async fn superuser_client_to(&self, database: &str) -> tokio_postgres::Client {
+        self.open_to(SUPERUSER, self.superuser_password.expose_secret(), database)
+            .await
+            .map(|(client, _task)| client)
+            .unwrap_or_else(|e| panic!("superuser login to the test PostgreSQL failed: {e}"))
+    }
+
+    /// Create the admin role and its database, as the bootstrap superuser. The password
+    /// statement is kept out of the server log.
+    async fn bootstrap_admin(&self) {
+        let su = self.superuser_client_to("postgres").await;
+        // A query string is logged before any of it runs: the SET goes on its own.
+        let create_role = format!(
+            "CREATE ROLE {ADMIN_USER} LOGIN CREATEROLE PASSWORD '{}'",
+            self.admin_password.expose_secret()
+        );
+        for sql in [
+            "SET log_statement = 'none'",
+            create_role.as_str(),
+            "RESET log_statement",
+            &format!("CREATE DATABASE {DATABASE} OWNER {ADMIN_USER}"),
+        ] {
+            su.batch_execute(sql)
+                .await
+                .unwrap_or_else(|e| panic!("cannot create the test admin: {e}"));
+        }
     }
 
     /// Everything the server logged so far (every statement, with `log_statement=all`).
@@ -244,7 +305,7 @@ impl PostgresServer {
     fn init_cluster(&self) {
         let root = self.root.path();
         let pwfile = root.join("pwfile");
-        std::fs::write(&pwfile, self.admin_password.expose_secret())
+        std::fs::write(&pwfile, self.superuser_password.expose_secret())
             .unwrap_or_else(|e| panic!("cannot write the password file: {e}"));
         std::fs::create_dir(root.join("sock"))
             .unwrap_or_else(|e| panic!("cannot create the socket dir: {e}"));
@@ -262,7 +323,7 @@ impl PostgresServer {
             .as_postgres(&self.bin_dir.join("initdb"))
             .arg("-D")
             .arg(self.data_dir())
-            .arg(format!("--username={ADMIN_USER}"))
+            .arg(format!("--username={SUPERUSER}"))
             .arg(format!("--pwfile={}", pwfile.display()))
             .args([
                 "--auth=scram-sha-256",
@@ -337,7 +398,7 @@ impl PostgresServer {
             .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
     }
 
-    /// Spawn the postmaster and wait until the admin can log in. On failure returns
+    /// Spawn the postmaster and wait until the superuser can log in. On failure returns
     /// the server log.
     async fn launch(&mut self) -> Result<(), String> {
         let mut cmd = self.as_postgres(&self.bin_dir.join("postgres"));
@@ -361,7 +422,11 @@ impl PostgresServer {
                 return Err(log.get(log_start..).unwrap_or(&log).to_owned());
             }
             if let Ok((client, task)) = self
-                .open(ADMIN_USER, self.admin_password.expose_secret())
+                .open_to(
+                    SUPERUSER,
+                    self.superuser_password.expose_secret(),
+                    "postgres",
+                )
                 .await
             {
                 drop(client);

@@ -11,13 +11,33 @@ async fn postgres_starts_stops_resumes_and_cleans_up() {
     let admin = pg.admin_client().await;
     let row = admin
         .query_one(
-            "SELECT current_user::text, current_setting('password_encryption')",
+            "SELECT current_user::text, current_setting('password_encryption'), \
+                    rolsuper, rolcreaterole, \
+                    pg_has_role('pg_signal_backend', 'MEMBER'), \
+                    (SELECT datdba = r.oid FROM pg_database WHERE datname = current_database()) \
+             FROM pg_roles r WHERE rolname = current_user",
             &[],
         )
         .await
         .expect("query");
     assert_eq!(row.get::<_, String>(0), "leasehold_admin");
     assert_eq!(row.get::<_, String>(1), "scram-sha-256");
+    // What a managed database hands out: CREATEROLE and its own database, no superuser.
+    assert!(!row.get::<_, bool>(2), "the admin must not be a superuser");
+    assert!(row.get::<_, bool>(3), "the admin has CREATEROLE");
+    assert!(
+        !row.get::<_, bool>(4),
+        "the admin is not in pg_signal_backend"
+    );
+    assert!(row.get::<_, bool>(5), "the admin owns the test database");
+    let su = pg.superuser_client().await;
+    su.simple_query("SELECT 1").await.expect("superuser login");
+    drop(su);
+    // The admin's password never reaches the server log.
+    assert!(
+        !pg.log_contents()
+            .contains(pg.admin_password().expose_secret())
+    );
     // A wrong password is refused: authentication is really checked.
     assert!(
         pg.connect_as("leasehold_admin", "wrong-password")
@@ -55,6 +75,18 @@ async fn mariadb_starts_stops_resumes_and_cleans_up() {
         .await
         .expect("query");
     assert_eq!(user.as_deref(), Some("leasehold_admin@%"));
+    // Not root: no privilege outside what leasehold needs.
+    let grants: Vec<String> = admin
+        .query("SHOW GRANTS FOR CURRENT_USER")
+        .await
+        .expect("grants");
+    assert!(
+        !grants.iter().any(|g| g.contains("ALL PRIVILEGES ON *.*")),
+        "{grants:?}"
+    );
+    let mut su = db.superuser_conn().await;
+    su.query_drop("SELECT 1").await.expect("superuser login");
+    su.disconnect().await.expect("disconnect");
     admin.disconnect().await.expect("disconnect");
     assert!(
         db.connect_as("leasehold_admin", "wrong-password")
