@@ -19,7 +19,7 @@
 //! directly), and when terminating its sessions (that transaction is rolled back, so
 //! the membership never stays). A member of `pg_signal_backend` terminates without it.
 //! `REASSIGN OWNED` and `DROP OWNED` only act on the target database: objects a user
-//! owns elsewhere make `DROP ROLE` fail with [`BackendError::Invalid`].
+//! owns elsewhere make `DROP ROLE` fail with [`BackendError::Other`].
 //!
 //! A missing privilege is [`BackendError::PermissionDenied`] naming the step and what it
 //! needs, never "admin credential rejected" (that is a refused login).
@@ -179,6 +179,8 @@ impl PostgresBackend {
         // Two attempts: a concurrent issue of the same role can make CREATE ROLE
         // collide; the retry then sees the role and alters it.
         for attempt in 1..=2 {
+            // The statement under way, to name the step a missing privilege stops.
+            let mut step = String::new();
             let result: Result<(), tokio_postgres::Error> = async {
                 let tx = client.transaction().await?;
                 let exists = tx
@@ -189,13 +191,26 @@ impl PostgresBackend {
                     .await?
                     .is_some();
                 let verb = if exists { "ALTER" } else { "CREATE" };
+                step = format!(
+                    "to {} role {name:?} (it needs CREATEROLE)",
+                    verb.to_lowercase()
+                );
                 tx.execute(&format!("{verb} ROLE {role} {login}"), &[])
                     .await?;
                 for parent in &req.privileges.member_of {
+                    step = format!(
+                        "to grant role {parent:?} (it needs CREATEROLE and, from PostgreSQL 16, \
+                         ADMIN OPTION on {parent:?})"
+                    );
                     tx.execute(&format!("GRANT {} TO {role}", pg_ident(parent)), &[])
                         .await?;
                 }
                 for clause in &req.privileges.grants {
+                    step = format!(
+                        "to grant `{}` (it needs to own the objects or hold those privileges \
+                         WITH GRANT OPTION)",
+                        clause.trim()
+                    );
                     tx.execute(&format!("GRANT {} TO {role}", clause.trim()), &[])
                         .await?;
                 }
@@ -213,7 +228,9 @@ impl PostgresBackend {
                 {
                     debug!("role appeared concurrently, retrying as ALTER");
                 }
-                Err(e) => return Err(admin_error(&e, &secrets)),
+                Err(e) => {
+                    return Err(admin_error(&e, &secrets).in_step(|| step));
+                }
             }
         }
         Err(BackendError::Other(format!(
@@ -283,7 +300,14 @@ impl PostgresBackend {
             Err(e) if e.code() == Some(&SqlState::UNDEFINED_OBJECT) => {
                 return Ok(RevokeOutcome::Revoked);
             }
-            Err(e) => return Err(map(e)),
+            Err(e) => {
+                return Err(map(e).in_step(|| {
+                    format!(
+                        "to disable login of role {name:?} (it needs CREATEROLE and, from \
+                         PostgreSQL 16, ADMIN OPTION on the role; superuser roles need a superuser)"
+                    )
+                }));
+            }
         }
 
         let mut client = client;

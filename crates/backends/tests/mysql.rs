@@ -665,3 +665,95 @@ async fn outage_is_unreachable_then_recovers() {
     );
     b.close().await;
 }
+
+/// An admin with only `CREATE USER`, the app database and `SELECT` on the user tables:
+/// what it cannot do is reported as a missing privilege naming what to grant, and
+/// draining never proceeds blind (without `PROCESS` the admin sees no one's sessions).
+#[tokio::test]
+async fn a_narrower_admin_is_told_what_it_lacks() {
+    let db = MariaDbServer::shared().await;
+    let p = unique_name("narrow_");
+    let admin_user = format!("{p}_adm");
+    let admin_pw = password();
+    let d = db.database();
+    let mut su = db.superuser_conn().await;
+    for statement in [
+        format!(
+            "CREATE USER '{admin_user}'@'%' IDENTIFIED BY '{}'",
+            admin_pw.expose_secret()
+        ),
+        format!("GRANT CREATE USER ON *.* TO '{admin_user}'@'%'"),
+        format!("GRANT ALL PRIVILEGES ON `{d}`.* TO '{admin_user}'@'%' WITH GRANT OPTION"),
+        format!("GRANT SELECT ON mysql.user TO '{admin_user}'@'%'"),
+        format!("GRANT SELECT ON mysql.global_priv TO '{admin_user}'@'%'"),
+    ] {
+        su.query_drop(statement).await.expect("setup");
+    }
+    su.disconnect().await.expect("disconnect");
+    let mut t = target(db);
+    t.admin_user = admin_user.clone();
+    t.admin_password = admin_pw.clone();
+    let b = MySqlBackend::new(t).expect("backend");
+    let mut narrow = db
+        .connect_as(&admin_user, admin_pw.expose_secret())
+        .await
+        .expect("narrow admin login");
+    narrow
+        .query_drop(format!("CREATE ROLE {p}_reader"))
+        .await
+        .expect("the admin creates a role");
+    narrow.disconnect().await.expect("disconnect");
+
+    // MariaDB: SET DEFAULT ROLE ... FOR another user needs UPDATE on `mysql`.
+    let user = format!("{p}_r");
+    let pw = password();
+    let with_role = Privileges {
+        member_of: vec![format!("{p}_reader")],
+        grants: basic(d).grants,
+    };
+    let err = b
+        .issue(&issue(&user, IssueMode::CreateUser, &pw, with_role))
+        .await
+        .expect_err("no UPDATE on mysql");
+    assert!(matches!(err, BackendError::PermissionDenied(_)), "{err:?}");
+    let shown = err.to_string();
+    assert!(!shown.contains("credential rejected"), "{shown}");
+    assert!(shown.contains("UPDATE on the mysql database"), "{shown}");
+    assert_secret_free(&err, &[pw.expose_secret(), admin_pw.expose_secret()]);
+
+    // Without PROCESS, draining would see none of the user's sessions: refused.
+    let user = format!("{p}_u");
+    b.issue(&issue(&user, IssueMode::CreateUser, &pw, basic(d)))
+        .await
+        .expect("issue without roles");
+    assert!(
+        b.can_login(&CredentialId(user.clone()))
+            .await
+            .expect("can_login")
+    );
+    let session = db
+        .connect_as(&user, pw.expose_secret())
+        .await
+        .expect("session");
+    let err = b
+        .revoke(&revoke(&user, RevokeMode::DropUser, DrainSessions::Wait))
+        .await
+        .expect_err("cannot see sessions");
+    assert!(matches!(err, BackendError::PermissionDenied(_)), "{err:?}");
+    assert!(err.to_string().contains("PROCESS"), "{err}");
+    assert!(
+        !b.can_login(&CredentialId(user.clone()))
+            .await
+            .expect("can_login"),
+        "locked before the sessions were looked at"
+    );
+    assert_eq!(
+        b.revoke(&revoke(&user, RevokeMode::DropUser, DrainSessions::Ignore))
+            .await
+            .expect("Ignore needs no PROCESS"),
+        RevokeOutcome::Revoked
+    );
+    assert!(b.list_users(&user).await.expect("list").is_empty());
+    let _ = session.disconnect().await;
+    b.close().await;
+}

@@ -717,3 +717,134 @@ async fn outage_is_unreachable_then_recovers() {
         RevokeOutcome::Revoked
     );
 }
+
+/// Memberships the admin holds (`CREATEROLE` admins created by the testkit hold none).
+async fn admin_memberships(pg: &PostgresServer) -> Vec<String> {
+    pg.admin_client()
+        .await
+        .query(
+            "SELECT g.rolname::text FROM pg_auth_members m \
+             JOIN pg_roles g ON g.oid = m.roleid JOIN pg_roles u ON u.oid = m.member \
+             WHERE u.rolname = current_user ORDER BY 1",
+            &[],
+        )
+        .await
+        .expect("memberships")
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// The testkit's admin is what RDS, Cloud SQL and Azure hand out (`CREATEROLE`, owner
+/// of the database, no superuser, not in `pg_signal_backend`). It can still end a
+/// user's sessions and drop a user that owns objects and holds grants, and it keeps
+/// no membership in the roles it borrowed to do so.
+#[tokio::test]
+async fn a_createrole_admin_terminates_and_drops_without_keeping_memberships() {
+    let pg = PostgresServer::shared().await;
+    let b = backend(pg);
+    let p = unique_name("borrow_");
+    let privileges = fixture(pg, &p).await;
+    let user = format!("{p}_u");
+    let pw = password();
+    let mut privileges = privileges;
+    privileges.grants.push("CREATE ON SCHEMA public".into());
+    b.issue(&issue(&user, IssueMode::CreateUser, &pw, privileges))
+        .await
+        .expect("issue");
+    let before = admin_memberships(pg).await;
+
+    let session = pg
+        .connect_as(&user, pw.expose_secret())
+        .await
+        .expect("login");
+    session
+        .batch_execute(&format!("CREATE TABLE {p}_owned (x int)"))
+        .await
+        .expect("the user creates a table");
+
+    // Disabling login and terminating sessions (AlternatingUsers keeps the user).
+    let disable = revoke(&user, RevokeMode::DisableLogin, DrainSessions::Terminate);
+    assert_eq!(
+        b.revoke(&disable)
+            .await
+            .expect("terminate as a CREATEROLE admin"),
+        RevokeOutcome::Revoked
+    );
+    assert!(
+        session.simple_query("SELECT 1").await.is_err(),
+        "the session was terminated"
+    );
+    assert_eq!(admin_memberships(pg).await, before, "no membership kept");
+
+    // Dropping: what it owned goes to the admin, its grants go with it.
+    let drop = revoke(&user, RevokeMode::DropUser, DrainSessions::Terminate);
+    assert_eq!(
+        b.revoke(&drop).await.expect("drop as a CREATEROLE admin"),
+        RevokeOutcome::Revoked
+    );
+    assert!(b.list_users(&user).await.expect("list").is_empty());
+    let owner: String = pg
+        .admin_client()
+        .await
+        .query_one(
+            "SELECT tableowner::text FROM pg_tables WHERE tablename = $1",
+            &[&format!("{p}_owned")],
+        )
+        .await
+        .expect("owner")
+        .get(0);
+    assert_eq!(owner, pg.admin_user());
+    assert_eq!(admin_memberships(pg).await, before, "no membership kept");
+}
+
+/// A privilege the admin lacks is named as such, with the step, not reported as a
+/// rejected admin credential.
+#[tokio::test]
+async fn missing_admin_privileges_are_named() {
+    let pg = PostgresServer::shared().await;
+    let b = backend(pg);
+    let p = unique_name("noperm_");
+    let su = pg.superuser_client().await;
+    su.batch_execute(&format!(
+        "CREATE TABLE {p}_theirs (x int); CREATE ROLE {p}_root LOGIN SUPERUSER;"
+    ))
+    .await
+    .expect("setup");
+
+    let user = format!("{p}_u");
+    let pw = password();
+    let privileges = Privileges {
+        member_of: vec![],
+        grants: vec![format!("SELECT ON TABLE {p}_theirs")],
+    };
+    let err = b
+        .issue(&issue(&user, IssueMode::CreateUser, &pw, privileges))
+        .await
+        .expect_err("the admin has no privilege on the table");
+    let shown = err.to_string();
+    assert!(matches!(err, BackendError::PermissionDenied(_)), "{err:?}");
+    assert!(!shown.contains("credential rejected"), "{shown}");
+    assert!(
+        shown.starts_with("the admin lacks a privilege to grant `SELECT ON TABLE"),
+        "{shown}"
+    );
+    assert!(shown.contains("42501"), "{shown}");
+    assert!(!err.is_transient());
+    assert_secret_free(&err, &[pw.expose_secret()]);
+
+    let err = b
+        .revoke(&revoke(
+            &format!("{p}_root"),
+            RevokeMode::DropUser,
+            DrainSessions::Ignore,
+        ))
+        .await
+        .expect_err("a CREATEROLE admin cannot touch a superuser");
+    assert!(matches!(err, BackendError::PermissionDenied(_)), "{err:?}");
+    assert!(
+        err.to_string()
+            .contains(&format!("to disable login of role \"{p}_root\"")),
+        "{err}"
+    );
+}

@@ -466,3 +466,78 @@ async fn mariadb_versions_naming_the_current_user_never_touch_it() {
     setup_maria(s).await;
     versions_naming_the_current_user_never_touch_it(Db::Maria(s)).await;
 }
+
+/// With the admin a managed database gives (the testkit's `CREATEROLE` admin), a
+/// superseded user is dropped and deleting the lease drops every user it made, even
+/// users that hold grants and own objects.
+#[tokio::test]
+async fn postgres_deleting_a_lease_drops_its_users_with_a_createrole_admin() {
+    let s = PostgresServer::shared().await;
+    setup_pg(s).await;
+    let db = Db::Pg(s);
+    let key = lease_key("delete");
+    let ctx = context(
+        key.clone(),
+        db.kind(),
+        db.backend(2),
+        db.host(),
+        db.port(),
+        db.database(),
+        policy(Strategy::Dynamic, Duration::ZERO),
+        Privileges {
+            member_of: vec!["app_reader".into()],
+            grants: vec![
+                "SELECT ON TABLE widgets".into(),
+                "CREATE ON SCHEMA public".into(),
+            ],
+        },
+    );
+    let stores = MemoryStores::default();
+    let engine = Engine::new();
+    let mut progress = stores.load(&key);
+    engine
+        .reconcile(&ctx, &mut progress, &obs(None), stores.stores())
+        .await
+        .unwrap();
+    let v1 = progress.current().unwrap().clone();
+    let pw1 = stores.password(&key, 1).unwrap();
+    assert!(
+        db.query_ok(
+            &v1.credential_id,
+            &pw1,
+            &format!("CREATE TABLE {}_t (x int)", v1.credential_id)
+        )
+        .await
+    );
+    engine
+        .reconcile(&ctx, &mut progress, &obs(Some("r1")), stores.stores())
+        .await
+        .unwrap();
+    assert_eq!(
+        progress
+            .versions
+            .iter()
+            .map(|v| v.version)
+            .collect::<Vec<_>>(),
+        vec![2],
+        "v1 dropped: {:?}",
+        progress.versions
+    );
+    let prefix = &v1.credential_id[..v1.credential_id.len() - 1];
+    let users = ctx.backend.list_users(prefix).await.unwrap();
+    assert_eq!(users.len(), 1, "only v2 remains: {users:?}");
+
+    let deleting = leasehold_core::rotation::Observations {
+        deleting: true,
+        ..obs(Some("r1"))
+    };
+    let out = engine
+        .reconcile(&ctx, &mut progress, &deleting, stores.stores())
+        .await
+        .unwrap();
+    assert_eq!(out, Outcome::Finished);
+    assert!(
+        ctx.backend.list_users(prefix).await.unwrap().is_empty(),
+        "deleting the lease leaves none of its users"
+    );
+}
