@@ -11,6 +11,13 @@ pub const DISCOVERY_PATH: &str = "/.well-known/openid-configuration";
 /// The path at which the API server serves its service-account signing keys.
 pub const JWKS_PATH: &str = "/openid/v1/jwks";
 
+/// `Accept` for the discovery document, which the API server serves as JSON.
+const ACCEPT_DISCOVERY: &str = "application/json";
+/// `Accept` for the key set. The API server serves it only as
+/// `application/jwk-set+json` and answers `406 Not Acceptable` to a request that
+/// accepts nothing but `application/json`; other issuers serve plain JSON.
+const ACCEPT_JWKS: &str = "application/jwk-set+json, application/json;q=0.9";
+
 /// A supplier of the issuer's discovery document and key set.
 #[async_trait]
 pub trait KeySource: Send + Sync {
@@ -80,10 +87,11 @@ impl HttpKeySource {
     async fn get_json<T: DeserializeOwned>(
         &self,
         path: &str,
+        accept: &'static str,
         what: &'static str,
     ) -> Result<T, KeySourceError> {
         let request = http::Request::get(path)
-            .header(http::header::ACCEPT, "application/json")
+            .header(http::header::ACCEPT, accept)
             .body(Vec::new())
             .map_err(|e| KeySourceError::Request {
                 what,
@@ -107,7 +115,7 @@ impl HttpKeySource {
 #[async_trait]
 impl KeySource for HttpKeySource {
     async fn discovery(&self) -> Result<OidcDiscovery, KeySourceError> {
-        self.get_json(DISCOVERY_PATH, "OIDC discovery document")
+        self.get_json(DISCOVERY_PATH, ACCEPT_DISCOVERY, "OIDC discovery document")
             .await
     }
 
@@ -124,7 +132,7 @@ impl KeySource for HttpKeySource {
                 path_of(&uri)?
             }
         };
-        self.get_json(&path, "JWK set").await
+        self.get_json(&path, ACCEPT_JWKS, "JWK set").await
     }
 }
 

@@ -9,7 +9,8 @@ use std::time::Duration;
 use common::*;
 use jsonwebtoken::{EncodingKey, Header};
 use leasehold_auth::{
-    Algorithm, AuthError, ConfigError, ExpectedPod, PodField, TokenVerifier, VerifierConfig,
+    Algorithm, AuthError, ConfigError, ExpectedPod, KeySource, PodField, TokenVerifier,
+    VerifierConfig,
 };
 use serde_json::{Value, json};
 
@@ -85,6 +86,21 @@ async fn accepts_valid_rs256_pod_token() {
         .verify_pod_token(&token, &expected_pod())
         .await
         .unwrap();
+    assert_eq!(server.jwks_hits(), 1);
+}
+
+/// The API server serves `/openid/v1/jwks` only as `application/jwk-set+json` and
+/// answers 406 to `Accept: application/json` alone (seen on kube-apiserver v1.32):
+/// the key source must ask for the media type the server has.
+#[tokio::test]
+async fn key_set_is_requested_as_jwk_set_json() {
+    assert!(
+        !accepts_jwk_set(Some("application/json")),
+        "the fake must refuse as the API server does"
+    );
+    let server = server_with_all_keys().await;
+    let keys = server.key_source().jwks().await.expect("key set fetched");
+    assert!(!keys.keys.is_empty());
     assert_eq!(server.jwks_hits(), 1);
 }
 

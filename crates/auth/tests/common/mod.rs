@@ -221,10 +221,31 @@ async fn discovery(
     )
 }
 
+/// Whether an `Accept` header admits `application/jwk-set+json`, judged as the
+/// Kubernetes API server judges it for `/openid/v1/jwks`.
+pub fn accepts_jwk_set(accept: Option<&str>) -> bool {
+    let Some(accept) = accept else { return true };
+    accept.split(',').any(|range| {
+        let media = range.split(';').next().unwrap_or("").trim();
+        matches!(media, "application/jwk-set+json" | "application/*" | "*/*")
+    })
+}
+
 async fn jwks(
     State(state): State<Arc<ServerState>>,
+    headers: header::HeaderMap,
 ) -> (StatusCode, [(header::HeaderName, &'static str); 1], String) {
     state.jwks_hits.fetch_add(1, Ordering::SeqCst);
+    // The real API server serves the key set only as application/jwk-set+json and
+    // answers 406 to a request that accepts nothing but application/json.
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    if !accepts_jwk_set(accept) {
+        return (
+            StatusCode::NOT_ACCEPTABLE,
+            [(header::CONTENT_TYPE, "application/json")],
+            r#"{"kind":"Status","status":"Failure","message":"only the following media types are accepted: application/jwk-set+json","reason":"NotAcceptable","code":406}"#.to_owned(),
+        );
+    }
     if state.fail.load(Ordering::SeqCst) {
         return (
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -235,7 +256,7 @@ async fn jwks(
     let keys = state.keys.lock().unwrap().clone();
     (
         StatusCode::OK,
-        [(header::CONTENT_TYPE, "application/json")],
+        [(header::CONTENT_TYPE, "application/jwk-set+json")],
         json!({ "keys": keys }).to_string(),
     )
 }
