@@ -1,31 +1,25 @@
 //! The CSI Identity service.
 
-use std::sync::Arc;
-
 use leasehold_proto::csi::v1 as csi;
 use tonic::{Request, Response, Status};
-
-use crate::broker::CredentialBroker;
 
 /// The driver name registered with the kubelet.
 pub const DRIVER_NAME: &str = "csi.leasehold.dev";
 
-/// Identity: name, version, and readiness (the broker is reachable).
-#[derive(Clone)]
-pub struct IdentityService {
-    broker: Arc<dyn CredentialBroker>,
-}
-
-impl std::fmt::Debug for IdentityService {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("IdentityService").finish_non_exhaustive()
-    }
-}
+/// Identity: name, version, and the driver's own health.
+///
+/// `Probe` answers for this process only. The chart's livenessprobe sidecar turns
+/// `Probe` into the container's liveness check, so reporting the broker's
+/// reachability here would let a controller outage restart every node driver (and
+/// kill their in-flight unpublishes and renewals). The broker's reachability is
+/// shown by the driver's `/readyz` and its metrics instead.
+#[derive(Debug, Clone, Default)]
+pub struct IdentityService {}
 
 impl IdentityService {
-    /// Readiness follows `broker.ready()`.
-    pub fn new(broker: Arc<dyn CredentialBroker>) -> Self {
-        Self { broker }
+    /// The Identity service.
+    pub fn new() -> Self {
+        Self {}
     }
 }
 
@@ -56,10 +50,8 @@ impl csi::identity_server::Identity for IdentityService {
         &self,
         _request: Request<csi::ProbeRequest>,
     ) -> Result<Response<csi::ProbeResponse>, Status> {
-        let ready = self.broker.ready().await;
-        if !ready {
-            tracing::debug!("probe: broker not reachable");
-        }
-        Ok(Response::new(csi::ProbeResponse { ready: Some(ready) }))
+        // Answering at all proves the server loop runs; the driver has nothing
+        // else to initialise before it can serve.
+        Ok(Response::new(csi::ProbeResponse { ready: Some(true) }))
     }
 }

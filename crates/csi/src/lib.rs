@@ -111,7 +111,7 @@ impl NodeDriver {
         let metrics = NodeMetrics::register(registry);
         let socket_path = config.socket_path.clone();
         let release_retry_interval = config.release_retry_interval;
-        let identity = IdentityService::new(broker.clone());
+        let identity = IdentityService::new();
         let node = NodeService::new(config, verifier, broker, state, metrics);
         Ok(Self {
             socket_path,

@@ -385,6 +385,7 @@ impl Broker {
 struct Driver {
     node: csi::node_client::NodeClient<tonic::transport::Channel>,
     identity: csi::identity_client::IdentityClient<tonic::transport::Channel>,
+    broker: Arc<GrpcBroker>,
     state_dir: PathBuf,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), leasehold_csi::ServeError>>>,
@@ -417,14 +418,10 @@ impl Driver {
             call_timeout: Duration::from_secs(10),
         })
         .unwrap();
+        let grpc = Arc::new(grpc);
         let mut registry = prometheus_client::registry::Registry::default();
-        let driver = NodeDriver::new(
-            config,
-            verifier(POD_AUDIENCE),
-            Arc::new(grpc),
-            &mut registry,
-        )
-        .unwrap();
+        let driver =
+            NodeDriver::new(config, verifier(POD_AUDIENCE), grpc.clone(), &mut registry).unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(driver.run(async move {
             let _ = rx.await;
@@ -439,6 +436,7 @@ impl Driver {
         Driver {
             node: csi::node_client::NodeClient::new(channel.clone()),
             identity: csi::identity_client::IdentityClient::new(channel),
+            broker: grpc,
             state_dir,
             shutdown: Some(tx),
             task: Some(task),
@@ -452,6 +450,12 @@ impl Driver {
             .unwrap()
             .into_inner()
             .ready
+    }
+
+    /// The broker readiness the driver's `/readyz` reports.
+    async fn broker_ready(&self) -> bool {
+        use leasehold_csi::CredentialBroker;
+        self.broker.ready().await
     }
 
     async fn publish(&mut self, req: csi::NodePublishVolumeRequest) -> Result<(), tonic::Status> {
@@ -602,7 +606,8 @@ async fn publish_rotate_and_unpublish_through_the_real_broker() {
     let target = target_under(dir.path(), WEB.uid);
     let volume = "csi-5d0c7e1a-web0";
     let token = pod_token(&WEB);
-    assert_eq!(d.probe().await, Some(true), "broker reachable over TLS");
+    assert_eq!(d.probe().await, Some(true), "driver live");
+    assert!(d.broker_ready().await, "broker reachable over TLS");
 
     // 1. Publish: a tmpfs with the rendered v1 files.
     d.publish(publish_req(volume, &target, &WEB, &token))
@@ -791,7 +796,8 @@ async fn broker_certificate_from_another_ca_is_refused() {
     let target = target_under(dir.path(), WEB.uid);
     let volume = "csi-5d0c7e1a-web0";
 
-    assert_eq!(d.probe().await, Some(false), "broker not trusted");
+    assert_eq!(d.probe().await, Some(true), "the driver stays live");
+    assert!(!d.broker_ready().await, "broker not trusted: not ready");
     let err = d
         .publish(publish_req(volume, &target, &WEB, &pod_token(&WEB)))
         .await
