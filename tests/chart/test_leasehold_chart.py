@@ -189,6 +189,9 @@ def test_token_audience_matches_between_csidriver_and_node(
     assert [t["audience"] for t in requests] == [audience]
     driver = container(node_pod(r)["spec"], "leasehold")
     assert arg_value(driver["args"], "--token-audience") == audience
+    # The broker re-verifies the same pod tokens: one setting configures both.
+    controller = container(controller_pod(r)["spec"], "controller")
+    assert arg_value(controller["args"], "--pod-token-audience") == audience
 
 
 def test_node_disabled_renders_no_node_objects(rendered_sets: dict[str, Rendered]) -> None:
@@ -221,6 +224,7 @@ def test_controller_defaults(default: Rendered) -> None:
         "--broker-tls-generated-secret", f"{FULLNAME}-broker-tls",
         "--broker-service", f"{FULLNAME}-broker",
         "--broker-token-audience", "leasehold-broker",
+        "--pod-token-audience", "csi.leasehold.dev",
         "--node-service-account", f"{FULLNAME}-node",
         "--log-format", "json",
     ]  # fmt: skip
@@ -526,8 +530,11 @@ def triples(group: str, resources: list[str], verbs: list[str]) -> set[tuple[str
 
 
 CONTROLLER_NAMESPACED_RULES = (
-    triples("leasehold.dev", ["secretleases", "rotationpolicies"], ["get", "list", "watch"])
-    | triples("leasehold.dev", ["secretleases/status"], ["get", "patch"])
+    triples("leasehold.dev", ["rotationpolicies"], ["get", "list", "watch"])
+    # The finalizer is added and removed by patching the lease (seen refused on a
+    # real API server without this verb).
+    | triples("leasehold.dev", ["secretleases"], ["get", "list", "watch", "patch"])
+    | triples("leasehold.dev", ["secretleases/status", "rotationpolicies/status"], ["get", "patch"])
     | triples("leasehold.dev", ["secretleases/finalizers"], ["update"])
     | triples("", ["secrets"], ["get", "list", "watch", "create", "update", "patch", "delete"])
     | triples("", ["events"], ["create", "patch"])
@@ -536,8 +543,7 @@ CONTROLLER_NAMESPACED_RULES = (
     | triples("apps", ["deployments", "statefulsets", "daemonsets"], ["get", "list", "watch", "patch"])
 )
 CONTROLLER_CLUSTER_ONLY_RULES = (
-    triples("authentication.k8s.io", ["tokenreviews"], ["create"])
-    | triples("", ["namespaces"], ["get"])
+    triples("", ["namespaces"], ["get"])
     | triples("url", ["/.well-known/openid-configuration", "/openid/v1/jwks"], ["get"])
 )
 CONTROLLER_RELEASE_NS_RULES = (

@@ -164,11 +164,18 @@ RoleBinding in each watched namespace only.
 */}}
 {{- define "leasehold.controllerNamespacedRules" -}}
 - apiGroups: ["leasehold.dev"]
-  resources: ["secretleases", "rotationpolicies"]
+  resources: ["rotationpolicies"]
   verbs: ["get", "list", "watch"]
+# The finalizer is added and removed with a patch on the lease itself.
 - apiGroups: ["leasehold.dev"]
-  resources: ["secretleases/status"]
+  resources: ["secretleases"]
+  verbs: ["get", "list", "watch", "patch"]
+# Status of both kinds is written with server-side apply.
+- apiGroups: ["leasehold.dev"]
+  resources: ["secretleases/status", "rotationpolicies/status"]
   verbs: ["get", "patch"]
+# For clusters that enforce OwnerReferencesPermissionEnforcement: the owned
+# Secrets carry blockOwnerDeletion on their lease.
 - apiGroups: ["leasehold.dev"]
   resources: ["secretleases/finalizers"]
   verbs: ["update"]

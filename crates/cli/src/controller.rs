@@ -55,6 +55,10 @@ pub struct ControllerArgs {
     /// ConfigMap the broker CA is published in (key `ca.crt`) for the node drivers.
     #[arg(long, value_name = "NAME", default_value = "leasehold-broker-ca")]
     broker_ca_configmap: String,
+    /// Audience of the pod tokens the node drivers pass on (the CSIDriver's
+    /// tokenRequests audience; the node drivers' --token-audience).
+    #[arg(long, default_value = leasehold_api::CSI_TOKEN_AUDIENCE)]
+    pod_token_audience: String,
     /// Audience of the node drivers' own tokens.
     #[arg(long, default_value = "leasehold-broker")]
     broker_token_audience: String,
@@ -88,7 +92,7 @@ pub async fn run(args: ControllerArgs) -> Result<(), OperatorError> {
             user_secret: args.broker_tls_secret.clone(),
             node_service_account: args.node_service_account.clone(),
             node_token_audience: args.broker_token_audience.clone(),
-            pod_token_audience: leasehold_api::CSI_TOKEN_AUDIENCE.into(),
+            pod_token_audience: args.pod_token_audience.clone(),
         })
     };
     let config = ControllerConfig {
