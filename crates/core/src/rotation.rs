@@ -289,13 +289,19 @@ impl Progress {
     }
 }
 
+/// [`Observations::consumers_hold`] when there are no consumers to wait for.
+pub const ALL_CONSUMERS_CURRENT: u64 = u64::MAX;
+
 /// What the caller saw outside the recorded progress.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Observations {
     /// The lease is being deleted: revoke everything.
     pub deleting: bool,
-    /// Every known consumer acknowledged the current version (true when there are none).
-    pub consumers_on_current: bool,
+    /// Every known consumer holds this version or a newer one ([`ALL_CONSUMERS_CURRENT`]
+    /// when there are none; 0 when some consumer holds nothing known). A version, not
+    /// a yes/no about "the current" one: the observation is made before the engine
+    /// promotes, and must not count for a version promoted after it was made.
+    pub consumers_hold: u64,
     /// A rotation was requested (the value of the request annotation), if any.
     pub rotation_request: Option<String>,
     /// Rotations not forced by expiry may start now (no maintenance window, or inside it).
@@ -515,7 +521,8 @@ pub fn decide(
             continue;
         }
         let superseded_at = r.superseded_at.unwrap_or(r.issued_at);
-        match drain_ready_at(policy, superseded_at, obs.consumers_on_current, now) {
+        let consumers_on_current = current.is_none_or(|c| obs.consumers_hold >= c.version);
+        match drain_ready_at(policy, superseded_at, consumers_on_current, now) {
             None => return revoke_action(r, RevokeReason::Superseded),
             Some(t) => wait_for(t, WaitReason::Draining),
         }
@@ -691,7 +698,7 @@ mod tests {
 
     fn obs() -> Observations {
         Observations {
-            consumers_on_current: true,
+            consumers_hold: ALL_CONSUMERS_CURRENT,
             maintenance_window_open: true,
             ..Default::default()
         }
@@ -778,7 +785,7 @@ mod tests {
             ..Default::default()
         };
         let waiting = Observations {
-            consumers_on_current: false,
+            consumers_hold: 1,
             ..obs()
         };
         assert_eq!(
@@ -928,7 +935,7 @@ mod tests {
             ..Default::default()
         };
         let any_consumers = Observations {
-            consumers_on_current: false,
+            consumers_hold: 1,
             ..obs()
         };
         assert!(matches!(

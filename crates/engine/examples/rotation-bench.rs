@@ -161,7 +161,7 @@ async fn main() {
             let mut p = Progress::default();
             let stores = store.stores();
             let obs = Observations {
-                consumers_on_current: true,
+                consumers_hold: leasehold_core::rotation::ALL_CONSUMERS_CURRENT,
                 maintenance_window_open: true,
                 ..Default::default()
             };
@@ -183,7 +183,7 @@ async fn main() {
                 let mut p = store.load(&ctx.key);
                 let stores = store.stores();
                 let obs = Observations {
-                    consumers_on_current: true,
+                    consumers_hold: leasehold_core::rotation::ALL_CONSUMERS_CURRENT,
                     maintenance_window_open: true,
                     rotation_request: Some(format!("r{n}")),
                     ..Default::default()

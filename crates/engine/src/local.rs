@@ -671,7 +671,7 @@ impl LocalRunner {
             crate::window::window_state(policy.maintenance_window.as_ref(), Timestamp::now());
         let obs = Observations {
             deleting,
-            consumers_on_current: true,
+            consumers_hold: leasehold_core::rotation::ALL_CONSUMERS_CURRENT,
             rotation_request: lease
                 .and_then(|l| l.metadata.annotations.as_ref())
                 .and_then(|a| a.get(ROTATE_ANNOTATION).cloned()),

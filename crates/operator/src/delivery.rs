@@ -13,6 +13,7 @@ use kube::api::{Patch, PatchParams};
 use kube::{Api, Client};
 use leasehold_api::{ConsumerStatus, DeliverySpec, FIELD_MANAGER, RolloutTarget, WorkloadKind};
 use leasehold_backends::CredentialMaterial;
+use leasehold_core::rotation::ALL_CONSUMERS_CURRENT;
 use leasehold_engine::{Delivery, LeaseKey, StoreError};
 use tokio::sync::Mutex;
 
@@ -71,25 +72,25 @@ impl TargetObservation {
     }
 }
 
-/// Whether every known consumer holds `current`: pods that reported a version through
-/// CSI, and rollout targets whose restart for `current` has completed.
-pub fn consumers_on_current(
-    current: Option<u64>,
-    consumers: &[ConsumerStatus],
-    targets: &[TargetObservation],
-) -> bool {
-    let Some(current) = current else {
-        return true;
-    };
-    let pods_ok = consumers
+/// The version every known consumer holds at least: pods that reported a version
+/// through CSI, and rollout targets whose restart for a version has completed (an
+/// unfinished rollout proves nothing). [`ALL_CONSUMERS_CURRENT`] when there are none.
+///
+/// A version rather than "on the current one": the observation is made before the
+/// engine runs, and a rotation promoted in the same reconcile must not count it.
+pub fn consumers_hold(consumers: &[ConsumerStatus], targets: &[TargetObservation]) -> u64 {
+    let pods = consumers
         .iter()
         .filter(|c| c.kind == "Pod")
-        .all(|c| c.version.is_some_and(|v| v >= current));
-    let targets_ok = targets
-        .iter()
-        .filter(|t| t.exists)
-        .all(|t| t.version.is_some_and(|v| v >= current) && t.rollout_complete());
-    pods_ok && targets_ok
+        .map(|c| c.version.unwrap_or(0));
+    let workloads = targets.iter().filter(|t| t.exists).map(|t| {
+        if t.rollout_complete() {
+            t.version.unwrap_or(0)
+        } else {
+            0
+        }
+    });
+    pods.chain(workloads).min().unwrap_or(ALL_CONSUMERS_CURRENT)
 }
 
 /// What to do about one target for `version`.
@@ -476,33 +477,20 @@ mod tests {
 
     #[test]
     fn consumer_evidence_needs_completed_rollouts_and_acknowledging_pods() {
-        assert!(consumers_on_current(None, &[pod(None)], &[]));
-        assert!(consumers_on_current(Some(2), &[], &[]));
-        assert!(consumers_on_current(
-            Some(2),
-            &[pod(Some(2))],
-            &[target(Some(2), true)]
-        ));
-        assert!(!consumers_on_current(Some(2), &[pod(Some(1))], &[]));
-        assert!(!consumers_on_current(Some(2), &[pod(None)], &[]));
-        assert!(!consumers_on_current(
-            Some(2),
-            &[],
-            &[target(Some(2), false)]
-        ));
-        assert!(!consumers_on_current(
-            Some(2),
-            &[],
-            &[target(Some(1), true)]
-        ));
+        assert_eq!(consumers_hold(&[], &[]), ALL_CONSUMERS_CURRENT);
+        assert_eq!(consumers_hold(&[pod(None)], &[]), 0);
+        assert_eq!(consumers_hold(&[pod(Some(2))], &[target(Some(2), true)]), 2);
+        assert_eq!(consumers_hold(&[pod(Some(1))], &[target(Some(2), true)]), 1);
+        assert_eq!(consumers_hold(&[], &[target(Some(2), false)]), 0);
+        assert_eq!(consumers_hold(&[], &[target(Some(1), true)]), 1);
         let mut partial = target(Some(2), true);
         partial.updated_replicas = 2;
-        assert!(!consumers_on_current(Some(2), &[], &[partial]));
+        assert_eq!(consumers_hold(&[], &[partial]), 0);
         let missing = TargetObservation {
             exists: false,
             ..Default::default()
         };
-        assert!(consumers_on_current(Some(2), &[], &[missing]));
+        assert_eq!(consumers_hold(&[], &[missing]), ALL_CONSUMERS_CURRENT);
     }
 
     #[test]

@@ -230,7 +230,7 @@ pub fn context(
 /// rotation request.
 pub fn obs(request: Option<&str>) -> leasehold_core::rotation::Observations {
     leasehold_core::rotation::Observations {
-        consumers_on_current: true,
+        consumers_hold: leasehold_core::rotation::ALL_CONSUMERS_CURRENT,
         maintenance_window_open: true,
         rotation_request: request.map(String::from),
         ..Default::default()
