@@ -28,6 +28,14 @@ pub enum OperatorError {
     /// The lease cannot be worked on until something else changes (Ready=False says why).
     #[error("{reason}: {message}")]
     Blocked { reason: String, message: String },
+    /// A deleted lease still has credentials to revoke (draining, or revocation
+    /// backing off). An error, not an `Ok`, because kube-runtime's finalizer helper
+    /// removes the finalizer on any `Ok` from cleanup, whatever `Action` it carries.
+    #[error("deletion waits: {message}")]
+    DeletionPending {
+        message: String,
+        retry_after: std::time::Duration,
+    },
 }
 
 impl OperatorError {
@@ -50,6 +58,19 @@ impl OperatorError {
             OperatorError::Broker(_) => "broker",
             OperatorError::Config(_) => "config",
             OperatorError::Blocked { .. } => "blocked",
+            OperatorError::DeletionPending { .. } => "deletion_pending",
+        }
+    }
+
+    /// When a deleted lease waits on its own schedule (not an error backoff): retry then.
+    pub fn deletion_retry(&self) -> Option<std::time::Duration> {
+        match self {
+            OperatorError::DeletionPending { retry_after, .. } => Some(*retry_after),
+            OperatorError::Finalizer(e) => match e.as_ref() {
+                kube::runtime::finalizer::Error::CleanupFailed(e) => e.deletion_retry(),
+                _ => None,
+            },
+            _ => None,
         }
     }
 }

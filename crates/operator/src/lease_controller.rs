@@ -24,7 +24,7 @@ use rand::Rng;
 use secrecy::SecretString;
 
 use crate::OperatorError;
-use crate::delivery::{KubeDelivery, consumers_on_current};
+use crate::delivery::{KubeDelivery, consumers_hold};
 use crate::metrics::Metrics;
 use crate::secrets::{OwnedSecretStore, owner_reference};
 use crate::status::{LeaseCondition, StatusProgressStore, revocations_pending};
@@ -201,6 +201,11 @@ pub async fn reconcile_lease(
 
 /// What happens after a reconcile error.
 pub fn error_policy(lease: Arc<SecretLease>, error: &OperatorError, ctx: Arc<Context>) -> Action {
+    if let Some(retry) = error.deletion_retry() {
+        // Not a failure: a deleted lease waits for draining or revocation backoff.
+        tracing::info!(lease = %object_key(&lease), reason = %error, retry_seconds = retry.as_secs(), "deletion waits for revocation");
+        return Action::requeue(retry);
+    }
     ctx.metrics.failed(CONTROLLER, error.kind());
     tracing::warn!(lease = %object_key(&lease), error = %error, kind = error.kind(), "reconcile failed");
     if error.kind() == "invalid" {
@@ -435,11 +440,7 @@ pub async fn run_lease(
     .await?;
     let obs = Observations {
         deleting,
-        consumers_on_current: consumers_on_current(
-            progress.current().map(|c| c.version),
-            &consumers,
-            &targets,
-        ),
+        consumers_hold: consumers_hold(&consumers, &targets),
         rotation_request: lease.annotations().get(ROTATE_ANNOTATION).cloned(),
         maintenance_window_open: open,
         maintenance_window_opens_at: opens_at,
@@ -499,13 +500,39 @@ pub async fn run_lease(
                 if let Some(t) = delivery.sync_restarts(v, &fresh).await? {
                     until = Some(until.map_or(t, |u| u.min(t)));
                 }
+                // Workloads are not watched (a cache of every Deployment in the cluster
+                // would cost more than polling the few a draining lease names): look
+                // again soon, so the old version goes once the rollout completes rather
+                // than at maxWait.
+                if reason == WaitReason::Draining {
+                    let poll = leasehold_core::rotation::add(ctx.now(), ROLLOUT_POLL);
+                    until = Some(until.map_or(poll, |u| u.min(poll)));
+                }
             }
             status.finish(&LeaseCondition::Running, generation).await?;
-            if deleting && reason == WaitReason::RevocationBackoff {
-                tracing::info!(lease = %key, "revocation pending; retrying with backoff");
-            }
             let jitter: f64 = rand::rng().random();
-            Ok(Action::requeue(requeue_after(until, ctx.now(), jitter)))
+            let retry_after = requeue_after(until, ctx.now(), jitter);
+            if deleting {
+                // The finalizer must stay until every version is revoked, and kube-runtime's
+                // finalizer helper removes it on any Ok: wait through an error.
+                let message = deletion_wait_message(reason, &progress);
+                if reason == WaitReason::RevocationBackoff
+                    && let Some(r) = &ctx.recorder
+                {
+                    crate::events::publish(
+                        r,
+                        &key,
+                        EventType::Warning,
+                        "RevocationPending",
+                        message.clone(),
+                    );
+                }
+                return Err(OperatorError::DeletionPending {
+                    message,
+                    retry_after,
+                });
+            }
+            Ok(Action::requeue(retry_after))
         }
         Err(e) => {
             // Best effort: say why in status, then let error_policy back off.
@@ -528,6 +555,34 @@ pub async fn run_lease(
             }
             Err(e.into())
         }
+    }
+}
+
+/// How often a lease draining behind a rollout restart looks at its workloads again.
+const ROLLOUT_POLL: Duration = Duration::from_secs(5);
+
+/// Why a deleted lease still waits, for its event and the reconcile log (no secrets:
+/// revocation errors are sanitized by the backends).
+fn deletion_wait_message(
+    reason: WaitReason,
+    progress: &leasehold_core::rotation::Progress,
+) -> String {
+    let left = progress.versions.len();
+    match reason {
+        WaitReason::RevocationBackoff => {
+            let last_error = progress
+                .versions
+                .iter()
+                .filter_map(|v| v.revoke.as_ref().and_then(|r| r.last_error.clone()))
+                .next()
+                .unwrap_or_else(|| "unknown error".into());
+            format!(
+                "the lease is deleted but {left} credential version(s) could not be revoked yet ({last_error}); retrying with backoff, the finalizer stays until they are gone"
+            )
+        }
+        other => format!(
+            "the lease is deleted; {left} credential version(s) still to revoke ({other:?})"
+        ),
     }
 }
 
