@@ -30,7 +30,9 @@ pub use leasehold_core::rotation::{Phase, Progress, RotationRecord};
         type_ = "integer",
         json_path = ".status.currentVersion"
     ),
-    printcolumn(name = "Expires", type_ = "date", json_path = ".status.expiresAt"),
+    // `string`, not `date`: kubectl renders a `date` column as an age, and a time in
+    // the future as `<invalid>` (seen on a real API server).
+    printcolumn(name = "Expires", type_ = "string", json_path = ".status.expiresAt"),
     printcolumn(
         name = "Ready",
         type_ = "string",
@@ -38,7 +40,7 @@ pub use leasehold_core::rotation::{Phase, Progress, RotationRecord};
     ),
     printcolumn(
         name = "Next Rotation",
-        type_ = "date",
+        type_ = "string",
         json_path = ".status.nextRotationAt",
         priority = 1
     ),
