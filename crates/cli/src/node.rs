@@ -37,6 +37,10 @@ pub struct NodeArgs {
     /// CA bundle to verify the broker's certificate.
     #[arg(long, value_name = "FILE")]
     broker_ca: Option<PathBuf>,
+    /// The name the broker's certificate must carry, when it differs from the host in
+    /// --broker-url (e.g. dialling an IP address or a tunnel; default: that host).
+    #[arg(long, value_name = "DNS-NAME")]
+    broker_server_name: Option<String>,
     /// This driver's own service-account token, sent to the broker (re-read on every call).
     #[arg(
         long,
@@ -68,7 +72,7 @@ pub async fn run(args: NodeArgs) -> Result<(), String> {
     let broker = GrpcBroker::new(GrpcBrokerConfig {
         endpoint: args.broker_url.clone(),
         ca_file: args.broker_ca.clone(),
-        tls_server_name: None,
+        tls_server_name: args.broker_server_name.clone(),
         node_token: NodeToken::File(args.node_token.clone()),
         call_timeout: Duration::from_secs(30),
     })

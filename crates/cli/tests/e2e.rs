@@ -1,0 +1,1845 @@
+#![allow(clippy::unwrap_used)]
+//! End-to-end test of an installed leasehold against the real cluster in `KUBECONFIG`
+//! (the kit in `../shared/kube/`, kind, or a real cluster). Run through `e2e/run.sh`
+//! (`make e2e`), which renders the chart with a real Helm engine first.
+//!
+//! Installed as a user would: CRDs from `crds/`, then every object of the rendered chart
+//! applied server-side, except the controller Deployment and the node DaemonSet, whose
+//! containers cannot run here. In their place the `leasehold` binary runs as processes
+//! on this machine, **authenticated as the chart's ServiceAccounts** (token kubeconfigs
+//! from the TokenRequest API), so the chart's RBAC is what the API server enforces. The
+//! test makes the CSI calls the kubelet would, with real pod-bound tokens. Any 403 from
+//! the API server in the controller's or node driver's log fails the run.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{ConfigMap, Event, Namespace, Pod, Secret, ServiceAccount};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client, ResourceExt};
+use leasehold_api::{ROTATE_ANNOTATION, SecretLease, SecretLeaseStatus};
+use leasehold_proto::csi::v1 as csi;
+use serde_json::{Value, json};
+use tonic::Code;
+
+const RELEASE: &str = "lh";
+const FULLNAME: &str = "lh-leasehold";
+const MANAGER: &str = "leasehold-e2e";
+const POD_AUDIENCE: &str = "csi.leasehold.dev";
+const BROKER_AUDIENCE: &str = "leasehold-broker";
+const FS_GROUP: u32 = 2000;
+
+// ---------------------------------------------------------------------------
+// Small helpers
+// ---------------------------------------------------------------------------
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn yaml_documents(text: &str) -> Vec<Value> {
+    use serde::Deserialize;
+    serde_norway::Deserializer::from_str(text)
+        .map(|d| Value::deserialize(d).unwrap())
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+/// Polls `f` every 250 ms until it returns `Some`, or fails naming `what`.
+async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "e2e: {what}: not within {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn random_suffix() -> String {
+    leasehold_testkit::random_alphanumeric(6).to_lowercase()
+}
+
+/// Replaces the value of `--flag value` in an argv list (adds it when absent).
+fn set_arg(args: &mut Vec<String>, flag: &str, value: &str) {
+    match args.iter().position(|a| a == flag) {
+        Some(i) => args[i + 1] = value.to_owned(),
+        None => {
+            args.push(flag.to_owned());
+            args.push(value.to_owned());
+        }
+    }
+}
+
+fn step(name: &str) {
+    eprintln!("\n==== e2e: {name}");
+}
+
+// ---------------------------------------------------------------------------
+// The database
+// ---------------------------------------------------------------------------
+
+/// A throwaway PostgreSQL on loopback (the controller runs on this machine too).
+struct Database {
+    server: leasehold_testkit::PostgresServer,
+}
+
+impl Database {
+    async fn start() -> Self {
+        Self {
+            server: leasehold_testkit::PostgresServer::start().await,
+        }
+    }
+
+    fn admin_password(&self) -> String {
+        use secrecy::ExposeSecret;
+        self.server.admin_password().expose_secret().to_owned()
+    }
+
+    async fn connect(&self, user: &str, password: &str) -> Result<(), tokio_postgres::Error> {
+        let (client, conn) = self
+            .server
+            .config_for(user, password)
+            .connect_timeout(Duration::from_secs(5))
+            .connect(tokio_postgres::NoTls)
+            .await?;
+        let task = tokio::spawn(conn);
+        client.simple_query("SELECT 1").await?;
+        drop(client);
+        let _ = task.await;
+        Ok(())
+    }
+
+    async fn role_exists(&self, user: &str) -> bool {
+        let admin = self.server.admin_client().await;
+        !admin
+            .query("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&user])
+            .await
+            .unwrap()
+            .is_empty()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// leasehold processes
+// ---------------------------------------------------------------------------
+
+/// A `leasehold` process with its log in a file.
+struct Process {
+    name: String,
+    child: Option<tokio::process::Child>,
+    log: PathBuf,
+}
+
+impl Process {
+    fn spawn(
+        name: &str,
+        args: &[String],
+        kubeconfig: &Path,
+        log: PathBuf,
+        env: &[(&str, &str)],
+    ) -> Self {
+        let file = std::fs::File::create(&log).unwrap();
+        eprintln!("e2e: starting {name}: leasehold {}", args.join(" "));
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_leasehold"));
+        cmd.args(args)
+            .env("KUBECONFIG", kubeconfig)
+            .env("LEASEHOLD_LOG", "info,leasehold=debug,kube=info")
+            .env_remove("POD_NAME")
+            .env_remove("POD_NAMESPACE")
+            .env_remove("NODE_NAME")
+            .stdin(std::process::Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .kill_on_drop(true);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Self {
+            name: name.to_owned(),
+            child: Some(cmd.spawn().unwrap()),
+            log,
+        }
+    }
+
+    /// Kills the process at once (SIGKILL): a crash, not a shutdown.
+    async fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.start_kill();
+            let _ = c.wait().await;
+        }
+    }
+
+    /// SIGTERM, then waits for a clean exit.
+    async fn terminate(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            if let Some(pid) = c.id() {
+                let _ = std::process::Command::new("kill")
+                    .args(["-TERM", &pid.to_string()])
+                    .status();
+            }
+            if tokio::time::timeout(Duration::from_secs(20), c.wait())
+                .await
+                .is_err()
+            {
+                let _ = c.start_kill();
+                let _ = c.wait().await;
+            }
+        }
+    }
+
+    fn assert_running(&mut self) {
+        if let Some(c) = self.child.as_mut()
+            && let Ok(Some(status)) = c.try_wait()
+        {
+            panic!(
+                "e2e: {} exited ({status}); log:\n{}",
+                self.name,
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// Lines where the API server refused a request (403): a verb missing from the chart.
+fn forbidden_lines(log: &str) -> Vec<String> {
+    log.lines()
+        .filter(|l| {
+            let lower = l.to_ascii_lowercase();
+            lower.contains("forbidden") || l.contains("code: 403") || l.contains("\"code\":403")
+        })
+        .map(|l| l.chars().take(600).collect())
+        .collect()
+}
+
+// ---------------------------------------------------------------------------
+// The cluster side: install, accounts, pods, tokens
+// ---------------------------------------------------------------------------
+
+struct Cluster {
+    client: Client,
+    server: String,
+    ca_data: String,
+    work: PathBuf,
+    system_ns: String,
+    app_ns: String,
+    chart: Vec<Value>,
+}
+
+impl Cluster {
+    async fn connect() -> Self {
+        let client = Client::try_default()
+            .await
+            .expect("KUBECONFIG must point at a cluster");
+        let kubeconfig = kube::config::Kubeconfig::read().unwrap();
+        let context_name = kubeconfig.current_context.clone().unwrap();
+        let context = kubeconfig
+            .contexts
+            .iter()
+            .find(|c| c.name == context_name)
+            .and_then(|c| c.context.clone())
+            .unwrap();
+        let cluster = kubeconfig
+            .clusters
+            .iter()
+            .find(|c| c.name == context.cluster)
+            .and_then(|c| c.cluster.clone())
+            .unwrap();
+        let ca_data = match (
+            &cluster.certificate_authority_data,
+            &cluster.certificate_authority,
+        ) {
+            (Some(data), _) => data.clone(),
+            (None, Some(file)) => {
+                use base64::Engine;
+                base64::engine::general_purpose::STANDARD.encode(std::fs::read(file).unwrap())
+            }
+            (None, None) => panic!("the cluster in KUBECONFIG has no CA"),
+        };
+        let suffix = random_suffix();
+        Self {
+            client,
+            server: cluster.server.clone().unwrap(),
+            ca_data,
+            work: {
+                let dir = std::env::temp_dir().join(format!("leasehold-e2e-{suffix}"));
+                std::fs::create_dir_all(&dir).unwrap();
+                dir
+            },
+            system_ns: format!("lh-system-{suffix}"),
+            app_ns: format!("lh-app-{suffix}"),
+            chart: Vec::new(),
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.work.join(name)
+    }
+
+    async fn create_namespace(&self, name: &str) {
+        Api::<Namespace>::all(self.client.clone())
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({"metadata": {"name": name}})).unwrap(),
+            )
+            .await
+            .unwrap();
+    }
+
+    async fn install_crds(&self) {
+        let api: Api<CustomResourceDefinition> = Api::all(self.client.clone());
+        for entry in std::fs::read_dir(repo_root().join("crds")).unwrap() {
+            let path = entry.unwrap().path();
+            for doc in yaml_documents(&std::fs::read_to_string(&path).unwrap()) {
+                let name = doc["metadata"]["name"].as_str().unwrap().to_owned();
+                api.patch(
+                    &name,
+                    &PatchParams::apply(MANAGER).force(),
+                    &Patch::Apply(&doc),
+                )
+                .await
+                .unwrap();
+                eventually(
+                    &format!("CRD {name} established"),
+                    Duration::from_secs(60),
+                    || async {
+                        let crd = api.get(&name).await.ok()?;
+                        crd.status?
+                            .conditions?
+                            .iter()
+                            .any(|c| c.type_ == "Established" && c.status == "True")
+                            .then_some(())
+                    },
+                )
+                .await;
+            }
+        }
+    }
+
+    /// Renders the chart with the real Helm engine (`e2e/render_chart.py`) for the
+    /// system namespace and applies every object but the workloads that need an image.
+    async fn install_chart(&mut self) {
+        let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+        let out = std::process::Command::new(python)
+            .arg(repo_root().join("e2e/render_chart.py"))
+            .args([RELEASE, &self.system_ns])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "rendering the chart failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.chart = yaml_documents(&String::from_utf8(out.stdout).unwrap());
+        let mut applied = Vec::new();
+        for mut doc in self.chart.clone() {
+            let kind = doc["kind"].as_str().unwrap().to_owned();
+            let name = doc["metadata"]["name"].as_str().unwrap().to_owned();
+            if matches!(kind.as_str(), "Deployment" | "DaemonSet") {
+                // Their containers cannot run here: the binary runs as processes instead.
+                continue;
+            }
+            let gvk = kube::core::GroupVersionKind::try_from(&kube::core::TypeMeta {
+                api_version: doc["apiVersion"].as_str().unwrap().into(),
+                kind: kind.clone(),
+            })
+            .unwrap();
+            let (ar, caps) = kube::discovery::pinned_kind(&self.client, &gvk)
+                .await
+                .unwrap();
+            let api: Api<kube::core::DynamicObject> =
+                if caps.scope == kube::discovery::Scope::Namespaced {
+                    doc["metadata"]["namespace"] = json!(self.system_ns);
+                    Api::namespaced_with(self.client.clone(), &self.system_ns, &ar)
+                } else {
+                    Api::all_with(self.client.clone(), &ar)
+                };
+            api.patch(
+                &name,
+                &PatchParams::apply("helm").force(),
+                &Patch::Apply(&doc),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("applying {kind}/{name} from the chart: {e}"));
+            applied.push(format!("{kind}/{name}"));
+        }
+        eprintln!("e2e: chart objects applied: {}", applied.join(", "));
+    }
+
+    /// Server-side dry-run of every manifest in `examples/`: schema and CEL rules accept them.
+    async fn dry_run_examples(&self) {
+        let pp = PatchParams::apply(MANAGER).dry_run();
+        let mut count = 0;
+        for entry in std::fs::read_dir(repo_root().join("examples")).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_none_or(|e| e != "yaml") {
+                continue;
+            }
+            for mut doc in yaml_documents(&std::fs::read_to_string(&path).unwrap()) {
+                doc["metadata"]["namespace"] = json!(self.app_ns);
+                let name = doc["metadata"]["name"].as_str().unwrap().to_owned();
+                let gvk = kube::core::GroupVersionKind::try_from(&kube::core::TypeMeta {
+                    api_version: doc["apiVersion"].as_str().unwrap().into(),
+                    kind: doc["kind"].as_str().unwrap().into(),
+                })
+                .unwrap();
+                let (ar, _) = kube::discovery::pinned_kind(&self.client, &gvk)
+                    .await
+                    .unwrap();
+                let api: Api<kube::core::DynamicObject> =
+                    Api::namespaced_with(self.client.clone(), &self.app_ns, &ar);
+                api.patch(&name, &pp, &Patch::Apply(&doc))
+                    .await
+                    .unwrap_or_else(|e| {
+                        panic!("{}: {} {name} rejected: {e}", path.display(), gvk.kind)
+                    });
+                count += 1;
+            }
+        }
+        eprintln!("e2e: {count} example objects accepted by a server-side dry run");
+    }
+
+    fn chart_container_args(&self, kind: &str, container: &str) -> Vec<String> {
+        let workload = self
+            .chart
+            .iter()
+            .find(|d| d["kind"] == kind)
+            .unwrap_or_else(|| panic!("the chart renders no {kind}"));
+        let containers = workload["spec"]["template"]["spec"]["containers"]
+            .as_array()
+            .unwrap();
+        let c = containers
+            .iter()
+            .find(|c| c["name"] == container)
+            .unwrap_or_else(|| panic!("{kind} has no container {container}"));
+        c["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    async fn create_service_account(&self, ns: &str, name: &str) {
+        Api::<ServiceAccount>::namespaced(self.client.clone(), ns)
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({"metadata": {"name": name}})).unwrap(),
+            )
+            .await
+            .unwrap();
+    }
+
+    /// A pod the kwok kubelet runs at once on `node`.
+    async fn run_pod(
+        &self,
+        ns: &str,
+        name: &str,
+        service_account: &str,
+        node: &str,
+        lease: Option<&str>,
+    ) -> Pod {
+        let mut spec = json!({
+            "serviceAccountName": service_account,
+            "nodeName": node,
+            "automountServiceAccountToken": false,
+            "securityContext": {"fsGroup": FS_GROUP},
+            "containers": [{"name": "app", "image": "registry.invalid/app:1"}]
+        });
+        if let Some(lease) = lease {
+            spec["volumes"] = json!([{"name": "creds", "csi": {
+                "driver": "csi.leasehold.dev", "readOnly": true,
+                "volumeAttributes": {"lease": lease}
+            }}]);
+        }
+        let api = Api::<Pod>::namespaced(self.client.clone(), ns);
+        api.create(
+            &PostParams::default(),
+            &serde_json::from_value(
+                json!({"metadata": {"name": name, "labels": {"e2e": "true"}}, "spec": spec}),
+            )
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+        eventually(
+            &format!("pod {ns}/{name} running"),
+            Duration::from_secs(60),
+            || async {
+                let pod = api.get(name).await.ok()?;
+                (pod.status.as_ref()?.phase.as_deref() == Some("Running")).then_some(pod)
+            },
+        )
+        .await
+    }
+
+    /// A token from the TokenRequest API, as the kubelet would ask for it.
+    async fn token(
+        &self,
+        ns: &str,
+        service_account: &str,
+        audience: &str,
+        bound: Option<&Pod>,
+    ) -> String {
+        let request = TokenRequest {
+            spec: Some(TokenRequestSpec {
+                // None: the API server's own audience (a token it accepts as a credential).
+                audiences: (!audience.is_empty()).then(|| vec![audience.to_owned()]),
+                expiration_seconds: Some(3600),
+                bound_object_ref: bound.map(|p| BoundObjectReference {
+                    api_version: Some("v1".into()),
+                    kind: Some("Pod".into()),
+                    name: Some(p.name_any()),
+                    uid: p.uid(),
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        Api::<ServiceAccount>::namespaced(self.client.clone(), ns)
+            .create_token_request(service_account, &PostParams::default(), &request)
+            .await
+            .unwrap()
+            .status
+            .unwrap()
+            .token
+            .unwrap()
+    }
+
+    /// A kubeconfig that authenticates as `service_account` of the system namespace.
+    async fn service_account_kubeconfig(
+        &self,
+        service_account: &str,
+        bound: Option<&Pod>,
+    ) -> PathBuf {
+        let token = self
+            .token(&self.system_ns, service_account, "", bound)
+            .await;
+        let config = json!({
+            "apiVersion": "v1", "kind": "Config",
+            "clusters": [{"name": "e2e", "cluster": {"server": self.server, "certificate-authority-data": self.ca_data}}],
+            "users": [{"name": service_account, "user": {"token": token}}],
+            "contexts": [{"name": "e2e", "context": {"cluster": "e2e", "user": service_account}}],
+            "current-context": "e2e"
+        });
+        let path = self.path(&format!("{service_account}.kubeconfig"));
+        std::fs::write(&path, serde_norway::to_string(&config).unwrap()).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        path
+    }
+
+    fn leases(&self) -> Api<SecretLease> {
+        Api::namespaced(self.client.clone(), &self.app_ns)
+    }
+
+    async fn status(&self, lease: &str) -> Option<SecretLeaseStatus> {
+        self.leases().get(lease).await.ok()?.status
+    }
+
+    async fn apply(&self, doc: Value) {
+        let gvk = kube::core::GroupVersionKind::try_from(&kube::core::TypeMeta {
+            api_version: doc["apiVersion"].as_str().unwrap().into(),
+            kind: doc["kind"].as_str().unwrap().into(),
+        })
+        .unwrap();
+        let (ar, _) = kube::discovery::pinned_kind(&self.client, &gvk)
+            .await
+            .unwrap();
+        let api: Api<kube::core::DynamicObject> =
+            Api::namespaced_with(self.client.clone(), &self.app_ns, &ar);
+        let name = doc["metadata"]["name"].as_str().unwrap().to_owned();
+        api.patch(
+            &name,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&doc),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("applying {} {name}: {e}", gvk.kind));
+    }
+
+    async fn request_rotation(&self, lease: &str, value: &str) {
+        let mut annotations = BTreeMap::new();
+        annotations.insert(ROTATE_ANNOTATION.to_owned(), value.to_owned());
+        self.leases()
+            .patch(
+                lease,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"annotations": annotations}})),
+            )
+            .await
+            .unwrap();
+    }
+
+    async fn wait_ready_version(&self, lease: &str, version: u64) -> SecretLeaseStatus {
+        eventually(
+            &format!("lease {lease} Ready at version {version}"),
+            Duration::from_secs(120),
+            || async {
+                let s = self.status(lease).await?;
+                let ready =
+                    leasehold_api::conditions::find(&s.conditions, "Ready")?.status == "True";
+                (ready && s.current_version == Some(version)).then_some(s)
+            },
+        )
+        .await
+    }
+
+    /// `kubectl get sl`: the printer columns as the API server renders them.
+    async fn lease_table(&self) -> Value {
+        let request = http::Request::get(format!(
+            "/apis/leasehold.dev/v1alpha1/namespaces/{}/secretleases",
+            self.app_ns
+        ))
+        .header(
+            http::header::ACCEPT,
+            "application/json;as=Table;v=v1;g=meta.k8s.io",
+        )
+        .body(Vec::new())
+        .unwrap();
+        serde_json::from_str(&self.client.request_text(request).await.unwrap()).unwrap()
+    }
+
+    async fn event_reasons(&self, lease: &str) -> Vec<String> {
+        Api::<Event>::namespaced(self.client.clone(), &self.app_ns)
+            .list(&ListParams::default().fields(&format!("involvedObject.name={lease}")))
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter_map(|e| e.reason)
+            .collect()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The kubelet side: CSI calls over the node driver's socket
+// ---------------------------------------------------------------------------
+
+struct Kubelet {
+    node: csi::node_client::NodeClient<tonic::transport::Channel>,
+    identity: csi::identity_client::IdentityClient<tonic::transport::Channel>,
+    root: PathBuf,
+}
+
+impl Kubelet {
+    async fn connect(socket: &Path, root: &Path) -> Self {
+        let path = socket.to_path_buf();
+        // grpc-go (the kubelet) sends `:authority localhost` over a Unix socket.
+        let channel = tonic::transport::Endpoint::try_from("http://localhost")
+            .unwrap()
+            .connect_with_connector(tower::service_fn(move |_: http::Uri| {
+                let path = path.clone();
+                async move {
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                        tokio::net::UnixStream::connect(path).await?,
+                    ))
+                }
+            }))
+            .await
+            .unwrap();
+        Self {
+            node: csi::node_client::NodeClient::new(channel.clone()),
+            identity: csi::identity_client::IdentityClient::new(channel),
+            root: root.to_path_buf(),
+        }
+    }
+
+    /// The kubelet's target path for an inline CSI volume of `pod`.
+    fn target(&self, pod: &Pod, volume: &str) -> PathBuf {
+        let dir = self
+            .root
+            .join("pods")
+            .join(pod.uid().unwrap())
+            .join("volumes/kubernetes.io~csi")
+            .join(volume);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir.join("mount")
+    }
+
+    fn volume_id(pod: &Pod, volume: &str) -> String {
+        // The kubelet's ephemeral volume handle: "csi-" + sha256(podUID + volume name).
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(format!("{}{volume}", pod.uid().unwrap()));
+        format!("csi-{}", hex(&digest))
+    }
+
+    /// NodePublishVolume as the kubelet sends it for an inline ephemeral volume
+    /// (podInfoOnMount, tokenRequests, volume_mount_group = fsGroup).
+    fn publish_request(
+        &self,
+        pod: &Pod,
+        service_account: &str,
+        lease: &str,
+        audience_tokens: Value,
+    ) -> csi::NodePublishVolumeRequest {
+        use csi::volume_capability::{AccessMode, AccessType, MountVolume, access_mode::Mode};
+        let mut ctx = HashMap::new();
+        ctx.insert("csi.storage.k8s.io/pod.name".to_owned(), pod.name_any());
+        ctx.insert(
+            "csi.storage.k8s.io/pod.namespace".to_owned(),
+            pod.namespace().unwrap(),
+        );
+        ctx.insert("csi.storage.k8s.io/pod.uid".to_owned(), pod.uid().unwrap());
+        ctx.insert(
+            "csi.storage.k8s.io/serviceAccount.name".to_owned(),
+            service_account.to_owned(),
+        );
+        ctx.insert("csi.storage.k8s.io/ephemeral".to_owned(), "true".to_owned());
+        ctx.insert(
+            "csi.storage.k8s.io/serviceAccount.tokens".to_owned(),
+            audience_tokens.to_string(),
+        );
+        ctx.insert("lease".to_owned(), lease.to_owned());
+        csi::NodePublishVolumeRequest {
+            volume_id: Self::volume_id(pod, "creds"),
+            target_path: self.target(pod, "creds").to_string_lossy().into_owned(),
+            volume_capability: Some(csi::VolumeCapability {
+                access_type: Some(AccessType::Mount(MountVolume {
+                    volume_mount_group: FS_GROUP.to_string(),
+                    ..Default::default()
+                })),
+                access_mode: Some(AccessMode {
+                    mode: Mode::SingleNodeReaderOnly as i32,
+                }),
+            }),
+            readonly: true,
+            volume_context: ctx,
+            ..Default::default()
+        }
+    }
+
+    async fn publish(&mut self, req: csi::NodePublishVolumeRequest) -> Result<(), tonic::Status> {
+        self.node.node_publish_volume(req).await.map(|_| ())
+    }
+
+    async fn unpublish(&mut self, pod: &Pod) -> Result<(), tonic::Status> {
+        self.node
+            .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+                volume_id: Self::volume_id(pod, "creds"),
+                target_path: self.target(pod, "creds").to_string_lossy().into_owned(),
+            })
+            .await
+            .map(|_| ())
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn tokens_for(audience: &str, token: &str) -> Value {
+    let expiry = jiff::Timestamp::now() + jiff::SignedDuration::from_hours(1);
+    json!({ audience: {"token": token, "expirationTimestamp": expiry.to_string()} })
+}
+
+/// The mount at `path` from /proc/self/mountinfo: (fstype, mount options + super options).
+fn mount_at(path: &Path) -> Option<(String, String)> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let wanted = path.to_string_lossy();
+    info.lines().rev().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        let fields: Vec<&str> = left.split(' ').collect();
+        if fields.get(4)? != &wanted {
+            return None;
+        }
+        let rfields: Vec<&str> = right.split(' ').collect();
+        Some((
+            rfields.first()?.to_string(),
+            format!("{},{}", fields.get(5)?, rfields.get(2).unwrap_or(&"")),
+        ))
+    })
+}
+
+fn read_file(dir: &Path, name: &str) -> String {
+    std::fs::read_to_string(dir.join(name))
+        .unwrap_or_else(|e| panic!("{}/{name}: {e}", dir.display()))
+        .trim_end()
+        .to_owned()
+}
+
+// ---------------------------------------------------------------------------
+// The test
+// ---------------------------------------------------------------------------
+
+/// Everything a scenario needs.
+struct World {
+    cluster: Cluster,
+    db: Database,
+    controller_kubeconfig: PathBuf,
+    controller_args: Vec<String>,
+    controllers: Vec<Process>,
+    node: Option<Process>,
+    node_socket: PathBuf,
+    broker_port: u16,
+    /// Values that must never appear in a log: passwords and tokens seen by the test.
+    secrets: Vec<String>,
+    results: Vec<(String, Duration)>,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a Kubernetes cluster: run e2e/run.sh (make e2e)"]
+async fn installed_leasehold_on_a_real_cluster() {
+    let started = Instant::now();
+    let mut cluster = Cluster::connect().await;
+    eprintln!(
+        "e2e: cluster {}, namespaces {} and {}, work dir {}",
+        cluster.server,
+        cluster.system_ns,
+        cluster.app_ns,
+        cluster.work.display()
+    );
+    let work = cluster.work.clone();
+    let system_ns = cluster.system_ns.clone();
+    let app_ns = cluster.app_ns.clone();
+    let client = cluster.client.clone();
+    // Run the body in a task so a failure still reaches the cleanup below.
+    let body = tokio::spawn(async move {
+        step("install: CRDs, chart (real Helm engine), accounts");
+        cluster.install_crds().await;
+        cluster.create_namespace(&cluster.system_ns.clone()).await;
+        cluster.create_namespace(&cluster.app_ns.clone()).await;
+        cluster.install_chart().await;
+        cluster.dry_run_examples().await;
+        let world = setup(cluster).await;
+        run_scenarios(world).await
+    });
+    let outcome = body.await;
+    // Cleanup whatever happened.
+    let leases: Api<SecretLease> = Api::namespaced(client.clone(), &app_ns);
+    if let Ok(list) = leases.list(&Default::default()).await {
+        for l in list {
+            let _ = leases
+                .patch(
+                    &l.name_any(),
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+                )
+                .await;
+        }
+    }
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    for ns in [&app_ns, &system_ns] {
+        let _ = namespaces.delete(ns, &DeleteParams::default()).await;
+    }
+    match outcome {
+        Ok(results) => {
+            eprintln!("\n==== e2e: results");
+            for (name, took) in &results {
+                eprintln!("  PASS  {name:<70} {:>6.1}s", took.as_secs_f64());
+            }
+            eprintln!(
+                "e2e: {} scenarios passed in {:.1}s (wall time, install included)",
+                results.len(),
+                started.elapsed().as_secs_f64()
+            );
+        }
+        Err(e) => {
+            dump_logs(&work);
+            eprintln!("e2e: work dir kept for inspection: {}", work.display());
+            std::panic::resume_unwind(e.into_panic())
+        }
+    }
+    let _ = std::fs::remove_dir_all(&work);
+}
+
+/// The end of each process log (without debug lines), so a failure in CI explains itself.
+fn dump_logs(work: &Path) {
+    let Ok(entries) = std::fs::read_dir(work) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().is_none_or(|e| e != "log") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().filter(|l| !l.contains("\"DEBUG\"")).collect();
+        eprintln!("\n==== e2e: last lines of {}", path.display());
+        for line in &lines[lines.len().saturating_sub(40)..] {
+            eprintln!("{}", line.chars().take(800).collect::<String>());
+        }
+    }
+}
+
+async fn setup(cluster: Cluster) -> World {
+    let ns = cluster.system_ns.clone();
+    let controller_sa = format!("{FULLNAME}-controller");
+    let node_sa = format!("{FULLNAME}-node");
+    // Stand-ins for the chart's pods, so identities are pod-bound as in a real install:
+    // the leader labels its pod, and the node driver's token names its node.
+    let controller_pods = [
+        cluster
+            .run_pod(&ns, "controller-0", &controller_sa, "node-a", None)
+            .await,
+        cluster
+            .run_pod(&ns, "controller-1", &controller_sa, "node-b", None)
+            .await,
+    ];
+    let node_pod = cluster
+        .run_pod(&ns, "node-a-driver", &node_sa, "node-a", None)
+        .await;
+
+    let controller_kubeconfig = cluster
+        .service_account_kubeconfig(&controller_sa, Some(&controller_pods[0]))
+        .await;
+    let node_kubeconfig = cluster
+        .service_account_kubeconfig(&node_sa, Some(&node_pod))
+        .await;
+
+    let db = Database::start().await;
+    let broker_port = free_port();
+    let mut controller_args = cluster.chart_container_args("Deployment", "controller");
+    set_arg(
+        &mut controller_args,
+        "--metrics-addr",
+        &format!("127.0.0.1:{}", free_port()),
+    );
+    set_arg(
+        &mut controller_args,
+        "--broker-addr",
+        &format!("127.0.0.1:{broker_port}"),
+    );
+    let controller = Process::spawn(
+        "controller-0",
+        &controller_args,
+        &controller_kubeconfig,
+        cluster.path("controller-0.log"),
+        &[("POD_NAME", "controller-0"), ("POD_NAMESPACE", &ns)],
+    );
+
+    // The broker CA the node drivers trust, published by the controller.
+    let ca = eventually(
+        "broker CA ConfigMap published",
+        Duration::from_secs(60),
+        || async {
+            let cm = Api::<ConfigMap>::namespaced(cluster.client.clone(), &ns)
+                .get_opt(&format!("{FULLNAME}-broker-ca"))
+                .await
+                .ok()??;
+            cm.data?.get("ca.crt").cloned()
+        },
+    )
+    .await;
+    let ca_file = cluster.path("broker-ca.crt");
+    std::fs::write(&ca_file, ca).unwrap();
+    let node_token = cluster
+        .token(&ns, &node_sa, BROKER_AUDIENCE, Some(&node_pod))
+        .await;
+    let node_token_file = cluster.path("node-token");
+    std::fs::write(&node_token_file, &node_token).unwrap();
+
+    let node_socket = cluster.path("csi/csi.sock");
+    std::fs::create_dir_all(node_socket.parent().unwrap()).unwrap();
+    let mut node_args = cluster.chart_container_args("DaemonSet", "leasehold");
+    set_arg(
+        &mut node_args,
+        "--csi-socket",
+        node_socket.to_str().unwrap(),
+    );
+    set_arg(&mut node_args, "--node-name", "node-a");
+    set_arg(
+        &mut node_args,
+        "--broker-url",
+        &format!("https://127.0.0.1:{broker_port}"),
+    );
+    set_arg(
+        &mut node_args,
+        "--broker-server-name",
+        &format!("{FULLNAME}-broker.{ns}.svc"),
+    );
+    set_arg(&mut node_args, "--broker-ca", ca_file.to_str().unwrap());
+    set_arg(
+        &mut node_args,
+        "--node-token",
+        node_token_file.to_str().unwrap(),
+    );
+    set_arg(
+        &mut node_args,
+        "--state-dir",
+        cluster.path("node-state").to_str().unwrap(),
+    );
+    set_arg(
+        &mut node_args,
+        "--metrics-addr",
+        &format!("127.0.0.1:{}", free_port()),
+    );
+    let node = Process::spawn(
+        "node-a driver",
+        &node_args,
+        &node_kubeconfig,
+        cluster.path("node-a.log"),
+        &[],
+    );
+    eventually("node driver socket", Duration::from_secs(30), || async {
+        tokio::net::UnixStream::connect(&node_socket).await.ok()
+    })
+    .await;
+    let mode = std::fs::metadata(&node_socket)
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600, "CSI socket mode {mode:o}");
+
+    let secrets = vec![db.admin_password(), node_token];
+    World {
+        cluster,
+        db,
+        controller_kubeconfig,
+        controller_args,
+        controllers: vec![controller],
+        node: Some(node),
+        node_socket,
+        broker_port,
+        secrets,
+        results: Vec::new(),
+    }
+}
+
+async fn run_scenarios(mut w: World) -> Vec<(String, Duration)> {
+    common_objects(&w).await;
+    scenario(
+        &mut w,
+        "Secret delivery: Ready, logs in, kubectl columns, events",
+        secret_delivery,
+    )
+    .await;
+    scenario(
+        &mut w,
+        "rotation by annotation with a rollout restart; old revoked after the rollout",
+        rotation_with_rollout,
+    )
+    .await;
+    scenario(
+        &mut w,
+        "CSI publish with a pod-bound token, files and modes, tmpfs options",
+        csi_publish,
+    )
+    .await;
+    scenario(
+        &mut w,
+        "CSI refusals: other pod's token, other node, SA outside access, wrong audience",
+        csi_refusals,
+    )
+    .await;
+    scenario(
+        &mut w,
+        "CSI rotation: republish swaps files and acknowledges; old revoked after",
+        csi_rotation,
+    )
+    .await;
+    scenario(
+        &mut w,
+        "perPod lease: a user per pod, dropped at unpublish",
+        per_pod,
+    )
+    .await;
+    scenario(
+        &mut w,
+        "deletion with the database down: finalizer stays until revoked",
+        deletion_waits_for_revocation,
+    )
+    .await;
+    scenario(
+        &mut w,
+        "failover: standby takes over after the leader is killed; rotation completes",
+        failover,
+    )
+    .await;
+    scenario(
+        &mut w,
+        "csi-sanity (Identity and Node specs) on the node driver's socket",
+        csi_sanity,
+    )
+    .await;
+    scenario(
+        &mut w,
+        "no 403 from the API server and no secret in any log",
+        logs_are_clean,
+    )
+    .await;
+    for c in &mut w.controllers {
+        c.terminate().await;
+    }
+    if let Some(n) = w.node.as_mut() {
+        n.terminate().await;
+    }
+    w.results
+}
+
+async fn scenario<F>(w: &mut World, name: &str, f: F)
+where
+    F: for<'a> AsyncFnOnce(&'a mut World),
+{
+    step(name);
+    let started = Instant::now();
+    f(w).await;
+    for c in &mut w.controllers {
+        c.assert_running();
+    }
+    if let Some(n) = w.node.as_mut() {
+        n.assert_running();
+    }
+    w.results.push((name.to_owned(), started.elapsed()));
+}
+
+/// Admin Secret, policies and the workload's service accounts.
+async fn common_objects(w: &World) {
+    let c = &w.cluster;
+    c.create_service_account(&c.app_ns, "app").await;
+    c.create_service_account(&c.app_ns, "intruder").await;
+    c.apply(json!({
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "pg-admin"},
+        "stringData": {"username": w.db.server.admin_user(), "password": w.db.admin_password()}
+    }))
+    .await;
+    let revoke_now = json!({"gracePeriod": "0s", "waitForConsumers": true, "maxWait": "10m",
+                            "drainSessions": {"mode": "Terminate", "timeout": "5s"}});
+    c.apply(json!({
+        "apiVersion": "leasehold.dev/v1alpha1", "kind": "RotationPolicy", "metadata": {"name": "e2e"},
+        "spec": {"ttl": "1h", "revoke": revoke_now, "access": {"serviceAccounts": ["app"]}}
+    }))
+    .await;
+    c.apply(json!({
+        "apiVersion": "leasehold.dev/v1alpha1", "kind": "RotationPolicy", "metadata": {"name": "slow-drain"},
+        "spec": {"ttl": "1h", "revoke": {"gracePeriod": "20s", "waitForConsumers": false, "maxWait": "10m",
+                 "drainSessions": {"mode": "Terminate", "timeout": "5s"}}}
+    }))
+    .await;
+}
+
+fn postgres_spec(w: &World) -> Value {
+    json!({"host": w.db.server.host(), "port": w.db.server.port(), "database": w.db.server.database(),
+           "adminSecretRef": {"name": "pg-admin"}, "tls": {"mode": "Disable"}})
+}
+
+async fn secret_delivery(w: &mut World) {
+    let c = &w.cluster;
+    c.apply(json!({
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"},
+        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "web"}},
+                 "template": {"metadata": {"labels": {"app": "web"}},
+                              "spec": {"serviceAccountName": "app", "automountServiceAccountToken": false,
+                                       "containers": [{"name": "web", "image": "registry.invalid/web:1"}]}}}
+    }))
+    .await;
+    c.apply(json!({
+        "apiVersion": "leasehold.dev/v1alpha1", "kind": "SecretLease", "metadata": {"name": "app-db"},
+        "spec": {"policyRef": {"name": "e2e"}, "postgres": postgres_spec(w),
+                 "delivery": {"secret": {"name": "app-db-creds"},
+                              "rolloutRestart": [{"kind": "Deployment", "name": "web"}],
+                              "restartDebounce": "0s"}}
+    }))
+    .await;
+    let status = c.wait_ready_version("app-db", 1).await;
+    let user = status.current_username.clone().unwrap();
+    let secrets: Api<Secret> = Api::namespaced(c.client.clone(), &c.app_ns);
+    let delivered = eventually(
+        "Secret app-db-creds delivered",
+        Duration::from_secs(30),
+        || async { secrets.get_opt("app-db-creds").await.ok()? },
+    )
+    .await;
+    let text =
+        |s: &Secret, k: &str| String::from_utf8(s.data.as_ref().unwrap()[k].0.clone()).unwrap();
+    assert_eq!(text(&delivered, "username"), user);
+    let password = text(&delivered, "password");
+    w.secrets.push(password.clone());
+    w.db.connect(&user, &password)
+        .await
+        .expect("the delivered credential logs in");
+    assert!(
+        delivered
+            .metadata
+            .owner_references
+            .unwrap_or_default()
+            .iter()
+            .any(|o| o.kind == "SecretLease" && o.controller == Some(true)),
+        "the delivered Secret is owned by its lease"
+    );
+
+    // kubectl get sl: the columns show phase, version and expiry.
+    let table = c.lease_table().await;
+    let columns: Vec<String> = table["columnDefinitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["name"].as_str().unwrap().to_owned())
+        .collect();
+    for wanted in ["Name", "Phase", "Version", "Expires", "Ready"] {
+        assert!(
+            columns.iter().any(|c| c == wanted),
+            "column {wanted} in {columns:?}"
+        );
+    }
+    let row = table["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["cells"][0] == "app-db")
+        .unwrap();
+    let cell = |name: &str| row["cells"][columns.iter().position(|c| c == name).unwrap()].clone();
+    assert_eq!(cell("Version"), json!(1));
+    assert_eq!(cell("Ready"), json!("True"));
+    // A timestamp, not an age: a `date` column renders a future time as `<invalid>`.
+    let expires = cell("Expires");
+    assert!(
+        expires
+            .as_str()
+            .is_some_and(|s| s.parse::<jiff::Timestamp>().is_ok()),
+        "expiry shown as a time: {expires}"
+    );
+    eprintln!(
+        "e2e: kubectl get sl → columns {columns:?}, row {}",
+        row["cells"]
+    );
+
+    let reasons = eventually("events for app-db", Duration::from_secs(30), || async {
+        let r = c.event_reasons("app-db").await;
+        ["Issued", "Verified", "Promoted"]
+            .iter()
+            .all(|want| r.iter().any(|x| x == want))
+            .then_some(r)
+    })
+    .await;
+    eprintln!("e2e: events {reasons:?}");
+}
+
+async fn rotation_with_rollout(w: &mut World) {
+    let c = &w.cluster;
+    let v1 = c.status("app-db").await.unwrap().current_username.unwrap();
+    let deployments: Api<Deployment> = Api::namespaced(c.client.clone(), &c.app_ns);
+    // Pause the Deployment: its restart for version 2 cannot finish until it resumes,
+    // and until then version 1 must stay alive.
+    let pause = |paused: bool| {
+        let deployments = deployments.clone();
+        async move {
+            deployments
+                .patch(
+                    "web",
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"spec": {"paused": paused}})),
+                )
+                .await
+                .unwrap();
+        }
+    };
+    pause(true).await;
+    c.request_rotation("app-db", "e2e-1").await;
+    let version_key = "app-db.lease.leasehold.dev/version";
+    let template_version = |d: &Deployment| {
+        d.spec
+            .template
+            .metadata
+            .as_ref()
+            .and_then(|m| m.annotations.as_ref())
+            .and_then(|a| a.get(version_key).cloned())
+    };
+    eventually(
+        "v2 promoted and the restart for v2 requested",
+        Duration::from_secs(60),
+        || async {
+            let s = c.status("app-db").await?;
+            let d = deployments.get("web").await.ok()?;
+            let observed = d.status.as_ref()?.observed_generation >= d.metadata.generation;
+            (s.current_version == Some(2)
+                && template_version(&d).as_deref() == Some("2")
+                && observed)
+                .then_some(())
+        },
+    )
+    .await;
+    let v1_seen = c.status("app-db").await.unwrap();
+    assert_eq!(
+        v1_seen.progress.versions.len(),
+        2,
+        "v1 still recorded while the rollout waits"
+    );
+    assert!(
+        w.db.role_exists(&v1).await,
+        "v1 must live until the restarted pods run"
+    );
+    pause(false).await;
+    eventually(
+        "v1 revoked after the rollout",
+        Duration::from_secs(120),
+        || async { (!w.db.role_exists(&v1).await).then_some(()) },
+    )
+    .await;
+    let d = deployments.get("web").await.unwrap();
+    let st = d.status.clone().unwrap_or_default();
+    assert_eq!(template_version(&d).as_deref(), Some("2"));
+    assert_eq!(
+        st.updated_replicas, d.spec.replicas,
+        "the rollout finished before the revocation"
+    );
+    let status = c.wait_ready_version("app-db", 2).await;
+    let v2 = status.current_username.unwrap();
+    assert_ne!(v1, v2);
+    let secrets: Api<Secret> = Api::namespaced(c.client.clone(), &c.app_ns);
+    let s = secrets.get("app-db-creds").await.unwrap();
+    let password = String::from_utf8(s.data.as_ref().unwrap()["password"].0.clone()).unwrap();
+    w.secrets.push(password.clone());
+    w.db.connect(&v2, &password).await.expect("v2 logs in");
+    let reasons = c.event_reasons("app-db").await;
+    assert!(
+        reasons.iter().any(|r| r == "Revoked"),
+        "Revoked event in {reasons:?}"
+    );
+}
+
+/// Pods and the CSI lease shared by the CSI scenarios.
+struct CsiPods {
+    reader: Pod,
+}
+
+async fn csi_lease_and_pod(w: &World) -> CsiPods {
+    let c = &w.cluster;
+    if c.leases().get_opt("files-db").await.unwrap().is_none() {
+        c.apply(json!({
+            "apiVersion": "leasehold.dev/v1alpha1", "kind": "SecretLease", "metadata": {"name": "files-db"},
+            "spec": {"policyRef": {"name": "e2e"}, "postgres": postgres_spec(w),
+                     "delivery": {"csi": {"enabled": true}}}
+        }))
+        .await;
+    }
+    let pods: Api<Pod> = Api::namespaced(c.client.clone(), &c.app_ns);
+    let reader = match pods.get_opt("reader").await.unwrap() {
+        Some(p) => p,
+        None => {
+            c.run_pod(&c.app_ns, "reader", "app", "node-a", Some("files-db"))
+                .await
+        }
+    };
+    CsiPods { reader }
+}
+
+async fn kubelet(w: &World) -> Kubelet {
+    Kubelet::connect(&w.node_socket, &w.cluster.path("kubelet")).await
+}
+
+async fn csi_publish(w: &mut World) {
+    let pods = csi_lease_and_pod(w).await;
+    w.cluster.wait_ready_version("files-db", 1).await;
+    let mut k = kubelet(w).await;
+    let probe = k
+        .identity
+        .probe(csi::ProbeRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(probe.ready, Some(true));
+    let token = w
+        .cluster
+        .token(&w.cluster.app_ns, "app", POD_AUDIENCE, Some(&pods.reader))
+        .await;
+    w.secrets.push(token.clone());
+    let req = k.publish_request(
+        &pods.reader,
+        "app",
+        "files-db",
+        tokens_for(POD_AUDIENCE, &token),
+    );
+    k.publish(req.clone()).await.expect("publish");
+    // Idempotent: the same request again is OK.
+    k.publish(req).await.expect("publish again");
+    let target = k.target(&pods.reader, "creds");
+    let (fstype, options) = mount_at(&target).expect("tmpfs mounted at the target");
+    assert_eq!(fstype, "tmpfs");
+    for opt in ["nodev", "noexec", "nosuid"] {
+        assert!(options.split(',').any(|o| o == opt), "{opt} in {options}");
+    }
+    for file in ["username", "password"] {
+        let meta = std::fs::metadata(target.join(file)).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o440, "{file} mode");
+        assert_eq!(meta.gid(), FS_GROUP, "{file} group is the fsGroup");
+    }
+    let user = read_file(&target, "username");
+    let password = read_file(&target, "password");
+    w.secrets.push(password.clone());
+    assert_eq!(
+        Some(user.clone()),
+        w.cluster.status("files-db").await.unwrap().current_username
+    );
+    w.db.connect(&user, &password)
+        .await
+        .expect("the file credential logs in");
+    // The broker recorded the pod as a consumer of version 1.
+    eventually(
+        "reader recorded as a consumer",
+        Duration::from_secs(30),
+        || async {
+            let s = w.cluster.status("files-db").await?;
+            s.consumers
+                .iter()
+                .any(|c| c.name == "reader" && c.version == Some(1))
+                .then_some(())
+        },
+    )
+    .await;
+}
+
+async fn csi_refusals(w: &mut World) {
+    let c = &w.cluster;
+    let pods = csi_lease_and_pod(w).await;
+    let ns = c.app_ns.clone();
+    let other = c
+        .run_pod(&ns, "other", "app", "node-a", Some("files-db"))
+        .await;
+    let far = c
+        .run_pod(&ns, "far", "app", "node-b", Some("files-db"))
+        .await;
+    let intruder = c
+        .run_pod(&ns, "intruder", "intruder", "node-a", Some("files-db"))
+        .await;
+    let mut k = kubelet(w).await;
+
+    // A token of another pod presented for the reader.
+    let other_token = c.token(&ns, "app", POD_AUDIENCE, Some(&other)).await;
+    let mut req = k.publish_request(
+        &pods.reader,
+        "app",
+        "files-db",
+        tokens_for(POD_AUDIENCE, &other_token),
+    );
+    let fresh = w.cluster.path("kubelet/refused/mount");
+    std::fs::create_dir_all(fresh.parent().unwrap()).unwrap();
+    req.target_path = fresh.to_string_lossy().into_owned();
+    req.volume_id = "csi-refused-other-pod".into();
+    let err = k.publish(req).await.unwrap_err();
+    assert!(
+        matches!(err.code(), Code::Unauthenticated | Code::PermissionDenied),
+        "other pod's token: {err:?}"
+    );
+    assert!(mount_at(&fresh).is_none(), "nothing mounted");
+
+    // A pod that runs on node-b, published through node-a's driver.
+    let far_token = c.token(&ns, "app", POD_AUDIENCE, Some(&far)).await;
+    let err = k
+        .publish(k.publish_request(
+            &far,
+            "app",
+            "files-db",
+            tokens_for(POD_AUDIENCE, &far_token),
+        ))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err.code(), Code::Unauthenticated | Code::PermissionDenied),
+        "pod on the other node: {err:?}"
+    );
+    assert!(mount_at(&k.target(&far, "creds")).is_none());
+
+    // A service account outside the policy's access rules.
+    let intruder_token = c
+        .token(&ns, "intruder", POD_AUDIENCE, Some(&intruder))
+        .await;
+    let err = k
+        .publish(k.publish_request(
+            &intruder,
+            "intruder",
+            "files-db",
+            tokens_for(POD_AUDIENCE, &intruder_token),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Code::PermissionDenied,
+        "SA outside access: {err:?}"
+    );
+    assert!(mount_at(&k.target(&intruder, "creds")).is_none());
+
+    // A token for another audience.
+    let wrong = c
+        .token(&ns, "app", "some-other-audience", Some(&other))
+        .await;
+    let err = k
+        .publish(k.publish_request(&other, "app", "files-db", tokens_for(POD_AUDIENCE, &wrong)))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err.code(), Code::Unauthenticated | Code::PermissionDenied),
+        "wrong audience: {err:?}"
+    );
+    assert!(mount_at(&k.target(&other, "creds")).is_none());
+    for t in [other_token, far_token, intruder_token, wrong] {
+        w.secrets.push(t);
+    }
+    // None of them became a consumer.
+    let consumers = c.status("files-db").await.unwrap().consumers;
+    assert!(
+        consumers.iter().all(|x| x.name == "reader"),
+        "only the reader is a consumer: {consumers:?}"
+    );
+}
+
+async fn csi_rotation(w: &mut World) {
+    let pods = csi_lease_and_pod(w).await;
+    let c = &w.cluster;
+    let mut k = kubelet(w).await;
+    let target = k.target(&pods.reader, "creds");
+    let v1 = read_file(&target, "username");
+    let v1_password = read_file(&target, "password");
+    c.request_rotation("files-db", "e2e-1").await;
+    let status = c.wait_ready_version("files-db", 2).await;
+    let v2 = status.current_username.unwrap();
+    // Not yet acknowledged by the reader: v1 still works.
+    assert!(
+        w.db.role_exists(&v1).await,
+        "v1 kept until the consumer moves"
+    );
+    w.db.connect(&v1, &v1_password)
+        .await
+        .expect("v1 still logs in before the republish");
+    // The kubelet's periodic republish (requiresRepublish) with a fresh token.
+    let token = c
+        .token(&c.app_ns, "app", POD_AUDIENCE, Some(&pods.reader))
+        .await;
+    w.secrets.push(token.clone());
+    k.publish(k.publish_request(
+        &pods.reader,
+        "app",
+        "files-db",
+        tokens_for(POD_AUDIENCE, &token),
+    ))
+    .await
+    .expect("republish");
+    assert_eq!(read_file(&target, "username"), v2, "files swapped to v2");
+    let v2_password = read_file(&target, "password");
+    w.secrets.push(v2_password.clone());
+    w.db.connect(&v2, &v2_password)
+        .await
+        .expect("v2 from the files logs in");
+    eventually(
+        "v1 revoked after the acknowledgement",
+        Duration::from_secs(60),
+        || async { (!w.db.role_exists(&v1).await).then_some(()) },
+    )
+    .await;
+    let consumers = c.status("files-db").await.unwrap().consumers;
+    assert!(
+        consumers
+            .iter()
+            .any(|x| x.name == "reader" && x.version == Some(2)),
+        "{consumers:?}"
+    );
+
+    // Unpublish: unmounted, and idempotent.
+    k.unpublish(&pods.reader).await.expect("unpublish");
+    assert!(mount_at(&target).is_none(), "unmounted");
+    k.unpublish(&pods.reader).await.expect("unpublish again");
+}
+
+async fn per_pod(w: &mut World) {
+    let c = &w.cluster;
+    c.apply(json!({
+        "apiVersion": "leasehold.dev/v1alpha1", "kind": "SecretLease", "metadata": {"name": "per-pod-db"},
+        "spec": {"policyRef": {"name": "e2e"}, "postgres": postgres_spec(w), "perPod": true,
+                 "delivery": {"csi": {"enabled": true}}}
+    }))
+    .await;
+    eventually("per-pod lease Ready", Duration::from_secs(60), || async {
+        let s = c.status("per-pod-db").await?;
+        (leasehold_api::conditions::find(&s.conditions, "Ready")?.status == "True").then_some(())
+    })
+    .await;
+    let ns = c.app_ns.clone();
+    let pod = c
+        .run_pod(&ns, "worker", "app", "node-a", Some("per-pod-db"))
+        .await;
+    let mut k = kubelet(w).await;
+    let token = c.token(&ns, "app", POD_AUDIENCE, Some(&pod)).await;
+    w.secrets.push(token.clone());
+    k.publish(k.publish_request(&pod, "app", "per-pod-db", tokens_for(POD_AUDIENCE, &token)))
+        .await
+        .expect("per-pod publish");
+    let target = k.target(&pod, "creds");
+    let user = read_file(&target, "username");
+    let password = read_file(&target, "password");
+    w.secrets.push(password.clone());
+    let lease_uid = c.leases().get("per-pod-db").await.unwrap().uid().unwrap();
+    let expected = leasehold_broker::per_pod::per_pod_username(&lease_uid, &pod.uid().unwrap());
+    assert_eq!(user, expected, "a user of this pod's own");
+    w.db.connect(&user, &password)
+        .await
+        .expect("the per-pod user logs in");
+    k.unpublish(&pod).await.expect("unpublish");
+    eventually(
+        "per-pod user dropped at unpublish",
+        Duration::from_secs(30),
+        || async { (!w.db.role_exists(&user).await).then_some(()) },
+    )
+    .await;
+    assert!(w.db.connect(&user, &password).await.is_err());
+}
+
+async fn deletion_waits_for_revocation(w: &mut World) {
+    let status = w.cluster.status("app-db").await.unwrap();
+    let user = status.current_username.unwrap();
+    assert!(w.db.role_exists(&user).await);
+    w.db.server.stop().await;
+    w.cluster
+        .leases()
+        .delete("app-db", &DeleteParams::default())
+        .await
+        .unwrap();
+    // The revocation fails while the database is down: recorded, and said in an event.
+    let c = &w.cluster;
+    eventually(
+        "a failed revocation recorded on the deleted lease",
+        Duration::from_secs(90),
+        || async {
+            let lease = c.leases().get_opt("app-db").await.ok()??;
+            assert!(lease.metadata.deletion_timestamp.is_some());
+            let s = lease.status?;
+            s.progress
+                .versions
+                .iter()
+                .any(|v| v.revoke.as_ref().is_some_and(|r| r.last_error.is_some()))
+                .then_some(())
+        },
+    )
+    .await;
+    eventually(
+        "RevocationPending event",
+        Duration::from_secs(30),
+        || async {
+            c.event_reasons("app-db")
+                .await
+                .iter()
+                .any(|r| r == "RevocationPending")
+                .then_some(())
+        },
+    )
+    .await;
+    let lease = c
+        .leases()
+        .get_opt("app-db")
+        .await
+        .unwrap()
+        .expect("the lease waits");
+    assert!(
+        lease
+            .finalizers()
+            .iter()
+            .any(|f| f == leasehold_api::FINALIZER),
+        "the finalizer stays while a credential is alive"
+    );
+    let ready =
+        leasehold_api::conditions::find(&lease.status.as_ref().unwrap().conditions, "Ready")
+            .cloned()
+            .unwrap();
+    assert_eq!(ready.status, "False");
+    eprintln!(
+        "e2e: while the database is down: Ready=False {}: {}",
+        ready.reason, ready.message
+    );
+    w.db.server.resume().await;
+    eventually(
+        "the lease is gone once its credentials are revoked",
+        Duration::from_secs(360),
+        || async {
+            c.leases()
+                .get_opt("app-db")
+                .await
+                .ok()?
+                .is_none()
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(
+        !w.db.role_exists(&user).await,
+        "the last credential was dropped before the finalizer went"
+    );
+}
+
+async fn failover(w: &mut World) {
+    let c = &w.cluster;
+    c.apply(json!({
+        "apiVersion": "leasehold.dev/v1alpha1", "kind": "SecretLease", "metadata": {"name": "failover-db"},
+        "spec": {"policyRef": {"name": "slow-drain"}, "postgres": postgres_spec(w),
+                 "delivery": {"secret": {"name": "failover-db-creds"}}}
+    }))
+    .await;
+    let v1 = c
+        .wait_ready_version("failover-db", 1)
+        .await
+        .current_username
+        .unwrap();
+    let standby = Process::spawn(
+        "controller-1",
+        &w.controller_args,
+        &w.controller_kubeconfig,
+        c.path("controller-1.log"),
+        &[
+            ("POD_NAME", "controller-1"),
+            ("POD_NAMESPACE", &c.system_ns),
+        ],
+    );
+    let election: Api<Lease> = Api::namespaced(c.client.clone(), &c.system_ns);
+    let lease_name = format!("{FULLNAME}-controller");
+    let holder = || async {
+        election
+            .get_opt(&lease_name)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|l| l.spec?.holder_identity)
+    };
+    assert_eq!(holder().await.as_deref(), Some("controller-0"));
+    let pods: Api<Pod> = Api::namespaced(c.client.clone(), &c.system_ns);
+    let leader_label = |p: &Pod| p.labels().get("leasehold.dev/leader").cloned();
+    assert_eq!(
+        leader_label(&pods.get("controller-0").await.unwrap()).as_deref(),
+        Some("true"),
+        "the leader labels its pod"
+    );
+    // Rotate, and kill the leader while the old version drains (grace period 20 s).
+    c.request_rotation("failover-db", "e2e-1").await;
+    eventually(
+        "v2 promoted, v1 draining",
+        Duration::from_secs(60),
+        || async {
+            let s = c.status("failover-db").await?;
+            (s.current_version == Some(2) && s.progress.versions.len() == 2).then_some(())
+        },
+    )
+    .await;
+    let killed_at = Instant::now();
+    w.controllers[0].kill().await;
+    w.controllers.push(standby);
+    eventually(
+        "the standby holds the leader lease",
+        Duration::from_secs(60),
+        || async { (holder().await.as_deref() == Some("controller-1")).then_some(()) },
+    )
+    .await;
+    eprintln!(
+        "e2e: standby took over {:.1}s after the kill",
+        killed_at.elapsed().as_secs_f64()
+    );
+    eventually(
+        "the interrupted rotation completes under the new leader",
+        Duration::from_secs(120),
+        || async {
+            let s = c.status("failover-db").await?;
+            (s.current_version == Some(2) && s.progress.versions.len() == 1).then_some(())
+        },
+    )
+    .await;
+    assert!(!w.db.role_exists(&v1).await, "v1 revoked by the new leader");
+    let v2 = c
+        .status("failover-db")
+        .await
+        .unwrap()
+        .current_username
+        .unwrap();
+    assert!(w.db.role_exists(&v2).await);
+    eventually(
+        "the new leader labels its pod",
+        Duration::from_secs(30),
+        || async {
+            let p = pods.get("controller-1").await.ok()?;
+            (leader_label(&p).as_deref() == Some("true")).then_some(())
+        },
+    )
+    .await;
+    let _ = w.broker_port;
+}
+
+async fn csi_sanity(w: &mut World) {
+    let dir =
+        std::env::var("LEASEHOLD_KUBE_DIR").unwrap_or_else(|_| "/var/tmp/leasehold-kube".into());
+    let bin = Path::new(&dir).join("bin/csi-sanity");
+    if !bin.exists() {
+        eprintln!(
+            "e2e: csi-sanity SKIPPED: {} not found (it comes with ../shared/kube)",
+            bin.display()
+        );
+        return;
+    }
+    let mount = w.cluster.path("sanity-mount");
+    let staging = w.cluster.path("sanity-staging");
+    let out = tokio::process::Command::new(&bin)
+        .arg(format!("--csi.endpoint=unix://{}", w.node_socket.display()))
+        .arg(format!("--csi.mountdir={}", mount.display()))
+        .arg(format!("--csi.stagingdir={}", staging.display()))
+        // A node-only driver for inline ephemeral volumes: the Controller service specs,
+        // and the Node specs that create their volume through it, cannot apply.
+        .arg(format!("--ginkgo.skip={}", CSI_SANITY_SKIP))
+        .arg("--ginkgo.no-color")
+        .output()
+        .await
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("Passed") || l.contains("Ran ") || l.contains("FAIL"))
+        .collect();
+    eprintln!("e2e: csi-sanity: {}", summary.join(" | "));
+    assert!(out.status.success(), "csi-sanity failed:\n{text}");
+}
+
+/// csi-sanity specs that need a Controller service (this driver is node-only, for
+/// inline ephemeral volumes).
+const CSI_SANITY_SKIP: &str = "Controller Server|should work|should remove target path";
+
+async fn logs_are_clean(w: &mut World) {
+    let mut logs: Vec<(String, String)> = w
+        .controllers
+        .iter()
+        .map(|p| (p.name.clone(), p.log_text()))
+        .collect();
+    if let Some(n) = &w.node {
+        logs.push((n.name.clone(), n.log_text()));
+    }
+    let mut problems = Vec::new();
+    for (name, text) in &logs {
+        for line in forbidden_lines(text) {
+            problems.push(format!("{name}: 403 from the API server: {line}"));
+        }
+        for secret in &w.secrets {
+            if secret.len() >= 8 && text.contains(secret.as_str()) {
+                problems.push(format!(
+                    "{name}: a secret value ({} chars) appears in the log",
+                    secret.len()
+                ));
+            }
+        }
+        eprintln!("e2e: {name}: {} log lines", text.lines().count());
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
