@@ -63,6 +63,7 @@ where
         if let Some(v) = f().await {
             return v;
         }
+        fail_on_forbidden();
         assert!(
             Instant::now() < deadline,
             "e2e: {what}: not within {timeout:?}"
@@ -92,6 +93,30 @@ fn set_arg(args: &mut Vec<String>, flag: &str, value: &str) {
             args.push(value.to_owned());
         }
     }
+}
+
+/// The image of the test's pods. Nothing runs it on the kit (kwok); on a cluster with
+/// real kubelets set `LEASEHOLD_E2E_IMAGE` to one its nodes can pull and run (a pause image).
+fn image() -> String {
+    std::env::var("LEASEHOLD_E2E_IMAGE").unwrap_or_else(|_| "registry.invalid/app:1".into())
+}
+
+/// The two nodes the placement scenarios use (`LEASEHOLD_E2E_NODES`, default the kit's).
+fn nodes() -> (String, String) {
+    let names = std::env::var("LEASEHOLD_E2E_NODES").unwrap_or_else(|_| "node-a node-b".into());
+    let mut it = names.split_whitespace().map(str::to_owned);
+    match (it.next(), it.next()) {
+        (Some(a), Some(b)) => (a, b),
+        _ => panic!("LEASEHOLD_E2E_NODES must name two nodes"),
+    }
+}
+
+fn node_a() -> String {
+    nodes().0
+}
+
+fn node_b() -> String {
+    nodes().1
 }
 
 fn step(name: &str) {
@@ -163,6 +188,7 @@ impl Process {
         env: &[(&str, &str)],
     ) -> Self {
         let file = std::fs::File::create(&log).unwrap();
+        PROCESS_LOGS.lock().unwrap().push(log.clone());
         eprintln!("e2e: starting {name}: leasehold {}", args.join(" "));
         let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_leasehold"));
         cmd.args(args)
@@ -225,6 +251,24 @@ impl Process {
 
     fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// Logs of the processes started so far, checked for 403s while the test waits.
+static PROCESS_LOGS: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+/// Fails at once, naming the request, when a process logged a 403: waiting out a
+/// timeout would only hide the missing RBAC verb.
+fn fail_on_forbidden() {
+    let logs = PROCESS_LOGS.lock().unwrap().clone();
+    for log in logs {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if let Some(line) = forbidden_lines(&text).first() {
+            panic!(
+                "e2e: {} logged a 403 from the API server (a verb missing from the chart's RBAC):\n{line}",
+                log.display()
+            );
+        }
     }
 }
 
@@ -471,7 +515,7 @@ impl Cluster {
             "nodeName": node,
             "automountServiceAccountToken": false,
             "securityContext": {"fsGroup": FS_GROUP},
-            "containers": [{"name": "app", "image": "registry.invalid/app:1"}]
+            "containers": [{"name": "app", "image": image()}]
         });
         if let Some(lease) = lease {
             spec["volumes"] = json!([{"name": "creds", "csi": {
@@ -896,14 +940,14 @@ async fn setup(cluster: Cluster) -> World {
     // the leader labels its pod, and the node driver's token names its node.
     let controller_pods = [
         cluster
-            .run_pod(&ns, "controller-0", &controller_sa, "node-a", None)
+            .run_pod(&ns, "controller-0", &controller_sa, &node_a(), None)
             .await,
         cluster
-            .run_pod(&ns, "controller-1", &controller_sa, "node-b", None)
+            .run_pod(&ns, "controller-1", &controller_sa, &node_b(), None)
             .await,
     ];
     let node_pod = cluster
-        .run_pod(&ns, "node-a-driver", &node_sa, "node-a", None)
+        .run_pod(&ns, "node-driver", &node_sa, &node_a(), None)
         .await;
 
     let controller_kubeconfig = cluster
@@ -963,7 +1007,7 @@ async fn setup(cluster: Cluster) -> World {
         "--csi-socket",
         node_socket.to_str().unwrap(),
     );
-    set_arg(&mut node_args, "--node-name", "node-a");
+    set_arg(&mut node_args, "--node-name", &node_a());
     set_arg(
         &mut node_args,
         "--broker-url",
@@ -1147,7 +1191,7 @@ async fn secret_delivery(w: &mut World) {
         "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "web"}},
                  "template": {"metadata": {"labels": {"app": "web"}},
                               "spec": {"serviceAccountName": "app", "automountServiceAccountToken": false,
-                                       "containers": [{"name": "web", "image": "registry.invalid/web:1"}]}}}
+                                       "containers": [{"name": "web", "image": image()}]}}}
     }))
     .await;
     c.apply(json!({
@@ -1334,7 +1378,7 @@ async fn csi_lease_and_pod(w: &World) -> CsiPods {
     let reader = match pods.get_opt("reader").await.unwrap() {
         Some(p) => p,
         None => {
-            c.run_pod(&c.app_ns, "reader", "app", "node-a", Some("files-db"))
+            c.run_pod(&c.app_ns, "reader", "app", &node_a(), Some("files-db"))
                 .await
         }
     };
@@ -1411,13 +1455,13 @@ async fn csi_refusals(w: &mut World) {
     let pods = csi_lease_and_pod(w).await;
     let ns = c.app_ns.clone();
     let other = c
-        .run_pod(&ns, "other", "app", "node-a", Some("files-db"))
+        .run_pod(&ns, "other", "app", &node_a(), Some("files-db"))
         .await;
     let far = c
-        .run_pod(&ns, "far", "app", "node-b", Some("files-db"))
+        .run_pod(&ns, "far", "app", &node_b(), Some("files-db"))
         .await;
     let intruder = c
-        .run_pod(&ns, "intruder", "intruder", "node-a", Some("files-db"))
+        .run_pod(&ns, "intruder", "intruder", &node_a(), Some("files-db"))
         .await;
     let mut k = kubelet(w).await;
 
@@ -1573,7 +1617,7 @@ async fn per_pod(w: &mut World) {
     .await;
     let ns = c.app_ns.clone();
     let pod = c
-        .run_pod(&ns, "worker", "app", "node-a", Some("per-pod-db"))
+        .run_pod(&ns, "worker", "app", &node_a(), Some("per-pod-db"))
         .await;
     let mut k = kubelet(w).await;
     let token = c.token(&ns, "app", POD_AUDIENCE, Some(&pod)).await;
