@@ -1107,6 +1107,12 @@ async fn run_scenarios(mut w: World) -> Vec<(String, Duration)> {
     .await;
     scenario(
         &mut w,
+        "fencing: a writer holding a stale lease cannot overwrite newer progress",
+        stale_writer_is_fenced,
+    )
+    .await;
+    scenario(
+        &mut w,
         "deletion with the database down: finalizer stays until revoked",
         deletion_waits_for_revocation,
     )
@@ -1643,6 +1649,40 @@ async fn per_pod(w: &mut World) {
     )
     .await;
     assert!(w.db.connect(&user, &password).await.is_err());
+}
+
+/// What a deposed leader would do: it read the lease, lost leadership, and writes the
+/// progress it had while the new leader has moved on. The API server must refuse it.
+async fn stale_writer_is_fenced(w: &mut World) {
+    use leasehold_engine::ProgressStore;
+    let c = &w.cluster;
+    let stale = c.leases().get("files-db").await.unwrap();
+    let before = stale.status.clone().unwrap().current_version.unwrap();
+    c.request_rotation("files-db", "e2e-fence").await;
+    c.wait_ready_version("files-db", before + 1).await;
+    let store = leasehold_operator::status::StatusProgressStore::new(
+        c.leases(),
+        &stale,
+        None,
+        false,
+        std::sync::Arc::new(jiff::Timestamp::now),
+        std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0)),
+    );
+    let mut progress = stale.status.clone().unwrap().progress;
+    progress.last_version += 10;
+    let key = leasehold_engine::LeaseKey {
+        namespace: c.app_ns.clone(),
+        name: "files-db".into(),
+        uid: stale.uid().unwrap(),
+    };
+    let err = store
+        .save(&key, &progress)
+        .await
+        .expect_err("a stale write must be refused");
+    eprintln!("e2e: stale write refused: {err}");
+    let now = c.status("files-db").await.unwrap();
+    assert_eq!(now.current_version, Some(before + 1), "newer progress kept");
+    assert_ne!(now.progress.last_version, progress.last_version);
 }
 
 async fn deletion_waits_for_revocation(w: &mut World) {

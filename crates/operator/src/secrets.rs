@@ -76,8 +76,14 @@ pub struct OwnedSecretStore {
     api: Api<Secret>,
     lease_name: String,
     owner: OwnerReference,
-    cache: Mutex<Option<BTreeMap<u64, SecretString>>>,
+    /// The versions, and the Secret's resourceVersion as read or last written (a
+    /// precondition of every write: a deposed controller cannot overwrite a version
+    /// the current leader stored).
+    cache: Mutex<Option<StoredVersions>>,
 }
+
+/// The versions Secret as read or last written.
+type StoredVersions = (BTreeMap<u64, SecretString>, Option<String>);
 
 impl std::fmt::Debug for OwnedSecretStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -101,31 +107,51 @@ impl OwnedSecretStore {
         versions_secret_name(&self.lease_name)
     }
 
-    async fn load(&self) -> Result<BTreeMap<u64, SecretString>, StoreError> {
+    async fn load(&self) -> Result<StoredVersions, StoreError> {
         let secret = self
             .api
             .get_opt(&self.secret_name())
             .await
             .map_err(|e| store_error("cannot read the versions Secret", e))?;
-        Ok(parse_versions(secret.as_ref()))
+        let rv = secret
+            .as_ref()
+            .and_then(|s| s.metadata.resource_version.clone());
+        Ok((parse_versions(secret.as_ref()), rv))
     }
 
-    async fn write(&self, versions: &BTreeMap<u64, SecretString>) -> Result<(), StoreError> {
+    /// Writes every version; returns the new resourceVersion.
+    async fn write(
+        &self,
+        versions: &BTreeMap<u64, SecretString>,
+        resource_version: Option<&str>,
+    ) -> Result<Option<String>, StoreError> {
         let data = versions
             .iter()
             .map(|(v, s)| (format!("v{v}"), s.clone()))
             .collect();
         let body = owned_secret_patch(&self.secret_name(), &self.lease_name, &self.owner, &data);
-        let body = secret_apply_body(&body)?;
-        self.api
+        let mut body = secret_apply_body(&body)?;
+        if let Some(rv) = resource_version {
+            body["metadata"]["resourceVersion"] = serde_json::json!(rv);
+        }
+        let written = self
+            .api
             .patch(
                 &self.secret_name(),
                 &PatchParams::apply(FIELD_MANAGER).force(),
                 &Patch::Apply(&body),
             )
             .await
-            .map_err(|e| store_error("cannot write the versions Secret", e))?;
-        Ok(())
+            .map_err(|e| {
+                match e {
+                kube::Error::Api(ref s) if s.code == 409 => StoreError(
+                    "the versions Secret changed since this controller read it; not writing over it"
+                        .into(),
+                ),
+                e => store_error("cannot write the versions Secret", e),
+            }
+            })?;
+        Ok(written.metadata.resource_version)
     }
 }
 
@@ -155,14 +181,15 @@ impl SecretStore for OwnedSecretStore {
         secret: &SecretString,
     ) -> Result<(), StoreError> {
         let mut cache = self.cache.lock().await;
-        let mut versions = match cache.take() {
+        let (mut versions, rv) = match cache.take() {
             Some(v) => v,
             None => self.load().await?,
         };
         versions.insert(version, secret.clone());
-        let result = self.write(&versions).await;
-        *cache = Some(versions);
-        result
+        // On failure the cache is dropped: the next use re-reads what the server has.
+        let new_rv = self.write(&versions, rv.as_deref()).await?;
+        *cache = Some((versions, new_rv));
+        Ok(())
     }
 
     async fn get(&self, _: &LeaseKey, version: u64) -> Result<Option<SecretString>, StoreError> {
@@ -170,23 +197,24 @@ impl SecretStore for OwnedSecretStore {
         if cache.is_none() {
             *cache = Some(self.load().await?);
         }
-        Ok(cache.as_ref().and_then(|c| c.get(&version).cloned()))
+        Ok(cache
+            .as_ref()
+            .and_then(|(versions, _)| versions.get(&version).cloned()))
     }
 
     async fn remove(&self, _: &LeaseKey, version: u64) -> Result<(), StoreError> {
         let mut cache = self.cache.lock().await;
-        let mut versions = match cache.take() {
+        let (mut versions, rv) = match cache.take() {
             Some(v) => v,
             None => self.load().await?,
         };
-        let existed = versions.remove(&version).is_some();
-        let result = if existed {
-            self.write(&versions).await
+        let new_rv = if versions.remove(&version).is_some() {
+            self.write(&versions, rv.as_deref()).await?
         } else {
-            Ok(())
+            rv
         };
-        *cache = Some(versions);
-        result
+        *cache = Some((versions, new_rv));
+        Ok(())
     }
 }
 

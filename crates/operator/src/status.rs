@@ -221,6 +221,10 @@ pub fn status_patch(status: &SecretLeaseStatus) -> Result<serde_json::Value, Sto
 }
 
 struct StatusState {
+    /// The lease's resourceVersion as last read or written: every write carries it as a
+    /// precondition, so a controller that lost leadership (or raced another) cannot
+    /// overwrite progress someone else recorded since; its write fails with 409.
+    resource_version: Option<String>,
     /// What the server has (as last observed or written).
     written: SecretLeaseStatus,
     /// What we want it to have.
@@ -264,6 +268,7 @@ impl StatusProgressStore {
             deleting,
             clock,
             state: Mutex::new(StatusState {
+                resource_version: lease.metadata.resource_version.clone(),
                 written: observed.clone(),
                 desired: observed,
             }),
@@ -306,16 +311,28 @@ impl StatusProgressStore {
         if !status_changed(&state.written, &state.desired) {
             return Ok(false);
         }
-        let patch = status_patch(&state.desired)?;
-        self.api
+        let mut patch = status_patch(&state.desired)?;
+        if let Some(rv) = &state.resource_version {
+            patch["metadata"] = serde_json::json!({ "resourceVersion": rv });
+        }
+        let written = self
+            .api
             .patch_status(
                 &self.name,
                 &PatchParams::apply(FIELD_MANAGER).force(),
                 &Patch::Apply(&patch),
             )
             .await
-            .map_err(|e| store_error("cannot write the SecretLease status", e))?;
+            .map_err(|e| match e {
+                kube::Error::Api(ref s) if s.code == 409 => StoreError(
+                    "the SecretLease changed since this controller read it (another writer, or \
+                     this replica lost leadership); not writing over it, the lease is re-read"
+                        .into(),
+                ),
+                e => store_error("cannot write the SecretLease status", e),
+            })?;
         self.writes.fetch_add(1, Ordering::Relaxed);
+        state.resource_version = written.metadata.resource_version;
         state.written = state.desired.clone();
         Ok(true)
     }
