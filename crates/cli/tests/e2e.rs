@@ -1107,6 +1107,12 @@ async fn run_scenarios(mut w: World) -> Vec<(String, Duration)> {
     .await;
     scenario(
         &mut w,
+        "a lease never writes a Secret it did not create (SecretConflict)",
+        foreign_secret_is_refused,
+    )
+    .await;
+    scenario(
+        &mut w,
         "fencing: a writer holding a stale lease cannot overwrite newer progress",
         stale_writer_is_fenced,
     )
@@ -1280,6 +1286,58 @@ async fn secret_delivery(w: &mut World) {
     })
     .await;
     eprintln!("e2e: events {reasons:?}");
+}
+
+/// A lease must never take over a Secret it did not create (here: its own admin Secret).
+async fn foreign_secret_is_refused(w: &mut World) {
+    let c = &w.cluster;
+    let secrets: Api<Secret> = Api::namespaced(c.client.clone(), &c.app_ns);
+    let before = secrets.get("pg-admin").await.unwrap();
+    c.apply(json!({
+        "apiVersion": "leasehold.dev/v1alpha1", "kind": "SecretLease", "metadata": {"name": "grabby"},
+        "spec": {"policyRef": {"name": "e2e"}, "postgres": postgres_spec(w),
+                 "delivery": {"secret": {"name": "pg-admin"}}}
+    }))
+    .await;
+    let ready = eventually(
+        "grabby refused with SecretConflict",
+        Duration::from_secs(60),
+        || async {
+            let s = c.status("grabby").await?;
+            let ready = leasehold_api::conditions::find(&s.conditions, "Ready")?.clone();
+            (ready.reason == "SecretConflict").then_some(ready)
+        },
+    )
+    .await;
+    assert_eq!(ready.status, "False");
+    eprintln!("e2e: Ready=False SecretConflict: {}", ready.message);
+    let after = secrets.get("pg-admin").await.unwrap();
+    assert_eq!(before.data, after.data, "the admin Secret is untouched");
+    assert!(
+        after
+            .metadata
+            .owner_references
+            .unwrap_or_default()
+            .is_empty(),
+        "and not owned by the lease"
+    );
+    assert!(
+        c.status("grabby").await.unwrap().current_version.is_none(),
+        "no credential issued"
+    );
+    c.leases()
+        .delete("grabby", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("grabby deleted", Duration::from_secs(30), || async {
+        c.leases()
+            .get_opt("grabby")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
 }
 
 async fn rotation_with_rollout(w: &mut World) {

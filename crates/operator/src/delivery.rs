@@ -18,7 +18,10 @@ use leasehold_engine::{Delivery, LeaseKey, StoreError};
 use tokio::sync::Mutex;
 
 use crate::error::store_error;
-use crate::secrets::{owned_secret_patch, secret_apply_body};
+use crate::secrets::{
+    SecretOwnership, foreign_secret_message, owned_secret_patch, secret_apply_body,
+    secret_ownership,
+};
 
 /// Pod template annotation set on restart (also the debounce clock, shared by every
 /// lease restarting the workload).
@@ -402,6 +405,24 @@ impl KubeDelivery {
         *self.debounced_until.lock().await
     }
 
+    /// Why the delivered Secret may not be written (it exists and was not created by
+    /// this lease), or `None` when it may.
+    pub async fn foreign_secret(&self) -> Result<Option<String>, StoreError> {
+        let Some(name) = self.secret_name() else {
+            return Ok(None);
+        };
+        let existing = Api::<Secret>::namespaced(self.client.clone(), &self.namespace)
+            .get_opt(&name)
+            .await
+            .map_err(|e| store_error("cannot read the delivered Secret", e))?;
+        Ok(match secret_ownership(existing.as_ref(), &self.owner.uid) {
+            SecretOwnership::Foreign => {
+                Some(foreign_secret_message(&name, "spec.delivery.secret.name"))
+            }
+            SecretOwnership::Absent | SecretOwnership::Ours => None,
+        })
+    }
+
     /// Name of the delivered Secret, if any.
     pub fn secret_name(&self) -> Option<String> {
         self.spec
@@ -420,6 +441,11 @@ impl Delivery for KubeDelivery {
         material: &CredentialMaterial,
     ) -> Result<(), StoreError> {
         if let Some(name) = self.secret_name() {
+            // Checked again here, not only before the engine runs: never write over (and
+            // so garbage-collect with the lease) a Secret someone else made meanwhile.
+            if let Some(message) = self.foreign_secret().await? {
+                return Err(StoreError(message));
+            }
             let body = owned_secret_patch(&name, &self.lease_name, &self.owner, &material.0);
             let body = secret_apply_body(&body)?;
             Api::<Secret>::namespaced(self.client.clone(), &self.namespace)

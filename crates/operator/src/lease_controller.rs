@@ -424,6 +424,12 @@ pub async fn run_lease(
         lease.spec.delivery.clone(),
         ctx.clock.clone(),
     );
+    if !deleting && let Some(message) = delivery.foreign_secret().await? {
+        blocked(&status, lease, deleting, "SecretConflict", message).await?;
+        // Secrets the lease does not own are not watched: look again in a while, so
+        // deleting the other Secret unblocks the lease without an edit.
+        return Ok(Action::requeue(Duration::from_secs(60)));
+    }
     let targets = if deleting || lease.spec.delivery.rollout_restart.is_empty() {
         Vec::new()
     } else {

@@ -82,6 +82,43 @@ pub struct OwnedSecretStore {
     cache: Mutex<Option<StoredVersions>>,
 }
 
+/// Who a Secret of the name a lease wants belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SecretOwnership {
+    /// No such Secret: the lease may create it.
+    Absent,
+    /// Created by this lease (its controller ownerReference names the lease's UID).
+    Ours,
+    /// Someone else's: the lease must never write it (nor have it garbage-collected).
+    Foreign,
+}
+
+/// Whether `secret` was created by the lease whose UID is `lease_uid`.
+pub fn secret_ownership(secret: Option<&Secret>, lease_uid: &str) -> SecretOwnership {
+    let Some(secret) = secret else {
+        return SecretOwnership::Absent;
+    };
+    let ours = secret
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|o| o.controller == Some(true) && o.uid == lease_uid && o.kind == "SecretLease");
+    if ours {
+        SecretOwnership::Ours
+    } else {
+        SecretOwnership::Foreign
+    }
+}
+
+/// The message for a Secret the lease may not write.
+pub fn foreign_secret_message(name: &str, what: &str) -> String {
+    format!(
+        "Secret {name:?} ({what}) already exists and was not created by this lease; leasehold \
+         never writes a Secret it does not own. Choose another name or delete that Secret"
+    )
+}
+
 /// The versions Secret as read or last written.
 type StoredVersions = (BTreeMap<u64, SecretString>, Option<String>);
 
@@ -113,6 +150,12 @@ impl OwnedSecretStore {
             .get_opt(&self.secret_name())
             .await
             .map_err(|e| store_error("cannot read the versions Secret", e))?;
+        if secret_ownership(secret.as_ref(), &self.owner.uid) == SecretOwnership::Foreign {
+            return Err(StoreError(foreign_secret_message(
+                &self.secret_name(),
+                "the lease's versions Secret",
+            )));
+        }
         let rv = secret
             .as_ref()
             .and_then(|s| s.metadata.resource_version.clone());
@@ -220,6 +263,43 @@ impl SecretStore for OwnedSecretStore {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn only_a_secret_this_lease_created_is_ours() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+        let with_owner = |uid: &str, controller: bool| Secret {
+            metadata: kube::api::ObjectMeta {
+                owner_references: Some(vec![OwnerReference {
+                    api_version: "leasehold.dev/v1alpha1".into(),
+                    kind: "SecretLease".into(),
+                    name: "orders".into(),
+                    uid: uid.into(),
+                    controller: Some(controller),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        assert_eq!(secret_ownership(None, "u1"), SecretOwnership::Absent);
+        assert_eq!(
+            secret_ownership(Some(&with_owner("u1", true)), "u1"),
+            SecretOwnership::Ours
+        );
+        // Another lease's, a non-controller reference, or no owner at all: never ours.
+        assert_eq!(
+            secret_ownership(Some(&with_owner("u2", true)), "u1"),
+            SecretOwnership::Foreign
+        );
+        assert_eq!(
+            secret_ownership(Some(&with_owner("u1", false)), "u1"),
+            SecretOwnership::Foreign
+        );
+        assert_eq!(
+            secret_ownership(Some(&Secret::default()), "u1"),
+            SecretOwnership::Foreign
+        );
+    }
+
     use super::*;
 
     #[test]
