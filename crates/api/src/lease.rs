@@ -39,6 +39,11 @@ pub use leasehold_core::rotation::{Phase, Progress, RotationRecord};
         json_path = ".status.conditions[?(@.type==\"Ready\")].status"
     ),
     printcolumn(
+        name = "Health",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Degraded\")].reason"
+    ),
+    printcolumn(
         name = "Next Rotation",
         type_ = "string",
         json_path = ".status.nextRotationAt",

@@ -1107,6 +1107,12 @@ async fn run_scenarios(mut w: World) -> Vec<(String, Duration)> {
     .await;
     scenario(
         &mut w,
+        "a failing rotation keeps the old credential and shows Degraded RotationFailing",
+        failing_rotation_is_visible,
+    )
+    .await;
+    scenario(
+        &mut w,
         "a lease never writes a Secret it did not create (SecretConflict)",
         foreign_secret_is_refused,
     )
@@ -1286,6 +1292,79 @@ async fn secret_delivery(w: &mut World) {
     })
     .await;
     eprintln!("e2e: events {reasons:?}");
+}
+
+/// A rotation that cannot succeed keeps the working credential and says so: Degraded
+/// with the reason in status and in the `kubectl get sl` Health column.
+async fn failing_rotation_is_visible(w: &mut World) {
+    let c = &w.cluster;
+    let lease = |grants: Value| {
+        let mut pg = postgres_spec(w);
+        pg["grants"] = grants;
+        json!({
+            "apiVersion": "leasehold.dev/v1alpha1", "kind": "SecretLease", "metadata": {"name": "flaky-db"},
+            "spec": {"policyRef": {"name": "e2e"}, "postgres": pg,
+                     "delivery": {"secret": {"name": "flaky-db-creds"}}}
+        })
+    };
+    c.apply(lease(json!([]))).await;
+    let v1 = c
+        .wait_ready_version("flaky-db", 1)
+        .await
+        .current_username
+        .unwrap();
+    c.apply(lease(json!(["SELECT ON TABLE no_such_table"])))
+        .await;
+    c.request_rotation("flaky-db", "e2e-1").await;
+    let degraded = eventually(
+        "Degraded=True RotationFailing",
+        Duration::from_secs(60),
+        || async {
+            let s = c.status("flaky-db").await?;
+            let d = leasehold_api::conditions::find(&s.conditions, "Degraded")?.clone();
+            (d.status == "True" && d.reason == "RotationFailing").then_some(d)
+        },
+    )
+    .await;
+    eprintln!("e2e: Degraded RotationFailing: {}", degraded.message);
+    assert!(
+        degraded.message.contains("no_such_table"),
+        "the reason names the cause"
+    );
+    let status = c.status("flaky-db").await.unwrap();
+    assert_eq!(status.current_version, Some(1), "v1 stays current");
+    let secrets: Api<Secret> = Api::namespaced(c.client.clone(), &c.app_ns);
+    let s = secrets.get("flaky-db-creds").await.unwrap();
+    let password = String::from_utf8(s.data.as_ref().unwrap()["password"].0.clone()).unwrap();
+    w.secrets.push(password.clone());
+    w.db.connect(&v1, &password)
+        .await
+        .expect("v1 still logs in");
+    let table = c.lease_table().await;
+    let columns: Vec<&str> = table["columnDefinitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["name"].as_str().unwrap())
+        .collect();
+    let health = columns
+        .iter()
+        .position(|n| *n == "Health")
+        .expect("Health column");
+    let row = table["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["cells"][0] == "flaky-db")
+        .unwrap();
+    assert_eq!(
+        row["cells"][health], "RotationFailing",
+        "kubectl get sl shows it"
+    );
+    c.leases()
+        .delete("flaky-db", &DeleteParams::default())
+        .await
+        .unwrap();
 }
 
 /// A lease must never take over a Secret it did not create (here: its own admin Secret).

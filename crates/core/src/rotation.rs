@@ -273,6 +273,22 @@ impl Progress {
             .filter(|h| h.outcome != RotationOutcome::Succeeded)
     }
 
+    /// When a failed rotation is tried again (backoff after the last failure), if the
+    /// last attempt failed.
+    pub fn rotation_retry_at(&self) -> Option<Timestamp> {
+        self.last_verify_failure_at
+            .filter(|_| self.verify_failures > 0)
+            .map(|t| {
+                add(
+                    t,
+                    Backoff::VERIFICATION.delay(
+                        self.verify_failures.saturating_sub(1),
+                        seed_of(&self.last_version.to_string()),
+                    ),
+                )
+            })
+    }
+
     /// Append to history, keeping the newest [`HISTORY_LIMIT`] entries.
     pub fn push_history(&mut self, record: RotationRecord) {
         if let Some(existing) = self
@@ -551,18 +567,7 @@ pub fn decide(
     };
     // After a failed attempt the rotation is still wanted: retry with backoff (a new
     // rotation request skips the backoff).
-    let failed_retry_at = progress
-        .last_verify_failure_at
-        .filter(|_| progress.verify_failures > 0 && !requested)
-        .map(|t| {
-            add(
-                t,
-                Backoff::VERIFICATION.delay(
-                    progress.verify_failures.saturating_sub(1),
-                    seed_of(&progress.last_version.to_string()),
-                ),
-            )
-        });
+    let failed_retry_at = progress.rotation_retry_at().filter(|_| !requested);
     let (due_at, due_reason) = match failed_retry_at {
         Some(r) => (r, WaitReason::VerificationBackoff),
         None => (due_at, WaitReason::Renewal),

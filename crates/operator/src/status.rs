@@ -174,8 +174,26 @@ pub fn derive_conditions(
         )
     };
     upsert(&mut conds, revocation);
-    let degraded = match stuck {
-        Some(v) => c(
+    let degraded = match (stuck, progress.rotation_failure()) {
+        (None, Some(failed)) => c(
+            conditions::DEGRADED,
+            true,
+            "RotationFailing",
+            format!(
+                "rotating to version {} failed ({} attempt(s)): {}; {}",
+                failed.version,
+                progress.verify_failures,
+                failed
+                    .reason
+                    .clone()
+                    .unwrap_or_else(|| "unknown error".into()),
+                match progress.rotation_retry_at() {
+                    Some(at) => format!("next attempt at {}", k8s_time(at).0),
+                    None => "retrying".into(),
+                },
+            ),
+        ),
+        (Some(v), _) => c(
             conditions::DEGRADED,
             true,
             "RevocationStuck",
@@ -188,7 +206,7 @@ pub fn derive_conditions(
                     .unwrap_or_default()
             ),
         ),
-        None => c(
+        (None, None) => c(
             conditions::DEGRADED,
             false,
             "Healthy",
@@ -487,6 +505,55 @@ mod tests {
         let deleting =
             derive_conditions(&[], &stuck, &LeaseCondition::Running, true, Some(3), t(10));
         assert_eq!(get(&deleting, "Ready").reason, "RevocationPending");
+    }
+
+    /// A rotation that keeps failing is not a clean `Active`: Degraded says why, how
+    /// often, and when it is tried again (the current credential stays Ready).
+    #[test]
+    fn a_failing_rotation_is_degraded_with_reason_attempts_and_next_try() {
+        let mut failing = progress();
+        failing.verify_failures = 3;
+        failing.last_verify_failure_at = Some(t(100));
+        failing
+            .history
+            .push(leasehold_core::rotation::RotationRecord {
+                version: 3,
+                started_at: t(90),
+                verified_at: None,
+                promoted_at: None,
+                revoked_at: Some(t(100)),
+                outcome: leasehold_core::rotation::RotationOutcome::VerificationFailed,
+                reason: Some("permission denied for table orders".into()),
+            });
+        let conds = derive_conditions(
+            &[],
+            &failing,
+            &LeaseCondition::Running,
+            false,
+            Some(3),
+            t(110),
+        );
+        let degraded = conditions::find(&conds, "Degraded").cloned().unwrap();
+        assert_eq!(degraded.status, "True");
+        assert_eq!(degraded.reason, "RotationFailing");
+        assert!(
+            degraded.message.contains("3 attempt(s)"),
+            "{}",
+            degraded.message
+        );
+        assert!(
+            degraded
+                .message
+                .contains("permission denied for table orders")
+        );
+        let next = failing.rotation_retry_at().unwrap();
+        assert!(next > t(100));
+        assert!(
+            degraded.message.contains(&k8s_time(next).0.to_string()),
+            "{}",
+            degraded.message
+        );
+        assert_eq!(conditions::find(&conds, "Ready").unwrap().status, "True");
     }
 
     #[test]
