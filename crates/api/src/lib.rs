@@ -24,6 +24,10 @@ pub const FINALIZER: &str = "leasehold.dev/revoke";
 pub const FIELD_MANAGER: &str = "leasehold-controller";
 /// Annotation that requests an immediate rotation; set it to any new value (for example a timestamp).
 pub const ROTATE_ANNOTATION: &str = "leasehold.dev/rotate";
+/// Set to `"true"` on a deleted SecretLease whose credentials cannot be revoked (its
+/// admin Secret is gone and the controller has no copy): the finalizer is removed
+/// without revoking, and an event names the database users left behind.
+pub const ABANDON_ANNOTATION: &str = "leasehold.dev/abandon-credentials";
 /// Name of the CSI driver.
 pub const CSI_DRIVER_NAME: &str = "csi.leasehold.dev";
 /// Audience of the projected service-account tokens the CSI driver verifies.

@@ -1131,8 +1131,20 @@ async fn run_scenarios(mut w: World) -> Vec<(String, Duration)> {
     .await;
     scenario(
         &mut w,
+        "admin Secret deleted before its lease: revoked with the credentials last read",
+        teardown_admin_secret_first,
+    )
+    .await;
+    scenario(
+        &mut w,
         "failover: standby takes over after the leader is killed; rotation completes",
         failover,
+    )
+    .await;
+    scenario(
+        &mut w,
+        "unrevocable deleted lease: waits, says how to get out, abandon annotation releases it",
+        abandon_unrevocable_lease,
     )
     .await;
     scenario(
@@ -1292,6 +1304,135 @@ async fn secret_delivery(w: &mut World) {
     })
     .await;
     eprintln!("e2e: events {reasons:?}");
+}
+
+async fn lease_with_own_admin(w: &World, lease: &str, admin: &str) -> String {
+    let c = &w.cluster;
+    c.apply(json!({
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": admin},
+        "stringData": {"username": w.db.server.admin_user(), "password": w.db.admin_password()}
+    }))
+    .await;
+    let mut pg = postgres_spec(w);
+    pg["adminSecretRef"] = json!({"name": admin});
+    c.apply(json!({
+        "apiVersion": "leasehold.dev/v1alpha1", "kind": "SecretLease", "metadata": {"name": lease},
+        "spec": {"policyRef": {"name": "e2e"}, "postgres": pg,
+                 "delivery": {"secret": {"name": format!("{lease}-creds")}}}
+    }))
+    .await;
+    c.wait_ready_version(lease, 1)
+        .await
+        .current_username
+        .unwrap()
+}
+
+/// A namespace teardown can delete the admin Secret before the lease: the controller
+/// revokes with the credentials it last read.
+async fn teardown_admin_secret_first(w: &mut World) {
+    let user = lease_with_own_admin(w, "teardown-db", "pg-admin-teardown").await;
+    let c = &w.cluster;
+    Api::<Secret>::namespaced(c.client.clone(), &c.app_ns)
+        .delete("pg-admin-teardown", &DeleteParams::default())
+        .await
+        .unwrap();
+    c.leases()
+        .delete("teardown-db", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("teardown-db gone", Duration::from_secs(60), || async {
+        c.leases()
+            .get_opt("teardown-db")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    assert!(
+        !w.db.role_exists(&user).await,
+        "revoked with the remembered admin credentials"
+    );
+    // For the failover scenario: a lease whose admin Secret the next leader never sees.
+    lease_with_own_admin(w, "orphan-db", "pg-admin-orphan").await;
+    Api::<Secret>::namespaced(c.client.clone(), &c.app_ns)
+        .delete("pg-admin-orphan", &DeleteParams::default())
+        .await
+        .unwrap();
+}
+
+/// After a restart the controller has no copy of a vanished admin Secret: the deleted
+/// lease waits, says how to get out, and the abandon annotation lets it go.
+async fn abandon_unrevocable_lease(w: &mut World) {
+    let c = &w.cluster;
+    let user = c
+        .status("orphan-db")
+        .await
+        .unwrap()
+        .current_username
+        .unwrap();
+    c.leases()
+        .delete("orphan-db", &DeleteParams::default())
+        .await
+        .unwrap();
+    let ready = eventually(
+        "orphan-db blocked on its admin Secret",
+        Duration::from_secs(60),
+        || async {
+            let s = c.status("orphan-db").await?;
+            let r = leasehold_api::conditions::find(&s.conditions, "Ready")?.clone();
+            (r.reason == "AdminSecretNotFound"
+                && r.message.contains(leasehold_api::ABANDON_ANNOTATION))
+            .then_some(r)
+        },
+    )
+    .await;
+    eprintln!(
+        "e2e: deleted lease without admin credentials: {}",
+        ready.message
+    );
+    assert!(
+        c.leases().get_opt("orphan-db").await.unwrap().is_some(),
+        "it waits"
+    );
+    c.leases()
+        .patch(
+            "orphan-db",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"metadata": {"annotations": {leasehold_api::ABANDON_ANNOTATION: "true"}}}),
+            ),
+        )
+        .await
+        .unwrap();
+    eventually(
+        "orphan-db released by the annotation",
+        Duration::from_secs(60),
+        || async {
+            c.leases()
+                .get_opt("orphan-db")
+                .await
+                .ok()?
+                .is_none()
+                .then_some(())
+        },
+    )
+    .await;
+    let reasons = c.event_reasons("orphan-db").await;
+    assert!(
+        reasons.iter().any(|r| r == "CredentialsAbandoned"),
+        "{reasons:?}"
+    );
+    assert!(
+        w.db.role_exists(&user).await,
+        "left behind, as the event says"
+    );
+    w.db.server
+        .admin_client()
+        .await
+        .batch_execute(&format!("DROP ROLE \"{user}\""))
+        .await
+        .unwrap();
 }
 
 /// A rotation that cannot succeed keeps the working credential and says so: Degraded

@@ -47,6 +47,9 @@ pub struct Context {
     /// Status writes so far (the benchmark checks a no-op resync writes nothing).
     pub status_writes: Arc<AtomicU64>,
     failures: Mutex<HashMap<String, u32>>,
+    /// Admin credentials last read per (namespace, Secret): a namespace teardown may
+    /// delete the admin Secret before its leases, and revocation still needs them.
+    admin_seen: Mutex<HashMap<(String, String), AdminCredentials>>,
 }
 
 impl std::fmt::Debug for Context {
@@ -75,6 +78,7 @@ impl Context {
             clock: Arc::new(Timestamp::now),
             status_writes: Arc::default(),
             failures: Mutex::default(),
+            admin_seen: Mutex::default(),
         }
     }
 
@@ -314,6 +318,54 @@ async fn blocked(
     }
 }
 
+/// A deleted lease whose admin credentials are gone. The finalizer stays (the users
+/// are alive), the condition says how to get out, and the abandon annotation lets the
+/// owner remove the lease without revoking, naming the users left behind.
+async fn unrevocable(
+    status: &StatusProgressStore,
+    lease: &SecretLease,
+    ctx: &Context,
+    progress: &leasehold_core::rotation::Progress,
+    missing: String,
+) -> Result<Action, OperatorError> {
+    let users: Vec<&str> = progress
+        .versions
+        .iter()
+        .map(|v| v.credential_id.as_str())
+        .collect();
+    let users = users.join(", ");
+    if lease
+        .annotations()
+        .get(leasehold_api::ABANDON_ANNOTATION)
+        .is_some_and(|v| v == "true")
+    {
+        let message =
+            format!("deleted without revoking ({missing}); database users left behind: {users}");
+        tracing::warn!(lease = %object_key(lease), users = %users, "credentials abandoned on request");
+        if let Some(r) = &ctx.recorder {
+            let key = LeaseKey {
+                namespace: lease.namespace().unwrap_or_default(),
+                name: lease.name_any(),
+                uid: lease.uid().unwrap_or_default(),
+            };
+            crate::events::publish(r, &key, EventType::Warning, "CredentialsAbandoned", message);
+        }
+        ctx.metrics.lease_state(
+            &lease.namespace().unwrap_or_default(),
+            &lease.name_any(),
+            None,
+            0,
+        );
+        return Ok(Action::await_change());
+    }
+    let message = format!(
+        "{missing}, so this deleted lease cannot revoke {users}. Recreate the Secret, or \
+         annotate the lease {}=true to remove it without revoking",
+        leasehold_api::ABANDON_ANNOTATION
+    );
+    blocked(status, lease, true, "AdminSecretNotFound", message).await
+}
+
 /// Apply (`deleting == false`) or clean up one lease.
 pub async fn run_lease(
     lease: &SecretLease,
@@ -366,12 +418,39 @@ pub async fn run_lease(
         }
     };
     let admin = match database(lease) {
-        Some(db) => match admin_credentials(&ctx.client, &ns, db).await? {
-            Ok(a) => Some(a),
-            Err(msg) => {
-                return blocked(&status, lease, deleting, "AdminSecretNotFound", msg).await;
+        Some(db) => {
+            let seen_key = (ns.clone(), db.admin_secret_ref.name.clone());
+            match admin_credentials(&ctx.client, &ns, db).await? {
+                Ok(a) => {
+                    ctx.admin_seen
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(seen_key, a.clone());
+                    Some(a)
+                }
+                Err(msg) => {
+                    let remembered = ctx
+                        .admin_seen
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .get(&seen_key)
+                        .cloned();
+                    match remembered {
+                        Some(a) if deleting => {
+                            tracing::info!(lease = %object_key(lease), "admin Secret gone; revoking with the credentials last read from it");
+                            Some(a)
+                        }
+                        _ if deleting => {
+                            return unrevocable(&status, lease, ctx, &progress, msg).await;
+                        }
+                        _ => {
+                            return blocked(&status, lease, deleting, "AdminSecretNotFound", msg)
+                                .await;
+                        }
+                    }
+                }
             }
-        },
+        }
         None => None,
     };
     let ca = match database(lease) {
