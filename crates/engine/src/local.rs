@@ -40,10 +40,15 @@ pub enum LocalError {
     Manifest { path: PathBuf, message: String },
     #[error("cannot write the state file {path}: {message}")]
     State { path: PathBuf, message: String },
+    #[error(
+        "the state file {path} is in use by another `leasehold local run` (lock {lock} is held); \
+         stop that process first: two runners on one state file would overwrite each other's progress"
+    )]
+    Locked { path: PathBuf, lock: PathBuf },
 }
 
-/// One lease as kept in the state file.
-#[derive(Serialize, Deserialize, Clone, Debug, Default)]
+/// One lease as kept in the state file. `Debug` leaves the secrets out.
+#[derive(Serialize, Deserialize, Clone, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct LocalLease {
     /// Stable identity (credential names derive from it), made up on first sight.
@@ -63,6 +68,23 @@ pub struct LocalLease {
     pub last_error: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_check_at: Option<Timestamp>,
+}
+
+impl std::fmt::Debug for LocalLease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalLease")
+            .field("uid", &self.uid)
+            .field("progress", &self.progress)
+            .field(
+                "secrets",
+                &format_args!("[{} redacted]", self.secrets.len()),
+            )
+            .field("last_spec", &self.last_spec)
+            .field("last_policy", &self.last_policy)
+            .field("last_error", &self.last_error)
+            .field("next_check_at", &self.next_check_at)
+            .finish()
+    }
 }
 
 impl std::fmt::Debug for LocalState {
@@ -107,9 +129,15 @@ impl LocalState {
 }
 
 /// The state file behind both the progress and the secret store.
+///
+/// Holds an exclusive advisory lock (`flock`) on `<state>.lock` for as long as it lives,
+/// so a second runner on the same state file is refused instead of overwriting this
+/// one's progress (each writes the whole file). The lock goes with the process, also on
+/// a crash. `leasehold local status` only reads and takes no lock.
 pub struct StateFile {
     path: PathBuf,
     state: Mutex<LocalState>,
+    _lock: std::fs::File,
 }
 
 impl std::fmt::Debug for StateFile {
@@ -123,10 +151,12 @@ impl std::fmt::Debug for StateFile {
 impl StateFile {
     pub fn open(path: impl Into<PathBuf>) -> Result<Self, LocalError> {
         let path = path.into();
+        let lock = lock_state(&path)?;
         let state = LocalState::load(&path)?;
         Ok(Self {
             path,
             state: Mutex::new(state),
+            _lock: lock,
         })
     }
 
@@ -139,6 +169,45 @@ impl StateFile {
         let r = f(&mut state);
         state.write(&self.path)?;
         Ok(r)
+    }
+}
+
+/// The lock file of a state file: `<state>.lock` beside it.
+pub fn lock_path(state: &Path) -> PathBuf {
+    let mut name = state.as_os_str().to_owned();
+    name.push(".lock");
+    PathBuf::from(name)
+}
+
+/// Take the exclusive lock of `state`, or refuse at once if another runner holds it.
+fn lock_state(state: &Path) -> Result<std::fs::File, LocalError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let lock = lock_path(state);
+    let io_err = |message: String| LocalError::State {
+        path: state.into(),
+        message,
+    };
+    if let Some(dir) = state.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| io_err(format!("cannot create {}: {e}", dir.display())))?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&lock)
+        .map_err(|e| io_err(format!("cannot open the lock file {}: {e}", lock.display())))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(LocalError::Locked {
+            path: state.into(),
+            lock,
+        }),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(io_err(format!("cannot lock {}: {e}", lock.display())))
+        }
     }
 }
 
