@@ -9,8 +9,8 @@ use leasehold_backends::{
 };
 use leasehold_core::rotation::{
     Action, DrainSessionsMode, Observations, Progress, RevokePlan, RevokeProgress, RevokeReason,
-    RotationOutcome, RotationRecord, SESSION_POLL, VersionRecord, VersionState, WaitReason, decide,
-    revoke_retry_at,
+    RotationOutcome, RotationRecord, SESSION_POLL, Target, VersionRecord, VersionState, WaitReason,
+    decide, revoke_retry_at,
 };
 use secrecy::SecretString;
 use tracing::{info, warn};
@@ -259,10 +259,34 @@ impl Engine {
         stores: Stores<'_>,
     ) -> Result<Outcome, EngineError> {
         let mut permit: Option<TargetPermit> = None;
+        let under = ctx.issued_under();
         // A bound on steps per call, so a bug can never spin forever.
         for _ in 0..64 {
             let now = self.now();
-            let action = decide(&ctx.policy, progress, obs, now);
+            if let Some(stale) = progress.pending_issued_elsewhere(&under).cloned() {
+                self.discard_issued_elsewhere(ctx, progress, stores, &stale, now)
+                    .await?;
+                continue;
+            }
+            // A current version of another strategy or database is replaced at once
+            // (after a failed attempt, with the usual backoff): consumers must not be
+            // handed the old spec's user with the new spec's host.
+            let forced;
+            let decide_obs = if progress.current_issued_elsewhere(&under)
+                && progress.verify_failures == 0
+                && !obs.deleting
+            {
+                let mut o = obs.clone();
+                o.rotation_request = Some(format!(
+                    "{}\u{0}spec-changed",
+                    progress.handled_rotation_request.as_deref().unwrap_or("")
+                ));
+                forced = o;
+                &forced
+            } else {
+                obs
+            };
+            let action = decide(&ctx.policy, progress, decide_obs, now);
             if matches!(
                 action,
                 Action::Issue { .. } | Action::Verify { .. } | Action::Revoke { .. }
@@ -351,6 +375,7 @@ impl Engine {
                 expires_at: ctx.policy.expires_at(now),
                 revoke_reason: None,
                 revoke: None,
+                issued_under: Some(ctx.issued_under()),
             });
             progress.last_version = progress.last_version.max(version);
             progress.strategy = Some(ctx.policy.strategy);
@@ -427,6 +452,48 @@ impl Engine {
             StepEvent::Issued {
                 version,
                 username: id.0,
+            },
+        );
+        Ok(())
+    }
+
+    /// A version recorded under another strategy or database than the lease has now:
+    /// revoke it where and how it was issued, and let a new version be issued under the
+    /// current spec (after the usual short backoff, shown as a failed rotation).
+    async fn discard_issued_elsewhere(
+        &self,
+        ctx: &LeaseContext,
+        progress: &mut Progress,
+        stores: Stores<'_>,
+        stale: &VersionRecord,
+        now: Timestamp,
+    ) -> Result<(), EngineError> {
+        let reason = format!(
+            "the policy's strategy or the database changed while version {} was being issued; \
+             it is revoked where it was issued and a new version follows",
+            stale.version
+        );
+        if let Some(r) = progress.version_mut(stale.version) {
+            r.state = VersionState::Revoking;
+            r.revoke_reason = Some(RevokeReason::IssueFailed);
+        }
+        progress.verify_failures += 1;
+        progress.last_verify_failure_at = Some(now);
+        progress.push_history(RotationRecord {
+            version: stale.version,
+            started_at: stale.issued_at,
+            verified_at: stale.verified_at,
+            promoted_at: None,
+            revoked_at: None,
+            outcome: RotationOutcome::IssueFailed,
+            reason: Some(reason.clone()),
+        });
+        self.save(stores, ctx, progress).await?;
+        self.emit(
+            ctx,
+            StepEvent::VerificationFailed {
+                version: stale.version,
+                reason,
             },
         );
         Ok(())
@@ -642,9 +709,20 @@ impl Engine {
         };
         // The current version's user is never revoked on behalf of another version (a
         // failed version that named it): that would lock out every consumer.
-        let holds_current_user = progress
-            .current()
-            .is_some_and(|c| c.version != version && c.credential_id == record.credential_id);
+        let holds_current_user = progress.current().is_some_and(|c| {
+            c.version != version
+                && c.credential_id == record.credential_id
+                && c.target().map(Target::server_key) == record.target().map(Target::server_key)
+        });
+        // Revoked where it was issued, even if the lease points elsewhere now.
+        let backend = match ctx.backend_for(record.target()) {
+            Ok(b) => b,
+            Err(e) => {
+                return self
+                    .revoke_failed(ctx, progress, stores, &record, e, now)
+                    .await;
+            }
+        };
         let result = match plan {
             RevokePlan::DropUser | RevokePlan::DisableLogin if holds_current_user => {
                 warn!(lease = %ctx.key, version, user = %record.credential_id,
@@ -657,10 +735,13 @@ impl Engine {
                 } else {
                     RevokeMode::DisableLogin
                 };
-                ctx.backend.revoke(&RevokeRequest { id, mode, drain }).await
+                backend.revoke(&RevokeRequest { id, mode, drain }).await
             }
             RevokePlan::Nothing => Ok(RevokeOutcome::Revoked),
-            RevokePlan::RestoreCurrent => self.restore_current(ctx, progress, stores).await,
+            RevokePlan::RestoreCurrent => {
+                self.restore_current(ctx, progress, stores, &record, &backend)
+                    .await
+            }
         };
         match result {
             Ok(RevokeOutcome::Revoked) => {
@@ -691,38 +772,54 @@ impl Engine {
                 );
             }
             Err(e) => {
-                let error = e.to_string();
-                let mut failures = 0;
-                let mut stuck_since = None;
-                if let Some(r) = progress.version_mut(version) {
-                    let retry = |f| revoke_retry_at(&record, f, now);
-                    let p = r.revoke.get_or_insert_with(RevokeProgress::default);
-                    p.failures += 1;
-                    failures = p.failures;
-                    let first = *p.first_failure_at.get_or_insert(now);
-                    p.next_attempt_at = Some(retry(p.failures));
-                    p.last_error = Some(error.clone());
-                    if leasehold_core::rotation::add(
-                        first,
-                        leasehold_core::rotation::REVOCATION_STUCK_AFTER,
-                    ) <= now
-                    {
-                        stuck_since = Some(first);
-                    }
-                }
-                self.save(stores, ctx, progress).await?;
-                self.emit(
-                    ctx,
-                    StepEvent::RevocationRetry {
-                        version,
-                        failures,
-                        error,
-                    },
-                );
-                if let Some(since) = stuck_since {
-                    self.emit(ctx, StepEvent::RevocationStuck { version, since });
-                }
+                self.revoke_failed(ctx, progress, stores, &record, e, now)
+                    .await?;
             }
+        }
+        Ok(())
+    }
+
+    /// Record a failed revocation attempt and when to try again.
+    async fn revoke_failed(
+        &self,
+        ctx: &LeaseContext,
+        progress: &mut Progress,
+        stores: Stores<'_>,
+        record: &VersionRecord,
+        e: BackendError,
+        now: Timestamp,
+    ) -> Result<(), EngineError> {
+        let version = record.version;
+        let error = e.to_string();
+        let mut failures = 0;
+        let mut stuck_since = None;
+        if let Some(r) = progress.version_mut(version) {
+            let retry = |f| revoke_retry_at(record, f, now);
+            let p = r.revoke.get_or_insert_with(RevokeProgress::default);
+            p.failures += 1;
+            failures = p.failures;
+            let first = *p.first_failure_at.get_or_insert(now);
+            p.next_attempt_at = Some(retry(p.failures));
+            p.last_error = Some(error.clone());
+            if leasehold_core::rotation::add(
+                first,
+                leasehold_core::rotation::REVOCATION_STUCK_AFTER,
+            ) <= now
+            {
+                stuck_since = Some(first);
+            }
+        }
+        self.save(stores, ctx, progress).await?;
+        self.emit(
+            ctx,
+            StepEvent::RevocationRetry {
+                version,
+                failures,
+                error,
+            },
+        );
+        if let Some(since) = stuck_since {
+            self.emit(ctx, StepEvent::RevocationStuck { version, since });
         }
         Ok(())
     }
@@ -734,16 +831,18 @@ impl Engine {
         ctx: &LeaseContext,
         progress: &Progress,
         stores: Stores<'_>,
+        failed: &VersionRecord,
+        backend: &Arc<dyn leasehold_backends::Backend>,
     ) -> Result<RevokeOutcome, BackendError> {
-        let Some(current) = progress.current() else {
+        // Only a current version on the same user and server can be put back.
+        let Some(current) = progress.current().filter(|c| {
+            c.credential_id == failed.credential_id
+                && c.target().map(Target::server_key) == failed.target().map(Target::server_key)
+        }) else {
             // Nothing to restore to (first issue failed): lock the user out instead.
-            return ctx
-                .backend
+            return backend
                 .revoke(&RevokeRequest {
-                    id: leasehold_backends::CredentialId(match &ctx.naming {
-                        crate::NamingRule::InPlace { user } => user.clone(),
-                        _ => String::new(),
-                    }),
+                    id: leasehold_backends::CredentialId(failed.credential_id.clone()),
                     mode: RevokeMode::DisableLogin,
                     drain: DrainSessions::Ignore,
                 })
@@ -755,7 +854,7 @@ impl Engine {
             .await
             .map_err(|e| BackendError::Other(e.to_string()))?
             .ok_or_else(|| BackendError::Other("the current version's secret is missing".into()))?;
-        ctx.backend
+        backend
             .issue(&IssueRequest {
                 id: leasehold_backends::CredentialId(current.credential_id.clone()),
                 mode: IssueMode::SetPassword,

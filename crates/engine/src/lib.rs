@@ -17,7 +17,7 @@ pub mod sweeper;
 pub mod template;
 pub mod window;
 
-pub use context::{BackendRegistry, LeaseContext, LeaseKey, NamingRule};
+pub use context::{BackendRegistry, LeaseContext, LeaseKey, NamingRule, TargetBackends};
 pub use engine::{Engine, EngineError, Outcome, StepEvent};
 pub use limiter::TargetLimiter;
 
