@@ -15,6 +15,7 @@ use leasehold_core::rotation::{
 use secrecy::SecretString;
 use tracing::{info, warn};
 
+use crate::claims::UsernameClaims;
 use crate::context::LeaseContext;
 use crate::limiter::{TargetLimiter, TargetPermit};
 use crate::template::{CredentialValues, render};
@@ -121,6 +122,16 @@ pub enum EngineError {
     SecretMissing(u64),
     #[error("invalid spec: {0}")]
     Invalid(String),
+    /// Another lease records this user: issuing it would take that lease's credential over.
+    #[error(
+        "user {user} on {server} belongs to lease {owner}; refusing to issue it for this lease \
+         (two leases would take over each other's credentials): give this lease another username or usernameTemplate"
+    )]
+    UsernameTaken {
+        user: String,
+        server: String,
+        owner: String,
+    },
     #[error("injected fault at {0:?}: {1}")]
     Injected(FaultPoint, String),
 }
@@ -132,7 +143,7 @@ impl EngineError {
             EngineError::Backend { .. } => "backend",
             EngineError::Store(_) => "store",
             EngineError::SecretMissing(_) => "secret_missing",
-            EngineError::Invalid(_) => "invalid",
+            EngineError::Invalid(_) | EngineError::UsernameTaken { .. } => "invalid",
             EngineError::Injected(..) => "injected",
         }
     }
@@ -142,6 +153,7 @@ impl EngineError {
 #[derive(Clone)]
 pub struct Engine {
     limiter: TargetLimiter,
+    claims: UsernameClaims,
     clock: Arc<dyn Fn() -> Timestamp + Send + Sync>,
     fault: Option<FaultHook>,
     events: Option<EventSink>,
@@ -177,6 +189,7 @@ impl Engine {
     pub fn new() -> Self {
         Self {
             limiter: TargetLimiter::new(),
+            claims: UsernameClaims::new(),
             clock: Arc::new(Timestamp::now),
             fault: None,
             events: None,
@@ -203,6 +216,11 @@ impl Engine {
 
     pub fn limiter(&self) -> &TargetLimiter {
         &self.limiter
+    }
+
+    /// Which lease each user belongs to (seed it with every known lease's progress).
+    pub fn claims(&self) -> &UsernameClaims {
+        &self.claims
     }
 
     fn now(&self) -> Timestamp {
@@ -260,6 +278,8 @@ impl Engine {
     ) -> Result<Outcome, EngineError> {
         let mut permit: Option<TargetPermit> = None;
         let under = ctx.issued_under();
+        self.claims
+            .record_progress(&ctx.key, progress, &under.target);
         // A bound on steps per call, so a bug can never spin forever.
         for _ in 0..64 {
             let now = self.now();
@@ -352,6 +372,20 @@ impl Engine {
                 )
                 .map_err(|e| EngineError::Invalid(e.to_string()))?,
         };
+        // Never a user another lease records, before anything refers to it.
+        let server = progress
+            .version(version)
+            .filter(|_| resume)
+            .and_then(|r| r.target().cloned())
+            .unwrap_or_else(|| ctx.target())
+            .server_key();
+        if let Err(owner) = self.claims.claim(&server, &id.0, &ctx.key) {
+            return Err(EngineError::UsernameTaken {
+                user: id.0,
+                server,
+                owner: owner.to_string(),
+            });
+        }
         let password = match stores.secrets.get(&ctx.key, version).await? {
             Some(p) if resume => p,
             _ => {
@@ -748,6 +782,16 @@ impl Engine {
                 self.fault(FaultPoint::AfterRevoke)?;
                 stores.secrets.remove(&ctx.key, version).await?;
                 progress.versions.retain(|r| r.version != version);
+                let server = |r: &VersionRecord| {
+                    r.target()
+                        .map_or_else(|| ctx.target().server_key(), Target::server_key)
+                };
+                if !progress.versions.iter().any(|r| {
+                    r.credential_id == record.credential_id && server(r) == server(&record)
+                }) {
+                    self.claims
+                        .release(&server(&record), &record.credential_id, &ctx.key);
+                }
                 if let Some(h) = progress.history.iter_mut().find(|h| h.version == version) {
                     h.revoked_at = Some(now);
                 }

@@ -568,6 +568,27 @@ impl LocalRunner {
             .map(|(ns, n)| format!("{ns}/{n}"))
             .collect();
 
+        // Every lease is known here: claim each recorded user for its lease, so no lease
+        // issues a user another one holds (also across restarts).
+        let snapshot = self.store.snapshot().await;
+        self.engine.claims().clear();
+        for (key, l) in &snapshot.leases {
+            let (Some((ns, name)), Some(spec)) = (key.split_once('/'), l.last_spec.as_ref()) else {
+                continue;
+            };
+            let Some(target) = spec_target(spec) else {
+                continue;
+            };
+            let lease = LeaseKey {
+                namespace: ns.into(),
+                name: name.into(),
+                uid: l.uid.clone(),
+            };
+            self.engine
+                .claims()
+                .record_progress(&lease, &l.progress, &target);
+        }
+
         let mut work = Vec::new();
         for ((ns, name), lease) in &manifests.leases {
             work.push((ns.clone(), name.clone(), Some(lease.clone())));
@@ -791,6 +812,21 @@ impl LocalRunner {
             }
         }
     }
+}
+
+/// The database a lease spec points at.
+fn spec_target(spec: &SecretLeaseSpec) -> Option<leasehold_core::Target> {
+    let (kind, db) = match (&spec.postgres, &spec.mysql) {
+        (Some(db), _) => (crate::context::DatabaseKind::Postgres, db),
+        (None, Some(db)) => (crate::context::DatabaseKind::MySql, db),
+        (None, None) => return None,
+    };
+    Some(leasehold_core::Target {
+        kind: kind.scheme().to_string(),
+        host: db.host.clone(),
+        port: db.port.unwrap_or(kind.default_port()),
+        database: db.database.clone(),
+    })
 }
 
 /// Phase as text for a lease key (used by tests and the status command).
