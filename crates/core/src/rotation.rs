@@ -347,6 +347,22 @@ impl Progress {
             .filter(|h| h.outcome != RotationOutcome::Succeeded)
     }
 
+    /// When the failed rotation (see [`Progress::rotation_failure`]) is tried again,
+    /// unless a rotation request comes first. The attempt count is `verify_failures`.
+    pub fn rotation_retry_at(&self) -> Option<Timestamp> {
+        self.last_verify_failure_at
+            .filter(|_| self.verify_failures > 0)
+            .map(|t| {
+                add(
+                    t,
+                    Backoff::VERIFICATION.delay(
+                        self.verify_failures.saturating_sub(1),
+                        seed_of(&self.last_version.to_string()),
+                    ),
+                )
+            })
+    }
+
     /// Append to history, keeping the newest [`HISTORY_LIMIT`] entries.
     pub fn push_history(&mut self, record: RotationRecord) {
         if let Some(existing) = self
@@ -626,18 +642,7 @@ pub fn decide(
     };
     // After a failed attempt the rotation is still wanted: retry with backoff (a new
     // rotation request skips the backoff).
-    let failed_retry_at = progress
-        .last_verify_failure_at
-        .filter(|_| progress.verify_failures > 0 && !requested)
-        .map(|t| {
-            add(
-                t,
-                Backoff::VERIFICATION.delay(
-                    progress.verify_failures.saturating_sub(1),
-                    seed_of(&progress.last_version.to_string()),
-                ),
-            )
-        });
+    let failed_retry_at = progress.rotation_retry_at().filter(|_| !requested);
     let (due_at, due_reason) = match failed_retry_at {
         Some(r) => (r, WaitReason::VerificationBackoff),
         None => (due_at, WaitReason::Renewal),
@@ -1113,14 +1118,35 @@ mod tests {
         let mut progress = Progress {
             versions: vec![record(2, VersionState::Current, 0)],
             last_version: 3,
+            delivered_version: Some(2),
             verify_failures: 1,
             history: vec![failed.clone()],
             ..Default::default()
         };
         assert_eq!(progress.rotation_failure(), Some(&failed));
+        assert_eq!(
+            progress.rotation_retry_at(),
+            None,
+            "no failure time recorded"
+        );
+        progress.last_verify_failure_at = Some(t(0));
+        let retry = progress.rotation_retry_at().unwrap();
+        assert!(
+            retry > t(0) && retry <= add(t(0), Duration::from_secs(10)),
+            "{retry}"
+        );
+        // decide() waits for exactly that time.
+        assert_eq!(
+            decide(&policy(Strategy::Dynamic), &progress, &obs(), t(0)),
+            Action::Wait {
+                until: Some(retry),
+                reason: WaitReason::VerificationBackoff
+            }
+        );
         assert_eq!(phase(&progress, false, t(1)), Phase::Active);
         progress.verify_failures = 0;
         assert_eq!(progress.rotation_failure(), None);
+        assert_eq!(progress.rotation_retry_at(), None);
     }
 
     fn under(strategy: Strategy, host: &str) -> IssuedUnder {

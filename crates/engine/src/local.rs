@@ -470,6 +470,12 @@ pub fn status_rows(state: &LocalState, now: Timestamp) -> Vec<StatusRow> {
             } else {
                 format!("{:?}", phase(&l.progress, false, now))
             };
+            let problems: Vec<String> = l
+                .last_error
+                .iter()
+                .cloned()
+                .chain(progress_problems(&l.progress))
+                .collect();
             StatusRow {
                 lease: key.clone(),
                 phase: ph,
@@ -477,10 +483,52 @@ pub fn status_rows(state: &LocalState, now: Timestamp) -> Vec<StatusRow> {
                 username: current.map(|c| c.credential_id.clone()),
                 expires_at: current.and_then(|c| c.expires_at),
                 next_rotation_at: next,
-                message: l.last_error.clone(),
+                message: (!problems.is_empty()).then(|| problems.join("; ")),
             }
         })
         .collect()
+}
+
+fn status_time(t: Timestamp) -> String {
+    t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
+
+/// What is going wrong according to recorded progress (never secret: reasons and errors
+/// are sanitized by the backends): a rotation that keeps failing and revocations being
+/// retried, each with its attempts and next retry.
+pub fn progress_problems(progress: &Progress) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(failure) = progress.rotation_failure() {
+        let mut m = format!(
+            "rotation to version {} failed ({:?}): {} (attempt {}",
+            failure.version,
+            failure.outcome,
+            failure.reason.as_deref().unwrap_or("no reason recorded"),
+            progress.verify_failures
+        );
+        if let Some(t) = progress.rotation_retry_at() {
+            m.push_str(&format!(", next retry {}", status_time(t)));
+        }
+        m.push(')');
+        out.push(m);
+    }
+    for v in &progress.versions {
+        let Some(r) = v.revoke.as_ref() else { continue };
+        if r.failures > 0 {
+            let mut m = format!(
+                "revoking version {} failed: {} (attempt {}",
+                v.version,
+                r.last_error.as_deref().unwrap_or("unknown error"),
+                r.failures
+            );
+            if let Some(t) = r.next_attempt_at {
+                m.push_str(&format!(", next retry {}", status_time(t)));
+            }
+            m.push(')');
+            out.push(m);
+        }
+    }
+    out
 }
 
 /// Render rows as an aligned table.
@@ -835,4 +883,85 @@ pub fn phase_of(state: &LocalState, key: &str, now: Timestamp) -> Option<Phase> 
         .leases
         .get(key)
         .map(|l| phase(&l.progress, false, now))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use leasehold_core::rotation::{
+        RevokeProgress, RevokeReason, RotationOutcome, RotationRecord, VersionRecord, VersionState,
+    };
+
+    fn t(s: i64) -> Timestamp {
+        Timestamp::from_second(1_800_000_000 + s).unwrap()
+    }
+
+    fn version(v: u64, state: VersionState) -> VersionRecord {
+        VersionRecord {
+            version: v,
+            credential_id: format!("lh_v{v}"),
+            state,
+            issued_at: t(0),
+            verified_at: None,
+            promoted_at: Some(t(0)),
+            superseded_at: None,
+            expires_at: None,
+            revoke_reason: None,
+            revoke: None,
+            issued_under: None,
+        }
+    }
+
+    #[test]
+    fn status_shows_a_failing_rotation_and_a_failing_revocation() {
+        let mut old = version(1, VersionState::Revoking);
+        old.revoke_reason = Some(RevokeReason::Superseded);
+        old.revoke = Some(RevokeProgress {
+            failures: 4,
+            next_attempt_at: Some(t(600)),
+            last_error: Some("database unreachable: connection refused".into()),
+            ..Default::default()
+        });
+        let progress = Progress {
+            versions: vec![old, version(2, VersionState::Current)],
+            last_version: 3,
+            delivered_version: Some(2),
+            verify_failures: 2,
+            last_verify_failure_at: Some(t(100)),
+            history: vec![RotationRecord {
+                version: 3,
+                started_at: t(100),
+                verified_at: None,
+                promoted_at: None,
+                revoked_at: Some(t(100)),
+                outcome: RotationOutcome::IssueFailed,
+                reason: Some("relation \"no_such_table\" does not exist".into()),
+            }],
+            ..Default::default()
+        };
+        let retry = status_time(progress.rotation_retry_at().unwrap());
+        let mut state = LocalState::default();
+        state.leases.insert(
+            "default/app".into(),
+            LocalLease {
+                uid: "u".into(),
+                progress,
+                ..Default::default()
+            },
+        );
+        let rows = status_rows(&state, t(200));
+        let message = rows[0].message.clone().unwrap_or_default();
+        for want in [
+            "rotation to version 3 failed (IssueFailed)",
+            "no_such_table",
+            "attempt 2",
+            &format!("next retry {retry}"),
+            "revoking version 1 failed: database unreachable",
+            "attempt 4",
+            "next retry 2027-01-15T08:10:00Z",
+        ] {
+            assert!(message.contains(want), "{want:?} missing from {message:?}");
+        }
+        assert!(format_table(&rows).contains("no_such_table"));
+    }
 }

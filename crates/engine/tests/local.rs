@@ -274,3 +274,53 @@ async fn a_second_runner_on_the_same_state_file_is_refused() {
     drop(first);
     LocalRunner::new(options, Engine::new()).unwrap();
 }
+
+#[tokio::test]
+async fn local_status_shows_a_failing_rotation_with_reason_attempts_and_next_retry() {
+    let server = PostgresServer::shared().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let (mdir, state) = (tmp.path().join("m"), tmp.path().join("state.json"));
+    std::fs::create_dir_all(&mdir).unwrap();
+    manifests(&mdir, server, None, false);
+    std::fs::write(
+        mdir.join("lease.yaml"),
+        format!(
+            "apiVersion: leasehold.dev/v1alpha1
+kind: SecretLease
+metadata:
+  name: broken
+spec:
+  policyRef: {{name: p}}
+  postgres:
+    host: {}
+    port: {}
+    database: {}
+    adminSecretRef: {{name: admin}}
+    tls: {{mode: Disable}}
+    grants: [\"SELECT ON no_such_table_for_status\"]
+",
+            server.host(),
+            server.port(),
+            server.database()
+        ),
+    )
+    .unwrap();
+    let options = LocalOptions {
+        manifests: mdir,
+        state: state.clone(),
+        output: tmp.path().join("out"),
+    };
+    let runner = LocalRunner::new(options, Engine::new()).unwrap();
+    let report = runner.pass().await.unwrap();
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    let rows = status_rows(&LocalState::load(&state).unwrap(), jiff::Timestamp::now());
+    let message = rows[0].message.clone().unwrap_or_default();
+    assert!(
+        message.contains("failed (IssueFailed)")
+            && message.contains("no_such_table_for_status")
+            && message.contains("attempt 1")
+            && message.contains("next retry"),
+        "{rows:?}"
+    );
+    assert!(format_table(&rows).contains("no_such_table_for_status"));
+}
