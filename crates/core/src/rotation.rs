@@ -312,6 +312,33 @@ impl Progress {
         })
     }
 
+    /// A revocation held up by open sessions (`drainSessions: Wait`) for longer than
+    /// `policy.drain_timeout`, or while the current version is within `renew_before / 2`
+    /// of its expiry: it may never finish on its own, and (AlternatingUsers, InPlace) no
+    /// new version can be issued before it does, so the current one would expire.
+    pub fn sessions_blocking_drain(
+        &self,
+        policy: &PolicyParams,
+        now: Timestamp,
+    ) -> Option<&VersionRecord> {
+        if policy.drain != DrainSessionsMode::Wait {
+            return None;
+        }
+        let current_expiring = self
+            .current()
+            .and_then(|c| c.expires_at)
+            .is_some_and(|e| add(now, policy.renew_before / 2) >= e);
+        self.versions.iter().find(|r| {
+            r.state == VersionState::Revoking
+                && r.revoke.as_ref().is_some_and(|p| {
+                    p.sessions_remaining.is_some_and(|n| n > 0)
+                        && (current_expiring
+                            || p.drain_started_at
+                                .is_some_and(|t| add(t, policy.drain_timeout) <= now))
+                })
+        })
+    }
+
     /// A version being issued, verified or promoted under another strategy or database
     /// than `now`: it must not be finished under the new spec (its user and server are
     /// the old ones) and is revoked where it was issued instead.
@@ -457,6 +484,10 @@ pub enum WaitReason {
     MaintenanceWindow,
     /// AlternatingUsers/InPlace: a rotation must wait until the previous one has finished revoking.
     PreviousRotationUnfinished,
+    /// Open sessions keep a revocation (`drainSessions: Wait`) from finishing for longer
+    /// than the drain timeout, or while the current credential nears its expiry (the
+    /// next rotation cannot start before it finishes): report the lease `Degraded`.
+    SessionsBlockingDrain,
 }
 
 /// `t + d`, saturating at the end of time.
@@ -674,6 +705,12 @@ pub fn decide(
     let (until, reason) = match wait {
         Some((t, r)) => (Some(t), r),
         None => (None, WaitReason::Renewal),
+    };
+    // Sessions holding a drain up is what the lease is really waiting for.
+    let reason = if progress.sessions_blocking_drain(policy, now).is_some() {
+        WaitReason::SessionsBlockingDrain
+    } else {
+        reason
     };
     Action::Wait { until, reason }
 }
@@ -1002,6 +1039,83 @@ mod tests {
             drain_mode_now(&p, Some(t(0)), t(5)),
             DrainSessionsMode::Terminate
         );
+    }
+
+    #[test]
+    fn sessions_holding_a_drain_past_its_timeout_or_near_expiry_are_reported() {
+        let mut p = policy(Strategy::AlternatingUsers);
+        p.drain = DrainSessionsMode::Wait;
+        let mut old = record(1, VersionState::Revoking, 0);
+        old.revoke_reason = Some(RevokeReason::Superseded);
+        old.revoke = Some(RevokeProgress {
+            drain_started_at: Some(t(40)),
+            sessions_remaining: Some(3),
+            next_attempt_at: Some(t(41)),
+            ..Default::default()
+        });
+        // v2 expires at t(100).
+        let mut progress = Progress {
+            versions: vec![old, record(2, VersionState::Current, 40)],
+            last_version: 2,
+            delivered_version: Some(2),
+            ..Default::default()
+        };
+        let waiting =
+            |p: &PolicyParams, progress: &Progress, now| match decide(p, progress, &obs(), now) {
+                Action::Wait { reason, .. } => reason,
+                other => panic!("unexpected {other:?}"),
+            };
+        // Within the drain timeout (5 min): an ordinary wait.
+        assert_eq!(progress.sessions_blocking_drain(&p, t(44)), None);
+        assert_eq!(waiting(&p, &progress, t(40)), WaitReason::RevocationBackoff);
+        // Past it: reported.
+        progress.versions[0]
+            .revoke
+            .as_mut()
+            .unwrap()
+            .next_attempt_at = Some(t(46));
+        assert_eq!(
+            progress
+                .sessions_blocking_drain(&p, t(45))
+                .map(|r| r.version),
+            Some(1)
+        );
+        assert_eq!(
+            waiting(&p, &progress, t(45)),
+            WaitReason::SessionsBlockingDrain
+        );
+        // With a long timeout, the current credential nearing expiry reports it too.
+        p.drain_timeout = 600 * MIN;
+        assert_eq!(progress.sessions_blocking_drain(&p, t(45)), None);
+        progress.versions[0]
+            .revoke
+            .as_mut()
+            .unwrap()
+            .next_attempt_at = Some(t(95));
+        assert_eq!(
+            progress
+                .sessions_blocking_drain(&p, t(90))
+                .map(|r| r.version),
+            Some(1)
+        );
+        assert_eq!(
+            waiting(&p, &progress, t(90)),
+            WaitReason::SessionsBlockingDrain
+        );
+        // Sessions gone, or a mode that does not wait for them: nothing to report.
+        progress.versions[0]
+            .revoke
+            .as_mut()
+            .unwrap()
+            .sessions_remaining = Some(0);
+        assert_eq!(progress.sessions_blocking_drain(&p, t(90)), None);
+        progress.versions[0]
+            .revoke
+            .as_mut()
+            .unwrap()
+            .sessions_remaining = Some(3);
+        p.drain = DrainSessionsMode::Terminate;
+        assert_eq!(progress.sessions_blocking_drain(&p, t(90)), None);
     }
 
     #[test]

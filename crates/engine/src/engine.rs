@@ -82,6 +82,10 @@ pub enum StepEvent {
     SessionsRemain {
         version: u64,
         sessions: u32,
+        /// Set once the sessions block the drain for longer than they should (see
+        /// `Progress::sessions_blocking_drain`): since when the drain has been waiting.
+        /// The lease should be reported `Degraded`.
+        blocking_since: Option<Timestamp>,
     },
 }
 
@@ -248,6 +252,15 @@ impl Engine {
             }
             StepEvent::RevocationStuck { version, since } => {
                 warn!(lease = %ctx.key, version, %since, "revocation stuck; still retrying")
+            }
+            StepEvent::SessionsRemain {
+                version,
+                sessions,
+                blocking_since: Some(since),
+            } => {
+                warn!(lease = %ctx.key, version, sessions, %since,
+                    "open sessions keep the old credential from being revoked (drainSessions: Wait); \
+                     end them, or use drainSessions Terminate, before the current credential expires")
             }
             other => info!(lease = %ctx.key, event = ?other, "rotation step"),
         }
@@ -807,11 +820,17 @@ impl Engine {
                     p.next_attempt_at = Some(leasehold_core::rotation::add(now, SESSION_POLL));
                 }
                 self.save(stores, ctx, progress).await?;
+                let blocking_since = progress
+                    .sessions_blocking_drain(&ctx.policy, now)
+                    .filter(|r| r.version == version)
+                    .and_then(|r| r.revoke.as_ref())
+                    .and_then(|p| p.drain_started_at);
                 self.emit(
                     ctx,
                     StepEvent::SessionsRemain {
                         version,
                         sessions: n,
+                        blocking_since,
                     },
                 );
             }

@@ -459,21 +459,50 @@ pub fn status_rows(state: &LocalState, now: Timestamp) -> Vec<StatusRow> {
         .iter()
         .map(|(key, l)| {
             let current = l.progress.current();
-            let next = match (current, l.last_policy.as_ref()) {
-                (Some(c), Some(p)) => leasehold_api::validate::policy_params(p)
-                    .ok()
-                    .map(|params| rotation_due_at(&params, c)),
+            let params = l
+                .last_policy
+                .as_ref()
+                .and_then(|p| leasehold_api::validate::policy_params(p).ok());
+            let next = match (current, params.as_ref()) {
+                (Some(c), Some(params)) => Some(rotation_due_at(params, c)),
                 _ => None,
             };
+            let blocked = params
+                .as_ref()
+                .and_then(|p| l.progress.sessions_blocking_drain(p, now));
             let ph = if l.last_error.is_some() && current.is_none() {
                 "Invalid".to_string()
+            } else if blocked.is_some() {
+                format!("{:?}", Phase::Degraded)
             } else {
                 format!("{:?}", phase(&l.progress, false, now))
             };
+            let blocked_message = blocked.map(|r| {
+                let p = r.revoke.clone().unwrap_or_default();
+                let mut m = format!(
+                    "SessionsBlockingDrain: {} open session(s) keep version {} from being revoked (drainSessions: Wait)",
+                    p.sessions_remaining.unwrap_or_default(),
+                    r.version
+                );
+                if let Some(t) = p.drain_started_at {
+                    m.push_str(&format!(" since {}", status_time(t)));
+                }
+                if let Some(e) = current.and_then(|c| c.expires_at) {
+                    m.push_str(&format!("; the current credential expires {}", status_time(e)));
+                    if params
+                        .as_ref()
+                        .is_some_and(|p| p.strategy != leasehold_core::Strategy::Dynamic)
+                    {
+                        m.push_str(" and no new version can be issued until this revocation ends");
+                    }
+                }
+                m
+            });
             let problems: Vec<String> = l
                 .last_error
                 .iter()
                 .cloned()
+                .chain(blocked_message)
                 .chain(progress_problems(&l.progress))
                 .collect();
             StatusRow {
