@@ -140,7 +140,9 @@ pub struct DatabaseSpec {
     )]
     pub username: Option<String>,
     /// `Dynamic` only: the name of each version's user. Placeholders `{{namespace}}`,
-    /// `{{name}}`, `{{uid}}` (first 12 hex digits of the lease UID) and `{{version}}`.
+    /// `{{name}}`, `{{uid}}` (first 12 hex digits of the lease UID) and `{{version}}`;
+    /// `{{uid}}` must be the first placeholder, after a literal prefix of 2 or more
+    /// characters, so two leases never render the same user.
     /// Default `lh_{{uid}}_v{{version}}`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 128))]

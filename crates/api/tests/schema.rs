@@ -371,8 +371,21 @@ fn validate_rejects_what_the_schema_cannot_express() {
         "{errs:?}"
     );
 
+    // Without the UID first, two leases can render one user (`-` and `.` become `_`).
+    let mut colliding = pg();
+    colliding["usernameTemplate"] = "app_{{namespace}}_{{name}}_v{{version}}".into();
+    let errs = validate_lease(
+        &l(serde_json::json!({"policyRef": {"name": "p"}, "postgres": colliding})),
+        Some(&dynamic),
+    );
+    assert!(
+        errs.iter()
+            .any(|e| e.field == "spec.postgres.usernameTemplate" && e.message.contains("{{uid}}")),
+        "{errs:?}"
+    );
+
     let mut long_template = pg();
-    long_template["usernameTemplate"] = "app_{{namespace}}_{{name}}_{{version}}".into();
+    long_template["usernameTemplate"] = "app_{{uid}}_{{namespace}}_{{name}}_{{version}}".into();
     let errs = validate_lease(
         &l(serde_json::json!({"policyRef": {"name": "p"}, "mysql": long_template})),
         Some(&dynamic),

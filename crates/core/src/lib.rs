@@ -14,6 +14,6 @@ pub mod naming;
 pub mod rotation;
 
 pub use rotation::{
-    Action, DrainSessionsMode, Observations, PolicyParams, Progress, Strategy, VersionRecord,
-    VersionState, decide,
+    Action, DrainSessionsMode, IssuedUnder, Observations, PolicyParams, Progress, Strategy, Target,
+    VersionRecord, VersionState, decide,
 };

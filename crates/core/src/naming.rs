@@ -24,7 +24,9 @@ pub enum NamingError {
     #[error("usernameTemplate must contain {{{{version}}}} so every version gets its own user")]
     MissingVersion,
     #[error(
-        "usernameTemplate must contain {{{{uid}}}}, or both {{{{namespace}}}} and {{{{name}}}}, so two leases never share a user"
+        "usernameTemplate must have {{{{uid}}}} as its first placeholder (for example \"lh_{{{{uid}}}}_{{{{name}}}}_v{{{{version}}}}\"): \
+         only the lease UID at a fixed place keeps two leases from rendering the same user \
+         ({{{{namespace}}}} and {{{{name}}}} are not unique once '-' and '.' become '_', nor in front of the UID)"
     )]
     NotUnique,
     #[error(
@@ -60,8 +62,13 @@ pub fn check_template(template: &str) -> Result<(), NamingError> {
     if !template.contains("{{version}}") {
         return Err(NamingError::MissingVersion);
     }
-    let unique = template.contains("{{uid}}")
-        || (template.contains("{{namespace}}") && template.contains("{{name}}"));
+    // Injective across leases: everything before `{{uid}}` is literal, so the UID (a fixed
+    // 12 hex digits) sits at the same offset in every rendering, and two leases with
+    // different UIDs never render the same name whatever their namespaces and names.
+    // Across versions of one lease only `{{version}}` (decimal, no leading zeros) varies.
+    let unique = template
+        .find("{{")
+        .is_some_and(|i| template[i..].starts_with("{{uid}}"));
     if !unique {
         return Err(NamingError::NotUnique);
     }
@@ -160,9 +167,49 @@ mod tests {
 
     #[test]
     fn names_are_sanitized() {
-        let n =
-            dynamic_username("app_{{namespace}}_{{name}}_{{version}}", &lease(), 2, 63).unwrap();
-        assert_eq!(n, "app_shop_orders_db_2");
+        let n = dynamic_username(
+            "app_{{uid}}_{{namespace}}_{{name}}_{{version}}",
+            &lease(),
+            2,
+            63,
+        )
+        .unwrap();
+        assert_eq!(n, "app_3f2a9c1e77d0_shop_orders_db_2");
+    }
+
+    #[test]
+    fn templates_that_let_two_leases_render_one_user_are_refused() {
+        // `-` and `.` both become `_`: these two leases rendered the same user.
+        let a = LeaseIdentity {
+            namespace: "a-b".into(),
+            name: "c".into(),
+            uid: "11111111-1111-1111-1111-111111111111".into(),
+        };
+        let b = LeaseIdentity {
+            namespace: "a".into(),
+            name: "b.c".into(),
+            uid: "22222222-2222-2222-2222-222222222222".into(),
+        };
+        for t in [
+            "app_{{namespace}}_{{name}}_{{version}}",
+            // Variable text in front of the UID shifts it: "ab"+uid vs "a"+"b…".
+            "app_{{name}}{{uid}}{{version}}",
+            "app_{{namespace}}_{{uid}}_{{version}}",
+        ] {
+            assert_eq!(check_template(t), Err(NamingError::NotUnique), "{t}");
+        }
+        let ok = "app_{{uid}}_{{namespace}}_{{name}}_{{version}}";
+        check_template(ok).unwrap();
+        assert_ne!(
+            dynamic_username(ok, &a, 1, 63).unwrap(),
+            dynamic_username(ok, &b, 1, 63).unwrap()
+        );
+        assert!(
+            NamingError::NotUnique
+                .to_string()
+                .contains("usernameTemplate"),
+            "the error names the field"
+        );
     }
 
     #[test]
@@ -185,7 +232,7 @@ mod tests {
         ));
         assert!(matches!(
             dynamic_username(
-                "lh_{{namespace}}_{{name}}_{{uid}}_{{version}}",
+                "lh_{{uid}}_{{namespace}}_{{name}}_{{version}}",
                 &lease(),
                 1,
                 20

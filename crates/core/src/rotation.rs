@@ -135,6 +135,45 @@ pub struct RevokeProgress {
     pub last_error: Option<String>,
 }
 
+/// The database a credential lives on.
+#[derive(
+    Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord,
+)]
+#[serde(rename_all = "camelCase")]
+pub struct Target {
+    /// `postgres` or `mysql`.
+    pub kind: String,
+    pub host: String,
+    pub port: u16,
+    pub database: String,
+}
+
+impl Target {
+    /// `kind://host:port/database`: the engine's name for the target.
+    pub fn key(&self) -> String {
+        format!(
+            "{}://{}:{}/{}",
+            self.kind, self.host, self.port, self.database
+        )
+    }
+
+    /// `kind://host:port`: the scope of user names (PostgreSQL roles and MySQL users
+    /// belong to the server, not to one database).
+    pub fn server_key(&self) -> String {
+        format!("{}://{}:{}", self.kind, self.host, self.port)
+    }
+}
+
+/// What a version was issued under: everything revoking it needs besides its user name
+/// ([`VersionRecord::credential_id`]). Revocation and resumed issues go by this record,
+/// never by the spec or policy as they are now.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct IssuedUnder {
+    pub strategy: Strategy,
+    pub target: Target,
+}
+
 /// One credential version as recorded in status.
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
@@ -156,6 +195,28 @@ pub struct VersionRecord {
     pub revoke_reason: Option<RevokeReason>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revoke: Option<RevokeProgress>,
+    /// Strategy and database the version was issued under (absent in records written
+    /// before leasehold recorded it: those are handled under the current spec).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issued_under: Option<IssuedUnder>,
+}
+
+impl VersionRecord {
+    /// The strategy this version was issued with (`current` for older records).
+    pub fn strategy_or(&self, current: Strategy) -> Strategy {
+        self.issued_under.as_ref().map_or(current, |u| u.strategy)
+    }
+
+    /// The database this version lives on, if recorded.
+    pub fn target(&self) -> Option<&Target> {
+        self.issued_under.as_ref().map(|u| &u.target)
+    }
+
+    /// Whether the version was issued under another strategy or database than `now`.
+    /// Records without [`VersionRecord::issued_under`] never are.
+    pub fn issued_elsewhere(&self, now: &IssuedUnder) -> bool {
+        self.issued_under.as_ref().is_some_and(|u| u != now)
+    }
 }
 
 /// How a finished rotation ended.
@@ -251,6 +312,46 @@ impl Progress {
         })
     }
 
+    /// A revocation held up by open sessions (`drainSessions: Wait`) for longer than
+    /// `policy.drain_timeout`, or while the current version is within `renew_before / 2`
+    /// of its expiry: it may never finish on its own, and (AlternatingUsers, InPlace) no
+    /// new version can be issued before it does, so the current one would expire.
+    pub fn sessions_blocking_drain(
+        &self,
+        policy: &PolicyParams,
+        now: Timestamp,
+    ) -> Option<&VersionRecord> {
+        if policy.drain != DrainSessionsMode::Wait {
+            return None;
+        }
+        let current_expiring = self
+            .current()
+            .and_then(|c| c.expires_at)
+            .is_some_and(|e| add(now, policy.renew_before / 2) >= e);
+        self.versions.iter().find(|r| {
+            r.state == VersionState::Revoking
+                && r.revoke.as_ref().is_some_and(|p| {
+                    p.sessions_remaining.is_some_and(|n| n > 0)
+                        && (current_expiring
+                            || p.drain_started_at
+                                .is_some_and(|t| add(t, policy.drain_timeout) <= now))
+                })
+        })
+    }
+
+    /// A version being issued, verified or promoted under another strategy or database
+    /// than `now`: it must not be finished under the new spec (its user and server are
+    /// the old ones) and is revoked where it was issued instead.
+    pub fn pending_issued_elsewhere(&self, now: &IssuedUnder) -> Option<&VersionRecord> {
+        self.pending().filter(|p| p.issued_elsewhere(now))
+    }
+
+    /// Whether the current version was issued under another strategy or database than
+    /// `now`: consumers would be handed a user of the old spec, so it is replaced now.
+    pub fn current_issued_elsewhere(&self, now: &IssuedUnder) -> bool {
+        self.current().is_some_and(|c| c.issued_elsewhere(now))
+    }
+
     /// Whether any revocation has been failing for longer than [`REVOCATION_STUCK_AFTER`].
     pub fn revocation_stuck(&self, now: Timestamp) -> Option<&VersionRecord> {
         self.versions.iter().find(|r| {
@@ -273,8 +374,8 @@ impl Progress {
             .filter(|h| h.outcome != RotationOutcome::Succeeded)
     }
 
-    /// When a failed rotation is tried again (backoff after the last failure), if the
-    /// last attempt failed.
+    /// When the failed rotation (see [`Progress::rotation_failure`]) is tried again,
+    /// unless a rotation request comes first. The attempt count is `verify_failures`.
     pub fn rotation_retry_at(&self) -> Option<Timestamp> {
         self.last_verify_failure_at
             .filter(|_| self.verify_failures > 0)
@@ -383,6 +484,10 @@ pub enum WaitReason {
     MaintenanceWindow,
     /// AlternatingUsers/InPlace: a rotation must wait until the previous one has finished revoking.
     PreviousRotationUnfinished,
+    /// Open sessions keep a revocation (`drainSessions: Wait`) from finishing for longer
+    /// than the drain timeout, or while the current credential nears its expiry (the
+    /// next rotation cannot start before it finishes): report the lease `Degraded`.
+    SessionsBlockingDrain,
 }
 
 /// `t + d`, saturating at the end of time.
@@ -471,10 +576,11 @@ pub fn decide(
             .and_then(|p| p.next_attempt_at)
             .filter(|t| *t > now)
     };
+    // A version is revoked the way it was issued, whatever the policy says now.
     let revoke_action = |r: &VersionRecord, reason: RevokeReason| Action::Revoke {
         version: r.version,
         reason,
-        plan: revoke_plan(policy.strategy, reason),
+        plan: revoke_plan(r.strategy_or(policy.strategy), reason),
         drain: drain_mode_now(
             policy,
             r.revoke.as_ref().and_then(|p| p.drain_started_at),
@@ -600,6 +706,12 @@ pub fn decide(
         Some((t, r)) => (Some(t), r),
         None => (None, WaitReason::Renewal),
     };
+    // Sessions holding a drain up is what the lease is really waiting for.
+    let reason = if progress.sessions_blocking_drain(policy, now).is_some() {
+        WaitReason::SessionsBlockingDrain
+    } else {
+        reason
+    };
     Action::Wait { until, reason }
 }
 
@@ -698,6 +810,7 @@ mod tests {
             expires_at: Some(t(issued + 60)),
             revoke_reason: None,
             revoke: None,
+            issued_under: None,
         }
     }
 
@@ -929,6 +1042,83 @@ mod tests {
     }
 
     #[test]
+    fn sessions_holding_a_drain_past_its_timeout_or_near_expiry_are_reported() {
+        let mut p = policy(Strategy::AlternatingUsers);
+        p.drain = DrainSessionsMode::Wait;
+        let mut old = record(1, VersionState::Revoking, 0);
+        old.revoke_reason = Some(RevokeReason::Superseded);
+        old.revoke = Some(RevokeProgress {
+            drain_started_at: Some(t(40)),
+            sessions_remaining: Some(3),
+            next_attempt_at: Some(t(41)),
+            ..Default::default()
+        });
+        // v2 expires at t(100).
+        let mut progress = Progress {
+            versions: vec![old, record(2, VersionState::Current, 40)],
+            last_version: 2,
+            delivered_version: Some(2),
+            ..Default::default()
+        };
+        let waiting =
+            |p: &PolicyParams, progress: &Progress, now| match decide(p, progress, &obs(), now) {
+                Action::Wait { reason, .. } => reason,
+                other => panic!("unexpected {other:?}"),
+            };
+        // Within the drain timeout (5 min): an ordinary wait.
+        assert_eq!(progress.sessions_blocking_drain(&p, t(44)), None);
+        assert_eq!(waiting(&p, &progress, t(40)), WaitReason::RevocationBackoff);
+        // Past it: reported.
+        progress.versions[0]
+            .revoke
+            .as_mut()
+            .unwrap()
+            .next_attempt_at = Some(t(46));
+        assert_eq!(
+            progress
+                .sessions_blocking_drain(&p, t(45))
+                .map(|r| r.version),
+            Some(1)
+        );
+        assert_eq!(
+            waiting(&p, &progress, t(45)),
+            WaitReason::SessionsBlockingDrain
+        );
+        // With a long timeout, the current credential nearing expiry reports it too.
+        p.drain_timeout = 600 * MIN;
+        assert_eq!(progress.sessions_blocking_drain(&p, t(45)), None);
+        progress.versions[0]
+            .revoke
+            .as_mut()
+            .unwrap()
+            .next_attempt_at = Some(t(95));
+        assert_eq!(
+            progress
+                .sessions_blocking_drain(&p, t(90))
+                .map(|r| r.version),
+            Some(1)
+        );
+        assert_eq!(
+            waiting(&p, &progress, t(90)),
+            WaitReason::SessionsBlockingDrain
+        );
+        // Sessions gone, or a mode that does not wait for them: nothing to report.
+        progress.versions[0]
+            .revoke
+            .as_mut()
+            .unwrap()
+            .sessions_remaining = Some(0);
+        assert_eq!(progress.sessions_blocking_drain(&p, t(90)), None);
+        progress.versions[0]
+            .revoke
+            .as_mut()
+            .unwrap()
+            .sessions_remaining = Some(3);
+        p.drain = DrainSessionsMode::Terminate;
+        assert_eq!(progress.sessions_blocking_drain(&p, t(90)), None);
+    }
+
+    #[test]
     fn alternating_waits_for_previous_revocation() {
         let p = policy(Strategy::AlternatingUsers);
         let mut old = record(1, VersionState::Superseded, 0);
@@ -1042,14 +1232,124 @@ mod tests {
         let mut progress = Progress {
             versions: vec![record(2, VersionState::Current, 0)],
             last_version: 3,
+            delivered_version: Some(2),
             verify_failures: 1,
             history: vec![failed.clone()],
             ..Default::default()
         };
         assert_eq!(progress.rotation_failure(), Some(&failed));
+        assert_eq!(
+            progress.rotation_retry_at(),
+            None,
+            "no failure time recorded"
+        );
+        progress.last_verify_failure_at = Some(t(0));
+        let retry = progress.rotation_retry_at().unwrap();
+        assert!(
+            retry > t(0) && retry <= add(t(0), Duration::from_secs(10)),
+            "{retry}"
+        );
+        // decide() waits for exactly that time.
+        assert_eq!(
+            decide(&policy(Strategy::Dynamic), &progress, &obs(), t(0)),
+            Action::Wait {
+                until: Some(retry),
+                reason: WaitReason::VerificationBackoff
+            }
+        );
         assert_eq!(phase(&progress, false, t(1)), Phase::Active);
         progress.verify_failures = 0;
         assert_eq!(progress.rotation_failure(), None);
+        assert_eq!(progress.rotation_retry_at(), None);
+    }
+
+    fn under(strategy: Strategy, host: &str) -> IssuedUnder {
+        IssuedUnder {
+            strategy,
+            target: Target {
+                kind: "postgres".into(),
+                host: host.into(),
+                port: 5432,
+                database: "app".into(),
+            },
+        }
+    }
+
+    #[test]
+    fn a_version_is_revoked_the_way_it_was_issued() {
+        // v1 was a Dynamic user; the policy is InPlace now.
+        let p = policy(Strategy::InPlace);
+        let mut old = record(1, VersionState::Superseded, 0);
+        old.superseded_at = Some(t(40));
+        old.issued_under = Some(under(Strategy::Dynamic, "db"));
+        let mut progress = Progress {
+            versions: vec![old, record(2, VersionState::Current, 40)],
+            last_version: 2,
+            delivered_version: Some(2),
+            ..Default::default()
+        };
+        assert!(matches!(
+            decide(&p, &progress, &obs(), t(45)),
+            Action::Revoke {
+                version: 1,
+                plan: RevokePlan::DropUser,
+                ..
+            }
+        ));
+        // An InPlace version (the user leasehold did not create) under a Dynamic policy
+        // is left alone, not dropped.
+        progress.versions[0].issued_under = Some(under(Strategy::InPlace, "db"));
+        assert!(matches!(
+            decide(&policy(Strategy::Dynamic), &progress, &obs(), t(45)),
+            Action::Revoke {
+                version: 1,
+                plan: RevokePlan::Nothing,
+                ..
+            }
+        ));
+        // Older records (nothing recorded) keep today's behaviour: the policy decides.
+        progress.versions[0].issued_under = None;
+        assert!(matches!(
+            decide(&p, &progress, &obs(), t(45)),
+            Action::Revoke {
+                version: 1,
+                plan: RevokePlan::Nothing,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn versions_issued_under_another_spec_are_recognised() {
+        let now = under(Strategy::Dynamic, "new-db");
+        let mut progress = Progress {
+            versions: vec![record(1, VersionState::Current, 0)],
+            last_version: 1,
+            ..Default::default()
+        };
+        assert!(!progress.current_issued_elsewhere(&now), "old records: no");
+        progress.versions[0].issued_under = Some(under(Strategy::Dynamic, "new-db"));
+        assert!(!progress.current_issued_elsewhere(&now));
+        progress.versions[0].issued_under = Some(under(Strategy::Dynamic, "old-db"));
+        assert!(progress.current_issued_elsewhere(&now));
+        progress.versions[0].issued_under = Some(under(Strategy::InPlace, "new-db"));
+        assert!(progress.current_issued_elsewhere(&now));
+        let mut pending = record(2, VersionState::Issuing, 1);
+        pending.issued_under = Some(under(Strategy::Dynamic, "old-db"));
+        progress.versions.push(pending);
+        assert_eq!(
+            progress.pending_issued_elsewhere(&now).map(|p| p.version),
+            Some(2)
+        );
+        let json = serde_json::to_string(&progress).unwrap();
+        assert_eq!(serde_json::from_str::<Progress>(&json).unwrap(), progress);
+        // A record written before `issuedUnder` existed still loads.
+        let legacy: VersionRecord = serde_json::from_value(serde_json::json!({
+            "version": 1, "credentialId": "lh_v1", "state": "Current",
+            "issuedAt": "2026-01-01T00:00:00Z"
+        }))
+        .unwrap();
+        assert_eq!(legacy.issued_under, None);
     }
 
     #[test]

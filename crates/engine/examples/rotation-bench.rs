@@ -151,6 +151,7 @@ async fn main() {
             port: server.port(),
             database: server.database().into(),
             templates: BTreeMap::new(),
+            previous_targets: None,
         })
         .collect();
 

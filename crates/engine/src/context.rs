@@ -11,6 +11,7 @@ use leasehold_backends::{Backend, BackendError, CredentialId, Privileges};
 use leasehold_backends::{MySqlBackend, MySqlTarget};
 use leasehold_backends::{PostgresBackend, PostgresTarget};
 use leasehold_core::naming::{self, DEFAULT_DYNAMIC_TEMPLATE, LeaseIdentity};
+use leasehold_core::rotation::{IssuedUnder, Target};
 use leasehold_core::{PolicyParams, Strategy};
 use secrecy::{ExposeSecret, SecretString};
 
@@ -116,6 +117,81 @@ pub struct LeaseContext {
     pub database: String,
     /// Templates for the delivered Secret / files (empty: defaults).
     pub templates: BTreeMap<String, String>,
+    /// Backends for databases that earlier versions were issued on, when the lease has
+    /// moved since (`None`: such versions cannot be revoked and their revocation retries).
+    pub previous_targets: Option<Arc<dyn TargetBackends>>,
+}
+
+/// Finds the backend of a database a lease used to point at, so versions issued there
+/// are revoked there.
+pub trait TargetBackends: Send + Sync {
+    fn backend_for(&self, target: &Target) -> Result<Arc<dyn Backend>, BackendError>;
+}
+
+impl LeaseContext {
+    /// The database this lease points at now.
+    pub fn target(&self) -> Target {
+        Target {
+            kind: self.kind.scheme().to_string(),
+            host: self.host.clone(),
+            port: self.port,
+            database: self.database.clone(),
+        }
+    }
+
+    /// What a version issued now is issued under.
+    pub fn issued_under(&self) -> IssuedUnder {
+        IssuedUnder {
+            strategy: self.policy.strategy,
+            target: self.target(),
+        }
+    }
+
+    /// The backend of `target` (this lease's own when it is the current target).
+    pub fn backend_for(&self, target: Option<&Target>) -> Result<Arc<dyn Backend>, BackendError> {
+        match target {
+            Some(t) if *t != self.target() => match &self.previous_targets {
+                Some(targets) => targets.backend_for(t),
+                None => Err(BackendError::Other(format!(
+                    "no backend for {}, where this version was issued",
+                    t.key()
+                ))),
+            },
+            _ => Ok(self.backend.clone()),
+        }
+    }
+}
+
+/// Earlier targets of a lease, reached through the shared registry with the lease's
+/// current admin credentials and TLS mode (the spec names no others).
+#[derive(Clone)]
+struct RegistryTargets {
+    registry: BackendRegistry,
+    admin: AdminCredentials,
+    tls: leasehold_backends::TlsMode,
+}
+
+impl TargetBackends for RegistryTargets {
+    fn backend_for(&self, target: &Target) -> Result<Arc<dyn Backend>, BackendError> {
+        let kind = match target.kind.as_str() {
+            "postgres" => DatabaseKind::Postgres,
+            "mysql" => DatabaseKind::MySql,
+            other => {
+                return Err(BackendError::Other(format!(
+                    "unknown database kind {other:?} recorded for {}",
+                    target.key()
+                )));
+            }
+        };
+        self.registry.get_target(
+            kind,
+            &target.host,
+            target.port,
+            &target.database,
+            &self.admin,
+            self.tls.clone(),
+        )
+    }
 }
 
 impl std::fmt::Debug for LeaseContext {
@@ -201,13 +277,26 @@ impl BackendRegistry {
         tls: leasehold_backends::TlsMode,
     ) -> Result<Arc<dyn Backend>, BackendError> {
         let port = db.port.unwrap_or(kind.default_port());
+        self.get_target(kind, &db.host, port, &db.database, admin, tls)
+    }
+
+    /// [`BackendRegistry::get`] by host, port and database.
+    pub fn get_target(
+        &self,
+        kind: DatabaseKind,
+        host: &str,
+        port: u16,
+        database: &str,
+        admin: &AdminCredentials,
+        tls: leasehold_backends::TlsMode,
+    ) -> Result<Arc<dyn Backend>, BackendError> {
         let target = format!(
             "{}://{}@{}:{}/{}",
             kind.scheme(),
             admin.username,
-            db.host,
+            host,
             port,
-            db.database
+            database
         );
         let key = format!(
             "{target}#{:016x}",
@@ -223,9 +312,9 @@ impl BackendRegistry {
         let backend: Arc<dyn Backend> = match kind {
             DatabaseKind::Postgres => {
                 let mut t = PostgresTarget::new(
-                    &db.host,
+                    host,
                     port,
-                    &db.database,
+                    database,
                     &admin.username,
                     admin.password.clone(),
                 );
@@ -235,9 +324,9 @@ impl BackendRegistry {
             }
             DatabaseKind::MySql => {
                 let mut t = MySqlTarget::new(
-                    &db.host,
+                    host,
                     port,
-                    &db.database,
+                    database,
                     &admin.username,
                     admin.password.clone(),
                 );
@@ -297,7 +386,12 @@ pub fn resolve(
             ca_pem: ca_pem.unwrap_or_default(),
         },
     };
-    let backend = registry.get(kind, db, admin, tls)?;
+    let backend = registry.get(kind, db, admin, tls.clone())?;
+    let previous_targets: Arc<dyn TargetBackends> = Arc::new(RegistryTargets {
+        registry: registry.clone(),
+        admin: admin.clone(),
+        tls,
+    });
     let templates = lease
         .delivery
         .secret
@@ -332,6 +426,7 @@ pub fn resolve(
         port: db.port.unwrap_or(kind.default_port()),
         database: db.database.clone(),
         templates,
+        previous_targets: Some(previous_targets),
     })
 }
 

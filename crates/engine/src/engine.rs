@@ -9,12 +9,13 @@ use leasehold_backends::{
 };
 use leasehold_core::rotation::{
     Action, DrainSessionsMode, Observations, Progress, RevokePlan, RevokeProgress, RevokeReason,
-    RotationOutcome, RotationRecord, SESSION_POLL, VersionRecord, VersionState, WaitReason, decide,
-    revoke_retry_at,
+    RotationOutcome, RotationRecord, SESSION_POLL, Target, VersionRecord, VersionState, WaitReason,
+    decide, revoke_retry_at,
 };
 use secrecy::SecretString;
 use tracing::{info, warn};
 
+use crate::claims::UsernameClaims;
 use crate::context::LeaseContext;
 use crate::limiter::{TargetLimiter, TargetPermit};
 use crate::template::{CredentialValues, render};
@@ -81,6 +82,10 @@ pub enum StepEvent {
     SessionsRemain {
         version: u64,
         sessions: u32,
+        /// Set once the sessions block the drain for longer than they should (see
+        /// `Progress::sessions_blocking_drain`): since when the drain has been waiting.
+        /// The lease should be reported `Degraded`.
+        blocking_since: Option<Timestamp>,
     },
 }
 
@@ -121,6 +126,16 @@ pub enum EngineError {
     SecretMissing(u64),
     #[error("invalid spec: {0}")]
     Invalid(String),
+    /// Another lease records this user: issuing it would take that lease's credential over.
+    #[error(
+        "user {user} on {server} belongs to lease {owner}; refusing to issue it for this lease \
+         (two leases would take over each other's credentials): give this lease another username or usernameTemplate"
+    )]
+    UsernameTaken {
+        user: String,
+        server: String,
+        owner: String,
+    },
     #[error("injected fault at {0:?}: {1}")]
     Injected(FaultPoint, String),
 }
@@ -132,7 +147,7 @@ impl EngineError {
             EngineError::Backend { .. } => "backend",
             EngineError::Store(_) => "store",
             EngineError::SecretMissing(_) => "secret_missing",
-            EngineError::Invalid(_) => "invalid",
+            EngineError::Invalid(_) | EngineError::UsernameTaken { .. } => "invalid",
             EngineError::Injected(..) => "injected",
         }
     }
@@ -142,6 +157,7 @@ impl EngineError {
 #[derive(Clone)]
 pub struct Engine {
     limiter: TargetLimiter,
+    claims: UsernameClaims,
     clock: Arc<dyn Fn() -> Timestamp + Send + Sync>,
     fault: Option<FaultHook>,
     events: Option<EventSink>,
@@ -177,6 +193,7 @@ impl Engine {
     pub fn new() -> Self {
         Self {
             limiter: TargetLimiter::new(),
+            claims: UsernameClaims::new(),
             clock: Arc::new(Timestamp::now),
             fault: None,
             events: None,
@@ -205,6 +222,11 @@ impl Engine {
         &self.limiter
     }
 
+    /// Which lease each user belongs to (seed it with every known lease's progress).
+    pub fn claims(&self) -> &UsernameClaims {
+        &self.claims
+    }
+
     fn now(&self) -> Timestamp {
         (self.clock)()
     }
@@ -230,6 +252,15 @@ impl Engine {
             }
             StepEvent::RevocationStuck { version, since } => {
                 warn!(lease = %ctx.key, version, %since, "revocation stuck; still retrying")
+            }
+            StepEvent::SessionsRemain {
+                version,
+                sessions,
+                blocking_since: Some(since),
+            } => {
+                warn!(lease = %ctx.key, version, sessions, %since,
+                    "open sessions keep the old credential from being revoked (drainSessions: Wait); \
+                     end them, or use drainSessions Terminate, before the current credential expires")
             }
             other => info!(lease = %ctx.key, event = ?other, "rotation step"),
         }
@@ -259,10 +290,36 @@ impl Engine {
         stores: Stores<'_>,
     ) -> Result<Outcome, EngineError> {
         let mut permit: Option<TargetPermit> = None;
+        let under = ctx.issued_under();
+        self.claims
+            .record_progress(&ctx.key, progress, &under.target);
         // A bound on steps per call, so a bug can never spin forever.
         for _ in 0..64 {
             let now = self.now();
-            let action = decide(&ctx.policy, progress, obs, now);
+            if let Some(stale) = progress.pending_issued_elsewhere(&under).cloned() {
+                self.discard_issued_elsewhere(ctx, progress, stores, &stale, now)
+                    .await?;
+                continue;
+            }
+            // A current version of another strategy or database is replaced at once
+            // (after a failed attempt, with the usual backoff): consumers must not be
+            // handed the old spec's user with the new spec's host.
+            let forced;
+            let decide_obs = if progress.current_issued_elsewhere(&under)
+                && progress.verify_failures == 0
+                && !obs.deleting
+            {
+                let mut o = obs.clone();
+                o.rotation_request = Some(format!(
+                    "{}\u{0}spec-changed",
+                    progress.handled_rotation_request.as_deref().unwrap_or("")
+                ));
+                forced = o;
+                &forced
+            } else {
+                obs
+            };
+            let action = decide(&ctx.policy, progress, decide_obs, now);
             if matches!(
                 action,
                 Action::Issue { .. } | Action::Verify { .. } | Action::Revoke { .. }
@@ -328,6 +385,20 @@ impl Engine {
                 )
                 .map_err(|e| EngineError::Invalid(e.to_string()))?,
         };
+        // Never a user another lease records, before anything refers to it.
+        let server = progress
+            .version(version)
+            .filter(|_| resume)
+            .and_then(|r| r.target().cloned())
+            .unwrap_or_else(|| ctx.target())
+            .server_key();
+        if let Err(owner) = self.claims.claim(&server, &id.0, &ctx.key) {
+            return Err(EngineError::UsernameTaken {
+                user: id.0,
+                server,
+                owner: owner.to_string(),
+            });
+        }
         let password = match stores.secrets.get(&ctx.key, version).await? {
             Some(p) if resume => p,
             _ => {
@@ -351,6 +422,7 @@ impl Engine {
                 expires_at: ctx.policy.expires_at(now),
                 revoke_reason: None,
                 revoke: None,
+                issued_under: Some(ctx.issued_under()),
             });
             progress.last_version = progress.last_version.max(version);
             progress.strategy = Some(ctx.policy.strategy);
@@ -427,6 +499,48 @@ impl Engine {
             StepEvent::Issued {
                 version,
                 username: id.0,
+            },
+        );
+        Ok(())
+    }
+
+    /// A version recorded under another strategy or database than the lease has now:
+    /// revoke it where and how it was issued, and let a new version be issued under the
+    /// current spec (after the usual short backoff, shown as a failed rotation).
+    async fn discard_issued_elsewhere(
+        &self,
+        ctx: &LeaseContext,
+        progress: &mut Progress,
+        stores: Stores<'_>,
+        stale: &VersionRecord,
+        now: Timestamp,
+    ) -> Result<(), EngineError> {
+        let reason = format!(
+            "the policy's strategy or the database changed while version {} was being issued; \
+             it is revoked where it was issued and a new version follows",
+            stale.version
+        );
+        if let Some(r) = progress.version_mut(stale.version) {
+            r.state = VersionState::Revoking;
+            r.revoke_reason = Some(RevokeReason::IssueFailed);
+        }
+        progress.verify_failures += 1;
+        progress.last_verify_failure_at = Some(now);
+        progress.push_history(RotationRecord {
+            version: stale.version,
+            started_at: stale.issued_at,
+            verified_at: stale.verified_at,
+            promoted_at: None,
+            revoked_at: None,
+            outcome: RotationOutcome::IssueFailed,
+            reason: Some(reason.clone()),
+        });
+        self.save(stores, ctx, progress).await?;
+        self.emit(
+            ctx,
+            StepEvent::VerificationFailed {
+                version: stale.version,
+                reason,
             },
         );
         Ok(())
@@ -642,9 +756,20 @@ impl Engine {
         };
         // The current version's user is never revoked on behalf of another version (a
         // failed version that named it): that would lock out every consumer.
-        let holds_current_user = progress
-            .current()
-            .is_some_and(|c| c.version != version && c.credential_id == record.credential_id);
+        let holds_current_user = progress.current().is_some_and(|c| {
+            c.version != version
+                && c.credential_id == record.credential_id
+                && c.target().map(Target::server_key) == record.target().map(Target::server_key)
+        });
+        // Revoked where it was issued, even if the lease points elsewhere now.
+        let backend = match ctx.backend_for(record.target()) {
+            Ok(b) => b,
+            Err(e) => {
+                return self
+                    .revoke_failed(ctx, progress, stores, &record, e, now)
+                    .await;
+            }
+        };
         let result = match plan {
             RevokePlan::DropUser | RevokePlan::DisableLogin if holds_current_user => {
                 warn!(lease = %ctx.key, version, user = %record.credential_id,
@@ -657,16 +782,29 @@ impl Engine {
                 } else {
                     RevokeMode::DisableLogin
                 };
-                ctx.backend.revoke(&RevokeRequest { id, mode, drain }).await
+                backend.revoke(&RevokeRequest { id, mode, drain }).await
             }
             RevokePlan::Nothing => Ok(RevokeOutcome::Revoked),
-            RevokePlan::RestoreCurrent => self.restore_current(ctx, progress, stores).await,
+            RevokePlan::RestoreCurrent => {
+                self.restore_current(ctx, progress, stores, &record, &backend)
+                    .await
+            }
         };
         match result {
             Ok(RevokeOutcome::Revoked) => {
                 self.fault(FaultPoint::AfterRevoke)?;
                 stores.secrets.remove(&ctx.key, version).await?;
                 progress.versions.retain(|r| r.version != version);
+                let server = |r: &VersionRecord| {
+                    r.target()
+                        .map_or_else(|| ctx.target().server_key(), Target::server_key)
+                };
+                if !progress.versions.iter().any(|r| {
+                    r.credential_id == record.credential_id && server(r) == server(&record)
+                }) {
+                    self.claims
+                        .release(&server(&record), &record.credential_id, &ctx.key);
+                }
                 if let Some(h) = progress.history.iter_mut().find(|h| h.version == version) {
                     h.revoked_at = Some(now);
                 }
@@ -682,47 +820,69 @@ impl Engine {
                     p.next_attempt_at = Some(leasehold_core::rotation::add(now, SESSION_POLL));
                 }
                 self.save(stores, ctx, progress).await?;
+                let blocking_since = progress
+                    .sessions_blocking_drain(&ctx.policy, now)
+                    .filter(|r| r.version == version)
+                    .and_then(|r| r.revoke.as_ref())
+                    .and_then(|p| p.drain_started_at);
                 self.emit(
                     ctx,
                     StepEvent::SessionsRemain {
                         version,
                         sessions: n,
+                        blocking_since,
                     },
                 );
             }
             Err(e) => {
-                let error = e.to_string();
-                let mut failures = 0;
-                let mut stuck_since = None;
-                if let Some(r) = progress.version_mut(version) {
-                    let retry = |f| revoke_retry_at(&record, f, now);
-                    let p = r.revoke.get_or_insert_with(RevokeProgress::default);
-                    p.failures += 1;
-                    failures = p.failures;
-                    let first = *p.first_failure_at.get_or_insert(now);
-                    p.next_attempt_at = Some(retry(p.failures));
-                    p.last_error = Some(error.clone());
-                    if leasehold_core::rotation::add(
-                        first,
-                        leasehold_core::rotation::REVOCATION_STUCK_AFTER,
-                    ) <= now
-                    {
-                        stuck_since = Some(first);
-                    }
-                }
-                self.save(stores, ctx, progress).await?;
-                self.emit(
-                    ctx,
-                    StepEvent::RevocationRetry {
-                        version,
-                        failures,
-                        error,
-                    },
-                );
-                if let Some(since) = stuck_since {
-                    self.emit(ctx, StepEvent::RevocationStuck { version, since });
-                }
+                self.revoke_failed(ctx, progress, stores, &record, e, now)
+                    .await?;
             }
+        }
+        Ok(())
+    }
+
+    /// Record a failed revocation attempt and when to try again.
+    async fn revoke_failed(
+        &self,
+        ctx: &LeaseContext,
+        progress: &mut Progress,
+        stores: Stores<'_>,
+        record: &VersionRecord,
+        e: BackendError,
+        now: Timestamp,
+    ) -> Result<(), EngineError> {
+        let version = record.version;
+        let error = e.to_string();
+        let mut failures = 0;
+        let mut stuck_since = None;
+        if let Some(r) = progress.version_mut(version) {
+            let retry = |f| revoke_retry_at(record, f, now);
+            let p = r.revoke.get_or_insert_with(RevokeProgress::default);
+            p.failures += 1;
+            failures = p.failures;
+            let first = *p.first_failure_at.get_or_insert(now);
+            p.next_attempt_at = Some(retry(p.failures));
+            p.last_error = Some(error.clone());
+            if leasehold_core::rotation::add(
+                first,
+                leasehold_core::rotation::REVOCATION_STUCK_AFTER,
+            ) <= now
+            {
+                stuck_since = Some(first);
+            }
+        }
+        self.save(stores, ctx, progress).await?;
+        self.emit(
+            ctx,
+            StepEvent::RevocationRetry {
+                version,
+                failures,
+                error,
+            },
+        );
+        if let Some(since) = stuck_since {
+            self.emit(ctx, StepEvent::RevocationStuck { version, since });
         }
         Ok(())
     }
@@ -734,16 +894,18 @@ impl Engine {
         ctx: &LeaseContext,
         progress: &Progress,
         stores: Stores<'_>,
+        failed: &VersionRecord,
+        backend: &Arc<dyn leasehold_backends::Backend>,
     ) -> Result<RevokeOutcome, BackendError> {
-        let Some(current) = progress.current() else {
+        // Only a current version on the same user and server can be put back.
+        let Some(current) = progress.current().filter(|c| {
+            c.credential_id == failed.credential_id
+                && c.target().map(Target::server_key) == failed.target().map(Target::server_key)
+        }) else {
             // Nothing to restore to (first issue failed): lock the user out instead.
-            return ctx
-                .backend
+            return backend
                 .revoke(&RevokeRequest {
-                    id: leasehold_backends::CredentialId(match &ctx.naming {
-                        crate::NamingRule::InPlace { user } => user.clone(),
-                        _ => String::new(),
-                    }),
+                    id: leasehold_backends::CredentialId(failed.credential_id.clone()),
                     mode: RevokeMode::DisableLogin,
                     drain: DrainSessions::Ignore,
                 })
@@ -755,7 +917,7 @@ impl Engine {
             .await
             .map_err(|e| BackendError::Other(e.to_string()))?
             .ok_or_else(|| BackendError::Other("the current version's secret is missing".into()))?;
-        ctx.backend
+        backend
             .issue(&IssueRequest {
                 id: leasehold_backends::CredentialId(current.credential_id.clone()),
                 mode: IssueMode::SetPassword,

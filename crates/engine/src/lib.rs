@@ -9,6 +9,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod claims;
 pub mod context;
 pub mod engine;
 pub mod limiter;
@@ -17,7 +18,8 @@ pub mod sweeper;
 pub mod template;
 pub mod window;
 
-pub use context::{BackendRegistry, LeaseContext, LeaseKey, NamingRule};
+pub use claims::UsernameClaims;
+pub use context::{BackendRegistry, LeaseContext, LeaseKey, NamingRule, TargetBackends};
 pub use engine::{Engine, EngineError, Outcome, StepEvent};
 pub use limiter::TargetLimiter;
 

@@ -40,10 +40,15 @@ pub enum LocalError {
     Manifest { path: PathBuf, message: String },
     #[error("cannot write the state file {path}: {message}")]
     State { path: PathBuf, message: String },
+    #[error(
+        "the state file {path} is in use by another `leasehold local run` (lock {lock} is held); \
+         stop that process first: two runners on one state file would overwrite each other's progress"
+    )]
+    Locked { path: PathBuf, lock: PathBuf },
 }
 
-/// One lease as kept in the state file.
-#[derive(Serialize, Deserialize, Clone, Debug, Default)]
+/// One lease as kept in the state file. `Debug` leaves the secrets out.
+#[derive(Serialize, Deserialize, Clone, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct LocalLease {
     /// Stable identity (credential names derive from it), made up on first sight.
@@ -63,6 +68,23 @@ pub struct LocalLease {
     pub last_error: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_check_at: Option<Timestamp>,
+}
+
+impl std::fmt::Debug for LocalLease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalLease")
+            .field("uid", &self.uid)
+            .field("progress", &self.progress)
+            .field(
+                "secrets",
+                &format_args!("[{} redacted]", self.secrets.len()),
+            )
+            .field("last_spec", &self.last_spec)
+            .field("last_policy", &self.last_policy)
+            .field("last_error", &self.last_error)
+            .field("next_check_at", &self.next_check_at)
+            .finish()
+    }
 }
 
 impl std::fmt::Debug for LocalState {
@@ -107,9 +129,15 @@ impl LocalState {
 }
 
 /// The state file behind both the progress and the secret store.
+///
+/// Holds an exclusive advisory lock (`flock`) on `<state>.lock` for as long as it lives,
+/// so a second runner on the same state file is refused instead of overwriting this
+/// one's progress (each writes the whole file). The lock goes with the process, also on
+/// a crash. `leasehold local status` only reads and takes no lock.
 pub struct StateFile {
     path: PathBuf,
     state: Mutex<LocalState>,
+    _lock: std::fs::File,
 }
 
 impl std::fmt::Debug for StateFile {
@@ -123,10 +151,12 @@ impl std::fmt::Debug for StateFile {
 impl StateFile {
     pub fn open(path: impl Into<PathBuf>) -> Result<Self, LocalError> {
         let path = path.into();
+        let lock = lock_state(&path)?;
         let state = LocalState::load(&path)?;
         Ok(Self {
             path,
             state: Mutex::new(state),
+            _lock: lock,
         })
     }
 
@@ -139,6 +169,45 @@ impl StateFile {
         let r = f(&mut state);
         state.write(&self.path)?;
         Ok(r)
+    }
+}
+
+/// The lock file of a state file: `<state>.lock` beside it.
+pub fn lock_path(state: &Path) -> PathBuf {
+    let mut name = state.as_os_str().to_owned();
+    name.push(".lock");
+    PathBuf::from(name)
+}
+
+/// Take the exclusive lock of `state`, or refuse at once if another runner holds it.
+fn lock_state(state: &Path) -> Result<std::fs::File, LocalError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let lock = lock_path(state);
+    let io_err = |message: String| LocalError::State {
+        path: state.into(),
+        message,
+    };
+    if let Some(dir) = state.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| io_err(format!("cannot create {}: {e}", dir.display())))?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&lock)
+        .map_err(|e| io_err(format!("cannot open the lock file {}: {e}", lock.display())))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(LocalError::Locked {
+            path: state.into(),
+            lock,
+        }),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(io_err(format!("cannot lock {}: {e}", lock.display())))
+        }
     }
 }
 
@@ -390,17 +459,52 @@ pub fn status_rows(state: &LocalState, now: Timestamp) -> Vec<StatusRow> {
         .iter()
         .map(|(key, l)| {
             let current = l.progress.current();
-            let next = match (current, l.last_policy.as_ref()) {
-                (Some(c), Some(p)) => leasehold_api::validate::policy_params(p)
-                    .ok()
-                    .map(|params| rotation_due_at(&params, c)),
+            let params = l
+                .last_policy
+                .as_ref()
+                .and_then(|p| leasehold_api::validate::policy_params(p).ok());
+            let next = match (current, params.as_ref()) {
+                (Some(c), Some(params)) => Some(rotation_due_at(params, c)),
                 _ => None,
             };
+            let blocked = params
+                .as_ref()
+                .and_then(|p| l.progress.sessions_blocking_drain(p, now));
             let ph = if l.last_error.is_some() && current.is_none() {
                 "Invalid".to_string()
+            } else if blocked.is_some() {
+                format!("{:?}", Phase::Degraded)
             } else {
                 format!("{:?}", phase(&l.progress, false, now))
             };
+            let blocked_message = blocked.map(|r| {
+                let p = r.revoke.clone().unwrap_or_default();
+                let mut m = format!(
+                    "SessionsBlockingDrain: {} open session(s) keep version {} from being revoked (drainSessions: Wait)",
+                    p.sessions_remaining.unwrap_or_default(),
+                    r.version
+                );
+                if let Some(t) = p.drain_started_at {
+                    m.push_str(&format!(" since {}", status_time(t)));
+                }
+                if let Some(e) = current.and_then(|c| c.expires_at) {
+                    m.push_str(&format!("; the current credential expires {}", status_time(e)));
+                    if params
+                        .as_ref()
+                        .is_some_and(|p| p.strategy != leasehold_core::Strategy::Dynamic)
+                    {
+                        m.push_str(" and no new version can be issued until this revocation ends");
+                    }
+                }
+                m
+            });
+            let problems: Vec<String> = l
+                .last_error
+                .iter()
+                .cloned()
+                .chain(blocked_message)
+                .chain(progress_problems(&l.progress))
+                .collect();
             StatusRow {
                 lease: key.clone(),
                 phase: ph,
@@ -408,10 +512,52 @@ pub fn status_rows(state: &LocalState, now: Timestamp) -> Vec<StatusRow> {
                 username: current.map(|c| c.credential_id.clone()),
                 expires_at: current.and_then(|c| c.expires_at),
                 next_rotation_at: next,
-                message: l.last_error.clone(),
+                message: (!problems.is_empty()).then(|| problems.join("; ")),
             }
         })
         .collect()
+}
+
+fn status_time(t: Timestamp) -> String {
+    t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
+
+/// What is going wrong according to recorded progress (never secret: reasons and errors
+/// are sanitized by the backends): a rotation that keeps failing and revocations being
+/// retried, each with its attempts and next retry.
+pub fn progress_problems(progress: &Progress) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(failure) = progress.rotation_failure() {
+        let mut m = format!(
+            "rotation to version {} failed ({:?}): {} (attempt {}",
+            failure.version,
+            failure.outcome,
+            failure.reason.as_deref().unwrap_or("no reason recorded"),
+            progress.verify_failures
+        );
+        if let Some(t) = progress.rotation_retry_at() {
+            m.push_str(&format!(", next retry {}", status_time(t)));
+        }
+        m.push(')');
+        out.push(m);
+    }
+    for v in &progress.versions {
+        let Some(r) = v.revoke.as_ref() else { continue };
+        if r.failures > 0 {
+            let mut m = format!(
+                "revoking version {} failed: {} (attempt {}",
+                v.version,
+                r.last_error.as_deref().unwrap_or("unknown error"),
+                r.failures
+            );
+            if let Some(t) = r.next_attempt_at {
+                m.push_str(&format!(", next retry {}", status_time(t)));
+            }
+            m.push(')');
+            out.push(m);
+        }
+    }
+    out
 }
 
 /// Render rows as an aligned table.
@@ -498,6 +644,27 @@ impl LocalRunner {
             .keys()
             .map(|(ns, n)| format!("{ns}/{n}"))
             .collect();
+
+        // Every lease is known here: claim each recorded user for its lease, so no lease
+        // issues a user another one holds (also across restarts).
+        let snapshot = self.store.snapshot().await;
+        self.engine.claims().clear();
+        for (key, l) in &snapshot.leases {
+            let (Some((ns, name)), Some(spec)) = (key.split_once('/'), l.last_spec.as_ref()) else {
+                continue;
+            };
+            let Some(target) = spec_target(spec) else {
+                continue;
+            };
+            let lease = LeaseKey {
+                namespace: ns.into(),
+                name: name.into(),
+                uid: l.uid.clone(),
+            };
+            self.engine
+                .claims()
+                .record_progress(&lease, &l.progress, &target);
+        }
 
         let mut work = Vec::new();
         for ((ns, name), lease) in &manifests.leases {
@@ -724,10 +891,106 @@ impl LocalRunner {
     }
 }
 
+/// The database a lease spec points at.
+fn spec_target(spec: &SecretLeaseSpec) -> Option<leasehold_core::Target> {
+    let (kind, db) = match (&spec.postgres, &spec.mysql) {
+        (Some(db), _) => (crate::context::DatabaseKind::Postgres, db),
+        (None, Some(db)) => (crate::context::DatabaseKind::MySql, db),
+        (None, None) => return None,
+    };
+    Some(leasehold_core::Target {
+        kind: kind.scheme().to_string(),
+        host: db.host.clone(),
+        port: db.port.unwrap_or(kind.default_port()),
+        database: db.database.clone(),
+    })
+}
+
 /// Phase as text for a lease key (used by tests and the status command).
 pub fn phase_of(state: &LocalState, key: &str, now: Timestamp) -> Option<Phase> {
     state
         .leases
         .get(key)
         .map(|l| phase(&l.progress, false, now))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use leasehold_core::rotation::{
+        RevokeProgress, RevokeReason, RotationOutcome, RotationRecord, VersionRecord, VersionState,
+    };
+
+    fn t(s: i64) -> Timestamp {
+        Timestamp::from_second(1_800_000_000 + s).unwrap()
+    }
+
+    fn version(v: u64, state: VersionState) -> VersionRecord {
+        VersionRecord {
+            version: v,
+            credential_id: format!("lh_v{v}"),
+            state,
+            issued_at: t(0),
+            verified_at: None,
+            promoted_at: Some(t(0)),
+            superseded_at: None,
+            expires_at: None,
+            revoke_reason: None,
+            revoke: None,
+            issued_under: None,
+        }
+    }
+
+    #[test]
+    fn status_shows_a_failing_rotation_and_a_failing_revocation() {
+        let mut old = version(1, VersionState::Revoking);
+        old.revoke_reason = Some(RevokeReason::Superseded);
+        old.revoke = Some(RevokeProgress {
+            failures: 4,
+            next_attempt_at: Some(t(600)),
+            last_error: Some("database unreachable: connection refused".into()),
+            ..Default::default()
+        });
+        let progress = Progress {
+            versions: vec![old, version(2, VersionState::Current)],
+            last_version: 3,
+            delivered_version: Some(2),
+            verify_failures: 2,
+            last_verify_failure_at: Some(t(100)),
+            history: vec![RotationRecord {
+                version: 3,
+                started_at: t(100),
+                verified_at: None,
+                promoted_at: None,
+                revoked_at: Some(t(100)),
+                outcome: RotationOutcome::IssueFailed,
+                reason: Some("relation \"no_such_table\" does not exist".into()),
+            }],
+            ..Default::default()
+        };
+        let retry = status_time(progress.rotation_retry_at().unwrap());
+        let mut state = LocalState::default();
+        state.leases.insert(
+            "default/app".into(),
+            LocalLease {
+                uid: "u".into(),
+                progress,
+                ..Default::default()
+            },
+        );
+        let rows = status_rows(&state, t(200));
+        let message = rows[0].message.clone().unwrap_or_default();
+        for want in [
+            "rotation to version 3 failed (IssueFailed)",
+            "no_such_table",
+            "attempt 2",
+            &format!("next retry {retry}"),
+            "revoking version 1 failed: database unreachable",
+            "attempt 4",
+            "next retry 2027-01-15T08:10:00Z",
+        ] {
+            assert!(message.contains(want), "{want:?} missing from {message:?}");
+        }
+        assert!(format_table(&rows).contains("no_such_table"));
+    }
 }

@@ -5,7 +5,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use leasehold_engine::Engine;
-use leasehold_engine::local::{LocalOptions, LocalRunner, LocalState, format_table, status_rows};
+use leasehold_engine::local::{
+    LocalError, LocalOptions, LocalRunner, LocalState, format_table, status_rows,
+};
 use leasehold_testkit::PostgresServer;
 use secrecy::ExposeSecret;
 
@@ -111,8 +113,13 @@ async fn local_mode_issues_rotates_and_revokes_on_removal() {
         !format_table(&rows).contains(&pw1),
         "status never shows secrets"
     );
+    let loaded = LocalState::load(&state).unwrap();
+    let debug = format!("{:?} {:?}", loaded, loaded.leases);
+    assert!(debug.contains("default/app"), "{debug}");
+    assert!(!debug.contains(&pw1), "Debug never shows secrets: {debug}");
 
     // A restarted process resumes from the state file: nothing new is issued.
+    drop(runner);
     let runner = LocalRunner::new(options.clone(), Engine::new()).unwrap();
     runner.pass().await.unwrap();
     assert_eq!(read(&files.join("username")), user1);
@@ -239,4 +246,81 @@ async fn sweeper_revokes_only_unrecorded_versions_of_known_leases() {
         .batch_execute(&format!("DROP ROLE {lookalike}"))
         .await
         .unwrap();
+}
+
+#[tokio::test]
+async fn a_second_runner_on_the_same_state_file_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mdir = tmp.path().join("m");
+    std::fs::create_dir_all(&mdir).unwrap();
+    let options = LocalOptions {
+        manifests: mdir,
+        state: tmp.path().join("state").join("s.json"),
+        output: tmp.path().join("o"),
+    };
+    let first = LocalRunner::new(options.clone(), Engine::new()).unwrap();
+    first.pass().await.unwrap();
+    let second = LocalRunner::new(options.clone(), Engine::new());
+    let err = second.expect_err("a second runner must be refused");
+    assert!(matches!(err, LocalError::Locked { .. }), "{err:?}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("in use by another `leasehold local run`") && msg.contains("s.json"),
+        "{msg}"
+    );
+    // Reading status needs no lock.
+    LocalState::load(&options.state).unwrap();
+    // Once the first runner is gone (process exit drops it), the state file is free.
+    drop(first);
+    LocalRunner::new(options, Engine::new()).unwrap();
+}
+
+#[tokio::test]
+async fn local_status_shows_a_failing_rotation_with_reason_attempts_and_next_retry() {
+    let server = PostgresServer::shared().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let (mdir, state) = (tmp.path().join("m"), tmp.path().join("state.json"));
+    std::fs::create_dir_all(&mdir).unwrap();
+    manifests(&mdir, server, None, false);
+    std::fs::write(
+        mdir.join("lease.yaml"),
+        format!(
+            "apiVersion: leasehold.dev/v1alpha1
+kind: SecretLease
+metadata:
+  name: broken
+spec:
+  policyRef: {{name: p}}
+  postgres:
+    host: {}
+    port: {}
+    database: {}
+    adminSecretRef: {{name: admin}}
+    tls: {{mode: Disable}}
+    grants: [\"SELECT ON no_such_table_for_status\"]
+",
+            server.host(),
+            server.port(),
+            server.database()
+        ),
+    )
+    .unwrap();
+    let options = LocalOptions {
+        manifests: mdir,
+        state: state.clone(),
+        output: tmp.path().join("out"),
+    };
+    let runner = LocalRunner::new(options, Engine::new()).unwrap();
+    let report = runner.pass().await.unwrap();
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    let rows = status_rows(&LocalState::load(&state).unwrap(), jiff::Timestamp::now());
+    let message = rows[0].message.clone().unwrap_or_default();
+    assert!(
+        message.contains("failed (IssueFailed)")
+            && message.contains("no_such_table_for_status")
+            && message.contains("attempt 1")
+            && message.contains("next retry"),
+        "{rows:?}"
+    );
+    assert!(format_table(&rows).contains("no_such_table_for_status"));
 }

@@ -50,7 +50,9 @@ async fn crash_and_resume(db: Db<'_>, strategy: Strategy, point: FaultPoint) {
         .reconcile(&ctx, &mut progress, &obs(None), stores.stores())
         .await
         .unwrap();
-    assert_eq!(progress.current().unwrap().version, 1);
+    let v1 = progress.current().unwrap().clone();
+    assert_eq!(v1.version, 1);
+    let pw1 = stores.password(&key, 1).unwrap();
 
     // Rotation to v2 crashes once at `point`.
     let armed = Arc::new(AtomicBool::new(true));
@@ -101,9 +103,13 @@ async fn crash_and_resume(db: Db<'_>, strategy: Strategy, point: FaultPoint) {
             "{point:?}: orphans left"
         );
     } else {
-        // The other alternating user must not log in with any password we know.
+        // AlternatingUsers: the other user is disabled; InPlace: its password is replaced.
         let v1pw = stores.password(&key, 1);
         assert!(v1pw.is_none(), "{point:?}: v1's secret must be forgotten");
+        assert!(
+            !db.can_login(&v1.credential_id, &pw1).await,
+            "{strategy:?} {point:?}: v1 must no longer log in"
+        );
     }
     assert_eq!(
         stores.delivered.lock().unwrap().last().unwrap().1,
@@ -123,10 +129,34 @@ async fn postgres_crash_at_every_step_boundary_resumes_cleanly() {
 }
 
 #[tokio::test]
+async fn postgres_in_place_crash_at_every_step_boundary_resumes_cleanly() {
+    let s = PostgresServer::shared().await;
+    for point in ALL_POINTS {
+        crash_and_resume(Db::Pg(s), Strategy::InPlace, point).await;
+    }
+}
+
+#[tokio::test]
 async fn mariadb_crash_at_every_step_boundary_resumes_cleanly() {
     let s = MariaDbServer::shared().await;
     for point in ALL_POINTS {
         crash_and_resume(Db::Maria(s), Strategy::Dynamic, point).await;
+    }
+}
+
+#[tokio::test]
+async fn mariadb_alternating_crash_at_every_step_boundary_resumes_cleanly() {
+    let s = MariaDbServer::shared().await;
+    for point in ALL_POINTS {
+        crash_and_resume(Db::Maria(s), Strategy::AlternatingUsers, point).await;
+    }
+}
+
+#[tokio::test]
+async fn mariadb_in_place_crash_at_every_step_boundary_resumes_cleanly() {
+    let s = MariaDbServer::shared().await;
+    for point in ALL_POINTS {
+        crash_and_resume(Db::Maria(s), Strategy::InPlace, point).await;
     }
 }
 

@@ -415,6 +415,7 @@ mod tests {
             ),
             revoke_reason: None,
             revoke: None,
+            issued_under: None,
         }
     }
 

@@ -223,6 +223,7 @@ pub fn context(
         port,
         database: database.into(),
         templates: BTreeMap::new(),
+        previous_targets: None,
     }
 }
 
@@ -289,5 +290,26 @@ impl Backend for FailVerifyFor {
     }
     async fn ping(&self) -> Result<(), leasehold_backends::BackendError> {
         self.inner.ping().await
+    }
+}
+
+/// Backends of databases a lease used to point at, by target (tests build them by hand).
+#[derive(Default)]
+pub struct KnownTargets(pub Mutex<Vec<(leasehold_core::Target, Arc<dyn Backend>)>>);
+
+impl leasehold_engine::TargetBackends for KnownTargets {
+    fn backend_for(
+        &self,
+        target: &leasehold_core::Target,
+    ) -> Result<Arc<dyn Backend>, leasehold_backends::BackendError> {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(t, _)| t == target)
+            .map(|(_, b)| b.clone())
+            .ok_or_else(|| {
+                leasehold_backends::BackendError::Other(format!("unknown {}", target.key()))
+            })
     }
 }
