@@ -143,8 +143,15 @@ pub struct DatabaseSpec {
     /// Roles the user inherits (PostgreSQL `GRANT role TO user`; MySQL roles).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub member_of: Vec<String>,
-    /// Privileges granted directly, as the clause between `GRANT` and `TO`, for example
-    /// `SELECT, INSERT ON ALL TABLES IN SCHEMA public` or `SELECT ON shop.*`.
+    /// Privileges granted directly, each `<privileges> ON <object>`. The text is parsed,
+    /// never spliced into SQL: privileges come from an allowlist and the statement is
+    /// built with quoted names. PostgreSQL: `SELECT, INSERT ON TABLE app.orders`
+    /// (`TABLE` optional), `USAGE, SELECT ON SEQUENCE app.ids`, `USAGE ON SCHEMA app`,
+    /// `CONNECT ON DATABASE shop`, `ALL ON ALL TABLES IN SCHEMA app` (also `ALL SEQUENCES`
+    /// and, with `EXECUTE`, `ALL FUNCTIONS`). MySQL/MariaDB: `SELECT ON shop.*` or
+    /// `SELECT, INSERT ON shop.orders` (the database is required). Names may be quoted
+    /// (`"..."` PostgreSQL, `` `...` `` MySQL). Comments, `;`, `TO`, string quotes,
+    /// `WITH GRANT OPTION`, several objects and global (`*.*`) grants are refused.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub grants: Vec<String>,
 }

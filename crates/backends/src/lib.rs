@@ -53,8 +53,11 @@ pub enum IssueMode {
 pub struct Privileges {
     /// Roles (PostgreSQL) or roles / template users (MySQL) the user inherits from.
     pub member_of: Vec<String>,
-    /// Raw GRANT privilege clauses, e.g. `SELECT, INSERT ON orders.*` (MySQL) or
-    /// `SELECT ON ALL TABLES IN SCHEMA public` (PostgreSQL). The backend adds `TO <user>`.
+    /// Grants as `<privileges> ON <object>`, e.g. `SELECT, INSERT ON orders.*` (MySQL) or
+    /// `SELECT ON ALL TABLES IN SCHEMA public` (PostgreSQL). Never spliced into SQL: each
+    /// is parsed by `leasehold_grants` (privileges from an allowlist, one object) and the
+    /// statement is built from the parsed form with quoted names; anything else is
+    /// [`BackendError::Invalid`] naming the grant.
     pub grants: Vec<String>,
 }
 

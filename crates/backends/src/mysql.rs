@@ -46,8 +46,8 @@ use tokio::sync::OnceCell;
 use tracing::instrument;
 
 use crate::sql::{
-    LIKE_ESCAPE, check_grant_clause, check_mysql_text, check_name, like_prefix, mysql_ident,
-    mysql_literal, redact,
+    LIKE_ESCAPE, check_mysql_text, check_name, like_prefix, mysql_grant_clause, mysql_grants,
+    mysql_ident, mysql_literal, redact,
 };
 use crate::{
     Backend, BackendError, CredentialId, DrainSessions, IssueRequest, MySqlTarget, RevokeMode,
@@ -202,9 +202,7 @@ impl MySqlBackend {
         for role in &req.privileges.member_of {
             check_user_name(role)?;
         }
-        for clause in &req.privileges.grants {
-            check_grant_clause(clause)?;
-        }
+        let grants = mysql_grants(&req.privileges.grants)?;
         let password = req.password.expose_secret();
         if password.is_empty() {
             return Err(BackendError::Invalid("empty password".into()));
@@ -257,15 +255,13 @@ impl MySqlBackend {
                 })
             })?;
         }
-        for clause in &req.privileges.grants {
-            conn.query_drop(format!("GRANT {} TO {account}", clause.trim()))
+        for grant in &grants {
+            let clause = mysql_grant_clause(grant);
+            conn.query_drop(format!("GRANT {clause} TO {account}"))
                 .await
                 .map_err(|e| {
                     map(e).in_step(|| {
-                        format!(
-                            "to grant `{}` (it needs those privileges WITH GRANT OPTION)",
-                            clause.trim()
-                        )
+                        format!("to grant `{clause}` (it needs those privileges WITH GRANT OPTION)")
                     })
                 })?;
         }

@@ -42,7 +42,7 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 use tracing::{debug, instrument};
 
 use crate::sql::{
-    LIKE_ESCAPE, check_grant_clause, check_name, like_prefix, pg_ident, pg_literal, redact,
+    LIKE_ESCAPE, check_name, like_prefix, pg_grant_clause, pg_grants, pg_ident, pg_literal, redact,
 };
 use crate::{
     Backend, BackendError, CredentialId, DrainSessions, IssueRequest, PostgresTarget, RevokeMode,
@@ -148,9 +148,7 @@ impl PostgresBackend {
         for role in &req.privileges.member_of {
             check_name("role", role, MAX_NAME_BYTES)?;
         }
-        for clause in &req.privileges.grants {
-            check_grant_clause(clause)?;
-        }
+        let grants = pg_grants(&req.privileges.grants)?;
         let password = req.password.expose_secret();
         if password.is_empty() {
             return Err(BackendError::Invalid("empty password".into()));
@@ -205,13 +203,13 @@ impl PostgresBackend {
                     tx.execute(&format!("GRANT {} TO {role}", pg_ident(parent)), &[])
                         .await?;
                 }
-                for clause in &req.privileges.grants {
+                for grant in &grants {
+                    let clause = pg_grant_clause(grant);
                     step = format!(
-                        "to grant `{}` (it needs to own the objects or hold those privileges \
-                         WITH GRANT OPTION)",
-                        clause.trim()
+                        "to grant `{clause}` (it needs to own the objects or hold those \
+                         privileges WITH GRANT OPTION)"
                     );
-                    tx.execute(&format!("GRANT {} TO {role}", clause.trim()), &[])
+                    tx.execute(&format!("GRANT {clause} TO {role}"), &[])
                         .await?;
                 }
                 tx.commit().await

@@ -757,3 +757,101 @@ async fn a_narrower_admin_is_told_what_it_lacks() {
     let _ = session.disconnect().await;
     b.close().await;
 }
+
+/// Grants are parsed and rebuilt with quoted names. Before, `#` (a MySQL comment to the
+/// end of the line) passed the free-text check, so `... TO 'victim'@'%'#` granted to
+/// another account and commented out leasehold's own `TO`. Now it is refused naming
+/// the grant, nothing reaches the server, and the documented forms work.
+#[tokio::test]
+async fn grants_are_parsed_not_spliced() {
+    let db = MariaDbServer::shared().await;
+    let b = backend(db);
+    let p = unique_name("grants_");
+    let d = db.database();
+    let victim = format!("{p}_victim");
+    let victim_pw = password();
+    let mut admin = db.admin_conn().await;
+    for statement in [
+        format!("CREATE TABLE `{d}`.{p}_items (x INT)"),
+        format!("INSERT INTO `{d}`.{p}_items VALUES (8)"),
+        format!("CREATE TABLE `{d}`.`{p}_Odd-Name` (x INT)"),
+        format!("INSERT INTO `{d}`.`{p}_Odd-Name` VALUES (7)"),
+        format!("CREATE TABLE `{d}`.{p}_secret (x INT)"),
+        format!(
+            "CREATE USER '{victim}'@'%' IDENTIFIED BY '{}'",
+            victim_pw.expose_secret()
+        ),
+    ] {
+        admin.query_drop(statement).await.expect("fixture");
+    }
+    admin.disconnect().await.expect("disconnect");
+
+    let user = format!("{p}_u");
+    let pw = password();
+    for bad in [
+        format!("SELECT ON `{d}`.*/**/TO/**/'{victim}'@'%'#"),
+        format!("SELECT ON `{d}`.* TO '{victim}'@'%'"),
+        format!("SELECT ON `{d}`.*; DROP USER '{victim}'@'%'"),
+        format!("SELECT ON `{d}`.* -- x"),
+        format!("SELECT ON '{d}'.*"),
+        "SELECT ON *.*".to_owned(),
+    ] {
+        let privileges = Privileges {
+            member_of: vec![],
+            grants: vec![bad.clone()],
+        };
+        let err = b
+            .issue(&issue(&user, IssueMode::CreateUser, &pw, privileges))
+            .await
+            .expect_err(&bad);
+        assert!(
+            matches!(&err, BackendError::Invalid(m)
+                if m.contains(&format!("grant {bad:?} is not accepted"))),
+            "{bad}: {err:?}"
+        );
+    }
+    assert!(b.list_users(&user).await.expect("list").is_empty());
+    // With any privilege on the database the victim could log in with it as default.
+    assert!(
+        !can_connect(db, &victim, &victim_pw).await,
+        "the victim was granted nothing"
+    );
+
+    let privileges = Privileges {
+        member_of: vec![],
+        grants: vec![
+            format!("select ON {d}.`{p}_Odd-Name`"),
+            format!("SELECT, INSERT ON `{d}`.{p}_items"),
+        ],
+    };
+    b.issue(&issue(&user, IssueMode::CreateUser, &pw, privileges))
+        .await
+        .expect("valid grants");
+    let mut conn = db
+        .connect_as(&user, pw.expose_secret())
+        .await
+        .expect("login");
+    let n: Option<i32> = conn
+        .query_first(format!("SELECT x FROM `{d}`.`{p}_Odd-Name`"))
+        .await
+        .expect("quoted table readable");
+    assert_eq!(n, Some(7));
+    conn.query_drop(format!("INSERT INTO `{d}`.{p}_items VALUES (9)"))
+        .await
+        .expect("insert granted");
+    assert!(
+        conn.query_drop(format!("SELECT * FROM `{d}`.{p}_secret"))
+            .await
+            .is_err(),
+        "not granted"
+    );
+    let _ = conn.disconnect().await;
+    b.revoke(&revoke(
+        &user,
+        RevokeMode::DropUser,
+        DrainSessions::Terminate,
+    ))
+    .await
+    .expect("drop");
+    b.close().await;
+}

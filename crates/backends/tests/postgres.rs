@@ -848,3 +848,111 @@ async fn missing_admin_privileges_are_named() {
         "{err}"
     );
 }
+
+/// Grants are parsed and rebuilt with quoted names: the documented forms work against
+/// the server (quoted mixed-case names included), and anything spliced-looking
+/// (comments, `;`, `TO`, string quotes) is refused naming the grant before any
+/// statement runs.
+#[tokio::test]
+async fn grants_are_parsed_not_spliced() {
+    let pg = PostgresServer::shared().await;
+    let b = backend(pg);
+    let p = unique_name("grants_");
+    let admin = pg.admin_client().await;
+    admin
+        .batch_execute(&format!(
+            "CREATE SCHEMA {p}_s;
+             CREATE TABLE {p}_s.\"Orders\" (x int); INSERT INTO {p}_s.\"Orders\" VALUES (7);
+             CREATE TABLE {p}_s.items (x int); INSERT INTO {p}_s.items VALUES (8);
+             CREATE TABLE {p}_s.secret (x int);
+             CREATE ROLE {p}_victim NOLOGIN;"
+        ))
+        .await
+        .expect("fixture");
+
+    let user = format!("{p}_u");
+    let pw = password();
+    for bad in [
+        format!("SELECT ON TABLE {p}_s.items/**/TO/**/{p}_victim"),
+        format!("SELECT ON TABLE {p}_s.items TO {p}_victim"),
+        format!("SELECT ON TABLE {p}_s.items; DROP TABLE {p}_s.items"),
+        format!("SELECT ON TABLE {p}_s.items -- x"),
+        format!("SELECT ON TABLE '{p}_s.items'"),
+        format!("SELECT ON TABLE {p}_s.items WITH GRANT OPTION"),
+    ] {
+        let privileges = Privileges {
+            member_of: vec![],
+            grants: vec![format!("USAGE ON SCHEMA {p}_s"), bad.clone()],
+        };
+        let err = b
+            .issue(&issue(&user, IssueMode::CreateUser, &pw, privileges))
+            .await
+            .expect_err(&bad);
+        assert!(
+            matches!(&err, BackendError::Invalid(m)
+                if m.contains(&format!("grant {bad:?} is not accepted"))),
+            "{bad}: {err:?}"
+        );
+        assert!(b.list_users(&user).await.expect("list").is_empty(), "{bad}");
+    }
+
+    let privileges = Privileges {
+        member_of: vec![],
+        grants: vec![
+            format!("usage ON SCHEMA {p}_s"),
+            format!("SELECT ON {p}_s.\"Orders\""),
+            format!("SELECT, INSERT ON TABLE {p}_s.items"),
+        ],
+    };
+    b.issue(&issue(&user, IssueMode::CreateUser, &pw, privileges))
+        .await
+        .expect("valid grants");
+    let client = pg
+        .connect_as(&user, pw.expose_secret())
+        .await
+        .expect("login");
+    let n: i32 = client
+        .query_one(&format!("SELECT x FROM {p}_s.\"Orders\""), &[])
+        .await
+        .expect("quoted table readable")
+        .get(0);
+    assert_eq!(n, 7);
+    client
+        .execute(&format!("INSERT INTO {p}_s.items VALUES (9)"), &[])
+        .await
+        .expect("insert granted");
+    assert!(
+        client
+            .query(&format!("SELECT * FROM {p}_s.secret"), &[])
+            .await
+            .is_err(),
+        "not granted"
+    );
+    drop(client);
+
+    let all = Privileges {
+        member_of: vec![],
+        grants: vec![
+            format!("USAGE ON SCHEMA {p}_s"),
+            format!("ALL ON ALL TABLES IN SCHEMA {p}_s"),
+        ],
+    };
+    let user2 = format!("{p}_all");
+    b.issue(&issue(&user2, IssueMode::CreateUser, &pw, all))
+        .await
+        .expect("ALL TABLES IN SCHEMA");
+    let client = pg
+        .connect_as(&user2, pw.expose_secret())
+        .await
+        .expect("login");
+    client
+        .query(&format!("SELECT * FROM {p}_s.secret"), &[])
+        .await
+        .expect("every table");
+    drop(client);
+    for u in [&user, &user2] {
+        b.revoke(&revoke(u, RevokeMode::DropUser, DrainSessions::Terminate))
+            .await
+            .expect("drop");
+    }
+}
