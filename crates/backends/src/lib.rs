@@ -46,6 +46,19 @@ pub enum IssueMode {
     /// The user is expected to exist already (created if missing for
     /// `AlternatingUsers`), only its password changes and login is enabled.
     SetPassword,
+    /// `InPlace`: the user belongs to someone else and must already exist; only its
+    /// password changes and login is enabled. A missing user is never created (a
+    /// mistyped name would otherwise become a new login): it is
+    /// [`BackendError::Invalid`] naming the user, which needs the user to act.
+    ExistingUser,
+}
+
+/// The error for an `ExistingUser` issue whose user does not exist.
+pub(crate) fn missing_user(name: &str) -> BackendError {
+    BackendError::Invalid(format!(
+        "user {name:?} does not exist: the InPlace strategy only changes the password of an \
+         existing user and never creates one; create the user or correct the lease's username"
+    ))
 }
 
 /// What a credential may do once it exists.

@@ -50,8 +50,8 @@ use crate::sql::{
     mysql_ident, mysql_literal, redact,
 };
 use crate::{
-    Backend, BackendError, CredentialId, DrainSessions, IssueRequest, MySqlTarget, RevokeMode,
-    RevokeOutcome, RevokeRequest, TlsMode, VerifyRequest,
+    Backend, BackendError, CredentialId, DrainSessions, IssueMode, IssueRequest, MySqlTarget,
+    RevokeMode, RevokeOutcome, RevokeRequest, TlsMode, VerifyRequest,
 };
 
 /// MariaDB allows 80 characters for a user name (MySQL 8: 32; the server rejects
@@ -221,11 +221,18 @@ impl MySqlBackend {
         // DDL is not transactional here: create the user locked, grant, and only then
         // set the password and unlock, so a half-made user cannot log in. An existing
         // user keeps working until the final ALTER.
-        conn.query_drop(format!(
-            "CREATE USER IF NOT EXISTS {account} {auth} ACCOUNT LOCK"
-        ))
-        .await
-        .map_err(map)?;
+        if req.mode == IssueMode::ExistingUser {
+            // Never create it: a mistyped name would become a new login.
+            if !user_exists(&mut conn, name).await.map_err(map)? {
+                return Err(crate::missing_user(name));
+            }
+        } else {
+            conn.query_drop(format!(
+                "CREATE USER IF NOT EXISTS {account} {auth} ACCOUNT LOCK"
+            ))
+            .await
+            .map_err(map)?;
+        }
         for role in &req.privileges.member_of {
             conn.query_drop(format!("GRANT {} TO {account}", mysql_ident(role)))
                 .await

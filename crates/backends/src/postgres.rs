@@ -45,8 +45,8 @@ use crate::sql::{
     LIKE_ESCAPE, check_name, like_prefix, pg_grant_clause, pg_grants, pg_ident, pg_literal, redact,
 };
 use crate::{
-    Backend, BackendError, CredentialId, DrainSessions, IssueRequest, PostgresTarget, RevokeMode,
-    RevokeOutcome, RevokeRequest, TlsMode, VerifyRequest,
+    Backend, BackendError, CredentialId, DrainSessions, IssueMode, IssueRequest, PostgresTarget,
+    RevokeMode, RevokeOutcome, RevokeRequest, TlsMode, VerifyRequest,
 };
 
 /// PostgreSQL limits names to 63 bytes and silently truncates longer ones: refuse
@@ -179,6 +179,7 @@ impl PostgresBackend {
         for attempt in 1..=2 {
             // The statement under way, to name the step a missing privilege stops.
             let mut step = String::new();
+            let mut missing = false;
             let result: Result<(), tokio_postgres::Error> = async {
                 let tx = client.transaction().await?;
                 let exists = tx
@@ -188,6 +189,10 @@ impl PostgresBackend {
                     )
                     .await?
                     .is_some();
+                if !exists && req.mode == IssueMode::ExistingUser {
+                    missing = true;
+                    return tx.rollback().await;
+                }
                 let verb = if exists { "ALTER" } else { "CREATE" };
                 step = format!(
                     "to {} role {name:?} (it needs CREATEROLE)",
@@ -216,6 +221,7 @@ impl PostgresBackend {
             }
             .await;
             match result {
+                Ok(()) if missing => return Err(crate::missing_user(name)),
                 Ok(()) => return Ok(()),
                 Err(e)
                     if attempt == 1

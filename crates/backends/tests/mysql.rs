@@ -855,3 +855,46 @@ async fn grants_are_parsed_not_spliced() {
     .expect("drop");
     b.close().await;
 }
+
+/// InPlace only changes the password of an existing user: a mistyped name is refused
+/// naming the user (not transient), and no account is created.
+#[tokio::test]
+async fn in_place_never_creates_a_user() {
+    let db = MariaDbServer::shared().await;
+    let b = backend(db);
+    let user = unique_name("inplace_typo_");
+    let pw = password();
+    let err = b
+        .issue(&issue(
+            &user,
+            IssueMode::ExistingUser,
+            &pw,
+            basic(db.database()),
+        ))
+        .await
+        .expect_err("missing user");
+    assert!(
+        matches!(&err, BackendError::Invalid(m) if m.contains(&format!("{user:?} does not exist"))),
+        "{err:?}"
+    );
+    assert!(!err.is_transient());
+    assert_secret_free(&err, &[pw.expose_secret()]);
+    assert!(b.list_users(&user).await.expect("list").is_empty());
+
+    let mut admin = db.admin_conn().await;
+    admin
+        .query_drop(format!("CREATE USER '{user}'@'%' ACCOUNT LOCK"))
+        .await
+        .expect("the DBA creates the user");
+    admin.disconnect().await.expect("disconnect");
+    b.issue(&issue(
+        &user,
+        IssueMode::ExistingUser,
+        &pw,
+        basic(db.database()),
+    ))
+    .await
+    .expect("existing user");
+    assert!(can_connect(db, &user, &pw).await);
+    b.close().await;
+}

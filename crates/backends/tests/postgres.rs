@@ -956,3 +956,46 @@ async fn grants_are_parsed_not_spliced() {
             .expect("drop");
     }
 }
+
+/// InPlace only changes the password of an existing user: a mistyped name is refused
+/// naming the user (not a transient error, so the engine does not retry-storm), and no
+/// new LOGIN role appears. An existing user is rotated as before.
+#[tokio::test]
+async fn in_place_never_creates_a_user() {
+    let pg = PostgresServer::shared().await;
+    let b = backend(pg);
+    let user = unique_name("inplace_typo_");
+    let pw = password();
+    let err = b
+        .issue(&issue(
+            &user,
+            IssueMode::ExistingUser,
+            &pw,
+            Privileges::default(),
+        ))
+        .await
+        .expect_err("missing user");
+    assert!(
+        matches!(&err, BackendError::Invalid(m) if m.contains(&format!("{user:?} does not exist"))),
+        "{err:?}"
+    );
+    assert!(!err.is_transient());
+    assert_secret_free(&err, &[pw.expose_secret()]);
+    assert!(b.list_users(&user).await.expect("list").is_empty());
+    assert!(!can_connect(pg, &user, &pw).await);
+
+    pg.admin_client()
+        .await
+        .batch_execute(&format!("CREATE ROLE {user} LOGIN"))
+        .await
+        .expect("the DBA creates the user");
+    b.issue(&issue(
+        &user,
+        IssueMode::ExistingUser,
+        &pw,
+        Privileges::default(),
+    ))
+    .await
+    .expect("existing user");
+    assert!(can_connect(pg, &user, &pw).await);
+}
