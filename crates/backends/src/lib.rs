@@ -147,7 +147,13 @@ impl std::fmt::Debug for CredentialMaterial {
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
-    /// The backend could not be reached (connection refused, DNS, timeout). Retry later.
+    /// The backend is unavailable for now: not reachable (connection refused, DNS,
+    /// timeout) or refusing connections for a reason that passes (too many connections:
+    /// PostgreSQL 53300 and other 53xxx, MySQL 1040, 1203, 1226; starting up or shutting
+    /// down: PostgreSQL 57P0x, MySQL 1053; connection errors: SQLSTATE class 08). Retry
+    /// later. During [`Backend::verify`] this says nothing about the credential: it is
+    /// never reported as [`VerificationFailed`](Self::VerificationFailed), so the new
+    /// credential is not revoked for it.
     #[error("backend unreachable: {0}")]
     Unreachable(String),
     /// The admin credential was refused at login. The user must fix it.
@@ -158,9 +164,12 @@ pub enum BackendError {
     /// what the server says is missing. The user must grant it.
     #[error("the admin lacks a privilege {0}")]
     PermissionDenied(String),
-    /// Verification as the new credential failed (login refused, query failed, timeout).
-    /// A server that does not answer at all (connection refused) is `Unreachable`
-    /// instead: the credential may well be fine.
+    /// Verification as the new credential failed: the server refused the login for the
+    /// credential's sake (wrong password, no such user, login disabled or expired,
+    /// SQLSTATE class 28, MySQL 1044/1045) or the query failed or ran out of time once
+    /// logged in. A server that does not answer, times out during login or refuses
+    /// connections for a passing reason is `Unreachable` instead: the credential may
+    /// well be fine.
     #[error("verification failed: {0}")]
     VerificationFailed(String),
     /// The request itself is wrong (bad grant, unknown role). The user must fix the spec.
@@ -315,8 +324,27 @@ impl DatabaseTarget {
     }
 }
 
-/// Run a verification within its own timeout; running out is a failed verification.
-pub(crate) async fn verify_within(
+/// Bound the login phase of a verification: running out of time before the server
+/// lets the credential in is [`BackendError::Unreachable`] (an overloaded or stuck
+/// server), never a failed verification.
+pub(crate) async fn login_within<T>(
+    req: &VerifyRequest,
+    connect_timeout: Duration,
+    target: &str,
+    op: impl Future<Output = Result<T, BackendError>>,
+) -> Result<T, BackendError> {
+    let limit = req.timeout.min(connect_timeout);
+    tokio::time::timeout(limit, op).await.unwrap_or_else(|_| {
+        Err(BackendError::Unreachable(format!(
+            "login as {} to {target} did not finish within {limit:?}",
+            req.id
+        )))
+    })
+}
+
+/// Bound the query phase of a verification: running out of time once logged in is a
+/// failed verification.
+pub(crate) async fn query_within(
     req: &VerifyRequest,
     op: impl Future<Output = Result<(), BackendError>>,
 ) -> Result<(), BackendError> {
@@ -324,7 +352,7 @@ pub(crate) async fn verify_within(
         .await
         .unwrap_or_else(|_| {
             Err(BackendError::VerificationFailed(format!(
-                "verification as {} did not finish within {:?}",
+                "the verification query as {} did not finish within {:?}",
                 req.id, req.timeout
             )))
         })

@@ -283,40 +283,48 @@ impl MySqlBackend {
         let password = req.password.expose_secret();
         let secrets = [password];
         let opts = self.target.opts(&req.id.0, password, self.ssl.clone());
-        let connect = tokio::time::timeout(self.target.connect_timeout, Conn::new(opts)).await;
-        let mut conn = match connect {
-            Err(_) => {
-                return Err(BackendError::Unreachable(format!(
-                    "no connection to {} within {:?}",
-                    self.target_key(),
-                    self.target.connect_timeout
-                )));
-            }
-            // No answer, or no acceptable TLS session: not the credential's fault.
-            Ok(Err(
-                e @ (mysql_async::Error::Io(_)
-                | mysql_async::Error::Driver(
-                    mysql_async::DriverError::NoClientSslFlagFromServer,
-                )),
-            )) => {
-                return Err(admin_error(&e, &secrets));
-            }
-            Ok(Err(e)) => {
-                return Err(BackendError::VerificationFailed(redact(
+        let login = async {
+            Conn::new(opts).await.map_err(|e| match &e {
+                // No answer, no acceptable TLS session, or a server that refuses
+                // connections for now: not the credential's fault.
+                mysql_async::Error::Io(_)
+                | mysql_async::Error::Driver(_)
+                | mysql_async::Error::Url(_) => admin_error(&e, &secrets),
+                mysql_async::Error::Server(s) if is_unavailable(s) => {
+                    BackendError::Unreachable(redact(
+                        format!("login as {} not possible now: {}", req.id, describe(&e)),
+                        &secrets,
+                    ))
+                }
+                _ => BackendError::VerificationFailed(redact(
                     format!("login as {} refused: {}", req.id, describe(&e)),
                     &secrets,
-                )));
-            }
-            Ok(Ok(conn)) => conn,
+                )),
+            })
         };
-        let result = conn.query_drop(req.query.as_str()).await;
-        let _ = conn.disconnect().await;
-        result.map_err(|e| {
-            BackendError::VerificationFailed(redact(
-                format!("query as {} failed: {}", req.id, describe(&e)),
-                &secrets,
-            ))
+        let mut conn =
+            crate::login_within(req, self.target.connect_timeout, &self.target.key(), login)
+                .await?;
+        let result = crate::query_within(req, async {
+            conn.query_drop(req.query.as_str()).await.map_err(|e| {
+                let text = redact(
+                    format!("query as {} failed: {}", req.id, describe(&e)),
+                    &secrets,
+                );
+                match &e {
+                    mysql_async::Error::Server(s) if !is_unavailable(s) => {
+                        BackendError::VerificationFailed(text)
+                    }
+                    mysql_async::Error::Server(_) | mysql_async::Error::Io(_) => {
+                        BackendError::Unreachable(text)
+                    }
+                    _ => BackendError::VerificationFailed(text),
+                }
+            })
         })
+        .await;
+        let _ = conn.disconnect().await;
+        result
     }
 
     async fn revoke_inner(&self, req: &RevokeRequest) -> Result<RevokeOutcome, BackendError> {
@@ -452,7 +460,7 @@ impl Backend for MySqlBackend {
 
     #[instrument(skip_all, fields(backend = "mysql", id = %req.id))]
     async fn verify(&self, req: &VerifyRequest) -> Result<(), BackendError> {
-        crate::verify_within(req, self.verify_inner(req)).await
+        self.verify_inner(req).await
     }
 
     #[instrument(skip_all, fields(backend = "mysql", id = %req.id, mode = ?req.mode, drain = ?req.drain))]
@@ -553,6 +561,15 @@ fn describe(e: &mysql_async::Error) -> String {
     }
 }
 
+/// Server errors that say it cannot take the connection or statement now, for a reason
+/// that passes: too many connections (1040), per-user connection limits (1203
+/// `max_user_connections`, 1226 an account's resource limit), host blocked after
+/// connection errors (1129), shutdown in progress (1053), server gone (2006, 2013),
+/// and SQLSTATE class 08 (connection exceptions).
+fn is_unavailable(e: &mysql_async::ServerError) -> bool {
+    matches!(e.code, 1040 | 1053 | 1129 | 1203 | 1226 | 2006 | 2013) || e.state.starts_with("08")
+}
+
 /// Classify an error met while working as admin.
 fn admin_error(e: &mysql_async::Error, secrets: &[&str]) -> BackendError {
     let text = redact(describe(e), secrets);
@@ -581,12 +598,10 @@ fn admin_error(e: &mysql_async::Error, secrets: &[&str]) -> BackendError {
             // Logged in, but denied a database (1044), a table (1142), a column (1143),
             // a privilege (1227), granting (1410), or killing a thread (1095).
             1044 | 1095 | 1142 | 1143 | 1227 | 1410 => BackendError::permission_denied(text),
-            // Too many connections, shutdown in progress, server gone.
-            1040 | 1053 | 2006 | 2013 => BackendError::Unreachable(text),
+            _ if is_unavailable(s) => BackendError::Unreachable(text),
             // Invalid role (MariaDB 1959), unknown database (1049).
             1959 | 1049 => BackendError::Invalid(text),
             _ if s.state.starts_with("42") => BackendError::Invalid(text),
-            _ if s.state.starts_with("08") => BackendError::Unreachable(text),
             _ => BackendError::Other(text),
         },
         _ => BackendError::Other(text),
@@ -604,6 +619,26 @@ mod tests {
             native_password_hash("password"),
             "*2470C0C06DEE42FD1618BB99005ADCA2EC9D1E19"
         );
+    }
+
+    #[test]
+    fn passing_server_conditions_are_unavailable() {
+        let server = |code: u16, state: &str| mysql_async::ServerError {
+            code,
+            message: String::new(),
+            state: state.into(),
+        };
+        for (code, state) in [
+            (1040, "08004"),
+            (1203, "42000"),
+            (1226, "42000"),
+            (1053, "08S01"),
+        ] {
+            assert!(is_unavailable(&server(code, state)), "{code}");
+        }
+        for (code, state) in [(1045, "28000"), (1044, "42000"), (1146, "42S02")] {
+            assert!(!is_unavailable(&server(code, state)), "{code}");
+        }
     }
 
     #[test]

@@ -246,33 +246,51 @@ impl PostgresBackend {
         let password = req.password.expose_secret();
         let secrets = [password];
         let config = self.target.config(&req.id.0, password);
-        let connected = match &self.tls {
-            Some(tls) => connect(&config, tls.clone()).await,
-            None => connect(&config, tokio_postgres::NoTls).await,
-        };
-        let (client, connection) = match connected {
-            Ok(pair) => pair,
-            // No answer from the server at all, or no acceptable TLS session: not
-            // the credential's fault.
-            Err(e) if e.as_db_error().is_none() => {
-                return Err(connect_error(&e, &secrets));
-            }
-            Err(e) => {
-                return Err(BackendError::VerificationFailed(redact(
+        let login = async {
+            let connected = match &self.tls {
+                Some(tls) => connect(&config, tls.clone()).await,
+                None => connect(&config, tokio_postgres::NoTls).await,
+            };
+            connected.map_err(|e| match e.code() {
+                // No answer from the server at all, or no acceptable TLS session: not
+                // the credential's fault.
+                None => connect_error(&e, &secrets),
+                Some(code) if is_unavailable(code.code()) => BackendError::Unreachable(redact(
+                    format!("login as {} not possible now: {}", req.id, describe(&e)),
+                    &secrets,
+                )),
+                Some(_) => BackendError::VerificationFailed(redact(
                     format!("login as {} refused: {}", req.id, describe(&e)),
                     &secrets,
-                )));
-            }
+                )),
+            })
         };
-        let result = client.simple_query(&req.query).await;
+        let (client, connection) =
+            crate::login_within(req, self.target.connect_timeout, &self.target.key(), login)
+                .await?;
+        let result = crate::query_within(req, async {
+            client
+                .simple_query(&req.query)
+                .await
+                .map(drop)
+                .map_err(|e| {
+                    let text = redact(
+                        format!("query as {} failed: {}", req.id, describe(&e)),
+                        &secrets,
+                    );
+                    match e.code() {
+                        Some(code) if !is_unavailable(code.code()) => {
+                            BackendError::VerificationFailed(text)
+                        }
+                        // The server went away or shut the session down mid-query.
+                        _ => BackendError::Unreachable(text),
+                    }
+                })
+        })
+        .await;
         drop(client);
         let _ = connection.await;
-        result.map(|_| ()).map_err(|e| {
-            BackendError::VerificationFailed(redact(
-                format!("query as {} failed: {}", req.id, describe(&e)),
-                &secrets,
-            ))
-        })
+        result
     }
 
     async fn revoke_inner(&self, req: &RevokeRequest) -> Result<RevokeOutcome, BackendError> {
@@ -526,7 +544,7 @@ impl Backend for PostgresBackend {
 
     #[instrument(skip_all, fields(backend = "postgres", id = %req.id))]
     async fn verify(&self, req: &VerifyRequest) -> Result<(), BackendError> {
-        crate::verify_within(req, self.verify_inner(req)).await
+        self.verify_inner(req).await
     }
 
     #[instrument(skip_all, fields(backend = "postgres", id = %req.id, mode = ?req.mode, drain = ?req.drain))]
@@ -644,6 +662,14 @@ fn connect_error(e: &tokio_postgres::Error, secrets: &[&str]) -> BackendError {
     BackendError::Unreachable(text)
 }
 
+/// SQLSTATEs that say the server cannot take the connection or the statement now, for
+/// a reason that passes: connection exceptions (08), insufficient resources such as
+/// too many connections (53, e.g. 53300), operator intervention such as starting up
+/// or shutting down (57P01-57P05; not 57014, a cancelled query).
+fn is_unavailable(code: &str) -> bool {
+    code.starts_with("08") || code.starts_with("53") || code.starts_with("57P")
+}
+
 /// Classify an error met while working as admin.
 fn admin_error(e: &tokio_postgres::Error, secrets: &[&str]) -> BackendError {
     let text = redact(describe(e), secrets);
@@ -661,9 +687,22 @@ fn admin_error(e: &tokio_postgres::Error, secrets: &[&str]) -> BackendError {
             BackendError::Invalid(text)
         }
         // Connection exceptions, shutdown in progress, too many connections.
-        _ if code.starts_with("08") || code.starts_with("57P") || code == "53300" => {
-            BackendError::Unreachable(text)
-        }
+        _ if is_unavailable(code) => BackendError::Unreachable(text),
         _ => BackendError::Other(text),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_unavailable;
+
+    #[test]
+    fn passing_server_conditions_are_unavailable() {
+        for code in ["53300", "53000", "57P03", "57P01", "08006", "08001"] {
+            assert!(is_unavailable(code), "{code}");
+        }
+        for code in ["28P01", "28000", "42501", "3D000", "57014"] {
+            assert!(!is_unavailable(code), "{code}");
+        }
     }
 }

@@ -898,3 +898,55 @@ async fn in_place_never_creates_a_user() {
     assert!(can_connect(db, &user, &pw).await);
     b.close().await;
 }
+
+/// A server that refuses the login because the account's connection limit is reached
+/// (1226, as 1040 too many connections) says nothing about the credential: verify is
+/// `Unreachable` (retry later), never `VerificationFailed` (which revokes the new
+/// credential). Once the slot frees up the same credential verifies.
+#[tokio::test]
+async fn exhausted_connections_are_unavailable_not_a_failed_verification() {
+    let db = MariaDbServer::shared().await;
+    let b = backend(db);
+    let user = unique_name("connlimit_");
+    let pw = password();
+    b.issue(&issue(
+        &user,
+        IssueMode::CreateUser,
+        &pw,
+        basic(db.database()),
+    ))
+    .await
+    .expect("issue");
+    let mut admin = db.admin_conn().await;
+    admin
+        .query_drop(format!(
+            "ALTER USER '{user}'@'%' WITH MAX_USER_CONNECTIONS 1"
+        ))
+        .await
+        .expect("limit");
+    admin.disconnect().await.expect("disconnect");
+    let held = db
+        .connect_as(&user, pw.expose_secret())
+        .await
+        .expect("the one allowed session");
+    let err = b
+        .verify(&verify(&user, &pw))
+        .await
+        .expect_err("no connection slot left");
+    assert!(matches!(&err, BackendError::Unreachable(_)), "{err:?}");
+    assert!(err.is_transient());
+    assert_secret_free(&err, &[pw.expose_secret()]);
+
+    held.disconnect().await.expect("disconnect");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match b.verify(&verify(&user, &pw)).await {
+            Ok(()) => break,
+            Err(BackendError::Unreachable(_)) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    b.close().await;
+}

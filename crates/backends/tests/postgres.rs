@@ -999,3 +999,56 @@ async fn in_place_never_creates_a_user() {
     .expect("existing user");
     assert!(can_connect(pg, &user, &pw).await);
 }
+
+/// A server that refuses the login because connections are exhausted (53300
+/// too_many_connections, here the role's connection limit held by an open session)
+/// says nothing about the credential: verify is `Unreachable` (retry later), never
+/// `VerificationFailed` (which revokes the new credential). Once the slot frees up
+/// the same credential verifies.
+#[tokio::test]
+async fn exhausted_connections_are_unavailable_not_a_failed_verification() {
+    let pg = PostgresServer::shared().await;
+    let b = backend(pg);
+    let user = unique_name("connlimit_");
+    let pw = password();
+    b.issue(&issue(
+        &user,
+        IssueMode::CreateUser,
+        &pw,
+        Privileges::default(),
+    ))
+    .await
+    .expect("issue");
+    pg.admin_client()
+        .await
+        .batch_execute(&format!("ALTER ROLE {user} CONNECTION LIMIT 1"))
+        .await
+        .expect("limit");
+    let held = pg
+        .connect_as(&user, pw.expose_secret())
+        .await
+        .expect("the one allowed session");
+    let err = b
+        .verify(&verify(&user, &pw))
+        .await
+        .expect_err("no connection slot left");
+    assert!(
+        matches!(&err, BackendError::Unreachable(m) if m.contains("53300")),
+        "{err:?}"
+    );
+    assert!(err.is_transient());
+    assert_secret_free(&err, &[pw.expose_secret()]);
+
+    drop(held);
+    // The server notices the closed session a moment later: wait for the slot.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match b.verify(&verify(&user, &pw)).await {
+            Ok(()) => break,
+            Err(BackendError::Unreachable(_)) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+}
