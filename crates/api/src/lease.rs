@@ -140,6 +140,14 @@ pub struct DatabaseSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 128))]
     pub username_template: Option<String>,
+    /// MySQL/MariaDB only: the host part of the accounts leasehold rotates
+    /// (`'<user>'@'<accountHost>'`), used for every CREATE/ALTER/DROP USER, GRANT and
+    /// lookup. A host name, an IP address, a pattern with `%` and `_` (e.g. `10.%`) or
+    /// `address/netmask`. Default `%`. The verification login comes from the
+    /// controller's address, which must match it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 255), regex(pattern = r"^[A-Za-z0-9.%_:/-]+$"))]
+    pub account_host: Option<String>,
     /// Roles the user inherits (PostgreSQL `GRANT role TO user`; MySQL roles).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub member_of: Vec<String>,

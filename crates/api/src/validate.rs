@@ -333,6 +333,20 @@ fn check_database(
             ));
         }
     }
+    match (dialect, db.account_host.as_deref()) {
+        (Dialect::Postgres, Some(_)) => errors.push(FieldError::new(
+            format!("{field}.accountHost"),
+            "is only used by MySQL/MariaDB (the host part of 'user'@'host'); remove it",
+        )),
+        (Dialect::MySql, Some(host)) if !is_account_host(host) => errors.push(FieldError::new(
+            format!("{field}.accountHost"),
+            format!(
+                "{host:?} is not an account host pattern: use letters, digits and . % _ : - / \
+                 only (e.g. %, 10.%, localhost), at most 255 characters"
+            ),
+        )),
+        _ => {}
+    }
     for (i, r) in db.member_of.iter().enumerate() {
         if r.is_empty() || r.contains(['\'', '"', ';', '`']) {
             errors.push(FieldError::new(
@@ -363,6 +377,14 @@ fn check_template(field: &str, template: &str, errors: &mut Vec<FieldError>) {
         }
         rest = &after[end + 2..];
     }
+}
+
+/// A MySQL account host: a name, an address, a `%`/`_` pattern or `address/netmask`.
+fn is_account_host(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 255
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b".%_:-/".contains(&b))
 }
 
 fn is_dns_label(s: &str) -> bool {

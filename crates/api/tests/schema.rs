@@ -226,6 +226,13 @@ fn schema_rejects_invalid_specs_naming_the_field() {
             "port",
         ),
         (
+            "account host with a quote",
+            lease(
+                serde_json::json!({"policyRef": {"name": "p"}, "mysql": {"host": "db", "database": "app", "accountHost": "%' OR '1", "adminSecretRef": {"name": "a"}}}),
+            ),
+            "accountHost",
+        ),
+        (
             "unknown TLS mode",
             lease(
                 serde_json::json!({"policyRef": {"name": "p"}, "postgres": {"host": "db", "database": "app", "tls": {"mode": "Sometimes"}, "adminSecretRef": {"name": "a"}}}),
@@ -489,5 +496,44 @@ fn grants_are_parsed_per_database() {
             &["SELECT ON app.*", "SELECT, INSERT ON `app`.orders"]
         ),
         vec![]
+    );
+}
+
+/// `accountHost` is the MySQL account host pattern: refused on PostgreSQL, checked on
+/// MySQL, absent means `%`.
+#[test]
+fn account_host_is_a_mysql_host_pattern() {
+    let dynamic: leasehold_api::RotationPolicySpec =
+        serde_json::from_value(serde_json::json!({"ttl": "1h"})).unwrap();
+    let check = |db: &str, host: Option<&str>| {
+        let mut spec = pg();
+        if let Some(host) = host {
+            spec["accountHost"] = host.into();
+        }
+        let lease: leasehold_api::SecretLeaseSpec =
+            serde_json::from_value(serde_json::json!({"policyRef": {"name": "p"}, db: spec}))
+                .unwrap();
+        validate_lease(&lease, Some(&dynamic))
+    };
+    for ok in [
+        None,
+        Some("%"),
+        Some("10.%"),
+        Some("localhost"),
+        Some("10.0.0.0/255.0.0.0"),
+    ] {
+        assert_eq!(check("mysql", ok), vec![], "{ok:?}");
+    }
+    for bad in ["%' OR '1", "a b", "a\\b", ""] {
+        let errs = check("mysql", Some(bad));
+        assert!(
+            errs.iter().any(|e| e.field == "spec.mysql.accountHost"),
+            "{bad}: {errs:?}"
+        );
+    }
+    let errs = check("postgres", Some("%"));
+    assert!(
+        errs.iter().any(|e| e.field == "spec.postgres.accountHost"),
+        "{errs:?}"
     );
 }

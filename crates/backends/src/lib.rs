@@ -271,6 +271,11 @@ pub struct DatabaseTarget {
     pub connect_timeout: Duration,
     /// Bound on one whole backend call once connected.
     pub operation_timeout: Duration,
+    /// MySQL/MariaDB only: the host part of every account leasehold creates, alters,
+    /// grants to, locks, drops and looks up (`'user'@'<account_host>'`), e.g. `%`
+    /// (default), `10.%`, `localhost` or `127.0.0.1`. Letters, digits and `.%_:-/`
+    /// only. PostgreSQL ignores it.
+    pub account_host: String,
 }
 
 /// A PostgreSQL target.
@@ -298,6 +303,7 @@ impl DatabaseTarget {
             max_admin_connections: 4,
             connect_timeout: Duration::from_secs(5),
             operation_timeout: Duration::from_secs(30),
+            account_host: "%".to_owned(),
         }
     }
 

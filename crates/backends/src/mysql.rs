@@ -1,6 +1,7 @@
 //! MySQL / MariaDB backend.
 //!
-//! Users are `'name'@'%'`. Passwords are sent pre-hashed in the
+//! Users are `'name'@'<host>'`, the host part from [`MySqlTarget::account_host`]
+//! (default `%`), used for every statement and catalog lookup. Passwords are sent pre-hashed in the
 //! `mysql_native_password` stored form (`*` + hex of SHA1(SHA1(password))), so the
 //! plaintext never reaches the server or its general log.
 //!
@@ -10,8 +11,11 @@
 //! `caching_sha2_password` hash (`$A$005$` + salt + 5000-round SHA-256 crypt),
 //! which this backend does not compute yet.
 //!
-//! MySQL has no per-user expiry time, so `IssueRequest::valid_until` is ignored and
-//! the orphan sweeper is relied upon.
+//! MySQL and MariaDB have no per-user expiry time. `IssueRequest::valid_until` only
+//! becomes a `PASSWORD EXPIRE INTERVAL` in whole days, which is not revocation: a
+//! client holding an expired password may still log in (in sandbox mode) and set a new
+//! one itself. Revocation (lock, drop) and the orphan sweeper are what end a MySQL
+//! credential.
 //!
 //! The admin needs no more than a managed database's admin has, and not root:
 //! * `CREATE USER` (create, alter, lock, drop users; the creator of a role gets
@@ -94,7 +98,8 @@ impl MySqlTarget {
             .ip_or_hostname(self.host.clone())
             .tcp_port(self.port)
             // Never switch to a local socket: verification must log in over TCP
-            // like the application will, and `'x'@'%'` must be what matches.
+            // like the application will, and the account's host pattern must be
+            // what matches.
             .prefer_socket(false)
             .user(Some(user))
             .pass(Some(password))
@@ -130,6 +135,7 @@ impl MySqlBackend {
     /// The pool's background tasks start on the Tokio runtime of first use: use one
     /// backend from one runtime.
     pub fn new(target: MySqlTarget) -> Result<Self, BackendError> {
+        check_account_host(&target.account_host)?;
         crate::tls::check_server_name(&target.tls, &target.host)?;
         let ssl = target.ssl_opts()?;
         if ssl.is_some() {
@@ -209,7 +215,7 @@ impl MySqlBackend {
         }
         let hash = native_password_hash(password);
         let secrets = [password, hash.as_str()];
-        let account = account(name);
+        let account = account(name, &self.target.account_host);
         let auth = format!(
             "IDENTIFIED WITH mysql_native_password AS {}",
             mysql_literal(&hash)
@@ -223,7 +229,10 @@ impl MySqlBackend {
         // user keeps working until the final ALTER.
         if req.mode == IssueMode::ExistingUser {
             // Never create it: a mistyped name would become a new login.
-            if !user_exists(&mut conn, name).await.map_err(map)? {
+            if !user_exists(&mut conn, name, &self.target.account_host)
+                .await
+                .map_err(map)?
+            {
                 return Err(crate::missing_user(name));
             }
         } else {
@@ -333,11 +342,14 @@ impl MySqlBackend {
         }
         let name = req.id.0.as_str();
         check_user_name(name)?;
-        let account = account(name);
+        let account = account(name, &self.target.account_host);
         let mut conn = self.admin().await?;
         let map = |e: mysql_async::Error| admin_error(&e, &[]);
 
-        if !user_exists(&mut conn, name).await.map_err(map)? {
+        if !user_exists(&mut conn, name, &self.target.account_host)
+            .await
+            .map_err(map)?
+        {
             return Ok(RevokeOutcome::Revoked);
         }
         // IF EXISTS: a concurrent revoke may have dropped it since the check.
@@ -406,16 +418,37 @@ fn check_user_name(name: &str) -> Result<(), BackendError> {
     check_mysql_text("user name", name)
 }
 
-/// `'name'@'%'`, for a name already checked.
-fn account(name: &str) -> String {
-    format!("{}@'%'", mysql_literal(name))
+/// MySQL 8 and MariaDB allow 255 characters for the host part of an account.
+const MAX_HOST_CHARS: usize = 255;
+
+/// An account host pattern: a host name, an IP address, a pattern with `%` and `_`,
+/// or `address/netmask`. Nothing that could end the quoted literal.
+pub(crate) fn check_account_host(host: &str) -> Result<(), BackendError> {
+    let ok = !host.is_empty()
+        && host.chars().count() <= MAX_HOST_CHARS
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || ".%_:-/".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(BackendError::Invalid(format!(
+            "account host {host:?} is not a host pattern: use letters, digits and . % _ : - / \
+             only, at most {MAX_HOST_CHARS} characters (e.g. %, 10.%, localhost)"
+        )))
+    }
 }
 
-async fn user_exists(conn: &mut Conn, name: &str) -> Result<bool, mysql_async::Error> {
+/// `'name'@'host'`, for a name and host already checked.
+fn account(name: &str, host: &str) -> String {
+    format!("{}@{}", mysql_literal(name), mysql_literal(host))
+}
+
+async fn user_exists(conn: &mut Conn, name: &str, host: &str) -> Result<bool, mysql_async::Error> {
     let n: Option<u64> = conn
         .exec_first(
-            "SELECT COUNT(*) FROM mysql.user WHERE User = ? AND Host = '%'",
-            (name,),
+            "SELECT COUNT(*) FROM mysql.user WHERE User = ? AND Host = ?",
+            (name, host),
         )
         .await?;
     Ok(n.unwrap_or(0) > 0)
@@ -475,7 +508,10 @@ impl Backend for MySqlBackend {
             .bounded(async {
                 let mut conn = self.admin().await?;
                 let map = |e: mysql_async::Error| admin_error(&e, &[]);
-                if !user_exists(&mut conn, &id.0).await.map_err(map)? {
+                if !user_exists(&mut conn, &id.0, &self.target.account_host)
+                    .await
+                    .map_err(map)?
+                {
                     return Ok(false);
                 }
                 match self.flavor(&mut conn).await? {
@@ -485,8 +521,8 @@ impl Backend for MySqlBackend {
                         let locked: Option<Option<String>> = conn
                             .exec_first(
                                 "SELECT JSON_VALUE(Priv, '$.account_locked') \
-                                 FROM mysql.global_priv WHERE User = ? AND Host = '%'",
-                                (id.0.as_str(),),
+                                 FROM mysql.global_priv WHERE User = ? AND Host = ?",
+                                (id.0.as_str(), self.target.account_host.as_str()),
                             )
                             .await
                             .map_err(map)?;
@@ -495,7 +531,10 @@ impl Backend for MySqlBackend {
                     }
                     Flavor::MySql => {
                         let create: Option<String> = conn
-                            .query_first(format!("SHOW CREATE USER {}", account(&id.0)))
+                            .query_first(format!(
+                                "SHOW CREATE USER {}",
+                                account(&id.0, &self.target.account_host)
+                            ))
                             .await
                             .map_err(map)?;
                         Ok(create.is_some_and(|create| !create.contains("ACCOUNT LOCK")))
@@ -509,14 +548,17 @@ impl Backend for MySqlBackend {
     async fn list_users(&self, prefix: &str) -> Result<Vec<CredentialId>, BackendError> {
         let pattern = like_prefix(prefix);
         let sql = format!(
-            "SELECT User FROM mysql.user WHERE Host = '%' AND User LIKE ? ESCAPE '{LIKE_ESCAPE}' \
+            "SELECT User FROM mysql.user WHERE Host = ? AND User LIKE ? ESCAPE '{LIKE_ESCAPE}' \
              ORDER BY User"
         );
         self.target
             .bounded(async {
                 let mut conn = self.admin().await?;
                 let users: Vec<String> = conn
-                    .exec(sql.as_str(), (pattern.as_str(),))
+                    .exec(
+                        sql.as_str(),
+                        (self.target.account_host.as_str(), pattern.as_str()),
+                    )
                     .await
                     .map_err(|e| admin_error(&e, &[]))?;
                 Ok(users.into_iter().map(CredentialId).collect())
@@ -643,15 +685,21 @@ mod tests {
 
     #[test]
     fn accounts_are_quoted() {
-        assert_eq!(account("app_1"), "'app_1'@'%'");
-        assert_eq!(account("o'x"), "'o''x'@'%'");
+        assert_eq!(account("app_1", "%"), "'app_1'@'%'");
+        assert_eq!(account("o'x", "10.%"), "'o''x'@'10.%'");
+        assert!(check_account_host("10.0.0.0/255.0.0.0").is_ok());
+        assert!(check_account_host("localhost").is_ok());
+        for bad in ["", "a'b", "a\\b", "%' OR '1", "a b", &"h".repeat(256)] {
+            assert!(check_account_host(bad).is_err(), "{bad}");
+        }
         assert!(check_user_name("a\\b").is_err());
     }
 }
 
 /// MySQL and MariaDB have no expiry time for a user, only a password lifetime in whole
-/// days: a credential with `valid_until` expires on the server at most a day after it,
-/// even if leasehold never revokes it (an expired password cannot run statements).
+/// days: a credential with `valid_until` has its password expire on the server at most
+/// a day after it. That is a backstop, not revocation: a client holding an expired
+/// password may still connect (sandbox mode) and set a new password itself.
 fn password_expiry_clause(valid_until: Option<jiff::Timestamp>, now: jiff::Timestamp) -> String {
     match valid_until {
         Some(until) => {

@@ -950,3 +950,119 @@ async fn exhausted_connections_are_unavailable_not_a_failed_verification() {
     }
     b.close().await;
 }
+
+/// The account host part comes from the target (`'app'@'127.0.0.1'`, not always
+/// `'app'@'%'`): the existing account is the one rotated, looked up, verified, locked
+/// and dropped, and no `'%'` twin appears. A backend with the default `%` does not see
+/// that account.
+#[tokio::test]
+async fn account_host_is_used_for_every_statement() {
+    let db = MariaDbServer::shared().await;
+    let user = unique_name("acct_host_");
+    let mut admin = db.admin_conn().await;
+    admin
+        .query_drop(format!("CREATE USER '{user}'@'127.0.0.1' ACCOUNT LOCK"))
+        .await
+        .expect("the DBA's account");
+    let count_host = |host: &'static str| {
+        let user = user.clone();
+        async move {
+            let mut admin = db.admin_conn().await;
+            let n: Option<u64> = admin
+                .exec_first(
+                    "SELECT COUNT(*) FROM mysql.user WHERE User = ? AND Host = ?",
+                    (user, host),
+                )
+                .await
+                .expect("count");
+            admin.disconnect().await.expect("disconnect");
+            n.unwrap_or(0)
+        }
+    };
+
+    let default = backend(db);
+    let pw = password();
+    let err = default
+        .issue(&issue(
+            &user,
+            IssueMode::ExistingUser,
+            &pw,
+            basic(db.database()),
+        ))
+        .await
+        .expect_err("no 'user'@'%'");
+    assert!(matches!(err, BackendError::Invalid(_)), "{err:?}");
+    assert!(default.list_users(&user).await.expect("list").is_empty());
+    default.close().await;
+
+    let mut t = target(db);
+    t.account_host = "127.0.0.1".into();
+    let b = MySqlBackend::new(t).expect("backend");
+    b.issue(&issue(
+        &user,
+        IssueMode::ExistingUser,
+        &pw,
+        basic(db.database()),
+    ))
+    .await
+    .expect("rotate the 127.0.0.1 account");
+    assert_eq!(count_host("%").await, 0, "no '%' twin");
+    assert!(can_connect(db, &user, &pw).await);
+    b.verify(&verify(&user, &pw)).await.expect("verify");
+    assert!(
+        b.can_login(&CredentialId(user.clone()))
+            .await
+            .expect("can_login")
+    );
+    assert_eq!(
+        b.list_users(&user).await.expect("list"),
+        vec![CredentialId(user.clone())]
+    );
+    assert_eq!(
+        b.revoke(&revoke(
+            &user,
+            RevokeMode::DropUser,
+            DrainSessions::Terminate
+        ))
+        .await
+        .expect("drop"),
+        RevokeOutcome::Revoked
+    );
+    assert_eq!(count_host("127.0.0.1").await, 0, "dropped");
+    b.close().await;
+
+    // A pattern the client does not match: the account exists, login is refused.
+    let mut t = target(db);
+    t.account_host = "10.%".into();
+    let b = MySqlBackend::new(t).expect("backend");
+    b.issue(&issue(
+        &user,
+        IssueMode::CreateUser,
+        &pw,
+        basic(db.database()),
+    ))
+    .await
+    .expect("create 'user'@'10.%'");
+    assert_eq!(count_host("10.%").await, 1);
+    let err = b
+        .verify(&verify(&user, &pw))
+        .await
+        .expect_err("not from 10.%");
+    assert!(
+        matches!(err, BackendError::VerificationFailed(_)),
+        "{err:?}"
+    );
+    b.revoke(&revoke(&user, RevokeMode::DropUser, DrainSessions::Ignore))
+        .await
+        .expect("drop");
+    assert_eq!(count_host("10.%").await, 0);
+    b.close().await;
+
+    let mut t = target(db);
+    t.account_host = "%' OR '1".into();
+    assert!(matches!(
+        MySqlBackend::new(t),
+        Err(BackendError::Invalid(_))
+    ));
+    admin.disconnect().await.expect("disconnect");
+}
