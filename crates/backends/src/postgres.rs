@@ -24,6 +24,16 @@
 //! A missing privilege is [`BackendError::PermissionDenied`] naming the step and what it
 //! needs, never "admin credential rejected" (that is a refused login).
 //!
+//! Issuing to a role that already exists (AlternatingUsers' idle user, InPlace's user)
+//! reconciles its privileges with the spec: in the same transaction as the password
+//! change, every privilege on this database's tables, sequences, schemas, routines and
+//! the database itself that the role holds from the admin (or from a role whose
+//! privileges the admin has; for a superuser admin, from anyone) is revoked, then the
+//! spec's grants are granted. A grant removed from the spec is therefore gone after the
+//! next rotation, and no session sees a kept privilege missing. Privileges granted by
+//! other roles, column privileges, default privileges and role memberships are left
+//! alone.
+//!
 //! With [`TlsMode::Require`] or [`TlsMode::VerifyFull`] both the admin pool and the
 //! verification connections use TLS (rustls) with `sslmode=require` semantics on the
 //! wire: a server that answers the TLS request with "no" is refused
@@ -200,6 +210,18 @@ impl PostgresBackend {
                 );
                 tx.execute(&format!("{verb} ROLE {role} {login}"), &[])
                     .await?;
+                if exists {
+                    // A reused user (AlternatingUsers, InPlace) keeps what earlier
+                    // rotations granted: take back what the admin granted, then grant
+                    // the spec, in this transaction, so the privileges equal the spec
+                    // and no session ever sees them missing.
+                    step = format!(
+                        "to revoke the privileges of role {name:?} that are no longer in the \
+                         spec (it needs to own the objects or hold those privileges WITH \
+                         GRANT OPTION)"
+                    );
+                    revoke_granted_privileges(&tx, name).await?;
+                }
                 for parent in &req.privileges.member_of {
                     step = format!(
                         "to grant role {parent:?} (it needs CREATEROLE and, from PostgreSQL 16, \
@@ -379,6 +401,51 @@ impl PostgresBackend {
         }
         Ok(RevokeOutcome::Revoked)
     }
+}
+
+/// Revoke every privilege on this database's tables, views, sequences, schemas,
+/// routines and on the database itself that `name` holds from the admin or from a role
+/// whose privileges the admin has (what the admin could have granted; for a superuser
+/// admin that is every grantor). Privileges granted by others, column privileges,
+/// default privileges and role memberships are left alone. Names come quoted from the
+/// server (`quote_ident`, `regprocedure`).
+async fn revoke_granted_privileges(
+    tx: &tokio_postgres::Transaction<'_>,
+    name: &str,
+) -> Result<(), tokio_postgres::Error> {
+    let rows = tx
+        .query(
+            "WITH u AS (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = $1) \
+             SELECT CASE WHEN c.relkind = 'S' THEN 'SEQUENCE' ELSE 'TABLE' END, \
+                    pg_catalog.quote_ident(n.nspname) || '.' || pg_catalog.quote_ident(c.relname) \
+               FROM pg_catalog.pg_class c \
+               JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace, \
+                    pg_catalog.aclexplode(c.relacl) a \
+              WHERE a.grantee = (SELECT oid FROM u) AND pg_catalog.pg_has_role(a.grantor, 'USAGE') \
+             UNION \
+             SELECT 'SCHEMA', pg_catalog.quote_ident(n.nspname) \
+               FROM pg_catalog.pg_namespace n, pg_catalog.aclexplode(n.nspacl) a \
+              WHERE a.grantee = (SELECT oid FROM u) AND pg_catalog.pg_has_role(a.grantor, 'USAGE') \
+             UNION \
+             SELECT 'ROUTINE', p.oid::pg_catalog.regprocedure::text \
+               FROM pg_catalog.pg_proc p, pg_catalog.aclexplode(p.proacl) a \
+              WHERE a.grantee = (SELECT oid FROM u) AND pg_catalog.pg_has_role(a.grantor, 'USAGE') \
+             UNION \
+             SELECT 'DATABASE', pg_catalog.quote_ident(d.datname) \
+               FROM pg_catalog.pg_database d, pg_catalog.aclexplode(d.datacl) a \
+              WHERE d.datname = pg_catalog.current_database() \
+                AND a.grantee = (SELECT oid FROM u) AND pg_catalog.pg_has_role(a.grantor, 'USAGE')",
+            &[&name],
+        )
+        .await?;
+    let role = pg_ident(name);
+    for row in rows {
+        let kind: String = row.try_get(0)?;
+        let object: String = row.try_get(1)?;
+        tx.execute(&format!("REVOKE ALL ON {kind} {object} FROM {role}"), &[])
+            .await?;
+    }
+    Ok(())
 }
 
 /// What the admin may already do about a role without being granted it.

@@ -1052,3 +1052,101 @@ async fn exhausted_connections_are_unavailable_not_a_failed_verification() {
         }
     }
 }
+
+/// A reused user (AlternatingUsers' idle user, InPlace's user) ends up with exactly the
+/// spec's privileges: a grant removed from the spec is revoked at the next issue, in
+/// the same transaction as the new grants, so what stays never goes missing.
+#[tokio::test]
+async fn removed_grants_are_revoked_on_reused_users() {
+    let pg = PostgresServer::shared().await;
+    let b = backend(pg);
+    let p = unique_name("regrant_");
+    let admin = pg.admin_client().await;
+    admin
+        .batch_execute(&format!(
+            "CREATE SCHEMA {p}_s;
+             CREATE TABLE {p}_s.kept (x int); CREATE TABLE {p}_s.dropped (x int);
+             CREATE SCHEMA {p}_other; CREATE TABLE {p}_other.t (x int);"
+        ))
+        .await
+        .expect("fixture");
+    let grants = |list: &[String]| Privileges {
+        member_of: vec![],
+        grants: list.to_vec(),
+    };
+    let wide = grants(&[
+        format!("USAGE ON SCHEMA {p}_s"),
+        format!("SELECT, INSERT ON TABLE {p}_s.kept"),
+        format!("SELECT ON TABLE {p}_s.dropped"),
+        format!("USAGE ON SCHEMA {p}_other"),
+        format!("ALL ON ALL TABLES IN SCHEMA {p}_other"),
+    ]);
+    let narrow = grants(&[
+        format!("USAGE ON SCHEMA {p}_s"),
+        format!("SELECT ON TABLE {p}_s.kept"),
+    ]);
+    let reads = |user: String, pw: SecretString, table: String| async move {
+        let client = pg
+            .connect_as(&user, pw.expose_secret())
+            .await
+            .expect("login");
+        client
+            .query(&format!("SELECT * FROM {table}"), &[])
+            .await
+            .is_ok()
+    };
+
+    // AlternatingUsers: the idle user is re-enabled with a new password.
+    let alt = format!("{p}_a");
+    let pw = password();
+    b.issue(&issue(&alt, IssueMode::SetPassword, &pw, wide.clone()))
+        .await
+        .expect("v1");
+    assert!(reads(alt.clone(), pw.clone(), format!("{p}_s.dropped")).await);
+    assert!(reads(alt.clone(), pw.clone(), format!("{p}_other.t")).await);
+    b.revoke(&revoke(
+        &alt,
+        RevokeMode::DisableLogin,
+        DrainSessions::Terminate,
+    ))
+    .await
+    .expect("idle");
+    let pw = password();
+    b.issue(&issue(&alt, IssueMode::SetPassword, &pw, narrow.clone()))
+        .await
+        .expect("v3 reuses the user");
+    assert!(reads(alt.clone(), pw.clone(), format!("{p}_s.kept")).await);
+    assert!(!reads(alt.clone(), pw.clone(), format!("{p}_s.dropped")).await);
+    assert!(!reads(alt.clone(), pw.clone(), format!("{p}_other.t")).await);
+    let client = pg
+        .connect_as(&alt, pw.expose_secret())
+        .await
+        .expect("login");
+    assert!(
+        client
+            .execute(&format!("INSERT INTO {p}_s.kept VALUES (1)"), &[])
+            .await
+            .is_err(),
+        "INSERT was removed from the spec"
+    );
+    drop(client);
+
+    // InPlace: the DBA's user.
+    let own = format!("{p}_app");
+    admin
+        .batch_execute(&format!("CREATE ROLE {own} LOGIN"))
+        .await
+        .expect("the DBA's user");
+    let pw = password();
+    b.issue(&issue(&own, IssueMode::ExistingUser, &pw, wide))
+        .await
+        .expect("first");
+    assert!(reads(own.clone(), pw.clone(), format!("{p}_s.dropped")).await);
+    let pw = password();
+    b.issue(&issue(&own, IssueMode::ExistingUser, &pw, narrow))
+        .await
+        .expect("second");
+    assert!(reads(own.clone(), pw.clone(), format!("{p}_s.kept")).await);
+    assert!(!reads(own.clone(), pw.clone(), format!("{p}_s.dropped")).await);
+    assert!(!reads(own.clone(), pw.clone(), format!("{p}_other.t")).await);
+}
