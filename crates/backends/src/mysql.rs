@@ -23,6 +23,11 @@
 //! * the privileges it grants, `WITH GRANT OPTION`;
 //! * `SELECT` on `mysql.user` (and on MariaDB `mysql.global_priv`, which holds the
 //!   lock state) to find users;
+//! * `SELECT` on `mysql.db` and `mysql.tables_priv`, to reconcile a reused user
+//!   (AlternatingUsers, InPlace): issuing to an existing user revokes the database- and
+//!   table-level privileges it holds that the spec no longer lists (after the spec's
+//!   grants, so a kept privilege never goes missing). Global, routine and column
+//!   privileges, the grant option and roles are left alone;
 //! * `PROCESS` to see other users' sessions: without it the admin only sees its own
 //!   and draining would find none, so revocation refuses to go on (see below);
 //! * `CONNECTION ADMIN` (MariaDB 10.5.2+, MySQL 8) or `SUPER` to kill them
@@ -49,9 +54,11 @@ use sha1::{Digest, Sha1};
 use tokio::sync::OnceCell;
 use tracing::instrument;
 
+use leasehold_grants::{MySqlGrant, MySqlObject, PrivilegeSet};
+
 use crate::sql::{
-    LIKE_ESCAPE, check_mysql_text, check_name, like_prefix, mysql_grant_clause, mysql_grants,
-    mysql_ident, mysql_literal, redact,
+    LIKE_ESCAPE, check_mysql_text, check_name, like_prefix, mysql_grant_clause, mysql_grant_object,
+    mysql_grants, mysql_ident, mysql_literal, redact,
 };
 use crate::{
     Backend, BackendError, CredentialId, DrainSessions, IssueMode, IssueRequest, MySqlTarget,
@@ -227,12 +234,12 @@ impl MySqlBackend {
         // DDL is not transactional here: create the user locked, grant, and only then
         // set the password and unlock, so a half-made user cannot log in. An existing
         // user keeps working until the final ALTER.
+        let existed = user_exists(&mut conn, name, &self.target.account_host)
+            .await
+            .map_err(map)?;
         if req.mode == IssueMode::ExistingUser {
             // Never create it: a mistyped name would become a new login.
-            if !user_exists(&mut conn, name, &self.target.account_host)
-                .await
-                .map_err(map)?
-            {
+            if !existed {
                 return Err(crate::missing_user(name));
             }
         } else {
@@ -278,6 +285,21 @@ impl MySqlBackend {
                 .map_err(|e| {
                     map(e).in_step(|| {
                         format!("to grant `{clause}` (it needs those privileges WITH GRANT OPTION)")
+                    })
+                })?;
+        }
+        if existed {
+            // A reused user keeps what earlier rotations granted: take back what the
+            // spec no longer lists (after granting, so what stays never goes missing).
+            revoke_removed_privileges(&mut conn, name, &self.target.account_host, &grants)
+                .await
+                .map_err(|e| {
+                    map(e).in_step(|| {
+                        format!(
+                            "to revoke the privileges of user {name:?} that are no longer in \
+                             the spec (it needs SELECT on mysql.db and mysql.tables_priv, and \
+                             those privileges WITH GRANT OPTION)"
+                        )
                     })
                 })?;
         }
@@ -416,6 +438,118 @@ impl MySqlBackend {
 fn check_user_name(name: &str) -> Result<(), BackendError> {
     check_name("user", name, MAX_NAME_CHARS)?;
     check_mysql_text("user name", name)
+}
+
+/// `mysql.db` privilege columns and the privilege each stands for (the columns MySQL
+/// 5.7+ and MariaDB share).
+const DB_PRIVILEGE_COLUMNS: &[(&str, &str)] = &[
+    ("Select_priv", "SELECT"),
+    ("Insert_priv", "INSERT"),
+    ("Update_priv", "UPDATE"),
+    ("Delete_priv", "DELETE"),
+    ("Create_priv", "CREATE"),
+    ("Drop_priv", "DROP"),
+    ("References_priv", "REFERENCES"),
+    ("Index_priv", "INDEX"),
+    ("Alter_priv", "ALTER"),
+    ("Create_tmp_table_priv", "CREATE TEMPORARY TABLES"),
+    ("Lock_tables_priv", "LOCK TABLES"),
+    ("Create_view_priv", "CREATE VIEW"),
+    ("Show_view_priv", "SHOW VIEW"),
+    ("Create_routine_priv", "CREATE ROUTINE"),
+    ("Alter_routine_priv", "ALTER ROUTINE"),
+    ("Execute_priv", "EXECUTE"),
+    ("Event_priv", "EVENT"),
+    ("Trigger_priv", "TRIGGER"),
+];
+
+/// The database- and table-level privileges `'name'@'host'` holds (from `mysql.db` and
+/// `mysql.tables_priv`) that `grants` do not list are revoked. Global, routine and
+/// column privileges, the grant option and roles are left alone.
+async fn revoke_removed_privileges(
+    conn: &mut Conn,
+    name: &str,
+    host: &str,
+    grants: &[MySqlGrant],
+) -> Result<(), mysql_async::Error> {
+    let columns = DB_PRIVILEGE_COLUMNS
+        .iter()
+        .map(|(column, privilege)| format!("IF({column} = 'Y', '{privilege}', NULL)"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut held: Vec<(MySqlObject, Vec<String>)> = Vec::new();
+    let rows: Vec<(String, String)> = conn
+        .exec(
+            format!(
+                "SELECT Db, CONCAT_WS(',', {columns}) FROM mysql.db WHERE User = ? AND Host = ?"
+            ),
+            (name, host),
+        )
+        .await?;
+    for (database, privileges) in rows {
+        held.push((
+            MySqlObject::Database(database),
+            split_privileges(&privileges),
+        ));
+    }
+    let rows: Vec<(String, String, String)> = conn
+        .exec(
+            "SELECT Db, Table_name, Table_priv FROM mysql.tables_priv WHERE User = ? AND Host = ?",
+            (name, host),
+        )
+        .await?;
+    for (database, table, privileges) in rows {
+        held.push((
+            MySqlObject::Table { database, table },
+            split_privileges(&privileges),
+        ));
+    }
+    let account = account(name, host);
+    for (object, privileges) in held {
+        let wanted: Vec<&PrivilegeSet> = grants
+            .iter()
+            .filter(|g| g.object == object)
+            .map(|g| &g.privileges)
+            .collect();
+        let extra = if wanted.is_empty() {
+            "ALL PRIVILEGES".to_owned()
+        } else if wanted.contains(&&PrivilegeSet::All) {
+            continue;
+        } else {
+            let extra: Vec<String> = privileges
+                .into_iter()
+                .filter(|p| {
+                    !wanted
+                        .iter()
+                        .any(|w| matches!(w, PrivilegeSet::Listed(l) if l.contains(p)))
+                })
+                .collect();
+            if extra.is_empty() {
+                continue;
+            }
+            extra.join(", ")
+        };
+        conn.query_drop(format!(
+            "REVOKE {extra} ON {} FROM {account}",
+            mysql_grant_object(&object)
+        ))
+        .await?;
+    }
+    Ok(())
+}
+
+/// `Select,Create View` (a `tables_priv` SET, or our `CONCAT_WS`) as privilege names;
+/// the grant option is not one.
+fn split_privileges(list: &str) -> Vec<String> {
+    list.split(',')
+        .map(|p| p.trim().to_ascii_uppercase())
+        .filter(|p| !p.is_empty() && p != "GRANT")
+        .map(|p| match p.as_str() {
+            // MariaDB's SET value for DELETE HISTORY.
+            "DELETE VERSIONING ROWS" => "DELETE HISTORY".to_owned(),
+            _ => p,
+        })
+        .collect()
 }
 
 /// MySQL 8 and MariaDB allow 255 characters for the host part of an account.

@@ -1066,3 +1066,98 @@ async fn account_host_is_used_for_every_statement() {
     ));
     admin.disconnect().await.expect("disconnect");
 }
+
+/// A reused user (AlternatingUsers' idle user, InPlace's user) ends up with the spec's
+/// database- and table-level privileges: a grant removed from the spec is revoked at
+/// the next issue.
+#[tokio::test]
+async fn removed_grants_are_revoked_on_reused_users() {
+    let db = MariaDbServer::shared().await;
+    let b = backend(db);
+    let p = unique_name("regrant_");
+    let d = db.database();
+    let mut admin = db.admin_conn().await;
+    for statement in [
+        format!("CREATE TABLE `{d}`.{p}_kept (x INT)"),
+        format!("CREATE TABLE `{d}`.{p}_dropped (x INT)"),
+        format!("CREATE TABLE `{d}`.{p}_other (x INT)"),
+    ] {
+        admin.query_drop(statement).await.expect("fixture");
+    }
+    admin.disconnect().await.expect("disconnect");
+    let grants = |list: &[String]| Privileges {
+        member_of: vec![],
+        grants: list.to_vec(),
+    };
+    let wide = grants(&[
+        format!("SELECT ON `{d}`.*"),
+        format!("SELECT, INSERT ON `{d}`.{p}_kept"),
+        format!("SELECT ON `{d}`.{p}_dropped"),
+    ]);
+    let narrow = grants(&[format!("SELECT ON `{d}`.{p}_kept")]);
+    let works = |user: String, pw: SecretString, sql: String| async move {
+        let mut conn = db
+            .connect_as(&user, pw.expose_secret())
+            .await
+            .expect("login");
+        let ok = conn.query_drop(sql).await.is_ok();
+        let _ = conn.disconnect().await;
+        ok
+    };
+
+    for (user, mode) in [
+        (format!("{p}_a"), IssueMode::SetPassword),
+        (format!("{p}_app"), IssueMode::ExistingUser),
+    ] {
+        if mode == IssueMode::ExistingUser {
+            let mut admin = db.admin_conn().await;
+            admin
+                .query_drop(format!("CREATE USER '{user}'@'%'"))
+                .await
+                .expect("the DBA's user");
+            admin.disconnect().await.expect("disconnect");
+        }
+        let pw = password();
+        b.issue(&issue(&user, mode, &pw, wide.clone()))
+            .await
+            .expect("first");
+        assert!(
+            works(
+                user.clone(),
+                pw.clone(),
+                format!("SELECT * FROM `{d}`.{p}_other")
+            )
+            .await
+        );
+        b.revoke(&revoke(
+            &user,
+            RevokeMode::DisableLogin,
+            DrainSessions::Terminate,
+        ))
+        .await
+        .expect("idle");
+        let pw = password();
+        b.issue(&issue(&user, mode, &pw, narrow.clone()))
+            .await
+            .expect("reused");
+        assert!(
+            works(
+                user.clone(),
+                pw.clone(),
+                format!("SELECT * FROM `{d}`.{p}_kept")
+            )
+            .await
+        );
+        for sql in [
+            format!("SELECT * FROM `{d}`.{p}_other"),
+            format!("SELECT * FROM `{d}`.{p}_dropped"),
+            format!("INSERT INTO `{d}`.{p}_kept VALUES (1)"),
+        ] {
+            assert!(
+                !works(user.clone(), pw.clone(), sql.clone()).await,
+                "{mode:?}: {sql}"
+            );
+        }
+    }
+    b.close().await;
+}
