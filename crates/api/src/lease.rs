@@ -147,11 +147,26 @@ pub struct DatabaseSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 128))]
     pub username_template: Option<String>,
+    /// MySQL/MariaDB only: the host part of the accounts leasehold rotates
+    /// (`'<user>'@'<accountHost>'`), used for every CREATE/ALTER/DROP USER, GRANT and
+    /// lookup. A host name, an IP address, a pattern with `%` and `_` (e.g. `10.%`) or
+    /// `address/netmask`. Default `%`. The verification login comes from the
+    /// controller's address, which must match it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 255), regex(pattern = r"^[A-Za-z0-9.%_:/-]+$"))]
+    pub account_host: Option<String>,
     /// Roles the user inherits (PostgreSQL `GRANT role TO user`; MySQL roles).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub member_of: Vec<String>,
-    /// Privileges granted directly, as the clause between `GRANT` and `TO`, for example
-    /// `SELECT, INSERT ON ALL TABLES IN SCHEMA public` or `SELECT ON shop.*`.
+    /// Privileges granted directly, each `<privileges> ON <object>`. The text is parsed,
+    /// never spliced into SQL: privileges come from an allowlist and the statement is
+    /// built with quoted names. PostgreSQL: `SELECT, INSERT ON TABLE app.orders`
+    /// (`TABLE` optional), `USAGE, SELECT ON SEQUENCE app.ids`, `USAGE ON SCHEMA app`,
+    /// `CONNECT ON DATABASE shop`, `ALL ON ALL TABLES IN SCHEMA app` (also `ALL SEQUENCES`
+    /// and, with `EXECUTE`, `ALL FUNCTIONS`). MySQL/MariaDB: `SELECT ON shop.*` or
+    /// `SELECT, INSERT ON shop.orders` (the database is required). Names may be quoted
+    /// (`"..."` PostgreSQL, `` `...` `` MySQL). Comments, `;`, `TO`, string quotes,
+    /// `WITH GRANT OPTION`, several objects and global (`*.*`) grants are refused.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub grants: Vec<String>,
 }

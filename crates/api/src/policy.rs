@@ -61,10 +61,13 @@ pub struct RotationPolicySpec {
     #[serde(default)]
     pub strategy: Strategy,
 
-    /// Lifetime of each credential version, as a Go duration (`1h`, `90m`, `24h`). Dynamic and
-    /// AlternatingUsers credentials also expire on the database side (PostgreSQL: after
-    /// exactly this long; MySQL/MariaDB: this long rounded up to whole days), so they die
-    /// by themselves even if leasehold is gone.
+    /// Lifetime of each credential version, as a Go duration (`1h`, `90m`, `24h`). On
+    /// PostgreSQL, Dynamic and AlternatingUsers credentials also expire on the database
+    /// side after exactly this long (`VALID UNTIL`), so they die by themselves even if
+    /// leasehold is gone. MySQL/MariaDB have no per-user expiry: the password only gets a
+    /// `PASSWORD EXPIRE INTERVAL` of this long rounded up to whole days, which is not
+    /// revocation (a client holding an expired password can still connect and set a new
+    /// one); there only leasehold's revocation and orphan sweeper end a credential.
     pub ttl: Duration,
 
     /// How long before expiry to rotate: a duration (`20m`) or a percentage of the TTL

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use leasehold_core::naming::{self, DEFAULT_DYNAMIC_TEMPLATE};
 use leasehold_core::{PolicyParams, Strategy};
+use leasehold_grants::Dialect;
 
 use crate::{DatabaseSpec, RotationPolicySpec, SecretLeaseSpec};
 
@@ -205,12 +206,12 @@ pub fn validate_lease(
             "spec.postgres",
             db,
             strategy,
-            POSTGRES_MAX_USERNAME,
+            Dialect::Postgres,
             &mut errors,
         );
     }
     if let Some(db) = &spec.mysql {
-        check_database("spec.mysql", db, strategy, MYSQL_MAX_USERNAME, &mut errors);
+        check_database("spec.mysql", db, strategy, Dialect::MySql, &mut errors);
     }
     if let Some(secret) = &spec.delivery.secret {
         for (key, template) in &secret.template {
@@ -252,9 +253,13 @@ fn check_database(
     field: &str,
     db: &DatabaseSpec,
     strategy: Option<Strategy>,
-    max_username: usize,
+    dialect: Dialect,
     errors: &mut Vec<FieldError>,
 ) {
+    let max_username = match dialect {
+        Dialect::Postgres => POSTGRES_MAX_USERNAME,
+        Dialect::MySql => MYSQL_MAX_USERNAME,
+    };
     match strategy {
         Some(Strategy::Dynamic) | None => {
             let template = db
@@ -315,12 +320,32 @@ fn check_database(
         }
     }
     for (i, g) in db.grants.iter().enumerate() {
-        if g.contains(';') || g.to_ascii_uppercase().contains(" TO ") || g.trim().is_empty() {
+        if let Err(e) = leasehold_grants::check(dialect, g) {
+            let example = match dialect {
+                Dialect::Postgres => {
+                    "\"SELECT, INSERT ON TABLE app.orders\", \"USAGE ON SCHEMA app\" or \"SELECT ON ALL TABLES IN SCHEMA app\""
+                }
+                Dialect::MySql => "\"SELECT ON app.*\" or \"SELECT, INSERT ON app.orders\"",
+            };
             errors.push(FieldError::new(
                 format!("{field}.grants[{i}]"),
-                "write only the clause between GRANT and TO, for example \"SELECT ON ALL TABLES IN SCHEMA public\" (no ';', no TO)",
+                format!("{e}; write `<privileges> ON <object>`, for example {example}"),
             ));
         }
+    }
+    match (dialect, db.account_host.as_deref()) {
+        (Dialect::Postgres, Some(_)) => errors.push(FieldError::new(
+            format!("{field}.accountHost"),
+            "is only used by MySQL/MariaDB (the host part of 'user'@'host'); remove it",
+        )),
+        (Dialect::MySql, Some(host)) if !is_account_host(host) => errors.push(FieldError::new(
+            format!("{field}.accountHost"),
+            format!(
+                "{host:?} is not an account host pattern: use letters, digits and . % _ : - / \
+                 only (e.g. %, 10.%, localhost), at most 255 characters"
+            ),
+        )),
+        _ => {}
     }
     for (i, r) in db.member_of.iter().enumerate() {
         if r.is_empty() || r.contains(['\'', '"', ';', '`']) {
@@ -352,6 +377,14 @@ fn check_template(field: &str, template: &str, errors: &mut Vec<FieldError>) {
         }
         rest = &after[end + 2..];
     }
+}
+
+/// A MySQL account host: a name, an address, a `%`/`_` pattern or `address/netmask`.
+fn is_account_host(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 255
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b".%_:-/".contains(&b))
 }
 
 fn is_dns_label(s: &str) -> bool {

@@ -226,6 +226,13 @@ fn schema_rejects_invalid_specs_naming_the_field() {
             "port",
         ),
         (
+            "account host with a quote",
+            lease(
+                serde_json::json!({"policyRef": {"name": "p"}, "mysql": {"host": "db", "database": "app", "accountHost": "%' OR '1", "adminSecretRef": {"name": "a"}}}),
+            ),
+            "accountHost",
+        ),
+        (
             "unknown TLS mode",
             lease(
                 serde_json::json!({"policyRef": {"name": "p"}, "postgres": {"host": "db", "database": "app", "tls": {"mode": "Sometimes"}, "adminSecretRef": {"name": "a"}}}),
@@ -429,6 +436,117 @@ fn validate_rejects_what_the_schema_cannot_express() {
     assert!(
         errs.iter()
             .any(|e| e.field == "spec.delivery.csi.files[../escape]"),
+        "{errs:?}"
+    );
+}
+
+/// Grants are parsed, not spliced: injection attempts are refused naming the grant,
+/// the documented forms pass, per database dialect.
+#[test]
+fn grants_are_parsed_per_database() {
+    let dynamic: leasehold_api::RotationPolicySpec =
+        serde_json::from_value(serde_json::json!({"ttl": "1h"})).unwrap();
+    let check = |db: &str, grants: &[&str]| {
+        let mut spec = pg();
+        spec["grants"] = serde_json::json!(grants);
+        let lease: leasehold_api::SecretLeaseSpec =
+            serde_json::from_value(serde_json::json!({"policyRef": {"name": "p"}, db: spec}))
+                .unwrap();
+        validate_lease(&lease, Some(&dynamic))
+    };
+    for bad in [
+        "SELECT ON t/**/TO/**/bob",
+        "SELECT ON t TO bob",
+        "SELECT ON t; DROP TABLE t",
+        "SELECT ON t -- x",
+        "SELECT ON 't'",
+        "SELECT ON TABLE t WITH GRANT OPTION",
+        "SUPERUSER ON DATABASE d",
+    ] {
+        let errs = check("postgres", &["USAGE ON SCHEMA app", bad]);
+        assert!(
+            errs.iter()
+                .any(|e| e.field == "spec.postgres.grants[1]"
+                    && e.message.contains(&format!("{bad:?}"))),
+            "{bad}: {errs:?}"
+        );
+        assert!(
+            !errs.iter().any(|e| e.field == "spec.postgres.grants[0]"),
+            "{errs:?}"
+        );
+    }
+    for bad in [
+        "SELECT ON app.*# comment",
+        "SELECT ON app.*/**/TO/**/x",
+        "SELECT ON app.* TO 'x'@'%'",
+        "SELECT ON *.*",
+        "SELECT ON \"app\".*",
+        "SUPER ON app.*",
+    ] {
+        let errs = check("mysql", &[bad]);
+        assert!(
+            errs.iter()
+                .any(|e| e.field == "spec.mysql.grants[0]"
+                    && e.message.contains(&format!("{bad:?}"))),
+            "{bad}: {errs:?}"
+        );
+    }
+    assert_eq!(
+        check(
+            "postgres",
+            &[
+                "SELECT, INSERT ON TABLE orders",
+                "USAGE ON SCHEMA app",
+                "ALL ON ALL TABLES IN SCHEMA app",
+                "SELECT ON app.\"Orders\"",
+            ]
+        ),
+        vec![]
+    );
+    assert_eq!(
+        check(
+            "mysql",
+            &["SELECT ON app.*", "SELECT, INSERT ON `app`.orders"]
+        ),
+        vec![]
+    );
+}
+
+/// `accountHost` is the MySQL account host pattern: refused on PostgreSQL, checked on
+/// MySQL, absent means `%`.
+#[test]
+fn account_host_is_a_mysql_host_pattern() {
+    let dynamic: leasehold_api::RotationPolicySpec =
+        serde_json::from_value(serde_json::json!({"ttl": "1h"})).unwrap();
+    let check = |db: &str, host: Option<&str>| {
+        let mut spec = pg();
+        if let Some(host) = host {
+            spec["accountHost"] = host.into();
+        }
+        let lease: leasehold_api::SecretLeaseSpec =
+            serde_json::from_value(serde_json::json!({"policyRef": {"name": "p"}, db: spec}))
+                .unwrap();
+        validate_lease(&lease, Some(&dynamic))
+    };
+    for ok in [
+        None,
+        Some("%"),
+        Some("10.%"),
+        Some("localhost"),
+        Some("10.0.0.0/255.0.0.0"),
+    ] {
+        assert_eq!(check("mysql", ok), vec![], "{ok:?}");
+    }
+    for bad in ["%' OR '1", "a b", "a\\b", ""] {
+        let errs = check("mysql", Some(bad));
+        assert!(
+            errs.iter().any(|e| e.field == "spec.mysql.accountHost"),
+            "{bad}: {errs:?}"
+        );
+    }
+    let errs = check("postgres", Some("%"));
+    assert!(
+        errs.iter().any(|e| e.field == "spec.postgres.accountHost"),
         "{errs:?}"
     );
 }

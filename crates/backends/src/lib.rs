@@ -46,6 +46,19 @@ pub enum IssueMode {
     /// The user is expected to exist already (created if missing for
     /// `AlternatingUsers`), only its password changes and login is enabled.
     SetPassword,
+    /// `InPlace`: the user belongs to someone else and must already exist; only its
+    /// password changes and login is enabled. A missing user is never created (a
+    /// mistyped name would otherwise become a new login): it is
+    /// [`BackendError::Invalid`] naming the user, which needs the user to act.
+    ExistingUser,
+}
+
+/// The error for an `ExistingUser` issue whose user does not exist.
+pub(crate) fn missing_user(name: &str) -> BackendError {
+    BackendError::Invalid(format!(
+        "user {name:?} does not exist: the InPlace strategy only changes the password of an \
+         existing user and never creates one; create the user or correct the lease's username"
+    ))
 }
 
 /// What a credential may do once it exists.
@@ -53,8 +66,11 @@ pub enum IssueMode {
 pub struct Privileges {
     /// Roles (PostgreSQL) or roles / template users (MySQL) the user inherits from.
     pub member_of: Vec<String>,
-    /// Raw GRANT privilege clauses, e.g. `SELECT, INSERT ON orders.*` (MySQL) or
-    /// `SELECT ON ALL TABLES IN SCHEMA public` (PostgreSQL). The backend adds `TO <user>`.
+    /// Grants as `<privileges> ON <object>`, e.g. `SELECT, INSERT ON orders.*` (MySQL) or
+    /// `SELECT ON ALL TABLES IN SCHEMA public` (PostgreSQL). Never spliced into SQL: each
+    /// is parsed by `leasehold_grants` (privileges from an allowlist, one object) and the
+    /// statement is built from the parsed form with quoted names; anything else is
+    /// [`BackendError::Invalid`] naming the grant.
     pub grants: Vec<String>,
 }
 
@@ -131,7 +147,13 @@ impl std::fmt::Debug for CredentialMaterial {
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
-    /// The backend could not be reached (connection refused, DNS, timeout). Retry later.
+    /// The backend is unavailable for now: not reachable (connection refused, DNS,
+    /// timeout) or refusing connections for a reason that passes (too many connections:
+    /// PostgreSQL 53300 and other 53xxx, MySQL 1040, 1203, 1226; starting up or shutting
+    /// down: PostgreSQL 57P0x, MySQL 1053; connection errors: SQLSTATE class 08). Retry
+    /// later. During [`Backend::verify`] this says nothing about the credential: it is
+    /// never reported as [`VerificationFailed`](Self::VerificationFailed), so the new
+    /// credential is not revoked for it.
     #[error("backend unreachable: {0}")]
     Unreachable(String),
     /// The admin credential was refused at login. The user must fix it.
@@ -142,9 +164,12 @@ pub enum BackendError {
     /// what the server says is missing. The user must grant it.
     #[error("the admin lacks a privilege {0}")]
     PermissionDenied(String),
-    /// Verification as the new credential failed (login refused, query failed, timeout).
-    /// A server that does not answer at all (connection refused) is `Unreachable`
-    /// instead: the credential may well be fine.
+    /// Verification as the new credential failed: the server refused the login for the
+    /// credential's sake (wrong password, no such user, login disabled or expired,
+    /// SQLSTATE class 28, MySQL 1044/1045) or the query failed or ran out of time once
+    /// logged in. A server that does not answer, times out during login or refuses
+    /// connections for a passing reason is `Unreachable` instead: the credential may
+    /// well be fine.
     #[error("verification failed: {0}")]
     VerificationFailed(String),
     /// The request itself is wrong (bad grant, unknown role). The user must fix the spec.
@@ -246,6 +271,11 @@ pub struct DatabaseTarget {
     pub connect_timeout: Duration,
     /// Bound on one whole backend call once connected.
     pub operation_timeout: Duration,
+    /// MySQL/MariaDB only: the host part of every account leasehold creates, alters,
+    /// grants to, locks, drops and looks up (`'user'@'<account_host>'`), e.g. `%`
+    /// (default), `10.%`, `localhost` or `127.0.0.1`. Letters, digits and `.%_:-/`
+    /// only. PostgreSQL ignores it.
+    pub account_host: String,
 }
 
 /// A PostgreSQL target.
@@ -273,6 +303,7 @@ impl DatabaseTarget {
             max_admin_connections: 4,
             connect_timeout: Duration::from_secs(5),
             operation_timeout: Duration::from_secs(30),
+            account_host: "%".to_owned(),
         }
     }
 
@@ -299,8 +330,27 @@ impl DatabaseTarget {
     }
 }
 
-/// Run a verification within its own timeout; running out is a failed verification.
-pub(crate) async fn verify_within(
+/// Bound the login phase of a verification: running out of time before the server
+/// lets the credential in is [`BackendError::Unreachable`] (an overloaded or stuck
+/// server), never a failed verification.
+pub(crate) async fn login_within<T>(
+    req: &VerifyRequest,
+    connect_timeout: Duration,
+    target: &str,
+    op: impl Future<Output = Result<T, BackendError>>,
+) -> Result<T, BackendError> {
+    let limit = req.timeout.min(connect_timeout);
+    tokio::time::timeout(limit, op).await.unwrap_or_else(|_| {
+        Err(BackendError::Unreachable(format!(
+            "login as {} to {target} did not finish within {limit:?}",
+            req.id
+        )))
+    })
+}
+
+/// Bound the query phase of a verification: running out of time once logged in is a
+/// failed verification.
+pub(crate) async fn query_within(
     req: &VerifyRequest,
     op: impl Future<Output = Result<(), BackendError>>,
 ) -> Result<(), BackendError> {
@@ -308,7 +358,7 @@ pub(crate) async fn verify_within(
         .await
         .unwrap_or_else(|_| {
             Err(BackendError::VerificationFailed(format!(
-                "verification as {} did not finish within {:?}",
+                "the verification query as {} did not finish within {:?}",
                 req.id, req.timeout
             )))
         })

@@ -1,6 +1,7 @@
 //! MySQL / MariaDB backend.
 //!
-//! Users are `'name'@'%'`. Passwords are sent pre-hashed in the
+//! Users are `'name'@'<host>'`, the host part from [`MySqlTarget::account_host`]
+//! (default `%`), used for every statement and catalog lookup. Passwords are sent pre-hashed in the
 //! `mysql_native_password` stored form (`*` + hex of SHA1(SHA1(password))), so the
 //! plaintext never reaches the server or its general log.
 //!
@@ -10,8 +11,11 @@
 //! `caching_sha2_password` hash (`$A$005$` + salt + 5000-round SHA-256 crypt),
 //! which this backend does not compute yet.
 //!
-//! MySQL has no per-user expiry time, so `IssueRequest::valid_until` is ignored and
-//! the orphan sweeper is relied upon.
+//! MySQL and MariaDB have no per-user expiry time. `IssueRequest::valid_until` only
+//! becomes a `PASSWORD EXPIRE INTERVAL` in whole days, which is not revocation: a
+//! client holding an expired password may still log in (in sandbox mode) and set a new
+//! one itself. Revocation (lock, drop) and the orphan sweeper are what end a MySQL
+//! credential.
 //!
 //! The admin needs no more than a managed database's admin has, and not root:
 //! * `CREATE USER` (create, alter, lock, drop users; the creator of a role gets
@@ -19,6 +23,11 @@
 //! * the privileges it grants, `WITH GRANT OPTION`;
 //! * `SELECT` on `mysql.user` (and on MariaDB `mysql.global_priv`, which holds the
 //!   lock state) to find users;
+//! * `SELECT` on `mysql.db` and `mysql.tables_priv`, to reconcile a reused user
+//!   (AlternatingUsers, InPlace): issuing to an existing user revokes the database- and
+//!   table-level privileges it holds that the spec no longer lists (after the spec's
+//!   grants, so a kept privilege never goes missing). Global, routine and column
+//!   privileges, the grant option and roles are left alone;
 //! * `PROCESS` to see other users' sessions: without it the admin only sees its own
 //!   and draining would find none, so revocation refuses to go on (see below);
 //! * `CONNECTION ADMIN` (MariaDB 10.5.2+, MySQL 8) or `SUPER` to kill them
@@ -45,13 +54,15 @@ use sha1::{Digest, Sha1};
 use tokio::sync::OnceCell;
 use tracing::instrument;
 
+use leasehold_grants::{MySqlGrant, MySqlObject, PrivilegeSet};
+
 use crate::sql::{
-    LIKE_ESCAPE, check_grant_clause, check_mysql_text, check_name, like_prefix, mysql_ident,
-    mysql_literal, redact,
+    LIKE_ESCAPE, check_mysql_text, check_name, like_prefix, mysql_grant_clause, mysql_grant_object,
+    mysql_grants, mysql_ident, mysql_literal, redact,
 };
 use crate::{
-    Backend, BackendError, CredentialId, DrainSessions, IssueRequest, MySqlTarget, RevokeMode,
-    RevokeOutcome, RevokeRequest, TlsMode, VerifyRequest,
+    Backend, BackendError, CredentialId, DrainSessions, IssueMode, IssueRequest, MySqlTarget,
+    RevokeMode, RevokeOutcome, RevokeRequest, TlsMode, VerifyRequest,
 };
 
 /// MariaDB allows 80 characters for a user name (MySQL 8: 32; the server rejects
@@ -94,7 +105,8 @@ impl MySqlTarget {
             .ip_or_hostname(self.host.clone())
             .tcp_port(self.port)
             // Never switch to a local socket: verification must log in over TCP
-            // like the application will, and `'x'@'%'` must be what matches.
+            // like the application will, and the account's host pattern must be
+            // what matches.
             .prefer_socket(false)
             .user(Some(user))
             .pass(Some(password))
@@ -130,6 +142,7 @@ impl MySqlBackend {
     /// The pool's background tasks start on the Tokio runtime of first use: use one
     /// backend from one runtime.
     pub fn new(target: MySqlTarget) -> Result<Self, BackendError> {
+        check_account_host(&target.account_host)?;
         crate::tls::check_server_name(&target.tls, &target.host)?;
         let ssl = target.ssl_opts()?;
         if ssl.is_some() {
@@ -202,16 +215,14 @@ impl MySqlBackend {
         for role in &req.privileges.member_of {
             check_user_name(role)?;
         }
-        for clause in &req.privileges.grants {
-            check_grant_clause(clause)?;
-        }
+        let grants = mysql_grants(&req.privileges.grants)?;
         let password = req.password.expose_secret();
         if password.is_empty() {
             return Err(BackendError::Invalid("empty password".into()));
         }
         let hash = native_password_hash(password);
         let secrets = [password, hash.as_str()];
-        let account = account(name);
+        let account = account(name, &self.target.account_host);
         let auth = format!(
             "IDENTIFIED WITH mysql_native_password AS {}",
             mysql_literal(&hash)
@@ -223,11 +234,21 @@ impl MySqlBackend {
         // DDL is not transactional here: create the user locked, grant, and only then
         // set the password and unlock, so a half-made user cannot log in. An existing
         // user keeps working until the final ALTER.
-        conn.query_drop(format!(
-            "CREATE USER IF NOT EXISTS {account} {auth} ACCOUNT LOCK"
-        ))
-        .await
-        .map_err(map)?;
+        let existed = user_exists(&mut conn, name, &self.target.account_host)
+            .await
+            .map_err(map)?;
+        if req.mode == IssueMode::ExistingUser {
+            // Never create it: a mistyped name would become a new login.
+            if !existed {
+                return Err(crate::missing_user(name));
+            }
+        } else {
+            conn.query_drop(format!(
+                "CREATE USER IF NOT EXISTS {account} {auth} ACCOUNT LOCK"
+            ))
+            .await
+            .map_err(map)?;
+        }
         for role in &req.privileges.member_of {
             conn.query_drop(format!("GRANT {} TO {account}", mysql_ident(role)))
                 .await
@@ -257,14 +278,27 @@ impl MySqlBackend {
                 })
             })?;
         }
-        for clause in &req.privileges.grants {
-            conn.query_drop(format!("GRANT {} TO {account}", clause.trim()))
+        for grant in &grants {
+            let clause = mysql_grant_clause(grant);
+            conn.query_drop(format!("GRANT {clause} TO {account}"))
+                .await
+                .map_err(|e| {
+                    map(e).in_step(|| {
+                        format!("to grant `{clause}` (it needs those privileges WITH GRANT OPTION)")
+                    })
+                })?;
+        }
+        if existed {
+            // A reused user keeps what earlier rotations granted: take back what the
+            // spec no longer lists (after granting, so what stays never goes missing).
+            revoke_removed_privileges(&mut conn, name, &self.target.account_host, &grants)
                 .await
                 .map_err(|e| {
                     map(e).in_step(|| {
                         format!(
-                            "to grant `{}` (it needs those privileges WITH GRANT OPTION)",
-                            clause.trim()
+                            "to revoke the privileges of user {name:?} that are no longer in \
+                             the spec (it needs SELECT on mysql.db and mysql.tables_priv, and \
+                             those privileges WITH GRANT OPTION)"
                         )
                     })
                 })?;
@@ -280,40 +314,48 @@ impl MySqlBackend {
         let password = req.password.expose_secret();
         let secrets = [password];
         let opts = self.target.opts(&req.id.0, password, self.ssl.clone());
-        let connect = tokio::time::timeout(self.target.connect_timeout, Conn::new(opts)).await;
-        let mut conn = match connect {
-            Err(_) => {
-                return Err(BackendError::Unreachable(format!(
-                    "no connection to {} within {:?}",
-                    self.target_key(),
-                    self.target.connect_timeout
-                )));
-            }
-            // No answer, or no acceptable TLS session: not the credential's fault.
-            Ok(Err(
-                e @ (mysql_async::Error::Io(_)
-                | mysql_async::Error::Driver(
-                    mysql_async::DriverError::NoClientSslFlagFromServer,
-                )),
-            )) => {
-                return Err(admin_error(&e, &secrets));
-            }
-            Ok(Err(e)) => {
-                return Err(BackendError::VerificationFailed(redact(
+        let login = async {
+            Conn::new(opts).await.map_err(|e| match &e {
+                // No answer, no acceptable TLS session, or a server that refuses
+                // connections for now: not the credential's fault.
+                mysql_async::Error::Io(_)
+                | mysql_async::Error::Driver(_)
+                | mysql_async::Error::Url(_) => admin_error(&e, &secrets),
+                mysql_async::Error::Server(s) if is_unavailable(s) => {
+                    BackendError::Unreachable(redact(
+                        format!("login as {} not possible now: {}", req.id, describe(&e)),
+                        &secrets,
+                    ))
+                }
+                _ => BackendError::VerificationFailed(redact(
                     format!("login as {} refused: {}", req.id, describe(&e)),
                     &secrets,
-                )));
-            }
-            Ok(Ok(conn)) => conn,
+                )),
+            })
         };
-        let result = conn.query_drop(req.query.as_str()).await;
-        let _ = conn.disconnect().await;
-        result.map_err(|e| {
-            BackendError::VerificationFailed(redact(
-                format!("query as {} failed: {}", req.id, describe(&e)),
-                &secrets,
-            ))
+        let mut conn =
+            crate::login_within(req, self.target.connect_timeout, &self.target.key(), login)
+                .await?;
+        let result = crate::query_within(req, async {
+            conn.query_drop(req.query.as_str()).await.map_err(|e| {
+                let text = redact(
+                    format!("query as {} failed: {}", req.id, describe(&e)),
+                    &secrets,
+                );
+                match &e {
+                    mysql_async::Error::Server(s) if !is_unavailable(s) => {
+                        BackendError::VerificationFailed(text)
+                    }
+                    mysql_async::Error::Server(_) | mysql_async::Error::Io(_) => {
+                        BackendError::Unreachable(text)
+                    }
+                    _ => BackendError::VerificationFailed(text),
+                }
+            })
         })
+        .await;
+        let _ = conn.disconnect().await;
+        result
     }
 
     async fn revoke_inner(&self, req: &RevokeRequest) -> Result<RevokeOutcome, BackendError> {
@@ -322,11 +364,14 @@ impl MySqlBackend {
         }
         let name = req.id.0.as_str();
         check_user_name(name)?;
-        let account = account(name);
+        let account = account(name, &self.target.account_host);
         let mut conn = self.admin().await?;
         let map = |e: mysql_async::Error| admin_error(&e, &[]);
 
-        if !user_exists(&mut conn, name).await.map_err(map)? {
+        if !user_exists(&mut conn, name, &self.target.account_host)
+            .await
+            .map_err(map)?
+        {
             return Ok(RevokeOutcome::Revoked);
         }
         // IF EXISTS: a concurrent revoke may have dropped it since the check.
@@ -395,16 +440,149 @@ fn check_user_name(name: &str) -> Result<(), BackendError> {
     check_mysql_text("user name", name)
 }
 
-/// `'name'@'%'`, for a name already checked.
-fn account(name: &str) -> String {
-    format!("{}@'%'", mysql_literal(name))
+/// `mysql.db` privilege columns and the privilege each stands for (the columns MySQL
+/// 5.7+ and MariaDB share).
+const DB_PRIVILEGE_COLUMNS: &[(&str, &str)] = &[
+    ("Select_priv", "SELECT"),
+    ("Insert_priv", "INSERT"),
+    ("Update_priv", "UPDATE"),
+    ("Delete_priv", "DELETE"),
+    ("Create_priv", "CREATE"),
+    ("Drop_priv", "DROP"),
+    ("References_priv", "REFERENCES"),
+    ("Index_priv", "INDEX"),
+    ("Alter_priv", "ALTER"),
+    ("Create_tmp_table_priv", "CREATE TEMPORARY TABLES"),
+    ("Lock_tables_priv", "LOCK TABLES"),
+    ("Create_view_priv", "CREATE VIEW"),
+    ("Show_view_priv", "SHOW VIEW"),
+    ("Create_routine_priv", "CREATE ROUTINE"),
+    ("Alter_routine_priv", "ALTER ROUTINE"),
+    ("Execute_priv", "EXECUTE"),
+    ("Event_priv", "EVENT"),
+    ("Trigger_priv", "TRIGGER"),
+];
+
+/// The database- and table-level privileges `'name'@'host'` holds (from `mysql.db` and
+/// `mysql.tables_priv`) that `grants` do not list are revoked. Global, routine and
+/// column privileges, the grant option and roles are left alone.
+async fn revoke_removed_privileges(
+    conn: &mut Conn,
+    name: &str,
+    host: &str,
+    grants: &[MySqlGrant],
+) -> Result<(), mysql_async::Error> {
+    let columns = DB_PRIVILEGE_COLUMNS
+        .iter()
+        .map(|(column, privilege)| format!("IF({column} = 'Y', '{privilege}', NULL)"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut held: Vec<(MySqlObject, Vec<String>)> = Vec::new();
+    let rows: Vec<(String, String)> = conn
+        .exec(
+            format!(
+                "SELECT Db, CONCAT_WS(',', {columns}) FROM mysql.db WHERE User = ? AND Host = ?"
+            ),
+            (name, host),
+        )
+        .await?;
+    for (database, privileges) in rows {
+        held.push((
+            MySqlObject::Database(database),
+            split_privileges(&privileges),
+        ));
+    }
+    let rows: Vec<(String, String, String)> = conn
+        .exec(
+            "SELECT Db, Table_name, Table_priv FROM mysql.tables_priv WHERE User = ? AND Host = ?",
+            (name, host),
+        )
+        .await?;
+    for (database, table, privileges) in rows {
+        held.push((
+            MySqlObject::Table { database, table },
+            split_privileges(&privileges),
+        ));
+    }
+    let account = account(name, host);
+    for (object, privileges) in held {
+        let wanted: Vec<&PrivilegeSet> = grants
+            .iter()
+            .filter(|g| g.object == object)
+            .map(|g| &g.privileges)
+            .collect();
+        let extra = if wanted.is_empty() {
+            "ALL PRIVILEGES".to_owned()
+        } else if wanted.contains(&&PrivilegeSet::All) {
+            continue;
+        } else {
+            let extra: Vec<String> = privileges
+                .into_iter()
+                .filter(|p| {
+                    !wanted
+                        .iter()
+                        .any(|w| matches!(w, PrivilegeSet::Listed(l) if l.contains(p)))
+                })
+                .collect();
+            if extra.is_empty() {
+                continue;
+            }
+            extra.join(", ")
+        };
+        conn.query_drop(format!(
+            "REVOKE {extra} ON {} FROM {account}",
+            mysql_grant_object(&object)
+        ))
+        .await?;
+    }
+    Ok(())
 }
 
-async fn user_exists(conn: &mut Conn, name: &str) -> Result<bool, mysql_async::Error> {
+/// `Select,Create View` (a `tables_priv` SET, or our `CONCAT_WS`) as privilege names;
+/// the grant option is not one.
+fn split_privileges(list: &str) -> Vec<String> {
+    list.split(',')
+        .map(|p| p.trim().to_ascii_uppercase())
+        .filter(|p| !p.is_empty() && p != "GRANT")
+        .map(|p| match p.as_str() {
+            // MariaDB's SET value for DELETE HISTORY.
+            "DELETE VERSIONING ROWS" => "DELETE HISTORY".to_owned(),
+            _ => p,
+        })
+        .collect()
+}
+
+/// MySQL 8 and MariaDB allow 255 characters for the host part of an account.
+const MAX_HOST_CHARS: usize = 255;
+
+/// An account host pattern: a host name, an IP address, a pattern with `%` and `_`,
+/// or `address/netmask`. Nothing that could end the quoted literal.
+pub(crate) fn check_account_host(host: &str) -> Result<(), BackendError> {
+    let ok = !host.is_empty()
+        && host.chars().count() <= MAX_HOST_CHARS
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || ".%_:-/".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(BackendError::Invalid(format!(
+            "account host {host:?} is not a host pattern: use letters, digits and . % _ : - / \
+             only, at most {MAX_HOST_CHARS} characters (e.g. %, 10.%, localhost)"
+        )))
+    }
+}
+
+/// `'name'@'host'`, for a name and host already checked.
+fn account(name: &str, host: &str) -> String {
+    format!("{}@{}", mysql_literal(name), mysql_literal(host))
+}
+
+async fn user_exists(conn: &mut Conn, name: &str, host: &str) -> Result<bool, mysql_async::Error> {
     let n: Option<u64> = conn
         .exec_first(
-            "SELECT COUNT(*) FROM mysql.user WHERE User = ? AND Host = '%'",
-            (name,),
+            "SELECT COUNT(*) FROM mysql.user WHERE User = ? AND Host = ?",
+            (name, host),
         )
         .await?;
     Ok(n.unwrap_or(0) > 0)
@@ -449,7 +627,7 @@ impl Backend for MySqlBackend {
 
     #[instrument(skip_all, fields(backend = "mysql", id = %req.id))]
     async fn verify(&self, req: &VerifyRequest) -> Result<(), BackendError> {
-        crate::verify_within(req, self.verify_inner(req)).await
+        self.verify_inner(req).await
     }
 
     #[instrument(skip_all, fields(backend = "mysql", id = %req.id, mode = ?req.mode, drain = ?req.drain))]
@@ -464,7 +642,10 @@ impl Backend for MySqlBackend {
             .bounded(async {
                 let mut conn = self.admin().await?;
                 let map = |e: mysql_async::Error| admin_error(&e, &[]);
-                if !user_exists(&mut conn, &id.0).await.map_err(map)? {
+                if !user_exists(&mut conn, &id.0, &self.target.account_host)
+                    .await
+                    .map_err(map)?
+                {
                     return Ok(false);
                 }
                 match self.flavor(&mut conn).await? {
@@ -474,8 +655,8 @@ impl Backend for MySqlBackend {
                         let locked: Option<Option<String>> = conn
                             .exec_first(
                                 "SELECT JSON_VALUE(Priv, '$.account_locked') \
-                                 FROM mysql.global_priv WHERE User = ? AND Host = '%'",
-                                (id.0.as_str(),),
+                                 FROM mysql.global_priv WHERE User = ? AND Host = ?",
+                                (id.0.as_str(), self.target.account_host.as_str()),
                             )
                             .await
                             .map_err(map)?;
@@ -484,7 +665,10 @@ impl Backend for MySqlBackend {
                     }
                     Flavor::MySql => {
                         let create: Option<String> = conn
-                            .query_first(format!("SHOW CREATE USER {}", account(&id.0)))
+                            .query_first(format!(
+                                "SHOW CREATE USER {}",
+                                account(&id.0, &self.target.account_host)
+                            ))
                             .await
                             .map_err(map)?;
                         Ok(create.is_some_and(|create| !create.contains("ACCOUNT LOCK")))
@@ -498,14 +682,17 @@ impl Backend for MySqlBackend {
     async fn list_users(&self, prefix: &str) -> Result<Vec<CredentialId>, BackendError> {
         let pattern = like_prefix(prefix);
         let sql = format!(
-            "SELECT User FROM mysql.user WHERE Host = '%' AND User LIKE ? ESCAPE '{LIKE_ESCAPE}' \
+            "SELECT User FROM mysql.user WHERE Host = ? AND User LIKE ? ESCAPE '{LIKE_ESCAPE}' \
              ORDER BY User"
         );
         self.target
             .bounded(async {
                 let mut conn = self.admin().await?;
                 let users: Vec<String> = conn
-                    .exec(sql.as_str(), (pattern.as_str(),))
+                    .exec(
+                        sql.as_str(),
+                        (self.target.account_host.as_str(), pattern.as_str()),
+                    )
                     .await
                     .map_err(|e| admin_error(&e, &[]))?;
                 Ok(users.into_iter().map(CredentialId).collect())
@@ -550,6 +737,15 @@ fn describe(e: &mysql_async::Error) -> String {
     }
 }
 
+/// Server errors that say it cannot take the connection or statement now, for a reason
+/// that passes: too many connections (1040), per-user connection limits (1203
+/// `max_user_connections`, 1226 an account's resource limit), host blocked after
+/// connection errors (1129), shutdown in progress (1053), server gone (2006, 2013),
+/// and SQLSTATE class 08 (connection exceptions).
+fn is_unavailable(e: &mysql_async::ServerError) -> bool {
+    matches!(e.code, 1040 | 1053 | 1129 | 1203 | 1226 | 2006 | 2013) || e.state.starts_with("08")
+}
+
 /// Classify an error met while working as admin.
 fn admin_error(e: &mysql_async::Error, secrets: &[&str]) -> BackendError {
     let text = redact(describe(e), secrets);
@@ -578,12 +774,10 @@ fn admin_error(e: &mysql_async::Error, secrets: &[&str]) -> BackendError {
             // Logged in, but denied a database (1044), a table (1142), a column (1143),
             // a privilege (1227), granting (1410), or killing a thread (1095).
             1044 | 1095 | 1142 | 1143 | 1227 | 1410 => BackendError::permission_denied(text),
-            // Too many connections, shutdown in progress, server gone.
-            1040 | 1053 | 2006 | 2013 => BackendError::Unreachable(text),
+            _ if is_unavailable(s) => BackendError::Unreachable(text),
             // Invalid role (MariaDB 1959), unknown database (1049).
             1959 | 1049 => BackendError::Invalid(text),
             _ if s.state.starts_with("42") => BackendError::Invalid(text),
-            _ if s.state.starts_with("08") => BackendError::Unreachable(text),
             _ => BackendError::Other(text),
         },
         _ => BackendError::Other(text),
@@ -604,16 +798,42 @@ mod tests {
     }
 
     #[test]
+    fn passing_server_conditions_are_unavailable() {
+        let server = |code: u16, state: &str| mysql_async::ServerError {
+            code,
+            message: String::new(),
+            state: state.into(),
+        };
+        for (code, state) in [
+            (1040, "08004"),
+            (1203, "42000"),
+            (1226, "42000"),
+            (1053, "08S01"),
+        ] {
+            assert!(is_unavailable(&server(code, state)), "{code}");
+        }
+        for (code, state) in [(1045, "28000"), (1044, "42000"), (1146, "42S02")] {
+            assert!(!is_unavailable(&server(code, state)), "{code}");
+        }
+    }
+
+    #[test]
     fn accounts_are_quoted() {
-        assert_eq!(account("app_1"), "'app_1'@'%'");
-        assert_eq!(account("o'x"), "'o''x'@'%'");
+        assert_eq!(account("app_1", "%"), "'app_1'@'%'");
+        assert_eq!(account("o'x", "10.%"), "'o''x'@'10.%'");
+        assert!(check_account_host("10.0.0.0/255.0.0.0").is_ok());
+        assert!(check_account_host("localhost").is_ok());
+        for bad in ["", "a'b", "a\\b", "%' OR '1", "a b", &"h".repeat(256)] {
+            assert!(check_account_host(bad).is_err(), "{bad}");
+        }
         assert!(check_user_name("a\\b").is_err());
     }
 }
 
 /// MySQL and MariaDB have no expiry time for a user, only a password lifetime in whole
-/// days: a credential with `valid_until` expires on the server at most a day after it,
-/// even if leasehold never revokes it (an expired password cannot run statements).
+/// days: a credential with `valid_until` has its password expire on the server at most
+/// a day after it. That is a backstop, not revocation: a client holding an expired
+/// password may still connect (sandbox mode) and set a new password itself.
 fn password_expiry_clause(valid_until: Option<jiff::Timestamp>, now: jiff::Timestamp) -> String {
     match valid_until {
         Some(until) => {

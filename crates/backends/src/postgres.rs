@@ -24,6 +24,16 @@
 //! A missing privilege is [`BackendError::PermissionDenied`] naming the step and what it
 //! needs, never "admin credential rejected" (that is a refused login).
 //!
+//! Issuing to a role that already exists (AlternatingUsers' idle user, InPlace's user)
+//! reconciles its privileges with the spec: in the same transaction as the password
+//! change, every privilege on this database's tables, sequences, schemas, routines and
+//! the database itself that the role holds from the admin (or from a role whose
+//! privileges the admin has; for a superuser admin, from anyone) is revoked, then the
+//! spec's grants are granted. A grant removed from the spec is therefore gone after the
+//! next rotation, and no session sees a kept privilege missing. Privileges granted by
+//! other roles, column privileges, default privileges and role memberships are left
+//! alone.
+//!
 //! With [`TlsMode::Require`] or [`TlsMode::VerifyFull`] both the admin pool and the
 //! verification connections use TLS (rustls) with `sslmode=require` semantics on the
 //! wire: a server that answers the TLS request with "no" is refused
@@ -42,11 +52,11 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 use tracing::{debug, instrument};
 
 use crate::sql::{
-    LIKE_ESCAPE, check_grant_clause, check_name, like_prefix, pg_ident, pg_literal, redact,
+    LIKE_ESCAPE, check_name, like_prefix, pg_grant_clause, pg_grants, pg_ident, pg_literal, redact,
 };
 use crate::{
-    Backend, BackendError, CredentialId, DrainSessions, IssueRequest, PostgresTarget, RevokeMode,
-    RevokeOutcome, RevokeRequest, TlsMode, VerifyRequest,
+    Backend, BackendError, CredentialId, DrainSessions, IssueMode, IssueRequest, PostgresTarget,
+    RevokeMode, RevokeOutcome, RevokeRequest, TlsMode, VerifyRequest,
 };
 
 /// PostgreSQL limits names to 63 bytes and silently truncates longer ones: refuse
@@ -148,9 +158,7 @@ impl PostgresBackend {
         for role in &req.privileges.member_of {
             check_name("role", role, MAX_NAME_BYTES)?;
         }
-        for clause in &req.privileges.grants {
-            check_grant_clause(clause)?;
-        }
+        let grants = pg_grants(&req.privileges.grants)?;
         let password = req.password.expose_secret();
         if password.is_empty() {
             return Err(BackendError::Invalid("empty password".into()));
@@ -181,6 +189,7 @@ impl PostgresBackend {
         for attempt in 1..=2 {
             // The statement under way, to name the step a missing privilege stops.
             let mut step = String::new();
+            let mut missing = false;
             let result: Result<(), tokio_postgres::Error> = async {
                 let tx = client.transaction().await?;
                 let exists = tx
@@ -190,6 +199,10 @@ impl PostgresBackend {
                     )
                     .await?
                     .is_some();
+                if !exists && req.mode == IssueMode::ExistingUser {
+                    missing = true;
+                    return tx.rollback().await;
+                }
                 let verb = if exists { "ALTER" } else { "CREATE" };
                 step = format!(
                     "to {} role {name:?} (it needs CREATEROLE)",
@@ -197,6 +210,18 @@ impl PostgresBackend {
                 );
                 tx.execute(&format!("{verb} ROLE {role} {login}"), &[])
                     .await?;
+                if exists {
+                    // A reused user (AlternatingUsers, InPlace) keeps what earlier
+                    // rotations granted: take back what the admin granted, then grant
+                    // the spec, in this transaction, so the privileges equal the spec
+                    // and no session ever sees them missing.
+                    step = format!(
+                        "to revoke the privileges of role {name:?} that are no longer in the \
+                         spec (it needs to own the objects or hold those privileges WITH \
+                         GRANT OPTION)"
+                    );
+                    revoke_granted_privileges(&tx, name).await?;
+                }
                 for parent in &req.privileges.member_of {
                     step = format!(
                         "to grant role {parent:?} (it needs CREATEROLE and, from PostgreSQL 16, \
@@ -205,19 +230,20 @@ impl PostgresBackend {
                     tx.execute(&format!("GRANT {} TO {role}", pg_ident(parent)), &[])
                         .await?;
                 }
-                for clause in &req.privileges.grants {
+                for grant in &grants {
+                    let clause = pg_grant_clause(grant);
                     step = format!(
-                        "to grant `{}` (it needs to own the objects or hold those privileges \
-                         WITH GRANT OPTION)",
-                        clause.trim()
+                        "to grant `{clause}` (it needs to own the objects or hold those \
+                         privileges WITH GRANT OPTION)"
                     );
-                    tx.execute(&format!("GRANT {} TO {role}", clause.trim()), &[])
+                    tx.execute(&format!("GRANT {clause} TO {role}"), &[])
                         .await?;
                 }
                 tx.commit().await
             }
             .await;
             match result {
+                Ok(()) if missing => return Err(crate::missing_user(name)),
                 Ok(()) => return Ok(()),
                 Err(e)
                     if attempt == 1
@@ -242,33 +268,51 @@ impl PostgresBackend {
         let password = req.password.expose_secret();
         let secrets = [password];
         let config = self.target.config(&req.id.0, password);
-        let connected = match &self.tls {
-            Some(tls) => connect(&config, tls.clone()).await,
-            None => connect(&config, tokio_postgres::NoTls).await,
-        };
-        let (client, connection) = match connected {
-            Ok(pair) => pair,
-            // No answer from the server at all, or no acceptable TLS session: not
-            // the credential's fault.
-            Err(e) if e.as_db_error().is_none() => {
-                return Err(connect_error(&e, &secrets));
-            }
-            Err(e) => {
-                return Err(BackendError::VerificationFailed(redact(
+        let login = async {
+            let connected = match &self.tls {
+                Some(tls) => connect(&config, tls.clone()).await,
+                None => connect(&config, tokio_postgres::NoTls).await,
+            };
+            connected.map_err(|e| match e.code() {
+                // No answer from the server at all, or no acceptable TLS session: not
+                // the credential's fault.
+                None => connect_error(&e, &secrets),
+                Some(code) if is_unavailable(code.code()) => BackendError::Unreachable(redact(
+                    format!("login as {} not possible now: {}", req.id, describe(&e)),
+                    &secrets,
+                )),
+                Some(_) => BackendError::VerificationFailed(redact(
                     format!("login as {} refused: {}", req.id, describe(&e)),
                     &secrets,
-                )));
-            }
+                )),
+            })
         };
-        let result = client.simple_query(&req.query).await;
+        let (client, connection) =
+            crate::login_within(req, self.target.connect_timeout, &self.target.key(), login)
+                .await?;
+        let result = crate::query_within(req, async {
+            client
+                .simple_query(&req.query)
+                .await
+                .map(drop)
+                .map_err(|e| {
+                    let text = redact(
+                        format!("query as {} failed: {}", req.id, describe(&e)),
+                        &secrets,
+                    );
+                    match e.code() {
+                        Some(code) if !is_unavailable(code.code()) => {
+                            BackendError::VerificationFailed(text)
+                        }
+                        // The server went away or shut the session down mid-query.
+                        _ => BackendError::Unreachable(text),
+                    }
+                })
+        })
+        .await;
         drop(client);
         let _ = connection.await;
-        result.map(|_| ()).map_err(|e| {
-            BackendError::VerificationFailed(redact(
-                format!("query as {} failed: {}", req.id, describe(&e)),
-                &secrets,
-            ))
-        })
+        result
     }
 
     async fn revoke_inner(&self, req: &RevokeRequest) -> Result<RevokeOutcome, BackendError> {
@@ -357,6 +401,51 @@ impl PostgresBackend {
         }
         Ok(RevokeOutcome::Revoked)
     }
+}
+
+/// Revoke every privilege on this database's tables, views, sequences, schemas,
+/// routines and on the database itself that `name` holds from the admin or from a role
+/// whose privileges the admin has (what the admin could have granted; for a superuser
+/// admin that is every grantor). Privileges granted by others, column privileges,
+/// default privileges and role memberships are left alone. Names come quoted from the
+/// server (`quote_ident`, `regprocedure`).
+async fn revoke_granted_privileges(
+    tx: &tokio_postgres::Transaction<'_>,
+    name: &str,
+) -> Result<(), tokio_postgres::Error> {
+    let rows = tx
+        .query(
+            "WITH u AS (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = $1) \
+             SELECT CASE WHEN c.relkind = 'S' THEN 'SEQUENCE' ELSE 'TABLE' END, \
+                    pg_catalog.quote_ident(n.nspname) || '.' || pg_catalog.quote_ident(c.relname) \
+               FROM pg_catalog.pg_class c \
+               JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace, \
+                    pg_catalog.aclexplode(c.relacl) a \
+              WHERE a.grantee = (SELECT oid FROM u) AND pg_catalog.pg_has_role(a.grantor, 'USAGE') \
+             UNION \
+             SELECT 'SCHEMA', pg_catalog.quote_ident(n.nspname) \
+               FROM pg_catalog.pg_namespace n, pg_catalog.aclexplode(n.nspacl) a \
+              WHERE a.grantee = (SELECT oid FROM u) AND pg_catalog.pg_has_role(a.grantor, 'USAGE') \
+             UNION \
+             SELECT 'ROUTINE', p.oid::pg_catalog.regprocedure::text \
+               FROM pg_catalog.pg_proc p, pg_catalog.aclexplode(p.proacl) a \
+              WHERE a.grantee = (SELECT oid FROM u) AND pg_catalog.pg_has_role(a.grantor, 'USAGE') \
+             UNION \
+             SELECT 'DATABASE', pg_catalog.quote_ident(d.datname) \
+               FROM pg_catalog.pg_database d, pg_catalog.aclexplode(d.datacl) a \
+              WHERE d.datname = pg_catalog.current_database() \
+                AND a.grantee = (SELECT oid FROM u) AND pg_catalog.pg_has_role(a.grantor, 'USAGE')",
+            &[&name],
+        )
+        .await?;
+    let role = pg_ident(name);
+    for row in rows {
+        let kind: String = row.try_get(0)?;
+        let object: String = row.try_get(1)?;
+        tx.execute(&format!("REVOKE ALL ON {kind} {object} FROM {role}"), &[])
+            .await?;
+    }
+    Ok(())
 }
 
 /// What the admin may already do about a role without being granted it.
@@ -522,7 +611,7 @@ impl Backend for PostgresBackend {
 
     #[instrument(skip_all, fields(backend = "postgres", id = %req.id))]
     async fn verify(&self, req: &VerifyRequest) -> Result<(), BackendError> {
-        crate::verify_within(req, self.verify_inner(req)).await
+        self.verify_inner(req).await
     }
 
     #[instrument(skip_all, fields(backend = "postgres", id = %req.id, mode = ?req.mode, drain = ?req.drain))]
@@ -640,6 +729,14 @@ fn connect_error(e: &tokio_postgres::Error, secrets: &[&str]) -> BackendError {
     BackendError::Unreachable(text)
 }
 
+/// SQLSTATEs that say the server cannot take the connection or the statement now, for
+/// a reason that passes: connection exceptions (08), insufficient resources such as
+/// too many connections (53, e.g. 53300), operator intervention such as starting up
+/// or shutting down (57P01-57P05; not 57014, a cancelled query).
+fn is_unavailable(code: &str) -> bool {
+    code.starts_with("08") || code.starts_with("53") || code.starts_with("57P")
+}
+
 /// Classify an error met while working as admin.
 fn admin_error(e: &tokio_postgres::Error, secrets: &[&str]) -> BackendError {
     let text = redact(describe(e), secrets);
@@ -657,9 +754,22 @@ fn admin_error(e: &tokio_postgres::Error, secrets: &[&str]) -> BackendError {
             BackendError::Invalid(text)
         }
         // Connection exceptions, shutdown in progress, too many connections.
-        _ if code.starts_with("08") || code.starts_with("57P") || code == "53300" => {
-            BackendError::Unreachable(text)
-        }
+        _ if is_unavailable(code) => BackendError::Unreachable(text),
         _ => BackendError::Other(text),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_unavailable;
+
+    #[test]
+    fn passing_server_conditions_are_unavailable() {
+        for code in ["53300", "53000", "57P03", "57P01", "08006", "08001"] {
+            assert!(is_unavailable(code), "{code}");
+        }
+        for code in ["28P01", "28000", "42501", "3D000", "57014"] {
+            assert!(!is_unavailable(code), "{code}");
+        }
     }
 }

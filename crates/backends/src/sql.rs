@@ -2,6 +2,8 @@
 //! by the SQL backends. Statements like `CREATE ROLE` and `CREATE USER` cannot take
 //! bind parameters, so names and verifiers have to be spliced in safely.
 
+use leasehold_grants::{MySqlGrant, MySqlObject, PgGrant, PgObject, parse_mysql, parse_postgres};
+
 use crate::BackendError;
 
 /// Escape character used in every LIKE pattern we build.
@@ -74,18 +76,60 @@ pub(crate) fn check_mysql_text(kind: &str, text: &str) -> Result<(), BackendErro
     Ok(())
 }
 
-/// A raw privilege clause from the spec: one statement only.
-pub(crate) fn check_grant_clause(clause: &str) -> Result<(), BackendError> {
-    let trimmed = clause.trim();
-    if trimmed.is_empty() {
-        return Err(BackendError::Invalid("empty grant clause".into()));
+/// Parse the lease's PostgreSQL grants; the first one that does not parse is an
+/// [`BackendError::Invalid`] naming it. The last line behind the spec validation.
+pub(crate) fn pg_grants(grants: &[String]) -> Result<Vec<PgGrant>, BackendError> {
+    grants
+        .iter()
+        .map(|g| parse_postgres(g).map_err(|e| BackendError::Invalid(e.to_string())))
+        .collect()
+}
+
+/// Parse the lease's MySQL grants (see [`pg_grants`]).
+pub(crate) fn mysql_grants(grants: &[String]) -> Result<Vec<MySqlGrant>, BackendError> {
+    grants
+        .iter()
+        .map(|g| parse_mysql(g).map_err(|e| BackendError::Invalid(e.to_string())))
+        .collect()
+}
+
+/// `<privileges> ON <object>` of a parsed PostgreSQL grant, every name quoted: the
+/// user's text is never spliced.
+pub(crate) fn pg_grant_clause(grant: &PgGrant) -> String {
+    let qualified = |schema: &Option<String>, name: &str| match schema {
+        Some(schema) => format!("{}.{}", pg_ident(schema), pg_ident(name)),
+        None => pg_ident(name),
+    };
+    let object = match &grant.object {
+        PgObject::Table { schema, name } => format!("TABLE {}", qualified(schema, name)),
+        PgObject::Sequence { schema, name } => format!("SEQUENCE {}", qualified(schema, name)),
+        PgObject::Schema(s) => format!("SCHEMA {}", pg_ident(s)),
+        PgObject::Database(d) => format!("DATABASE {}", pg_ident(d)),
+        PgObject::AllTablesInSchema(s) => format!("ALL TABLES IN SCHEMA {}", pg_ident(s)),
+        PgObject::AllSequencesInSchema(s) => format!("ALL SEQUENCES IN SCHEMA {}", pg_ident(s)),
+        PgObject::AllFunctionsInSchema(s) => format!("ALL FUNCTIONS IN SCHEMA {}", pg_ident(s)),
+    };
+    format!("{} ON {object}", grant.privileges.to_sql())
+}
+
+/// The object of a parsed MySQL grant, names in backticks: `` `db`.* `` or
+/// `` `db`.`table` ``.
+pub(crate) fn mysql_grant_object(object: &MySqlObject) -> String {
+    match object {
+        MySqlObject::Database(d) => format!("{}.*", mysql_ident(d)),
+        MySqlObject::Table { database, table } => {
+            format!("{}.{}", mysql_ident(database), mysql_ident(table))
+        }
     }
-    if trimmed.contains(';') || trimmed.chars().any(char::is_control) || trimmed.contains("--") {
-        return Err(BackendError::Invalid(format!(
-            "grant clause `{trimmed}` must be a single privilege clause"
-        )));
-    }
-    Ok(())
+}
+
+/// `<privileges> ON <object>` of a parsed MySQL grant (see [`pg_grant_clause`]).
+pub(crate) fn mysql_grant_clause(grant: &MySqlGrant) -> String {
+    format!(
+        "{} ON {}",
+        grant.privileges.to_sql(),
+        mysql_grant_object(&grant.object)
+    )
 }
 
 /// Remove every secret from a message that may quote a statement or a server reply.
@@ -134,11 +178,24 @@ mod tests {
     }
 
     #[test]
-    fn grant_clauses_are_single_statements() {
-        assert!(check_grant_clause("SELECT ON ALL TABLES IN SCHEMA public").is_ok());
-        assert!(check_grant_clause("SELECT ON t TO x; DROP TABLE t").is_err());
-        assert!(check_grant_clause("  ").is_err());
-        assert!(check_grant_clause("SELECT ON t -- comment").is_err());
+    fn grants_are_rebuilt_with_quoted_names() {
+        let g = pg_grants(&["select, INSERT on app.\"Or\"\"ders\"".into()]).expect("parses");
+        assert_eq!(
+            pg_grant_clause(&g[0]),
+            "SELECT, INSERT ON TABLE \"app\".\"Or\"\"ders\""
+        );
+        let g = pg_grants(&["ALL ON ALL TABLES IN SCHEMA public".into()]).expect("parses");
+        assert_eq!(
+            pg_grant_clause(&g[0]),
+            "ALL PRIVILEGES ON ALL TABLES IN SCHEMA \"public\""
+        );
+        let g = mysql_grants(&["select ON `a``b`.t".into()]).expect("parses");
+        assert_eq!(mysql_grant_clause(&g[0]), "SELECT ON `a``b`.`t`");
+        assert!(matches!(
+            pg_grants(&["SELECT ON t/**/TO/**/x".into()]),
+            Err(BackendError::Invalid(m)) if m.contains("SELECT ON t/**/TO/**/x")
+        ));
+        assert!(mysql_grants(&["SELECT ON app.*# x".into()]).is_err());
     }
 
     #[test]

@@ -757,3 +757,407 @@ async fn a_narrower_admin_is_told_what_it_lacks() {
     let _ = session.disconnect().await;
     b.close().await;
 }
+
+/// Grants are parsed and rebuilt with quoted names. Before, `#` (a MySQL comment to the
+/// end of the line) passed the free-text check, so `... TO 'victim'@'%'#` granted to
+/// another account and commented out leasehold's own `TO`. Now it is refused naming
+/// the grant, nothing reaches the server, and the documented forms work.
+#[tokio::test]
+async fn grants_are_parsed_not_spliced() {
+    let db = MariaDbServer::shared().await;
+    let b = backend(db);
+    let p = unique_name("grants_");
+    let d = db.database();
+    let victim = format!("{p}_victim");
+    let victim_pw = password();
+    let mut admin = db.admin_conn().await;
+    for statement in [
+        format!("CREATE TABLE `{d}`.{p}_items (x INT)"),
+        format!("INSERT INTO `{d}`.{p}_items VALUES (8)"),
+        format!("CREATE TABLE `{d}`.`{p}_Odd-Name` (x INT)"),
+        format!("INSERT INTO `{d}`.`{p}_Odd-Name` VALUES (7)"),
+        format!("CREATE TABLE `{d}`.{p}_secret (x INT)"),
+        format!(
+            "CREATE USER '{victim}'@'%' IDENTIFIED BY '{}'",
+            victim_pw.expose_secret()
+        ),
+    ] {
+        admin.query_drop(statement).await.expect("fixture");
+    }
+    admin.disconnect().await.expect("disconnect");
+
+    let user = format!("{p}_u");
+    let pw = password();
+    for bad in [
+        format!("SELECT ON `{d}`.*/**/TO/**/'{victim}'@'%'#"),
+        format!("SELECT ON `{d}`.* TO '{victim}'@'%'"),
+        format!("SELECT ON `{d}`.*; DROP USER '{victim}'@'%'"),
+        format!("SELECT ON `{d}`.* -- x"),
+        format!("SELECT ON '{d}'.*"),
+        "SELECT ON *.*".to_owned(),
+    ] {
+        let privileges = Privileges {
+            member_of: vec![],
+            grants: vec![bad.clone()],
+        };
+        let err = b
+            .issue(&issue(&user, IssueMode::CreateUser, &pw, privileges))
+            .await
+            .expect_err(&bad);
+        assert!(
+            matches!(&err, BackendError::Invalid(m)
+                if m.contains(&format!("grant {bad:?} is not accepted"))),
+            "{bad}: {err:?}"
+        );
+    }
+    assert!(b.list_users(&user).await.expect("list").is_empty());
+    // With any privilege on the database the victim could log in with it as default.
+    assert!(
+        !can_connect(db, &victim, &victim_pw).await,
+        "the victim was granted nothing"
+    );
+
+    let privileges = Privileges {
+        member_of: vec![],
+        grants: vec![
+            format!("select ON {d}.`{p}_Odd-Name`"),
+            format!("SELECT, INSERT ON `{d}`.{p}_items"),
+        ],
+    };
+    b.issue(&issue(&user, IssueMode::CreateUser, &pw, privileges))
+        .await
+        .expect("valid grants");
+    let mut conn = db
+        .connect_as(&user, pw.expose_secret())
+        .await
+        .expect("login");
+    let n: Option<i32> = conn
+        .query_first(format!("SELECT x FROM `{d}`.`{p}_Odd-Name`"))
+        .await
+        .expect("quoted table readable");
+    assert_eq!(n, Some(7));
+    conn.query_drop(format!("INSERT INTO `{d}`.{p}_items VALUES (9)"))
+        .await
+        .expect("insert granted");
+    assert!(
+        conn.query_drop(format!("SELECT * FROM `{d}`.{p}_secret"))
+            .await
+            .is_err(),
+        "not granted"
+    );
+    let _ = conn.disconnect().await;
+    b.revoke(&revoke(
+        &user,
+        RevokeMode::DropUser,
+        DrainSessions::Terminate,
+    ))
+    .await
+    .expect("drop");
+    b.close().await;
+}
+
+/// InPlace only changes the password of an existing user: a mistyped name is refused
+/// naming the user (not transient), and no account is created.
+#[tokio::test]
+async fn in_place_never_creates_a_user() {
+    let db = MariaDbServer::shared().await;
+    let b = backend(db);
+    let user = unique_name("inplace_typo_");
+    let pw = password();
+    let err = b
+        .issue(&issue(
+            &user,
+            IssueMode::ExistingUser,
+            &pw,
+            basic(db.database()),
+        ))
+        .await
+        .expect_err("missing user");
+    assert!(
+        matches!(&err, BackendError::Invalid(m) if m.contains(&format!("{user:?} does not exist"))),
+        "{err:?}"
+    );
+    assert!(!err.is_transient());
+    assert_secret_free(&err, &[pw.expose_secret()]);
+    assert!(b.list_users(&user).await.expect("list").is_empty());
+
+    let mut admin = db.admin_conn().await;
+    admin
+        .query_drop(format!("CREATE USER '{user}'@'%' ACCOUNT LOCK"))
+        .await
+        .expect("the DBA creates the user");
+    admin.disconnect().await.expect("disconnect");
+    b.issue(&issue(
+        &user,
+        IssueMode::ExistingUser,
+        &pw,
+        basic(db.database()),
+    ))
+    .await
+    .expect("existing user");
+    assert!(can_connect(db, &user, &pw).await);
+    b.close().await;
+}
+
+/// A server that refuses the login because the account's connection limit is reached
+/// (1226, as 1040 too many connections) says nothing about the credential: verify is
+/// `Unreachable` (retry later), never `VerificationFailed` (which revokes the new
+/// credential). Once the slot frees up the same credential verifies.
+#[tokio::test]
+async fn exhausted_connections_are_unavailable_not_a_failed_verification() {
+    let db = MariaDbServer::shared().await;
+    let b = backend(db);
+    let user = unique_name("connlimit_");
+    let pw = password();
+    b.issue(&issue(
+        &user,
+        IssueMode::CreateUser,
+        &pw,
+        basic(db.database()),
+    ))
+    .await
+    .expect("issue");
+    let mut admin = db.admin_conn().await;
+    admin
+        .query_drop(format!(
+            "ALTER USER '{user}'@'%' WITH MAX_USER_CONNECTIONS 1"
+        ))
+        .await
+        .expect("limit");
+    admin.disconnect().await.expect("disconnect");
+    let held = db
+        .connect_as(&user, pw.expose_secret())
+        .await
+        .expect("the one allowed session");
+    let err = b
+        .verify(&verify(&user, &pw))
+        .await
+        .expect_err("no connection slot left");
+    assert!(matches!(&err, BackendError::Unreachable(_)), "{err:?}");
+    assert!(err.is_transient());
+    assert_secret_free(&err, &[pw.expose_secret()]);
+
+    held.disconnect().await.expect("disconnect");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match b.verify(&verify(&user, &pw)).await {
+            Ok(()) => break,
+            Err(BackendError::Unreachable(_)) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    b.close().await;
+}
+
+/// The account host part comes from the target (`'app'@'127.0.0.1'`, not always
+/// `'app'@'%'`): the existing account is the one rotated, looked up, verified, locked
+/// and dropped, and no `'%'` twin appears. A backend with the default `%` does not see
+/// that account.
+#[tokio::test]
+async fn account_host_is_used_for_every_statement() {
+    let db = MariaDbServer::shared().await;
+    let user = unique_name("acct_host_");
+    let mut admin = db.admin_conn().await;
+    admin
+        .query_drop(format!("CREATE USER '{user}'@'127.0.0.1' ACCOUNT LOCK"))
+        .await
+        .expect("the DBA's account");
+    let count_host = |host: &'static str| {
+        let user = user.clone();
+        async move {
+            let mut admin = db.admin_conn().await;
+            let n: Option<u64> = admin
+                .exec_first(
+                    "SELECT COUNT(*) FROM mysql.user WHERE User = ? AND Host = ?",
+                    (user, host),
+                )
+                .await
+                .expect("count");
+            admin.disconnect().await.expect("disconnect");
+            n.unwrap_or(0)
+        }
+    };
+
+    let default = backend(db);
+    let pw = password();
+    let err = default
+        .issue(&issue(
+            &user,
+            IssueMode::ExistingUser,
+            &pw,
+            basic(db.database()),
+        ))
+        .await
+        .expect_err("no 'user'@'%'");
+    assert!(matches!(err, BackendError::Invalid(_)), "{err:?}");
+    assert!(default.list_users(&user).await.expect("list").is_empty());
+    default.close().await;
+
+    let mut t = target(db);
+    t.account_host = "127.0.0.1".into();
+    let b = MySqlBackend::new(t).expect("backend");
+    b.issue(&issue(
+        &user,
+        IssueMode::ExistingUser,
+        &pw,
+        basic(db.database()),
+    ))
+    .await
+    .expect("rotate the 127.0.0.1 account");
+    assert_eq!(count_host("%").await, 0, "no '%' twin");
+    assert!(can_connect(db, &user, &pw).await);
+    b.verify(&verify(&user, &pw)).await.expect("verify");
+    assert!(
+        b.can_login(&CredentialId(user.clone()))
+            .await
+            .expect("can_login")
+    );
+    assert_eq!(
+        b.list_users(&user).await.expect("list"),
+        vec![CredentialId(user.clone())]
+    );
+    assert_eq!(
+        b.revoke(&revoke(
+            &user,
+            RevokeMode::DropUser,
+            DrainSessions::Terminate
+        ))
+        .await
+        .expect("drop"),
+        RevokeOutcome::Revoked
+    );
+    assert_eq!(count_host("127.0.0.1").await, 0, "dropped");
+    b.close().await;
+
+    // A pattern the client does not match: the account exists, login is refused.
+    let mut t = target(db);
+    t.account_host = "10.%".into();
+    let b = MySqlBackend::new(t).expect("backend");
+    b.issue(&issue(
+        &user,
+        IssueMode::CreateUser,
+        &pw,
+        basic(db.database()),
+    ))
+    .await
+    .expect("create 'user'@'10.%'");
+    assert_eq!(count_host("10.%").await, 1);
+    let err = b
+        .verify(&verify(&user, &pw))
+        .await
+        .expect_err("not from 10.%");
+    assert!(
+        matches!(err, BackendError::VerificationFailed(_)),
+        "{err:?}"
+    );
+    b.revoke(&revoke(&user, RevokeMode::DropUser, DrainSessions::Ignore))
+        .await
+        .expect("drop");
+    assert_eq!(count_host("10.%").await, 0);
+    b.close().await;
+
+    let mut t = target(db);
+    t.account_host = "%' OR '1".into();
+    assert!(matches!(
+        MySqlBackend::new(t),
+        Err(BackendError::Invalid(_))
+    ));
+    admin.disconnect().await.expect("disconnect");
+}
+
+/// A reused user (AlternatingUsers' idle user, InPlace's user) ends up with the spec's
+/// database- and table-level privileges: a grant removed from the spec is revoked at
+/// the next issue.
+#[tokio::test]
+async fn removed_grants_are_revoked_on_reused_users() {
+    let db = MariaDbServer::shared().await;
+    let b = backend(db);
+    let p = unique_name("regrant_");
+    let d = db.database();
+    let mut admin = db.admin_conn().await;
+    for statement in [
+        format!("CREATE TABLE `{d}`.{p}_kept (x INT)"),
+        format!("CREATE TABLE `{d}`.{p}_dropped (x INT)"),
+        format!("CREATE TABLE `{d}`.{p}_other (x INT)"),
+    ] {
+        admin.query_drop(statement).await.expect("fixture");
+    }
+    admin.disconnect().await.expect("disconnect");
+    let grants = |list: &[String]| Privileges {
+        member_of: vec![],
+        grants: list.to_vec(),
+    };
+    let wide = grants(&[
+        format!("SELECT ON `{d}`.*"),
+        format!("SELECT, INSERT ON `{d}`.{p}_kept"),
+        format!("SELECT ON `{d}`.{p}_dropped"),
+    ]);
+    let narrow = grants(&[format!("SELECT ON `{d}`.{p}_kept")]);
+    let works = |user: String, pw: SecretString, sql: String| async move {
+        let mut conn = db
+            .connect_as(&user, pw.expose_secret())
+            .await
+            .expect("login");
+        let ok = conn.query_drop(sql).await.is_ok();
+        let _ = conn.disconnect().await;
+        ok
+    };
+
+    for (user, mode) in [
+        (format!("{p}_a"), IssueMode::SetPassword),
+        (format!("{p}_app"), IssueMode::ExistingUser),
+    ] {
+        if mode == IssueMode::ExistingUser {
+            let mut admin = db.admin_conn().await;
+            admin
+                .query_drop(format!("CREATE USER '{user}'@'%'"))
+                .await
+                .expect("the DBA's user");
+            admin.disconnect().await.expect("disconnect");
+        }
+        let pw = password();
+        b.issue(&issue(&user, mode, &pw, wide.clone()))
+            .await
+            .expect("first");
+        assert!(
+            works(
+                user.clone(),
+                pw.clone(),
+                format!("SELECT * FROM `{d}`.{p}_other")
+            )
+            .await
+        );
+        b.revoke(&revoke(
+            &user,
+            RevokeMode::DisableLogin,
+            DrainSessions::Terminate,
+        ))
+        .await
+        .expect("idle");
+        let pw = password();
+        b.issue(&issue(&user, mode, &pw, narrow.clone()))
+            .await
+            .expect("reused");
+        assert!(
+            works(
+                user.clone(),
+                pw.clone(),
+                format!("SELECT * FROM `{d}`.{p}_kept")
+            )
+            .await
+        );
+        for sql in [
+            format!("SELECT * FROM `{d}`.{p}_other"),
+            format!("SELECT * FROM `{d}`.{p}_dropped"),
+            format!("INSERT INTO `{d}`.{p}_kept VALUES (1)"),
+        ] {
+            assert!(
+                !works(user.clone(), pw.clone(), sql.clone()).await,
+                "{mode:?}: {sql}"
+            );
+        }
+    }
+    b.close().await;
+}

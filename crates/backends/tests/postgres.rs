@@ -848,3 +848,305 @@ async fn missing_admin_privileges_are_named() {
         "{err}"
     );
 }
+
+/// Grants are parsed and rebuilt with quoted names: the documented forms work against
+/// the server (quoted mixed-case names included), and anything spliced-looking
+/// (comments, `;`, `TO`, string quotes) is refused naming the grant before any
+/// statement runs.
+#[tokio::test]
+async fn grants_are_parsed_not_spliced() {
+    let pg = PostgresServer::shared().await;
+    let b = backend(pg);
+    let p = unique_name("grants_");
+    let admin = pg.admin_client().await;
+    admin
+        .batch_execute(&format!(
+            "CREATE SCHEMA {p}_s;
+             CREATE TABLE {p}_s.\"Orders\" (x int); INSERT INTO {p}_s.\"Orders\" VALUES (7);
+             CREATE TABLE {p}_s.items (x int); INSERT INTO {p}_s.items VALUES (8);
+             CREATE TABLE {p}_s.secret (x int);
+             CREATE ROLE {p}_victim NOLOGIN;"
+        ))
+        .await
+        .expect("fixture");
+
+    let user = format!("{p}_u");
+    let pw = password();
+    for bad in [
+        format!("SELECT ON TABLE {p}_s.items/**/TO/**/{p}_victim"),
+        format!("SELECT ON TABLE {p}_s.items TO {p}_victim"),
+        format!("SELECT ON TABLE {p}_s.items; DROP TABLE {p}_s.items"),
+        format!("SELECT ON TABLE {p}_s.items -- x"),
+        format!("SELECT ON TABLE '{p}_s.items'"),
+        format!("SELECT ON TABLE {p}_s.items WITH GRANT OPTION"),
+    ] {
+        let privileges = Privileges {
+            member_of: vec![],
+            grants: vec![format!("USAGE ON SCHEMA {p}_s"), bad.clone()],
+        };
+        let err = b
+            .issue(&issue(&user, IssueMode::CreateUser, &pw, privileges))
+            .await
+            .expect_err(&bad);
+        assert!(
+            matches!(&err, BackendError::Invalid(m)
+                if m.contains(&format!("grant {bad:?} is not accepted"))),
+            "{bad}: {err:?}"
+        );
+        assert!(b.list_users(&user).await.expect("list").is_empty(), "{bad}");
+    }
+
+    let privileges = Privileges {
+        member_of: vec![],
+        grants: vec![
+            format!("usage ON SCHEMA {p}_s"),
+            format!("SELECT ON {p}_s.\"Orders\""),
+            format!("SELECT, INSERT ON TABLE {p}_s.items"),
+        ],
+    };
+    b.issue(&issue(&user, IssueMode::CreateUser, &pw, privileges))
+        .await
+        .expect("valid grants");
+    let client = pg
+        .connect_as(&user, pw.expose_secret())
+        .await
+        .expect("login");
+    let n: i32 = client
+        .query_one(&format!("SELECT x FROM {p}_s.\"Orders\""), &[])
+        .await
+        .expect("quoted table readable")
+        .get(0);
+    assert_eq!(n, 7);
+    client
+        .execute(&format!("INSERT INTO {p}_s.items VALUES (9)"), &[])
+        .await
+        .expect("insert granted");
+    assert!(
+        client
+            .query(&format!("SELECT * FROM {p}_s.secret"), &[])
+            .await
+            .is_err(),
+        "not granted"
+    );
+    drop(client);
+
+    let all = Privileges {
+        member_of: vec![],
+        grants: vec![
+            format!("USAGE ON SCHEMA {p}_s"),
+            format!("ALL ON ALL TABLES IN SCHEMA {p}_s"),
+        ],
+    };
+    let user2 = format!("{p}_all");
+    b.issue(&issue(&user2, IssueMode::CreateUser, &pw, all))
+        .await
+        .expect("ALL TABLES IN SCHEMA");
+    let client = pg
+        .connect_as(&user2, pw.expose_secret())
+        .await
+        .expect("login");
+    client
+        .query(&format!("SELECT * FROM {p}_s.secret"), &[])
+        .await
+        .expect("every table");
+    drop(client);
+    for u in [&user, &user2] {
+        b.revoke(&revoke(u, RevokeMode::DropUser, DrainSessions::Terminate))
+            .await
+            .expect("drop");
+    }
+}
+
+/// InPlace only changes the password of an existing user: a mistyped name is refused
+/// naming the user (not a transient error, so the engine does not retry-storm), and no
+/// new LOGIN role appears. An existing user is rotated as before.
+#[tokio::test]
+async fn in_place_never_creates_a_user() {
+    let pg = PostgresServer::shared().await;
+    let b = backend(pg);
+    let user = unique_name("inplace_typo_");
+    let pw = password();
+    let err = b
+        .issue(&issue(
+            &user,
+            IssueMode::ExistingUser,
+            &pw,
+            Privileges::default(),
+        ))
+        .await
+        .expect_err("missing user");
+    assert!(
+        matches!(&err, BackendError::Invalid(m) if m.contains(&format!("{user:?} does not exist"))),
+        "{err:?}"
+    );
+    assert!(!err.is_transient());
+    assert_secret_free(&err, &[pw.expose_secret()]);
+    assert!(b.list_users(&user).await.expect("list").is_empty());
+    assert!(!can_connect(pg, &user, &pw).await);
+
+    pg.admin_client()
+        .await
+        .batch_execute(&format!("CREATE ROLE {user} LOGIN"))
+        .await
+        .expect("the DBA creates the user");
+    b.issue(&issue(
+        &user,
+        IssueMode::ExistingUser,
+        &pw,
+        Privileges::default(),
+    ))
+    .await
+    .expect("existing user");
+    assert!(can_connect(pg, &user, &pw).await);
+}
+
+/// A server that refuses the login because connections are exhausted (53300
+/// too_many_connections, here the role's connection limit held by an open session)
+/// says nothing about the credential: verify is `Unreachable` (retry later), never
+/// `VerificationFailed` (which revokes the new credential). Once the slot frees up
+/// the same credential verifies.
+#[tokio::test]
+async fn exhausted_connections_are_unavailable_not_a_failed_verification() {
+    let pg = PostgresServer::shared().await;
+    let b = backend(pg);
+    let user = unique_name("connlimit_");
+    let pw = password();
+    b.issue(&issue(
+        &user,
+        IssueMode::CreateUser,
+        &pw,
+        Privileges::default(),
+    ))
+    .await
+    .expect("issue");
+    pg.admin_client()
+        .await
+        .batch_execute(&format!("ALTER ROLE {user} CONNECTION LIMIT 1"))
+        .await
+        .expect("limit");
+    let held = pg
+        .connect_as(&user, pw.expose_secret())
+        .await
+        .expect("the one allowed session");
+    let err = b
+        .verify(&verify(&user, &pw))
+        .await
+        .expect_err("no connection slot left");
+    assert!(
+        matches!(&err, BackendError::Unreachable(m) if m.contains("53300")),
+        "{err:?}"
+    );
+    assert!(err.is_transient());
+    assert_secret_free(&err, &[pw.expose_secret()]);
+
+    drop(held);
+    // The server notices the closed session a moment later: wait for the slot.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match b.verify(&verify(&user, &pw)).await {
+            Ok(()) => break,
+            Err(BackendError::Unreachable(_)) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+}
+
+/// A reused user (AlternatingUsers' idle user, InPlace's user) ends up with exactly the
+/// spec's privileges: a grant removed from the spec is revoked at the next issue, in
+/// the same transaction as the new grants, so what stays never goes missing.
+#[tokio::test]
+async fn removed_grants_are_revoked_on_reused_users() {
+    let pg = PostgresServer::shared().await;
+    let b = backend(pg);
+    let p = unique_name("regrant_");
+    let admin = pg.admin_client().await;
+    admin
+        .batch_execute(&format!(
+            "CREATE SCHEMA {p}_s;
+             CREATE TABLE {p}_s.kept (x int); CREATE TABLE {p}_s.dropped (x int);
+             CREATE SCHEMA {p}_other; CREATE TABLE {p}_other.t (x int);"
+        ))
+        .await
+        .expect("fixture");
+    let grants = |list: &[String]| Privileges {
+        member_of: vec![],
+        grants: list.to_vec(),
+    };
+    let wide = grants(&[
+        format!("USAGE ON SCHEMA {p}_s"),
+        format!("SELECT, INSERT ON TABLE {p}_s.kept"),
+        format!("SELECT ON TABLE {p}_s.dropped"),
+        format!("USAGE ON SCHEMA {p}_other"),
+        format!("ALL ON ALL TABLES IN SCHEMA {p}_other"),
+    ]);
+    let narrow = grants(&[
+        format!("USAGE ON SCHEMA {p}_s"),
+        format!("SELECT ON TABLE {p}_s.kept"),
+    ]);
+    let reads = |user: String, pw: SecretString, table: String| async move {
+        let client = pg
+            .connect_as(&user, pw.expose_secret())
+            .await
+            .expect("login");
+        client
+            .query(&format!("SELECT * FROM {table}"), &[])
+            .await
+            .is_ok()
+    };
+
+    // AlternatingUsers: the idle user is re-enabled with a new password.
+    let alt = format!("{p}_a");
+    let pw = password();
+    b.issue(&issue(&alt, IssueMode::SetPassword, &pw, wide.clone()))
+        .await
+        .expect("v1");
+    assert!(reads(alt.clone(), pw.clone(), format!("{p}_s.dropped")).await);
+    assert!(reads(alt.clone(), pw.clone(), format!("{p}_other.t")).await);
+    b.revoke(&revoke(
+        &alt,
+        RevokeMode::DisableLogin,
+        DrainSessions::Terminate,
+    ))
+    .await
+    .expect("idle");
+    let pw = password();
+    b.issue(&issue(&alt, IssueMode::SetPassword, &pw, narrow.clone()))
+        .await
+        .expect("v3 reuses the user");
+    assert!(reads(alt.clone(), pw.clone(), format!("{p}_s.kept")).await);
+    assert!(!reads(alt.clone(), pw.clone(), format!("{p}_s.dropped")).await);
+    assert!(!reads(alt.clone(), pw.clone(), format!("{p}_other.t")).await);
+    let client = pg
+        .connect_as(&alt, pw.expose_secret())
+        .await
+        .expect("login");
+    assert!(
+        client
+            .execute(&format!("INSERT INTO {p}_s.kept VALUES (1)"), &[])
+            .await
+            .is_err(),
+        "INSERT was removed from the spec"
+    );
+    drop(client);
+
+    // InPlace: the DBA's user.
+    let own = format!("{p}_app");
+    admin
+        .batch_execute(&format!("CREATE ROLE {own} LOGIN"))
+        .await
+        .expect("the DBA's user");
+    let pw = password();
+    b.issue(&issue(&own, IssueMode::ExistingUser, &pw, wide))
+        .await
+        .expect("first");
+    assert!(reads(own.clone(), pw.clone(), format!("{p}_s.dropped")).await);
+    let pw = password();
+    b.issue(&issue(&own, IssueMode::ExistingUser, &pw, narrow))
+        .await
+        .expect("second");
+    assert!(reads(own.clone(), pw.clone(), format!("{p}_s.kept")).await);
+    assert!(!reads(own.clone(), pw.clone(), format!("{p}_s.dropped")).await);
+    assert!(!reads(own.clone(), pw.clone(), format!("{p}_other.t")).await);
+}

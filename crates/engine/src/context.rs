@@ -298,6 +298,12 @@ impl BackendRegistry {
             port,
             database
         );
+        // The MySQL account host is part of the target: leases on one server with
+        // different host patterns need backends of their own.
+        let target = match (kind, db.account_host.as_deref()) {
+            (DatabaseKind::MySql, Some(host)) => format!("{target}?accountHost={host}"),
+            _ => target,
+        };
         let key = format!(
             "{target}#{:016x}",
             fingerprint(admin.password.expose_secret())
@@ -332,6 +338,9 @@ impl BackendRegistry {
                 );
                 t.tls = tls;
                 t.max_admin_connections = self.max_admin_connections;
+                if let Some(host) = &db.account_host {
+                    t.account_host = host.clone();
+                }
                 Arc::new(MySqlBackend::new(t)?)
             }
         };

@@ -26,6 +26,8 @@ const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// * everything on the application database, with the grant option, to hand out;
 /// * `SELECT` on `mysql.user` and `mysql.global_priv`: to find users (`mysql.user`
 ///   is a view over `mysql.global_priv` since 10.4) and `SHOW CREATE USER` them;
+/// * `SELECT` on `mysql.db` and `mysql.tables_priv`: to see what a reused user holds
+///   and revoke what the spec no longer lists;
 /// * `PROCESS`: to see other users' sessions (without it `PROCESSLIST` only shows the
 ///   admin's own, and draining would wrongly see none);
 /// * `CONNECTION ADMIN` (MariaDB 10.5.2+; `SUPER` before): to `KILL` them;
@@ -38,6 +40,8 @@ pub const ADMIN_GRANTS: &[&str] = &[
     "ALL PRIVILEGES ON `leasehold`.* WITH GRANT OPTION",
     "SELECT ON `mysql`.`user`",
     "SELECT ON `mysql`.`global_priv`",
+    "SELECT ON `mysql`.`db`",
+    "SELECT ON `mysql`.`tables_priv`",
     "UPDATE ON `mysql`.*",
 ];
 
