@@ -146,15 +146,22 @@ pub struct Target {
     pub host: String,
     pub port: u16,
     pub database: String,
+    /// MySQL: the host part of the accounts (`'user'@'<accountHost>'`); `None` is `%`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account_host: Option<String>,
 }
 
 impl Target {
     /// `kind://host:port/database`: the engine's name for the target.
     pub fn key(&self) -> String {
-        format!(
+        let base = format!(
             "{}://{}:{}/{}",
             self.kind, self.host, self.port, self.database
-        )
+        );
+        match &self.account_host {
+            Some(h) => format!("{base}?accountHost={h}"),
+            None => base,
+        }
     }
 
     /// `kind://host:port`: the scope of user names (PostgreSQL roles and MySQL users
@@ -1271,6 +1278,7 @@ mod tests {
                 host: host.into(),
                 port: 5432,
                 database: "app".into(),
+                account_host: None,
             },
         }
     }

@@ -150,6 +150,7 @@ async fn main() {
             host: server.host().into(),
             port: server.port(),
             database: server.database().into(),
+            account_host: None,
             templates: BTreeMap::new(),
             previous_targets: None,
         })

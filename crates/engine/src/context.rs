@@ -115,6 +115,8 @@ pub struct LeaseContext {
     pub host: String,
     pub port: u16,
     pub database: String,
+    /// MySQL: the host part of the accounts (`None`: `%`).
+    pub account_host: Option<String>,
     /// Templates for the delivered Secret / files (empty: defaults).
     pub templates: BTreeMap<String, String>,
     /// Backends for databases that earlier versions were issued on, when the lease has
@@ -136,6 +138,7 @@ impl LeaseContext {
             host: self.host.clone(),
             port: self.port,
             database: self.database.clone(),
+            account_host: self.account_host.clone(),
         }
     }
 
@@ -188,6 +191,7 @@ impl TargetBackends for RegistryTargets {
             &target.host,
             target.port,
             &target.database,
+            target.account_host.as_deref(),
             &self.admin,
             self.tls.clone(),
         )
@@ -277,7 +281,11 @@ impl BackendRegistry {
         tls: leasehold_backends::TlsMode,
     ) -> Result<Arc<dyn Backend>, BackendError> {
         let port = db.port.unwrap_or(kind.default_port());
-        self.get_target(kind, &db.host, port, &db.database, admin, tls)
+        let account_host = match kind {
+            DatabaseKind::MySql => db.account_host.as_deref(),
+            DatabaseKind::Postgres => None,
+        };
+        self.get_target(kind, &db.host, port, &db.database, account_host, admin, tls)
     }
 
     /// [`BackendRegistry::get`] by host, port and database.
@@ -287,6 +295,7 @@ impl BackendRegistry {
         host: &str,
         port: u16,
         database: &str,
+        account_host: Option<&str>,
         admin: &AdminCredentials,
         tls: leasehold_backends::TlsMode,
     ) -> Result<Arc<dyn Backend>, BackendError> {
@@ -300,7 +309,7 @@ impl BackendRegistry {
         );
         // The MySQL account host is part of the target: leases on one server with
         // different host patterns need backends of their own.
-        let target = match (kind, db.account_host.as_deref()) {
+        let target = match (kind, account_host) {
             (DatabaseKind::MySql, Some(host)) => format!("{target}?accountHost={host}"),
             _ => target,
         };
@@ -338,8 +347,8 @@ impl BackendRegistry {
                 );
                 t.tls = tls;
                 t.max_admin_connections = self.max_admin_connections;
-                if let Some(host) = &db.account_host {
-                    t.account_host = host.clone();
+                if let Some(host) = account_host {
+                    t.account_host = host.to_owned();
                 }
                 Arc::new(MySqlBackend::new(t)?)
             }
@@ -432,6 +441,10 @@ pub fn resolve(
         backend,
         kind,
         host: db.host.clone(),
+        account_host: match kind {
+            DatabaseKind::MySql => db.account_host.clone(),
+            DatabaseKind::Postgres => None,
+        },
         port: db.port.unwrap_or(kind.default_port()),
         database: db.database.clone(),
         templates,

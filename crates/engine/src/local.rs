@@ -903,6 +903,10 @@ fn spec_target(spec: &SecretLeaseSpec) -> Option<leasehold_core::Target> {
         host: db.host.clone(),
         port: db.port.unwrap_or(kind.default_port()),
         database: db.database.clone(),
+        account_host: match kind {
+            crate::context::DatabaseKind::MySql => db.account_host.clone(),
+            crate::context::DatabaseKind::Postgres => None,
+        },
     })
 }
 

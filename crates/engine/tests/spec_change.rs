@@ -36,6 +36,7 @@ fn target_of(db: Db<'_>) -> Target {
         host: db.host().into(),
         port: db.port(),
         database: db.database().into(),
+        account_host: None,
     }
 }
 

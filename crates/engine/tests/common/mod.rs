@@ -222,6 +222,7 @@ pub fn context(
         host: host.into(),
         port,
         database: database.into(),
+        account_host: None,
         templates: BTreeMap::new(),
         previous_targets: None,
     }
