@@ -759,7 +759,7 @@ impl Engine {
         let holds_current_user = progress.current().is_some_and(|c| {
             c.version != version
                 && c.credential_id == record.credential_id
-                && c.target().map(Target::server_key) == record.target().map(Target::server_key)
+                && server_of(ctx, c) == server_of(ctx, &record)
         });
         // Revoked where it was issued, even if the lease points elsewhere now.
         let backend = match ctx.backend_for(record.target()) {
@@ -795,15 +795,14 @@ impl Engine {
                 self.fault(FaultPoint::AfterRevoke)?;
                 stores.secrets.remove(&ctx.key, version).await?;
                 progress.versions.retain(|r| r.version != version);
-                let server = |r: &VersionRecord| {
-                    r.target()
-                        .map_or_else(|| ctx.target().server_key(), Target::server_key)
-                };
-                if !progress.versions.iter().any(|r| {
-                    r.credential_id == record.credential_id && server(r) == server(&record)
-                }) {
+                let server = server_of(ctx, &record);
+                if !progress
+                    .versions
+                    .iter()
+                    .any(|r| r.credential_id == record.credential_id && server_of(ctx, r) == server)
+                {
                     self.claims
-                        .release(&server(&record), &record.credential_id, &ctx.key);
+                        .release(&server, &record.credential_id, &ctx.key);
                 }
                 if let Some(h) = progress.history.iter_mut().find(|h| h.version == version) {
                     h.revoked_at = Some(now);
@@ -899,8 +898,7 @@ impl Engine {
     ) -> Result<RevokeOutcome, BackendError> {
         // Only a current version on the same user and server can be put back.
         let Some(current) = progress.current().filter(|c| {
-            c.credential_id == failed.credential_id
-                && c.target().map(Target::server_key) == failed.target().map(Target::server_key)
+            c.credential_id == failed.credential_id && server_of(ctx, c) == server_of(ctx, failed)
         }) else {
             // Nothing to restore to (first issue failed): lock the user out instead.
             return backend
@@ -928,6 +926,13 @@ impl Engine {
             .await?;
         Ok(RevokeOutcome::Revoked)
     }
+}
+
+/// The server a version's user lives on (records without one: the lease's current).
+fn server_of(ctx: &LeaseContext, record: &VersionRecord) -> String {
+    record
+        .target()
+        .map_or_else(|| ctx.target().server_key(), Target::server_key)
 }
 
 /// The delivered files/keys of a version.

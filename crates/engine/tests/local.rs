@@ -271,8 +271,19 @@ async fn a_second_runner_on_the_same_state_file_is_refused() {
     // Reading status needs no lock.
     LocalState::load(&options.state).unwrap();
     // Once the first runner is gone (process exit drops it), the state file is free.
+    // (Other tests in this process start database servers: a child forked at this very
+    // moment holds a copy of the lock's descriptor until it execs, so wait for that.)
     drop(first);
-    LocalRunner::new(options, Engine::new()).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match LocalRunner::new(options.clone(), Engine::new()) {
+            Ok(_) => break,
+            Err(LocalError::Locked { .. }) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await
+            }
+            Err(e) => panic!("the lock was not released: {e}"),
+        }
+    }
 }
 
 #[tokio::test]

@@ -332,3 +332,51 @@ async fn a_new_database_server_revokes_earlier_versions_on_the_old_one() {
         "other leases untouched"
     );
 }
+
+#[tokio::test]
+async fn deleting_after_a_strategy_and_server_change_drops_the_user_where_it_was_issued() {
+    let old = PostgresServer::shared().await;
+    let new = PostgresServer::start().await;
+    let (old_db, new_db) = (Db::Pg(old), Db::Pg(&new));
+    let (other_user, other_pw) = bystander(old_db).await;
+    let key = lease_key("delete-moved");
+    let stores = MemoryStores::default();
+    let engine = Engine::new();
+    let old_ctx = ctx_for(old_db, &key, Strategy::Dynamic);
+    let mut progress = stores.load(&key);
+    engine
+        .reconcile(&old_ctx, &mut progress, &obs(None), stores.stores())
+        .await
+        .unwrap();
+    let v1 = progress.current().unwrap().clone();
+    let pw1 = stores.password(&key, 1).unwrap();
+
+    // Policy now InPlace, lease now on another server, and the lease is deleted before
+    // anything rotated.
+    let mut ctx = ctx_for(new_db, &key, Strategy::InPlace);
+    let targets = KnownTargets::default();
+    targets
+        .0
+        .lock()
+        .unwrap()
+        .push((target_of(old_db), old_ctx.backend.clone()));
+    ctx.previous_targets = Some(Arc::new(targets));
+    let deleting = leasehold_core::rotation::Observations {
+        deleting: true,
+        ..obs(None)
+    };
+    let out = engine
+        .reconcile(&ctx, &mut progress, &deleting, stores.stores())
+        .await
+        .unwrap();
+    assert_eq!(out, Outcome::Finished);
+    assert!(!old_db.can_login(&v1.credential_id, &pw1).await);
+    assert!(
+        !role_exists(old, &v1.credential_id).await,
+        "dropped on the old server"
+    );
+    assert!(
+        old_db.can_login(&other_user, &other_pw).await,
+        "other leases untouched"
+    );
+}
