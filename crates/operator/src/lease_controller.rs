@@ -503,7 +503,13 @@ pub async fn run_lease(
         lease.spec.delivery.clone(),
         ctx.clock.clone(),
     );
-    if !deleting && let Some(message) = delivery.foreign_secret().await? {
+    // Before the first delivery (the lease has never written its Secret): refuse a name
+    // that is taken before any credential is issued. Later deliveries check again at
+    // write time, so a resync costs no extra read.
+    if !deleting
+        && progress.delivered_version.is_none()
+        && let Some(message) = delivery.foreign_secret().await?
+    {
         blocked(&status, lease, deleting, "SecretConflict", message).await?;
         // Secrets the lease does not own are not watched: look again in a while, so
         // deleting the other Secret unblocks the lease without an edit.

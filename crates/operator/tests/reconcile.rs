@@ -216,9 +216,13 @@ async fn apply_resync_and_delete_against_real_postgres() {
             &format!("{SECRETS}/pg-admin"),
             reply(admin_secret(pg)),
         ),
+        // The delivered Secret's name is free (checked before anything is issued).
+        Step::new(Method::GET, &creds_path, |_, _| not_found()),
         Step::new(Method::GET, &versions_path, |_, _| not_found()),
         Step::new(Method::PATCH, &versions_path, echo),
         Step::new(Method::PATCH, &status_path, apply_status).repeated(),
+        // ... and again right before it is written.
+        Step::new(Method::GET, &creds_path, |_, _| not_found()),
         Step::new(Method::PATCH, &creds_path, echo),
         Step::new(Method::PATCH, &status_path, apply_status).repeated(),
     ];
