@@ -30,7 +30,7 @@ use leasehold_engine::context::{AdminCredentials, BackendRegistry, LeaseContext,
 use leasehold_engine::template::{CredentialValues, render};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
-use tracing::{info, instrument};
+use tracing::{info, instrument, warn};
 
 use crate::authz::{Deny, PodIdentity};
 use crate::cluster::ClusterView;
@@ -505,10 +505,13 @@ impl EnginePerPodIssuer {
         })
     }
 
+    /// The files of `record`. The user name is derived from the UIDs, never
+    /// read from the record: the record Secret is writable by others.
     fn credential(
         lease: &SecretLease,
         ctx_facts: (&str, &str, u16, &str),
         record: &PodCredentialRecord,
+        pod_uid: &str,
     ) -> PodCredential {
         let (scheme, host, port, database) = ctx_facts;
         let scheme = if scheme == "mysql" {
@@ -526,7 +529,7 @@ impl EnginePerPodIssuer {
         let files = render(
             &templates,
             &CredentialValues {
-                username: record.meta.username.clone(),
+                username: per_pod_username(lease_uid(lease), pod_uid),
                 password: record.password.clone(),
                 host: host.to_owned(),
                 port,
@@ -573,7 +576,7 @@ impl PerPodIssuer for EnginePerPodIssuer {
             && r.meta.node == request.node
             && now < r.meta.renew_at
         {
-            return Ok(Self::credential(lease, facts, r));
+            return Ok(Self::credential(lease, facts, r, &request.pod.uid));
         }
 
         let ctx = self.context(lease, request.policy).await?;
@@ -626,6 +629,7 @@ impl PerPodIssuer for EnginePerPodIssuer {
             lease,
             (ctx.kind.scheme(), &ctx.host, ctx.port, &ctx.database),
             &record,
+            &request.pod.uid,
         ))
     }
 
@@ -666,9 +670,15 @@ impl PerPodIssuer for EnginePerPodIssuer {
             BrokerError::FailedPrecondition("the lease's RotationPolicy is missing".into())
         })?;
         let ctx = self.context(lease, policy).await?;
+        // Derived, never read from the record: whoever can write Secrets in
+        // the lease's namespace must not be able to make the admin drop a role.
+        let username = per_pod_username(lease_uid(lease), pod_uid);
+        if record.meta.username != username {
+            warn!(recorded = %record.meta.username, user = %username, "pod credential record names another user; ignoring it");
+        }
         ctx.backend
             .revoke(&RevokeRequest {
-                id: CredentialId(record.meta.username.clone()),
+                id: CredentialId(username.clone()),
                 mode: RevokeMode::DropUser,
                 drain: DrainSessions::Terminate,
             })
@@ -677,7 +687,7 @@ impl PerPodIssuer for EnginePerPodIssuer {
         self.store.delete(lease, pod_uid).await?;
         drop(_guard);
         self.forget_lock(lease, pod_uid);
-        info!(user = %record.meta.username, "per-pod credential revoked");
+        info!(user = %username, "per-pod credential revoked");
         Ok(())
     }
 }

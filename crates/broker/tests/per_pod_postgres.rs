@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use leasehold_broker::PodCredentialStore;
 use leasehold_broker::authz::PodIdentity;
 use leasehold_broker::per_pod::{PerPodRequest, per_pod_username};
 use leasehold_broker::{
@@ -17,17 +18,35 @@ use leasehold_testkit::PostgresServer;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::json;
 
-#[tokio::test]
-async fn per_pod_user_is_issued_verified_reused_and_dropped() {
-    let pg = PostgresServer::shared().await;
+struct Fixture {
+    pg: &'static PostgresServer,
+    lease_uid: String,
+    cluster: Arc<MemoryCluster>,
+    lease: leasehold_api::SecretLease,
+    policy: leasehold_api::RotationPolicy,
+    store: Arc<MemoryPodCredentialStore>,
+    issuer: EnginePerPodIssuer,
+}
+
+fn unique_uuid() -> String {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_nanos();
-    let lease_uid = format!(
-        "{:012x}-0000-4000-8000-000000000000",
-        nanos & 0xffff_ffff_ffff
-    );
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed) as u128;
+    format!(
+        "{:012x}-0000-4000-8000-{:012x}",
+        (nanos + n) & 0xffff_ffff_ffff,
+        n
+    )
+}
+
+/// A per-pod lease on the shared PostgreSQL with `policy_spec` (merged over a
+/// 2 h Dynamic policy).
+async fn fixture_with(policy_spec: serde_json::Value) -> Fixture {
+    let pg = PostgresServer::shared().await;
+    let lease_uid = unique_uuid();
     let cluster = Arc::new(MemoryCluster::new());
     cluster.put_secret(
         "shop",
@@ -49,14 +68,64 @@ async fn per_pod_user_is_issued_verified_reused_and_dropped() {
         },
     }))
     .unwrap();
+    let mut spec = json!({"ttl": "2h", "strategy": "Dynamic", "renewBefore": "40m"});
+    for (k, v) in policy_spec.as_object().unwrap() {
+        spec[k] = v.clone();
+    }
     let policy: leasehold_api::RotationPolicy = serde_json::from_value(json!({
         "apiVersion": "leasehold.dev/v1alpha1", "kind": "RotationPolicy",
         "metadata": {"namespace": "shop", "name": "p"},
-        "spec": {"ttl": "2h", "strategy": "Dynamic", "renewBefore": "40m"},
+        "spec": spec,
     }))
     .unwrap();
     let store = Arc::new(MemoryPodCredentialStore::new());
     let issuer = EnginePerPodIssuer::new(cluster.clone(), store.clone(), BackendRegistry::new(2));
+    Fixture {
+        pg,
+        lease_uid,
+        cluster,
+        lease,
+        policy,
+        store,
+        issuer,
+    }
+}
+
+async fn fixture() -> Fixture {
+    fixture_with(json!({})).await
+}
+
+fn pod(name: &str) -> PodIdentity {
+    PodIdentity {
+        namespace: "shop".into(),
+        name: name.into(),
+        uid: unique_uuid(),
+        service_account: "web".into(),
+    }
+}
+
+/// Whether a role exists (as the admin sees pg_roles).
+async fn role_exists(pg: &PostgresServer, role: &str) -> bool {
+    let rows = pg
+        .admin_client()
+        .await
+        .query("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&role])
+        .await
+        .unwrap();
+    !rows.is_empty()
+}
+
+#[tokio::test]
+async fn per_pod_user_is_issued_verified_reused_and_dropped() {
+    let Fixture {
+        pg,
+        lease_uid,
+        lease,
+        policy,
+        store,
+        issuer,
+        ..
+    } = fixture().await;
     let pod = PodIdentity {
         namespace: "shop".into(),
         name: "web-0".into(),
@@ -118,4 +187,45 @@ async fn per_pod_user_is_issued_verified_reused_and_dropped() {
         .await
         .unwrap();
     assert_eq!(issuer.latest_version(&lease, &pod.uid).await.unwrap(), None);
+}
+
+/// Release drops the user derived from the UIDs, never the one a (writable)
+/// record Secret names; Issue hands out the derived name too.
+#[tokio::test]
+async fn tampered_record_cannot_make_the_admin_drop_another_role() {
+    let f = fixture().await;
+    let pod = pod("web-0");
+    let request = PerPodRequest {
+        lease: &f.lease,
+        policy: &f.policy,
+        pod: &pod,
+        node: "node-a",
+    };
+    f.issuer.issue(&request).await.unwrap();
+    let own = per_pod_username(&f.lease_uid, &pod.uid);
+
+    let victim = leasehold_testkit::unique_name("victim");
+    f.pg.admin_client()
+        .await
+        .batch_execute(&format!("CREATE ROLE {victim} LOGIN PASSWORD 'victim-pw'"))
+        .await
+        .unwrap();
+    let mut record = f.store.get(&f.lease, &pod.uid).await.unwrap().unwrap();
+    record.meta.username = victim.clone();
+    f.store.put(&f.lease, &record).await.unwrap();
+
+    let again = f.issuer.issue(&request).await.unwrap();
+    assert_eq!(again.files.0["username"].expose_secret(), own);
+
+    f.issuer
+        .release(&f.lease, Some(&f.policy), &pod.uid, "node-a")
+        .await
+        .unwrap();
+    assert!(role_exists(f.pg, &victim).await, "the named role survives");
+    f.pg.connect_as(&victim, "victim-pw").await.unwrap();
+    assert!(
+        !role_exists(f.pg, &own).await,
+        "the pod's own user is dropped"
+    );
+    drop(f.cluster);
 }
