@@ -7,6 +7,7 @@
 //! - [`consumers`]: `status.consumers` of leases, coalesced server-side apply.
 //! - [`per_pod`]: credentials of `perPod` leases, one database user per pod.
 //! - [`service`]: the tonic service [`BrokerService`].
+//! - [`sweep`]: revokes per-pod users of pods that no longer exist (called by the controller).
 //! - [`tls`] and [`server`]: TLS material that works out of the box, and serving.
 //!
 //! ```no_run
@@ -47,6 +48,7 @@ pub mod metrics;
 pub mod per_pod;
 pub mod server;
 pub mod service;
+pub mod sweep;
 pub mod tls;
 
 pub use authz::{Deny, NodeDriverAccount};

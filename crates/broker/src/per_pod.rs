@@ -147,6 +147,8 @@ pub trait PodCredentialStore: Send + Sync {
     ) -> Result<(), BrokerError>;
     /// Removes it (missing is fine).
     async fn delete(&self, lease: &SecretLease, pod_uid: &str) -> Result<(), BrokerError>;
+    /// The non-secret part of every record of `lease` (for the orphan sweep).
+    async fn list(&self, lease: &SecretLease) -> Result<Vec<PodCredentialMeta>, BrokerError>;
 }
 
 /// The database user of a pod's credential.
@@ -177,7 +179,7 @@ fn lease_ns(lease: &SecretLease) -> &str {
     lease.metadata.namespace.as_deref().unwrap_or_default()
 }
 
-fn lease_uid(lease: &SecretLease) -> &str {
+pub(crate) fn lease_uid(lease: &SecretLease) -> &str {
     lease.metadata.uid.as_deref().unwrap_or_default()
 }
 
@@ -308,6 +310,19 @@ impl PodCredentialStore for KubePodCredentialStore {
             )),
         }
     }
+
+    async fn list(&self, lease: &SecretLease) -> Result<Vec<PodCredentialMeta>, BrokerError> {
+        let selector = format!("{LEASE_UID_LABEL}={}", short_uid(lease_uid(lease)));
+        let secrets = Api::<Secret>::namespaced(self.client.clone(), lease_ns(lease))
+            .list(&kube::api::ListParams::default().labels(&selector))
+            .await
+            .map_err(|e| BrokerError::kube("cannot list pod credential records", &e))?;
+        Ok(secrets
+            .items
+            .iter()
+            .filter_map(|s| record_from_secret(s).map(|r| r.meta))
+            .collect())
+    }
 }
 
 /// An in-memory [`PodCredentialStore`] (tests, or a broker without persistence).
@@ -370,6 +385,18 @@ impl PodCredentialStore for MemoryPodCredentialStore {
             .remove(&key);
         Ok(())
     }
+
+    async fn list(&self, lease: &SecretLease) -> Result<Vec<PodCredentialMeta>, BrokerError> {
+        let uid = lease_uid(lease);
+        Ok(self
+            .records
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|((l, _), _)| l == uid)
+            .map(|(_, r)| r.meta.clone())
+            .collect())
+    }
 }
 
 fn backend_error(what: &str, e: &BackendError) -> BrokerError {
@@ -391,7 +418,7 @@ fn add(t: Timestamp, d: std::time::Duration) -> Timestamp {
 /// the lease's privileges, a login test, and `DROP` on release.
 pub struct EnginePerPodIssuer {
     cluster: Arc<dyn ClusterView>,
-    store: Arc<dyn PodCredentialStore>,
+    pub(crate) store: Arc<dyn PodCredentialStore>,
     registry: BackendRegistry,
     /// Serialises work on one pod's credential.
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -419,7 +446,11 @@ impl EnginePerPodIssuer {
         }
     }
 
-    fn lock_for(&self, lease: &SecretLease, pod_uid: &str) -> Arc<tokio::sync::Mutex<()>> {
+    pub(crate) fn lock_for(
+        &self,
+        lease: &SecretLease,
+        pod_uid: &str,
+    ) -> Arc<tokio::sync::Mutex<()>> {
         let key = format!("{}/{pod_uid}", lease_uid(lease));
         self.locks
             .lock()
@@ -429,7 +460,7 @@ impl EnginePerPodIssuer {
             .clone()
     }
 
-    fn forget_lock(&self, lease: &SecretLease, pod_uid: &str) {
+    pub(crate) fn forget_lock(&self, lease: &SecretLease, pod_uid: &str) {
         let key = format!("{}/{pod_uid}", lease_uid(lease));
         self.locks
             .lock()
@@ -437,7 +468,7 @@ impl EnginePerPodIssuer {
             .remove(&key);
     }
 
-    async fn context(
+    pub(crate) async fn context(
         &self,
         lease: &SecretLease,
         policy: &RotationPolicy,
@@ -601,27 +632,57 @@ impl PerPodIssuer for EnginePerPodIssuer {
         // Recorded first: whatever happens next, Release can find the user.
         self.store.put(lease, &record).await?;
         let id = CredentialId(record.meta.username.clone());
-        ctx.backend
-            .issue(&IssueRequest {
-                id: id.clone(),
-                mode: IssueMode::CreateUser,
-                password: record.password.clone(),
-                valid_until: Some(record.meta.expires_at),
-                privileges: ctx.privileges.clone(),
-            })
-            .await
-            .map_err(|e| backend_error("cannot create the pod's user", &e))?;
-        ctx.backend
-            .verify(&VerifyRequest {
-                id,
-                password: record.password.clone(),
-                query: ctx.verify_query.clone(),
-                timeout: ctx.verify_timeout,
-            })
-            .await
-            .map_err(|e| {
-                BrokerError::Unavailable(format!("the pod's credential did not verify: {e}"))
-            })?;
+        let created = async {
+            ctx.backend
+                .issue(&IssueRequest {
+                    id: id.clone(),
+                    mode: IssueMode::CreateUser,
+                    password: record.password.clone(),
+                    valid_until: Some(record.meta.expires_at),
+                    privileges: ctx.privileges.clone(),
+                })
+                .await
+                .map_err(|e| backend_error("cannot create the pod's user", &e))?;
+            ctx.backend
+                .verify(&VerifyRequest {
+                    id: id.clone(),
+                    password: record.password.clone(),
+                    query: ctx.verify_query.clone(),
+                    timeout: ctx.verify_timeout,
+                })
+                .await
+                .map_err(|e| {
+                    BrokerError::Unavailable(format!("the pod's credential did not verify: {e}"))
+                })
+        }
+        .await;
+        if let Err(error) = created {
+            // A pod that never held a working credential gets none: drop what
+            // may have been created instead of leaving it to a Release that
+            // may never come. (A renewal keeps its record: the volume is
+            // published, and its unpublish releases it.)
+            let held_before = existing.as_ref().is_some_and(|r| r.meta.verified);
+            if !held_before {
+                match ctx
+                    .backend
+                    .revoke(&RevokeRequest {
+                        id,
+                        mode: RevokeMode::DropUser,
+                        drain: DrainSessions::Terminate,
+                    })
+                    .await
+                {
+                    Ok(_) => {
+                        self.store.delete(lease, &request.pod.uid).await?;
+                        info!(user = %record.meta.username, "unverified per-pod user dropped");
+                    }
+                    Err(e) => {
+                        warn!(user = %record.meta.username, error = %e, "cannot drop the unverified per-pod user; its record stays for Release and the sweep");
+                    }
+                }
+            }
+            return Err(error);
+        }
         record.meta.verified = true;
         self.store.put(lease, &record).await?;
         info!(user = %record.meta.username, generation, "per-pod credential issued and verified");

@@ -229,3 +229,83 @@ async fn tampered_record_cannot_make_the_admin_drop_another_role() {
     );
     drop(f.cluster);
 }
+
+/// An Issue whose login test fails (an error, or no answer within the
+/// verify timeout) leaves neither a user nor a record behind.
+#[tokio::test]
+async fn issue_that_fails_verification_leaves_no_user() {
+    for verify in [
+        json!({"query": "SELECT 1/0"}),
+        json!({"query": "SELECT pg_sleep(5)", "timeout": "1s"}),
+    ] {
+        let f = fixture_with(json!({ "verify": verify })).await;
+        let pod = pod("web-0");
+        let err = f
+            .issuer
+            .issue(&PerPodRequest {
+                lease: &f.lease,
+                policy: &f.policy,
+                pod: &pod,
+                node: "node-a",
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
+        let user = per_pod_username(&f.lease_uid, &pod.uid);
+        assert!(!role_exists(f.pg, &user).await, "{verify}: no user left");
+        assert!(f.store.is_empty(), "{verify}: no record left");
+    }
+}
+
+/// The sweep drops the per-pod users of pods that are gone (with a record, or
+/// without one), and keeps the users of live pods.
+#[tokio::test]
+async fn sweep_drops_users_of_deleted_pods() {
+    let f = fixture().await;
+    let (live, gone) = (pod("web-0"), pod("web-1"));
+    for p in [&live, &gone] {
+        f.issuer
+            .issue(&PerPodRequest {
+                lease: &f.lease,
+                policy: &f.policy,
+                pod: p,
+                node: "node-a",
+            })
+            .await
+            .unwrap();
+    }
+    // A user whose record was lost (deleted by hand, say).
+    let unrecorded = per_pod_username(&f.lease_uid, &unique_uuid());
+    f.pg.admin_client()
+        .await
+        .batch_execute(&format!("CREATE ROLE {unrecorded} LOGIN"))
+        .await
+        .unwrap();
+    let listed_at = jiff::Timestamp::now();
+    let live_uids = std::collections::HashSet::from([live.uid.clone()]);
+
+    let report = f
+        .issuer
+        .sweep_lease(&f.lease, &f.policy, &live_uids, listed_at)
+        .await
+        .unwrap();
+    let gone_user = per_pod_username(&f.lease_uid, &gone.uid);
+    let mut revoked = report.revoked.clone();
+    revoked.sort();
+    let mut expected = vec![gone_user.clone(), unrecorded.clone()];
+    expected.sort();
+    assert_eq!(revoked, expected);
+    assert!(report.failed.is_empty());
+    assert!(!role_exists(f.pg, &gone_user).await);
+    assert!(!role_exists(f.pg, &unrecorded).await);
+    assert!(role_exists(f.pg, &per_pod_username(&f.lease_uid, &live.uid)).await);
+    assert_eq!(f.store.len(), 1, "only the live pod's record stays");
+
+    // Nothing left to do.
+    let again = f
+        .issuer
+        .sweep_lease(&f.lease, &f.policy, &live_uids, listed_at)
+        .await
+        .unwrap();
+    assert!(again.revoked.is_empty());
+}

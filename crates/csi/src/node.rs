@@ -234,6 +234,19 @@ pub fn renew_at(
     now.checked_add(wait).unwrap_or(expires_at)
 }
 
+/// Whether a failed `Issue` may have left something issued on the broker's
+/// side: anything but a refusal the broker decides before issuing.
+fn may_have_issued(error: &BrokerError) -> bool {
+    use tonic::Code;
+    match error {
+        BrokerError::Unavailable(_) | BrokerError::InvalidResponse(_) => true,
+        BrokerError::Refused { code, .. } => !matches!(
+            code,
+            Code::InvalidArgument | Code::Unauthenticated | Code::PermissionDenied | Code::NotFound
+        ),
+    }
+}
+
 fn validate_volume_id(id: &str) -> Result<(), String> {
     let ok = !id.is_empty()
         && id.len() <= 128
@@ -369,6 +382,13 @@ impl NodeService {
             set: &self.inner.in_flight,
             volume_id: volume_id.to_owned(),
         })
+    }
+
+    fn is_published(&self, volume_id: &str) -> bool {
+        self.inner
+            .published
+            .lock()
+            .is_ok_and(|set| set.contains(volume_id))
     }
 
     fn mark_published(&self, volume_id: &str, published: bool) {
@@ -525,10 +545,21 @@ impl NodeService {
         held_version: u64,
         already_mounted: bool,
     ) -> Result<(), PublishError> {
-        let credential = self
+        let credential = match self
             .broker_call(self.inner.broker.issue(&volume, token, held_version))
             .await
-            .map_err(PublishError::Broker)?;
+        {
+            Ok(c) => c,
+            Err(e) => {
+                if may_have_issued(&e) {
+                    // The broker may have created something (a per-pod user)
+                    // before failing or before we gave up waiting: release it,
+                    // now or from the background retry loop.
+                    self.release_after_failed_issue(&volume, &target, gid).await;
+                }
+                return Err(PublishError::Broker(e));
+            }
+        };
         let version = credential.version;
         if let Err(e) = self
             .place(&volume, credential, target.clone(), gid, !already_mounted)
@@ -554,9 +585,49 @@ impl NodeService {
             return Err(e);
         }
         self.mark_published(&volume.volume_id, true);
+        // An earlier failed attempt may have queued a release: this credential supersedes it.
+        if let Err(e) = self
+            .inner
+            .state
+            .remove(RecordKind::PendingRelease, &volume.volume_id)
+        {
+            warn!(error = %error_chain(&e), "remove a superseded pending release");
+        }
         info!(version, "volume published");
         self.acknowledge(&volume, version).await;
         Ok(())
+    }
+
+    /// Best-effort `Release` after a failed `Issue`; on failure it is queued
+    /// for [`Self::retry_pending_releases`].
+    async fn release_after_failed_issue(
+        &self,
+        volume: &VolumeRef,
+        target: &Path,
+        gid: Option<u32>,
+    ) {
+        match self.broker_call(self.inner.broker.release(volume)).await {
+            Ok(()) => debug!("released after a failed issue"),
+            Err(e) => {
+                warn!(error = %e, "release after a failed issue failed; will retry in the background");
+                let now = Timestamp::now();
+                let record = VolumeRecord {
+                    volume_id: volume.volume_id.clone(),
+                    target_path: target.to_path_buf(),
+                    lease: volume.lease.clone(),
+                    pod: volume.pod.clone(),
+                    node_name: volume.node_name.clone(),
+                    version: 0,
+                    expires_at: now,
+                    renew_at: now,
+                    gid,
+                    updated_at: now,
+                };
+                if let Err(se) = self.inner.state.save(RecordKind::PendingRelease, &record) {
+                    error!(error = %error_chain(&se), "cannot queue the release after a failed issue");
+                }
+            }
+        }
     }
 
     /// Mounts (when asked), writes the files and saves the record.
@@ -831,6 +902,24 @@ impl NodeService {
                     continue;
                 }
             };
+            // Never concurrently with a publish of the same volume, and never
+            // for a volume published again since (the release would take its
+            // credential away).
+            let Some(_guard) = self.guard(&record.volume_id) else {
+                remaining += 1;
+                continue;
+            };
+            if self.is_published(&record.volume_id) {
+                debug!(volume_id = %record.volume_id, "volume published again; pending release dropped");
+                if let Err(e) = self
+                    .inner
+                    .state
+                    .remove(RecordKind::PendingRelease, &record.volume_id)
+                {
+                    warn!(error = %error_chain(&e), "remove pending release");
+                }
+                continue;
+            }
             match self
                 .broker_call(self.inner.broker.release(&record.volume_ref()))
                 .await

@@ -526,3 +526,78 @@ async fn restart_resumes_from_metadata_without_issue() {
     unmount_all_under(dir.path());
     assert_no_secrets_in_logs();
 }
+
+/// An Issue that fails after the broker may have created something (here: no
+/// answer within the driver's deadline, then a broker that is down) is
+/// released at once or, failing that, by the background retry; a later
+/// successful publish of the volume supersedes a queued release.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_issue_is_released_now_or_in_the_background() {
+    if skip_unless_root("failed_issue_is_released_now_or_in_the_background") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = FakeBroker::start().await;
+    broker.state.lock().unwrap().issue_delay = Duration::from_secs(3);
+    let target = target_under(dir.path(), "pod-orphan");
+    let mut d = start_driver_with(dir.path(), &broker, |c| {
+        c.broker_timeout = Duration::from_millis(500);
+    })
+    .await;
+
+    // Timed out: released right away.
+    let err = d
+        .node
+        .node_publish_volume(Pub::new("csi-orphan-1", &target).build())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert_eq!(broker.releases(), vec!["csi-orphan-1".to_owned()]);
+    assert!(mounts_at(&target).is_empty());
+
+    // Broker down: the release is queued and retried.
+    broker.state.lock().unwrap().issue_delay = Duration::ZERO;
+    broker.stop().await;
+    let err = d
+        .node
+        .node_publish_volume(Pub::new("csi-orphan-2", &target).build())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    broker.restart().await;
+    assert_eq!(d.service.retry_pending_releases().await, 0);
+    assert_eq!(
+        broker.releases(),
+        vec!["csi-orphan-1".to_owned(), "csi-orphan-2".to_owned()]
+    );
+    assert_eq!(d.service.retry_pending_releases().await, 0, "done once");
+    assert_eq!(broker.releases().len(), 2);
+
+    // Queued, then published successfully: the queued release is dropped.
+    broker.stop().await;
+    assert!(
+        d.node
+            .node_publish_volume(Pub::new("csi-orphan-3", &target).build())
+            .await
+            .is_err()
+    );
+    broker.restart().await;
+    d.node
+        .node_publish_volume(Pub::new("csi-orphan-3", &target).build())
+        .await
+        .unwrap();
+    assert_eq!(d.service.retry_pending_releases().await, 0);
+    assert_eq!(
+        broker.releases().len(),
+        2,
+        "the live volume is not released"
+    );
+
+    d.node
+        .node_unpublish_volume(unpublish_req("csi-orphan-3", &target))
+        .await
+        .unwrap();
+    d.stop().await;
+    unmount_all_under(dir.path());
+    assert_no_secrets_in_logs();
+}
