@@ -16,8 +16,9 @@ use tonic::{Request, Response, Status};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::authz::{
-    CallerIdentity, Deny, IssueFacts, NodeDriverAccount, PodIdentity, authorize_issue,
-    authorize_node, authorize_pod_on_node, authorize_pod_placement, namespace_allowed,
+    AcknowledgeFacts, CallerIdentity, Deny, IssueFacts, NodeDriverAccount, PodIdentity,
+    authorize_acknowledge, authorize_issue, authorize_node, authorize_pod_on_node,
+    authorize_pod_placement, namespace_allowed,
 };
 use crate::cluster::{ClusterView, lease_facts, pod_facts, version_password};
 use crate::consumers::{ConsumerRecorder, ObjectRef};
@@ -266,24 +267,11 @@ impl BrokerService {
             access,
             namespace_labels: labels.as_ref(),
         });
-        if let Err(
-            deny @ (Deny::NamespaceNotAllowed { .. }
-            | Deny::ServiceAccountNotAllowed { .. }
-            | Deny::CsiDisabled { .. }),
-        ) = decision
+        if let Err(deny) = &decision
+            && deny.withdraws_access()
         {
-            // The pod lost access (policy or lease changed): it is no longer a consumer
-            // the controller should wait for before revoking old versions.
-            if !lease.spec.per_pod {
-                let _ = self
-                    .recorder
-                    .released(
-                        &lease_ref,
-                        &ObjectRef::new(&requested.namespace, &requested.name),
-                    )
-                    .await;
-            }
-            return Err(deny.into());
+            self.withdraw(&lease, Some(&policy), &lease_ref, &requested, node)
+                .await;
         }
         decision?;
 
@@ -393,8 +381,44 @@ impl BrokerService {
                 namespace: requested.namespace.clone(),
                 name: requested.name.clone(),
             })?;
-        authorize_pod_on_node(&pod_facts(&pod), &requested, node)?;
+        let pod = pod_facts(&pod);
+        authorize_pod_on_node(&pod, &requested, node)?;
         let lease = self.lease(&lease_ref).await?;
+        let policy = self.policy_of(&lease).await?.ok_or_else(|| {
+            BrokerError::FailedPrecondition(format!(
+                "RotationPolicy {}/{} of the lease not found",
+                lease_ref.namespace, lease.spec.policy_ref.name
+            ))
+        })?;
+        let facts = lease_facts(&lease);
+        let access = &policy.spec.access;
+        let labels = if access.namespace_selector.is_some()
+            && !namespace_allowed(&facts, access, &requested.namespace, None)
+        {
+            self.cluster.namespace_labels(&requested.namespace).await?
+        } else {
+            None
+        };
+        // The same rules as Issue: a pod that lost access must not keep
+        // counting as a consumer (nor keep a per-pod user), and a driver may
+        // speak only for volumes its pods really have.
+        let decision = authorize_acknowledge(&AcknowledgeFacts {
+            driver: &self.config.node_driver,
+            caller: &caller,
+            requested: &requested,
+            node,
+            pod: &pod,
+            lease: &facts,
+            access,
+            namespace_labels: labels.as_ref(),
+        });
+        if let Err(deny) = &decision
+            && deny.withdraws_access()
+        {
+            self.withdraw(&lease, Some(&policy), &lease_ref, &requested, node)
+                .await;
+        }
+        decision?;
 
         if lease.spec.per_pod {
             // A pod's own credential is not a lease version: nothing to record.
@@ -429,6 +453,32 @@ impl BrokerService {
         Ok(pb::AcknowledgeResponse {
             latest_version: latest,
         })
+    }
+
+    /// The pod lost access to the lease: it stops counting as a consumer,
+    /// and its per-pod user (if any) is revoked. Best effort: failures are
+    /// logged, the refusal is what the caller gets.
+    async fn withdraw(
+        &self,
+        lease: &SecretLease,
+        policy: Option<&RotationPolicy>,
+        lease_ref: &ObjectRef,
+        pod: &PodIdentity,
+        node: &str,
+    ) {
+        if lease.spec.per_pod {
+            if let Some(issuer) = &self.per_pod
+                && let Err(e) = issuer.release(lease, policy, &pod.uid, node).await
+            {
+                warn!(error = %e, "cannot revoke the per-pod credential of a pod that lost access");
+            }
+        } else if let Err(e) = self
+            .recorder
+            .released(lease_ref, &ObjectRef::new(&pod.namespace, &pod.name))
+            .await
+        {
+            warn!(error = %e, "cannot remove a pod that lost access from the consumers");
+        }
     }
 
     async fn release_inner(

@@ -13,7 +13,7 @@ use jiff::Timestamp;
 use leasehold_api::{RotationPolicy, SecretLease};
 use leasehold_backends::CredentialMaterial;
 use leasehold_broker::per_pod::PerPodRequest;
-use leasehold_broker::{BrokerError, PerPodIssuer, PodCredential};
+use leasehold_broker::{BrokerError, ObjectRef, PerPodIssuer, PodCredential};
 use leasehold_proto::broker::v1 as pb;
 use secrecy::SecretString;
 use tonic::Code;
@@ -511,4 +511,92 @@ async fn per_pod_leases_go_through_the_issuer() {
     // Per-pod credentials are not lease versions: no consumer entries.
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     assert_eq!(b.consumers.writes(), 0);
+}
+
+/// Acknowledge applies Issue's access rules: a pod that lost access is
+/// refused and stops being a consumer; a per-pod lease's user is revoked.
+#[tokio::test]
+async fn acknowledge_applies_the_access_rules() {
+    let fake = Arc::new(FakePerPod::default());
+    let mut b = start_with(Some(fake.clone())).await;
+    let web = web();
+    b.client
+        .acknowledge(with_token(ack_request(&web, "db", 3), Some(&node_token())))
+        .await
+        .unwrap();
+    wait_consumers(&b.consumers, "db", |c| c.len() == 1).await;
+
+    // The policy now admits only service account `api`.
+    b.cluster.put_policy(policy_object(
+        "shop",
+        "open",
+        serde_json::json!({"serviceAccounts": ["api"]}),
+    ));
+    let err = b
+        .client
+        .acknowledge(with_token(ack_request(&web, "db", 3), Some(&node_token())))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("may not use"), "{err:?}");
+    wait_consumers(&b.consumers, "db", <[_]>::is_empty).await;
+
+    let err = b
+        .client
+        .acknowledge(with_token(
+            ack_request(&web, "perpod", 1),
+            Some(&node_token()),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert_eq!(
+        fake.released.load(Ordering::SeqCst),
+        1,
+        "per-pod user revoked"
+    );
+
+    // A lease without CSI delivery.
+    let api = pod_id("shop", "api-0", "api");
+    let err = b
+        .client
+        .acknowledge(with_token(
+            ack_request(&api, "nocsi", 3),
+            Some(&node_token()),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+}
+
+/// A driver may acknowledge only for volumes its pods really have: a pod
+/// without a volume of the lease is refused and never recorded.
+#[tokio::test]
+async fn acknowledge_needs_a_volume_of_the_lease() {
+    let mut b = start().await;
+    let bare = pod_id("shop", "bare-0", "web");
+    let err = b
+        .client
+        .acknowledge(with_token(ack_request(&bare, "db", 3), Some(&node_token())))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("no leasehold volume"), "{err:?}");
+    // A pod of another namespace with a volume of the lease, on this node.
+    let job = pod_id("billing", "job-0", "worker");
+    b.client
+        .acknowledge(with_token(
+            ack_request(&job, "shared", 3),
+            Some(&node_token()),
+        ))
+        .await
+        .unwrap();
+    wait_consumers(&b.consumers, "shared", |c| {
+        c.len() == 1 && c[0].name == "job-0"
+    })
+    .await;
+    assert_eq!(
+        b.consumers.consumers(&ObjectRef::new("shop", "db")),
+        Some(Vec::new())
+    );
 }

@@ -247,6 +247,18 @@ fn may_have_issued(error: &BrokerError) -> bool {
     }
 }
 
+/// Whether the broker refused the pod itself (access rules, pod or node
+/// checks): the volume must stop holding a credential.
+fn access_withdrawn(error: &BrokerError) -> bool {
+    matches!(
+        error,
+        BrokerError::Refused {
+            code: tonic::Code::PermissionDenied,
+            ..
+        }
+    )
+}
+
 fn validate_volume_id(id: &str) -> Result<(), String> {
     let ok = !id.is_empty()
         && id.len() <= 128
@@ -749,6 +761,9 @@ impl NodeService {
                 warn!(%reason, version = record.version, "broker unavailable on republish; keeping the current files");
                 return Ok(());
             }
+            Err(e) if access_withdrawn(&e) => {
+                return self.withdraw(record, e).await;
+            }
             Err(e) => {
                 warn!(error = %e, "acknowledge refused on republish");
                 None
@@ -771,6 +786,7 @@ impl NodeService {
                 warn!(%reason, "broker unavailable while refreshing; keeping the current files");
                 return Ok(());
             }
+            Err(e) if access_withdrawn(&e) => return self.withdraw(record, e).await,
             Err(e) => return Err(PublishError::Broker(e)),
         };
         let files = self.checked_files(credential.files)?;
@@ -808,6 +824,35 @@ impl NodeService {
         info!(version, files_changed = outcome, "credential refreshed");
         self.acknowledge(&volume, version).await;
         Ok(())
+    }
+
+    /// The broker refused the volume's pod: its credential files are removed
+    /// (the tmpfs stays mounted until unpublish) and the record says nothing
+    /// is held, so a republish after access is restored issues afresh.
+    async fn withdraw(
+        &self,
+        mut record: VolumeRecord,
+        refusal: BrokerError,
+    ) -> Result<(), PublishError> {
+        warn!(error = %refusal, held = record.version, "access withdrawn; removing the credential files");
+        let now = Timestamp::now();
+        record.version = 0;
+        record.renew_at = now;
+        record.updated_at = now;
+        let state = self.inner.state.clone();
+        Self::blocking(
+            move || -> Result<(), PublishError> {
+                AtomicDir::new(&record.target_path)
+                    .remove_all()
+                    .map_err(PublishError::Files)?;
+                state
+                    .save(RecordKind::Volume, &record)
+                    .map_err(PublishError::State)
+            },
+            PublishError::Task,
+        )
+        .await?;
+        Err(PublishError::Broker(refusal))
     }
 
     async fn unpublish(&self, req: csi::NodeUnpublishVolumeRequest) -> Result<(), UnpublishError> {

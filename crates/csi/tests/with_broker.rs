@@ -198,7 +198,9 @@ fn pod_object(pod: &Pod) -> Value {
     json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"namespace": NS, "name": pod.name, "uid": pod.uid},
-        "spec": {"serviceAccountName": pod.service_account, "nodeName": NODE, "containers": []},
+        "spec": {"serviceAccountName": pod.service_account, "nodeName": NODE, "containers": [],
+                 "volumes": [{"name": "creds", "csi": {"driver": "csi.leasehold.dev",
+                     "readOnly": true, "volumeAttributes": {"lease": LEASE}}}]},
         "status": {"phase": "Running"},
     })
 }
@@ -807,6 +809,72 @@ async fn broker_certificate_from_another_ca_is_refused() {
     assert!(d.record(volume).is_none(), "no metadata");
     assert_eq!(broker.consumers(), Some(Vec::new()), "no consumer recorded");
 
+    d.stop().await;
+    broker.stop().await;
+    unmount_all_under(dir.path());
+    assert_no_secrets_in_logs();
+}
+
+/// A pod that loses access with no rotation in between: the next republish
+/// is refused by Acknowledge, the credential files are removed from the
+/// volume and the pod stops being a consumer; once access is restored, a
+/// republish issues the credential again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn withdrawn_access_removes_the_files_at_the_next_republish() {
+    if skip_unless_root("withdrawn_access_removes_the_files_at_the_next_republish") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path()).await;
+    let mut d = Driver::start(dir.path(), &broker, NODE, node_token(NODE)).await;
+    let target = target_under(dir.path(), WEB.uid);
+    let volume = "csi-5d0c7e1a-wd01";
+    let token = pod_token(&WEB);
+    d.publish(publish_req(volume, &target, &WEB, &token))
+        .await
+        .unwrap();
+    assert_files(&target, 1, V1_PASSWORD);
+    broker
+        .wait_consumers("recorded web-0 at v1", one_consumer(1))
+        .await;
+
+    broker.revoke_web_access();
+    let err = d
+        .publish(publish_req(volume, &target, &WEB, &token))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{}", err.message());
+    assert!(
+        visible_files(&target).is_empty(),
+        "credential files removed"
+    );
+    assert_eq!(
+        mounts_at(&target).len(),
+        1,
+        "the tmpfs stays until unpublish"
+    );
+    broker
+        .wait_consumers("web-0 no longer a consumer", <[_]>::is_empty)
+        .await;
+
+    // Access restored: the next republish hands the credential out again.
+    broker.cluster.put_policy(
+        serde_json::from_value(json!({
+            "apiVersion": "leasehold.dev/v1alpha1", "kind": "RotationPolicy",
+            "metadata": {"namespace": NS, "name": POLICY},
+            "spec": {"ttl": "2h", "access": {"serviceAccounts": ["web"]}},
+        }))
+        .unwrap(),
+    );
+    d.publish(publish_req(volume, &target, &WEB, &token))
+        .await
+        .unwrap();
+    assert_files(&target, 1, V1_PASSWORD);
+
+    d.node
+        .node_unpublish_volume(unpublish_req(volume, &target))
+        .await
+        .unwrap();
     d.stop().await;
     broker.stop().await;
     unmount_all_under(dir.path());

@@ -151,14 +151,48 @@ pub fn web() -> PodIdentity {
     pod_id("shop", "web-0", "web")
 }
 
-fn pod_object(p: &PodIdentity, node: &str) -> k8s_openapi::api::core::v1::Pod {
+/// Leases in `shop` every fixture pod mounts (a CSI volume each).
+pub const LEASES: [&str; 7] = [
+    "db",
+    "nocsi",
+    "fresh",
+    "restricted",
+    "shared",
+    "selected",
+    "perpod",
+];
+
+/// A pod with a leasehold CSI volume of each of `leases` (in `shop`).
+pub fn pod_object_with(
+    p: &PodIdentity,
+    node: &str,
+    leases: &[&str],
+) -> k8s_openapi::api::core::v1::Pod {
+    let volumes: Vec<Value> = leases
+        .iter()
+        .map(|lease| {
+            let attr = if p.namespace == "shop" {
+                (*lease).to_owned()
+            } else {
+                format!("shop/{lease}")
+            };
+            json!({"name": format!("creds-{lease}"), "csi": {
+                "driver": "csi.leasehold.dev", "readOnly": true,
+                "volumeAttributes": {"lease": attr}}})
+        })
+        .collect();
     serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"namespace": p.namespace, "name": p.name, "uid": p.uid},
-        "spec": {"serviceAccountName": p.service_account, "nodeName": node, "containers": []},
+        "spec": {"serviceAccountName": p.service_account, "nodeName": node, "containers": [],
+                 "volumes": volumes},
         "status": {"phase": "Running"},
     }))
     .unwrap()
+}
+
+pub fn pod_object(p: &PodIdentity, node: &str) -> k8s_openapi::api::core::v1::Pod {
+    pod_object_with(p, node, &LEASES)
 }
 
 fn lease_object(
@@ -201,7 +235,7 @@ fn lease_object(
     .unwrap()
 }
 
-fn policy_object(namespace: &str, name: &str, access: Value) -> leasehold_api::RotationPolicy {
+pub fn policy_object(namespace: &str, name: &str, access: Value) -> leasehold_api::RotationPolicy {
     serde_json::from_value(json!({
         "apiVersion": "leasehold.dev/v1alpha1", "kind": "RotationPolicy",
         "metadata": {"namespace": namespace, "name": name},
@@ -211,7 +245,8 @@ fn policy_object(namespace: &str, name: &str, access: Value) -> leasehold_api::R
 }
 
 /// Pods: shop/web-0 (sa web), shop/api-0 (sa api), billing/job-0 (sa worker),
-/// analytics/report-0 (sa report), all on node-a; shop/far-0 on node-b.
+/// analytics/report-0 (sa report), all on node-a; shop/far-0 on node-b; each
+/// with a volume of every lease; shop/bare-0 (sa web, node-a) with none.
 /// Leases in `shop`: `db` (open), `nocsi`, `fresh` (no version yet),
 /// `restricted` (SA `api` only), `shared` (namespace billing, SA billing/worker),
 /// `selected` (namespaces labelled team=data), `perpod`.
@@ -226,6 +261,7 @@ pub fn cluster() -> MemoryCluster {
     ] {
         c.put_pod(pod_object(&p, node));
     }
+    c.put_pod(pod_object_with(&pod_id("shop", "bare-0", "web"), NODE, &[]));
     c.put_namespace("shop", BTreeMap::new());
     c.put_namespace(
         "billing",
