@@ -344,6 +344,7 @@ def test_node_defaults(default: Rendered) -> None:
         "--token-audience", "csi.leasehold.dev",
         "--node-token", "/var/run/secrets/leasehold/broker-token/token",
         "--state-dir", "/var/lib/leasehold",
+        "--kubelet-dir", "/var/lib/kubelet",
         "--metrics-addr", "0.0.0.0:9090",
         "--log-format", "json",
     ]  # fmt: skip
@@ -492,6 +493,8 @@ def test_custom_kubelet_and_state_dir(rendered_sets: dict[str, Rendered]) -> Non
     driver = container(spec, "leasehold")
     assert arg_value(driver["args"], "--state-dir") == "/var/lib/leasehold"
     assert host_path_of(spec, driver, "/var/lib/leasehold") == "/data/leasehold"
+    # Target paths are confined to the kubelet's pod directories.
+    assert arg_value(driver["args"], "--kubelet-dir") == "/var/lib/k0s/kubelet"
     all_text = json.dumps(spec)
     assert "/var/lib/kubelet" not in all_text
 

@@ -60,9 +60,19 @@ pub struct NodeArgs {
     /// Where `/metrics`, `/healthz` and `/readyz` are served.
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:9090")]
     metrics_addr: SocketAddr,
+    /// The kubelet's root directory: target paths must be
+    /// `<DIR>/pods/<pod uid>/volumes/kubernetes.io~csi/<volume>/mount`.
+    #[arg(long, value_name = "DIR", default_value = leasehold_csi::DEFAULT_KUBELET_DIR)]
+    kubelet_dir: PathBuf,
 }
 
 pub async fn run(args: NodeArgs) -> Result<(), String> {
+    if !args.kubelet_dir.is_absolute() {
+        return Err(format!(
+            "--kubelet-dir must be an absolute path, not {}",
+            args.kubelet_dir.display()
+        ));
+    }
     let keys = HttpKeySource::infer().await.map_err(|e| {
         format!("cannot reach the API server for the service-account signing keys: {e}")
     })?;
@@ -86,6 +96,7 @@ pub async fn run(args: NodeArgs) -> Result<(), String> {
         &args.token_audience,
     );
     config.tmpfs_size_bytes = args.tmpfs_size_kib * 1024;
+    config.kubelet_dir = args.kubelet_dir.clone();
     let mut registry = Registry::default();
     let driver = NodeDriver::new(
         config,

@@ -65,7 +65,13 @@ pub struct NodeDriverConfig {
     pub broker_timeout: Duration,
     /// How often failed releases are retried.
     pub release_retry_interval: Duration,
+    /// The kubelet's root directory: every target path must be
+    /// `<kubelet_dir>/pods/<pod uid>/volumes/kubernetes.io~csi/<volume>/mount`.
+    pub kubelet_dir: PathBuf,
 }
+
+/// The kubelet's default root directory.
+pub const DEFAULT_KUBELET_DIR: &str = "/var/lib/kubelet";
 
 impl NodeDriverConfig {
     /// Defaults for everything but the identity of the node and its paths.
@@ -84,6 +90,7 @@ impl NodeDriverConfig {
             publish_concurrency: 16,
             broker_timeout: Duration::from_secs(30),
             release_retry_interval: Duration::from_secs(60),
+            kubelet_dir: PathBuf::from(DEFAULT_KUBELET_DIR),
         }
     }
 }

@@ -275,16 +275,50 @@ fn validate_volume_id(id: &str) -> Result<(), String> {
     }
 }
 
-fn validate_target(path: &str) -> Result<PathBuf, String> {
+/// A target path the kubelet would give: exactly
+/// `<kubelet_dir>/pods/<pod uid>/volumes/kubernetes.io~csi/<volume name>/mount`.
+/// Returns the path and the pod UID in it.
+fn validate_target(path: &str, kubelet_dir: &Path) -> Result<(PathBuf, String), String> {
     if path.is_empty() {
         return Err("target_path is required".into());
     }
+    let expected = || {
+        format!(
+            "target_path must be {}/pods/<pod uid>/volumes/kubernetes.io~csi/<volume>/mount",
+            kubelet_dir.display()
+        )
+    };
     let p = Path::new(path);
-    if !p.is_absolute() || path.contains('\0') || p.components().any(|c| c == Component::ParentDir)
-    {
-        return Err("target_path must be an absolute path without '..'".into());
+    if !p.is_absolute() || path.contains('\0') {
+        return Err(expected());
     }
-    Ok(p.to_path_buf())
+    // Lexical: `..`, `.` or doubled separators never pass as a component below.
+    let rest = p.strip_prefix(kubelet_dir).map_err(|_| expected())?;
+    let parts: Vec<&str> = rest
+        .components()
+        .map(|c| match c {
+            Component::Normal(s) => s.to_str().unwrap_or("/"),
+            _ => "/",
+        })
+        .collect();
+    let component_ok = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 253
+            && !s.starts_with('.')
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    };
+    match parts.as_slice() {
+        ["pods", uid, "volumes", "kubernetes.io~csi", name, "mount"]
+            if component_ok(uid)
+                && component_ok(name)
+                && !path.contains("/./")
+                && !path.ends_with("/.") =>
+        {
+            Ok((p.to_path_buf(), (*uid).to_owned()))
+        }
+        _ => Err(expected()),
+    }
 }
 
 /// Checks the capability; returns the fsGroup to use, if any.
@@ -439,7 +473,9 @@ impl NodeService {
 
     async fn publish(&self, req: csi::NodePublishVolumeRequest) -> Result<(), PublishError> {
         validate_volume_id(&req.volume_id).map_err(PublishError::InvalidArgument)?;
-        let target = validate_target(&req.target_path).map_err(PublishError::InvalidArgument)?;
+        let (target, target_pod_uid) =
+            validate_target(&req.target_path, &self.inner.config.kubelet_dir)
+                .map_err(PublishError::InvalidArgument)?;
         let gid = check_capability(req.volume_capability.as_ref())
             .map_err(PublishError::InvalidArgument)?;
         if !req.readonly {
@@ -449,6 +485,11 @@ impl NodeService {
         }
         let context = VolumeContext::parse(&req.volume_context)?;
         let PodVolume { pod, lease } = context.pod_volume()?;
+        if pod.uid != target_pod_uid {
+            return Err(PublishError::InvalidArgument(
+                "target_path is not under the pod's own directory (pod.uid differs)".into(),
+            ));
+        }
         let token = context.token_for(&self.inner.config.token_audience)?;
         drop(context);
 
@@ -857,7 +898,8 @@ impl NodeService {
 
     async fn unpublish(&self, req: csi::NodeUnpublishVolumeRequest) -> Result<(), UnpublishError> {
         validate_volume_id(&req.volume_id).map_err(UnpublishError::InvalidArgument)?;
-        let target = validate_target(&req.target_path).map_err(UnpublishError::InvalidArgument)?;
+        let (target, _) = validate_target(&req.target_path, &self.inner.config.kubelet_dir)
+            .map_err(UnpublishError::InvalidArgument)?;
         let volume_id = req.volume_id;
         let _guard = self
             .guard(&volume_id)
@@ -1100,9 +1142,27 @@ mod tests {
         for bad in ["", "../x", "a/b", ".hidden", &"x".repeat(129)] {
             assert!(validate_volume_id(bad).is_err(), "{bad}");
         }
-        assert!(validate_target("/var/lib/kubelet/pods/x/mount").is_ok());
-        for bad in ["", "relative", "/a/../b"] {
-            assert!(validate_target(bad).is_err(), "{bad}");
+        let kubelet = Path::new("/var/lib/kubelet");
+        let good = "/var/lib/kubelet/pods/0f3c2a1b-0d9e-4c8f-a6b5-4e3d2c1b0a99/volumes/kubernetes.io~csi/creds/mount";
+        let (path, uid) = validate_target(good, kubelet).unwrap();
+        assert_eq!(path, Path::new(good));
+        assert_eq!(uid, "0f3c2a1b-0d9e-4c8f-a6b5-4e3d2c1b0a99");
+        for bad in [
+            "",
+            "relative",
+            "/a/../b",
+            "/var/lib/kubelet/pods/x/mount",
+            "/etc/pods/u/volumes/kubernetes.io~csi/creds/mount",
+            "/var/lib/kubelet/pods/u/volumes/kubernetes.io~csi/creds/mount/x",
+            "/var/lib/kubelet/pods/u/volumes/kubernetes.io~empty-dir/creds/mount",
+            "/var/lib/kubelet/pods/../volumes/kubernetes.io~csi/creds/mount",
+            "/var/lib/kubelet/pods/u/volumes/kubernetes.io~csi/../mount",
+            "/var/lib/kubelet/pods/u/volumes/kubernetes.io~csi/./mount",
+            "/var/lib/kubelet/pods/u/./volumes/kubernetes.io~csi/creds/mount",
+            "/var/lib/kubelet/../kubelet/pods/u/volumes/kubernetes.io~csi/creds/mount",
+            "/var/lib/kubelet-other/pods/u/volumes/kubernetes.io~csi/creds/mount",
+        ] {
+            assert!(validate_target(bad, kubelet).is_err(), "{bad}");
         }
     }
 }

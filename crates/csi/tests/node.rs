@@ -125,6 +125,11 @@ async fn malformed_requests_get_the_right_codes() {
     let broker = FakeBroker::start().await;
     let mut d = start_driver(dir.path(), &broker).await;
     let target = target_under(dir.path(), "pod-bad");
+    let outside = dir
+        .path()
+        .join("elsewhere/pods/pod-bad/volumes/kubernetes.io~csi/creds/mount");
+    let other_pod = target_under(dir.path(), "pod-other");
+    let not_mount = target.parent().unwrap().join("data");
 
     let cases: Vec<(&str, csi::NodePublishVolumeRequest, Code)> = vec![
         (
@@ -233,13 +238,42 @@ async fn malformed_requests_get_the_right_codes() {
             .build(),
             Code::PermissionDenied,
         ),
+        (
+            "target outside the kubelet's pod directories",
+            Pub {
+                pod_uid: Some("pod-bad"),
+                ..Pub::new("csi-bad1", &outside)
+            }
+            .build(),
+            Code::InvalidArgument,
+        ),
+        (
+            "target of another pod",
+            Pub {
+                pod_uid: Some("pod-bad"),
+                ..Pub::new("csi-bad1", &other_pod)
+            }
+            .build(),
+            Code::InvalidArgument,
+        ),
+        (
+            "target not a csi volume's mount directory",
+            Pub {
+                pod_uid: Some("pod-bad"),
+                ..Pub::new("csi-bad1", &not_mount)
+            }
+            .build(),
+            Code::InvalidArgument,
+        ),
     ];
     for (what, req, code) in cases {
         let err = d.node.node_publish_volume(req).await.expect_err(what);
         assert_eq!(err.code(), code, "{what}: {}", err.message());
         assert!(!err.message().contains(POD_TOKEN));
     }
-    assert!(!target.exists(), "nothing created for rejected requests");
+    for t in [&target, &outside, &other_pod, &not_mount] {
+        assert!(!t.exists(), "nothing created for rejected requests");
+    }
     assert_eq!(broker.issues(), 0);
 
     let err = d
@@ -248,12 +282,14 @@ async fn malformed_requests_get_the_right_codes() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    let err = d
-        .node
-        .node_unpublish_volume(unpublish_req("csi-x", Path::new("")))
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument);
+    for bad in [Path::new(""), outside.as_path(), not_mount.as_path()] {
+        let err = d
+            .node
+            .node_unpublish_volume(unpublish_req("csi-x", bad))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{bad:?}");
+    }
     // Unpublishing something that never existed succeeds.
     d.node
         .node_unpublish_volume(unpublish_req("csi-never", &target))

@@ -412,6 +412,7 @@ impl Driver {
         let state_dir = dir.join("state");
         let mut config = NodeDriverConfig::new(&socket, node_name, &state_dir, POD_AUDIENCE);
         config.broker_timeout = Duration::from_secs(10);
+        config.kubelet_dir = dir.join("kubelet");
         let grpc = GrpcBroker::new(GrpcBrokerConfig {
             endpoint: format!("https://127.0.0.1:{}", broker.addr.port()),
             ca_file: Some(ca_file.to_path_buf()),
