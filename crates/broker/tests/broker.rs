@@ -192,7 +192,7 @@ async fn refusals_carry_the_right_codes() {
     let node = node_token();
 
     let mut other_uid = web.clone();
-    other_uid.uid = "uid-someone-else".into();
+    other_uid.uid = uid_of("someone-else");
     let mut other_sa = web.clone();
     other_sa.service_account = "admin".into();
 
@@ -390,6 +390,29 @@ async fn malformed_requests_are_invalid_arguments() {
             ..base.clone()
         },
     ));
+    for (field, value) in [
+        ("pod uid not a UUID", "uid-shop-web-0"),
+        ("pod namespace not a label", "Shop"),
+        ("pod name with a slash", "web/0"),
+        ("service account with an underscore", "web_sa"),
+        ("lease name with a space", "db x"),
+        ("lease namespace with a dot", "shop.x"),
+        ("node name upper case", "Node-A"),
+    ] {
+        let mut r = base.clone();
+        let pod = r.pod.as_mut().unwrap();
+        let lease = r.lease.as_mut().unwrap();
+        match field {
+            f if f.starts_with("pod uid") => pod.uid = value.into(),
+            f if f.starts_with("pod namespace") => pod.namespace = value.into(),
+            f if f.starts_with("pod name") => pod.name = value.into(),
+            f if f.starts_with("service account") => pod.service_account = value.into(),
+            f if f.starts_with("lease namespace") => lease.namespace = value.into(),
+            f if f.starts_with("lease name") => lease.name = value.into(),
+            _ => r.node_name = value.into(),
+        }
+        cases.push((field, r));
+    }
     cases.push((
         "long node name",
         pb::IssueRequest {

@@ -141,13 +141,13 @@ struct Pod {
 /// `shop/web-0`, service account `web`: allowed by the policy.
 const WEB: Pod = Pod {
     name: "web-0",
-    uid: "5d0c7e1a-web0-4c59-9a1e-000000000001",
+    uid: "5d0c7e1a-0eb0-4c59-9a1e-000000000001",
     service_account: "web",
 };
 /// `shop/batch-0`, service account `batch`: not allowed by the policy.
 const BATCH: Pod = Pod {
     name: "batch-0",
-    uid: "5d0c7e1a-bat0-4c59-9a1e-000000000002",
+    uid: "5d0c7e1a-ba70-4c59-9a1e-000000000002",
     service_account: "batch",
 };
 

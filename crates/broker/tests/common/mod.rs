@@ -138,11 +138,26 @@ pub fn verifiers() -> Verifiers {
     }
 }
 
+/// A UUID derived from `seed` (FNV-1a), stable across runs.
+pub fn uid_of(seed: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in seed.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!(
+        "{:08x}-{:04x}-4000-8000-{:012x}",
+        h >> 32,
+        (h >> 16) & 0xffff,
+        h & 0xffff_ffff_ffff
+    )
+}
+
 pub fn pod_id(namespace: &str, name: &str, sa: &str) -> PodIdentity {
     PodIdentity {
         namespace: namespace.into(),
         name: name.into(),
-        uid: format!("uid-{namespace}-{name}"),
+        uid: uid_of(&format!("{namespace}/{name}")),
         service_account: sa.into(),
     }
 }
