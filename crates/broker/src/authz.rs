@@ -72,6 +72,8 @@ pub struct PodFacts {
     pub node_name: Option<String>,
     /// `status.phase`.
     pub phase: Option<String>,
+    /// `metadata.deletionTimestamp` is set: the pod is being deleted.
+    pub terminating: bool,
     /// Leases (`namespace`, `name`) the pod mounts through leasehold's CSI
     /// driver (its `csi` volumes' `lease` attribute, resolved against its namespace).
     pub csi_leases: Vec<(String, String)>,
@@ -123,6 +125,25 @@ pub enum Deny {
         /// Caller's namespace.
         namespace: String,
         /// Caller's name.
+        name: String,
+    },
+    /// The node driver's token is bound to no pod.
+    #[error("the node driver's token is not bound to a pod")]
+    DriverTokenNotBound,
+    /// The pod the node driver's token is bound to is gone (or was replaced).
+    #[error("the node driver's pod {namespace}/{name} no longer exists")]
+    DriverPodGone {
+        /// Its namespace.
+        namespace: String,
+        /// Its name.
+        name: String,
+    },
+    /// The pod the node driver's token is bound to is being deleted or has terminated.
+    #[error("the node driver's pod {namespace}/{name} is terminating")]
+    DriverPodTerminating {
+        /// Its namespace.
+        namespace: String,
+        /// Its name.
         name: String,
     },
     /// The caller's token is bound to no node (and no pod with a node).
@@ -382,6 +403,37 @@ pub fn authorize_access(
     Ok(())
 }
 
+/// The pod a node driver's token is bound to (`kubernetes.io.pod`) still
+/// exists as that pod (same UID) and is neither being deleted nor terminated,
+/// as the pod-token path requires of pods: a token outlives its pod.
+/// `pod` is the pod object by the bound name, if any.
+pub fn authorize_driver_pod(
+    namespace: &str,
+    bound: Option<(&str, &str)>,
+    pod: Option<&PodFacts>,
+) -> Result<(), Deny> {
+    let (name, uid) = bound.ok_or(Deny::DriverTokenNotBound)?;
+    let gone = || Deny::DriverPodGone {
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+    };
+    let pod = pod.ok_or_else(gone)?;
+    if pod.uid != uid {
+        return Err(gone());
+    }
+    let terminated = pod
+        .phase
+        .as_deref()
+        .is_some_and(|p| matches!(p, "Succeeded" | "Failed"));
+    if pod.terminating || terminated {
+        return Err(Deny::DriverPodTerminating {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        });
+    }
+    Ok(())
+}
+
 /// The pod mounts the lease through leasehold's CSI driver.
 pub fn authorize_pod_has_volume(pod: &PodFacts, lease: &LeaseFacts) -> Result<(), Deny> {
     if pod
@@ -524,8 +576,51 @@ mod tests {
             service_account: "web".into(),
             node_name: Some("node-a".into()),
             phase: Some("Pending".into()),
+            terminating: false,
             csi_leases: vec![("shop".into(), "db".into())],
         }
+    }
+
+    #[test]
+    fn driver_pod_must_exist_and_be_alive() {
+        let ns = "leasehold-system";
+        let alive = PodFacts {
+            namespace: ns.into(),
+            name: "csi-x".into(),
+            uid: "u1".into(),
+            phase: Some("Running".into()),
+            ..PodFacts::default()
+        };
+        let bound = Some(("csi-x", "u1"));
+        assert_eq!(authorize_driver_pod(ns, bound, Some(&alive)), Ok(()));
+        assert_eq!(
+            authorize_driver_pod(ns, None, Some(&alive)),
+            Err(Deny::DriverTokenNotBound)
+        );
+        assert!(matches!(
+            authorize_driver_pod(ns, bound, None),
+            Err(Deny::DriverPodGone { .. })
+        ));
+        assert!(matches!(
+            authorize_driver_pod(ns, Some(("csi-x", "u0")), Some(&alive)),
+            Err(Deny::DriverPodGone { .. })
+        ));
+        let deleting = PodFacts {
+            terminating: true,
+            ..alive.clone()
+        };
+        assert!(matches!(
+            authorize_driver_pod(ns, bound, Some(&deleting)),
+            Err(Deny::DriverPodTerminating { .. })
+        ));
+        let failed = PodFacts {
+            phase: Some("Failed".into()),
+            ..alive
+        };
+        assert!(matches!(
+            authorize_driver_pod(ns, bound, Some(&failed)),
+            Err(Deny::DriverPodTerminating { .. })
+        ));
     }
 
     #[test]

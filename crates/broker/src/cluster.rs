@@ -101,6 +101,7 @@ pub fn pod_facts(pod: &Pod) -> PodFacts {
             .and_then(|s| s.node_name.clone())
             .filter(|n| !n.is_empty()),
         phase: pod.status.as_ref().and_then(|s| s.phase.clone()),
+        terminating: pod.metadata.deletion_timestamp.is_some(),
         csi_leases: csi_leases(pod),
     }
 }

@@ -17,8 +17,8 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::authz::{
     AcknowledgeFacts, CallerIdentity, Deny, IssueFacts, NodeDriverAccount, PodIdentity,
-    authorize_acknowledge, authorize_issue, authorize_node, authorize_pod_on_node,
-    authorize_pod_placement, namespace_allowed,
+    authorize_acknowledge, authorize_driver_pod, authorize_issue, authorize_node,
+    authorize_pod_on_node, authorize_pod_placement, namespace_allowed,
 };
 use crate::cluster::{ClusterView, lease_facts, pod_facts, version_password};
 use crate::consumers::{ConsumerRecorder, ObjectRef};
@@ -164,17 +164,24 @@ impl BrokerService {
             namespace: sa.namespace,
             name: sa.name,
         };
-        // Older clusters put no node in the token: take it from the bound pod,
-        // but only for the driver account (no lookups for strangers).
-        if caller.node_claim.is_none()
-            && caller.namespace == driver.namespace
-            && caller.name == driver.name
-            && let Some(bound) = sa.pod
-            && let Some(pod) = self.cluster.pod(&caller.namespace, &bound.name).await?
-        {
-            let facts = pod_facts(&pod);
-            if facts.uid == bound.uid {
-                caller.bound_pod_node = facts.node_name;
+        // Only for the driver account (no lookups for strangers, whom
+        // authorize_node refuses): the token must be bound to a driver pod
+        // that still exists and is not terminating, since a token outlives
+        // its pod. Older clusters put no node in the token: then the node is
+        // the bound pod's.
+        if caller.namespace == driver.namespace && caller.name == driver.name {
+            let bound = sa.pod.as_ref().map(|b| (b.name.as_str(), b.uid.as_str()));
+            let pod = match bound {
+                Some((name, _)) => self
+                    .cluster
+                    .pod(&caller.namespace, name)
+                    .await?
+                    .map(|p| pod_facts(&p)),
+                None => None,
+            };
+            authorize_driver_pod(&caller.namespace, bound, pod.as_ref())?;
+            if caller.node_claim.is_none() {
+                caller.bound_pod_node = pod.and_then(|p| p.node_name);
             }
         }
         Ok(caller)

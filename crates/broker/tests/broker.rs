@@ -623,3 +623,53 @@ async fn acknowledge_needs_a_volume_of_the_lease() {
         Some(Vec::new())
     );
 }
+
+/// A node driver's token outlives its pod: once the driver pod is being
+/// deleted, gone, or replaced by a pod of the same name, the token is refused.
+#[tokio::test]
+async fn driver_token_of_a_deleted_pod_is_refused() {
+    let mut b = start().await;
+    let pod = web();
+    let issue = |b: &mut Broker| {
+        let mut client = b.client.clone();
+        let request = with_token(
+            issue_request(&pod, "db", &pod_token(&pod)),
+            Some(&node_token()),
+        );
+        async move { client.issue(request).await }
+    };
+    issue(&mut b).await.unwrap();
+
+    b.cluster.put_pod(driver_pod(Some("2030-01-01T00:00:00Z")));
+    let err = issue(&mut b).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("is terminating"), "{err:?}");
+
+    b.cluster.remove_pod(DRIVER_NS, "leasehold-csi-abcde");
+    let err = issue(&mut b).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("no longer exists"), "{err:?}");
+    // Acknowledge and Release too.
+    let err = b
+        .client
+        .acknowledge(with_token(ack_request(&pod, "db", 3), Some(&node_token())))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    let err = b
+        .client
+        .release(with_token(release_request(&pod, "db"), Some(&node_token())))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+
+    // A new driver pod with the old one's name is not the pod the token names.
+    let mut replaced = driver_pod(None);
+    replaced.metadata.uid = Some("pod-uid-driver-2".into());
+    b.cluster.put_pod(replaced);
+    let err = issue(&mut b).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+
+    b.cluster.put_pod(driver_pod(None));
+    issue(&mut b).await.unwrap();
+}

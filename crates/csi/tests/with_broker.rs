@@ -254,6 +254,19 @@ fn cluster() -> MemoryCluster {
     for pod in [&WEB, &BATCH] {
         c.put_pod(serde_json::from_value(pod_object(pod)).unwrap());
     }
+    // The driver pods the node tokens are bound to.
+    for node in [NODE, "node-b"] {
+        c.put_pod(
+            serde_json::from_value(json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"namespace": DRIVER_NS, "name": format!("leasehold-csi-{node}"),
+                             "uid": format!("pod-uid-driver-{node}")},
+                "spec": {"serviceAccountName": DRIVER_SA, "nodeName": node, "containers": []},
+                "status": {"phase": "Running"},
+            }))
+            .unwrap(),
+        );
+    }
     c.put_namespace(NS, BTreeMap::new());
     c.put_lease(serde_json::from_value(lease_object(1)).unwrap());
     c.put_secret(

@@ -277,6 +277,7 @@ pub fn cluster() -> MemoryCluster {
         c.put_pod(pod_object(&p, node));
     }
     c.put_pod(pod_object_with(&pod_id("shop", "bare-0", "web"), NODE, &[]));
+    c.put_pod(driver_pod(None));
     c.put_namespace("shop", BTreeMap::new());
     c.put_namespace(
         "billing",
@@ -348,6 +349,23 @@ impl Drop for Broker {
             let _ = tx.send(());
         }
     }
+}
+
+/// The node driver's pod on `NODE`, the one `node_token_for` tokens are bound
+/// to; `deleting`: with that deletion timestamp.
+pub fn driver_pod(deleting: Option<&str>) -> k8s_openapi::api::core::v1::Pod {
+    let mut meta =
+        json!({"namespace": DRIVER_NS, "name": "leasehold-csi-abcde", "uid": "pod-uid-driver"});
+    if let Some(t) = deleting {
+        meta["deletionTimestamp"] = json!(t);
+    }
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": meta,
+        "spec": {"serviceAccountName": DRIVER_SA, "nodeName": NODE, "containers": []},
+        "status": {"phase": "Running"},
+    }))
+    .unwrap()
 }
 
 pub async fn start() -> Broker {
