@@ -226,6 +226,8 @@ def test_controller_defaults(default: Rendered) -> None:
         "--broker-token-audience", "leasehold-broker",
         "--pod-token-audience", "csi.leasehold.dev",
         "--node-service-account", f"{FULLNAME}-node",
+        "--broker-max-concurrent-issues-per-lease", "8",
+        "--broker-max-per-pod-users-per-lease", "1000",
         "--log-format", "json",
     ]  # fmt: skip
     ports = {p["name"]: p["containerPort"] for p in ctr["ports"]}
@@ -292,6 +294,15 @@ def test_controller_scheduling_overrides(rendered_sets: dict[str, Rendered]) -> 
     assert {"name": "RUST_LOG", "value": "debug"} in ctr["env"]
     assert controller_pod(r)["metadata"]["labels"]["c"] == "d"
     assert controller_pod(r)["metadata"]["annotations"] == {"a": "b"}
+
+
+def test_broker_limits_are_passed_to_the_controller() -> None:
+    r = render(
+        {"broker": {"limits": {"maxConcurrentIssuesPerLease": 3, "maxPerPodUsersPerLease": 40}}}
+    )
+    args = container(controller_pod(r)["spec"], "controller")["args"]
+    assert arg_value(args, "--broker-max-concurrent-issues-per-lease") == "3"
+    assert arg_value(args, "--broker-max-per-pod-users-per-lease") == "40"
 
 
 def test_pdb_can_be_disabled() -> None:
@@ -750,6 +761,10 @@ def test_default_values_match_schema() -> None:
         ({"watchNamespaces": "team-a"}, "/watchNamespaces"),
         ({"watchNamespaces": ["Team_A"]}, "/watchNamespaces/0"),
         ({"broker": {"tls": {"existingSecret": 123}}}, "/broker/tls/existingSecret"),
+        (
+            {"broker": {"limits": {"maxPerPodUsersPerLease": 0}}},
+            "/broker/limits/maxPerPodUsersPerLease",
+        ),
         ({"metrics": {"serviceMonitor": {"enabled": "yes"}}}, "/metrics/serviceMonitor/enabled"),
         ({"metrics": {"port": 70000}}, "/metrics/port"),
         ({"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy"),

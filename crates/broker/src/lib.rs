@@ -5,6 +5,7 @@
 //! - [`authz`]: the authorization rules as pure functions.
 //! - [`cluster`]: the objects it reads ([`ClusterView`]), over the API server or in memory.
 //! - [`consumers`]: `status.consumers` of leases, coalesced server-side apply.
+//! - [`limits`]: per-lease and connection limits ([`BrokerLimits`]).
 //! - [`per_pod`]: credentials of `perPod` leases, one database user per pod.
 //! - [`service`]: the tonic service [`BrokerService`].
 //! - [`sweep`]: revokes per-pod users of pods that no longer exist (called by the controller).
@@ -44,6 +45,7 @@ pub mod authz;
 pub mod cluster;
 pub mod consumers;
 pub mod error;
+pub mod limits;
 pub mod metrics;
 pub mod per_pod;
 pub mod server;
@@ -58,6 +60,7 @@ pub use consumers::{
     ObjectRef,
 };
 pub use error::BrokerError;
+pub use limits::BrokerLimits;
 pub use metrics::BrokerMetrics;
 pub use per_pod::{
     EnginePerPodIssuer, KubePodCredentialStore, MemoryPodCredentialStore, PerPodIssuer,

@@ -36,6 +36,7 @@ use crate::authz::{Deny, PodIdentity};
 use crate::cluster::ClusterView;
 use crate::consumers::FIELD_MANAGER;
 use crate::error::BrokerError;
+use crate::limits::BrokerLimits;
 
 /// A credential issued to one pod. `Debug` shows file names only.
 #[derive(Debug, Clone)]
@@ -422,6 +423,27 @@ pub struct EnginePerPodIssuer {
     registry: BackendRegistry,
     /// Serialises work on one pod's credential.
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    limits: BrokerLimits,
+    /// Issues in progress per lease UID.
+    issuing: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+/// One slot of a lease's concurrent issues, given back on drop.
+struct IssueSlot {
+    issuing: Arc<Mutex<HashMap<String, usize>>>,
+    lease_uid: String,
+}
+
+impl Drop for IssueSlot {
+    fn drop(&mut self) {
+        let mut map = self.issuing.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.lease_uid) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(&self.lease_uid);
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for EnginePerPodIssuer {
@@ -443,7 +465,35 @@ impl EnginePerPodIssuer {
             store,
             registry,
             locks: Mutex::default(),
+            limits: BrokerLimits::current(),
+            issuing: Arc::default(),
         }
+    }
+
+    /// Uses `limits` instead of the installed ones.
+    pub fn with_limits(mut self, limits: BrokerLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// A slot of the lease's concurrent issues, or `RESOURCE_EXHAUSTED`.
+    fn issue_slot(&self, lease: &SecretLease) -> Result<IssueSlot, BrokerError> {
+        let uid = lease_uid(lease).to_owned();
+        let mut map = self.issuing.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(uid.clone()).or_default();
+        if *n >= self.limits.max_concurrent_issues_per_lease {
+            return Err(BrokerError::ResourceExhausted(format!(
+                "{} per-pod credentials of lease {}/{} are being issued already",
+                n,
+                lease_ns(lease),
+                lease.metadata.name.as_deref().unwrap_or_default()
+            )));
+        }
+        *n += 1;
+        Ok(IssueSlot {
+            issuing: self.issuing.clone(),
+            lease_uid: uid,
+        })
     }
 
     pub(crate) fn lock_for(
@@ -610,6 +660,18 @@ impl PerPodIssuer for EnginePerPodIssuer {
             return Ok(Self::credential(lease, facts, r, &request.pod.uid));
         }
 
+        let _slot = self.issue_slot(lease)?;
+        if existing.is_none() {
+            let live = self.store.list(lease).await?.len();
+            if live >= self.limits.max_per_pod_users_per_lease {
+                return Err(BrokerError::ResourceExhausted(format!(
+                    "lease {}/{} has {live} per-pod users (at most {})",
+                    lease_ns(lease),
+                    lease.metadata.name.as_deref().unwrap_or_default(),
+                    self.limits.max_per_pod_users_per_lease
+                )));
+            }
+        }
         let ctx = self.context(lease, request.policy).await?;
         let password = leasehold_backends::password::generate(&ctx.password)
             .map_err(|e| backend_error("cannot generate a password", &e))?;

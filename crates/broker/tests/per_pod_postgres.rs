@@ -11,7 +11,8 @@ use leasehold_broker::PodCredentialStore;
 use leasehold_broker::authz::PodIdentity;
 use leasehold_broker::per_pod::{PerPodRequest, per_pod_username};
 use leasehold_broker::{
-    EnginePerPodIssuer, MemoryCluster, MemoryPodCredentialStore, PerPodIssuer, SecretData,
+    BrokerLimits, EnginePerPodIssuer, MemoryCluster, MemoryPodCredentialStore, PerPodIssuer,
+    SecretData,
 };
 use leasehold_engine::BackendRegistry;
 use leasehold_testkit::PostgresServer;
@@ -308,4 +309,64 @@ async fn sweep_drops_users_of_deleted_pods() {
         .await
         .unwrap();
     assert!(again.revoked.is_empty());
+}
+
+/// Per-lease limits: concurrent issues and live per-pod users, refused with
+/// RESOURCE_EXHAUSTED; a pod that has a user keeps getting it.
+#[tokio::test]
+async fn per_lease_limits_refuse_with_resource_exhausted() {
+    let mut f =
+        fixture_with(json!({"verify": {"query": "SELECT pg_sleep(1)", "timeout": "10s"}})).await;
+    let limits = BrokerLimits {
+        max_concurrent_issues_per_lease: 1,
+        max_per_pod_users_per_lease: 2,
+        ..BrokerLimits::default()
+    };
+    f.issuer = EnginePerPodIssuer::new(f.cluster.clone(), f.store.clone(), BackendRegistry::new(2))
+        .with_limits(limits);
+    let f = Arc::new(f);
+    let pods: Vec<PodIdentity> = (0..3).map(|i| pod(&format!("web-{i}"))).collect();
+    let issue = |f: Arc<Fixture>, p: PodIdentity| async move {
+        f.issuer
+            .issue(&PerPodRequest {
+                lease: &f.lease,
+                policy: &f.policy,
+                pod: &p,
+                node: "node-a",
+            })
+            .await
+    };
+
+    // One issue in flight (its record is written once it holds the slot).
+    let first = tokio::spawn(issue(f.clone(), pods[0].clone()));
+    for _ in 0..500 {
+        if f.store.len() == 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(f.store.len(), 1, "the first issue started");
+    let err = issue(f.clone(), pods[1].clone()).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err}");
+    first.await.unwrap().unwrap();
+
+    // Two live users at most.
+    issue(f.clone(), pods[1].clone()).await.unwrap();
+    let err = issue(f.clone(), pods[2].clone()).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err}");
+    assert!(!role_exists(f.pg, &per_pod_username(&f.lease_uid, &pods[2].uid)).await);
+    // A pod that has one still gets it.
+    issue(f.clone(), pods[0].clone()).await.unwrap();
+    // Released: room again.
+    f.issuer
+        .release(&f.lease, Some(&f.policy), &pods[0].uid, "node-a")
+        .await
+        .unwrap();
+    issue(f.clone(), pods[2].clone()).await.unwrap();
+    for p in &pods[1..] {
+        f.issuer
+            .release(&f.lease, Some(&f.policy), &p.uid, "node-a")
+            .await
+            .unwrap();
+    }
 }
