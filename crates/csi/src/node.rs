@@ -1,6 +1,6 @@
 //! The CSI Node service: publish, republish and unpublish of ephemeral volumes.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::error::Error as StdError;
 use std::io;
 use std::path::{Component, Path, PathBuf};
@@ -58,6 +58,9 @@ pub enum PublishError {
     /// Too many publishes are waiting.
     #[error("too many concurrent publishes; retry later")]
     Busy,
+    /// Too many publishes of this lease are in progress.
+    #[error("too many concurrent publishes of lease {0}; retry later")]
+    LeaseBusy(String),
     /// The target already holds this volume for another lease or pod.
     #[error("volume {0} is already published with a different lease, pod or target")]
     Incompatible(String),
@@ -96,7 +99,7 @@ impl PublishError {
             PublishError::Auth(AuthError::Mismatch(_)) => Code::PermissionDenied,
             PublishError::Auth(AuthError::Unavailable(_)) => Code::Unavailable,
             PublishError::InFlight(_) => Code::Aborted,
-            PublishError::Busy => Code::ResourceExhausted,
+            PublishError::Busy | PublishError::LeaseBusy(_) => Code::ResourceExhausted,
             PublishError::Incompatible(_) => Code::AlreadyExists,
             PublishError::ForeignMount(..) => Code::FailedPrecondition,
             PublishError::Broker(BrokerError::Unavailable(_)) => Code::Unavailable,
@@ -196,6 +199,28 @@ pub(crate) struct Inner {
     in_flight: Mutex<HashSet<String>>,
     published: Mutex<HashSet<String>>,
     publish_slots: Semaphore,
+    republish_slots: Semaphore,
+    /// Publishes in progress per lease (`namespace/name`).
+    lease_in_flight: Mutex<HashMap<String, usize>>,
+}
+
+/// Holds one of a lease's publish slots until dropped.
+struct LeaseSlot<'a> {
+    map: &'a Mutex<HashMap<String, usize>>,
+    lease: String,
+}
+
+impl Drop for LeaseSlot<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut map) = self.map.lock()
+            && let Some(n) = map.get_mut(&self.lease)
+        {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(&self.lease);
+            }
+        }
+    }
 }
 
 /// The Node service. Cheap to clone.
@@ -415,6 +440,8 @@ impl NodeService {
                 in_flight: Mutex::new(HashSet::new()),
                 published: Mutex::new(published),
                 publish_slots: Semaphore::new(slots),
+                republish_slots: Semaphore::new(slots),
+                lease_in_flight: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -427,6 +454,23 @@ impl NodeService {
         Some(InFlightGuard {
             set: &self.inner.in_flight,
             volume_id: volume_id.to_owned(),
+        })
+    }
+
+    fn lease_slot(&self, lease: &str) -> Result<LeaseSlot<'_>, PublishError> {
+        let mut map = self
+            .inner
+            .lease_in_flight
+            .lock()
+            .map_err(|_| PublishError::Busy)?;
+        let n = map.entry(lease.to_owned()).or_default();
+        if *n >= self.inner.config.per_lease_concurrency.max(1) {
+            return Err(PublishError::LeaseBusy(lease.to_owned()));
+        }
+        *n += 1;
+        Ok(LeaseSlot {
+            map: &self.inner.lease_in_flight,
+            lease: lease.to_owned(),
         })
     }
 
@@ -497,14 +541,6 @@ impl NodeService {
         let _guard = self
             .guard(&volume_id)
             .ok_or_else(|| PublishError::InFlight(volume_id.clone()))?;
-        let _permit = tokio::time::timeout(
-            self.inner.config.broker_timeout,
-            self.inner.publish_slots.acquire(),
-        )
-        .await
-        .map_err(|_| PublishError::Busy)?
-        .map_err(|_| PublishError::Busy)?;
-
         let volume = VolumeRef {
             volume_id: volume_id.clone(),
             lease,
@@ -554,6 +590,19 @@ impl NodeService {
         };
 
         let republish = matches!(existing, Existing::Live(_));
+        // One lease may take only a few slots, and renewals have their own
+        // pool: a lease whose database hangs delays neither other leases nor
+        // renewals of volumes already published.
+        let _lease_slot = self.lease_slot(&volume.lease.to_string())?;
+        let slots = if republish {
+            &self.inner.republish_slots
+        } else {
+            &self.inner.publish_slots
+        };
+        let _permit = tokio::time::timeout(self.inner.config.broker_timeout, slots.acquire())
+            .await
+            .map_err(|_| PublishError::Busy)?
+            .map_err(|_| PublishError::Busy)?;
         let expected = ExpectedPod {
             namespace: volume.pod.namespace.clone(),
             pod_name: volume.pod.name.clone(),

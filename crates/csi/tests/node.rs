@@ -637,3 +637,110 @@ async fn failed_issue_is_released_now_or_in_the_background() {
     unmount_all_under(dir.path());
     assert_no_secrets_in_logs();
 }
+
+/// A lease whose broker calls hang takes at most its per-lease share of the
+/// publish slots (more of its publishes are refused at once), so another
+/// lease's publish completes; and renewals of published volumes have slots
+/// of their own, so they complete while every fresh slot is taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_lease_starves_neither_other_leases_nor_renewals() {
+    if skip_unless_root("a_hanging_lease_starves_neither_other_leases_nor_renewals") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let broker = FakeBroker::start().await;
+    let mut d = start_driver_with(dir.path(), &broker, |c| {
+        c.publish_concurrency = 2;
+        c.per_lease_concurrency = 1;
+        c.broker_timeout = Duration::from_secs(4);
+    })
+    .await;
+    let fast1 = target_under(dir.path(), "pod-fast1");
+    d.node
+        .node_publish_volume(Pub::new("csi-fast1", &fast1).build())
+        .await
+        .unwrap();
+
+    broker.state.lock().unwrap().hang_leases = ["slow-a".to_owned(), "slow-b".to_owned()].into();
+    let client = d.node.clone();
+    let hanging = |volume: &'static str, pod: &'static str, lease: &'static str| {
+        let mut node = client.clone();
+        let target = target_under(dir.path(), pod);
+        tokio::spawn(async move {
+            let req = Pub {
+                lease: Some(lease),
+                ..Pub::new(volume, &target)
+            }
+            .build();
+            node.node_publish_volume(req).await
+        })
+    };
+    let slow_a = hanging("csi-slow-a1", "pod-slow-a1", "slow-a");
+    // Wait until it is in flight at the broker side (its Issue is pending).
+    for _ in 0..500 {
+        if broker.hanging() >= 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(broker.hanging(), 1, "first slow publish in flight");
+
+    // A second publish of the hanging lease: refused at once.
+    let second = target_under(dir.path(), "pod-slow-a2");
+    let err = tokio::time::timeout(
+        Duration::from_secs(2),
+        d.node.node_publish_volume(
+            Pub {
+                lease: Some("slow-a"),
+                ..Pub::new("csi-slow-a2", &second)
+            }
+            .build(),
+        ),
+    )
+    .await
+    .expect("refused at once, not queued")
+    .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+
+    // Another lease still gets a slot.
+    let fast2 = target_under(dir.path(), "pod-fast2");
+    tokio::time::timeout(
+        Duration::from_secs(2),
+        d.node
+            .node_publish_volume(Pub::new("csi-fast2", &fast2).build()),
+    )
+    .await
+    .expect("another lease's publish is not starved")
+    .unwrap();
+
+    // Every fresh slot taken by hanging leases: renewals still go through.
+    let slow_b = hanging("csi-slow-b1", "pod-slow-b1", "slow-b");
+    for _ in 0..500 {
+        if broker.hanging() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::timeout(
+        Duration::from_secs(2),
+        d.node
+            .node_publish_volume(Pub::new("csi-fast1", &fast1).build()),
+    )
+    .await
+    .expect("a renewal does not wait behind fresh publishes")
+    .unwrap();
+
+    for task in [slow_a, slow_b] {
+        let err = task.await.unwrap().unwrap_err();
+        assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    }
+    for (volume, target) in [("csi-fast1", &fast1), ("csi-fast2", &fast2)] {
+        d.node
+            .node_unpublish_volume(unpublish_req(volume, target))
+            .await
+            .unwrap();
+    }
+    d.stop().await;
+    unmount_all_under(dir.path());
+    assert_no_secrets_in_logs();
+}

@@ -123,6 +123,10 @@ pub struct BrokerState {
     pub bad_auth: usize,
     pub issue_delay: Duration,
     pub lifetime_secs: i64,
+    /// Leases whose Issue never answers (a tenant with an unresponsive database).
+    pub hang_leases: std::collections::HashSet<String>,
+    /// Issues of those leases received (and left hanging).
+    pub hanging: usize,
 }
 
 pub fn files_for(version: u64) -> HashMap<String, Vec<u8>> {
@@ -171,7 +175,20 @@ impl pb::broker_server::Broker for FakeBrokerSvc {
         if req.pod_token != POD_TOKEN {
             return Err(tonic::Status::permission_denied("pod token"));
         }
-        let delay = self.0.lock().unwrap().issue_delay;
+        let lease = req
+            .lease
+            .as_ref()
+            .map(|l| l.name.clone())
+            .unwrap_or_default();
+        let (delay, hang) = {
+            let mut s = self.0.lock().unwrap();
+            let hang = s.hang_leases.contains(&lease);
+            s.hanging += usize::from(hang);
+            (s.issue_delay, hang)
+        };
+        if hang {
+            std::future::pending::<()>().await;
+        }
         tokio::time::sleep(delay).await;
         let (version, lifetime) = {
             let mut s = self.0.lock().unwrap();
@@ -304,6 +321,10 @@ impl FakeBroker {
 
     pub fn acks(&self) -> usize {
         self.state.lock().unwrap().acks.len()
+    }
+
+    pub fn hanging(&self) -> usize {
+        self.state.lock().unwrap().hanging
     }
 
     pub fn releases(&self) -> Vec<String> {
