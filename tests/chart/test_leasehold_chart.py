@@ -228,6 +228,7 @@ def test_controller_defaults(default: Rendered) -> None:
         "--node-service-account", f"{FULLNAME}-node",
         "--broker-max-concurrent-issues-per-lease", "8",
         "--broker-max-per-pod-users-per-lease", "1000",
+        "--broker-max-connections", "1024",
         "--log-format", "json",
     ]  # fmt: skip
     ports = {p["name"]: p["containerPort"] for p in ctr["ports"]}
@@ -303,6 +304,38 @@ def test_broker_limits_are_passed_to_the_controller() -> None:
     args = container(controller_pod(r)["spec"], "controller")["args"]
     assert arg_value(args, "--broker-max-concurrent-issues-per-lease") == "3"
     assert arg_value(args, "--broker-max-per-pod-users-per-lease") == "40"
+    r = render({"broker": {"limits": {"maxConnections": 64}}})
+    args = container(controller_pod(r)["spec"], "controller")["args"]
+    assert arg_value(args, "--broker-max-connections") == "64"
+
+
+def test_broker_network_policy_admits_only_node_drivers(default: Rendered) -> None:
+    policy = default.get("NetworkPolicy", f"{FULLNAME}-controller")
+    assert policy["metadata"]["namespace"] == NAMESPACE
+    controller_labels = controller_pod(default)["metadata"]["labels"]
+    node_labels = node_pod(default)["metadata"]["labels"]
+    spec = policy["spec"]
+    selector = spec["podSelector"]["matchLabels"]
+    assert selector.items() <= controller_labels.items()
+    assert spec["policyTypes"] == ["Ingress"]
+    broker_rule, metrics_rule = spec["ingress"]
+    assert broker_rule["ports"] == [{"protocol": "TCP", "port": 8443}]
+    (peer,) = broker_rule["from"]
+    assert set(peer) == {"podSelector"}, "same namespace only"
+    drivers = peer["podSelector"]["matchLabels"]
+    assert drivers.items() <= node_labels.items()
+    assert not drivers.items() <= controller_labels.items(), "selects node drivers only"
+    assert metrics_rule == {"ports": [{"protocol": "TCP", "port": 8080}]}
+    ports = {p["containerPort"] for p in container(controller_pod(default)["spec"], "controller")["ports"]}
+    assert ports == {8443, 8080}
+
+
+def test_broker_network_policy_follows_ports_and_can_be_disabled() -> None:
+    r = render({"broker": {"port": 9443}, "metrics": {"port": 9080}})
+    policy = r.get("NetworkPolicy", f"{FULLNAME}-controller")
+    assert [rule["ports"][0]["port"] for rule in policy["spec"]["ingress"]] == [9443, 9080]
+    r = render({"broker": {"networkPolicy": {"enabled": False}}})
+    assert r.of_kind("NetworkPolicy") == []
 
 
 def test_pdb_can_be_disabled() -> None:

@@ -66,6 +66,6 @@ pub use per_pod::{
     EnginePerPodIssuer, KubePodCredentialStore, MemoryPodCredentialStore, PerPodIssuer,
     PodCredential, PodCredentialStore,
 };
-pub use server::{ServeError, serve, serve_with_listener};
+pub use server::{ServeError, serve, serve_with_listener, serve_with_listener_limited};
 pub use service::{BrokerConfig, BrokerService, Verifiers};
 pub use tls::{BrokerTls, CertPem, TlsSettings};

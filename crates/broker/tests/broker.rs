@@ -673,3 +673,40 @@ async fn driver_token_of_a_deleted_pod_is_refused() {
     b.cluster.put_pod(driver_pod(None));
     issue(&mut b).await.unwrap();
 }
+
+/// Connections beyond the limit (handshakes included) are closed at once;
+/// a freed slot admits a new one.
+#[tokio::test]
+async fn connections_beyond_the_limit_are_closed() {
+    let mut b = start_opts(None, 2).await;
+    let pod = web();
+    // The harness client holds one connection; a bare TCP connection that
+    // never handshakes holds the second.
+    b.client
+        .issue(with_token(
+            issue_request(&pod, "db", &pod_token(&pod)),
+            Some(&node_token()),
+        ))
+        .await
+        .unwrap();
+    let idle = tokio::net::TcpStream::connect(b.addr).await.unwrap();
+    assert!(
+        connect(b.addr, &b.ca_pem).await.is_err(),
+        "a third connection is refused"
+    );
+    // The existing connection keeps working.
+    b.client
+        .acknowledge(with_token(ack_request(&pod, "db", 3), Some(&node_token())))
+        .await
+        .unwrap();
+    drop(idle);
+    let mut admitted = false;
+    for _ in 0..100 {
+        if connect(b.addr, &b.ca_pem).await.is_ok() {
+            admitted = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(admitted, "a freed slot admits a new connection");
+}

@@ -76,6 +76,11 @@ pub struct ControllerArgs {
     #[arg(long, value_name = "N", default_value_t = BrokerLimits::default().max_per_pod_users_per_lease,
           value_parser = positive)]
     broker_max_per_pod_users_per_lease: usize,
+    /// Open connections to the broker (TLS handshakes included); more are
+    /// closed as soon as they are accepted.
+    #[arg(long, value_name = "N", default_value_t = BrokerLimits::default().max_connections,
+          value_parser = positive)]
+    broker_max_connections: usize,
 }
 
 /// A count of at least 1.
@@ -92,7 +97,7 @@ impl ControllerArgs {
         BrokerLimits {
             max_concurrent_issues_per_lease: self.broker_max_concurrent_issues_per_lease,
             max_per_pod_users_per_lease: self.broker_max_per_pod_users_per_lease,
-            ..BrokerLimits::default()
+            max_connections: self.broker_max_connections,
         }
     }
 }
@@ -168,11 +173,14 @@ mod tests {
             "2",
             "--broker-max-per-pod-users-per-lease",
             "50",
+            "--broker-max-connections",
+            "64",
         ])
         .unwrap();
         let limits = args.broker_limits();
         assert_eq!(limits.max_concurrent_issues_per_lease, 2);
         assert_eq!(limits.max_per_pod_users_per_lease, 50);
+        assert_eq!(limits.max_connections, 64);
         assert!(parse(&["--broker-max-per-pod-users-per-lease", "0"]).is_err());
     }
 }

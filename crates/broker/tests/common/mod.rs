@@ -336,6 +336,7 @@ pub fn cluster() -> MemoryCluster {
 
 pub struct Broker {
     pub addr: SocketAddr,
+    pub ca_pem: String,
     pub client: BrokerClient<Channel>,
     pub cluster: Arc<MemoryCluster>,
     pub consumers: Arc<MemoryConsumerStore>,
@@ -374,6 +375,11 @@ pub async fn start() -> Broker {
 
 /// The broker over TLS on 127.0.0.1, with a client that trusts its CA.
 pub async fn start_with(per_pod: Option<Arc<dyn PerPodIssuer>>) -> Broker {
+    start_opts(per_pod, 1024).await
+}
+
+/// [`start_with`], at most `max_connections` connections.
+pub async fn start_opts(per_pod: Option<Arc<dyn PerPodIssuer>>, max_connections: usize) -> Broker {
     let cluster = Arc::new(cluster());
     let consumers = Arc::new(MemoryConsumerStore::new());
     for lease in ["db", "restricted", "shared", "selected", "perpod"] {
@@ -409,24 +415,21 @@ pub async fn start_with(per_pod: Option<Arc<dyn PerPodIssuer>>) -> Broker {
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
-        leasehold_broker::serve_with_listener(listener, &tls, service, async {
-            let _ = rx.await;
-        })
+        leasehold_broker::serve_with_listener_limited(
+            listener,
+            &tls,
+            service,
+            max_connections,
+            async {
+                let _ = rx.await;
+            },
+        )
         .await
         .unwrap();
     });
-    let endpoint = Endpoint::from_shared(format!("https://127.0.0.1:{}", addr.port()))
-        .unwrap()
-        .tls_config(
-            ClientTlsConfig::new()
-                .ca_certificate(Certificate::from_pem(ca.cert.as_bytes()))
-                .domain_name("localhost"),
-        )
-        .unwrap()
-        .tcp_nodelay(true)
-        .timeout(Duration::from_secs(10));
-    let channel = endpoint.connect().await.unwrap();
+    let channel = connect(addr, &ca.cert).await.unwrap();
     Broker {
+        ca_pem: ca.cert.clone(),
         addr,
         client: BrokerClient::new(channel),
         cluster,
@@ -434,6 +437,23 @@ pub async fn start_with(per_pod: Option<Arc<dyn PerPodIssuer>>) -> Broker {
         registry: Arc::new(std::sync::Mutex::new(registry)),
         shutdown: Some(tx),
     }
+}
+
+/// A new connection to the broker at `addr` (trusting `ca_pem`).
+pub async fn connect(addr: SocketAddr, ca_pem: &str) -> Result<Channel, tonic::transport::Error> {
+    Endpoint::from_shared(format!("https://127.0.0.1:{}", addr.port()))
+        .unwrap()
+        .tls_config(
+            ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(ca_pem.as_bytes()))
+                .domain_name("localhost"),
+        )
+        .unwrap()
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(10))
+        .connect()
+        .await
 }
 
 pub fn with_token<T>(message: T, token: Option<&str>) -> tonic::Request<T> {
