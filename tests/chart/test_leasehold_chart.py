@@ -126,6 +126,7 @@ def test_validator_rejects_a_broken_object(default: Rendered) -> None:
 def test_common_labels_and_namespaces(rendered_sets: dict[str, Rendered], value_set: str) -> None:
     r = rendered_sets[value_set]
     watched = set(VALUE_SETS[value_set].get("watchNamespaces", []))
+    watched |= set(VALUE_SETS[value_set].get("rbac", {}).get("writeNamespaces", []))
     cluster_scoped = {"ClusterRole", "ClusterRoleBinding", "CSIDriver"}
     for obj in r.objects:
         meta = obj["metadata"]
@@ -681,6 +682,52 @@ def test_controller_rbac_restricted_namespaces(
         assert role_rules == CONTROLLER_RELEASE_NS_RULES | secrets
 
 
+WRITE_VERBS = {"create", "update", "patch", "delete"}
+
+
+@pytest.mark.parametrize(
+    "value_set", ["write-namespaces", "write-namespaces-including-release-ns"]
+)
+def test_controller_rbac_write_namespaces(rendered_sets: dict[str, Rendered], value_set: str) -> None:
+    r = rendered_sets[value_set]
+    writable = VALUE_SETS[value_set]["rbac"]["writeNamespaces"]
+    ctr = container(controller_pod(r)["spec"], "controller")
+    assert arg_value(ctr["args"], "--namespaces") is None, "still watches every namespace"
+    # Cluster-wide: every read, no write on namespaced objects.
+    cluster = rules_of(r.get("ClusterRole", CONTROLLER))
+    reads = {t for t in CONTROLLER_NAMESPACED_RULES if t[2] not in WRITE_VERBS}
+    writes = CONTROLLER_NAMESPACED_RULES - reads
+    assert cluster == reads | CONTROLLER_CLUSTER_ONLY_RULES
+    assert writes, "some writes exist"
+    # Writes: bound per listed namespace only.
+    assert rules_of(r.get("ClusterRole", f"{CONTROLLER}-write")) == writes
+    bound_in = sorted(
+        b["metadata"]["namespace"]
+        for b in r.of_kind("RoleBinding")
+        if b["roleRef"]["name"] == f"{CONTROLLER}-write"
+    )
+    assert bound_in == sorted(writable)
+    assert not any(
+        b["roleRef"]["name"] == f"{CONTROLLER}-write" for b in r.of_kind("ClusterRoleBinding")
+    )
+    # Together, a listed namespace gets exactly the full set.
+    assert reads | writes == CONTROLLER_NAMESPACED_RULES
+    role_rules = rules_of(r.get("Role", CONTROLLER, NAMESPACE))
+    secrets = triples(
+        "", ["secrets"], ["get", "list", "watch", "create", "update", "patch", "delete"]
+    )
+    if NAMESPACE in writable:
+        assert role_rules == CONTROLLER_RELEASE_NS_RULES
+    else:
+        # The broker TLS Secret still lives in the release namespace.
+        assert role_rules == CONTROLLER_RELEASE_NS_RULES | secrets
+
+
+def test_write_namespaces_and_watch_namespaces_do_not_combine() -> None:
+    with pytest.raises(Exception, match="rbac.writeNamespaces"):
+        render({"watchNamespaces": ["a"], "rbac": {"writeNamespaces": ["a"]}})
+
+
 @pytest.mark.parametrize("value_set", ALL_SETS)
 def test_bindings_reference_rendered_roles_and_accounts(
     rendered_sets: dict[str, Rendered], value_set: str
@@ -793,6 +840,7 @@ def test_default_values_match_schema() -> None:
         ({"csi": {"tokenAudience": ""}}, "/csi/tokenAudience"),
         ({"watchNamespaces": "team-a"}, "/watchNamespaces"),
         ({"watchNamespaces": ["Team_A"]}, "/watchNamespaces/0"),
+        ({"rbac": {"writeNamespaces": ["Team_A"]}}, "/rbac/writeNamespaces/0"),
         ({"broker": {"tls": {"existingSecret": 123}}}, "/broker/tls/existingSecret"),
         (
             {"broker": {"limits": {"maxPerPodUsersPerLease": 0}}},
