@@ -7,8 +7,17 @@
 //! record (user name, node, generation, times). So a repeated `Issue` returns
 //! the same credential, and `Release` can revoke it after a broker restart.
 //! The user name is `lh_<lease uid 12>_p<pod uid 12>` (29 characters: fits
-//! PostgreSQL and MySQL). At its renewal time the next `Issue` sets a new
-//! password (generation + 1) and extends the database-side expiry.
+//! PostgreSQL and MySQL), always derived from the two UIDs and never read back
+//! from the record: anyone who can patch Secrets in the lease's namespace can
+//! edit the record, and must not be able to make the admin drop another role.
+//! At its renewal time the next `Issue` sets a new password (generation + 1)
+//! and extends the database-side expiry.
+//!
+//! A first `Issue` that fails after the record was written (the user could not
+//! be created, or did not verify) drops the user and the record before
+//! returning the error. Users whose pod is gone without a `Release` are
+//! revoked by [`crate::sweep`]. [`crate::BrokerLimits`] caps concurrent
+//! issues and live users per lease.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};

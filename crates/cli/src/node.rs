@@ -65,6 +65,11 @@ pub struct NodeArgs {
     /// `<DIR>/pods/<pod uid>/volumes/kubernetes.io~csi/<volume>/mount`.
     #[arg(long, value_name = "DIR", default_value = leasehold_csi::DEFAULT_KUBELET_DIR)]
     kubelet_dir: PathBuf,
+    /// Publishes and republishes of one lease that may run at once; more are
+    /// refused with RESOURCE_EXHAUSTED (the kubelet retries), so a lease whose
+    /// database hangs cannot take every slot.
+    #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
+    per_lease_concurrency: u16,
 }
 
 /// `--broker-url`: an `https://` URL with a host; plain `http` is refused.
@@ -115,6 +120,7 @@ pub async fn run(args: NodeArgs) -> Result<(), String> {
     );
     config.tmpfs_size_bytes = args.tmpfs_size_kib * 1024;
     config.kubelet_dir = args.kubelet_dir.clone();
+    config.per_lease_concurrency = usize::from(args.per_lease_concurrency);
     let mut registry = Registry::default();
     let driver = NodeDriver::new(
         config,
@@ -206,5 +212,6 @@ mod tests {
     fn kubelet_dir_defaults_to_the_kubelets() {
         let args = parse("https://b:8443").unwrap();
         assert_eq!(args.kubelet_dir, PathBuf::from("/var/lib/kubelet"));
+        assert_eq!(args.per_lease_concurrency, 4);
     }
 }
