@@ -3,6 +3,8 @@
 //! Issue, dropped on Release (only by the node it was issued to).
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -369,4 +371,100 @@ async fn per_lease_limits_refuse_with_resource_exhausted() {
             .await
             .unwrap();
     }
+}
+
+/// Through the real broker over TLS: a per-pod lease on the test PostgreSQL
+/// whose login test is `verify`, with its admin Secret, in the broker's cluster.
+async fn broker_with_pg_lease(verify: serde_json::Value) -> (common::Broker, String) {
+    let pg = PostgresServer::shared().await;
+    let lease_uid = unique_uuid();
+    let b = common::start_full(
+        |cluster| {
+            Some(Arc::new(EnginePerPodIssuer::new(
+                cluster,
+                Arc::new(MemoryPodCredentialStore::new()),
+                BackendRegistry::new(2),
+            )) as Arc<dyn PerPodIssuer>)
+        },
+        64,
+    )
+    .await;
+    b.cluster.put_secret(
+        "shop",
+        "pg-admin",
+        SecretData(BTreeMap::from([
+            ("username".to_owned(), SecretString::from(pg.admin_user())),
+            ("password".to_owned(), pg.admin_password().clone()),
+        ])),
+    );
+    b.cluster.put_policy(
+        serde_json::from_value(json!({
+            "apiVersion": "leasehold.dev/v1alpha1", "kind": "RotationPolicy",
+            "metadata": {"namespace": "shop", "name": "pgfail"},
+            "spec": {"ttl": "2h", "strategy": "Dynamic", "verify": verify},
+        }))
+        .unwrap(),
+    );
+    b.cluster.put_lease(
+        serde_json::from_value(json!({
+            "apiVersion": "leasehold.dev/v1alpha1", "kind": "SecretLease",
+            "metadata": {"namespace": "shop", "name": "pgpod", "uid": lease_uid},
+            "spec": {
+                "policyRef": {"name": "pgfail"},
+                "perPod": true,
+                "postgres": {"host": pg.host(), "port": pg.port(), "database": pg.database(),
+                             "adminSecretRef": {"name": "pg-admin"}, "tls": {"mode": "Disable"}},
+                "delivery": {"csi": {"enabled": true}},
+            },
+        }))
+        .unwrap(),
+    );
+    (b, lease_uid)
+}
+
+/// The real broker: an Issue whose verification fails leaves no user; one
+/// the node gave up waiting for is dropped by the Release the driver sends.
+#[tokio::test]
+async fn failed_or_abandoned_issue_through_the_broker_leaves_no_user() {
+    let pg = PostgresServer::shared().await;
+    let web = common::web();
+
+    let (mut b, lease_uid) = broker_with_pg_lease(json!({"query": "SELECT 1/0"})).await;
+    let err = b
+        .client
+        .issue(common::with_token(
+            common::issue_request(&web, "pgpod", &common::pod_token(&web)),
+            Some(&common::node_token()),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert!(!role_exists(pg, &per_pod_username(&lease_uid, &web.uid)).await);
+
+    // The driver's deadline passes while the login test runs.
+    let (mut b, lease_uid) =
+        broker_with_pg_lease(json!({"query": "SELECT pg_sleep(2)", "timeout": "10s"})).await;
+    let user = per_pod_username(&lease_uid, &web.uid);
+    let mut request = common::with_token(
+        common::issue_request(&web, "pgpod", &common::pod_token(&web)),
+        Some(&common::node_token()),
+    );
+    request.set_timeout(std::time::Duration::from_millis(700));
+    let err = b.client.issue(request).await.unwrap_err();
+    assert!(
+        matches!(
+            err.code(),
+            tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+        ),
+        "{err:?}"
+    );
+    // What the driver does after a failed Issue.
+    b.client
+        .release(common::with_token(
+            common::release_request(&web, "pgpod"),
+            Some(&common::node_token()),
+        ))
+        .await
+        .unwrap();
+    assert!(!role_exists(pg, &user).await, "released");
 }

@@ -380,7 +380,17 @@ pub async fn start_with(per_pod: Option<Arc<dyn PerPodIssuer>>) -> Broker {
 
 /// [`start_with`], at most `max_connections` connections.
 pub async fn start_opts(per_pod: Option<Arc<dyn PerPodIssuer>>, max_connections: usize) -> Broker {
+    start_full(move |_| per_pod, max_connections).await
+}
+
+/// The broker with the per-pod issuer `per_pod` builds on the broker's own
+/// in-memory cluster.
+pub async fn start_full(
+    per_pod: impl FnOnce(Arc<MemoryCluster>) -> Option<Arc<dyn PerPodIssuer>>,
+    max_connections: usize,
+) -> Broker {
     let cluster = Arc::new(cluster());
+    let per_pod = per_pod(cluster.clone());
     let consumers = Arc::new(MemoryConsumerStore::new());
     for lease in ["db", "restricted", "shared", "selected", "perpod"] {
         consumers.add_lease(ObjectRef::new("shop", lease), Vec::new());
