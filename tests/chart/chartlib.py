@@ -40,6 +40,8 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     "default": {},
     "restricted-namespaces": {"watchNamespaces": ["team-a", "team-b"]},
     "restricted-including-release-ns": {"watchNamespaces": ["team-a", NAMESPACE]},
+    "write-namespaces": {"rbac": {"writeNamespaces": ["team-a", "team-b"]}},
+    "write-namespaces-including-release-ns": {"rbac": {"writeNamespaces": ["team-a", NAMESPACE]}},
     "broker-tls-existing-secret": {"broker": {"tls": {"existingSecret": "my-broker-tls"}}},
     "custom-kubelet-dir": {
         "node": {"kubeletDir": "/var/lib/k0s/kubelet", "stateDir": "/data/leasehold"}

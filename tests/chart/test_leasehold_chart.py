@@ -126,6 +126,7 @@ def test_validator_rejects_a_broken_object(default: Rendered) -> None:
 def test_common_labels_and_namespaces(rendered_sets: dict[str, Rendered], value_set: str) -> None:
     r = rendered_sets[value_set]
     watched = set(VALUE_SETS[value_set].get("watchNamespaces", []))
+    watched |= set(VALUE_SETS[value_set].get("rbac", {}).get("writeNamespaces", []))
     cluster_scoped = {"ClusterRole", "ClusterRoleBinding", "CSIDriver"}
     for obj in r.objects:
         meta = obj["metadata"]
@@ -226,6 +227,9 @@ def test_controller_defaults(default: Rendered) -> None:
         "--broker-token-audience", "leasehold-broker",
         "--pod-token-audience", "csi.leasehold.dev",
         "--node-service-account", f"{FULLNAME}-node",
+        "--broker-max-concurrent-issues-per-lease", "8",
+        "--broker-max-per-pod-users-per-lease", "1000",
+        "--broker-max-connections", "1024",
         "--log-format", "json",
     ]  # fmt: skip
     ports = {p["name"]: p["containerPort"] for p in ctr["ports"]}
@@ -294,6 +298,47 @@ def test_controller_scheduling_overrides(rendered_sets: dict[str, Rendered]) -> 
     assert controller_pod(r)["metadata"]["annotations"] == {"a": "b"}
 
 
+def test_broker_limits_are_passed_to_the_controller() -> None:
+    r = render(
+        {"broker": {"limits": {"maxConcurrentIssuesPerLease": 3, "maxPerPodUsersPerLease": 40}}}
+    )
+    args = container(controller_pod(r)["spec"], "controller")["args"]
+    assert arg_value(args, "--broker-max-concurrent-issues-per-lease") == "3"
+    assert arg_value(args, "--broker-max-per-pod-users-per-lease") == "40"
+    r = render({"broker": {"limits": {"maxConnections": 64}}})
+    args = container(controller_pod(r)["spec"], "controller")["args"]
+    assert arg_value(args, "--broker-max-connections") == "64"
+
+
+def test_broker_network_policy_admits_only_node_drivers(default: Rendered) -> None:
+    policy = default.get("NetworkPolicy", f"{FULLNAME}-controller")
+    assert policy["metadata"]["namespace"] == NAMESPACE
+    controller_labels = controller_pod(default)["metadata"]["labels"]
+    node_labels = node_pod(default)["metadata"]["labels"]
+    spec = policy["spec"]
+    selector = spec["podSelector"]["matchLabels"]
+    assert selector.items() <= controller_labels.items()
+    assert spec["policyTypes"] == ["Ingress"]
+    broker_rule, metrics_rule = spec["ingress"]
+    assert broker_rule["ports"] == [{"protocol": "TCP", "port": 8443}]
+    (peer,) = broker_rule["from"]
+    assert set(peer) == {"podSelector"}, "same namespace only"
+    drivers = peer["podSelector"]["matchLabels"]
+    assert drivers.items() <= node_labels.items()
+    assert not drivers.items() <= controller_labels.items(), "selects node drivers only"
+    assert metrics_rule == {"ports": [{"protocol": "TCP", "port": 8080}]}
+    ports = {p["containerPort"] for p in container(controller_pod(default)["spec"], "controller")["ports"]}
+    assert ports == {8443, 8080}
+
+
+def test_broker_network_policy_follows_ports_and_can_be_disabled() -> None:
+    r = render({"broker": {"port": 9443}, "metrics": {"port": 9080}})
+    policy = r.get("NetworkPolicy", f"{FULLNAME}-controller")
+    assert [rule["ports"][0]["port"] for rule in policy["spec"]["ingress"]] == [9443, 9080]
+    r = render({"broker": {"networkPolicy": {"enabled": False}}})
+    assert r.of_kind("NetworkPolicy") == []
+
+
 def test_pdb_can_be_disabled() -> None:
     r = render({"controller": {"podDisruptionBudget": {"enabled": False}}})
     assert r.of_kind("PodDisruptionBudget") == []
@@ -344,6 +389,7 @@ def test_node_defaults(default: Rendered) -> None:
         "--token-audience", "csi.leasehold.dev",
         "--node-token", "/var/run/secrets/leasehold/broker-token/token",
         "--state-dir", "/var/lib/leasehold",
+        "--kubelet-dir", "/var/lib/kubelet",
         "--metrics-addr", "0.0.0.0:9090",
         "--log-format", "json",
     ]  # fmt: skip
@@ -492,6 +538,8 @@ def test_custom_kubelet_and_state_dir(rendered_sets: dict[str, Rendered]) -> Non
     driver = container(spec, "leasehold")
     assert arg_value(driver["args"], "--state-dir") == "/var/lib/leasehold"
     assert host_path_of(spec, driver, "/var/lib/leasehold") == "/data/leasehold"
+    # Target paths are confined to the kubelet's pod directories.
+    assert arg_value(driver["args"], "--kubelet-dir") == "/var/lib/k0s/kubelet"
     all_text = json.dumps(spec)
     assert "/var/lib/kubelet" not in all_text
 
@@ -634,6 +682,52 @@ def test_controller_rbac_restricted_namespaces(
         assert role_rules == CONTROLLER_RELEASE_NS_RULES | secrets
 
 
+WRITE_VERBS = {"create", "update", "patch", "delete"}
+
+
+@pytest.mark.parametrize(
+    "value_set", ["write-namespaces", "write-namespaces-including-release-ns"]
+)
+def test_controller_rbac_write_namespaces(rendered_sets: dict[str, Rendered], value_set: str) -> None:
+    r = rendered_sets[value_set]
+    writable = VALUE_SETS[value_set]["rbac"]["writeNamespaces"]
+    ctr = container(controller_pod(r)["spec"], "controller")
+    assert arg_value(ctr["args"], "--namespaces") is None, "still watches every namespace"
+    # Cluster-wide: every read, no write on namespaced objects.
+    cluster = rules_of(r.get("ClusterRole", CONTROLLER))
+    reads = {t for t in CONTROLLER_NAMESPACED_RULES if t[2] not in WRITE_VERBS}
+    writes = CONTROLLER_NAMESPACED_RULES - reads
+    assert cluster == reads | CONTROLLER_CLUSTER_ONLY_RULES
+    assert writes, "some writes exist"
+    # Writes: bound per listed namespace only.
+    assert rules_of(r.get("ClusterRole", f"{CONTROLLER}-write")) == writes
+    bound_in = sorted(
+        b["metadata"]["namespace"]
+        for b in r.of_kind("RoleBinding")
+        if b["roleRef"]["name"] == f"{CONTROLLER}-write"
+    )
+    assert bound_in == sorted(writable)
+    assert not any(
+        b["roleRef"]["name"] == f"{CONTROLLER}-write" for b in r.of_kind("ClusterRoleBinding")
+    )
+    # Together, a listed namespace gets exactly the full set.
+    assert reads | writes == CONTROLLER_NAMESPACED_RULES
+    role_rules = rules_of(r.get("Role", CONTROLLER, NAMESPACE))
+    secrets = triples(
+        "", ["secrets"], ["get", "list", "watch", "create", "update", "patch", "delete"]
+    )
+    if NAMESPACE in writable:
+        assert role_rules == CONTROLLER_RELEASE_NS_RULES
+    else:
+        # The broker TLS Secret still lives in the release namespace.
+        assert role_rules == CONTROLLER_RELEASE_NS_RULES | secrets
+
+
+def test_write_namespaces_and_watch_namespaces_do_not_combine() -> None:
+    with pytest.raises(Exception, match="rbac.writeNamespaces"):
+        render({"watchNamespaces": ["a"], "rbac": {"writeNamespaces": ["a"]}})
+
+
 @pytest.mark.parametrize("value_set", ALL_SETS)
 def test_bindings_reference_rendered_roles_and_accounts(
     rendered_sets: dict[str, Rendered], value_set: str
@@ -746,7 +840,12 @@ def test_default_values_match_schema() -> None:
         ({"csi": {"tokenAudience": ""}}, "/csi/tokenAudience"),
         ({"watchNamespaces": "team-a"}, "/watchNamespaces"),
         ({"watchNamespaces": ["Team_A"]}, "/watchNamespaces/0"),
+        ({"rbac": {"writeNamespaces": ["Team_A"]}}, "/rbac/writeNamespaces/0"),
         ({"broker": {"tls": {"existingSecret": 123}}}, "/broker/tls/existingSecret"),
+        (
+            {"broker": {"limits": {"maxPerPodUsersPerLease": 0}}},
+            "/broker/limits/maxPerPodUsersPerLease",
+        ),
         ({"metrics": {"serviceMonitor": {"enabled": "yes"}}}, "/metrics/serviceMonitor/enabled"),
         ({"metrics": {"port": 70000}}, "/metrics/port"),
         ({"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy"),

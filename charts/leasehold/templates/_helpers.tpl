@@ -160,42 +160,60 @@ seccompProfile:
 {{/*
 Rules on namespaced objects the controller reconciles. Cluster-wide
 (ClusterRoleBinding) by default; with watchNamespaces they are bound by a
-RoleBinding in each watched namespace only.
+RoleBinding in each watched namespace only; with rbac.writeNamespaces the read
+rules stay cluster-wide and the write rules are bound per listed namespace.
 */}}
 {{- define "leasehold.controllerNamespacedRules" -}}
+{{ include "leasehold.controllerReadRules" . }}
+{{ include "leasehold.controllerWriteRules" . }}
+{{- end }}
+
+{{- define "leasehold.controllerReadRules" -}}
 - apiGroups: ["leasehold.dev"]
-  resources: ["rotationpolicies"]
+  resources: ["rotationpolicies", "secretleases"]
   verbs: ["get", "list", "watch"]
+- apiGroups: ["leasehold.dev"]
+  resources: ["secretleases/status", "rotationpolicies/status"]
+  verbs: ["get"]
+# Database admin credentials referenced by policies, and the Secrets the
+# controller owns (issued credentials, broker TLS).
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get", "list", "watch"]
+# The broker checks that the pod a token is bound to exists and is running.
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["get", "list", "watch"]
+- apiGroups: ["apps"]
+  resources: ["deployments", "statefulsets", "daemonsets"]
+  verbs: ["get", "list", "watch"]
+{{- end }}
+
+{{- define "leasehold.controllerWriteRules" -}}
 # The finalizer is added and removed with a patch on the lease itself.
 - apiGroups: ["leasehold.dev"]
   resources: ["secretleases"]
-  verbs: ["get", "list", "watch", "patch"]
+  verbs: ["patch"]
 # Status of both kinds is written with server-side apply.
 - apiGroups: ["leasehold.dev"]
   resources: ["secretleases/status", "rotationpolicies/status"]
-  verbs: ["get", "patch"]
+  verbs: ["patch"]
 # For clusters that enforce OwnerReferencesPermissionEnforcement: the owned
 # Secrets carry blockOwnerDeletion on their lease.
 - apiGroups: ["leasehold.dev"]
   resources: ["secretleases/finalizers"]
   verbs: ["update"]
-# Database admin credentials referenced by policies, and the Secrets the
-# controller owns (issued credentials, broker TLS).
 - apiGroups: [""]
   resources: ["secrets"]
-  verbs: ["get", "list", "watch", "create", "update", "patch", "delete"]
+  verbs: ["create", "update", "patch", "delete"]
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create", "patch"]
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]
-# The broker checks that the pod a token is bound to exists and is running.
-- apiGroups: [""]
-  resources: ["pods"]
-  verbs: ["get", "list", "watch"]
 # Rollout restarts of workloads that consume rotated Secrets.
 - apiGroups: ["apps"]
   resources: ["deployments", "statefulsets", "daemonsets"]
-  verbs: ["get", "list", "watch", "patch"]
+  verbs: ["patch"]
 {{- end }}

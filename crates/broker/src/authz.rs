@@ -72,6 +72,11 @@ pub struct PodFacts {
     pub node_name: Option<String>,
     /// `status.phase`.
     pub phase: Option<String>,
+    /// `metadata.deletionTimestamp` is set: the pod is being deleted.
+    pub terminating: bool,
+    /// Leases (`namespace`, `name`) the pod mounts through leasehold's CSI
+    /// driver (its `csi` volumes' `lease` attribute, resolved against its namespace).
+    pub csi_leases: Vec<(String, String)>,
 }
 
 /// The facts of a `SecretLease` that authorization needs.
@@ -120,6 +125,25 @@ pub enum Deny {
         /// Caller's namespace.
         namespace: String,
         /// Caller's name.
+        name: String,
+    },
+    /// The node driver's token is bound to no pod.
+    #[error("the node driver's token is not bound to a pod")]
+    DriverTokenNotBound,
+    /// The pod the node driver's token is bound to is gone (or was replaced).
+    #[error("the node driver's pod {namespace}/{name} no longer exists")]
+    DriverPodGone {
+        /// Its namespace.
+        namespace: String,
+        /// Its name.
+        name: String,
+    },
+    /// The pod the node driver's token is bound to is being deleted or has terminated.
+    #[error("the node driver's pod {namespace}/{name} is terminating")]
+    DriverPodTerminating {
+        /// Its namespace.
+        namespace: String,
+        /// Its name.
         name: String,
     },
     /// The caller's token is bound to no node (and no pod with a node).
@@ -184,6 +208,16 @@ pub enum Deny {
         lease_namespace: String,
         /// Lease name.
         lease_name: String,
+    },
+    /// The pod has no CSI volume of the lease.
+    #[error("pod {namespace}/{name} has no leasehold volume of lease {lease}")]
+    NoVolumeOfLease {
+        /// Pod namespace.
+        namespace: String,
+        /// Pod name.
+        name: String,
+        /// `namespace/name` of the lease.
+        lease: String,
     },
     /// The pod's service account may not use the lease.
     #[error("service account {namespace}/{name} may not use the lease")]
@@ -369,6 +403,103 @@ pub fn authorize_access(
     Ok(())
 }
 
+/// The pod a node driver's token is bound to (`kubernetes.io.pod`) still
+/// exists as that pod (same UID) and is neither being deleted nor terminated,
+/// as the pod-token path requires of pods: a token outlives its pod.
+/// `pod` is the pod object by the bound name, if any.
+pub fn authorize_driver_pod(
+    namespace: &str,
+    bound: Option<(&str, &str)>,
+    pod: Option<&PodFacts>,
+) -> Result<(), Deny> {
+    let (name, uid) = bound.ok_or(Deny::DriverTokenNotBound)?;
+    let gone = || Deny::DriverPodGone {
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+    };
+    let pod = pod.ok_or_else(gone)?;
+    if pod.uid != uid {
+        return Err(gone());
+    }
+    let terminated = pod
+        .phase
+        .as_deref()
+        .is_some_and(|p| matches!(p, "Succeeded" | "Failed"));
+    if pod.terminating || terminated {
+        return Err(Deny::DriverPodTerminating {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// The pod mounts the lease through leasehold's CSI driver.
+pub fn authorize_pod_has_volume(pod: &PodFacts, lease: &LeaseFacts) -> Result<(), Deny> {
+    if pod
+        .csi_leases
+        .iter()
+        .any(|(ns, name)| *ns == lease.namespace && *name == lease.name)
+    {
+        Ok(())
+    } else {
+        Err(Deny::NoVolumeOfLease {
+            namespace: pod.namespace.clone(),
+            name: pod.name.clone(),
+            lease: format!("{}/{}", lease.namespace, lease.name),
+        })
+    }
+}
+
+impl Deny {
+    /// Whether the refusal means the pod lost access to the lease (rather
+    /// than a request that was never right): its credential is withdrawn.
+    pub fn withdraws_access(&self) -> bool {
+        matches!(
+            self,
+            Deny::NamespaceNotAllowed { .. }
+                | Deny::ServiceAccountNotAllowed { .. }
+                | Deny::CsiDisabled { .. }
+        )
+    }
+}
+
+/// Everything an `Acknowledge` is decided on.
+#[derive(Debug, Clone, Copy)]
+pub struct AcknowledgeFacts<'a> {
+    /// The configured node-driver account.
+    pub driver: &'a NodeDriverAccount,
+    /// The verified caller.
+    pub caller: &'a CallerIdentity,
+    /// The pod the request names.
+    pub requested: &'a PodIdentity,
+    /// The node the request names.
+    pub node: &'a str,
+    /// The pod object.
+    pub pod: &'a PodFacts,
+    /// The lease.
+    pub lease: &'a LeaseFacts,
+    /// The policy's access rules.
+    pub access: &'a AccessSpec,
+    /// Labels of the pod's namespace, when known.
+    pub namespace_labels: Option<&'a BTreeMap<String, String>>,
+}
+
+/// The whole `Acknowledge` decision: the caller and the pod as for `Issue`
+/// (there is no pod token), the pod has a volume of the lease, and the
+/// lease's access rules still admit it.
+pub fn authorize_acknowledge(facts: &AcknowledgeFacts<'_>) -> Result<(), Deny> {
+    authorize_node(facts.caller, facts.driver, facts.node)?;
+    authorize_pod_on_node(facts.pod, facts.requested, facts.node)?;
+    authorize_pod_has_volume(facts.pod, facts.lease)?;
+    authorize_access(
+        facts.lease,
+        facts.access,
+        facts.requested,
+        facts.namespace_labels,
+    )
+}
+
 /// Everything an `Issue` is decided on.
 #[derive(Debug, Clone, Copy)]
 pub struct IssueFacts<'a> {
@@ -445,7 +576,105 @@ mod tests {
             service_account: "web".into(),
             node_name: Some("node-a".into()),
             phase: Some("Pending".into()),
+            terminating: false,
+            csi_leases: vec![("shop".into(), "db".into())],
         }
+    }
+
+    #[test]
+    fn driver_pod_must_exist_and_be_alive() {
+        let ns = "leasehold-system";
+        let alive = PodFacts {
+            namespace: ns.into(),
+            name: "csi-x".into(),
+            uid: "u1".into(),
+            phase: Some("Running".into()),
+            ..PodFacts::default()
+        };
+        let bound = Some(("csi-x", "u1"));
+        assert_eq!(authorize_driver_pod(ns, bound, Some(&alive)), Ok(()));
+        assert_eq!(
+            authorize_driver_pod(ns, None, Some(&alive)),
+            Err(Deny::DriverTokenNotBound)
+        );
+        assert!(matches!(
+            authorize_driver_pod(ns, bound, None),
+            Err(Deny::DriverPodGone { .. })
+        ));
+        assert!(matches!(
+            authorize_driver_pod(ns, Some(("csi-x", "u0")), Some(&alive)),
+            Err(Deny::DriverPodGone { .. })
+        ));
+        let deleting = PodFacts {
+            terminating: true,
+            ..alive.clone()
+        };
+        assert!(matches!(
+            authorize_driver_pod(ns, bound, Some(&deleting)),
+            Err(Deny::DriverPodTerminating { .. })
+        ));
+        let failed = PodFacts {
+            phase: Some("Failed".into()),
+            ..alive
+        };
+        assert!(matches!(
+            authorize_driver_pod(ns, bound, Some(&failed)),
+            Err(Deny::DriverPodTerminating { .. })
+        ));
+    }
+
+    #[test]
+    fn acknowledge_needs_a_volume_of_the_lease_and_access() {
+        let (d, c, p, l) = (driver(), caller(), pod_id(), lease());
+        let access = AccessSpec::default();
+        let pf = pod_facts();
+        let facts = AcknowledgeFacts {
+            driver: &d,
+            caller: &c,
+            requested: &p,
+            node: "node-a",
+            pod: &pf,
+            lease: &l,
+            access: &access,
+            namespace_labels: None,
+        };
+        assert_eq!(authorize_acknowledge(&facts), Ok(()));
+        let other = PodFacts {
+            csi_leases: vec![
+                ("shop".into(), "other".into()),
+                ("billing".into(), "db".into()),
+            ],
+            ..pod_facts()
+        };
+        let err = authorize_acknowledge(&AcknowledgeFacts {
+            pod: &other,
+            ..facts
+        })
+        .unwrap_err();
+        assert!(matches!(err, Deny::NoVolumeOfLease { .. }), "{err}");
+        assert!(!err.withdraws_access());
+        let only_api: AccessSpec =
+            serde_json::from_value(serde_json::json!({"serviceAccounts": ["api"]})).unwrap();
+        let err = authorize_acknowledge(&AcknowledgeFacts {
+            access: &only_api,
+            ..facts
+        })
+        .unwrap_err();
+        assert!(
+            matches!(err, Deny::ServiceAccountNotAllowed { .. }),
+            "{err}"
+        );
+        assert!(err.withdraws_access());
+        let no_csi = LeaseFacts {
+            csi_enabled: false,
+            ..lease()
+        };
+        let err = authorize_acknowledge(&AcknowledgeFacts {
+            lease: &no_csi,
+            ..facts
+        })
+        .unwrap_err();
+        assert!(err.withdraws_access());
     }
 
     fn lease() -> LeaseFacts {

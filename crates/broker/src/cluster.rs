@@ -101,7 +101,26 @@ pub fn pod_facts(pod: &Pod) -> PodFacts {
             .and_then(|s| s.node_name.clone())
             .filter(|n| !n.is_empty()),
         phase: pod.status.as_ref().and_then(|s| s.phase.clone()),
+        terminating: pod.metadata.deletion_timestamp.is_some(),
+        csi_leases: csi_leases(pod),
     }
+}
+
+/// The leases a pod mounts through leasehold's CSI driver: the `lease`
+/// attribute of its inline `csi` volumes (`name` or `namespace/name`).
+fn csi_leases(pod: &Pod) -> Vec<(String, String)> {
+    let namespace = pod.metadata.namespace.as_deref().unwrap_or_default();
+    pod.spec
+        .iter()
+        .flat_map(|s| s.volumes.iter().flatten())
+        .filter_map(|v| v.csi.as_ref())
+        .filter(|csi| csi.driver == leasehold_api::CSI_DRIVER_NAME)
+        .filter_map(|csi| csi.volume_attributes.as_ref()?.get("lease"))
+        .map(|lease| match lease.split_once('/') {
+            Some((ns, name)) => (ns.to_owned(), name.to_owned()),
+            None => (namespace.to_owned(), lease.clone()),
+        })
+        .collect()
 }
 
 /// The facts of a lease that authorization uses.

@@ -41,6 +41,10 @@ pub enum BrokerError {
     /// backend, invalid spec): `FAILED_PRECONDITION`.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// A per-lease limit is reached (concurrent issues, live per-pod users,
+    /// connections); retry later: `RESOURCE_EXHAUSTED`.
+    #[error("limit reached: {0}")]
+    ResourceExhausted(String),
     /// A dependency (API server, key source, database) failed; retry: `UNAVAILABLE`.
     #[error("unavailable: {0}")]
     Unavailable(String),
@@ -59,6 +63,7 @@ impl BrokerError {
             BrokerError::LeaseNotFound { .. } => Code::NotFound,
             BrokerError::NotReady { .. } | BrokerError::Unavailable(_) => Code::Unavailable,
             BrokerError::FailedPrecondition(_) => Code::FailedPrecondition,
+            BrokerError::ResourceExhausted(_) => Code::ResourceExhausted,
             BrokerError::Internal(_) => Code::Internal,
         }
     }
@@ -105,6 +110,10 @@ mod tests {
         assert_eq!(
             BrokerError::from_auth("pod token", &AuthError::Expired).code(),
             Code::Unauthenticated
+        );
+        assert_eq!(
+            tonic::Status::from(BrokerError::ResourceExhausted("x".into())).code(),
+            Code::ResourceExhausted
         );
         assert_eq!(
             tonic::Status::from(BrokerError::Denied(Deny::CallerNodeUnknown)).code(),

@@ -5,8 +5,10 @@
 //! - [`authz`]: the authorization rules as pure functions.
 //! - [`cluster`]: the objects it reads ([`ClusterView`]), over the API server or in memory.
 //! - [`consumers`]: `status.consumers` of leases, coalesced server-side apply.
+//! - [`limits`]: per-lease and connection limits ([`BrokerLimits`]).
 //! - [`per_pod`]: credentials of `perPod` leases, one database user per pod.
 //! - [`service`]: the tonic service [`BrokerService`].
+//! - [`sweep`]: revokes per-pod users of pods that no longer exist (called by the controller).
 //! - [`tls`] and [`server`]: TLS material that works out of the box, and serving.
 //!
 //! ```no_run
@@ -43,10 +45,12 @@ pub mod authz;
 pub mod cluster;
 pub mod consumers;
 pub mod error;
+pub mod limits;
 pub mod metrics;
 pub mod per_pod;
 pub mod server;
 pub mod service;
+pub mod sweep;
 pub mod tls;
 
 pub use authz::{Deny, NodeDriverAccount};
@@ -56,11 +60,12 @@ pub use consumers::{
     ObjectRef,
 };
 pub use error::BrokerError;
+pub use limits::BrokerLimits;
 pub use metrics::BrokerMetrics;
 pub use per_pod::{
     EnginePerPodIssuer, KubePodCredentialStore, MemoryPodCredentialStore, PerPodIssuer,
     PodCredential, PodCredentialStore,
 };
-pub use server::{ServeError, serve, serve_with_listener};
+pub use server::{ServeError, serve, serve_with_listener, serve_with_listener_limited};
 pub use service::{BrokerConfig, BrokerService, Verifiers};
 pub use tls::{BrokerTls, CertPem, TlsSettings};

@@ -7,8 +7,17 @@
 //! record (user name, node, generation, times). So a repeated `Issue` returns
 //! the same credential, and `Release` can revoke it after a broker restart.
 //! The user name is `lh_<lease uid 12>_p<pod uid 12>` (29 characters: fits
-//! PostgreSQL and MySQL). At its renewal time the next `Issue` sets a new
-//! password (generation + 1) and extends the database-side expiry.
+//! PostgreSQL and MySQL), always derived from the two UIDs and never read back
+//! from the record: anyone who can patch Secrets in the lease's namespace can
+//! edit the record, and must not be able to make the admin drop another role.
+//! At its renewal time the next `Issue` sets a new password (generation + 1)
+//! and extends the database-side expiry.
+//!
+//! A first `Issue` that fails after the record was written (the user could not
+//! be created, or did not verify) drops the user and the record before
+//! returning the error. Users whose pod is gone without a `Release` are
+//! revoked by [`crate::sweep`]. [`crate::BrokerLimits`] caps concurrent
+//! issues and live users per lease.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -30,12 +39,13 @@ use leasehold_engine::context::{AdminCredentials, BackendRegistry, LeaseContext,
 use leasehold_engine::template::{CredentialValues, render};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
-use tracing::{info, instrument};
+use tracing::{info, instrument, warn};
 
 use crate::authz::{Deny, PodIdentity};
 use crate::cluster::ClusterView;
 use crate::consumers::FIELD_MANAGER;
 use crate::error::BrokerError;
+use crate::limits::BrokerLimits;
 
 /// A credential issued to one pod. `Debug` shows file names only.
 #[derive(Debug, Clone)]
@@ -147,6 +157,8 @@ pub trait PodCredentialStore: Send + Sync {
     ) -> Result<(), BrokerError>;
     /// Removes it (missing is fine).
     async fn delete(&self, lease: &SecretLease, pod_uid: &str) -> Result<(), BrokerError>;
+    /// The non-secret part of every record of `lease` (for the orphan sweep).
+    async fn list(&self, lease: &SecretLease) -> Result<Vec<PodCredentialMeta>, BrokerError>;
 }
 
 /// The database user of a pod's credential.
@@ -177,7 +189,7 @@ fn lease_ns(lease: &SecretLease) -> &str {
     lease.metadata.namespace.as_deref().unwrap_or_default()
 }
 
-fn lease_uid(lease: &SecretLease) -> &str {
+pub(crate) fn lease_uid(lease: &SecretLease) -> &str {
     lease.metadata.uid.as_deref().unwrap_or_default()
 }
 
@@ -308,6 +320,19 @@ impl PodCredentialStore for KubePodCredentialStore {
             )),
         }
     }
+
+    async fn list(&self, lease: &SecretLease) -> Result<Vec<PodCredentialMeta>, BrokerError> {
+        let selector = format!("{LEASE_UID_LABEL}={}", short_uid(lease_uid(lease)));
+        let secrets = Api::<Secret>::namespaced(self.client.clone(), lease_ns(lease))
+            .list(&kube::api::ListParams::default().labels(&selector))
+            .await
+            .map_err(|e| BrokerError::kube("cannot list pod credential records", &e))?;
+        Ok(secrets
+            .items
+            .iter()
+            .filter_map(|s| record_from_secret(s).map(|r| r.meta))
+            .collect())
+    }
 }
 
 /// An in-memory [`PodCredentialStore`] (tests, or a broker without persistence).
@@ -370,6 +395,18 @@ impl PodCredentialStore for MemoryPodCredentialStore {
             .remove(&key);
         Ok(())
     }
+
+    async fn list(&self, lease: &SecretLease) -> Result<Vec<PodCredentialMeta>, BrokerError> {
+        let uid = lease_uid(lease);
+        Ok(self
+            .records
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|((l, _), _)| l == uid)
+            .map(|(_, r)| r.meta.clone())
+            .collect())
+    }
 }
 
 fn backend_error(what: &str, e: &BackendError) -> BrokerError {
@@ -391,10 +428,31 @@ fn add(t: Timestamp, d: std::time::Duration) -> Timestamp {
 /// the lease's privileges, a login test, and `DROP` on release.
 pub struct EnginePerPodIssuer {
     cluster: Arc<dyn ClusterView>,
-    store: Arc<dyn PodCredentialStore>,
+    pub(crate) store: Arc<dyn PodCredentialStore>,
     registry: BackendRegistry,
     /// Serialises work on one pod's credential.
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    limits: BrokerLimits,
+    /// Issues in progress per lease UID.
+    issuing: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+/// One slot of a lease's concurrent issues, given back on drop.
+struct IssueSlot {
+    issuing: Arc<Mutex<HashMap<String, usize>>>,
+    lease_uid: String,
+}
+
+impl Drop for IssueSlot {
+    fn drop(&mut self) {
+        let mut map = self.issuing.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.lease_uid) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(&self.lease_uid);
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for EnginePerPodIssuer {
@@ -416,10 +474,42 @@ impl EnginePerPodIssuer {
             store,
             registry,
             locks: Mutex::default(),
+            limits: BrokerLimits::current(),
+            issuing: Arc::default(),
         }
     }
 
-    fn lock_for(&self, lease: &SecretLease, pod_uid: &str) -> Arc<tokio::sync::Mutex<()>> {
+    /// Uses `limits` instead of the installed ones.
+    pub fn with_limits(mut self, limits: BrokerLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// A slot of the lease's concurrent issues, or `RESOURCE_EXHAUSTED`.
+    fn issue_slot(&self, lease: &SecretLease) -> Result<IssueSlot, BrokerError> {
+        let uid = lease_uid(lease).to_owned();
+        let mut map = self.issuing.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(uid.clone()).or_default();
+        if *n >= self.limits.max_concurrent_issues_per_lease {
+            return Err(BrokerError::ResourceExhausted(format!(
+                "{} per-pod credentials of lease {}/{} are being issued already",
+                n,
+                lease_ns(lease),
+                lease.metadata.name.as_deref().unwrap_or_default()
+            )));
+        }
+        *n += 1;
+        Ok(IssueSlot {
+            issuing: self.issuing.clone(),
+            lease_uid: uid,
+        })
+    }
+
+    pub(crate) fn lock_for(
+        &self,
+        lease: &SecretLease,
+        pod_uid: &str,
+    ) -> Arc<tokio::sync::Mutex<()>> {
         let key = format!("{}/{pod_uid}", lease_uid(lease));
         self.locks
             .lock()
@@ -429,7 +519,7 @@ impl EnginePerPodIssuer {
             .clone()
     }
 
-    fn forget_lock(&self, lease: &SecretLease, pod_uid: &str) {
+    pub(crate) fn forget_lock(&self, lease: &SecretLease, pod_uid: &str) {
         let key = format!("{}/{pod_uid}", lease_uid(lease));
         self.locks
             .lock()
@@ -437,7 +527,7 @@ impl EnginePerPodIssuer {
             .remove(&key);
     }
 
-    async fn context(
+    pub(crate) async fn context(
         &self,
         lease: &SecretLease,
         policy: &RotationPolicy,
@@ -505,10 +595,13 @@ impl EnginePerPodIssuer {
         })
     }
 
+    /// The files of `record`. The user name is derived from the UIDs, never
+    /// read from the record: the record Secret is writable by others.
     fn credential(
         lease: &SecretLease,
         ctx_facts: (&str, &str, u16, &str),
         record: &PodCredentialRecord,
+        pod_uid: &str,
     ) -> PodCredential {
         let (scheme, host, port, database) = ctx_facts;
         let scheme = if scheme == "mysql" {
@@ -526,7 +619,7 @@ impl EnginePerPodIssuer {
         let files = render(
             &templates,
             &CredentialValues {
-                username: record.meta.username.clone(),
+                username: per_pod_username(lease_uid(lease), pod_uid),
                 password: record.password.clone(),
                 host: host.to_owned(),
                 port,
@@ -573,9 +666,21 @@ impl PerPodIssuer for EnginePerPodIssuer {
             && r.meta.node == request.node
             && now < r.meta.renew_at
         {
-            return Ok(Self::credential(lease, facts, r));
+            return Ok(Self::credential(lease, facts, r, &request.pod.uid));
         }
 
+        let _slot = self.issue_slot(lease)?;
+        if existing.is_none() {
+            let live = self.store.list(lease).await?.len();
+            if live >= self.limits.max_per_pod_users_per_lease {
+                return Err(BrokerError::ResourceExhausted(format!(
+                    "lease {}/{} has {live} per-pod users (at most {})",
+                    lease_ns(lease),
+                    lease.metadata.name.as_deref().unwrap_or_default(),
+                    self.limits.max_per_pod_users_per_lease
+                )));
+            }
+        }
         let ctx = self.context(lease, request.policy).await?;
         let password = leasehold_backends::password::generate(&ctx.password)
             .map_err(|e| backend_error("cannot generate a password", &e))?;
@@ -598,27 +703,57 @@ impl PerPodIssuer for EnginePerPodIssuer {
         // Recorded first: whatever happens next, Release can find the user.
         self.store.put(lease, &record).await?;
         let id = CredentialId(record.meta.username.clone());
-        ctx.backend
-            .issue(&IssueRequest {
-                id: id.clone(),
-                mode: IssueMode::CreateUser,
-                password: record.password.clone(),
-                valid_until: Some(record.meta.expires_at),
-                privileges: ctx.privileges.clone(),
-            })
-            .await
-            .map_err(|e| backend_error("cannot create the pod's user", &e))?;
-        ctx.backend
-            .verify(&VerifyRequest {
-                id,
-                password: record.password.clone(),
-                query: ctx.verify_query.clone(),
-                timeout: ctx.verify_timeout,
-            })
-            .await
-            .map_err(|e| {
-                BrokerError::Unavailable(format!("the pod's credential did not verify: {e}"))
-            })?;
+        let created = async {
+            ctx.backend
+                .issue(&IssueRequest {
+                    id: id.clone(),
+                    mode: IssueMode::CreateUser,
+                    password: record.password.clone(),
+                    valid_until: Some(record.meta.expires_at),
+                    privileges: ctx.privileges.clone(),
+                })
+                .await
+                .map_err(|e| backend_error("cannot create the pod's user", &e))?;
+            ctx.backend
+                .verify(&VerifyRequest {
+                    id: id.clone(),
+                    password: record.password.clone(),
+                    query: ctx.verify_query.clone(),
+                    timeout: ctx.verify_timeout,
+                })
+                .await
+                .map_err(|e| {
+                    BrokerError::Unavailable(format!("the pod's credential did not verify: {e}"))
+                })
+        }
+        .await;
+        if let Err(error) = created {
+            // A pod that never held a working credential gets none: drop what
+            // may have been created instead of leaving it to a Release that
+            // may never come. (A renewal keeps its record: the volume is
+            // published, and its unpublish releases it.)
+            let held_before = existing.as_ref().is_some_and(|r| r.meta.verified);
+            if !held_before {
+                match ctx
+                    .backend
+                    .revoke(&RevokeRequest {
+                        id,
+                        mode: RevokeMode::DropUser,
+                        drain: DrainSessions::Terminate,
+                    })
+                    .await
+                {
+                    Ok(_) => {
+                        self.store.delete(lease, &request.pod.uid).await?;
+                        info!(user = %record.meta.username, "unverified per-pod user dropped");
+                    }
+                    Err(e) => {
+                        warn!(user = %record.meta.username, error = %e, "cannot drop the unverified per-pod user; its record stays for Release and the sweep");
+                    }
+                }
+            }
+            return Err(error);
+        }
         record.meta.verified = true;
         self.store.put(lease, &record).await?;
         info!(user = %record.meta.username, generation, "per-pod credential issued and verified");
@@ -626,6 +761,7 @@ impl PerPodIssuer for EnginePerPodIssuer {
             lease,
             (ctx.kind.scheme(), &ctx.host, ctx.port, &ctx.database),
             &record,
+            &request.pod.uid,
         ))
     }
 
@@ -666,9 +802,15 @@ impl PerPodIssuer for EnginePerPodIssuer {
             BrokerError::FailedPrecondition("the lease's RotationPolicy is missing".into())
         })?;
         let ctx = self.context(lease, policy).await?;
+        // Derived, never read from the record: whoever can write Secrets in
+        // the lease's namespace must not be able to make the admin drop a role.
+        let username = per_pod_username(lease_uid(lease), pod_uid);
+        if record.meta.username != username {
+            warn!(recorded = %record.meta.username, user = %username, "pod credential record names another user; ignoring it");
+        }
         ctx.backend
             .revoke(&RevokeRequest {
-                id: CredentialId(record.meta.username.clone()),
+                id: CredentialId(username.clone()),
                 mode: RevokeMode::DropUser,
                 drain: DrainSessions::Terminate,
             })
@@ -677,7 +819,7 @@ impl PerPodIssuer for EnginePerPodIssuer {
         self.store.delete(lease, pod_uid).await?;
         drop(_guard);
         self.forget_lock(lease, pod_uid);
-        info!(user = %record.meta.username, "per-pod credential revoked");
+        info!(user = %username, "per-pod credential revoked");
         Ok(())
     }
 }

@@ -16,8 +16,9 @@ use tonic::{Request, Response, Status};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::authz::{
-    CallerIdentity, Deny, IssueFacts, NodeDriverAccount, PodIdentity, authorize_issue,
-    authorize_node, authorize_pod_on_node, authorize_pod_placement, namespace_allowed,
+    AcknowledgeFacts, CallerIdentity, Deny, IssueFacts, NodeDriverAccount, PodIdentity,
+    authorize_acknowledge, authorize_driver_pod, authorize_issue, authorize_node,
+    authorize_pod_on_node, authorize_pod_placement, namespace_allowed,
 };
 use crate::cluster::{ClusterView, lease_facts, pod_facts, version_password};
 use crate::consumers::{ConsumerRecorder, ObjectRef};
@@ -163,17 +164,24 @@ impl BrokerService {
             namespace: sa.namespace,
             name: sa.name,
         };
-        // Older clusters put no node in the token: take it from the bound pod,
-        // but only for the driver account (no lookups for strangers).
-        if caller.node_claim.is_none()
-            && caller.namespace == driver.namespace
-            && caller.name == driver.name
-            && let Some(bound) = sa.pod
-            && let Some(pod) = self.cluster.pod(&caller.namespace, &bound.name).await?
-        {
-            let facts = pod_facts(&pod);
-            if facts.uid == bound.uid {
-                caller.bound_pod_node = facts.node_name;
+        // Only for the driver account (no lookups for strangers, whom
+        // authorize_node refuses): the token must be bound to a driver pod
+        // that still exists and is not terminating, since a token outlives
+        // its pod. Older clusters put no node in the token: then the node is
+        // the bound pod's.
+        if caller.namespace == driver.namespace && caller.name == driver.name {
+            let bound = sa.pod.as_ref().map(|b| (b.name.as_str(), b.uid.as_str()));
+            let pod = match bound {
+                Some((name, _)) => self
+                    .cluster
+                    .pod(&caller.namespace, name)
+                    .await?
+                    .map(|p| pod_facts(&p)),
+                None => None,
+            };
+            authorize_driver_pod(&caller.namespace, bound, pod.as_ref())?;
+            if caller.node_claim.is_none() {
+                caller.bound_pod_node = pod.and_then(|p| p.node_name);
             }
         }
         Ok(caller)
@@ -203,7 +211,7 @@ impl BrokerService {
         let (metadata, _, msg) = request.into_parts();
         let requested = pod_identity(msg.pod.as_ref())?;
         let lease_ref = lease_ref(msg.lease.as_ref(), &requested)?;
-        let node = required("node_name", &msg.node_name)?;
+        let node = node_name(&msg.node_name)?;
         required("volume_id", &msg.volume_id)?;
         required("pod_token", &msg.pod_token)?;
 
@@ -266,24 +274,11 @@ impl BrokerService {
             access,
             namespace_labels: labels.as_ref(),
         });
-        if let Err(
-            deny @ (Deny::NamespaceNotAllowed { .. }
-            | Deny::ServiceAccountNotAllowed { .. }
-            | Deny::CsiDisabled { .. }),
-        ) = decision
+        if let Err(deny) = &decision
+            && deny.withdraws_access()
         {
-            // The pod lost access (policy or lease changed): it is no longer a consumer
-            // the controller should wait for before revoking old versions.
-            if !lease.spec.per_pod {
-                let _ = self
-                    .recorder
-                    .released(
-                        &lease_ref,
-                        &ObjectRef::new(&requested.namespace, &requested.name),
-                    )
-                    .await;
-            }
-            return Err(deny.into());
+            self.withdraw(&lease, Some(&policy), &lease_ref, &requested, node)
+                .await;
         }
         decision?;
 
@@ -380,7 +375,7 @@ impl BrokerService {
         let (metadata, _, msg) = request.into_parts();
         let requested = pod_identity(msg.pod.as_ref())?;
         let lease_ref = lease_ref(msg.lease.as_ref(), &requested)?;
-        let node = required("node_name", &msg.node_name)?;
+        let node = node_name(&msg.node_name)?;
         required("volume_id", &msg.volume_id)?;
 
         let caller = self.caller(&metadata).await?;
@@ -393,8 +388,44 @@ impl BrokerService {
                 namespace: requested.namespace.clone(),
                 name: requested.name.clone(),
             })?;
-        authorize_pod_on_node(&pod_facts(&pod), &requested, node)?;
+        let pod = pod_facts(&pod);
+        authorize_pod_on_node(&pod, &requested, node)?;
         let lease = self.lease(&lease_ref).await?;
+        let policy = self.policy_of(&lease).await?.ok_or_else(|| {
+            BrokerError::FailedPrecondition(format!(
+                "RotationPolicy {}/{} of the lease not found",
+                lease_ref.namespace, lease.spec.policy_ref.name
+            ))
+        })?;
+        let facts = lease_facts(&lease);
+        let access = &policy.spec.access;
+        let labels = if access.namespace_selector.is_some()
+            && !namespace_allowed(&facts, access, &requested.namespace, None)
+        {
+            self.cluster.namespace_labels(&requested.namespace).await?
+        } else {
+            None
+        };
+        // The same rules as Issue: a pod that lost access must not keep
+        // counting as a consumer (nor keep a per-pod user), and a driver may
+        // speak only for volumes its pods really have.
+        let decision = authorize_acknowledge(&AcknowledgeFacts {
+            driver: &self.config.node_driver,
+            caller: &caller,
+            requested: &requested,
+            node,
+            pod: &pod,
+            lease: &facts,
+            access,
+            namespace_labels: labels.as_ref(),
+        });
+        if let Err(deny) = &decision
+            && deny.withdraws_access()
+        {
+            self.withdraw(&lease, Some(&policy), &lease_ref, &requested, node)
+                .await;
+        }
+        decision?;
 
         if lease.spec.per_pod {
             // A pod's own credential is not a lease version: nothing to record.
@@ -431,6 +462,32 @@ impl BrokerService {
         })
     }
 
+    /// The pod lost access to the lease: it stops counting as a consumer,
+    /// and its per-pod user (if any) is revoked. Best effort: failures are
+    /// logged, the refusal is what the caller gets.
+    async fn withdraw(
+        &self,
+        lease: &SecretLease,
+        policy: Option<&RotationPolicy>,
+        lease_ref: &ObjectRef,
+        pod: &PodIdentity,
+        node: &str,
+    ) {
+        if lease.spec.per_pod {
+            if let Some(issuer) = &self.per_pod
+                && let Err(e) = issuer.release(lease, policy, &pod.uid, node).await
+            {
+                warn!(error = %e, "cannot revoke the per-pod credential of a pod that lost access");
+            }
+        } else if let Err(e) = self
+            .recorder
+            .released(lease_ref, &ObjectRef::new(&pod.namespace, &pod.name))
+            .await
+        {
+            warn!(error = %e, "cannot remove a pod that lost access from the consumers");
+        }
+    }
+
     async fn release_inner(
         &self,
         request: Request<pb::ReleaseRequest>,
@@ -438,7 +495,7 @@ impl BrokerService {
         let (metadata, _, msg) = request.into_parts();
         let requested = pod_identity(msg.pod.as_ref())?;
         let lease_ref = lease_ref(msg.lease.as_ref(), &requested)?;
-        let node = required("node_name", &msg.node_name)?;
+        let node = node_name(&msg.node_name)?;
         required("volume_id", &msg.volume_id)?;
 
         let caller = self.caller(&metadata).await?;
@@ -546,25 +603,97 @@ fn required<'a>(field: &str, value: &'a str) -> Result<&'a str, BrokerError> {
     Ok(value)
 }
 
+/// Kinds of names in requests, each checked as Kubernetes checks it.
+#[derive(Debug, Clone, Copy)]
+enum NameKind {
+    /// DNS-1123 label: namespaces.
+    Label,
+    /// DNS-1123 subdomain: pods, service accounts, leases, nodes.
+    Subdomain,
+    /// A UUID: object UIDs.
+    Uid,
+}
+
+/// DNS-1123 label: at most 63 of `[a-z0-9-]`, starting and ending alphanumeric.
+pub(crate) fn is_dns1123_label(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
+}
+
+/// DNS-1123 subdomain: at most 253 characters, dot-separated labels.
+pub(crate) fn is_dns1123_subdomain(s: &str) -> bool {
+    s.len() <= 253
+        && s.split('.').all(|label| {
+            let b = label.as_bytes();
+            !b.is_empty()
+                && b.iter()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+                && b[0] != b'-'
+                && b[b.len() - 1] != b'-'
+        })
+}
+
+/// A UUID in its canonical 8-4-4-4-12 hexadecimal form.
+pub(crate) fn is_uuid(s: &str) -> bool {
+    let groups: Vec<&str> = s.split('-').collect();
+    groups.len() == 5
+        && groups
+            .iter()
+            .zip([8, 4, 4, 4, 12])
+            .all(|(g, n)| g.len() == n && g.bytes().all(|c| c.is_ascii_hexdigit()))
+}
+
+/// A required field that must be a valid Kubernetes name of `kind`.
+fn name<'a>(field: &str, value: &'a str, kind: NameKind) -> Result<&'a str, BrokerError> {
+    let value = required(field, value)?;
+    let (ok, what) = match kind {
+        NameKind::Label => (is_dns1123_label(value), "a DNS-1123 label"),
+        NameKind::Subdomain => (is_dns1123_subdomain(value), "a DNS-1123 subdomain"),
+        NameKind::Uid => (is_uuid(value), "a UUID"),
+    };
+    if ok {
+        Ok(value)
+    } else {
+        // The value is not quoted: it is not trusted to be printable.
+        Err(BrokerError::InvalidArgument(format!(
+            "{field} is not {what}"
+        )))
+    }
+}
+
 fn pod_identity(pod: Option<&pb::PodIdentity>) -> Result<PodIdentity, BrokerError> {
     let pod = pod.ok_or_else(|| BrokerError::InvalidArgument("pod is required".into()))?;
     Ok(PodIdentity {
-        namespace: required("pod.namespace", &pod.namespace)?.to_owned(),
-        name: required("pod.name", &pod.name)?.to_owned(),
-        uid: required("pod.uid", &pod.uid)?.to_owned(),
-        service_account: required("pod.service_account", &pod.service_account)?.to_owned(),
+        namespace: name("pod.namespace", &pod.namespace, NameKind::Label)?.to_owned(),
+        name: name("pod.name", &pod.name, NameKind::Subdomain)?.to_owned(),
+        uid: name("pod.uid", &pod.uid, NameKind::Uid)?.to_owned(),
+        service_account: name(
+            "pod.service_account",
+            &pod.service_account,
+            NameKind::Subdomain,
+        )?
+        .to_owned(),
     })
 }
 
 fn lease_ref(lease: Option<&pb::LeaseRef>, pod: &PodIdentity) -> Result<ObjectRef, BrokerError> {
     let lease = lease.ok_or_else(|| BrokerError::InvalidArgument("lease is required".into()))?;
-    let name = required("lease.name", &lease.name)?;
+    let lease_name = name("lease.name", &lease.name, NameKind::Subdomain)?;
     let namespace = if lease.namespace.is_empty() {
         pod.namespace.as_str()
     } else {
-        required("lease.namespace", &lease.namespace)?
+        name("lease.namespace", &lease.namespace, NameKind::Label)?
     };
-    Ok(ObjectRef::new(namespace, name))
+    Ok(ObjectRef::new(namespace, lease_name))
+}
+
+fn node_name(value: &str) -> Result<&str, BrokerError> {
+    name("node_name", value, NameKind::Subdomain)
 }
 
 fn pod_label(pod: Option<&pb::PodIdentity>) -> String {
@@ -644,6 +773,42 @@ mod tests {
         assert!(bearer(&m).is_err());
         m.insert("authorization", "bearer eyJx.y.z".parse().unwrap());
         assert_eq!(bearer(&m).unwrap(), "eyJx.y.z");
+    }
+
+    #[test]
+    fn kubernetes_names_and_uids() {
+        for ok in ["shop", "a", "web-0", &"a".repeat(63)] {
+            assert!(is_dns1123_label(ok), "{ok}");
+            assert!(is_dns1123_subdomain(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "-a",
+            "a-",
+            "Shop",
+            "a_b",
+            "a.b",
+            &"a".repeat(64),
+            "a/b",
+            "é",
+        ] {
+            assert!(!is_dns1123_label(bad), "{bad}");
+        }
+        assert!(is_dns1123_subdomain("web-0.shop"));
+        for bad in ["", ".a", "a.", "a..b", "A", "a_b", "a/b", &"a".repeat(254)] {
+            assert!(!is_dns1123_subdomain(bad), "{bad}");
+        }
+        assert!(is_uuid("7f3c2a1b-0d9e-4c8f-a6b5-4e3d2c1b0a99"));
+        for bad in [
+            "",
+            "uid-shop-web-0",
+            "7f3c2a1b0d9e4c8fa6b54e3d2c1b0a99",
+            "7f3c2a1b-0d9e-4c8f-a6b5-4e3d2c1b0a9",
+            "7f3c2a1b-0d9e-4c8f-a6b5-4e3d2c1b0a9z",
+            "../../etc-0d9e-4c8f-a6b5-4e3d2c1b0a99",
+        ] {
+            assert!(!is_uuid(bad), "{bad}");
+        }
     }
 
     #[test]

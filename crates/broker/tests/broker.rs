@@ -13,7 +13,7 @@ use jiff::Timestamp;
 use leasehold_api::{RotationPolicy, SecretLease};
 use leasehold_backends::CredentialMaterial;
 use leasehold_broker::per_pod::PerPodRequest;
-use leasehold_broker::{BrokerError, PerPodIssuer, PodCredential};
+use leasehold_broker::{BrokerError, ObjectRef, PerPodIssuer, PodCredential};
 use leasehold_proto::broker::v1 as pb;
 use secrecy::SecretString;
 use tonic::Code;
@@ -192,7 +192,7 @@ async fn refusals_carry_the_right_codes() {
     let node = node_token();
 
     let mut other_uid = web.clone();
-    other_uid.uid = "uid-someone-else".into();
+    other_uid.uid = uid_of("someone-else");
     let mut other_sa = web.clone();
     other_sa.service_account = "admin".into();
 
@@ -390,6 +390,29 @@ async fn malformed_requests_are_invalid_arguments() {
             ..base.clone()
         },
     ));
+    for (field, value) in [
+        ("pod uid not a UUID", "uid-shop-web-0"),
+        ("pod namespace not a label", "Shop"),
+        ("pod name with a slash", "web/0"),
+        ("service account with an underscore", "web_sa"),
+        ("lease name with a space", "db x"),
+        ("lease namespace with a dot", "shop.x"),
+        ("node name upper case", "Node-A"),
+    ] {
+        let mut r = base.clone();
+        let pod = r.pod.as_mut().unwrap();
+        let lease = r.lease.as_mut().unwrap();
+        match field {
+            f if f.starts_with("pod uid") => pod.uid = value.into(),
+            f if f.starts_with("pod namespace") => pod.namespace = value.into(),
+            f if f.starts_with("pod name") => pod.name = value.into(),
+            f if f.starts_with("service account") => pod.service_account = value.into(),
+            f if f.starts_with("lease namespace") => lease.namespace = value.into(),
+            f if f.starts_with("lease name") => lease.name = value.into(),
+            _ => r.node_name = value.into(),
+        }
+        cases.push((field, r));
+    }
     cases.push((
         "long node name",
         pb::IssueRequest {
@@ -511,4 +534,179 @@ async fn per_pod_leases_go_through_the_issuer() {
     // Per-pod credentials are not lease versions: no consumer entries.
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     assert_eq!(b.consumers.writes(), 0);
+}
+
+/// Acknowledge applies Issue's access rules: a pod that lost access is
+/// refused and stops being a consumer; a per-pod lease's user is revoked.
+#[tokio::test]
+async fn acknowledge_applies_the_access_rules() {
+    let fake = Arc::new(FakePerPod::default());
+    let mut b = start_with(Some(fake.clone())).await;
+    let web = web();
+    b.client
+        .acknowledge(with_token(ack_request(&web, "db", 3), Some(&node_token())))
+        .await
+        .unwrap();
+    wait_consumers(&b.consumers, "db", |c| c.len() == 1).await;
+
+    // The policy now admits only service account `api`.
+    b.cluster.put_policy(policy_object(
+        "shop",
+        "open",
+        serde_json::json!({"serviceAccounts": ["api"]}),
+    ));
+    let err = b
+        .client
+        .acknowledge(with_token(ack_request(&web, "db", 3), Some(&node_token())))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("may not use"), "{err:?}");
+    wait_consumers(&b.consumers, "db", <[_]>::is_empty).await;
+
+    let err = b
+        .client
+        .acknowledge(with_token(
+            ack_request(&web, "perpod", 1),
+            Some(&node_token()),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert_eq!(
+        fake.released.load(Ordering::SeqCst),
+        1,
+        "per-pod user revoked"
+    );
+
+    // A lease without CSI delivery.
+    let api = pod_id("shop", "api-0", "api");
+    let err = b
+        .client
+        .acknowledge(with_token(
+            ack_request(&api, "nocsi", 3),
+            Some(&node_token()),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+}
+
+/// A driver may acknowledge only for volumes its pods really have: a pod
+/// without a volume of the lease is refused and never recorded.
+#[tokio::test]
+async fn acknowledge_needs_a_volume_of_the_lease() {
+    let mut b = start().await;
+    let bare = pod_id("shop", "bare-0", "web");
+    let err = b
+        .client
+        .acknowledge(with_token(ack_request(&bare, "db", 3), Some(&node_token())))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("no leasehold volume"), "{err:?}");
+    // A pod of another namespace with a volume of the lease, on this node.
+    let job = pod_id("billing", "job-0", "worker");
+    b.client
+        .acknowledge(with_token(
+            ack_request(&job, "shared", 3),
+            Some(&node_token()),
+        ))
+        .await
+        .unwrap();
+    wait_consumers(&b.consumers, "shared", |c| {
+        c.len() == 1 && c[0].name == "job-0"
+    })
+    .await;
+    assert_eq!(
+        b.consumers.consumers(&ObjectRef::new("shop", "db")),
+        Some(Vec::new())
+    );
+}
+
+/// A node driver's token outlives its pod: once the driver pod is being
+/// deleted, gone, or replaced by a pod of the same name, the token is refused.
+#[tokio::test]
+async fn driver_token_of_a_deleted_pod_is_refused() {
+    let mut b = start().await;
+    let pod = web();
+    let issue = |b: &mut Broker| {
+        let mut client = b.client.clone();
+        let request = with_token(
+            issue_request(&pod, "db", &pod_token(&pod)),
+            Some(&node_token()),
+        );
+        async move { client.issue(request).await }
+    };
+    issue(&mut b).await.unwrap();
+
+    b.cluster.put_pod(driver_pod(Some("2030-01-01T00:00:00Z")));
+    let err = issue(&mut b).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("is terminating"), "{err:?}");
+
+    b.cluster.remove_pod(DRIVER_NS, "leasehold-csi-abcde");
+    let err = issue(&mut b).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("no longer exists"), "{err:?}");
+    // Acknowledge and Release too.
+    let err = b
+        .client
+        .acknowledge(with_token(ack_request(&pod, "db", 3), Some(&node_token())))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    let err = b
+        .client
+        .release(with_token(release_request(&pod, "db"), Some(&node_token())))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+
+    // A new driver pod with the old one's name is not the pod the token names.
+    let mut replaced = driver_pod(None);
+    replaced.metadata.uid = Some("pod-uid-driver-2".into());
+    b.cluster.put_pod(replaced);
+    let err = issue(&mut b).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+
+    b.cluster.put_pod(driver_pod(None));
+    issue(&mut b).await.unwrap();
+}
+
+/// Connections beyond the limit (handshakes included) are closed at once;
+/// a freed slot admits a new one.
+#[tokio::test]
+async fn connections_beyond_the_limit_are_closed() {
+    let mut b = start_opts(None, 2).await;
+    let pod = web();
+    // The harness client holds one connection; a bare TCP connection that
+    // never handshakes holds the second.
+    b.client
+        .issue(with_token(
+            issue_request(&pod, "db", &pod_token(&pod)),
+            Some(&node_token()),
+        ))
+        .await
+        .unwrap();
+    let idle = tokio::net::TcpStream::connect(b.addr).await.unwrap();
+    assert!(
+        connect(b.addr, &b.ca_pem).await.is_err(),
+        "a third connection is refused"
+    );
+    // The existing connection keeps working.
+    b.client
+        .acknowledge(with_token(ack_request(&pod, "db", 3), Some(&node_token())))
+        .await
+        .unwrap();
+    drop(idle);
+    let mut admitted = false;
+    for _ in 0..100 {
+        if connect(b.addr, &b.ca_pem).await.is_ok() {
+            admitted = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(admitted, "a freed slot admits a new connection");
 }

@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 
 use clap::Args;
+use leasehold_broker::BrokerLimits;
 use leasehold_operator::broker::BrokerSettings;
 use leasehold_operator::{ControllerConfig, LeaderElectionConfig, OperatorError};
 
@@ -65,9 +66,45 @@ pub struct ControllerArgs {
     /// The node drivers' service account (in this pod's namespace).
     #[arg(long, value_name = "NAME", default_value = "leasehold-node")]
     node_service_account: String,
+    /// Per-pod credentials of one lease the broker creates or renews at once
+    /// (more are refused with RESOURCE_EXHAUSTED; the node driver retries).
+    #[arg(long, value_name = "N", default_value_t = BrokerLimits::default().max_concurrent_issues_per_lease,
+          value_parser = positive)]
+    broker_max_concurrent_issues_per_lease: usize,
+    /// Live per-pod users of one lease (a new pod beyond it is refused with
+    /// RESOURCE_EXHAUSTED until others are released).
+    #[arg(long, value_name = "N", default_value_t = BrokerLimits::default().max_per_pod_users_per_lease,
+          value_parser = positive)]
+    broker_max_per_pod_users_per_lease: usize,
+    /// Open connections to the broker (TLS handshakes included); more are
+    /// closed as soon as they are accepted.
+    #[arg(long, value_name = "N", default_value_t = BrokerLimits::default().max_connections,
+          value_parser = positive)]
+    broker_max_connections: usize,
+}
+
+/// A count of at least 1.
+fn positive(value: &str) -> Result<usize, String> {
+    match value.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err("expected a whole number of at least 1".to_owned()),
+    }
+}
+
+impl ControllerArgs {
+    /// The broker's limits from the flags.
+    fn broker_limits(&self) -> BrokerLimits {
+        BrokerLimits {
+            max_concurrent_issues_per_lease: self.broker_max_concurrent_issues_per_lease,
+            max_per_pod_users_per_lease: self.broker_max_per_pod_users_per_lease,
+            max_connections: self.broker_max_connections,
+        }
+    }
 }
 
 pub async fn run(args: ControllerArgs) -> Result<(), OperatorError> {
+    // Read by the broker the operator builds (per-pod issuer, server).
+    args.broker_limits().install();
     let identity = args
         .pod_name
         .clone()
@@ -108,4 +145,42 @@ pub async fn run(args: ControllerArgs) -> Result<(), OperatorError> {
         broker,
     };
     leasehold_operator::run(config, shutdown_signal()).await
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        controller: ControllerArgs,
+    }
+
+    fn parse(extra: &[&str]) -> Result<ControllerArgs, clap::Error> {
+        let mut argv = vec!["leasehold"];
+        argv.extend_from_slice(extra);
+        Cli::try_parse_from(argv).map(|c| c.controller)
+    }
+
+    #[test]
+    fn broker_limits_from_flags() {
+        assert_eq!(parse(&[]).unwrap().broker_limits(), BrokerLimits::default());
+        let args = parse(&[
+            "--broker-max-concurrent-issues-per-lease",
+            "2",
+            "--broker-max-per-pod-users-per-lease",
+            "50",
+            "--broker-max-connections",
+            "64",
+        ])
+        .unwrap();
+        let limits = args.broker_limits();
+        assert_eq!(limits.max_concurrent_issues_per_lease, 2);
+        assert_eq!(limits.max_per_pod_users_per_lease, 50);
+        assert_eq!(limits.max_connections, 64);
+        assert!(parse(&["--broker-max-per-pod-users-per-lease", "0"]).is_err());
+    }
 }

@@ -31,8 +31,9 @@ pub struct NodeArgs {
     /// This node's name (the CSI node id; the broker checks pods run here).
     #[arg(long, env = "NODE_NAME")]
     node_name: String,
-    /// The broker in the controller, `https://host:port`.
-    #[arg(long, value_name = "URL")]
+    /// The broker in the controller, `https://host:port` (TLS only: the
+    /// driver sends its token and receives credentials over it).
+    #[arg(long, value_name = "URL", value_parser = broker_url)]
     broker_url: String,
     /// CA bundle to verify the broker's certificate.
     #[arg(long, value_name = "FILE")]
@@ -60,9 +61,41 @@ pub struct NodeArgs {
     /// Where `/metrics`, `/healthz` and `/readyz` are served.
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:9090")]
     metrics_addr: SocketAddr,
+    /// The kubelet's root directory: target paths must be
+    /// `<DIR>/pods/<pod uid>/volumes/kubernetes.io~csi/<volume>/mount`.
+    #[arg(long, value_name = "DIR", default_value = leasehold_csi::DEFAULT_KUBELET_DIR)]
+    kubelet_dir: PathBuf,
+    /// Publishes and republishes of one lease that may run at once; more are
+    /// refused with RESOURCE_EXHAUSTED (the kubelet retries), so a lease whose
+    /// database hangs cannot take every slot.
+    #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
+    per_lease_concurrency: u16,
+}
+
+/// `--broker-url`: an `https://` URL with a host; plain `http` is refused.
+fn broker_url(value: &str) -> Result<String, String> {
+    let (scheme, rest) = value
+        .split_once("://")
+        .ok_or_else(|| "expected https://host:port".to_owned())?;
+    if !scheme.eq_ignore_ascii_case("https") {
+        return Err(format!(
+            "the broker must be reached over TLS: expected https://, not {scheme}://"
+        ));
+    }
+    let host = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    if host.is_empty() || host.starts_with(':') || host.contains('@') {
+        return Err("expected https://host:port".to_owned());
+    }
+    Ok(value.to_owned())
 }
 
 pub async fn run(args: NodeArgs) -> Result<(), String> {
+    if !args.kubelet_dir.is_absolute() {
+        return Err(format!(
+            "--kubelet-dir must be an absolute path, not {}",
+            args.kubelet_dir.display()
+        ));
+    }
     let keys = HttpKeySource::infer().await.map_err(|e| {
         format!("cannot reach the API server for the service-account signing keys: {e}")
     })?;
@@ -86,6 +119,8 @@ pub async fn run(args: NodeArgs) -> Result<(), String> {
         &args.token_audience,
     );
     config.tmpfs_size_bytes = args.tmpfs_size_kib * 1024;
+    config.kubelet_dir = args.kubelet_dir.clone();
+    config.per_lease_concurrency = usize::from(args.per_lease_concurrency);
     let mut registry = Registry::default();
     let driver = NodeDriver::new(
         config,
@@ -129,4 +164,54 @@ pub async fn run(args: NodeArgs) -> Result<(), String> {
     let _ = stop_tx.send(true);
     let _ = metrics.await;
     result
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        node: NodeArgs,
+    }
+
+    fn parse(url: &str) -> Result<NodeArgs, clap::Error> {
+        Cli::try_parse_from(["leasehold", "--node-name", "node-a", "--broker-url", url])
+            .map(|c| c.node)
+    }
+
+    #[test]
+    fn broker_url_must_be_https() {
+        let args = parse("https://leasehold-broker.leasehold-system.svc:8443").unwrap();
+        assert_eq!(
+            args.broker_url,
+            "https://leasehold-broker.leasehold-system.svc:8443"
+        );
+        assert!(parse("HTTPS://10.0.0.1:8443").is_ok());
+        for bad in [
+            "http://leasehold-broker:8443",
+            "leasehold-broker:8443",
+            "https://",
+            "https://:8443",
+            "https://user@host:8443",
+            "grpc://host:8443",
+        ] {
+            let err = parse(bad).unwrap_err();
+            assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation, "{bad}");
+        }
+        let err = parse("http://leasehold-broker:8443")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("over TLS"), "{err}");
+    }
+
+    #[test]
+    fn kubelet_dir_defaults_to_the_kubelets() {
+        let args = parse("https://b:8443").unwrap();
+        assert_eq!(args.kubelet_dir, PathBuf::from("/var/lib/kubelet"));
+        assert_eq!(args.per_lease_concurrency, 4);
+    }
 }

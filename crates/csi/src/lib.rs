@@ -59,13 +59,25 @@ pub struct NodeDriverConfig {
     pub token_audience: String,
     /// tmpfs `size=` per volume.
     pub tmpfs_size_bytes: u64,
-    /// Publishes that may run at once; more wait (then `RESOURCE_EXHAUSTED`).
+    /// First publishes that may run at once; more wait (then
+    /// `RESOURCE_EXHAUSTED`). Republishes (renewals) of published volumes
+    /// have as many slots of their own, so they never wait behind these.
     pub publish_concurrency: usize,
+    /// Publishes and republishes of one lease that may run at once; more are
+    /// refused at once with `RESOURCE_EXHAUSTED` (the kubelet retries), so a
+    /// lease whose database or broker hangs cannot take every slot.
+    pub per_lease_concurrency: usize,
     /// Deadline of each broker call (clamped to [`MAX_BROKER_TIMEOUT`]).
     pub broker_timeout: Duration,
     /// How often failed releases are retried.
     pub release_retry_interval: Duration,
+    /// The kubelet's root directory: every target path must be
+    /// `<kubelet_dir>/pods/<pod uid>/volumes/kubernetes.io~csi/<volume>/mount`.
+    pub kubelet_dir: PathBuf,
 }
+
+/// The kubelet's default root directory.
+pub const DEFAULT_KUBELET_DIR: &str = "/var/lib/kubelet";
 
 impl NodeDriverConfig {
     /// Defaults for everything but the identity of the node and its paths.
@@ -82,8 +94,10 @@ impl NodeDriverConfig {
             token_audience: token_audience.into(),
             tmpfs_size_bytes: DEFAULT_TMPFS_SIZE,
             publish_concurrency: 16,
+            per_lease_concurrency: 4,
             broker_timeout: Duration::from_secs(30),
             release_retry_interval: Duration::from_secs(60),
+            kubelet_dir: PathBuf::from(DEFAULT_KUBELET_DIR),
         }
     }
 }

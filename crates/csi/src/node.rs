@@ -1,6 +1,6 @@
 //! The CSI Node service: publish, republish and unpublish of ephemeral volumes.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::error::Error as StdError;
 use std::io;
 use std::path::{Component, Path, PathBuf};
@@ -58,6 +58,9 @@ pub enum PublishError {
     /// Too many publishes are waiting.
     #[error("too many concurrent publishes; retry later")]
     Busy,
+    /// Too many publishes of this lease are in progress.
+    #[error("too many concurrent publishes of lease {0}; retry later")]
+    LeaseBusy(String),
     /// The target already holds this volume for another lease or pod.
     #[error("volume {0} is already published with a different lease, pod or target")]
     Incompatible(String),
@@ -96,7 +99,7 @@ impl PublishError {
             PublishError::Auth(AuthError::Mismatch(_)) => Code::PermissionDenied,
             PublishError::Auth(AuthError::Unavailable(_)) => Code::Unavailable,
             PublishError::InFlight(_) => Code::Aborted,
-            PublishError::Busy => Code::ResourceExhausted,
+            PublishError::Busy | PublishError::LeaseBusy(_) => Code::ResourceExhausted,
             PublishError::Incompatible(_) => Code::AlreadyExists,
             PublishError::ForeignMount(..) => Code::FailedPrecondition,
             PublishError::Broker(BrokerError::Unavailable(_)) => Code::Unavailable,
@@ -196,6 +199,28 @@ pub(crate) struct Inner {
     in_flight: Mutex<HashSet<String>>,
     published: Mutex<HashSet<String>>,
     publish_slots: Semaphore,
+    republish_slots: Semaphore,
+    /// Publishes in progress per lease (`namespace/name`).
+    lease_in_flight: Mutex<HashMap<String, usize>>,
+}
+
+/// Holds one of a lease's publish slots until dropped.
+struct LeaseSlot<'a> {
+    map: &'a Mutex<HashMap<String, usize>>,
+    lease: String,
+}
+
+impl Drop for LeaseSlot<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut map) = self.map.lock()
+            && let Some(n) = map.get_mut(&self.lease)
+        {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(&self.lease);
+            }
+        }
+    }
 }
 
 /// The Node service. Cheap to clone.
@@ -234,6 +259,31 @@ pub fn renew_at(
     now.checked_add(wait).unwrap_or(expires_at)
 }
 
+/// Whether a failed `Issue` may have left something issued on the broker's
+/// side: anything but a refusal the broker decides before issuing.
+fn may_have_issued(error: &BrokerError) -> bool {
+    use tonic::Code;
+    match error {
+        BrokerError::Unavailable(_) | BrokerError::InvalidResponse(_) => true,
+        BrokerError::Refused { code, .. } => !matches!(
+            code,
+            Code::InvalidArgument | Code::Unauthenticated | Code::PermissionDenied | Code::NotFound
+        ),
+    }
+}
+
+/// Whether the broker refused the pod itself (access rules, pod or node
+/// checks): the volume must stop holding a credential.
+fn access_withdrawn(error: &BrokerError) -> bool {
+    matches!(
+        error,
+        BrokerError::Refused {
+            code: tonic::Code::PermissionDenied,
+            ..
+        }
+    )
+}
+
 fn validate_volume_id(id: &str) -> Result<(), String> {
     let ok = !id.is_empty()
         && id.len() <= 128
@@ -250,16 +300,50 @@ fn validate_volume_id(id: &str) -> Result<(), String> {
     }
 }
 
-fn validate_target(path: &str) -> Result<PathBuf, String> {
+/// A target path the kubelet would give: exactly
+/// `<kubelet_dir>/pods/<pod uid>/volumes/kubernetes.io~csi/<volume name>/mount`.
+/// Returns the path and the pod UID in it.
+fn validate_target(path: &str, kubelet_dir: &Path) -> Result<(PathBuf, String), String> {
     if path.is_empty() {
         return Err("target_path is required".into());
     }
+    let expected = || {
+        format!(
+            "target_path must be {}/pods/<pod uid>/volumes/kubernetes.io~csi/<volume>/mount",
+            kubelet_dir.display()
+        )
+    };
     let p = Path::new(path);
-    if !p.is_absolute() || path.contains('\0') || p.components().any(|c| c == Component::ParentDir)
-    {
-        return Err("target_path must be an absolute path without '..'".into());
+    if !p.is_absolute() || path.contains('\0') {
+        return Err(expected());
     }
-    Ok(p.to_path_buf())
+    // Lexical: `..`, `.` or doubled separators never pass as a component below.
+    let rest = p.strip_prefix(kubelet_dir).map_err(|_| expected())?;
+    let parts: Vec<&str> = rest
+        .components()
+        .map(|c| match c {
+            Component::Normal(s) => s.to_str().unwrap_or("/"),
+            _ => "/",
+        })
+        .collect();
+    let component_ok = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 253
+            && !s.starts_with('.')
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    };
+    match parts.as_slice() {
+        ["pods", uid, "volumes", "kubernetes.io~csi", name, "mount"]
+            if component_ok(uid)
+                && component_ok(name)
+                && !path.contains("/./")
+                && !path.ends_with("/.") =>
+        {
+            Ok((p.to_path_buf(), (*uid).to_owned()))
+        }
+        _ => Err(expected()),
+    }
 }
 
 /// Checks the capability; returns the fsGroup to use, if any.
@@ -356,6 +440,8 @@ impl NodeService {
                 in_flight: Mutex::new(HashSet::new()),
                 published: Mutex::new(published),
                 publish_slots: Semaphore::new(slots),
+                republish_slots: Semaphore::new(slots),
+                lease_in_flight: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -369,6 +455,30 @@ impl NodeService {
             set: &self.inner.in_flight,
             volume_id: volume_id.to_owned(),
         })
+    }
+
+    fn lease_slot(&self, lease: &str) -> Result<LeaseSlot<'_>, PublishError> {
+        let mut map = self
+            .inner
+            .lease_in_flight
+            .lock()
+            .map_err(|_| PublishError::Busy)?;
+        let n = map.entry(lease.to_owned()).or_default();
+        if *n >= self.inner.config.per_lease_concurrency.max(1) {
+            return Err(PublishError::LeaseBusy(lease.to_owned()));
+        }
+        *n += 1;
+        Ok(LeaseSlot {
+            map: &self.inner.lease_in_flight,
+            lease: lease.to_owned(),
+        })
+    }
+
+    fn is_published(&self, volume_id: &str) -> bool {
+        self.inner
+            .published
+            .lock()
+            .is_ok_and(|set| set.contains(volume_id))
     }
 
     fn mark_published(&self, volume_id: &str, published: bool) {
@@ -407,7 +517,9 @@ impl NodeService {
 
     async fn publish(&self, req: csi::NodePublishVolumeRequest) -> Result<(), PublishError> {
         validate_volume_id(&req.volume_id).map_err(PublishError::InvalidArgument)?;
-        let target = validate_target(&req.target_path).map_err(PublishError::InvalidArgument)?;
+        let (target, target_pod_uid) =
+            validate_target(&req.target_path, &self.inner.config.kubelet_dir)
+                .map_err(PublishError::InvalidArgument)?;
         let gid = check_capability(req.volume_capability.as_ref())
             .map_err(PublishError::InvalidArgument)?;
         if !req.readonly {
@@ -417,6 +529,11 @@ impl NodeService {
         }
         let context = VolumeContext::parse(&req.volume_context)?;
         let PodVolume { pod, lease } = context.pod_volume()?;
+        if pod.uid != target_pod_uid {
+            return Err(PublishError::InvalidArgument(
+                "target_path is not under the pod's own directory (pod.uid differs)".into(),
+            ));
+        }
         let token = context.token_for(&self.inner.config.token_audience)?;
         drop(context);
 
@@ -424,14 +541,6 @@ impl NodeService {
         let _guard = self
             .guard(&volume_id)
             .ok_or_else(|| PublishError::InFlight(volume_id.clone()))?;
-        let _permit = tokio::time::timeout(
-            self.inner.config.broker_timeout,
-            self.inner.publish_slots.acquire(),
-        )
-        .await
-        .map_err(|_| PublishError::Busy)?
-        .map_err(|_| PublishError::Busy)?;
-
         let volume = VolumeRef {
             volume_id: volume_id.clone(),
             lease,
@@ -481,6 +590,19 @@ impl NodeService {
         };
 
         let republish = matches!(existing, Existing::Live(_));
+        // One lease may take only a few slots, and renewals have their own
+        // pool: a lease whose database hangs delays neither other leases nor
+        // renewals of volumes already published.
+        let _lease_slot = self.lease_slot(&volume.lease.to_string())?;
+        let slots = if republish {
+            &self.inner.republish_slots
+        } else {
+            &self.inner.publish_slots
+        };
+        let _permit = tokio::time::timeout(self.inner.config.broker_timeout, slots.acquire())
+            .await
+            .map_err(|_| PublishError::Busy)?
+            .map_err(|_| PublishError::Busy)?;
         let expected = ExpectedPod {
             namespace: volume.pod.namespace.clone(),
             pod_name: volume.pod.name.clone(),
@@ -525,10 +647,21 @@ impl NodeService {
         held_version: u64,
         already_mounted: bool,
     ) -> Result<(), PublishError> {
-        let credential = self
+        let credential = match self
             .broker_call(self.inner.broker.issue(&volume, token, held_version))
             .await
-            .map_err(PublishError::Broker)?;
+        {
+            Ok(c) => c,
+            Err(e) => {
+                if may_have_issued(&e) {
+                    // The broker may have created something (a per-pod user)
+                    // before failing or before we gave up waiting: release it,
+                    // now or from the background retry loop.
+                    self.release_after_failed_issue(&volume, &target, gid).await;
+                }
+                return Err(PublishError::Broker(e));
+            }
+        };
         let version = credential.version;
         if let Err(e) = self
             .place(&volume, credential, target.clone(), gid, !already_mounted)
@@ -554,9 +687,49 @@ impl NodeService {
             return Err(e);
         }
         self.mark_published(&volume.volume_id, true);
+        // An earlier failed attempt may have queued a release: this credential supersedes it.
+        if let Err(e) = self
+            .inner
+            .state
+            .remove(RecordKind::PendingRelease, &volume.volume_id)
+        {
+            warn!(error = %error_chain(&e), "remove a superseded pending release");
+        }
         info!(version, "volume published");
         self.acknowledge(&volume, version).await;
         Ok(())
+    }
+
+    /// Best-effort `Release` after a failed `Issue`; on failure it is queued
+    /// for [`Self::retry_pending_releases`].
+    async fn release_after_failed_issue(
+        &self,
+        volume: &VolumeRef,
+        target: &Path,
+        gid: Option<u32>,
+    ) {
+        match self.broker_call(self.inner.broker.release(volume)).await {
+            Ok(()) => debug!("released after a failed issue"),
+            Err(e) => {
+                warn!(error = %e, "release after a failed issue failed; will retry in the background");
+                let now = Timestamp::now();
+                let record = VolumeRecord {
+                    volume_id: volume.volume_id.clone(),
+                    target_path: target.to_path_buf(),
+                    lease: volume.lease.clone(),
+                    pod: volume.pod.clone(),
+                    node_name: volume.node_name.clone(),
+                    version: 0,
+                    expires_at: now,
+                    renew_at: now,
+                    gid,
+                    updated_at: now,
+                };
+                if let Err(se) = self.inner.state.save(RecordKind::PendingRelease, &record) {
+                    error!(error = %error_chain(&se), "cannot queue the release after a failed issue");
+                }
+            }
+        }
     }
 
     /// Mounts (when asked), writes the files and saves the record.
@@ -678,6 +851,9 @@ impl NodeService {
                 warn!(%reason, version = record.version, "broker unavailable on republish; keeping the current files");
                 return Ok(());
             }
+            Err(e) if access_withdrawn(&e) => {
+                return self.withdraw(record, e).await;
+            }
             Err(e) => {
                 warn!(error = %e, "acknowledge refused on republish");
                 None
@@ -700,6 +876,7 @@ impl NodeService {
                 warn!(%reason, "broker unavailable while refreshing; keeping the current files");
                 return Ok(());
             }
+            Err(e) if access_withdrawn(&e) => return self.withdraw(record, e).await,
             Err(e) => return Err(PublishError::Broker(e)),
         };
         let files = self.checked_files(credential.files)?;
@@ -739,9 +916,39 @@ impl NodeService {
         Ok(())
     }
 
+    /// The broker refused the volume's pod: its credential files are removed
+    /// (the tmpfs stays mounted until unpublish) and the record says nothing
+    /// is held, so a republish after access is restored issues afresh.
+    async fn withdraw(
+        &self,
+        mut record: VolumeRecord,
+        refusal: BrokerError,
+    ) -> Result<(), PublishError> {
+        warn!(error = %refusal, held = record.version, "access withdrawn; removing the credential files");
+        let now = Timestamp::now();
+        record.version = 0;
+        record.renew_at = now;
+        record.updated_at = now;
+        let state = self.inner.state.clone();
+        Self::blocking(
+            move || -> Result<(), PublishError> {
+                AtomicDir::new(&record.target_path)
+                    .remove_all()
+                    .map_err(PublishError::Files)?;
+                state
+                    .save(RecordKind::Volume, &record)
+                    .map_err(PublishError::State)
+            },
+            PublishError::Task,
+        )
+        .await?;
+        Err(PublishError::Broker(refusal))
+    }
+
     async fn unpublish(&self, req: csi::NodeUnpublishVolumeRequest) -> Result<(), UnpublishError> {
         validate_volume_id(&req.volume_id).map_err(UnpublishError::InvalidArgument)?;
-        let target = validate_target(&req.target_path).map_err(UnpublishError::InvalidArgument)?;
+        let (target, _) = validate_target(&req.target_path, &self.inner.config.kubelet_dir)
+            .map_err(UnpublishError::InvalidArgument)?;
         let volume_id = req.volume_id;
         let _guard = self
             .guard(&volume_id)
@@ -831,6 +1038,24 @@ impl NodeService {
                     continue;
                 }
             };
+            // Never concurrently with a publish of the same volume, and never
+            // for a volume published again since (the release would take its
+            // credential away).
+            let Some(_guard) = self.guard(&record.volume_id) else {
+                remaining += 1;
+                continue;
+            };
+            if self.is_published(&record.volume_id) {
+                debug!(volume_id = %record.volume_id, "volume published again; pending release dropped");
+                if let Err(e) = self
+                    .inner
+                    .state
+                    .remove(RecordKind::PendingRelease, &record.volume_id)
+                {
+                    warn!(error = %error_chain(&e), "remove pending release");
+                }
+                continue;
+            }
             match self
                 .broker_call(self.inner.broker.release(&record.volume_ref()))
                 .await
@@ -966,9 +1191,27 @@ mod tests {
         for bad in ["", "../x", "a/b", ".hidden", &"x".repeat(129)] {
             assert!(validate_volume_id(bad).is_err(), "{bad}");
         }
-        assert!(validate_target("/var/lib/kubelet/pods/x/mount").is_ok());
-        for bad in ["", "relative", "/a/../b"] {
-            assert!(validate_target(bad).is_err(), "{bad}");
+        let kubelet = Path::new("/var/lib/kubelet");
+        let good = "/var/lib/kubelet/pods/0f3c2a1b-0d9e-4c8f-a6b5-4e3d2c1b0a99/volumes/kubernetes.io~csi/creds/mount";
+        let (path, uid) = validate_target(good, kubelet).unwrap();
+        assert_eq!(path, Path::new(good));
+        assert_eq!(uid, "0f3c2a1b-0d9e-4c8f-a6b5-4e3d2c1b0a99");
+        for bad in [
+            "",
+            "relative",
+            "/a/../b",
+            "/var/lib/kubelet/pods/x/mount",
+            "/etc/pods/u/volumes/kubernetes.io~csi/creds/mount",
+            "/var/lib/kubelet/pods/u/volumes/kubernetes.io~csi/creds/mount/x",
+            "/var/lib/kubelet/pods/u/volumes/kubernetes.io~empty-dir/creds/mount",
+            "/var/lib/kubelet/pods/../volumes/kubernetes.io~csi/creds/mount",
+            "/var/lib/kubelet/pods/u/volumes/kubernetes.io~csi/../mount",
+            "/var/lib/kubelet/pods/u/volumes/kubernetes.io~csi/./mount",
+            "/var/lib/kubelet/pods/u/./volumes/kubernetes.io~csi/creds/mount",
+            "/var/lib/kubelet/../kubelet/pods/u/volumes/kubernetes.io~csi/creds/mount",
+            "/var/lib/kubelet-other/pods/u/volumes/kubernetes.io~csi/creds/mount",
+        ] {
+            assert!(validate_target(bad, kubelet).is_err(), "{bad}");
         }
     }
 }

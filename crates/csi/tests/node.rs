@@ -125,6 +125,11 @@ async fn malformed_requests_get_the_right_codes() {
     let broker = FakeBroker::start().await;
     let mut d = start_driver(dir.path(), &broker).await;
     let target = target_under(dir.path(), "pod-bad");
+    let outside = dir
+        .path()
+        .join("elsewhere/pods/pod-bad/volumes/kubernetes.io~csi/creds/mount");
+    let other_pod = target_under(dir.path(), "pod-other");
+    let not_mount = target.parent().unwrap().join("data");
 
     let cases: Vec<(&str, csi::NodePublishVolumeRequest, Code)> = vec![
         (
@@ -233,13 +238,42 @@ async fn malformed_requests_get_the_right_codes() {
             .build(),
             Code::PermissionDenied,
         ),
+        (
+            "target outside the kubelet's pod directories",
+            Pub {
+                pod_uid: Some("pod-bad"),
+                ..Pub::new("csi-bad1", &outside)
+            }
+            .build(),
+            Code::InvalidArgument,
+        ),
+        (
+            "target of another pod",
+            Pub {
+                pod_uid: Some("pod-bad"),
+                ..Pub::new("csi-bad1", &other_pod)
+            }
+            .build(),
+            Code::InvalidArgument,
+        ),
+        (
+            "target not a csi volume's mount directory",
+            Pub {
+                pod_uid: Some("pod-bad"),
+                ..Pub::new("csi-bad1", &not_mount)
+            }
+            .build(),
+            Code::InvalidArgument,
+        ),
     ];
     for (what, req, code) in cases {
         let err = d.node.node_publish_volume(req).await.expect_err(what);
         assert_eq!(err.code(), code, "{what}: {}", err.message());
         assert!(!err.message().contains(POD_TOKEN));
     }
-    assert!(!target.exists(), "nothing created for rejected requests");
+    for t in [&target, &outside, &other_pod, &not_mount] {
+        assert!(!t.exists(), "nothing created for rejected requests");
+    }
     assert_eq!(broker.issues(), 0);
 
     let err = d
@@ -248,12 +282,14 @@ async fn malformed_requests_get_the_right_codes() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    let err = d
-        .node
-        .node_unpublish_volume(unpublish_req("csi-x", Path::new("")))
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument);
+    for bad in [Path::new(""), outside.as_path(), not_mount.as_path()] {
+        let err = d
+            .node
+            .node_unpublish_volume(unpublish_req("csi-x", bad))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{bad:?}");
+    }
     // Unpublishing something that never existed succeeds.
     d.node
         .node_unpublish_volume(unpublish_req("csi-never", &target))
@@ -522,6 +558,188 @@ async fn restart_resumes_from_metadata_without_issue() {
         .await
         .unwrap();
     assert_eq!(broker.releases(), vec!["csi-restart".to_owned()]);
+    d.stop().await;
+    unmount_all_under(dir.path());
+    assert_no_secrets_in_logs();
+}
+
+/// An Issue that fails after the broker may have created something (here: no
+/// answer within the driver's deadline, then a broker that is down) is
+/// released at once or, failing that, by the background retry; a later
+/// successful publish of the volume supersedes a queued release.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_issue_is_released_now_or_in_the_background() {
+    if skip_unless_root("failed_issue_is_released_now_or_in_the_background") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = FakeBroker::start().await;
+    broker.state.lock().unwrap().issue_delay = Duration::from_secs(3);
+    let target = target_under(dir.path(), "pod-orphan");
+    let mut d = start_driver_with(dir.path(), &broker, |c| {
+        c.broker_timeout = Duration::from_millis(500);
+    })
+    .await;
+
+    // Timed out: released right away.
+    let err = d
+        .node
+        .node_publish_volume(Pub::new("csi-orphan-1", &target).build())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert_eq!(broker.releases(), vec!["csi-orphan-1".to_owned()]);
+    assert!(mounts_at(&target).is_empty());
+
+    // Broker down: the release is queued and retried.
+    broker.state.lock().unwrap().issue_delay = Duration::ZERO;
+    broker.stop().await;
+    let err = d
+        .node
+        .node_publish_volume(Pub::new("csi-orphan-2", &target).build())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    broker.restart().await;
+    assert_eq!(d.service.retry_pending_releases().await, 0);
+    assert_eq!(
+        broker.releases(),
+        vec!["csi-orphan-1".to_owned(), "csi-orphan-2".to_owned()]
+    );
+    assert_eq!(d.service.retry_pending_releases().await, 0, "done once");
+    assert_eq!(broker.releases().len(), 2);
+
+    // Queued, then published successfully: the queued release is dropped.
+    broker.stop().await;
+    assert!(
+        d.node
+            .node_publish_volume(Pub::new("csi-orphan-3", &target).build())
+            .await
+            .is_err()
+    );
+    broker.restart().await;
+    d.node
+        .node_publish_volume(Pub::new("csi-orphan-3", &target).build())
+        .await
+        .unwrap();
+    assert_eq!(d.service.retry_pending_releases().await, 0);
+    assert_eq!(
+        broker.releases().len(),
+        2,
+        "the live volume is not released"
+    );
+
+    d.node
+        .node_unpublish_volume(unpublish_req("csi-orphan-3", &target))
+        .await
+        .unwrap();
+    d.stop().await;
+    unmount_all_under(dir.path());
+    assert_no_secrets_in_logs();
+}
+
+/// A lease whose broker calls hang takes at most its per-lease share of the
+/// publish slots (more of its publishes are refused at once), so another
+/// lease's publish completes; and renewals of published volumes have slots
+/// of their own, so they complete while every fresh slot is taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_lease_starves_neither_other_leases_nor_renewals() {
+    if skip_unless_root("a_hanging_lease_starves_neither_other_leases_nor_renewals") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let broker = FakeBroker::start().await;
+    let mut d = start_driver_with(dir.path(), &broker, |c| {
+        c.publish_concurrency = 2;
+        c.per_lease_concurrency = 1;
+        c.broker_timeout = Duration::from_secs(4);
+    })
+    .await;
+    let fast1 = target_under(dir.path(), "pod-fast1");
+    d.node
+        .node_publish_volume(Pub::new("csi-fast1", &fast1).build())
+        .await
+        .unwrap();
+
+    broker.state.lock().unwrap().hang_leases = ["slow-a".to_owned(), "slow-b".to_owned()].into();
+    let client = d.node.clone();
+    let hanging = |volume: &'static str, pod: &'static str, lease: &'static str| {
+        let mut node = client.clone();
+        let target = target_under(dir.path(), pod);
+        tokio::spawn(async move {
+            let req = Pub {
+                lease: Some(lease),
+                ..Pub::new(volume, &target)
+            }
+            .build();
+            node.node_publish_volume(req).await
+        })
+    };
+    let slow_a = hanging("csi-slow-a1", "pod-slow-a1", "slow-a");
+    // Wait until it is in flight at the broker side (its Issue is pending).
+    for _ in 0..500 {
+        if broker.hanging() >= 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(broker.hanging(), 1, "first slow publish in flight");
+
+    // A second publish of the hanging lease: refused at once.
+    let second = target_under(dir.path(), "pod-slow-a2");
+    let err = tokio::time::timeout(
+        Duration::from_secs(2),
+        d.node.node_publish_volume(
+            Pub {
+                lease: Some("slow-a"),
+                ..Pub::new("csi-slow-a2", &second)
+            }
+            .build(),
+        ),
+    )
+    .await
+    .expect("refused at once, not queued")
+    .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+
+    // Another lease still gets a slot.
+    let fast2 = target_under(dir.path(), "pod-fast2");
+    tokio::time::timeout(
+        Duration::from_secs(2),
+        d.node
+            .node_publish_volume(Pub::new("csi-fast2", &fast2).build()),
+    )
+    .await
+    .expect("another lease's publish is not starved")
+    .unwrap();
+
+    // Every fresh slot taken by hanging leases: renewals still go through.
+    let slow_b = hanging("csi-slow-b1", "pod-slow-b1", "slow-b");
+    for _ in 0..500 {
+        if broker.hanging() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::timeout(
+        Duration::from_secs(2),
+        d.node
+            .node_publish_volume(Pub::new("csi-fast1", &fast1).build()),
+    )
+    .await
+    .expect("a renewal does not wait behind fresh publishes")
+    .unwrap();
+
+    for task in [slow_a, slow_b] {
+        let err = task.await.unwrap().unwrap_err();
+        assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    }
+    for (volume, target) in [("csi-fast1", &fast1), ("csi-fast2", &fast2)] {
+        d.node
+            .node_unpublish_volume(unpublish_req(volume, target))
+            .await
+            .unwrap();
+    }
     d.stop().await;
     unmount_all_under(dir.path());
     assert_no_secrets_in_logs();

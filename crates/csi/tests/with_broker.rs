@@ -141,13 +141,13 @@ struct Pod {
 /// `shop/web-0`, service account `web`: allowed by the policy.
 const WEB: Pod = Pod {
     name: "web-0",
-    uid: "5d0c7e1a-web0-4c59-9a1e-000000000001",
+    uid: "5d0c7e1a-0eb0-4c59-9a1e-000000000001",
     service_account: "web",
 };
 /// `shop/batch-0`, service account `batch`: not allowed by the policy.
 const BATCH: Pod = Pod {
     name: "batch-0",
-    uid: "5d0c7e1a-bat0-4c59-9a1e-000000000002",
+    uid: "5d0c7e1a-ba70-4c59-9a1e-000000000002",
     service_account: "batch",
 };
 
@@ -198,7 +198,9 @@ fn pod_object(pod: &Pod) -> Value {
     json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"namespace": NS, "name": pod.name, "uid": pod.uid},
-        "spec": {"serviceAccountName": pod.service_account, "nodeName": NODE, "containers": []},
+        "spec": {"serviceAccountName": pod.service_account, "nodeName": NODE, "containers": [],
+                 "volumes": [{"name": "creds", "csi": {"driver": "csi.leasehold.dev",
+                     "readOnly": true, "volumeAttributes": {"lease": LEASE}}}]},
         "status": {"phase": "Running"},
     })
 }
@@ -251,6 +253,19 @@ fn cluster() -> MemoryCluster {
     let c = MemoryCluster::new();
     for pod in [&WEB, &BATCH] {
         c.put_pod(serde_json::from_value(pod_object(pod)).unwrap());
+    }
+    // The driver pods the node tokens are bound to.
+    for node in [NODE, "node-b"] {
+        c.put_pod(
+            serde_json::from_value(json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"namespace": DRIVER_NS, "name": format!("leasehold-csi-{node}"),
+                             "uid": format!("pod-uid-driver-{node}")},
+                "spec": {"serviceAccountName": DRIVER_SA, "nodeName": node, "containers": []},
+                "status": {"phase": "Running"},
+            }))
+            .unwrap(),
+        );
     }
     c.put_namespace(NS, BTreeMap::new());
     c.put_lease(serde_json::from_value(lease_object(1)).unwrap());
@@ -410,6 +425,7 @@ impl Driver {
         let state_dir = dir.join("state");
         let mut config = NodeDriverConfig::new(&socket, node_name, &state_dir, POD_AUDIENCE);
         config.broker_timeout = Duration::from_secs(10);
+        config.kubelet_dir = dir.join("kubelet");
         let grpc = GrpcBroker::new(GrpcBrokerConfig {
             endpoint: format!("https://127.0.0.1:{}", broker.addr.port()),
             ca_file: Some(ca_file.to_path_buf()),
@@ -807,6 +823,72 @@ async fn broker_certificate_from_another_ca_is_refused() {
     assert!(d.record(volume).is_none(), "no metadata");
     assert_eq!(broker.consumers(), Some(Vec::new()), "no consumer recorded");
 
+    d.stop().await;
+    broker.stop().await;
+    unmount_all_under(dir.path());
+    assert_no_secrets_in_logs();
+}
+
+/// A pod that loses access with no rotation in between: the next republish
+/// is refused by Acknowledge, the credential files are removed from the
+/// volume and the pod stops being a consumer; once access is restored, a
+/// republish issues the credential again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn withdrawn_access_removes_the_files_at_the_next_republish() {
+    if skip_unless_root("withdrawn_access_removes_the_files_at_the_next_republish") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path()).await;
+    let mut d = Driver::start(dir.path(), &broker, NODE, node_token(NODE)).await;
+    let target = target_under(dir.path(), WEB.uid);
+    let volume = "csi-5d0c7e1a-wd01";
+    let token = pod_token(&WEB);
+    d.publish(publish_req(volume, &target, &WEB, &token))
+        .await
+        .unwrap();
+    assert_files(&target, 1, V1_PASSWORD);
+    broker
+        .wait_consumers("recorded web-0 at v1", one_consumer(1))
+        .await;
+
+    broker.revoke_web_access();
+    let err = d
+        .publish(publish_req(volume, &target, &WEB, &token))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{}", err.message());
+    assert!(
+        visible_files(&target).is_empty(),
+        "credential files removed"
+    );
+    assert_eq!(
+        mounts_at(&target).len(),
+        1,
+        "the tmpfs stays until unpublish"
+    );
+    broker
+        .wait_consumers("web-0 no longer a consumer", <[_]>::is_empty)
+        .await;
+
+    // Access restored: the next republish hands the credential out again.
+    broker.cluster.put_policy(
+        serde_json::from_value(json!({
+            "apiVersion": "leasehold.dev/v1alpha1", "kind": "RotationPolicy",
+            "metadata": {"namespace": NS, "name": POLICY},
+            "spec": {"ttl": "2h", "access": {"serviceAccounts": ["web"]}},
+        }))
+        .unwrap(),
+    );
+    d.publish(publish_req(volume, &target, &WEB, &token))
+        .await
+        .unwrap();
+    assert_files(&target, 1, V1_PASSWORD);
+
+    d.node
+        .node_unpublish_volume(unpublish_req(volume, &target))
+        .await
+        .unwrap();
     d.stop().await;
     broker.stop().await;
     unmount_all_under(dir.path());

@@ -138,11 +138,26 @@ pub fn verifiers() -> Verifiers {
     }
 }
 
+/// A UUID derived from `seed` (FNV-1a), stable across runs.
+pub fn uid_of(seed: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in seed.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!(
+        "{:08x}-{:04x}-4000-8000-{:012x}",
+        h >> 32,
+        (h >> 16) & 0xffff,
+        h & 0xffff_ffff_ffff
+    )
+}
+
 pub fn pod_id(namespace: &str, name: &str, sa: &str) -> PodIdentity {
     PodIdentity {
         namespace: namespace.into(),
         name: name.into(),
-        uid: format!("uid-{namespace}-{name}"),
+        uid: uid_of(&format!("{namespace}/{name}")),
         service_account: sa.into(),
     }
 }
@@ -151,14 +166,48 @@ pub fn web() -> PodIdentity {
     pod_id("shop", "web-0", "web")
 }
 
-fn pod_object(p: &PodIdentity, node: &str) -> k8s_openapi::api::core::v1::Pod {
+/// Leases in `shop` every fixture pod mounts (a CSI volume each).
+pub const LEASES: [&str; 7] = [
+    "db",
+    "nocsi",
+    "fresh",
+    "restricted",
+    "shared",
+    "selected",
+    "perpod",
+];
+
+/// A pod with a leasehold CSI volume of each of `leases` (in `shop`).
+pub fn pod_object_with(
+    p: &PodIdentity,
+    node: &str,
+    leases: &[&str],
+) -> k8s_openapi::api::core::v1::Pod {
+    let volumes: Vec<Value> = leases
+        .iter()
+        .map(|lease| {
+            let attr = if p.namespace == "shop" {
+                (*lease).to_owned()
+            } else {
+                format!("shop/{lease}")
+            };
+            json!({"name": format!("creds-{lease}"), "csi": {
+                "driver": "csi.leasehold.dev", "readOnly": true,
+                "volumeAttributes": {"lease": attr}}})
+        })
+        .collect();
     serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"namespace": p.namespace, "name": p.name, "uid": p.uid},
-        "spec": {"serviceAccountName": p.service_account, "nodeName": node, "containers": []},
+        "spec": {"serviceAccountName": p.service_account, "nodeName": node, "containers": [],
+                 "volumes": volumes},
         "status": {"phase": "Running"},
     }))
     .unwrap()
+}
+
+pub fn pod_object(p: &PodIdentity, node: &str) -> k8s_openapi::api::core::v1::Pod {
+    pod_object_with(p, node, &LEASES)
 }
 
 fn lease_object(
@@ -201,7 +250,7 @@ fn lease_object(
     .unwrap()
 }
 
-fn policy_object(namespace: &str, name: &str, access: Value) -> leasehold_api::RotationPolicy {
+pub fn policy_object(namespace: &str, name: &str, access: Value) -> leasehold_api::RotationPolicy {
     serde_json::from_value(json!({
         "apiVersion": "leasehold.dev/v1alpha1", "kind": "RotationPolicy",
         "metadata": {"namespace": namespace, "name": name},
@@ -211,7 +260,8 @@ fn policy_object(namespace: &str, name: &str, access: Value) -> leasehold_api::R
 }
 
 /// Pods: shop/web-0 (sa web), shop/api-0 (sa api), billing/job-0 (sa worker),
-/// analytics/report-0 (sa report), all on node-a; shop/far-0 on node-b.
+/// analytics/report-0 (sa report), all on node-a; shop/far-0 on node-b; each
+/// with a volume of every lease; shop/bare-0 (sa web, node-a) with none.
 /// Leases in `shop`: `db` (open), `nocsi`, `fresh` (no version yet),
 /// `restricted` (SA `api` only), `shared` (namespace billing, SA billing/worker),
 /// `selected` (namespaces labelled team=data), `perpod`.
@@ -226,6 +276,8 @@ pub fn cluster() -> MemoryCluster {
     ] {
         c.put_pod(pod_object(&p, node));
     }
+    c.put_pod(pod_object_with(&pod_id("shop", "bare-0", "web"), NODE, &[]));
+    c.put_pod(driver_pod(None));
     c.put_namespace("shop", BTreeMap::new());
     c.put_namespace(
         "billing",
@@ -284,6 +336,7 @@ pub fn cluster() -> MemoryCluster {
 
 pub struct Broker {
     pub addr: SocketAddr,
+    pub ca_pem: String,
     pub client: BrokerClient<Channel>,
     pub cluster: Arc<MemoryCluster>,
     pub consumers: Arc<MemoryConsumerStore>,
@@ -299,13 +352,45 @@ impl Drop for Broker {
     }
 }
 
+/// The node driver's pod on `NODE`, the one `node_token_for` tokens are bound
+/// to; `deleting`: with that deletion timestamp.
+pub fn driver_pod(deleting: Option<&str>) -> k8s_openapi::api::core::v1::Pod {
+    let mut meta =
+        json!({"namespace": DRIVER_NS, "name": "leasehold-csi-abcde", "uid": "pod-uid-driver"});
+    if let Some(t) = deleting {
+        meta["deletionTimestamp"] = json!(t);
+    }
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": meta,
+        "spec": {"serviceAccountName": DRIVER_SA, "nodeName": NODE, "containers": []},
+        "status": {"phase": "Running"},
+    }))
+    .unwrap()
+}
+
 pub async fn start() -> Broker {
     start_with(None).await
 }
 
 /// The broker over TLS on 127.0.0.1, with a client that trusts its CA.
 pub async fn start_with(per_pod: Option<Arc<dyn PerPodIssuer>>) -> Broker {
+    start_opts(per_pod, 1024).await
+}
+
+/// [`start_with`], at most `max_connections` connections.
+pub async fn start_opts(per_pod: Option<Arc<dyn PerPodIssuer>>, max_connections: usize) -> Broker {
+    start_full(move |_| per_pod, max_connections).await
+}
+
+/// The broker with the per-pod issuer `per_pod` builds on the broker's own
+/// in-memory cluster.
+pub async fn start_full(
+    per_pod: impl FnOnce(Arc<MemoryCluster>) -> Option<Arc<dyn PerPodIssuer>>,
+    max_connections: usize,
+) -> Broker {
     let cluster = Arc::new(cluster());
+    let per_pod = per_pod(cluster.clone());
     let consumers = Arc::new(MemoryConsumerStore::new());
     for lease in ["db", "restricted", "shared", "selected", "perpod"] {
         consumers.add_lease(ObjectRef::new("shop", lease), Vec::new());
@@ -340,24 +425,21 @@ pub async fn start_with(per_pod: Option<Arc<dyn PerPodIssuer>>) -> Broker {
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
-        leasehold_broker::serve_with_listener(listener, &tls, service, async {
-            let _ = rx.await;
-        })
+        leasehold_broker::serve_with_listener_limited(
+            listener,
+            &tls,
+            service,
+            max_connections,
+            async {
+                let _ = rx.await;
+            },
+        )
         .await
         .unwrap();
     });
-    let endpoint = Endpoint::from_shared(format!("https://127.0.0.1:{}", addr.port()))
-        .unwrap()
-        .tls_config(
-            ClientTlsConfig::new()
-                .ca_certificate(Certificate::from_pem(ca.cert.as_bytes()))
-                .domain_name("localhost"),
-        )
-        .unwrap()
-        .tcp_nodelay(true)
-        .timeout(Duration::from_secs(10));
-    let channel = endpoint.connect().await.unwrap();
+    let channel = connect(addr, &ca.cert).await.unwrap();
     Broker {
+        ca_pem: ca.cert.clone(),
         addr,
         client: BrokerClient::new(channel),
         cluster,
@@ -365,6 +447,23 @@ pub async fn start_with(per_pod: Option<Arc<dyn PerPodIssuer>>) -> Broker {
         registry: Arc::new(std::sync::Mutex::new(registry)),
         shutdown: Some(tx),
     }
+}
+
+/// A new connection to the broker at `addr` (trusting `ca_pem`).
+pub async fn connect(addr: SocketAddr, ca_pem: &str) -> Result<Channel, tonic::transport::Error> {
+    Endpoint::from_shared(format!("https://127.0.0.1:{}", addr.port()))
+        .unwrap()
+        .tls_config(
+            ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(ca_pem.as_bytes()))
+                .domain_name("localhost"),
+        )
+        .unwrap()
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(10))
+        .connect()
+        .await
 }
 
 pub fn with_token<T>(message: T, token: Option<&str>) -> tonic::Request<T> {

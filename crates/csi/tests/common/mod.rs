@@ -123,6 +123,10 @@ pub struct BrokerState {
     pub bad_auth: usize,
     pub issue_delay: Duration,
     pub lifetime_secs: i64,
+    /// Leases whose Issue never answers (a tenant with an unresponsive database).
+    pub hang_leases: std::collections::HashSet<String>,
+    /// Issues of those leases received (and left hanging).
+    pub hanging: usize,
 }
 
 pub fn files_for(version: u64) -> HashMap<String, Vec<u8>> {
@@ -171,7 +175,20 @@ impl pb::broker_server::Broker for FakeBrokerSvc {
         if req.pod_token != POD_TOKEN {
             return Err(tonic::Status::permission_denied("pod token"));
         }
-        let delay = self.0.lock().unwrap().issue_delay;
+        let lease = req
+            .lease
+            .as_ref()
+            .map(|l| l.name.clone())
+            .unwrap_or_default();
+        let (delay, hang) = {
+            let mut s = self.0.lock().unwrap();
+            let hang = s.hang_leases.contains(&lease);
+            s.hanging += usize::from(hang);
+            (s.issue_delay, hang)
+        };
+        if hang {
+            std::future::pending::<()>().await;
+        }
         tokio::time::sleep(delay).await;
         let (version, lifetime) = {
             let mut s = self.0.lock().unwrap();
@@ -306,6 +323,10 @@ impl FakeBroker {
         self.state.lock().unwrap().acks.len()
     }
 
+    pub fn hanging(&self) -> usize {
+        self.state.lock().unwrap().hanging
+    }
+
     pub fn releases(&self) -> Vec<String> {
         self.state.lock().unwrap().releases.clone()
     }
@@ -375,6 +396,8 @@ pub async fn start_driver_with(
     let socket = dir.join("csi.sock");
     let mut config = NodeDriverConfig::new(&socket, "node-a", dir.join("state"), AUDIENCE);
     config.broker_timeout = Duration::from_secs(5);
+    // Where `target_under` puts targets.
+    config.kubelet_dir = dir.join("kubelet");
     tweak(&mut config);
     let grpc = GrpcBroker::new(GrpcBrokerConfig {
         endpoint: format!("http://{}", broker.addr),
@@ -443,6 +466,21 @@ pub struct Pub<'a> {
     pub readonly: bool,
     pub ephemeral: &'a str,
     pub pod_name: &'a str,
+    /// The pod UID in the volume context; default: the one in the target path.
+    pub pod_uid: Option<&'a str>,
+}
+
+/// The pod UID of a kubelet-like target path (`.../pods/<uid>/volumes/...`).
+pub fn uid_of_target(target: &Path) -> String {
+    let parts: Vec<_> = target
+        .components()
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .collect();
+    parts
+        .iter()
+        .rposition(|p| p == "pods")
+        .and_then(|i| parts.get(i + 1).cloned())
+        .unwrap_or_else(|| "6c1e-uid-0001".to_owned())
 }
 
 impl<'a> Pub<'a> {
@@ -456,6 +494,7 @@ impl<'a> Pub<'a> {
             readonly: true,
             ephemeral: "true",
             pod_name: "web-0",
+            pod_uid: None,
         }
     }
 
@@ -464,7 +503,10 @@ impl<'a> Pub<'a> {
         let mut ctx = HashMap::new();
         ctx.insert("csi.storage.k8s.io/pod.name".into(), self.pod_name.into());
         ctx.insert("csi.storage.k8s.io/pod.namespace".into(), "shop".into());
-        ctx.insert("csi.storage.k8s.io/pod.uid".into(), "6c1e-uid-0001".into());
+        let uid = self
+            .pod_uid
+            .map_or_else(|| uid_of_target(self.target), str::to_owned);
+        ctx.insert("csi.storage.k8s.io/pod.uid".into(), uid);
         ctx.insert(
             "csi.storage.k8s.io/serviceAccount.name".into(),
             "web".into(),
