@@ -1026,6 +1026,11 @@ async fn setup(cluster: Cluster) -> World {
     );
     set_arg(
         &mut node_args,
+        "--kubelet-dir",
+        cluster.path("kubelet").to_str().unwrap(),
+    );
+    set_arg(
+        &mut node_args,
         "--state-dir",
         cluster.path("node-state").to_str().unwrap(),
     );
