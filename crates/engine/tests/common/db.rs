@@ -131,7 +131,10 @@ impl Db<'_> {
             Db::Pg(s) => s
                 .admin_client()
                 .await
-                .query_opt("SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = $1", &[&user])
+                .query_opt(
+                    "SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = $1",
+                    &[&user],
+                )
                 .await
                 .unwrap()
                 .is_some(),
