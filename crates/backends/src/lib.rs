@@ -56,10 +56,14 @@ pub enum IssueMode {
 /// The error for an `ExistingUser` issue whose user does not exist.
 pub(crate) fn missing_user(name: &str) -> BackendError {
     BackendError::Invalid(format!(
-        "user {name:?} does not exist: the InPlace strategy only changes the password of an \
-         existing user and never creates one; create the user or correct the lease's username"
+        "user {name:?} does not exist: {MISSING_USER}; create the user or correct the lease's \
+         username"
     ))
 }
+
+/// What every [`missing_user`] error says (see [`BackendError::is_missing_user`]).
+const MISSING_USER: &str =
+    "the InPlace strategy only changes the password of an existing user and never creates one";
 
 /// What a credential may do once it exists.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -187,6 +191,12 @@ impl BackendError {
     /// Whether retrying the same call later can succeed without a spec change.
     pub fn is_transient(&self) -> bool {
         matches!(self, Self::Unreachable(_) | Self::Other(_))
+    }
+
+    /// Whether this is the [`IssueMode::ExistingUser`] refusal of a user that does not
+    /// exist: nothing was created or changed on the server.
+    pub fn is_missing_user(&self) -> bool {
+        matches!(self, Self::Invalid(m) if m.contains(MISSING_USER))
     }
 
     /// A missing privilege, the step not yet named (see [`in_step`](Self::in_step)).

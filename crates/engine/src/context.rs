@@ -289,6 +289,7 @@ impl BackendRegistry {
     }
 
     /// [`BackendRegistry::get`] by host, port and database.
+    #[allow(clippy::too_many_arguments)]
     pub fn get_target(
         &self,
         kind: DatabaseKind,

@@ -435,7 +435,10 @@ impl Engine {
         self.fault(FaultPoint::BeforeIssue)?;
         let mode = match ctx.policy.strategy {
             leasehold_core::Strategy::Dynamic => IssueMode::CreateUser,
-            _ => IssueMode::SetPassword,
+            // The InPlace user belongs to someone else: never created (a mistyped name
+            // would become a new login), a missing one is for the user to fix.
+            leasehold_core::Strategy::InPlace => IssueMode::ExistingUser,
+            leasehold_core::Strategy::AlternatingUsers => IssueMode::SetPassword,
         };
         let request = IssueRequest {
             id: id.clone(),
@@ -465,6 +468,39 @@ impl Engine {
                     step: "issue",
                     source: e,
                 });
+            }
+            Err(e) if e.is_missing_user() => {
+                // InPlace on a user that does not exist: nothing was created or changed, so
+                // there is nothing to revoke or restore. The version is dropped and the
+                // error is `invalid` (the operator waits for a change rather than retry).
+                let reason = e.to_string();
+                stores.secrets.remove(&ctx.key, version).await?;
+                progress.versions.retain(|r| r.version != version);
+                if !progress
+                    .versions
+                    .iter()
+                    .any(|r| r.credential_id == id.0 && server_of(ctx, r) == server)
+                {
+                    self.claims.release(&server, &id.0, &ctx.key);
+                }
+                progress.push_history(RotationRecord {
+                    version,
+                    started_at: issued_at,
+                    verified_at: None,
+                    promoted_at: None,
+                    revoked_at: Some(now),
+                    outcome: RotationOutcome::IssueFailed,
+                    reason: Some(reason.clone()),
+                });
+                self.save(stores, ctx, progress).await?;
+                self.emit(
+                    ctx,
+                    StepEvent::VerificationFailed {
+                        version,
+                        reason: reason.clone(),
+                    },
+                );
+                return Err(EngineError::Invalid(reason));
             }
             Err(e) => {
                 // The backend refused (bad grant, missing role): remove whatever exists of it.
@@ -918,7 +954,8 @@ impl Engine {
         backend
             .issue(&IssueRequest {
                 id: leasehold_backends::CredentialId(current.credential_id.clone()),
-                mode: IssueMode::SetPassword,
+                // Never recreate a user someone dropped meanwhile.
+                mode: IssueMode::ExistingUser,
                 password,
                 valid_until: current.expires_at,
                 privileges: ctx.privileges.clone(),

@@ -42,6 +42,7 @@ async fn crash_and_resume(db: Db<'_>, strategy: Strategy, point: FaultPoint) {
         policy(strategy, Duration::ZERO),
         db.minimal_privileges(),
     );
+    db.create_in_place_user(&ctx).await;
     let stores = MemoryStores::default();
 
     // v1 without faults.
@@ -177,6 +178,7 @@ async fn failed_verification_keeps_the_old_credential_and_removes_the_new() {
             policy(strategy, Duration::ZERO),
             Privileges::default(),
         );
+        db.create_in_place_user(&ctx).await;
         let stores = MemoryStores::default();
         let engine = Engine::new();
         let mut progress = stores.load(&key);

@@ -10,7 +10,7 @@ use common::{MemoryStores, TestClock, context, lease_key, obs, policy};
 use leasehold_backends::Privileges;
 use leasehold_core::Strategy;
 use leasehold_core::rotation::{RevokeReason, RotationOutcome, VersionState, WaitReason};
-use leasehold_engine::{Engine, Outcome};
+use leasehold_engine::{Engine, NamingRule, Outcome};
 use leasehold_testkit::{MariaDbServer, PostgresServer};
 
 /// Issue v1, rotate to v2 with a grace period, check who can log in at each stage.
@@ -37,6 +37,7 @@ async fn full_rotation(db: Db<'_>, strategy: Strategy) {
         policy(strategy, grace),
         privileges,
     );
+    db.create_in_place_user(&ctx).await;
     let stores = MemoryStores::default();
     let clock = TestClock::new();
     let engine = Engine::new().with_clock(clock.func());
@@ -540,4 +541,82 @@ async fn postgres_deleting_a_lease_drops_its_users_with_a_createrole_admin() {
         ctx.backend.list_users(prefix).await.unwrap().is_empty(),
         "deleting the lease leaves none of its users"
     );
+}
+
+/// InPlace on a username that does not exist: issue fails with an `invalid` error naming
+/// the user (the operator waits for a change instead of retrying), no role is created,
+/// nothing is left recorded; once a DBA creates the user the lease rotates it.
+async fn in_place_missing_user_is_invalid_and_creates_nothing(db: Db<'_>) {
+    let key = lease_key("missing");
+    let ctx = context(
+        key.clone(),
+        db.kind(),
+        db.backend(2),
+        db.host(),
+        db.port(),
+        db.database(),
+        policy(Strategy::InPlace, Duration::ZERO),
+        db.minimal_privileges(),
+    );
+    let NamingRule::InPlace { user } = &ctx.naming else {
+        unreachable!("InPlace naming")
+    };
+    let user = user.clone();
+    assert!(!db.user_exists(&user).await);
+    let stores = MemoryStores::default();
+    let engine = Engine::new();
+    let mut progress = stores.load(&key);
+    for attempt in 1..=2 {
+        let err = engine
+            .reconcile(&ctx, &mut progress, &obs(None), stores.stores())
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), "invalid", "attempt {attempt}: {err}");
+        assert!(
+            err.to_string().contains(&user) && err.to_string().contains("does not exist"),
+            "attempt {attempt}: the error names the user: {err}"
+        );
+        assert!(
+            !db.user_exists(&user).await,
+            "attempt {attempt}: InPlace never creates the user"
+        );
+        assert!(progress.current().is_none());
+        assert!(
+            progress.versions.is_empty(),
+            "attempt {attempt}: nothing left to revoke or resume: {:?}",
+            progress.versions
+        );
+        assert_eq!(stores.load(&key), progress, "attempt {attempt}: saved");
+        assert!(stores.all_passwords().is_empty(), "no secret kept");
+        let last = progress.history.last().unwrap();
+        assert_eq!(last.outcome, RotationOutcome::IssueFailed);
+        assert!(last.reason.as_deref().unwrap().contains(&user));
+    }
+    assert!(
+        stores.delivered.lock().unwrap().is_empty(),
+        "nothing delivered"
+    );
+
+    // The DBA creates the user: the next reconcile rotates it.
+    db.create_user(&user).await;
+    engine
+        .reconcile(&ctx, &mut progress, &obs(None), stores.stores())
+        .await
+        .unwrap();
+    let current = progress.current().unwrap().clone();
+    assert_eq!(current.credential_id, user);
+    let pw = stores.password(&key, current.version).unwrap();
+    assert!(db.can_login(&user, &pw).await);
+}
+
+#[tokio::test]
+async fn postgres_in_place_missing_user_is_invalid() {
+    let s = PostgresServer::shared().await;
+    in_place_missing_user_is_invalid_and_creates_nothing(Db::Pg(s)).await;
+}
+
+#[tokio::test]
+async fn mariadb_in_place_missing_user_is_invalid() {
+    let s = MariaDbServer::shared().await;
+    in_place_missing_user_is_invalid_and_creates_nothing(Db::Maria(s)).await;
 }

@@ -88,6 +88,7 @@ async fn dynamic_to_in_place_drops_the_dynamic_user_and_touches_nothing_else() {
     // request needed) and v1's user is dropped, as a Dynamic user is.
     ctx.policy = policy(Strategy::InPlace, Duration::ZERO);
     ctx.naming = naming(Strategy::InPlace, &key, db.kind());
+    db.create_in_place_user(&ctx).await;
     let out = engine
         .reconcile(&ctx, &mut progress, &obs(None), stores.stores())
         .await
@@ -133,6 +134,7 @@ async fn in_place_to_dynamic_never_drops_the_in_place_user() {
     let (other_user, other_pw) = bystander(db).await;
     let key = lease_key("to-dynamic");
     let mut ctx = ctx_for(db, &key, Strategy::InPlace);
+    db.create_in_place_user(&ctx).await;
     let stores = MemoryStores::default();
     let engine = Engine::new();
     let mut progress = stores.load(&key);

@@ -108,4 +108,45 @@ impl Db<'_> {
             }
         }
     }
+    /// Create `user` as the database's DBA would (what InPlace rotates: leasehold never
+    /// creates it), locked out until leasehold sets its password.
+    pub async fn create_user(&self, user: &str) {
+        match self {
+            Db::Pg(_) => self.admin(&format!("CREATE ROLE \"{user}\" NOLOGIN")).await,
+            Db::Maria(_) => {
+                self.admin(&format!("CREATE USER '{user}'@'%' ACCOUNT LOCK"))
+                    .await
+            }
+        }
+    }
+    /// The lease's InPlace user, created first as a DBA would (other strategies: nothing).
+    pub async fn create_in_place_user(&self, ctx: &leasehold_engine::LeaseContext) {
+        if let leasehold_engine::NamingRule::InPlace { user } = &ctx.naming {
+            self.create_user(user).await;
+        }
+    }
+    /// Whether a user of this name exists on the server (any account host).
+    pub async fn user_exists(&self, user: &str) -> bool {
+        match self {
+            Db::Pg(s) => s
+                .admin_client()
+                .await
+                .query_opt(
+                    "SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = $1",
+                    &[&user],
+                )
+                .await
+                .unwrap()
+                .is_some(),
+            Db::Maria(s) => {
+                let mut c = s.admin_conn().await;
+                let n: Option<i64> = c
+                    .exec_first("SELECT COUNT(*) FROM mysql.user WHERE User = ?", (user,))
+                    .await
+                    .unwrap();
+                let _ = c.disconnect().await;
+                n.unwrap_or(0) > 0
+            }
+        }
+    }
 }
