@@ -1762,10 +1762,10 @@ async fn csi_refusals(w: &mut World) {
         "files-db",
         tokens_for(POD_AUDIENCE, &other_token),
     );
-    let fresh = w.cluster.path("kubelet/refused/mount");
-    std::fs::create_dir_all(fresh.parent().unwrap()).unwrap();
+    // A second volume of the reader's, so the refusal is not an idempotency answer.
+    let fresh = k.target(&pods.reader, "refused");
     req.target_path = fresh.to_string_lossy().into_owned();
-    req.volume_id = "csi-refused-other-pod".into();
+    req.volume_id = Kubelet::volume_id(&pods.reader, "refused");
     let err = k.publish(req).await.unwrap_err();
     assert!(
         matches!(err.code(), Code::Unauthenticated | Code::PermissionDenied),
