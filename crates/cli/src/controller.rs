@@ -60,6 +60,10 @@ pub struct ControllerArgs {
     /// tokenRequests audience; the node drivers' --token-audience).
     #[arg(long, default_value = leasehold_api::CSI_TOKEN_AUDIENCE)]
     pod_token_audience: String,
+    /// How often per-pod users whose pod no longer exists are revoked (a node that
+    /// vanished never unpublishes; a driver killed mid-publish never releases).
+    #[arg(long, value_name = "SECONDS", default_value_t = 300)]
+    per_pod_sweep_seconds: u64,
     /// Audience of the node drivers' own tokens.
     #[arg(long, default_value = "leasehold-broker")]
     broker_token_audience: String,
@@ -130,6 +134,8 @@ pub async fn run(args: ControllerArgs) -> Result<(), OperatorError> {
             node_service_account: args.node_service_account.clone(),
             node_token_audience: args.broker_token_audience.clone(),
             pod_token_audience: args.pod_token_audience.clone(),
+            namespaces: args.namespaces.clone(),
+            per_pod_sweep: std::time::Duration::from_secs(args.per_pod_sweep_seconds.max(1)),
         })
     };
     let config = ControllerConfig {

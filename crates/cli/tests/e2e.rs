@@ -248,10 +248,6 @@ impl Process {
             );
         }
     }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
 }
 
 /// Logs of the processes started so far, checked for 403s while the test waits.
@@ -840,6 +836,8 @@ struct World {
     controller_args: Vec<String>,
     controllers: Vec<Process>,
     node: Option<Process>,
+    node_args: Vec<String>,
+    node_kubeconfig: PathBuf,
     node_socket: PathBuf,
     broker_port: u16,
     /// Values that must never appear in a log: passwords and tokens seen by the test.
@@ -965,6 +963,8 @@ async fn setup(cluster: Cluster) -> World {
         "--metrics-addr",
         &format!("127.0.0.1:{}", free_port()),
     );
+    // Short, so the sweep scenario does not wait minutes (default 300 s).
+    set_arg(&mut controller_args, "--per-pod-sweep-seconds", "3");
     set_arg(
         &mut controller_args,
         "--broker-addr",
@@ -1065,6 +1065,8 @@ async fn setup(cluster: Cluster) -> World {
         controller_args,
         controllers: vec![controller],
         node: Some(node),
+        node_args,
+        node_kubeconfig,
         node_socket,
         broker_port,
         secrets,
@@ -1108,6 +1110,12 @@ async fn run_scenarios(mut w: World) -> Vec<(String, Duration)> {
         &mut w,
         "perPod lease: a user per pod, dropped at unpublish",
         per_pod,
+    )
+    .await;
+    scenario(
+        &mut w,
+        "lost node: the per-pod user of a deleted pod is swept by the controller",
+        per_pod_sweep_after_a_lost_node,
     )
     .await;
     scenario(
@@ -1968,6 +1976,65 @@ async fn stale_writer_is_fenced(w: &mut World) {
     assert_ne!(now.progress.last_version, progress.last_version);
 }
 
+/// A node that vanishes never unpublishes: the pod's per-pod user is revoked by the
+/// controller's sweep once the pod is gone.
+async fn per_pod_sweep_after_a_lost_node(w: &mut World) {
+    let c = &w.cluster;
+    let ns = c.app_ns.clone();
+    let pod = c
+        .run_pod(&ns, "ghost", "app", &node_a(), Some("per-pod-db"))
+        .await;
+    let mut k = kubelet(w).await;
+    let token = c.token(&ns, "app", POD_AUDIENCE, Some(&pod)).await;
+    w.secrets.push(token.clone());
+    k.publish(k.publish_request(&pod, "app", "per-pod-db", tokens_for(POD_AUDIENCE, &token)))
+        .await
+        .expect("per-pod publish");
+    let target = k.target(&pod, "creds");
+    let user = read_file(&target, "username");
+    w.secrets.push(read_file(&target, "password"));
+    assert!(w.db.role_exists(&user).await);
+    // The node goes away with its driver: no unpublish, no release.
+    w.node.as_mut().unwrap().kill().await;
+    drop(k);
+    let pods: Api<Pod> = Api::namespaced(c.client.clone(), &ns);
+    pods.delete("ghost", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("pod ghost gone", Duration::from_secs(60), || async {
+        pods.get_opt("ghost").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    let started = Instant::now();
+    eventually(
+        "the sweep revokes the user of the deleted pod",
+        Duration::from_secs(60),
+        || async { (!w.db.role_exists(&user).await).then_some(()) },
+    )
+    .await;
+    eprintln!(
+        "e2e: per-pod user swept {:.1}s after its pod was deleted (sweep every 3 s)",
+        started.elapsed().as_secs_f64()
+    );
+    // What the kubelet of a replaced node would leave: nothing mounted. Restart the driver.
+    let _ = std::process::Command::new("umount").arg(&target).status();
+    let log = c.path("node-a-restarted.log");
+    w.node = Some(Process::spawn(
+        "node-a driver (restarted)",
+        &w.node_args,
+        &w.node_kubeconfig,
+        log,
+        &[],
+    ));
+    let socket = w.node_socket.clone();
+    eventually(
+        "restarted node driver socket",
+        Duration::from_secs(30),
+        || async { tokio::net::UnixStream::connect(&socket).await.ok() },
+    )
+    .await;
+}
+
 async fn deletion_waits_for_revocation(w: &mut World) {
     let status = w.cluster.status("app-db").await.unwrap();
     let user = status.current_username.unwrap();
@@ -2185,14 +2252,16 @@ async fn csi_sanity(w: &mut World) {
 const CSI_SANITY_SKIP: &str = "Controller Server|should work|should remove target path";
 
 async fn logs_are_clean(w: &mut World) {
-    let mut logs: Vec<(String, String)> = w
-        .controllers
+    // Every process started, including those killed or replaced on the way.
+    let logs: Vec<(String, String)> = PROCESS_LOGS
+        .lock()
+        .unwrap()
         .iter()
-        .map(|p| (p.name.clone(), p.log_text()))
+        .map(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            (name, std::fs::read_to_string(p).unwrap_or_default())
+        })
         .collect();
-    if let Some(n) = &w.node {
-        logs.push((n.name.clone(), n.log_text()));
-    }
     let mut problems = Vec::new();
     for (name, text) in &logs {
         for line in forbidden_lines(text) {

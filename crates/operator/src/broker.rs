@@ -7,8 +7,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Pod;
-use kube::Client;
 use kube::api::{Api, Patch, PatchParams};
+use kube::{Client, ResourceExt};
+use leasehold_api::{RotationPolicy, SecretLease};
 use leasehold_auth::{HttpKeySource, TokenVerifier, VerifierConfig};
 use leasehold_broker::{
     BrokerConfig, BrokerMetrics, BrokerService, BrokerTls, ClusterView, CoalescingRecorder,
@@ -43,6 +44,11 @@ pub struct BrokerSettings {
     pub node_token_audience: String,
     /// Audience of pod tokens (the CSIDriver's tokenRequests).
     pub pod_token_audience: String,
+    /// Namespaces the controller reconciles (empty: all): where per-pod users are swept.
+    pub namespaces: Vec<String>,
+    /// How often per-pod users of pods that no longer exist are revoked (a node that
+    /// vanished never unpublishes, and a driver killed mid-publish never releases).
+    pub per_pod_sweep: std::time::Duration,
 }
 
 /// Set or remove the leader label on this controller's pod.
@@ -106,11 +112,17 @@ pub async fn run(
         pod: verifier(&settings.pod_token_audience)?,
     };
     let cluster: Arc<dyn ClusterView> = Arc::new(KubeClusterView::new(client.clone()));
-    let per_pod = EnginePerPodIssuer::new(
+    let per_pod = Arc::new(EnginePerPodIssuer::new(
         cluster.clone(),
         Arc::new(KubePodCredentialStore::new(client.clone())),
         BackendRegistry::new(4),
-    );
+    ));
+    let sweeper = tokio::spawn(sweep_per_pod_users(
+        client.clone(),
+        per_pod.clone(),
+        settings.namespaces.clone(),
+        settings.per_pod_sweep,
+    ));
     let service = BrokerService::new(
         BrokerConfig::new(
             settings.namespace.clone(),
@@ -120,13 +132,88 @@ pub async fn run(
         cluster,
         Arc::new(CoalescingRecorder::kube(client.clone())),
     )
-    .with_per_pod(Arc::new(per_pod))
+    .with_per_pod(per_pod)
     .with_metrics(metrics);
     info!(addr = %settings.addr, "broker serving");
-    leasehold_broker::serve(settings.addr, &tls, service, stop)
+    let served = leasehold_broker::serve(settings.addr, &tls, service, stop)
         .await
         .map_err(|e| {
             warn!(error = %e, "broker stopped");
             OperatorError::Broker(e.to_string())
-        })
+        });
+    sweeper.abort();
+    served
+}
+
+/// Every `every`: for each perPod lease, revoke the per-pod users whose pod no longer
+/// exists. Pods are listed before the sweep looks at the users, so a pod created
+/// meanwhile is never mistaken for a gone one (the sweep keeps records newer than the
+/// listing).
+async fn sweep_per_pod_users(
+    client: Client,
+    issuer: Arc<EnginePerPodIssuer>,
+    namespaces: Vec<String>,
+    every: std::time::Duration,
+) {
+    let scopes: Vec<Option<String>> = if namespaces.is_empty() {
+        vec![None]
+    } else {
+        namespaces.into_iter().map(Some).collect()
+    };
+    loop {
+        tokio::time::sleep(every).await;
+        for scope in &scopes {
+            let leases: Api<SecretLease> = match scope {
+                Some(ns) => Api::namespaced(client.clone(), ns),
+                None => Api::all(client.clone()),
+            };
+            let leases = match leases.list(&Default::default()).await {
+                Ok(l) => l,
+                Err(e) => {
+                    warn!(error = %e, "per-pod sweep: cannot list SecretLeases");
+                    continue;
+                }
+            };
+            for lease in leases.items.iter().filter(|l| l.spec.per_pod) {
+                if let Err(e) = sweep_lease(&client, &issuer, lease).await {
+                    warn!(lease = %lease.name_any(), error = %e, "per-pod sweep failed; retried next time");
+                }
+            }
+        }
+    }
+}
+
+async fn sweep_lease(
+    client: &Client,
+    issuer: &EnginePerPodIssuer,
+    lease: &SecretLease,
+) -> Result<(), OperatorError> {
+    let ns = lease.namespace().unwrap_or_default();
+    let Some(policy) = Api::<RotationPolicy>::namespaced(client.clone(), &ns)
+        .get_opt(&lease.spec.policy_ref.name)
+        .await?
+    else {
+        return Ok(());
+    };
+    let listed_at = jiff::Timestamp::now();
+    let live: std::collections::HashSet<String> = Api::<Pod>::namespaced(client.clone(), &ns)
+        .list(&Default::default())
+        .await?
+        .items
+        .into_iter()
+        .filter_map(|p| p.metadata.uid)
+        .collect();
+    let report = issuer
+        .sweep_lease(lease, &policy, &live, listed_at)
+        .await
+        .map_err(|e| OperatorError::Broker(e.to_string()))?;
+    if !report.revoked.is_empty() || !report.failed.is_empty() {
+        info!(
+            lease = %format!("{ns}/{}", lease.name_any()),
+            revoked = report.revoked.len(),
+            failed = report.failed.len(),
+            "per-pod sweep: users of pods that no longer exist"
+        );
+    }
+    Ok(())
 }
