@@ -892,7 +892,8 @@ impl LocalRunner {
 }
 
 /// The database a lease spec points at.
-fn spec_target(spec: &SecretLeaseSpec) -> Option<leasehold_core::Target> {
+/// The database a lease spec points at, as a recorded target.
+pub fn spec_target(spec: &SecretLeaseSpec) -> Option<leasehold_core::Target> {
     let (kind, db) = match (&spec.postgres, &spec.mysql) {
         (Some(db), _) => (crate::context::DatabaseKind::Postgres, db),
         (None, Some(db)) => (crate::context::DatabaseKind::MySql, db),

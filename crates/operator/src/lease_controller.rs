@@ -649,6 +649,58 @@ pub async fn run_lease(
     }
 }
 
+/// Before the first reconcile: every lease's recorded users become claims, so a lease
+/// reconciled early can never issue a user another lease (not reconciled yet) holds.
+/// A failed list only logs: the claims then fill as leases are reconciled.
+pub async fn preload_username_claims(client: &Client, namespaces: &[String], engine: &Engine) {
+    let scopes: Vec<Api<SecretLease>> = if namespaces.is_empty() {
+        vec![Api::all(client.clone())]
+    } else {
+        namespaces
+            .iter()
+            .map(|ns| Api::namespaced(client.clone(), ns))
+            .collect()
+    };
+    let mut recorded = 0usize;
+    for api in scopes {
+        let mut params = kube::api::ListParams::default().limit(500);
+        loop {
+            let page = match api.list(&params).await {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot list SecretLeases to seed username claims");
+                    break;
+                }
+            };
+            for lease in &page.items {
+                let (Some(status), Some(target)) = (
+                    lease.status.as_ref(),
+                    leasehold_engine::local::spec_target(&lease.spec),
+                ) else {
+                    continue;
+                };
+                let key = LeaseKey {
+                    namespace: lease.namespace().unwrap_or_default(),
+                    name: lease.name_any(),
+                    uid: lease.uid().unwrap_or_default(),
+                };
+                engine
+                    .claims()
+                    .record_progress(&key, &status.progress, &target);
+                recorded += status.progress.versions.len();
+            }
+            match page.metadata.continue_.filter(|c| !c.is_empty()) {
+                Some(token) => params = params.continue_token(&token),
+                None => break,
+            }
+        }
+    }
+    tracing::info!(
+        users = recorded,
+        "username claims seeded from recorded leases"
+    );
+}
+
 /// How often a lease draining behind a rollout restart looks at its workloads again.
 const ROLLOUT_POLL: Duration = Duration::from_secs(5);
 

@@ -304,6 +304,7 @@ where
         Some(recorder),
         config.max_admin_connections,
     ));
+    lease_controller::preload_username_claims(&client, &config.namespaces, &ctx.engine).await;
     let namespaces: Vec<Option<String>> = if config.namespaces.is_empty() {
         vec![None]
     } else {

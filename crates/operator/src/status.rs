@@ -238,6 +238,53 @@ pub fn status_patch(status: &SecretLeaseStatus) -> Result<serde_json::Value, Sto
     }))
 }
 
+/// `Degraded=True SessionsBlockingDrain` when open sessions hold a `drainSessions: Wait`
+/// revocation past its timeout or while the current credential nears expiry (unless a
+/// stuck revocation or failing rotation already says Degraded).
+pub fn sessions_blocking_condition(
+    conds: &mut Vec<Condition>,
+    progress: &Progress,
+    policy: &PolicyParams,
+    generation: Option<i64>,
+    now: Timestamp,
+) {
+    let already = conditions::find(conds, conditions::DEGRADED).is_some_and(|c| c.status == "True");
+    let Some(blocked) = progress.sessions_blocking_drain(policy, now) else {
+        return;
+    };
+    if already {
+        return;
+    }
+    let revoke = blocked.revoke.clone().unwrap_or_default();
+    let current_expiry = progress
+        .current()
+        .and_then(|c| c.expires_at)
+        .map(|t| k8s_time(t).0.to_string())
+        .unwrap_or_else(|| "no expiry".into());
+    let message = format!(
+        "{} open session(s) of {} (version {}) hold its revocation (drainSessions: Wait) since {}; \
+         the current credential expires at {current_expiry}. End those sessions, or set \
+         drainSessions to Terminate",
+        revoke.sessions_remaining.unwrap_or(0),
+        blocked.credential_id,
+        blocked.version,
+        revoke
+            .drain_started_at
+            .map(|t| k8s_time(t).0.to_string())
+            .unwrap_or_else(|| "unknown".into()),
+    );
+    let mut cond = condition(
+        conditions::DEGRADED,
+        true,
+        "SessionsBlockingDrain",
+        message,
+        generation,
+        now,
+    );
+    cond.last_transition_time = k8s_time(now);
+    upsert(conds, cond);
+}
+
 struct StatusState {
     /// The lease's resourceVersion as last read or written: every write carries it as a
     /// precondition, so a controller that lost leadership (or raced another) cannot
@@ -316,6 +363,16 @@ impl StatusProgressStore {
             now,
         );
         state.desired.conditions = conds;
+        if let Some(policy) = &self.policy {
+            let desired = &mut state.desired;
+            sessions_blocking_condition(
+                &mut desired.conditions,
+                &desired.progress,
+                policy,
+                generation,
+                now,
+            );
+        }
         state.desired.observed_generation = generation;
         if matches!(outcome, LeaseCondition::Blocked { .. })
             && state.desired.progress.current().is_none()
@@ -555,6 +612,34 @@ mod tests {
             degraded.message
         );
         assert_eq!(conditions::find(&conds, "Ready").unwrap().status, "True");
+    }
+
+    #[test]
+    fn sessions_holding_a_wait_drain_past_its_timeout_are_degraded() {
+        let mut policy = params();
+        policy.drain = DrainSessionsMode::Wait;
+        policy.drain_timeout = Duration::from_secs(60);
+        let mut p = progress();
+        p.versions[0].state = VersionState::Revoking;
+        p.versions[0].revoke = Some(RevokeProgress {
+            sessions_remaining: Some(2),
+            drain_started_at: Some(t(0)),
+            ..Default::default()
+        });
+        let mut conds = derive_conditions(&[], &p, &LeaseCondition::Running, false, Some(1), t(30));
+        sessions_blocking_condition(&mut conds, &p, &policy, Some(1), t(30));
+        assert_eq!(
+            conditions::find(&conds, "Degraded").unwrap().status,
+            "False",
+            "within the timeout"
+        );
+        sessions_blocking_condition(&mut conds, &p, &policy, Some(1), t(61));
+        let d = conditions::find(&conds, "Degraded").cloned().unwrap();
+        assert_eq!(
+            (d.status.as_str(), d.reason.as_str()),
+            ("True", "SessionsBlockingDrain")
+        );
+        assert!(d.message.contains("2 open session(s)"), "{}", d.message);
     }
 
     #[test]
