@@ -197,6 +197,39 @@ impl BrokerService {
             })
     }
 
+    /// The lease, its policy (which must exist), and the labels of the pod's namespace
+    /// when the access rules need them (fetched only when nothing cheaper decides):
+    /// what Issue and Acknowledge authorize against.
+    async fn lease_access(
+        &self,
+        lease_ref: &ObjectRef,
+        pod_namespace: &str,
+    ) -> Result<
+        (
+            SecretLease,
+            RotationPolicy,
+            Option<std::collections::BTreeMap<String, String>>,
+        ),
+        BrokerError,
+    > {
+        let lease = self.lease(lease_ref).await?;
+        let policy = self.policy_of(&lease).await?.ok_or_else(|| {
+            BrokerError::FailedPrecondition(format!(
+                "RotationPolicy {}/{} of the lease not found",
+                lease_ref.namespace, lease.spec.policy_ref.name
+            ))
+        })?;
+        let access = &policy.spec.access;
+        let labels = if access.namespace_selector.is_some()
+            && !namespace_allowed(&lease_facts(&lease), access, pod_namespace, None)
+        {
+            self.cluster.namespace_labels(pod_namespace).await?
+        } else {
+            None
+        };
+        Ok((lease, policy, labels))
+    }
+
     async fn policy_of(&self, lease: &SecretLease) -> Result<Option<RotationPolicy>, BrokerError> {
         let namespace = lease.metadata.namespace.as_deref().unwrap_or_default();
         self.cluster
@@ -246,23 +279,9 @@ impl BrokerService {
                 namespace: requested.namespace.clone(),
                 name: requested.name.clone(),
             })?;
-        let lease = self.lease(&lease_ref).await?;
-        let policy = self.policy_of(&lease).await?.ok_or_else(|| {
-            BrokerError::FailedPrecondition(format!(
-                "RotationPolicy {}/{} of the lease not found",
-                lease_ref.namespace, lease.spec.policy_ref.name
-            ))
-        })?;
+        let (lease, policy, labels) = self.lease_access(&lease_ref, &requested.namespace).await?;
         let facts = lease_facts(&lease);
         let access = &policy.spec.access;
-        // Namespace labels only when nothing cheaper decides.
-        let labels = if access.namespace_selector.is_some()
-            && !namespace_allowed(&facts, access, &requested.namespace, None)
-        {
-            self.cluster.namespace_labels(&requested.namespace).await?
-        } else {
-            None
-        };
         let decision = authorize_issue(&IssueFacts {
             driver: &self.config.node_driver,
             caller: &caller,
@@ -390,22 +409,9 @@ impl BrokerService {
             })?;
         let pod = pod_facts(&pod);
         authorize_pod_on_node(&pod, &requested, node)?;
-        let lease = self.lease(&lease_ref).await?;
-        let policy = self.policy_of(&lease).await?.ok_or_else(|| {
-            BrokerError::FailedPrecondition(format!(
-                "RotationPolicy {}/{} of the lease not found",
-                lease_ref.namespace, lease.spec.policy_ref.name
-            ))
-        })?;
+        let (lease, policy, labels) = self.lease_access(&lease_ref, &requested.namespace).await?;
         let facts = lease_facts(&lease);
         let access = &policy.spec.access;
-        let labels = if access.namespace_selector.is_some()
-            && !namespace_allowed(&facts, access, &requested.namespace, None)
-        {
-            self.cluster.namespace_labels(&requested.namespace).await?
-        } else {
-            None
-        };
         // The same rules as Issue: a pod that lost access must not keep
         // counting as a consumer (nor keep a per-pod user), and a driver may
         // speak only for volumes its pods really have.
