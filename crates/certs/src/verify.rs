@@ -1,0 +1,311 @@
+//! Checks run on a certificate before it is handed out. Each failure is a distinct
+//! [`VerifyError`] variant; none carries key material.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rcgen::{CertificateSigningRequestParams, KeyPair, PublicKeyData};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use time::OffsetDateTime;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use x509_parser::certificate::X509Certificate;
+use x509_parser::extensions::GeneralName;
+use x509_parser::time::ASN1Time;
+
+use crate::ca::CertificateAuthority;
+use crate::ca::IssuedCertificate;
+use crate::key::PrivateKeyPem;
+use crate::request::{CertificateRequest, SubjectAltName, Usage};
+
+/// How long the loopback handshake may take before it counts as failed.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Which check failed.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error("the certificate is not a valid X.509 certificate")]
+    Certificate,
+    #[error("the CA certificate is not a valid X.509 certificate")]
+    CaCertificate,
+    #[error("the certificate's issuer is not the CA's subject")]
+    IssuerName,
+    #[error("the certificate's signature does not verify with the CA's key")]
+    Signature,
+    #[error("the certificate is not valid at {at}")]
+    NotValidNow { at: OffsetDateTime },
+    #[error("the certificate's commonName is {found:?}, not the requested {expected:?}")]
+    CommonName {
+        expected: String,
+        found: Option<String>,
+    },
+    #[error(
+        "the certificate's subject alternative names {found:?} are not the requested {expected:?}"
+    )]
+    SubjectAltNames {
+        expected: Vec<String>,
+        found: Vec<String>,
+    },
+    #[error("the certificate's usages {found:?} are not the requested {expected:?}")]
+    Usages {
+        expected: Vec<Usage>,
+        found: Vec<Usage>,
+    },
+    #[error("the private key cannot be parsed")]
+    PrivateKey,
+    #[error("the CSR cannot be parsed")]
+    Csr,
+    #[error("the private key does not match the certificate's public key")]
+    KeyMismatch,
+    #[error("the TLS handshake for {server_name:?} failed: {reason}")]
+    Handshake { server_name: String, reason: String },
+}
+
+fn parse(der: &[u8]) -> Result<X509Certificate<'_>, VerifyError> {
+    x509_parser::parse_x509_certificate(der)
+        .map(|(_, cert)| cert)
+        .map_err(|_| VerifyError::Certificate)
+}
+
+/// The pure checks: issued by `ca_der`, valid at `now`, commonName, SANs and usages
+/// exactly as requested.
+pub fn check_certificate(
+    ca_der: &[u8],
+    leaf_der: &[u8],
+    request: &CertificateRequest,
+    now: OffsetDateTime,
+) -> Result<(), VerifyError> {
+    let ca = x509_parser::parse_x509_certificate(ca_der)
+        .map(|(_, cert)| cert)
+        .map_err(|_| VerifyError::CaCertificate)?;
+    let leaf = parse(leaf_der)?;
+
+    if leaf.issuer().as_raw() != ca.subject().as_raw() {
+        return Err(VerifyError::IssuerName);
+    }
+    leaf.verify_signature(Some(ca.public_key()))
+        .map_err(|_| VerifyError::Signature)?;
+    let at = ASN1Time::from_timestamp(now.unix_timestamp())
+        .map_err(|_| VerifyError::NotValidNow { at: now })?;
+    if !leaf.validity().is_valid_at(at) || !ca.validity().is_valid_at(at) {
+        return Err(VerifyError::NotValidNow { at: now });
+    }
+
+    let common_name = leaf
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .map(str::to_owned);
+    if common_name.as_deref() != Some(request.common_name.as_str()) {
+        return Err(VerifyError::CommonName {
+            expected: request.common_name.clone(),
+            found: common_name,
+        });
+    }
+
+    let expected = request.subject_alt_names();
+    let found = subject_alt_names(&leaf)?;
+    if found != expected {
+        return Err(VerifyError::SubjectAltNames {
+            expected: expected.iter().map(ToString::to_string).collect(),
+            found: found.iter().map(ToString::to_string).collect(),
+        });
+    }
+
+    let expected = request.usage_set();
+    let found = usages(&leaf)?;
+    if found != expected {
+        return Err(VerifyError::Usages {
+            expected: expected.into_iter().collect(),
+            found: found.into_iter().collect(),
+        });
+    }
+    Ok(())
+}
+
+fn subject_alt_names(leaf: &X509Certificate<'_>) -> Result<BTreeSet<SubjectAltName>, VerifyError> {
+    let Some(extension) = leaf
+        .subject_alternative_name()
+        .map_err(|_| VerifyError::Certificate)?
+    else {
+        return Ok(BTreeSet::new());
+    };
+    Ok(extension
+        .value
+        .general_names
+        .iter()
+        .map(|name| match name {
+            GeneralName::DNSName(dns) => SubjectAltName::Dns(dns.to_ascii_lowercase()),
+            GeneralName::URI(uri) => SubjectAltName::Uri((*uri).to_owned()),
+            GeneralName::IPAddress(bytes) => match bytes.len() {
+                4 => {
+                    let octets: [u8; 4] = (*bytes).try_into().unwrap_or_default();
+                    SubjectAltName::Ip(IpAddr::V4(Ipv4Addr::from(octets)))
+                }
+                16 => {
+                    let octets: [u8; 16] = (*bytes).try_into().unwrap_or_default();
+                    SubjectAltName::Ip(IpAddr::V6(Ipv6Addr::from(octets)))
+                }
+                _ => SubjectAltName::Uri(format!("ip-bytes:{bytes:?}")),
+            },
+            // Any other kind was not requested, so it must make the sets differ.
+            other => SubjectAltName::Uri(format!("other:{other}")),
+        })
+        .collect())
+}
+
+fn usages(leaf: &X509Certificate<'_>) -> Result<BTreeSet<Usage>, VerifyError> {
+    let mut found = BTreeSet::new();
+    if let Some(eku) = leaf
+        .extended_key_usage()
+        .map_err(|_| VerifyError::Certificate)?
+    {
+        if eku.value.server_auth {
+            found.insert(Usage::ServerAuth);
+        }
+        if eku.value.client_auth {
+            found.insert(Usage::ClientAuth);
+        }
+    }
+    if let Some(ku) = leaf.key_usage().map_err(|_| VerifyError::Certificate)? {
+        if ku.value.digital_signature() {
+            found.insert(Usage::DigitalSignature);
+        }
+        if ku.value.key_encipherment() {
+            found.insert(Usage::KeyEncipherment);
+        }
+    }
+    Ok(found)
+}
+
+/// The private key is the one whose public key the certificate carries.
+pub fn check_private_key(leaf_der: &[u8], key: &PrivateKeyPem) -> Result<(), VerifyError> {
+    let leaf = parse(leaf_der)?;
+    let key = KeyPair::from_pem(key.expose()).map_err(|_| VerifyError::PrivateKey)?;
+    if leaf.public_key().raw != key.subject_public_key_info().as_slice() {
+        return Err(VerifyError::KeyMismatch);
+    }
+    Ok(())
+}
+
+/// The certificate carries the public key of the CSR (the key itself stays on the node).
+pub fn check_csr_key(leaf_der: &[u8], csr_pem: &str) -> Result<(), VerifyError> {
+    let leaf = parse(leaf_der)?;
+    let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(|_| VerifyError::Csr)?;
+    if leaf.public_key().raw != csr.public_key.subject_public_key_info().as_slice() {
+        return Err(VerifyError::KeyMismatch);
+    }
+    Ok(())
+}
+
+/// A real TLS handshake on loopback: a rustls server presents `leaf_der` with `key`, a
+/// rustls client trusting only `ca_der` connects for `server_name` (a DNS name or an IP
+/// address) and reads a byte the server sends over the session.
+pub async fn check_handshake(
+    ca_der: &CertificateDer<'static>,
+    leaf_der: &CertificateDer<'static>,
+    key: &PrivateKeyPem,
+    server_name: &str,
+) -> Result<(), VerifyError> {
+    let failed = |reason: String| VerifyError::Handshake {
+        server_name: server_name.to_owned(),
+        reason,
+    };
+    let name = ServerName::try_from(server_name.to_owned())
+        .map_err(|_| failed("not a valid DNS name or IP address".to_owned()))?;
+    let key_der = PrivateKeyDer::from_pem_slice(key.expose().as_bytes())
+        .map_err(|_| VerifyError::PrivateKey)?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+
+    let server_config = ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|err| failed(err.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(vec![leaf_der.clone()], key_der)
+        .map_err(|err| failed(format!("server configuration: {err}")))?;
+    let mut roots = RootCertStore::empty();
+    roots
+        .add(ca_der.clone())
+        .map_err(|err| failed(format!("CA certificate: {err}")))?;
+    let client_config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|err| failed(err.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .await
+        .map_err(|err| failed(format!("loopback listener: {err}")))?;
+    let address = listener
+        .local_addr()
+        .map_err(|err| failed(format!("loopback listener: {err}")))?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_config));
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config));
+
+    let server = async {
+        let (tcp, _) = listener.accept().await?;
+        let mut tls = acceptor.accept(tcp).await?;
+        tls.write_all(b"!").await?;
+        tls.shutdown().await
+    };
+    let client = async {
+        let tcp = TcpStream::connect(address).await?;
+        let mut tls = connector.connect(name, tcp).await?;
+        let mut byte = [0u8; 1];
+        tls.read_exact(&mut byte).await?;
+        Ok::<_, std::io::Error>(byte)
+    };
+    let (server, client) =
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, async { tokio::join!(server, client) })
+            .await
+            .map_err(|_| failed("timed out".to_owned()))?;
+    // The client's view says why (for example the name does not match); report it first.
+    match (client, server) {
+        (Ok(byte), Ok(())) if &byte == b"!" => Ok(()),
+        (Ok(_), Ok(())) => Err(failed("unexpected data".to_owned())),
+        (Err(err), _) => Err(failed(format!("client: {err}"))),
+        (_, Err(err)) => Err(failed(format!("server: {err}"))),
+    }
+}
+
+/// Every check for a certificate about to be handed out: the pure checks, then for an
+/// issuer-generated key that the key matches and, for a server certificate, a TLS
+/// handshake for its first DNS name (or IP address). A CSR-issued certificate is
+/// checked against the CSR's public key instead (the key is not here).
+pub async fn verify_issued(
+    ca: &CertificateAuthority,
+    issued: &IssuedCertificate,
+    request: &CertificateRequest,
+    csr_pem: Option<&str>,
+    now: OffsetDateTime,
+) -> Result<(), VerifyError> {
+    check_certificate(ca.certificate_der(), &issued.certificate_der, request, now)?;
+    if let Some(csr_pem) = csr_pem {
+        check_csr_key(&issued.certificate_der, csr_pem)?;
+    }
+    if let Some(key) = &issued.private_key {
+        check_private_key(&issued.certificate_der, key)?;
+        if request.usages.contains(&Usage::ServerAuth) {
+            let server_name = request
+                .dns_names
+                .first()
+                .cloned()
+                .or_else(|| request.ip_addresses.first().map(ToString::to_string));
+            if let Some(server_name) = server_name {
+                check_handshake(
+                    ca.certificate_der(),
+                    &issued.certificate_der,
+                    key,
+                    &server_name,
+                )
+                .await?;
+            }
+        }
+    }
+    Ok(())
+}
