@@ -235,8 +235,30 @@ pub struct CertificateSpec {
     pub common_name: String,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dns_names: Vec<String>,
+    /// IP address SANs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ip_addresses: Vec<String>,
+    /// URI SANs, for example SPIFFE IDs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub uris: Vec<String>,
+    /// Lifetime of each certificate; default the policy's `ttl`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration: Option<Duration>,
+    /// Default `serverAuth` and `digitalSignature`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub usages: Vec<CertificateUsage>,
     #[serde(default)]
     pub key_algorithm: KeyAlgorithm,
+}
+
+/// What a certificate may be used for.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum CertificateUsage {
+    ServerAuth,
+    ClientAuth,
+    DigitalSignature,
+    KeyEncipherment,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]

@@ -1,4 +1,5 @@
-//! The `leasehold.dev/v1alpha1` API: [`SecretLease`] and [`RotationPolicy`].
+//! The `leasehold.dev/v1alpha1` API: [`SecretLease`], [`RotationPolicy`], [`Issuer`] and
+//! [`ClusterIssuer`].
 //!
 //! Types only, plus the pure [`validate`] checks that the CRD schema cannot express.
 //! Nothing here performs I/O.
@@ -6,11 +7,13 @@
 #![forbid(unsafe_code)]
 
 pub mod conditions;
+pub mod issuer;
 pub mod lease;
 pub mod policy;
 pub mod reference;
 pub mod validate;
 
+pub use issuer::*;
 pub use lease::*;
 pub use policy::*;
 
@@ -41,6 +44,11 @@ pub fn crds() -> Vec<(
     k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
 )> {
     vec![
+        (
+            format!("{}.yaml", ClusterIssuer::crd_name()),
+            ClusterIssuer::crd(),
+        ),
+        (format!("{}.yaml", Issuer::crd_name()), Issuer::crd()),
         (
             format!("{}.yaml", RotationPolicy::crd_name()),
             RotationPolicy::crd(),

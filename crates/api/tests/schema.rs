@@ -62,6 +62,8 @@ fn admit(object: &Value) -> Vec<String> {
     let crd = match object["kind"].as_str() {
         Some("SecretLease") => SecretLease::crd(),
         Some("RotationPolicy") => RotationPolicy::crd(),
+        Some("Issuer") => leasehold_api::Issuer::crd(),
+        Some("ClusterIssuer") => leasehold_api::ClusterIssuer::crd(),
         other => panic!("not a leasehold object: {other:?}"),
     };
     let schema = schema_of(&crd);
@@ -549,4 +551,85 @@ fn account_host_is_a_mysql_host_pattern() {
         errs.iter().any(|e| e.field == "spec.postgres.accountHost"),
         "{errs:?}"
     );
+}
+
+fn issuer(kind: &str, spec: Value) -> Value {
+    serde_json::json!({
+        "apiVersion": "leasehold.dev/v1alpha1",
+        "kind": kind,
+        "metadata": {"name": "ca", "namespace": "default"},
+        "spec": spec,
+    })
+}
+
+#[test]
+fn issuers_need_exactly_one_kind_and_one_ca_source() {
+    let acme = serde_json::json!({
+        "directoryUrl": "https://acme.example/directory",
+        "email": "ops@example.com",
+        "accountKeySecretRef": {"name": "acme-account"},
+        "externalAccountBinding": {"keyId": "kid", "keySecretRef": {"name": "eab"}},
+        "http01": {"ingressClassName": "nginx"}
+    });
+    for kind in ["Issuer", "ClusterIssuer"] {
+        for spec in [
+            serde_json::json!({"ca": {"selfSigned": true}}),
+            serde_json::json!({"ca": {"secretRef": {"name": "ca", "namespace": "leasehold"}}}),
+            serde_json::json!({"acme": acme}),
+        ] {
+            let errors = admit(&issuer(kind, spec.clone()));
+            assert!(errors.is_empty(), "{kind} {spec}: {errors:?}");
+        }
+        let cases: Vec<(Value, &str)> = vec![
+            (serde_json::json!({}), "exactly one of ca and acme"),
+            (
+                serde_json::json!({"ca": {"selfSigned": true}, "acme": acme}),
+                "exactly one of ca and acme",
+            ),
+            (
+                serde_json::json!({"ca": {}}),
+                "exactly one of secretRef and selfSigned",
+            ),
+            (
+                serde_json::json!({"ca": {"selfSigned": true, "secretRef": {"name": "ca"}}}),
+                "exactly one of secretRef and selfSigned",
+            ),
+        ];
+        for (spec, word) in cases {
+            let errors = admit(&issuer(kind, spec.clone()));
+            assert!(
+                errors.iter().any(|e| e.contains(word)),
+                "{kind} {spec}: expected {word:?} in {errors:?}"
+            );
+        }
+    }
+    let issued: leasehold_api::Issuer = serde_json::from_value(issuer(
+        "Issuer",
+        serde_json::json!({"ca": {"selfSigned": true}}),
+    ))
+    .expect("parse");
+    assert_eq!(
+        issued.spec.ca,
+        Some(leasehold_api::CaIssuer {
+            secret_ref: None,
+            self_signed: true
+        })
+    );
+}
+
+#[test]
+fn certificate_spec_takes_the_new_fields_and_stays_compatible() {
+    let old: leasehold_api::CertificateSpec = serde_json::from_value(serde_json::json!({
+        "issuerRef": {"name": "ca"}, "commonName": "db", "dnsNames": ["db"]
+    }))
+    .expect("old form");
+    assert!(old.usages.is_empty() && old.duration.is_none());
+    let new: leasehold_api::CertificateSpec = serde_json::from_value(serde_json::json!({
+        "issuerRef": {"name": "ca", "kind": "ClusterIssuer"}, "commonName": "db",
+        "ipAddresses": ["10.0.0.7"], "uris": ["spiffe://cluster.local/ns/a/sa/b"],
+        "duration": "24h", "usages": ["serverAuth", "clientAuth", "keyEncipherment"],
+        "keyAlgorithm": "Rsa3072"
+    }))
+    .expect("new form");
+    assert_eq!(new.usages.len(), 3);
 }
