@@ -33,6 +33,7 @@ EXPECTED = {
         "singular": "secretlease",
         "shortName": "sl",
         "status": True,
+        "scope": "Namespaced",
     },
     "rotationpolicies.leasehold.dev": {
         "kind": "RotationPolicy",
@@ -40,6 +41,23 @@ EXPECTED = {
         "singular": "rotationpolicy",
         "shortName": "rp",
         "status": False,
+        "scope": "Namespaced",
+    },
+    "issuers.leasehold.dev": {
+        "kind": "Issuer",
+        "plural": "issuers",
+        "singular": "issuer",
+        "shortName": "lhiss",
+        "status": True,
+        "scope": "Namespaced",
+    },
+    "clusterissuers.leasehold.dev": {
+        "kind": "ClusterIssuer",
+        "plural": "clusterissuers",
+        "singular": "clusterissuer",
+        "shortName": "lhciss",
+        "status": True,
+        "scope": "Cluster",
     },
 }
 
@@ -99,7 +117,7 @@ def check_crd(crd: dict[str, Any]) -> None:
     want = EXPECTED[name]
     spec = crd["spec"]
     assert spec["group"] == "leasehold.dev"
-    assert spec["scope"] == "Namespaced"
+    assert spec["scope"] == want["scope"]
     names = spec["names"]
     assert names["kind"] == want["kind"]
     assert names["plural"] == want["plural"]
