@@ -9,6 +9,7 @@ use std::time::Duration;
 use rcgen::{CertificateSigningRequestParams, KeyPair, PublicKeyData};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use time::OffsetDateTime;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -20,7 +21,7 @@ use x509_parser::time::ASN1Time;
 use crate::ca::CertificateAuthority;
 use crate::ca::IssuedCertificate;
 use crate::key::PrivateKeyPem;
-use crate::request::{CertificateRequest, SubjectAltName, Usage};
+use crate::request::{CertificateRequest, KeyAlgorithm, SubjectAltName, Usage};
 
 /// How long the loopback handshake may take before it counts as failed.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -216,28 +217,107 @@ pub async fn check_handshake(
         server_name: server_name.to_owned(),
         reason,
     };
-    let name = ServerName::try_from(server_name.to_owned())
-        .map_err(|_| failed("not a valid DNS name or IP address".to_owned()))?;
     let key_der = PrivateKeyDer::from_pem_slice(key.expose().as_bytes())
         .map_err(|_| VerifyError::PrivateKey)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-
     let server_config = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|err| failed(err.to_string()))?
         .with_no_client_auth()
         .with_single_cert(vec![leaf_der.clone()], key_der)
         .map_err(|err| failed(format!("server configuration: {err}")))?;
-    let mut roots = RootCertStore::empty();
-    roots
-        .add(ca_der.clone())
-        .map_err(|err| failed(format!("CA certificate: {err}")))?;
     let client_config = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|err| failed(err.to_string()))?
-        .with_root_certificates(roots)
+        .with_root_certificates(roots(ca_der).map_err(failed)?)
         .with_no_client_auth();
+    handshake(server_config, client_config, server_name).await
+}
 
+/// Name of the throwaway server in [`check_client_handshake`].
+const CLIENT_CHECK_SERVER: &str = "client-check.leasehold.invalid";
+
+/// A real TLS handshake on loopback with `leaf_der` and `key` as the client
+/// certificate: a rustls server that requires client certificates issued by `ca_der`
+/// (and presents a throwaway certificate of its own) must accept it.
+pub async fn check_client_handshake(
+    ca_der: &CertificateDer<'static>,
+    leaf_der: &CertificateDer<'static>,
+    key: &PrivateKeyPem,
+) -> Result<(), VerifyError> {
+    let failed = |reason: String| VerifyError::Handshake {
+        server_name: CLIENT_CHECK_SERVER.to_owned(),
+        reason,
+    };
+    let key_der = PrivateKeyDer::from_pem_slice(key.expose().as_bytes())
+        .map_err(|_| VerifyError::PrivateKey)?;
+    let now = OffsetDateTime::now_utc();
+    let server_ca = CertificateAuthority::self_signed(
+        "leasehold client check",
+        KeyAlgorithm::EcdsaP256,
+        now - time::Duration::minutes(1),
+        time::Duration::hours(1),
+    )
+    .map_err(|err| failed(format!("throwaway server CA: {err}")))?;
+    let server = server_ca
+        .issue_with_generated_key(
+            &CertificateRequest::server(
+                CLIENT_CHECK_SERVER,
+                &[CLIENT_CHECK_SERVER],
+                time::Duration::hours(1),
+            ),
+            now - time::Duration::minutes(1),
+        )
+        .map_err(|err| failed(format!("throwaway server certificate: {err}")))?;
+    let server_key = server
+        .private_key
+        .as_ref()
+        .and_then(|key| PrivateKeyDer::from_pem_slice(key.expose().as_bytes()).ok())
+        .ok_or_else(|| failed("throwaway server key".to_owned()))?;
+
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let client_verifier = WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots(ca_der).map_err(failed)?),
+        provider.clone(),
+    )
+    .build()
+    .map_err(|err| failed(format!("client verifier: {err}")))?;
+    let server_config = ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|err| failed(err.to_string()))?
+        .with_client_cert_verifier(client_verifier)
+        .with_single_cert(vec![server.certificate_der.clone()], server_key)
+        .map_err(|err| failed(format!("server configuration: {err}")))?;
+    let client_config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|err| failed(err.to_string()))?
+        .with_root_certificates(roots(server_ca.certificate_der()).map_err(failed)?)
+        .with_client_auth_cert(vec![leaf_der.clone()], key_der)
+        .map_err(|err| failed(format!("client configuration: {err}")))?;
+    handshake(server_config, client_config, CLIENT_CHECK_SERVER).await
+}
+
+fn roots(ca_der: &CertificateDer<'static>) -> Result<RootCertStore, String> {
+    let mut roots = RootCertStore::empty();
+    roots
+        .add(ca_der.clone())
+        .map_err(|err| format!("CA certificate: {err}"))?;
+    Ok(roots)
+}
+
+/// Runs one handshake between `server_config` and `client_config` over loopback TCP; the
+/// server sends one byte the client must read, so both sides completed the handshake.
+async fn handshake(
+    server_config: ServerConfig,
+    client_config: ClientConfig,
+    server_name: &str,
+) -> Result<(), VerifyError> {
+    let failed = |reason: String| VerifyError::Handshake {
+        server_name: server_name.to_owned(),
+        reason,
+    };
+    let name = ServerName::try_from(server_name.to_owned())
+        .map_err(|_| failed("not a valid DNS name or IP address".to_owned()))?;
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
         .await
         .map_err(|err| failed(format!("loopback listener: {err}")))?;
@@ -264,18 +344,22 @@ pub async fn check_handshake(
         tokio::time::timeout(HANDSHAKE_TIMEOUT, async { tokio::join!(server, client) })
             .await
             .map_err(|_| failed("timed out".to_owned()))?;
-    // The client's view says why (for example the name does not match); report it first.
+    // In TLS 1.3 the client finishes before the server has checked its certificate, so
+    // a refused client certificate shows on the server side; report the server's view
+    // when the client's is only the resulting alert or EOF.
     match (client, server) {
         (Ok(byte), Ok(())) if &byte == b"!" => Ok(()),
         (Ok(_), Ok(())) => Err(failed("unexpected data".to_owned())),
-        (Err(err), _) => Err(failed(format!("client: {err}"))),
-        (_, Err(err)) => Err(failed(format!("server: {err}"))),
+        (Err(client), Err(server)) => Err(failed(format!("client: {client}; server: {server}"))),
+        (Err(err), Ok(())) => Err(failed(format!("client: {err}"))),
+        (Ok(_), Err(err)) => Err(failed(format!("server: {err}"))),
     }
 }
 
 /// Every check for a certificate about to be handed out: the pure checks, then for an
-/// issuer-generated key that the key matches and, for a server certificate, a TLS
-/// handshake for its first DNS name (or IP address). A CSR-issued certificate is
+/// issuer-generated key that the key matches, a TLS handshake as server for its first
+/// DNS name (or IP address) when it has `serverAuth`, and one as client when it has
+/// `clientAuth`. A CSR-issued certificate is
 /// checked against the CSR's public key instead (the key is not here).
 pub async fn verify_issued(
     ca: &CertificateAuthority,
@@ -305,6 +389,9 @@ pub async fn verify_issued(
                 )
                 .await?;
             }
+        }
+        if request.usages.contains(&Usage::ClientAuth) {
+            check_client_handshake(ca.certificate_der(), &issued.certificate_der, key).await?;
         }
     }
     Ok(())

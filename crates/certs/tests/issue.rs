@@ -424,3 +424,37 @@ fn pem_encode(label: &str, der: &[u8]) -> String {
     text.push_str(&format!("-----END {label}-----\n"));
     text
 }
+
+#[tokio::test]
+async fn client_handshake_passes_for_a_client_certificate_and_fails_for_another_ca() {
+    let ca = ca("leasehold test CA");
+    let mut request = CertificateRequest::server("app", &["app.example.svc"], Duration::hours(1));
+    request.usages = vec![Usage::ClientAuth, Usage::DigitalSignature];
+    let issued = ca.issue_with_generated_key(&request, now()).expect("issue");
+    verify::verify_issued(&ca, &issued, &request, None, now())
+        .await
+        .expect("client certificate verifies");
+    let key = issued.private_key.as_ref().expect("key");
+    let stranger = self::ca("another CA");
+    let err =
+        verify::check_client_handshake(stranger.certificate_der(), &issued.certificate_der, key)
+            .await
+            .expect_err("client certificate from another CA accepted");
+    assert!(matches!(err, VerifyError::Handshake { .. }), "{err}");
+
+    // A server-only certificate is no client certificate.
+    let server = ca
+        .issue_with_generated_key(
+            &CertificateRequest::server("db", &["db"], Duration::hours(1)),
+            now(),
+        )
+        .expect("issue");
+    let err = verify::check_client_handshake(
+        ca.certificate_der(),
+        &server.certificate_der,
+        server.private_key.as_ref().expect("key"),
+    )
+    .await
+    .expect_err("serverAuth-only certificate accepted as client");
+    assert!(matches!(err, VerifyError::Handshake { .. }), "{err}");
+}
