@@ -170,7 +170,10 @@ impl PebbleServer {
                 );
             }
             if Instant::now() > deadline {
-                panic!("Pebble did not start in 30s. Logs:\n{}", self.log_contents());
+                panic!(
+                    "Pebble did not start in 30s. Logs:\n{}",
+                    self.log_contents()
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -235,9 +238,8 @@ impl PebbleServer {
 
     /// Both processes' logs.
     pub fn log_contents(&self) -> String {
-        let read = |name: &str| {
-            std::fs::read_to_string(self.root.path().join(name)).unwrap_or_default()
-        };
+        let read =
+            |name: &str| std::fs::read_to_string(self.root.path().join(name)).unwrap_or_default();
         format!(
             "--- pebble ---\n{}\n--- pebble-challtestsrv ---\n{}",
             read("pebble.log"),
