@@ -321,3 +321,57 @@ async fn external_account_binding_and_problem_documents() {
     );
     assert!(problem.detail.is_some(), "{err}");
 }
+
+#[tokio::test]
+async fn failed_validation_surfaces_the_order_problem() {
+    if !pebble_available("failed_validation_surfaces_the_order_problem") {
+        return;
+    }
+    let fx = fixture(PebbleOptions::default()).await;
+    let (account, _) = account(&fx).await;
+    // Tokens go to a solver Pebble never asks: it gets 404 from the real one.
+    let elsewhere = Http01Solver::bind("127.0.0.1:0".parse().expect("addr"))
+        .await
+        .expect("second solver");
+    let mut order = account
+        .new_order(&[NAME.to_owned()])
+        .await
+        .expect("new order");
+    let err = order
+        .complete(&elsewhere, csr_pem(&[NAME]).as_bytes(), &poll())
+        .await
+        .expect_err("validation fails");
+    match &err {
+        AcmeError::OrderInvalid { url, .. } => assert_eq!(url, order.url()),
+        other => panic!("expected OrderInvalid, got {other:?}"),
+    }
+    assert!(elsewhere.is_empty(), "tokens withdrawn after a failure too");
+}
+
+#[tokio::test]
+async fn solver_serves_only_added_tokens() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let solver = Http01Solver::bind("127.0.0.1:0".parse().expect("addr"))
+        .await
+        .expect("solver");
+    let get = |token: &'static str| {
+        let addr = solver.local_addr();
+        async move {
+            let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            let req = format!(
+                "GET /.well-known/acme-challenge/{token} HTTP/1.0\r\nHost: test.example\r\n\r\n"
+            );
+            tcp.write_all(req.as_bytes()).await.expect("send");
+            let mut rsp = String::new();
+            tcp.read_to_string(&mut rsp).await.expect("read");
+            rsp
+        }
+    };
+    solver.add("tok", "tok.thumbprint");
+    let rsp = get("tok").await;
+    assert!(rsp.starts_with("HTTP/1.0 200"), "{rsp}");
+    assert!(rsp.ends_with("\r\n\r\ntok.thumbprint"), "{rsp}");
+    assert!(get("other").await.contains(" 404 "));
+    solver.remove("tok");
+    assert!(get("tok").await.contains(" 404 "));
+}
