@@ -8,12 +8,15 @@ ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
 command -v mariadbd >/dev/null 2>&1 || [ -x /usr/sbin/mariadbd ] || missing+=(mariadb-server)
 command -v mariadb-install-db >/dev/null 2>&1 || [ -x /usr/bin/mariadb-install-db ] || missing+=(mariadb-server)
 id postgres >/dev/null 2>&1 || missing+=(postgresql)
+# Pebble (Let's Encrypt's test CA) and its DNS server, for crates/acme's tests.
+command -v pebble >/dev/null 2>&1 || [ -x /usr/bin/pebble ] || missing+=(pebble)
+command -v pebble-challtestsrv >/dev/null 2>&1 || [ -x /usr/bin/pebble-challtestsrv ] || missing+=(pebble)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing Debian packages: ${missing[*]}"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 else
-  echo "setup: PostgreSQL and MariaDB server binaries present"
+  echo "setup: PostgreSQL, MariaDB and Pebble binaries present"
 fi
 
 if python3 -m pip install -q --disable-pip-version-check -r tests/chart/requirements.txt; then

@@ -1,4 +1,4 @@
-//! Throwaway real database servers for integration tests.
+//! Throwaway real database servers (and a Pebble ACME server) for integration tests.
 //!
 //! Each server lives in its own temporary directory, listens on a random loopback
 //! port and is torn down when its handle is dropped. A small watchdog shell process
@@ -26,11 +26,13 @@
 #![forbid(unsafe_code)]
 
 mod mariadb;
+mod pebble;
 mod postgres;
 mod process;
 mod tls;
 
 pub use mariadb::MariaDbServer;
+pub use pebble::{PebbleOptions, PebbleServer};
 pub use postgres::PostgresServer;
 pub use tls::{ServerOptions, unrelated_ca_pem};
 
