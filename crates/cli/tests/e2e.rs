@@ -624,6 +624,19 @@ impl Cluster {
         .unwrap_or_else(|e| panic!("applying {} {name}: {e}", gvk.kind));
     }
 
+    /// Waits until the lease is gone (its finalizer removed).
+    async fn wait_lease_gone(&self, lease: &str, timeout: Duration) {
+        eventually(&format!("lease {lease} gone"), timeout, || async {
+            self.leases()
+                .get_opt(lease)
+                .await
+                .ok()?
+                .is_none()
+                .then_some(())
+        })
+        .await;
+    }
+
     async fn request_rotation(&self, lease: &str, value: &str) {
         let mut annotations = BTreeMap::new();
         annotations.insert(ROTATE_ANNOTATION.to_owned(), value.to_owned());
@@ -1353,15 +1366,8 @@ async fn teardown_admin_secret_first(w: &mut World) {
         .delete("teardown-db", &DeleteParams::default())
         .await
         .unwrap();
-    eventually("teardown-db gone", Duration::from_secs(60), || async {
-        c.leases()
-            .get_opt("teardown-db")
-            .await
-            .ok()?
-            .is_none()
-            .then_some(())
-    })
-    .await;
+    c.wait_lease_gone("teardown-db", Duration::from_secs(60))
+        .await;
     assert!(
         !w.db.role_exists(&user).await,
         "revoked with the remembered admin credentials"
@@ -1418,19 +1424,8 @@ async fn abandon_unrevocable_lease(w: &mut World) {
         )
         .await
         .unwrap();
-    eventually(
-        "orphan-db released by the annotation",
-        Duration::from_secs(60),
-        || async {
-            c.leases()
-                .get_opt("orphan-db")
-                .await
-                .ok()?
-                .is_none()
-                .then_some(())
-        },
-    )
-    .await;
+    c.wait_lease_gone("orphan-db", Duration::from_secs(60))
+        .await;
     let reasons = c.event_reasons("orphan-db").await;
     assert!(
         reasons.iter().any(|r| r == "CredentialsAbandoned"),
@@ -1562,15 +1557,7 @@ async fn foreign_secret_is_refused(w: &mut World) {
         .delete("grabby", &DeleteParams::default())
         .await
         .unwrap();
-    eventually("grabby deleted", Duration::from_secs(30), || async {
-        c.leases()
-            .get_opt("grabby")
-            .await
-            .ok()?
-            .is_none()
-            .then_some(())
-    })
-    .await;
+    c.wait_lease_gone("grabby", Duration::from_secs(30)).await;
 }
 
 async fn rotation_with_rollout(w: &mut World) {
@@ -2097,19 +2084,7 @@ async fn deletion_waits_for_revocation(w: &mut World) {
         ready.reason, ready.message
     );
     w.db.server.resume().await;
-    eventually(
-        "the lease is gone once its credentials are revoked",
-        Duration::from_secs(360),
-        || async {
-            c.leases()
-                .get_opt("app-db")
-                .await
-                .ok()?
-                .is_none()
-                .then_some(())
-        },
-    )
-    .await;
+    c.wait_lease_gone("app-db", Duration::from_secs(360)).await;
     assert!(
         !w.db.role_exists(&user).await,
         "the last credential was dropped before the finalizer went"
