@@ -230,6 +230,7 @@ def test_controller_defaults(default: Rendered) -> None:
         "--broker-max-concurrent-issues-per-lease", "8",
         "--broker-max-per-pod-users-per-lease", "1000",
         "--broker-max-connections", "1024",
+        "--per-pod-sweep-seconds", "300",
         "--log-format", "json",
     ]  # fmt: skip
     ports = {p["name"]: p["containerPort"] for p in ctr["ports"]}
@@ -305,9 +306,10 @@ def test_broker_limits_are_passed_to_the_controller() -> None:
     args = container(controller_pod(r)["spec"], "controller")["args"]
     assert arg_value(args, "--broker-max-concurrent-issues-per-lease") == "3"
     assert arg_value(args, "--broker-max-per-pod-users-per-lease") == "40"
-    r = render({"broker": {"limits": {"maxConnections": 64}}})
+    r = render({"broker": {"limits": {"maxConnections": 64}, "perPodSweepSeconds": 60}})
     args = container(controller_pod(r)["spec"], "controller")["args"]
     assert arg_value(args, "--broker-max-connections") == "64"
+    assert arg_value(args, "--per-pod-sweep-seconds") == "60"
 
 
 def test_broker_network_policy_admits_only_node_drivers(default: Rendered) -> None:
