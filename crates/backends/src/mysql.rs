@@ -27,7 +27,12 @@
 //!   (AlternatingUsers, InPlace): issuing to an existing user revokes the database- and
 //!   table-level privileges it holds that the spec no longer lists (after the spec's
 //!   grants, so a kept privilege never goes missing). Global, routine and column
-//!   privileges, the grant option and roles are left alone;
+//!   privileges and the grant option are left alone;
+//! * `SELECT` on `mysql.roles_mapping` (MariaDB) or `mysql.role_edges` (MySQL), to
+//!   revoke the roles of a reused user that `memberOf` no longer lists and reset its
+//!   default role (the first listed role on MariaDB, all granted roles on MySQL, `NONE`
+//!   when none is listed and a role was revoked). Needed on every reuse. No grantor is recorded for roles, so on MariaDB only roles
+//!   the admin holds `WITH ADMIN OPTION` are revoked; on MySQL every unlisted role;
 //! * `PROCESS` to see other users' sessions: without it the admin only sees its own
 //!   and draining would find none, so revocation refuses to go on (see below);
 //! * `CONNECTION ADMIN` (MariaDB 10.5.2+, MySQL 8) or `SUPER` to kill them
@@ -258,13 +263,51 @@ impl MySqlBackend {
                     })
                 })?;
         }
-        if let Some(first) = req.privileges.member_of.first() {
+        let mut revoked_roles = false;
+        if existed {
+            // A reused user keeps the roles earlier rotations granted: take back the
+            // ones `memberOf` no longer lists (the listed ones were granted above).
+            revoked_roles = revoke_removed_roles(
+                &mut conn,
+                flavor,
+                name,
+                &self.target.account_host,
+                &req.privileges.member_of,
+            )
+            .await
+            .map_err(|e| {
+                map(e).in_step(|| {
+                    format!(
+                        "to revoke the roles of user {name:?} that are no longer in the spec \
+                         (it needs SELECT on {} and ADMIN OPTION on those roles)",
+                        match flavor {
+                            Flavor::MariaDb => "mysql.roles_mapping",
+                            Flavor::MySql => "mysql.role_edges",
+                        }
+                    )
+                })
+            })?;
+        }
+        let default_role = match req.privileges.member_of.first() {
             // Roles only take effect when active; make them active at login.
-            let statement = match flavor {
+            Some(first) => Some(match flavor {
                 // MariaDB has exactly one default role per user.
                 Flavor::MariaDb => format!("SET DEFAULT ROLE {} FOR {account}", mysql_ident(first)),
                 Flavor::MySql => format!("SET DEFAULT ROLE ALL TO {account}"),
-            };
+            }),
+            // A reused user that lost its roles: no default role any more.
+            None if revoked_roles => Some(match flavor {
+                Flavor::MariaDb => format!("SET DEFAULT ROLE NONE FOR {account}"),
+                Flavor::MySql => format!("SET DEFAULT ROLE NONE TO {account}"),
+            }),
+            None => None,
+        };
+        if let Some(statement) = default_role {
+            let first = req
+                .privileges
+                .member_of
+                .first()
+                .map_or("NONE", String::as_str);
             conn.query_drop(statement).await.map_err(|e| {
                 map(e).in_step(|| match flavor {
                     Flavor::MariaDb => format!(
@@ -536,6 +579,56 @@ async fn revoke_removed_privileges(
         .await?;
     }
     Ok(())
+}
+
+/// Revoke the roles `'name'@'host'` holds that `keep` does not list. MySQL and MariaDB
+/// record no grantor, so on MariaDB only roles the admin holds `WITH ADMIN OPTION` (from
+/// `mysql.roles_mapping`; the creator of a role has it) are revoked, which are the roles
+/// leasehold could have granted; on MySQL every unlisted role in `mysql.role_edges` is.
+async fn revoke_removed_roles(
+    conn: &mut Conn,
+    flavor: Flavor,
+    name: &str,
+    host: &str,
+    keep: &[String],
+) -> Result<bool, mysql_async::Error> {
+    let held: Vec<(String, String)> = match flavor {
+        Flavor::MariaDb => {
+            conn.exec(
+                "SELECT m.Role, '' FROM mysql.roles_mapping m \
+                  WHERE m.User = ? AND m.Host = ? AND EXISTS ( \
+                        SELECT 1 FROM mysql.roles_mapping a \
+                         WHERE a.Role = m.Role AND a.Admin_option = 'Y' \
+                           AND CONCAT(a.User, '@', a.Host) = CURRENT_USER())",
+                (name, host),
+            )
+            .await?
+        }
+        Flavor::MySql => {
+            conn.exec(
+                "SELECT FROM_USER, FROM_HOST FROM mysql.role_edges \
+                  WHERE TO_USER = ? AND TO_HOST = ?",
+                (name, host),
+            )
+            .await?
+        }
+    };
+    let account = account(name, host);
+    let mut revoked = false;
+    for (role, role_host) in held {
+        if keep.contains(&role) {
+            continue;
+        }
+        revoked = true;
+        let role = if role_host.is_empty() {
+            mysql_ident(&role)
+        } else {
+            self::account(&role, &role_host)
+        };
+        conn.query_drop(format!("REVOKE {role} FROM {account}"))
+            .await?;
+    }
+    Ok(revoked)
 }
 
 /// `Select,Create View` (a `tables_priv` SET, or our `CONCAT_WS`) as privilege names;

@@ -31,8 +31,11 @@
 //! privileges the admin has; for a superuser admin, from anyone) is revoked, then the
 //! spec's grants are granted. A grant removed from the spec is therefore gone after the
 //! next rotation, and no session sees a kept privilege missing. Privileges granted by
-//! other roles, column privileges, default privileges and role memberships are left
-//! alone.
+//! other roles, column privileges and default privileges are left alone. Role
+//! memberships are reconciled the same way: memberships in roles `memberOf` no longer
+//! lists are revoked when the admin granted them (`pg_auth_members.grantor` is the admin
+//! or, for an admin that is not superuser, a non-superuser role whose privileges it
+//! has); memberships granted by others stay, and so do the listed ones.
 //!
 //! With [`TlsMode::Require`] or [`TlsMode::VerifyFull`] both the admin pool and the
 //! verification connections use TLS (rustls) with `sslmode=require` semantics on the
@@ -221,6 +224,12 @@ impl PostgresBackend {
                          GRANT OPTION)"
                     );
                     revoke_granted_privileges(&tx, name).await?;
+                    step = format!(
+                        "to revoke the memberships of role {name:?} that are no longer in the \
+                         spec (it needs CREATEROLE and, from PostgreSQL 16, ADMIN OPTION on \
+                         those roles)"
+                    );
+                    revoke_granted_memberships(&tx, name, &req.privileges.member_of).await?;
                 }
                 for parent in &req.privileges.member_of {
                     step = format!(
@@ -443,6 +452,50 @@ async fn revoke_granted_privileges(
         let kind: String = row.try_get(0)?;
         let object: String = row.try_get(1)?;
         tx.execute(&format!("REVOKE ALL ON {kind} {object} FROM {role}"), &[])
+            .await?;
+    }
+    Ok(())
+}
+
+/// Revoke `name`'s memberships in roles that `keep` does not list, but only those the
+/// admin granted: `pg_auth_members.grantor` is the admin, or (for an admin that is not
+/// superuser) a role whose privileges the admin has. Memberships granted by anyone else
+/// are left alone. Before PostgreSQL 16 a role is a member of another at most once and
+/// `REVOKE` removes that membership whoever granted it, hence the grantor filter here;
+/// from 16 each grantor's grant is its own, and `GRANTED BY` names the one revoked.
+async fn revoke_granted_memberships(
+    tx: &tokio_postgres::Transaction<'_>,
+    name: &str,
+    keep: &[String],
+) -> Result<(), tokio_postgres::Error> {
+    let rows = tx
+        .query(
+            "WITH me AS (SELECT oid, rolsuper FROM pg_catalog.pg_roles \
+                          WHERE rolname = CURRENT_USER) \
+             SELECT pg_catalog.quote_ident(r.rolname), pg_catalog.quote_ident(g.rolname), \
+                    pg_catalog.current_setting('server_version_num')::int >= 160000 \
+               FROM pg_catalog.pg_auth_members m \
+               JOIN pg_catalog.pg_roles r ON r.oid = m.roleid \
+               JOIN pg_catalog.pg_roles g ON g.oid = m.grantor \
+              WHERE m.member = (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = $1) \
+                AND r.rolname::text <> ALL($2::text[]) \
+                AND (m.grantor = (SELECT oid FROM me) \
+                     OR (NOT (SELECT rolsuper FROM me) AND NOT g.rolsuper \
+                         AND pg_catalog.pg_has_role(m.grantor, 'USAGE')))",
+            &[&name, &keep],
+        )
+        .await?;
+    let role = pg_ident(name);
+    for row in rows {
+        let parent: String = row.try_get(0)?;
+        let grantor: String = row.try_get(1)?;
+        let v16: bool = row.try_get(2)?;
+        let granted_by = if v16 {
+            format!(" GRANTED BY {grantor}")
+        } else {
+            String::new()
+        };
+        tx.execute(&format!("REVOKE {parent} FROM {role}{granted_by}"), &[])
             .await?;
     }
     Ok(())

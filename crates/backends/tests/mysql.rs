@@ -1161,3 +1161,97 @@ async fn removed_grants_are_revoked_on_reused_users() {
     }
     b.close().await;
 }
+
+/// Roles `memberOf` no longer lists are revoked from a reused user and the default role
+/// follows; a role the admin holds no `ADMIN OPTION` on (granted by root) is kept.
+#[tokio::test]
+async fn removed_memberships_are_revoked_on_reused_users() {
+    let db = MariaDbServer::shared().await;
+    let b = backend(db);
+    let p = unique_name("remember_");
+    let d = db.database();
+    let (r1, r2, r3) = (format!("{p}_r1"), format!("{p}_r2"), format!("{p}_r3"));
+    let mut admin = db.admin_conn().await;
+    for statement in [format!("CREATE ROLE {r1}"), format!("CREATE ROLE {r2}")] {
+        admin.query_drop(statement).await.expect("fixture");
+    }
+    admin.disconnect().await.expect("disconnect");
+    let mut su = db.superuser_conn().await;
+    // Not the admin's: root creates it and holds its ADMIN OPTION, the admin does not.
+    su.query_drop(format!("CREATE ROLE {r3}"))
+        .await
+        .expect("root's role");
+    let privileges = |roles: &[&String]| Privileges {
+        member_of: roles.iter().map(|r| (*r).clone()).collect(),
+        grants: vec![format!("SELECT ON `{d}`.*")],
+    };
+
+    for (user, mode) in [
+        (format!("{p}_a"), IssueMode::SetPassword),
+        (format!("{p}_app"), IssueMode::ExistingUser),
+    ] {
+        if mode == IssueMode::ExistingUser {
+            su.query_drop(format!("CREATE USER '{user}'@'%'"))
+                .await
+                .expect("the DBA's user");
+        }
+        b.issue(&issue(&user, mode, &password(), privileges(&[&r2, &r1])))
+            .await
+            .expect("first");
+        su.query_drop(format!("GRANT {r3} TO '{user}'@'%'"))
+            .await
+            .expect("someone else's role");
+        assert_eq!(
+            user_roles(&mut su, &user).await,
+            (vec![r1.clone(), r2.clone(), r3.clone()], r2.clone()),
+            "{mode:?}"
+        );
+        b.revoke(&revoke(
+            &user,
+            RevokeMode::DisableLogin,
+            DrainSessions::Terminate,
+        ))
+        .await
+        .expect("idle");
+        let pw = password();
+        b.issue(&issue(&user, mode, &pw, privileges(&[&r1])))
+            .await
+            .expect("reused");
+        assert_eq!(
+            user_roles(&mut su, &user).await,
+            (vec![r1.clone(), r3.clone()], r1.clone()),
+            "{mode:?}: r2 is revoked, r1 is the default role, root's r3 stays"
+        );
+        b.verify(&verify(&user, &pw)).await.expect("logs in");
+        b.issue(&issue(&user, mode, &password(), privileges(&[])))
+            .await
+            .expect("no roles");
+        assert_eq!(
+            user_roles(&mut su, &user).await,
+            (vec![r3.clone()], String::new()),
+            "{mode:?}: without roles in the spec there is no default role"
+        );
+    }
+    su.disconnect().await.expect("disconnect");
+    b.close().await;
+}
+
+/// The roles `'user'@'%'` holds (sorted) and its default role (`""` for none).
+async fn user_roles(su: &mut mysql_async::Conn, user: &str) -> (Vec<String>, String) {
+    let mut roles: Vec<String> = su
+        .exec(
+            "SELECT Role FROM mysql.roles_mapping WHERE User = ? AND Host = '%'",
+            (user,),
+        )
+        .await
+        .expect("roles");
+    roles.sort();
+    let default: Option<String> = su
+        .exec_first(
+            "SELECT default_role FROM mysql.user WHERE User = ? AND Host = '%'",
+            (user,),
+        )
+        .await
+        .expect("default role");
+    (roles, default.unwrap_or_default())
+}

@@ -1150,3 +1150,90 @@ async fn removed_grants_are_revoked_on_reused_users() {
     assert!(!reads(own.clone(), pw.clone(), format!("{p}_s.dropped")).await);
     assert!(!reads(own.clone(), pw.clone(), format!("{p}_other.t")).await);
 }
+
+/// Memberships `memberOf` no longer lists are revoked from a reused role when the admin
+/// granted them; the listed ones stay, and so does a membership the superuser granted.
+#[tokio::test]
+async fn removed_memberships_are_revoked_on_reused_users() {
+    let pg = PostgresServer::shared().await;
+    let b = backend(pg);
+    let p = unique_name("remember_");
+    let (r1, r2, r3) = (format!("{p}_r1"), format!("{p}_r2"), format!("{p}_r3"));
+    let admin = pg.admin_client().await;
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE {r1}; CREATE ROLE {r2}; CREATE ROLE {r3};"
+        ))
+        .await
+        .expect("fixture");
+    let su = pg.superuser_client().await;
+    let privileges = |roles: &[&String]| Privileges {
+        member_of: roles.iter().map(|r| (*r).clone()).collect(),
+        grants: vec![],
+    };
+    let memberships = |user: String| {
+        let su = &su;
+        async move {
+            su.query(
+                "SELECT r.rolname::text FROM pg_catalog.pg_auth_members m \
+                   JOIN pg_catalog.pg_roles r ON r.oid = m.roleid \
+                  WHERE m.member = (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = $1) \
+                  ORDER BY 1",
+                &[&user],
+            )
+            .await
+            .expect("memberships")
+            .iter()
+            .map(|row| row.get::<_, String>(0))
+            .collect::<Vec<_>>()
+        }
+    };
+
+    for (user, mode) in [
+        (format!("{p}_a"), IssueMode::SetPassword),
+        (format!("{p}_app"), IssueMode::ExistingUser),
+    ] {
+        if mode == IssueMode::ExistingUser {
+            admin
+                .batch_execute(&format!("CREATE ROLE {user} LOGIN"))
+                .await
+                .expect("the DBA's user");
+        }
+        b.issue(&issue(&user, mode, &password(), privileges(&[&r1, &r2])))
+            .await
+            .expect("first");
+        // Granted by someone else: never leasehold's to take back.
+        su.batch_execute(&format!("GRANT {r3} TO {user}"))
+            .await
+            .expect("the superuser's grant");
+        assert_eq!(
+            memberships(user.clone()).await,
+            vec![r1.clone(), r2.clone(), r3.clone()]
+        );
+        b.revoke(&revoke(
+            &user,
+            RevokeMode::DisableLogin,
+            DrainSessions::Terminate,
+        ))
+        .await
+        .expect("idle");
+        let pw = password();
+        b.issue(&issue(&user, mode, &pw, privileges(&[&r1])))
+            .await
+            .expect("reused");
+        assert_eq!(
+            memberships(user.clone()).await,
+            vec![r1.clone(), r3.clone()],
+            "{mode:?}: r2 is revoked, r1 and the superuser's r3 stay"
+        );
+        b.verify(&verify(&user, &pw)).await.expect("logs in");
+        b.issue(&issue(&user, mode, &password(), privileges(&[])))
+            .await
+            .expect("no roles");
+        assert_eq!(
+            memberships(user.clone()).await,
+            vec![r3.clone()],
+            "{mode:?}"
+        );
+    }
+}

@@ -28,6 +28,8 @@ const READY_TIMEOUT: Duration = Duration::from_secs(60);
 ///   is a view over `mysql.global_priv` since 10.4) and `SHOW CREATE USER` them;
 /// * `SELECT` on `mysql.db` and `mysql.tables_priv`: to see what a reused user holds
 ///   and revoke what the spec no longer lists;
+/// * `SELECT` on `mysql.roles_mapping`: to see the roles a reused user holds (and which
+///   the admin holds `WITH ADMIN OPTION`) and revoke those `memberOf` no longer lists;
 /// * `PROCESS`: to see other users' sessions (without it `PROCESSLIST` only shows the
 ///   admin's own, and draining would wrongly see none);
 /// * `CONNECTION ADMIN` (MariaDB 10.5.2+; `SUPER` before): to `KILL` them;
@@ -42,6 +44,7 @@ pub const ADMIN_GRANTS: &[&str] = &[
     "SELECT ON `mysql`.`global_priv`",
     "SELECT ON `mysql`.`db`",
     "SELECT ON `mysql`.`tables_priv`",
+    "SELECT ON `mysql`.`roles_mapping`",
     "UPDATE ON `mysql`.*",
 ];
 
