@@ -293,13 +293,8 @@ impl BrokerService {
             access,
             namespace_labels: labels.as_ref(),
         });
-        if let Err(deny) = &decision
-            && deny.withdraws_access()
-        {
-            self.withdraw(&lease, Some(&policy), &lease_ref, &requested, node)
-                .await;
-        }
-        decision?;
+        self.enforce(decision, &lease, &policy, &lease_ref, &requested, node)
+            .await?;
 
         if lease.spec.per_pod {
             let issuer = self.per_pod.as_ref().ok_or_else(|| {
@@ -425,13 +420,8 @@ impl BrokerService {
             access,
             namespace_labels: labels.as_ref(),
         });
-        if let Err(deny) = &decision
-            && deny.withdraws_access()
-        {
-            self.withdraw(&lease, Some(&policy), &lease_ref, &requested, node)
-                .await;
-        }
-        decision?;
+        self.enforce(decision, &lease, &policy, &lease_ref, &requested, node)
+            .await?;
 
         if lease.spec.per_pod {
             // A pod's own credential is not a lease version: nothing to record.
@@ -471,6 +461,26 @@ impl BrokerService {
     /// The pod lost access to the lease: it stops counting as a consumer,
     /// and its per-pod user (if any) is revoked. Best effort: failures are
     /// logged, the refusal is what the caller gets.
+    /// Applies an Issue or Acknowledge decision: a pod refused because it lost access
+    /// stops counting as a consumer and loses its per-pod user before the refusal.
+    async fn enforce(
+        &self,
+        decision: Result<(), Deny>,
+        lease: &SecretLease,
+        policy: &RotationPolicy,
+        lease_ref: &ObjectRef,
+        pod: &PodIdentity,
+        node: &str,
+    ) -> Result<(), BrokerError> {
+        if let Err(deny) = &decision
+            && deny.withdraws_access()
+        {
+            self.withdraw(lease, Some(policy), lease_ref, pod, node)
+                .await;
+        }
+        Ok(decision?)
+    }
+
     async fn withdraw(
         &self,
         lease: &SecretLease,

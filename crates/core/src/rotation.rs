@@ -255,6 +255,27 @@ pub struct RotationRecord {
     pub reason: Option<String>,
 }
 
+impl RotationRecord {
+    /// A rotation that ended in `outcome` (not a success) for `reason`.
+    pub fn failed(
+        version: u64,
+        started_at: Timestamp,
+        verified_at: Option<Timestamp>,
+        outcome: RotationOutcome,
+        reason: String,
+    ) -> Self {
+        RotationRecord {
+            version,
+            started_at,
+            verified_at,
+            promoted_at: None,
+            revoked_at: None,
+            outcome,
+            reason: Some(reason),
+        }
+    }
+}
+
 /// Everything the engine records about a lease between reconciles.
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Eq, Default)]
 #[serde(rename_all = "camelCase")]
@@ -395,6 +416,14 @@ impl Progress {
                     ),
                 )
             })
+    }
+
+    /// A failed attempt at rotating in `record.version`: counted (the retry backoff
+    /// follows the count) and kept in history.
+    pub fn record_failed_attempt(&mut self, record: RotationRecord, now: Timestamp) {
+        self.verify_failures += 1;
+        self.last_verify_failure_at = Some(now);
+        self.push_history(record);
     }
 
     /// Append to history, keeping the newest [`HISTORY_LIMIT`] entries.

@@ -509,17 +509,16 @@ impl Engine {
                     r.state = VersionState::Revoking;
                     r.revoke_reason = Some(RevokeReason::IssueFailed);
                 }
-                progress.verify_failures += 1;
-                progress.last_verify_failure_at = Some(now);
-                progress.push_history(RotationRecord {
-                    version,
-                    started_at: issued_at,
-                    verified_at: None,
-                    promoted_at: None,
-                    revoked_at: None,
-                    outcome: RotationOutcome::IssueFailed,
-                    reason: Some(reason.clone()),
-                });
+                progress.record_failed_attempt(
+                    RotationRecord::failed(
+                        version,
+                        issued_at,
+                        None,
+                        RotationOutcome::IssueFailed,
+                        reason.clone(),
+                    ),
+                    now,
+                );
                 self.save(stores, ctx, progress).await?;
                 self.emit(ctx, StepEvent::VerificationFailed { version, reason });
                 return Ok(());
@@ -560,17 +559,16 @@ impl Engine {
             r.state = VersionState::Revoking;
             r.revoke_reason = Some(RevokeReason::IssueFailed);
         }
-        progress.verify_failures += 1;
-        progress.last_verify_failure_at = Some(now);
-        progress.push_history(RotationRecord {
-            version: stale.version,
-            started_at: stale.issued_at,
-            verified_at: stale.verified_at,
-            promoted_at: None,
-            revoked_at: None,
-            outcome: RotationOutcome::IssueFailed,
-            reason: Some(reason.clone()),
-        });
+        progress.record_failed_attempt(
+            RotationRecord::failed(
+                stale.version,
+                stale.issued_at,
+                stale.verified_at,
+                RotationOutcome::IssueFailed,
+                reason.clone(),
+            ),
+            now,
+        );
         self.save(stores, ctx, progress).await?;
         self.emit(
             ctx,
@@ -668,17 +666,16 @@ impl Engine {
             r.state = VersionState::Revoking;
             r.revoke_reason = Some(RevokeReason::VerificationFailed);
         }
-        progress.verify_failures += 1;
-        progress.last_verify_failure_at = Some(now);
-        progress.push_history(RotationRecord {
-            version: record.version,
-            started_at: record.issued_at,
-            verified_at: None,
-            promoted_at: None,
-            revoked_at: None,
-            outcome: RotationOutcome::VerificationFailed,
-            reason: Some(reason.clone()),
-        });
+        progress.record_failed_attempt(
+            RotationRecord::failed(
+                record.version,
+                record.issued_at,
+                None,
+                RotationOutcome::VerificationFailed,
+                reason.clone(),
+            ),
+            now,
+        );
         self.save(stores, ctx, progress).await?;
         self.emit(
             ctx,
