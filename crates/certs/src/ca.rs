@@ -49,6 +49,10 @@ pub enum IssueError {
     KeyGeneration(KeyAlgorithm, rcgen::Error),
     #[error("signing the certificate failed: {0}")]
     Sign(rcgen::Error),
+    #[error("the private key is not a PEM PKCS#8, PKCS#1 or SEC1 key")]
+    Key,
+    #[error("serial {0:?} is not 1 to 20 bytes of hex")]
+    Serial(String),
 }
 
 /// A leaf certificate as issued.
@@ -168,6 +172,19 @@ impl CertificateAuthority {
         csr_pem: &str,
         now: OffsetDateTime,
     ) -> Result<IssuedCertificate, IssueError> {
+        self.issue_from_csr_with_serial(request, csr_pem, None, now)
+    }
+
+    /// [`CertificateAuthority::issue_from_csr`] with the serial the caller chose (lower-case
+    /// hex from [`new_serial`]) and recorded before this call, so that a repeat after a
+    /// crash issues under the same serial (and revoking that serial revokes both).
+    pub fn issue_from_csr_with_serial(
+        &self,
+        request: &CertificateRequest,
+        csr_pem: &str,
+        serial: Option<&str>,
+        now: OffsetDateTime,
+    ) -> Result<IssuedCertificate, IssueError> {
         let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(IssueError::Csr)?;
         let requested = request.subject_alt_names();
         let in_csr: BTreeSet<SubjectAltName> = csr
@@ -182,7 +199,10 @@ impl CertificateAuthority {
                 in_csr: in_csr.iter().map(ToString::to_string).collect(),
             });
         }
-        let params = leaf_params(request, now)?;
+        let mut params = leaf_params(request, now)?;
+        if let Some(serial) = serial {
+            params.serial_number = Some(parse_serial(serial)?);
+        }
         let certificate = params
             .signed_by(&csr.public_key, &self.issuer)
             .map_err(IssueError::Sign)?;
@@ -278,6 +298,25 @@ pub(crate) fn random_serial() -> SerialNumber {
     // Positive, and no leading zero byte, so the DER encoding is exactly these 16 bytes.
     bytes[0] = (bytes[0] & 0x7f) | 0x40;
     SerialNumber::from_slice(&bytes)
+}
+
+/// A fresh random serial as lower-case hex (see [`random_serial`]).
+pub fn new_serial() -> String {
+    hex(&random_serial().to_bytes())
+}
+
+/// A hex serial as rcgen's type.
+fn parse_serial(serial: &str) -> Result<SerialNumber, IssueError> {
+    let bad = || IssueError::Serial(serial.to_owned());
+    if serial.is_empty() || !serial.len().is_multiple_of(2) || serial.len() > 40 {
+        return Err(bad());
+    }
+    let bytes = (0..serial.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&serial[i..i + 2], 16))
+        .collect::<Result<Vec<u8>, _>>()
+        .map_err(|_| bad())?;
+    Ok(SerialNumber::from_slice(&bytes))
 }
 
 pub(crate) fn hex(bytes: &[u8]) -> String {

@@ -37,6 +37,13 @@ pub struct RevocationEntry {
     #[serde(with = "time::serde::rfc3339")]
     pub revoked_at: OffsetDateTime,
     pub reason: RevocationReason,
+    /// When the certificate expires; a CRL signed after that need not list it.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "time::serde::rfc3339::option"
+    )]
+    pub not_after: Option<OffsetDateTime>,
 }
 
 /// The revoked serials of one CA. The caller persists it (for example as JSON in a
@@ -83,6 +90,7 @@ impl RevocationList {
             serial,
             revoked_at: at,
             reason,
+            not_after: None,
         });
         true
     }

@@ -14,11 +14,16 @@
 
 mod ca;
 mod crl;
+pub mod issuer;
 mod key;
 mod request;
 pub mod verify;
 
-pub use ca::{CaError, CertificateAuthority, IssueError, IssuedCertificate};
+pub use ca::{CaError, CertificateAuthority, IssueError, IssuedCertificate, new_serial};
 pub use crl::{CrlError, RevocationEntry, RevocationList, RevocationReason, SignedCrl};
+pub use issuer::{
+    CaIssuer, CertificateIssuer, IssueOrder, IssuedChain, IssuerError, MemoryLedger, OrderJournal,
+    RevocationLedger, RevokeOrder, csr_for, generate_key,
+};
 pub use key::PrivateKeyPem;
 pub use request::{CertificateRequest, KeyAlgorithm, SubjectAltName, Usage};

@@ -368,12 +368,34 @@ pub async fn verify_issued(
     csr_pem: Option<&str>,
     now: OffsetDateTime,
 ) -> Result<(), VerifyError> {
-    check_certificate(ca.certificate_der(), &issued.certificate_der, request, now)?;
+    verify_leaf(
+        ca.certificate_der(),
+        &issued.certificate_der,
+        request,
+        issued.private_key.as_ref(),
+        csr_pem,
+        now,
+    )
+    .await
+}
+
+/// [`verify_issued`] for any issuer: `anchor_der` the CA that signed `leaf_der`
+/// directly, `key` the private key when it is here (Secret delivery, or the node
+/// verifying what it received), `csr_pem` the CSR when the key is elsewhere.
+pub async fn verify_leaf(
+    anchor_der: &CertificateDer<'static>,
+    leaf_der: &CertificateDer<'static>,
+    request: &CertificateRequest,
+    key: Option<&PrivateKeyPem>,
+    csr_pem: Option<&str>,
+    now: OffsetDateTime,
+) -> Result<(), VerifyError> {
+    check_certificate(anchor_der, leaf_der, request, now)?;
     if let Some(csr_pem) = csr_pem {
-        check_csr_key(&issued.certificate_der, csr_pem)?;
+        check_csr_key(leaf_der, csr_pem)?;
     }
-    if let Some(key) = &issued.private_key {
-        check_private_key(&issued.certificate_der, key)?;
+    if let Some(key) = key {
+        check_private_key(leaf_der, key)?;
         if request.usages.contains(&Usage::ServerAuth) {
             let server_name = request
                 .dns_names
@@ -381,17 +403,11 @@ pub async fn verify_issued(
                 .cloned()
                 .or_else(|| request.ip_addresses.first().map(ToString::to_string));
             if let Some(server_name) = server_name {
-                check_handshake(
-                    ca.certificate_der(),
-                    &issued.certificate_der,
-                    key,
-                    &server_name,
-                )
-                .await?;
+                check_handshake(anchor_der, leaf_der, key, &server_name).await?;
             }
         }
         if request.usages.contains(&Usage::ClientAuth) {
-            check_client_handshake(ca.certificate_der(), &issued.certificate_der, key).await?;
+            check_client_handshake(anchor_der, leaf_der, key).await?;
         }
     }
     Ok(())

@@ -122,7 +122,7 @@ async fn dynamic_to_in_place_drops_the_dynamic_user_and_touches_nothing_else() {
         .reconcile(&ctx, &mut progress, &deleting, stores.stores())
         .await
         .unwrap();
-    assert_eq!(out, Outcome::Finished);
+    assert_eq!(out, Outcome::Finished, "progress: {progress:?}");
     assert!(role_exists(s, &v2.credential_id).await);
     assert!(db.can_login(&other_user, &other_pw).await);
 }
@@ -371,7 +371,7 @@ async fn deleting_after_a_strategy_and_server_change_drops_the_user_where_it_was
         .reconcile(&ctx, &mut progress, &deleting, stores.stores())
         .await
         .unwrap();
-    assert_eq!(out, Outcome::Finished);
+    assert_eq!(out, Outcome::Finished, "progress: {progress:?}");
     assert!(!old_db.can_login(&v1.credential_id, &pw1).await);
     assert!(
         !role_exists(old, &v1.credential_id).await,
