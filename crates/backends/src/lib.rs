@@ -245,6 +245,38 @@ pub trait Backend: Send + Sync {
 
     /// Check that the admin connection works (for readiness and early errors).
     async fn ping(&self) -> Result<(), BackendError>;
+
+    /// The secret of a new version when the backend makes its own (a certificate
+    /// backend: a private key). `None`: a password from the lease's policy.
+    fn new_secret(&self) -> Option<Result<SecretString, BackendError>> {
+        None
+    }
+
+    /// [`Backend::issue`], returning the version's secret as it must be stored from now
+    /// on when issuing added to it (a certificate backend: the issued chain next to the
+    /// key). `None`: the stored secret stands.
+    async fn issue_returning_secret(
+        &self,
+        req: &IssueRequest,
+    ) -> Result<Option<SecretString>, BackendError> {
+        self.issue(req).await.map(|()| None)
+    }
+
+    /// What consumers get for a version, when the backend decides it rather than the
+    /// lease's templates (a certificate backend: `tls.crt`, `tls.key`, `ca.crt`).
+    fn material(&self, _secret: &SecretString) -> Option<CredentialMaterial> {
+        None
+    }
+
+    /// [`Backend::revoke`], with the version's secret when it is still stored (revoking
+    /// a certificate at an ACME CA needs the certificate).
+    async fn revoke_with_secret(
+        &self,
+        req: &RevokeRequest,
+        _secret: Option<&SecretString>,
+    ) -> Result<RevokeOutcome, BackendError> {
+        self.revoke(req).await
+    }
 }
 
 /// How the SQL backends protect their connections (admin and verification alike).

@@ -323,7 +323,8 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
-pub(crate) fn pem_certificate_der(pem_text: &str) -> Option<CertificateDer<'static>> {
+/// The first certificate of a PEM text, DER.
+pub fn pem_certificate_der(pem_text: &str) -> Option<CertificateDer<'static>> {
     let (_, pem) = x509_parser::pem::parse_x509_pem(pem_text.as_bytes()).ok()?;
     (pem.label == "CERTIFICATE").then(|| CertificateDer::from(pem.contents))
 }

@@ -19,7 +19,10 @@ mod key;
 mod request;
 pub mod verify;
 
-pub use ca::{CaError, CertificateAuthority, IssueError, IssuedCertificate, new_serial};
+pub use ca::{
+    CaError, CertificateAuthority, IssueError, IssuedCertificate, new_serial,
+    pem_certificate_der as first_certificate_der,
+};
 pub use crl::{CrlError, RevocationEntry, RevocationList, RevocationReason, SignedCrl};
 pub use issuer::{
     CaIssuer, CertificateIssuer, IssueOrder, IssuedChain, IssuerError, MemoryLedger, OrderJournal,

@@ -32,9 +32,18 @@ impl std::fmt::Display for LeaseKey {
 /// How version numbers map to backend user names.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NamingRule {
-    Dynamic { template: String, max_len: usize },
-    Alternating { base: String },
-    InPlace { user: String },
+    Dynamic {
+        template: String,
+        max_len: usize,
+    },
+    Alternating {
+        base: String,
+    },
+    InPlace {
+        user: String,
+    },
+    /// A fresh random serial per version (certificates).
+    Serial,
 }
 
 impl NamingRule {
@@ -63,6 +72,7 @@ impl NamingRule {
             })?,
             NamingRule::Alternating { base } => naming::alternating_username(base, current),
             NamingRule::InPlace { user } => user.clone(),
+            NamingRule::Serial => leasehold_certs::new_serial(),
         };
         Ok(CredentialId(name))
     }
@@ -81,6 +91,8 @@ impl NamingRule {
 pub enum DatabaseKind {
     Postgres,
     MySql,
+    /// Not a database: a certificate lease's issuer.
+    Certificate,
 }
 
 impl DatabaseKind {
@@ -88,12 +100,14 @@ impl DatabaseKind {
         match self {
             DatabaseKind::Postgres => "postgres",
             DatabaseKind::MySql => "mysql",
+            DatabaseKind::Certificate => "certificate",
         }
     }
     pub fn default_port(self) -> u16 {
         match self {
             DatabaseKind::Postgres => 5432,
             DatabaseKind::MySql => 3306,
+            DatabaseKind::Certificate => 0,
         }
     }
 }
@@ -283,7 +297,7 @@ impl BackendRegistry {
         let port = db.port.unwrap_or(kind.default_port());
         let account_host = match kind {
             DatabaseKind::MySql => db.account_host.as_deref(),
-            DatabaseKind::Postgres => None,
+            DatabaseKind::Postgres | DatabaseKind::Certificate => None,
         };
         self.get_target(kind, &db.host, port, &db.database, account_host, admin, tls)
     }
@@ -352,6 +366,11 @@ impl BackendRegistry {
                     t.account_host = host.to_owned();
                 }
                 Arc::new(MySqlBackend::new(t)?)
+            }
+            DatabaseKind::Certificate => {
+                return Err(BackendError::Invalid(
+                    "a certificate issuer is not a database target".into(),
+                ));
             }
         };
         backends.insert(key, backend.clone());
@@ -444,12 +463,85 @@ pub fn resolve(
         host: db.host.clone(),
         account_host: match kind {
             DatabaseKind::MySql => db.account_host.clone(),
-            DatabaseKind::Postgres => None,
+            DatabaseKind::Postgres | DatabaseKind::Certificate => None,
         },
         port: db.port.unwrap_or(kind.default_port()),
         database: db.database.clone(),
         templates,
         previous_targets: Some(previous_targets),
+    })
+}
+
+/// Where a certificate lease's issuer is, as a [`Target`]: `kind` `certificate`, `host`
+/// `Issuer/<namespace>/<name>` or `ClusterIssuer/<name>`.
+pub fn issuer_target(lease_namespace: &str, issuer: &leasehold_api::IssuerRef) -> Target {
+    let host = match issuer.kind {
+        leasehold_api::IssuerKind::Issuer => format!("Issuer/{lease_namespace}/{}", issuer.name),
+        leasehold_api::IssuerKind::ClusterIssuer => format!("ClusterIssuer/{}", issuer.name),
+    };
+    Target {
+        kind: DatabaseKind::Certificate.scheme().to_owned(),
+        host,
+        port: 0,
+        database: String::new(),
+        account_host: None,
+    }
+}
+
+/// Build the context of a certificate lease: versions are certificates from `issuer`
+/// (resolved by the caller from `spec.certificate.issuerRef`), one per rotation, each
+/// with a fresh key. The policy's strategy does not apply (every certificate is new, as
+/// with `Dynamic`), nor do sessions; `ttl` is the default lifetime and `renewBefore`
+/// when the next one is issued.
+pub fn resolve_certificate(
+    key: LeaseKey,
+    lease: &SecretLeaseSpec,
+    policy: &RotationPolicySpec,
+    issuer: Arc<dyn leasehold_certs::CertificateIssuer>,
+    previous_issuers: Option<Arc<dyn TargetBackends>>,
+) -> Result<LeaseContext, ResolveError> {
+    let mut params = validate::policy_params(policy).map_err(ResolveError::InvalidPolicy)?;
+    let errors = validate::validate_lease(lease, None);
+    if !errors.is_empty() {
+        return Err(ResolveError::InvalidLease(errors));
+    }
+    let Some(spec) = &lease.certificate else {
+        return Err(ResolveError::UnsupportedBackend);
+    };
+    let request = crate::certificate::certificate_request(spec, params.ttl)
+        .map_err(|e| ResolveError::InvalidLease(vec![e]))?;
+    params.strategy = Strategy::Dynamic;
+    params.drain = leasehold_core::rotation::DrainSessionsMode::Ignore;
+    params.ttl = request.duration.try_into().unwrap_or(params.ttl);
+    if params.renew_before >= params.ttl {
+        params.renew_before = params.ttl / 3;
+    }
+    let target = issuer_target(&key.namespace, &spec.issuer_ref);
+    let backend: Arc<dyn Backend> = Arc::new(crate::certificate::CertificateBackend::new(
+        issuer,
+        request,
+        target.key(),
+    ));
+    Ok(LeaseContext {
+        key,
+        policy: params,
+        naming: NamingRule::Serial,
+        privileges: Privileges::default(),
+        password: PasswordPolicy {
+            length: 0,
+            alphabet: String::new(),
+        },
+        verify_query: String::new(),
+        verify_timeout: policy.verify.timeout.into(),
+        max_concurrent_per_target: policy.rate_limit.max_concurrent_rotations_per_target as usize,
+        backend,
+        kind: DatabaseKind::Certificate,
+        host: target.host,
+        port: 0,
+        database: String::new(),
+        account_host: None,
+        templates: BTreeMap::new(),
+        previous_targets: previous_issuers,
     })
 }
 

@@ -404,8 +404,14 @@ impl Engine {
             _ => {
                 // The secret is stored before anything refers to it, so a crash after this
                 // point always finds the password that may already be on the backend.
-                let p = leasehold_backends::password::generate(&ctx.password)
-                    .map_err(|e| EngineError::Invalid(e.to_string()))?;
+                let p = match ctx.backend.new_secret() {
+                    Some(made) => made.map_err(|e| EngineError::Backend {
+                        step: "issue",
+                        source: e,
+                    })?,
+                    None => leasehold_backends::password::generate(&ctx.password)
+                        .map_err(|e| EngineError::Invalid(e.to_string()))?,
+                };
                 stores.secrets.put(&ctx.key, version, &p).await?;
                 p
             }
@@ -459,10 +465,13 @@ impl Engine {
                 "version {version} would reuse {id}, the current version's user; it is discarded"
             )))
         } else {
-            ctx.backend.issue(&request).await
+            ctx.backend.issue_returning_secret(&request).await
         };
         match issued {
-            Ok(()) => {}
+            // What issuing added to the secret (a certificate next to its key) is stored
+            // before `Issued` is recorded: a crash in between repeats the issue.
+            Ok(Some(updated)) => stores.secrets.put(&ctx.key, version, &updated).await?,
+            Ok(None) => {}
             Err(e) if e.is_transient() => {
                 return Err(EngineError::Backend {
                     step: "issue",
@@ -815,7 +824,10 @@ impl Engine {
                 } else {
                     RevokeMode::DisableLogin
                 };
-                backend.revoke(&RevokeRequest { id, mode, drain }).await
+                let secret = stores.secrets.get(&ctx.key, version).await.ok().flatten();
+                backend
+                    .revoke_with_secret(&RevokeRequest { id, mode, drain }, secret.as_ref())
+                    .await
             }
             RevokePlan::Nothing => Ok(RevokeOutcome::Revoked),
             RevokePlan::RestoreCurrent => {
@@ -975,6 +987,9 @@ pub fn material_for(
     record: &VersionRecord,
     password: SecretString,
 ) -> CredentialMaterial {
+    if let Some(material) = ctx.backend.material(&password) {
+        return material;
+    }
     render(
         &ctx.templates,
         &CredentialValues {

@@ -906,7 +906,9 @@ pub fn spec_target(spec: &SecretLeaseSpec) -> Option<leasehold_core::Target> {
         database: db.database.clone(),
         account_host: match kind {
             crate::context::DatabaseKind::MySql => db.account_host.clone(),
-            crate::context::DatabaseKind::Postgres => None,
+            crate::context::DatabaseKind::Postgres | crate::context::DatabaseKind::Certificate => {
+                None
+            }
         },
     })
 }
