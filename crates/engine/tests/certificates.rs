@@ -1,6 +1,7 @@
 //! Certificate leases through the engine with the `ca` issuer: issue, verify (a real TLS
 //! handshake), deliver, rotate, and revoke the superseded serial into the CRL, checked
 //! with `openssl verify -crl_check`.
+#![allow(clippy::unwrap_used)]
 
 mod common;
 
