@@ -93,6 +93,40 @@ fn read(dir: &Path, name: &str) -> String {
     std::fs::read_to_string(dir.join(name)).unwrap()
 }
 
+/// `openssl verify` of `leaf` against the demo issuer's CA, with its CRL when `crl`.
+fn openssl_verify(out: &Path, leaf: &str, crl: bool) -> Result<(), String> {
+    let issuer = out.join("_issuers/default/demo-ca");
+    let leaf_file = out.join("leaf-under-test.pem");
+    std::fs::write(&leaf_file, leaf).unwrap();
+    let mut cmd = std::process::Command::new("openssl");
+    cmd.arg("verify").arg("-CAfile").arg(issuer.join("ca.crt"));
+    if crl {
+        cmd.arg("-crl_check")
+            .arg("-CRLfile")
+            .arg(issuer.join("ca.crl"));
+    }
+    let result = cmd.arg(&leaf_file).output().map_err(|e| e.to_string())?;
+    if result.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&result.stdout).trim().to_string()
+            + String::from_utf8_lossy(&result.stderr).trim())
+    }
+}
+
+fn cert_mark(r: &Result<(), String>) -> String {
+    match r {
+        Ok(()) => "openssl verify OK".to_string(),
+        Err(e) => {
+            let why = e
+                .lines()
+                .find(|l| l.contains("error"))
+                .unwrap_or_else(|| e.lines().next().unwrap_or_default());
+            format!("REFUSED ({why})")
+        }
+    }
+}
+
 fn mark(r: &Result<(), String>) -> String {
     match r {
         Ok(()) => "login OK".to_string(),
@@ -142,6 +176,9 @@ async fn main() {
         println!("MariaDB is not installed: showing PostgreSQL only");
     }
 
+    stage("certificate.yaml", &manifests, 0, "");
+    println!("staged a certificate lease from a self-signed `ca` Issuer");
+
     let options = LocalOptions {
         manifests: manifests.clone(),
         state: tmp.path().join("state.json"),
@@ -178,11 +215,18 @@ async fn main() {
         );
         old.push((user, pw));
     }
+    let cert_dir = options.output.join("default/app-certificate");
+    let old_cert = read(&cert_dir, "tls.crt");
+    println!(
+        "   default/app-certificate: tls.crt (verified with a TLS handshake before delivery) → {}",
+        cert_mark(&openssl_verify(&options.output, &old_cert, true))
+    );
 
     println!("\n-- 2. request a rotation (annotation leasehold.dev/rotate) and run a pass");
     for (_, file, _) in &servers {
         set_rotate_annotation(&manifests, file, "demo-1");
     }
+    set_rotate_annotation(&manifests, "certificate.yaml", "demo-1");
     runner.pass().await.unwrap();
     show();
     for ((lease, _, server), (old_user, old_pw)) in servers.iter().zip(&old) {
@@ -228,6 +272,18 @@ async fn main() {
         println!("   {lease}: new {user} → {}", mark(&new));
         ok &= new.is_ok() && revoked.is_err();
     }
+    let new_cert = read(&cert_dir, "tls.crt");
+    let revoked = openssl_verify(&options.output, &old_cert, true);
+    let new = openssl_verify(&options.output, &new_cert, true);
+    println!(
+        "   default/app-certificate: old certificate against the published CRL → {}",
+        cert_mark(&revoked)
+    );
+    println!(
+        "   default/app-certificate: new certificate against the published CRL → {}",
+        cert_mark(&new)
+    );
+    ok &= new.is_ok() && revoked.is_err() && new_cert != old_cert;
     println!(
         "\n{}",
         if ok {

@@ -15,6 +15,7 @@ pub mod context;
 pub mod engine;
 pub mod limiter;
 pub mod local;
+pub mod local_issuers;
 pub mod sweeper;
 pub mod template;
 pub mod window;

@@ -100,6 +100,9 @@ impl std::fmt::Debug for LocalState {
 pub struct LocalState {
     #[serde(default)]
     pub leases: BTreeMap<String, LocalLease>,
+    /// Certificate issuers: their CA (a generated root with its key) and revoked serials.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub issuers: BTreeMap<String, crate::local_issuers::LocalIssuer>,
 }
 
 impl LocalState {
@@ -164,7 +167,10 @@ impl StateFile {
         self.state.lock().await.clone()
     }
 
-    async fn update<R>(&self, f: impl FnOnce(&mut LocalState) -> R) -> Result<R, StoreError> {
+    pub(crate) async fn update<R>(
+        &self,
+        f: impl FnOnce(&mut LocalState) -> R,
+    ) -> Result<R, StoreError> {
         let mut state = self.state.lock().await;
         let r = f(&mut state);
         state.write(&self.path)?;
@@ -306,6 +312,9 @@ impl Delivery for DirectoryDelivery {
 pub struct Manifests {
     pub policies: BTreeMap<(String, String), RotationPolicy>,
     pub leases: BTreeMap<(String, String), SecretLease>,
+    /// Issuers by [`crate::local_issuers::issuer_key`] (`<namespace>/<name>`, or
+    /// `_cluster/<name>` for ClusterIssuers).
+    pub issuers: BTreeMap<String, leasehold_api::IssuerSpec>,
     /// (namespace, name) → key → value.
     secrets: BTreeMap<(String, String), BTreeMap<String, SecretString>>,
 }
@@ -380,6 +389,17 @@ impl Manifests {
                 l.metadata.namespace = Some(namespace.clone());
                 self.leases.insert((namespace, name), l);
             }
+            "Issuer" => {
+                let i: leasehold_api::Issuer = serde_json::from_value(value)
+                    .map_err(|e| err(format!("Issuer {name}: {e}")))?;
+                self.issuers.insert(format!("{namespace}/{name}"), i.spec);
+            }
+            "ClusterIssuer" => {
+                let i: leasehold_api::ClusterIssuer = serde_json::from_value(value)
+                    .map_err(|e| err(format!("ClusterIssuer {name}: {e}")))?;
+                self.issuers
+                    .insert(format!("_cluster/{name}"), i.spec.into());
+            }
             "Secret" => {
                 let mut data = BTreeMap::new();
                 if let Some(map) = value["stringData"].as_object() {
@@ -405,6 +425,17 @@ impl Manifests {
             _ => {}
         }
         Ok(())
+    }
+
+    /// The data of a `Secret` manifest.
+    pub(crate) fn secret_data(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Option<BTreeMap<String, SecretString>> {
+        self.secrets
+            .get(&(namespace.to_string(), name.to_string()))
+            .cloned()
     }
 
     fn admin_for(
@@ -653,7 +684,7 @@ impl LocalRunner {
             let (Some((ns, name)), Some(spec)) = (key.split_once('/'), l.last_spec.as_ref()) else {
                 continue;
             };
-            let Some(target) = spec_target(spec) else {
+            let Some(target) = spec_target_in(spec, ns) else {
                 continue;
             };
             let lease = LeaseKey {
@@ -687,6 +718,13 @@ impl LocalRunner {
                 (key, r)
             }
         }))
+        .await;
+        crate::local_issuers::publish(
+            &self.store,
+            &manifests.issuers,
+            |ns, n| manifests.secret_data(ns, n),
+            &self.options.output,
+        )
         .await;
         for (key, r) in results {
             match r {
@@ -814,19 +852,42 @@ impl LocalRunner {
             self.set_error(&key_str, Some(msg.clone())).await;
             return Err(msg);
         };
-        let admin = match manifests.admin_for(ns, &spec) {
-            Ok(a) => a,
-            Err(msg) => {
-                self.set_error(&key_str, Some(msg.clone())).await;
-                return Err(msg);
-            }
-        };
         let key = LeaseKey {
             namespace: ns.into(),
             name: name.into(),
             uid,
         };
-        let ctx = match resolve(key.clone(), &spec, &policy, &admin, None, &self.registry) {
+        let resolved = match &spec.certificate {
+            Some(cert) => {
+                let issuer = match crate::local_issuers::local_issuer(
+                    &self.store,
+                    &manifests.issuers,
+                    |ns, n| manifests.secret_data(ns, n),
+                    ns,
+                    &cert.issuer_ref,
+                )
+                .await
+                {
+                    Ok(i) => i,
+                    Err(msg) => {
+                        self.set_error(&key_str, Some(msg.clone())).await;
+                        return Err(msg);
+                    }
+                };
+                crate::context::resolve_certificate(key.clone(), &spec, &policy, issuer, None)
+            }
+            None => {
+                let admin = match manifests.admin_for(ns, &spec) {
+                    Ok(a) => a,
+                    Err(msg) => {
+                        self.set_error(&key_str, Some(msg.clone())).await;
+                        return Err(msg);
+                    }
+                };
+                resolve(key.clone(), &spec, &policy, &admin, None, &self.registry)
+            }
+        };
+        let ctx = match resolved {
             Ok(c) => c,
             Err(e) => {
                 let msg = format!("{}: {e}", e.reason());
@@ -894,6 +955,15 @@ impl LocalRunner {
 /// The database a lease spec points at.
 /// The database a lease spec points at, as a recorded target.
 pub fn spec_target(spec: &SecretLeaseSpec) -> Option<leasehold_core::Target> {
+    spec_target_in(spec, "default")
+}
+
+/// [`spec_target`] for a lease in `namespace` (a certificate lease's issuer may be
+/// namespaced).
+pub fn spec_target_in(spec: &SecretLeaseSpec, namespace: &str) -> Option<leasehold_core::Target> {
+    if let Some(cert) = &spec.certificate {
+        return Some(crate::context::issuer_target(namespace, &cert.issuer_ref));
+    }
     let (kind, db) = match (&spec.postgres, &spec.mysql) {
         (Some(db), _) => (crate::context::DatabaseKind::Postgres, db),
         (None, Some(db)) => (crate::context::DatabaseKind::MySql, db),

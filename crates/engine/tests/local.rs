@@ -335,3 +335,117 @@ spec:
     );
     assert!(format_table(&rows).contains("no_such_table_for_status"));
 }
+
+fn certificate_manifests(dir: &Path, rotate: Option<&str>) {
+    let annotations = rotate
+        .map(|r| format!("  annotations:\n    leasehold.dev/rotate: \"{r}\"\n"))
+        .unwrap_or_default();
+    let text = format!(
+        "apiVersion: leasehold.dev/v1alpha1
+kind: RotationPolicy
+metadata:
+  name: p
+spec:
+  ttl: 1h
+  revoke: {{gracePeriod: 0s, maxWait: 0s, waitForConsumers: false}}
+---
+apiVersion: leasehold.dev/v1alpha1
+kind: Issuer
+metadata:
+  name: ca
+spec:
+  ca: {{selfSigned: true}}
+---
+apiVersion: leasehold.dev/v1alpha1
+kind: SecretLease
+metadata:
+  name: web
+{annotations}spec:
+  policyRef: {{name: p}}
+  certificate:
+    issuerRef: {{name: ca}}
+    commonName: web.default.svc
+    dnsNames: [web.default.svc]
+  delivery:
+    secret: {{name: web-tls}}
+"
+    );
+    std::fs::write(dir.join("all.yaml"), text).unwrap();
+}
+
+fn openssl_verify(ca: &Path, crl: &Path, leaf: &str, scratch: &Path) -> bool {
+    let file = scratch.join("leaf.pem");
+    std::fs::write(&file, leaf).unwrap();
+    std::process::Command::new("openssl")
+        .arg("verify")
+        .arg("-CAfile")
+        .arg(ca)
+        .arg("-crl_check")
+        .arg("-CRLfile")
+        .arg(crl)
+        .arg(&file)
+        .output()
+        .unwrap()
+        .status
+        .success()
+}
+
+#[tokio::test]
+async fn local_mode_rotates_a_certificate_and_publishes_the_revoked_serial() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("manifests");
+    std::fs::create_dir_all(&dir).unwrap();
+    certificate_manifests(&dir, None);
+    let options = LocalOptions {
+        manifests: dir.clone(),
+        state: tmp.path().join("state.json"),
+        output: tmp.path().join("out"),
+    };
+    let runner = LocalRunner::new(options.clone(), Engine::new()).unwrap();
+    let report = runner.pass().await.unwrap();
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    let lease_dir = options.output.join("default/web");
+    let issuer_dir = options.output.join("_issuers/default/ca");
+    let first = read(&lease_dir.join("tls.crt"));
+    let ca_first = read(&issuer_dir.join("ca.crt"));
+    let mode = std::fs::metadata(lease_dir.join("tls.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o400, "the key is readable by its owner only");
+    assert!(openssl_verify(
+        &issuer_dir.join("ca.crt"),
+        &issuer_dir.join("ca.crl"),
+        &first,
+        tmp.path()
+    ));
+    drop(runner);
+
+    // A restarted runner keeps the generated root, rotates, and the old serial is in
+    // the published CRL.
+    certificate_manifests(&dir, Some("1"));
+    let runner = LocalRunner::new(options.clone(), Engine::new()).unwrap();
+    let report = runner.pass().await.unwrap();
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    // The superseded certificate is revoked in the same pass (no grace period); the CRL
+    // is published after the pass.
+    let second = read(&lease_dir.join("tls.crt"));
+    assert_ne!(first, second);
+    assert_eq!(read(&issuer_dir.join("ca.crt")), ca_first, "the same root");
+    assert!(!openssl_verify(
+        &issuer_dir.join("ca.crt"),
+        &issuer_dir.join("ca.crl"),
+        &first,
+        tmp.path()
+    ));
+    assert!(openssl_verify(
+        &issuer_dir.join("ca.crt"),
+        &issuer_dir.join("ca.crl"),
+        &second,
+        tmp.path()
+    ));
+    let state = LocalState::load(&options.state).unwrap();
+    assert_eq!(state.leases["default/web"].progress.versions.len(), 1);
+    let shown = format!("{state:?}");
+    assert!(!shown.contains("PRIVATE KEY"), "{shown}");
+}
