@@ -256,12 +256,12 @@ impl PostgresBackend {
                 Ok(()) => return Ok(()),
                 Err(e)
                     if attempt == 1
-                        && matches!(
+                        && (matches!(
                             e.code(),
                             Some(&SqlState::DUPLICATE_OBJECT | &SqlState::UNIQUE_VIOLATION)
-                        ) =>
+                        ) || is_concurrent_conflict(&e)) =>
                 {
-                    debug!("role appeared concurrently, retrying as ALTER");
+                    debug!("role changed concurrently, retrying");
                 }
                 Err(e) => {
                     return Err(admin_error(&e, &secrets).in_step(|| step));
@@ -393,18 +393,33 @@ impl PostgresBackend {
         }
 
         if req.mode == RevokeMode::DropUser {
-            match drop_role(&mut client, name).await {
-                Ok(()) => {}
-                // Dropped concurrently between our check and REASSIGN.
-                Err(e) if e.code() == Some(&SqlState::UNDEFINED_OBJECT) => {}
-                Err(e) => {
-                    return Err(map(e).in_step(|| {
+            let mut attempt = 0u64;
+            loop {
+                attempt += 1;
+                match drop_role(&mut client, name).await {
+                    Ok(()) => break,
+                    // Dropped concurrently between our check and REASSIGN.
+                    Err(e) if e.code() == Some(&SqlState::UNDEFINED_OBJECT) => break,
+                    // Revocations of other roles at the same moment (other leases, the
+                    // same admin) can deadlock on shared catalogs: repeat shortly.
+                    Err(e) if attempt < DROP_ATTEMPTS && is_concurrent_conflict(&e) => {
+                        debug!(
+                            attempt,
+                            role = name,
+                            "drop collided with a concurrent change; repeating"
+                        );
+                        tokio::time::sleep(Duration::from_millis(50 * attempt)).await;
+                        continue;
+                    }
+                    Err(e) => {
+                        return Err(map(e).in_step(|| {
                         format!(
                             "to drop role {name:?} (it needs CREATEROLE and, from PostgreSQL 16, \
                              ADMIN OPTION on the role, which the role's creator has; for objects \
                              the role owns or was granted, the right to grant the role to itself)"
                         )
                     }));
+                    }
                 }
             }
         }
@@ -614,6 +629,21 @@ async fn drop_role(
     tx.execute(&format!("DROP ROLE IF EXISTS {role}"), &[])
         .await?;
     tx.commit().await
+}
+
+/// How often a role drop is tried when it collides with concurrent catalog changes.
+const DROP_ATTEMPTS: u64 = 4;
+
+/// A collision with a concurrent catalog change that repeating the statement resolves:
+/// a deadlock (40P01), a serialization failure (40001), or PostgreSQL's "tuple
+/// concurrently updated/deleted" (XX000).
+fn is_concurrent_conflict(e: &tokio_postgres::Error) -> bool {
+    match e.code() {
+        Some(c) if *c == SqlState::T_R_DEADLOCK_DETECTED => true,
+        Some(c) if *c == SqlState::T_R_SERIALIZATION_FAILURE => true,
+        Some(c) if *c == SqlState::INTERNAL_ERROR => describe(e).contains("concurrently"),
+        _ => false,
+    }
 }
 
 /// Open one connection (plain or TLS) and drive it on a task of its own.
