@@ -229,7 +229,7 @@ pub enum ResolveError {
     InvalidPolicy(Vec<FieldError>),
     #[error("the lease is invalid: {}", validate::summary(.0))]
     InvalidLease(Vec<FieldError>),
-    #[error("certificate leases are not supported by this version of leasehold yet")]
+    #[error("the lease names no backend: set one of postgres, mysql or certificate")]
     UnsupportedBackend,
     #[error("cannot build the backend: {0}")]
     Backend(#[from] BackendError),
@@ -498,7 +498,7 @@ pub fn resolve_certificate(
     lease: &SecretLeaseSpec,
     policy: &RotationPolicySpec,
     issuer: Arc<dyn leasehold_certs::CertificateIssuer>,
-    previous_issuers: Option<Arc<dyn TargetBackends>>,
+    previous_issuers: Option<IssuerResolver>,
 ) -> Result<LeaseContext, ResolveError> {
     let mut params = validate::policy_params(policy).map_err(ResolveError::InvalidPolicy)?;
     let errors = validate::validate_lease(lease, None);
@@ -517,6 +517,12 @@ pub fn resolve_certificate(
         params.renew_before = params.ttl / 3;
     }
     let target = issuer_target(&key.namespace, &spec.issuer_ref);
+    let previous_targets = previous_issuers.map(|resolve| {
+        Arc::new(IssuerTargets {
+            resolve,
+            request: request.clone(),
+        }) as Arc<dyn TargetBackends>
+    });
     let backend: Arc<dyn Backend> = Arc::new(crate::certificate::CertificateBackend::new(
         issuer,
         request,
@@ -541,8 +547,64 @@ pub fn resolve_certificate(
         database: String::new(),
         account_host: None,
         templates: BTreeMap::new(),
-        previous_targets: previous_issuers,
+        previous_targets,
     })
+}
+
+/// Finds the issuer an `issuerRef` names for a lease in a namespace, or says why not.
+pub type IssuerResolver = Arc<
+    dyn Fn(
+            &str,
+            &leasehold_api::IssuerRef,
+        ) -> Result<Arc<dyn leasehold_certs::CertificateIssuer>, String>
+        + Send
+        + Sync,
+>;
+
+/// The issuers a certificate lease used before its `issuerRef` changed, so versions
+/// issued there are revoked there.
+struct IssuerTargets {
+    resolve: IssuerResolver,
+    request: leasehold_certs::CertificateRequest,
+}
+
+impl TargetBackends for IssuerTargets {
+    fn backend_for(&self, target: &Target) -> Result<Arc<dyn Backend>, BackendError> {
+        let (namespace, issuer) = parse_issuer_target(target).ok_or_else(|| {
+            BackendError::Other(format!("{} is not a certificate issuer", target.key()))
+        })?;
+        let found = (self.resolve)(&namespace, &issuer).map_err(BackendError::Unreachable)?;
+        Ok(Arc::new(crate::certificate::CertificateBackend::new(
+            found,
+            self.request.clone(),
+            target.key(),
+        )))
+    }
+}
+
+/// The namespace (of the lease) and `issuerRef` an [`issuer_target`] was made from.
+pub fn parse_issuer_target(target: &Target) -> Option<(String, leasehold_api::IssuerRef)> {
+    if target.kind != DatabaseKind::Certificate.scheme() {
+        return None;
+    }
+    let mut parts = target.host.splitn(3, '/');
+    match (parts.next()?, parts.next()?, parts.next()) {
+        ("Issuer", ns, Some(name)) => Some((
+            ns.to_owned(),
+            leasehold_api::IssuerRef {
+                name: name.to_owned(),
+                kind: leasehold_api::IssuerKind::Issuer,
+            },
+        )),
+        ("ClusterIssuer", name, None) => Some((
+            String::new(),
+            leasehold_api::IssuerRef {
+                name: name.to_owned(),
+                kind: leasehold_api::IssuerKind::ClusterIssuer,
+            },
+        )),
+        _ => None,
+    }
 }
 
 #[cfg(test)]

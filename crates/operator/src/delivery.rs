@@ -310,6 +310,9 @@ async fn restart(
     Ok(())
 }
 
+/// The Secret type of a delivered certificate.
+pub const TLS_SECRET_TYPE: &str = "kubernetes.io/tls";
+
 /// Delivery to a Secret and rollout restarts for one lease.
 pub struct KubeDelivery {
     client: Client,
@@ -320,6 +323,8 @@ pub struct KubeDelivery {
     clock: Arc<dyn Fn() -> Timestamp + Send + Sync>,
     /// The earliest time a debounced restart is due.
     debounced_until: Mutex<Option<Timestamp>>,
+    /// `type` of the delivered Secret: `Opaque`, or `kubernetes.io/tls` for certificates.
+    secret_type: &'static str,
 }
 
 impl std::fmt::Debug for KubeDelivery {
@@ -348,7 +353,15 @@ impl KubeDelivery {
             spec,
             clock,
             debounced_until: Mutex::new(None),
+            secret_type: "Opaque",
         }
+    }
+
+    /// Deliver a `kubernetes.io/tls` Secret (`tls.crt`, `tls.key`, `ca.crt`) instead of
+    /// an `Opaque` one.
+    pub fn tls(mut self) -> Self {
+        self.secret_type = TLS_SECRET_TYPE;
+        self
     }
 
     /// Observe every rollout target.
@@ -446,7 +459,8 @@ impl Delivery for KubeDelivery {
             if let Some(message) = self.foreign_secret().await? {
                 return Err(StoreError(message));
             }
-            let body = owned_secret_patch(&name, &self.lease_name, &self.owner, &material.0);
+            let mut body = owned_secret_patch(&name, &self.lease_name, &self.owner, &material.0);
+            body.type_ = Some(self.secret_type.into());
             let body = secret_apply_body(&body)?;
             Api::<Secret>::namespaced(self.client.clone(), &self.namespace)
                 .patch(

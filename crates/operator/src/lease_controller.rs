@@ -17,7 +17,7 @@ use leasehold_api::{
 };
 use leasehold_backends::Backend;
 use leasehold_core::rotation::{Observations, WaitReason};
-use leasehold_engine::context::{AdminCredentials, resolve};
+use leasehold_engine::context::{AdminCredentials, IssuerResolver, resolve, resolve_certificate};
 use leasehold_engine::engine::Stores;
 use leasehold_engine::{BackendRegistry, Engine, LeaseKey, Outcome};
 use rand::Rng;
@@ -43,6 +43,9 @@ pub struct Context {
     pub recorder: Option<Recorder>,
     /// Use this backend instead of the one built from the spec (tests and benchmarks).
     pub backend_override: Option<Arc<dyn Backend>>,
+    /// Finds the issuer of a certificate lease (`None`: certificate leases are refused
+    /// with `Ready=False IssuerNotFound`).
+    pub issuers: Option<IssuerResolver>,
     pub clock: Arc<dyn Fn() -> Timestamp + Send + Sync>,
     /// Status writes so far (the benchmark checks a no-op resync writes nothing).
     pub status_writes: Arc<AtomicU64>,
@@ -75,6 +78,7 @@ impl Context {
             metrics,
             recorder,
             backend_override: None,
+            issuers: None,
             clock: Arc::new(Timestamp::now),
             status_writes: Arc::default(),
             failures: Mutex::default(),
@@ -471,14 +475,36 @@ pub async fn run_lease(
         username: String::new(),
         password: SecretString::from(String::new()),
     });
-    let mut lease_ctx = match resolve(
-        key.clone(),
-        &lease.spec,
-        &policy.spec,
-        &admin,
-        ca,
-        &ctx.registry,
-    ) {
+    let resolved = match &lease.spec.certificate {
+        Some(cert) => {
+            let found = match &ctx.issuers {
+                Some(find) => find(&ns, &cert.issuer_ref),
+                None => Err("this controller runs no certificate issuers".into()),
+            };
+            let issuer = match found {
+                Ok(i) => i,
+                Err(msg) => {
+                    return blocked(&status, lease, deleting, "IssuerNotReady", msg).await;
+                }
+            };
+            resolve_certificate(
+                key.clone(),
+                &lease.spec,
+                &policy.spec,
+                issuer,
+                ctx.issuers.clone(),
+            )
+        }
+        None => resolve(
+            key.clone(),
+            &lease.spec,
+            &policy.spec,
+            &admin,
+            ca,
+            &ctx.registry,
+        ),
+    };
+    let mut lease_ctx = match resolved {
         Ok(c) => c,
         Err(e) => {
             let reason = e.reason();
@@ -503,6 +529,11 @@ pub async fn run_lease(
         lease.spec.delivery.clone(),
         ctx.clock.clone(),
     );
+    let delivery = if lease.spec.certificate.is_some() {
+        delivery.tls()
+    } else {
+        delivery
+    };
     // Before the first delivery (the lease has never written its Secret): refuse a name
     // that is taken before any credential is issued. Later deliveries check again at
     // write time, so a resync costs no extra read.
