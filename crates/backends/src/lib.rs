@@ -216,6 +216,30 @@ impl BackendError {
     }
 }
 
+/// Where a backend notes, durably and before it goes on, what resuming an issue after a
+/// crash needs (an ACME order's URL). The engine keeps it with the version's secret.
+#[async_trait]
+pub trait IssueJournal: Send + Sync {
+    /// The note recorded for this version, if any.
+    async fn recorded(&self) -> Option<String>;
+    /// Record `note`; an error means it may not be durable, and the backend must stop.
+    async fn record(&self, note: &str) -> Result<(), BackendError>;
+}
+
+/// A journal that keeps nothing.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoIssueJournal;
+
+#[async_trait]
+impl IssueJournal for NoIssueJournal {
+    async fn recorded(&self) -> Option<String> {
+        None
+    }
+    async fn record(&self, _note: &str) -> Result<(), BackendError> {
+        Ok(())
+    }
+}
+
 /// One credential backend (a database server, a certificate issuer).
 ///
 /// Implementations never log or return secret values; errors carry server messages
@@ -254,10 +278,12 @@ pub trait Backend: Send + Sync {
 
     /// [`Backend::issue`], returning the version's secret as it must be stored from now
     /// on when issuing added to it (a certificate backend: the issued chain next to the
-    /// key). `None`: the stored secret stands.
+    /// key). `None`: the stored secret stands. `journal` keeps what a repeat after a
+    /// crash needs to resume rather than start over (an ACME order's URL).
     async fn issue_returning_secret(
         &self,
         req: &IssueRequest,
+        _journal: &dyn IssueJournal,
     ) -> Result<Option<SecretString>, BackendError> {
         self.issue(req).await.map(|()| None)
     }

@@ -16,11 +16,12 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use leasehold_api::validate::FieldError;
 use leasehold_api::{CertificateSpec, CertificateUsage, KeyAlgorithm as ApiKeyAlgorithm};
+use leasehold_backends::IssueJournal;
 use leasehold_backends::{
     Backend, BackendError, CredentialId, CredentialMaterial, IssueRequest, RevokeOutcome,
     RevokeRequest, VerifyRequest,
 };
-use leasehold_certs::issuer::NoJournal;
+use leasehold_certs::issuer::OrderJournal;
 use leasehold_certs::{
     CertificateIssuer, CertificateRequest, IssueOrder, IssuerError, KeyAlgorithm, PrivateKeyPem,
     RevocationReason, RevokeOrder, Usage, csr_for, generate_key,
@@ -189,6 +190,22 @@ impl CertificateBackend {
     }
 }
 
+/// An ACME order's URL kept in the engine's issue journal.
+struct OrderNotes<'a>(&'a dyn IssueJournal);
+
+#[async_trait]
+impl OrderJournal for OrderNotes<'_> {
+    async fn recorded(&self) -> Option<String> {
+        self.0.recorded().await
+    }
+    async fn record(&self, order_url: &str) -> Result<(), IssuerError> {
+        self.0
+            .record(order_url)
+            .await
+            .map_err(|e| IssuerError::Unavailable(e.to_string()))
+    }
+}
+
 /// An issuer error as the engine sees it: a CA that is down or asks to slow down delays
 /// the rotation; a refusal is for the user to fix.
 pub fn issuer_error(e: IssuerError) -> BackendError {
@@ -224,12 +241,15 @@ impl Backend for CertificateBackend {
     }
 
     async fn issue(&self, req: &IssueRequest) -> Result<(), BackendError> {
-        self.issue_returning_secret(req).await.map(|_| ())
+        self.issue_returning_secret(req, &leasehold_backends::NoIssueJournal)
+            .await
+            .map(|_| ())
     }
 
     async fn issue_returning_secret(
         &self,
         req: &IssueRequest,
+        journal: &dyn IssueJournal,
     ) -> Result<Option<SecretString>, BackendError> {
         let mut bundle = CertificateBundle::parse(&req.password)?;
         let key = PrivateKeyPem::new(bundle.key.clone());
@@ -240,7 +260,7 @@ impl Backend for CertificateBackend {
                 request: &self.request,
                 csr_pem: &csr,
                 serial: &req.id.0,
-                journal: &NoJournal,
+                journal: &OrderNotes(journal),
             })
             .await
             .map_err(issuer_error)?;

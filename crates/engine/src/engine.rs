@@ -465,7 +465,12 @@ impl Engine {
                 "version {version} would reuse {id}, the current version's user; it is discarded"
             )))
         } else {
-            ctx.backend.issue_returning_secret(&request).await
+            let journal = SecretJournal {
+                secrets: stores.secrets,
+                lease: &ctx.key,
+                version,
+            };
+            ctx.backend.issue_returning_secret(&request, &journal).await
         };
         match issued {
             // What issuing added to the secret (a certificate next to its key) is stored
@@ -538,6 +543,11 @@ impl Engine {
             r.state = VersionState::Issued;
         }
         self.save(stores, ctx, progress).await?;
+        // Issued: nothing left to resume.
+        stores
+            .secrets
+            .remove(&ctx.key, journal_slot(version))
+            .await?;
         self.emit(
             ctx,
             StepEvent::Issued {
@@ -839,6 +849,10 @@ impl Engine {
             Ok(RevokeOutcome::Revoked) => {
                 self.fault(FaultPoint::AfterRevoke)?;
                 stores.secrets.remove(&ctx.key, version).await?;
+                stores
+                    .secrets
+                    .remove(&ctx.key, journal_slot(version))
+                    .await?;
                 progress.versions.retain(|r| r.version != version);
                 let server = server_of(ctx, &record);
                 if !progress
@@ -971,6 +985,48 @@ impl Engine {
             })
             .await?;
         Ok(RevokeOutcome::Revoked)
+    }
+}
+
+/// The issue journal of one version, kept next to its secret in the secret store (under
+/// version `u64::MAX - version`, which no real version reaches).
+struct SecretJournal<'a> {
+    secrets: &'a dyn SecretStore,
+    lease: &'a crate::LeaseKey,
+    version: u64,
+}
+
+impl SecretJournal<'_> {
+    fn slot(&self) -> u64 {
+        journal_slot(self.version)
+    }
+}
+
+/// Where the issue journal of `version` is kept in the secret store.
+fn journal_slot(version: u64) -> u64 {
+    u64::MAX - version
+}
+
+#[async_trait::async_trait]
+impl leasehold_backends::IssueJournal for SecretJournal<'_> {
+    async fn recorded(&self) -> Option<String> {
+        use secrecy::ExposeSecret;
+        self.secrets
+            .get(self.lease, self.slot())
+            .await
+            .ok()
+            .flatten()
+            .map(|s| s.expose_secret().to_owned())
+    }
+    async fn record(&self, note: &str) -> Result<(), BackendError> {
+        self.secrets
+            .put(
+                self.lease,
+                self.slot(),
+                &SecretString::from(note.to_owned()),
+            )
+            .await
+            .map_err(|e| BackendError::Unreachable(e.to_string()))
     }
 }
 
