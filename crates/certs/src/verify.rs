@@ -13,7 +13,6 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use time::OffsetDateTime;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
 use x509_parser::certificate::X509Certificate;
 use x509_parser::extensions::GeneralName;
 use x509_parser::time::ASN1Time;
@@ -22,6 +21,9 @@ use crate::ca::CertificateAuthority;
 use crate::ca::IssuedCertificate;
 use crate::key::PrivateKeyPem;
 use crate::request::{CertificateRequest, KeyAlgorithm, SubjectAltName, Usage};
+
+/// Bytes in flight each way in the handshake pipe (a whole flight of handshake records).
+const PIPE_BUFFER: usize = 64 * 1024;
 
 /// How long the loopback handshake may take before it counts as failed.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -305,8 +307,9 @@ fn roots(ca_der: &CertificateDer<'static>) -> Result<RootCertStore, String> {
     Ok(roots)
 }
 
-/// Runs one handshake between `server_config` and `client_config` over loopback TCP; the
-/// server sends one byte the client must read, so both sides completed the handshake.
+/// Runs one handshake between `server_config` and `client_config` over an in-process
+/// byte pipe (the same TLS records a socket would carry, without the socket); the server
+/// sends one byte the client must read, so both sides completed the handshake.
 async fn handshake(
     server_config: ServerConfig,
     client_config: ClientConfig,
@@ -318,24 +321,17 @@ async fn handshake(
     };
     let name = ServerName::try_from(server_name.to_owned())
         .map_err(|_| failed("not a valid DNS name or IP address".to_owned()))?;
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .await
-        .map_err(|err| failed(format!("loopback listener: {err}")))?;
-    let address = listener
-        .local_addr()
-        .map_err(|err| failed(format!("loopback listener: {err}")))?;
+    let (server_end, client_end) = tokio::io::duplex(PIPE_BUFFER);
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_config));
     let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config));
 
     let server = async {
-        let (tcp, _) = listener.accept().await?;
-        let mut tls = acceptor.accept(tcp).await?;
+        let mut tls = acceptor.accept(server_end).await?;
         tls.write_all(b"!").await?;
         tls.shutdown().await
     };
     let client = async {
-        let tcp = TcpStream::connect(address).await?;
-        let mut tls = connector.connect(name, tcp).await?;
+        let mut tls = connector.connect(name, client_end).await?;
         let mut byte = [0u8; 1];
         tls.read_exact(&mut byte).await?;
         Ok::<_, std::io::Error>(byte)
