@@ -1,0 +1,818 @@
+//! The Issuer and ClusterIssuer controller, and the [`IssuerRegistry`] lease
+//! controllers resolve issuers through.
+//!
+//! Reconcile: *plan* (pure: which CA source the spec names, or why none) → *load* (read
+//! the CA Secret; for `selfSigned` create it once) → *evaluate* (pure: Secret → CA or the
+//! reason it is not ready) → register the ready issuer (with its ConfigMap revocation
+//! ledger and a CRL refresh task) → write status only if it changed.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use jiff::Timestamp;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::{Api, Client, Resource, ResourceExt};
+use leasehold_api::conditions::{self, condition, upsert};
+use leasehold_api::{
+    ClusterIssuer, FIELD_MANAGER, Issuer, IssuerKind, IssuerRef, IssuerSpec, IssuerStatus,
+    IssuerType,
+};
+use leasehold_certs::{CaIssuer, CertificateAuthority, CertificateIssuer, KeyAlgorithm};
+use tokio::sync::watch;
+
+use crate::OperatorError;
+use crate::crl::{ConfigMapLedger, KubeLedgerStore, LedgerStore};
+use crate::metrics::Metrics;
+use crate::secrets::{MANAGED_BY_LABEL, MANAGED_BY_VALUE};
+use crate::status::k8s_time;
+
+pub const CONTROLLER: &str = "issuer";
+/// Secret key of the CA certificate (PEM).
+pub const CERT_KEY: &str = "tls.crt";
+/// Secret key of the CA private key (PEM).
+pub const KEY_KEY: &str = "tls.key";
+/// Secret key of the CA certificate for consumers (PEM; generated CAs only).
+pub const CA_KEY: &str = "ca.crt";
+/// Lifetime of a generated self-signed root.
+pub const SELF_SIGNED_VALIDITY: time::Duration = time::Duration::days(3650);
+/// Re-check a ready issuer this often (its Secret is watched too).
+pub const READY_RESYNC: Duration = Duration::from_secs(600);
+/// Re-check an issuer that is not ready this often, besides the Secret watch.
+pub const NOT_READY_RESYNC: Duration = Duration::from_secs(120);
+
+/// Which issuer: an `Issuer` in a namespace or a `ClusterIssuer`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum IssuerKey {
+    Namespaced { namespace: String, name: String },
+    Cluster { name: String },
+}
+
+impl IssuerKey {
+    /// The issuer a lease in `namespace` refers to with `issuer`.
+    pub fn for_ref(namespace: &str, issuer: &IssuerRef) -> Self {
+        match issuer.kind {
+            IssuerKind::Issuer => IssuerKey::Namespaced {
+                namespace: namespace.to_owned(),
+                name: issuer.name.clone(),
+            },
+            IssuerKind::ClusterIssuer => IssuerKey::Cluster {
+                name: issuer.name.clone(),
+            },
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        match self {
+            IssuerKey::Namespaced { name, .. } | IssuerKey::Cluster { name } => name,
+        }
+    }
+
+    /// Where the issuer's own objects (ledger ConfigMap, generated CA Secret) live.
+    pub fn home_namespace<'a>(&'a self, controller_namespace: &'a str) -> &'a str {
+        match self {
+            IssuerKey::Namespaced { namespace, .. } => namespace,
+            IssuerKey::Cluster { .. } => controller_namespace,
+        }
+    }
+}
+
+impl std::fmt::Display for IssuerKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            IssuerKey::Namespaced { namespace, name } => write!(f, "Issuer {namespace}/{name}"),
+            IssuerKey::Cluster { name } => write!(f, "ClusterIssuer {name}"),
+        }
+    }
+}
+
+/// Why a lease cannot use the issuer it names. The message says what to fix.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IssuerNotReady {
+    #[error("{issuer} does not exist: create it, or fix the lease's issuerRef")]
+    NotFound { issuer: String },
+    #[error("{issuer} is not ready ({reason}): {message}")]
+    NotReady {
+        issuer: String,
+        reason: String,
+        message: String,
+    },
+}
+
+impl IssuerNotReady {
+    /// A short reason for a condition (`IssuerNotFound`, or the issuer's own reason).
+    pub fn reason(&self) -> &str {
+        match self {
+            IssuerNotReady::NotFound { .. } => "IssuerNotFound",
+            IssuerNotReady::NotReady { reason, .. } => reason,
+        }
+    }
+}
+
+/// A ready `ca` issuer as the registry holds it.
+struct ReadyIssuer {
+    issuer: Arc<CaIssuer>,
+    ledger: Arc<ConfigMapLedger>,
+    ca_pem: String,
+    /// The CRL refresh task; aborted when the entry is replaced or removed.
+    refresher: Option<tokio::task::AbortHandle>,
+}
+
+impl Drop for ReadyIssuer {
+    fn drop(&mut self) {
+        if let Some(task) = self.refresher.take() {
+            task.abort();
+        }
+    }
+}
+
+enum RegistryEntry {
+    Ready(ReadyIssuer),
+    NotReady { reason: String, message: String },
+}
+
+/// The issuers the controller has loaded, by [`IssuerKey`]. Cheap to clone; every clone
+/// sees the same issuers.
+#[derive(Clone)]
+pub struct IssuerRegistry {
+    entries: Arc<RwLock<HashMap<IssuerKey, RegistryEntry>>>,
+    changes: Arc<watch::Sender<u64>>,
+}
+
+impl std::fmt::Debug for IssuerRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
+        f.debug_struct("IssuerRegistry")
+            .field("issuers", &entries.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl Default for IssuerRegistry {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl IssuerRegistry {
+    pub fn new() -> Self {
+        Self {
+            entries: Arc::default(),
+            changes: Arc::new(watch::channel(0).0),
+        }
+    }
+
+    fn with_entry<T>(
+        &self,
+        key: &IssuerKey,
+        f: impl FnOnce(&ReadyIssuer) -> T,
+    ) -> Result<T, IssuerNotReady> {
+        let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
+        match entries.get(key) {
+            Some(RegistryEntry::Ready(ready)) => Ok(f(ready)),
+            Some(RegistryEntry::NotReady { reason, message }) => Err(IssuerNotReady::NotReady {
+                issuer: key.to_string(),
+                reason: reason.clone(),
+                message: message.clone(),
+            }),
+            None => Err(IssuerNotReady::NotFound {
+                issuer: key.to_string(),
+            }),
+        }
+    }
+
+    /// The ready issuer a lease in `namespace` refers to, or why not.
+    pub fn resolve(
+        &self,
+        namespace: &str,
+        issuer: &IssuerRef,
+    ) -> Result<Arc<dyn CertificateIssuer>, IssuerNotReady> {
+        self.resolve_key(&IssuerKey::for_ref(namespace, issuer))
+    }
+
+    /// [`Self::resolve`] by key.
+    pub fn resolve_key(
+        &self,
+        key: &IssuerKey,
+    ) -> Result<Arc<dyn CertificateIssuer>, IssuerNotReady> {
+        self.with_entry(key, |ready| {
+            ready.issuer.clone() as Arc<dyn CertificateIssuer>
+        })
+    }
+
+    /// The CA certificate (PEM) of that issuer, for `ca.crt`.
+    pub fn ca_pem(&self, namespace: &str, issuer: &IssuerRef) -> Result<String, IssuerNotReady> {
+        self.ca_pem_by_key(&IssuerKey::for_ref(namespace, issuer))
+    }
+
+    pub fn ca_pem_by_key(&self, key: &IssuerKey) -> Result<String, IssuerNotReady> {
+        self.with_entry(key, |ready| ready.ca_pem.clone())
+    }
+
+    /// The current CRL (PEM) of a ready issuer; `Ok(None)` until the first is signed.
+    pub fn crl_pem_by_key(&self, key: &IssuerKey) -> Result<Option<String>, IssuerNotReady> {
+        self.with_entry(key, |ready| ready.ledger.crl_pem())
+    }
+
+    /// Changes whenever an issuer becomes ready, changes CA, or stops being ready: a lease
+    /// controller can wait on it to retry leases blocked on an issuer.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    fn changed(&self) {
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Register a ready `ca` issuer (starting its CRL refresh task when a runtime is
+    /// there). Keeps the existing entry, and its task, if it already signs with this CA.
+    pub fn set_ready(&self, key: IssuerKey, ca: CertificateAuthority, store: Arc<dyn LedgerStore>) {
+        let ca_pem = ca.certificate_pem().to_owned();
+        {
+            let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
+            if let Some(RegistryEntry::Ready(ready)) = entries.get(&key)
+                && ready.ca_pem == ca_pem
+            {
+                return;
+            }
+        }
+        let ca = Arc::new(ca);
+        let ledger = Arc::new(ConfigMapLedger::new(store, ca.clone()));
+        let issuer = Arc::new(CaIssuer::new(ca, ledger.clone()));
+        let refresher = tokio::runtime::Handle::try_current().ok().map(|handle| {
+            handle
+                .spawn(ledger.clone().refresh_forever())
+                .abort_handle()
+        });
+        let entry = RegistryEntry::Ready(ReadyIssuer {
+            issuer,
+            ledger,
+            ca_pem,
+            refresher,
+        });
+        self.entries
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, entry);
+        self.changed();
+    }
+
+    /// Record why an issuer is not ready (a lease naming it says so).
+    pub fn set_not_ready(&self, key: IssuerKey, reason: &str, message: &str) {
+        let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
+        let same = matches!(entries.get(&key), Some(RegistryEntry::NotReady { reason: r, message: m }) if r == reason && m == message);
+        if !same {
+            entries.insert(
+                key,
+                RegistryEntry::NotReady {
+                    reason: reason.to_owned(),
+                    message: message.to_owned(),
+                },
+            );
+            drop(entries);
+            self.changed();
+        }
+    }
+
+    /// Forget a deleted issuer (stops its CRL refresh task).
+    pub fn remove(&self, key: &IssuerKey) {
+        let removed = self
+            .entries
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key);
+        if removed.is_some() {
+            self.changed();
+        }
+    }
+
+    /// Forget every issuer of one kind (namespaced: in `namespace`, if given) not in `keep`
+    /// (after a re-list, deletions missed while the watch was down).
+    pub fn retain(&self, keep: impl Fn(&IssuerKey) -> bool) {
+        let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
+        let before = entries.len();
+        entries.retain(|key, _| keep(key));
+        let changed = entries.len() != before;
+        drop(entries);
+        if changed {
+            self.changed();
+        }
+    }
+}
+
+// ---- plan and evaluate: pure ----
+
+/// Where a `ca` issuer's CA comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CaSource {
+    /// A Secret the user provides.
+    Secret { namespace: String, name: String },
+    /// A root generated once and kept in this Secret.
+    SelfSigned { namespace: String, name: String },
+}
+
+impl CaSource {
+    pub fn secret(&self) -> (&str, &str) {
+        match self {
+            CaSource::Secret { namespace, name } | CaSource::SelfSigned { namespace, name } => {
+                (namespace, name)
+            }
+        }
+    }
+}
+
+/// Why an issuer is not ready: a condition reason and a message naming what to fix.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NotReadyReason {
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// What the spec asks for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IssuerPlan {
+    Ca(CaSource),
+    Acme,
+    Invalid(NotReadyReason),
+}
+
+impl IssuerPlan {
+    pub fn issuer_type(&self) -> Option<IssuerType> {
+        match self {
+            IssuerPlan::Ca(_) => Some(IssuerType::Ca),
+            IssuerPlan::Acme => Some(IssuerType::Acme),
+            IssuerPlan::Invalid(_) => None,
+        }
+    }
+}
+
+/// The name of the Secret a `selfSigned` issuer keeps its generated root in.
+pub fn self_signed_secret_name(issuer_name: &str) -> String {
+    format!("{issuer_name}-ca")
+}
+
+/// What `spec` of issuer `key` asks for. ClusterIssuer Secrets default to
+/// `controller_namespace`; an Issuer only ever reads its own namespace.
+pub fn plan(key: &IssuerKey, spec: &IssuerSpec, controller_namespace: &str) -> IssuerPlan {
+    match (&spec.ca, &spec.acme) {
+        (Some(_), Some(_)) | (None, None) => IssuerPlan::Invalid(NotReadyReason {
+            reason: "InvalidSpec",
+            message: "set exactly one of spec.ca and spec.acme".into(),
+        }),
+        (None, Some(_)) => IssuerPlan::Acme,
+        (Some(ca), None) => match (&ca.secret_ref, ca.self_signed) {
+            (Some(_), true) | (None, false) => IssuerPlan::Invalid(NotReadyReason {
+                reason: "InvalidSpec",
+                message: "set exactly one of spec.ca.secretRef and spec.ca.selfSigned".into(),
+            }),
+            (None, true) => IssuerPlan::Ca(CaSource::SelfSigned {
+                namespace: key.home_namespace(controller_namespace).to_owned(),
+                name: self_signed_secret_name(key.name()),
+            }),
+            (Some(secret), false) => match key {
+                IssuerKey::Namespaced { namespace, .. } => match &secret.namespace {
+                    Some(other) if other != namespace => IssuerPlan::Invalid(NotReadyReason {
+                        reason: "InvalidSpec",
+                        message: format!(
+                            "an Issuer reads its CA Secret from its own namespace {namespace}; remove spec.ca.secretRef.namespace ({other}) or use a ClusterIssuer"
+                        ),
+                    }),
+                    _ => IssuerPlan::Ca(CaSource::Secret {
+                        namespace: namespace.clone(),
+                        name: secret.name.clone(),
+                    }),
+                },
+                IssuerKey::Cluster { .. } => IssuerPlan::Ca(CaSource::Secret {
+                    namespace: secret
+                        .namespace
+                        .clone()
+                        .unwrap_or_else(|| controller_namespace.to_owned()),
+                    name: secret.name.clone(),
+                }),
+            },
+        },
+    }
+}
+
+fn secret_text(data: Option<&BTreeMap<String, ByteString>>, key: &str) -> Option<String> {
+    data.and_then(|d| d.get(key))
+        .and_then(|v| String::from_utf8(v.0.clone()).ok())
+        .filter(|s| !s.trim().is_empty())
+}
+
+/// The CA in `secret` (`tls.crt`, `tls.key`), or why it cannot be used. Messages name
+/// the Secret and never carry key material.
+pub fn evaluate_ca_secret(
+    secret: Option<&Secret>,
+    namespace: &str,
+    name: &str,
+) -> Result<CertificateAuthority, NotReadyReason> {
+    let Some(secret) = secret else {
+        return Err(NotReadyReason {
+            reason: "SecretNotFound",
+            message: format!(
+                "Secret {namespace}/{name} does not exist: create it with {CERT_KEY} and {KEY_KEY} (a CA certificate and its private key, PEM)"
+            ),
+        });
+    };
+    let data = secret.data.as_ref();
+    let missing: Vec<&str> = [CERT_KEY, KEY_KEY]
+        .into_iter()
+        .filter(|key| secret_text(data, key).is_none())
+        .collect();
+    if !missing.is_empty() {
+        return Err(NotReadyReason {
+            reason: "SecretIncomplete",
+            message: format!(
+                "Secret {namespace}/{name} has no {}: it needs {CERT_KEY} and {KEY_KEY} (PEM)",
+                missing.join(" and ")
+            ),
+        });
+    }
+    let cert = secret_text(data, CERT_KEY).unwrap_or_default();
+    let key = secret_text(data, KEY_KEY).unwrap_or_default();
+    CertificateAuthority::from_pem(&cert, &key).map_err(|e| NotReadyReason {
+        reason: "InvalidCA",
+        message: format!("Secret {namespace}/{name}: {e}"),
+    })
+}
+
+/// The Secret that keeps a generated root: `kubernetes.io/tls` with `tls.crt`,
+/// `tls.key` and `ca.crt`.
+pub fn self_signed_secret(
+    ca: &CertificateAuthority,
+    namespace: &str,
+    name: &str,
+    owner: Option<OwnerReference>,
+) -> Secret {
+    let bytes = |s: &str| ByteString(s.as_bytes().to_vec());
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            namespace: Some(namespace.to_owned()),
+            labels: Some(BTreeMap::from([(
+                MANAGED_BY_LABEL.to_owned(),
+                MANAGED_BY_VALUE.to_owned(),
+            )])),
+            owner_references: owner.map(|o| vec![o]),
+            ..ObjectMeta::default()
+        },
+        type_: Some("kubernetes.io/tls".into()),
+        data: Some(BTreeMap::from([
+            (CERT_KEY.to_owned(), bytes(ca.certificate_pem())),
+            (KEY_KEY.to_owned(), bytes(ca.key_pem().expose())),
+            (CA_KEY.to_owned(), bytes(ca.certificate_pem())),
+        ])),
+        ..Secret::default()
+    }
+}
+
+/// The common name of a generated root.
+pub fn self_signed_common_name(key: &IssuerKey) -> String {
+    match key {
+        IssuerKey::Namespaced { namespace, name } => format!("leasehold Issuer {namespace}/{name}"),
+        IssuerKey::Cluster { name } => format!("leasehold ClusterIssuer {name}"),
+    }
+}
+
+/// The status for an outcome: `type` and the `Ready` condition.
+pub fn issuer_status(
+    existing: Option<&IssuerStatus>,
+    issuer_type: Option<IssuerType>,
+    outcome: &Result<String, NotReadyReason>,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> IssuerStatus {
+    let mut conds = existing.map(|s| s.conditions.clone()).unwrap_or_default();
+    let mut ready = match outcome {
+        Ok(message) => condition(
+            conditions::READY,
+            true,
+            "Ready",
+            message.clone(),
+            generation,
+            now,
+        ),
+        Err(why) => condition(
+            conditions::READY,
+            false,
+            why.reason,
+            why.message.clone(),
+            generation,
+            now,
+        ),
+    };
+    ready.last_transition_time = k8s_time(now);
+    upsert(&mut conds, ready);
+    IssuerStatus {
+        observed_generation: generation,
+        type_: issuer_type,
+        conditions: conds,
+    }
+}
+
+/// What to do next after a reconcile.
+pub fn next_action(outcome: &Result<String, NotReadyReason>) -> Action {
+    match outcome {
+        Ok(_) => Action::requeue(READY_RESYNC),
+        Err(_) => Action::requeue(NOT_READY_RESYNC),
+    }
+}
+
+// ---- effects ----
+
+/// Shared state of the issuer controller.
+pub struct IssuerContext {
+    pub client: Client,
+    pub registry: IssuerRegistry,
+    /// Home of ClusterIssuer Secrets and ConfigMaps (the controller's namespace).
+    pub controller_namespace: String,
+    pub metrics: Arc<Metrics>,
+    pub recorder: Option<Recorder>,
+}
+
+impl std::fmt::Debug for IssuerContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IssuerContext")
+            .field("controller_namespace", &self.controller_namespace)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An Issuer or a ClusterIssuer, as the reconciler sees both.
+#[derive(Debug, Clone)]
+pub struct IssuerObject {
+    pub key: IssuerKey,
+    pub spec: IssuerSpec,
+    pub status: Option<IssuerStatus>,
+    pub generation: Option<i64>,
+    pub owner: Option<OwnerReference>,
+    pub reference: k8s_openapi::api::core::v1::ObjectReference,
+}
+
+impl IssuerObject {
+    pub fn from_issuer(issuer: &Issuer) -> Result<Self, OperatorError> {
+        Ok(Self {
+            key: IssuerKey::Namespaced {
+                namespace: issuer
+                    .namespace()
+                    .ok_or(OperatorError::MissingField("metadata.namespace"))?,
+                name: issuer.name_any(),
+            },
+            spec: issuer.spec.clone(),
+            status: issuer.status.clone(),
+            generation: issuer.metadata.generation,
+            owner: issuer.controller_owner_ref(&()),
+            reference: issuer.object_ref(&()),
+        })
+    }
+
+    pub fn from_cluster_issuer(issuer: &ClusterIssuer) -> Self {
+        Self {
+            key: IssuerKey::Cluster {
+                name: issuer.name_any(),
+            },
+            spec: issuer.spec.clone().into(),
+            status: issuer.status.clone(),
+            generation: issuer.metadata.generation,
+            owner: issuer.controller_owner_ref(&()),
+            reference: issuer.object_ref(&()),
+        }
+    }
+}
+
+/// Read the CA Secret; for a `selfSigned` issuer, generate and create it if absent
+/// (create, never overwrite: a concurrent or earlier creation wins and is loaded).
+async fn load_ca(
+    ctx: &IssuerContext,
+    object: &IssuerObject,
+    source: &CaSource,
+) -> Result<Result<CertificateAuthority, NotReadyReason>, OperatorError> {
+    let (namespace, name) = source.secret();
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
+    let mut secret = secrets.get_opt(name).await?;
+    if secret.is_none()
+        && let CaSource::SelfSigned { .. } = source
+    {
+        let ca = CertificateAuthority::self_signed(
+            &self_signed_common_name(&object.key),
+            KeyAlgorithm::EcdsaP256,
+            time::OffsetDateTime::now_utc(),
+            SELF_SIGNED_VALIDITY,
+        )
+        .map_err(|e| OperatorError::Config(format!("generating a CA: {e}")))?;
+        let body = self_signed_secret(&ca, namespace, name, object.owner.clone());
+        match secrets.create(&PostParams::default(), &body).await {
+            Ok(created) => {
+                tracing::info!(issuer = %object.key, secret = %format!("{namespace}/{name}"), "generated a self-signed CA");
+                secret = Some(created);
+            }
+            Err(kube::Error::Api(s)) if s.code == 409 => secret = secrets.get_opt(name).await?,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(evaluate_ca_secret(secret.as_ref(), namespace, name))
+}
+
+fn ready_message(source: &CaSource) -> String {
+    match source {
+        CaSource::Secret { namespace, name } => {
+            format!("signing with the CA in Secret {namespace}/{name}")
+        }
+        CaSource::SelfSigned { namespace, name } => {
+            format!("signing with the self-signed CA kept in Secret {namespace}/{name}")
+        }
+    }
+}
+
+/// Reconcile one Issuer or ClusterIssuer.
+pub async fn reconcile_object(
+    object: IssuerObject,
+    ctx: &IssuerContext,
+) -> Result<Action, OperatorError> {
+    let started = Instant::now();
+    let plan = plan(&object.key, &object.spec, &ctx.controller_namespace);
+    let outcome = match &plan {
+        IssuerPlan::Invalid(why) => Err(why.clone()),
+        IssuerPlan::Acme => Err(NotReadyReason {
+            reason: "AcmeNotSupportedYet",
+            message:
+                "ACME issuers are not supported yet: use spec.ca (secretRef or selfSigned) for now"
+                    .into(),
+        }),
+        IssuerPlan::Ca(source) => match load_ca(ctx, &object, source).await? {
+            Ok(ca) => {
+                let ledger_namespace = object.key.home_namespace(&ctx.controller_namespace);
+                let store = KubeLedgerStore::new(
+                    ctx.client.clone(),
+                    ledger_namespace,
+                    object.key.name(),
+                    object.owner.clone(),
+                );
+                ctx.registry
+                    .set_ready(object.key.clone(), ca, Arc::new(store));
+                Ok(ready_message(source))
+            }
+            Err(why) => Err(why),
+        },
+    };
+    if let Err(why) = &outcome {
+        ctx.registry
+            .set_not_ready(object.key.clone(), why.reason, &why.message);
+    }
+    let status = issuer_status(
+        object.status.as_ref(),
+        plan.issuer_type(),
+        &outcome,
+        object.generation,
+        Timestamp::now(),
+    );
+    if status_changed(object.status.as_ref(), &status) {
+        write_status(ctx, &object, &status).await?;
+        publish_transition(ctx, &object, &outcome);
+    }
+    ctx.metrics
+        .reconciled(CONTROLLER, started.elapsed().as_secs_f64());
+    Ok(next_action(&outcome))
+}
+
+/// Whether `desired` differs from the stored status (as JSON: what the server keeps).
+pub fn status_changed(observed: Option<&IssuerStatus>, desired: &IssuerStatus) -> bool {
+    let strip = |s: &IssuerStatus| {
+        let mut s = s.clone();
+        for c in &mut s.conditions {
+            c.last_transition_time = k8s_time(Timestamp::UNIX_EPOCH);
+        }
+        serde_json::to_value(s).ok()
+    };
+    match observed {
+        None => true,
+        Some(observed) => strip(observed) != strip(desired) || strip(desired).is_none(),
+    }
+}
+
+async fn write_status(
+    ctx: &IssuerContext,
+    object: &IssuerObject,
+    status: &IssuerStatus,
+) -> Result<(), OperatorError> {
+    let kind = match &object.key {
+        IssuerKey::Namespaced { .. } => "Issuer",
+        IssuerKey::Cluster { .. } => "ClusterIssuer",
+    };
+    let body = serde_json::json!({
+        "apiVersion": format!("{}/{}", leasehold_api::GROUP, leasehold_api::VERSION),
+        "kind": kind,
+        "status": status,
+    });
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    match &object.key {
+        IssuerKey::Namespaced { namespace, name } => {
+            Api::<Issuer>::namespaced(ctx.client.clone(), namespace)
+                .patch_status(name, &params, &Patch::Apply(&body))
+                .await?;
+        }
+        IssuerKey::Cluster { name } => {
+            Api::<ClusterIssuer>::all(ctx.client.clone())
+                .patch_status(name, &params, &Patch::Apply(&body))
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+/// An event when the status changed (best effort).
+fn publish_transition(
+    ctx: &IssuerContext,
+    object: &IssuerObject,
+    outcome: &Result<String, NotReadyReason>,
+) {
+    let Some(recorder) = ctx.recorder.clone() else {
+        return;
+    };
+    let (type_, reason, note) = match outcome {
+        Ok(message) => (EventType::Normal, "Ready", message.clone()),
+        Err(why) => (EventType::Warning, why.reason, why.message.clone()),
+    };
+    let reference = object.reference.clone();
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    tokio::spawn(async move {
+        if let Err(e) = recorder.publish(&event, &reference).await {
+            tracing::debug!(error = %e, "cannot publish an event");
+        }
+    });
+}
+
+pub async fn reconcile_issuer(
+    issuer: Arc<Issuer>,
+    ctx: Arc<IssuerContext>,
+) -> Result<Action, OperatorError> {
+    reconcile_object(IssuerObject::from_issuer(&issuer)?, &ctx).await
+}
+
+pub async fn reconcile_cluster_issuer(
+    issuer: Arc<ClusterIssuer>,
+    ctx: Arc<IssuerContext>,
+) -> Result<Action, OperatorError> {
+    reconcile_object(IssuerObject::from_cluster_issuer(&issuer), &ctx).await
+}
+
+pub fn error_policy<K: Resource>(
+    object: Arc<K>,
+    error: &OperatorError,
+    ctx: Arc<IssuerContext>,
+) -> Action {
+    ctx.metrics.failed(CONTROLLER, error.kind());
+    tracing::warn!(issuer = %object.meta().name.as_deref().unwrap_or_default(), error = %error, "issuer reconcile failed");
+    Action::requeue(Duration::from_secs(15))
+}
+
+/// Issuers in `issuers` whose CA Secret is `namespace/name`.
+pub fn issuers_for_secret(
+    issuers: &[Arc<Issuer>],
+    namespace: Option<&str>,
+    name: &str,
+) -> Vec<kube::runtime::reflector::ObjectRef<Issuer>> {
+    issuers
+        .iter()
+        .filter(|i| i.namespace().as_deref() == namespace)
+        .filter(|i| {
+            i.spec.ca.as_ref().is_some_and(|ca| {
+                ca.secret_ref.as_ref().is_some_and(|r| r.name == name)
+                    || (ca.self_signed && self_signed_secret_name(&i.name_any()) == name)
+            })
+        })
+        .map(|i| kube::runtime::reflector::ObjectRef::from_obj(i.as_ref()))
+        .collect()
+}
+
+/// ClusterIssuers in `issuers` whose CA Secret is `namespace/name`.
+pub fn cluster_issuers_for_secret(
+    issuers: &[Arc<ClusterIssuer>],
+    controller_namespace: &str,
+    namespace: Option<&str>,
+    name: &str,
+) -> Vec<kube::runtime::reflector::ObjectRef<ClusterIssuer>> {
+    issuers
+        .iter()
+        .filter(|i| {
+            let key = IssuerKey::Cluster { name: i.name_any() };
+            match plan(&key, &i.spec.clone().into(), controller_namespace) {
+                IssuerPlan::Ca(source) => source.secret() == (namespace.unwrap_or_default(), name),
+                _ => false,
+            }
+        })
+        .map(|i| kube::runtime::reflector::ObjectRef::from_obj(i.as_ref()))
+        .collect()
+}
