@@ -560,3 +560,300 @@ impl LedgerStore for MemoryLedgerStore {
         Ok(())
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::sync::Mutex;
+    use std::sync::atomic::Ordering;
+
+    use leasehold_certs::issuer::NoJournal;
+    use leasehold_certs::{
+        CaIssuer, CertificateIssuer, CertificateRequest, IssueOrder, KeyAlgorithm,
+        RevocationLedger, RevocationReason, RevokeOrder, csr_for, generate_key, new_serial,
+    };
+
+    use super::*;
+
+    fn t0() -> OffsetDateTime {
+        OffsetDateTime::from_unix_timestamp(1_900_000_000).unwrap()
+    }
+
+    fn ca() -> Arc<CertificateAuthority> {
+        Arc::new(
+            CertificateAuthority::self_signed(
+                "test CA",
+                KeyAlgorithm::EcdsaP256,
+                t0() - time::Duration::days(1),
+                time::Duration::days(3650),
+            )
+            .unwrap(),
+        )
+    }
+
+    /// A clock tests move by hand.
+    fn fake_clock() -> (Arc<Mutex<OffsetDateTime>>, Clock) {
+        let now = Arc::new(Mutex::new(t0()));
+        let read = now.clone();
+        (now, Arc::new(move || *read.lock().unwrap()))
+    }
+
+    fn entry(serial: &str, not_after: Option<OffsetDateTime>) -> RevocationEntry {
+        RevocationEntry {
+            serial: serial.into(),
+            revoked_at: t0(),
+            reason: RevocationReason::Superseded,
+            not_after,
+        }
+    }
+
+    #[test]
+    fn a_revocation_signs_a_crl_listing_it_and_a_repeat_writes_nothing() {
+        let ca = ca();
+        let doc = with_revocation(None, entry("0A", None), &ca, t0(), CRL_VALIDITY)
+            .unwrap()
+            .unwrap();
+        assert!(doc.list.is_revoked("0a"));
+        let crl = doc.crl.clone().unwrap();
+        assert_eq!((crl.entries, crl.crl_number), (1, 1));
+        assert_eq!(crl.next_update, t0() + CRL_VALIDITY);
+        let again =
+            with_revocation(Some(&doc), entry("0a", None), &ca, t0(), CRL_VALIDITY).unwrap();
+        assert_eq!(again, None, "already revoked and the CRL is current");
+    }
+
+    #[test]
+    fn expired_certificates_leave_the_crl() {
+        let ca = ca();
+        let soon = t0() + time::Duration::hours(1);
+        let doc = with_revocation(None, entry("01", Some(soon)), &ca, t0(), CRL_VALIDITY)
+            .unwrap()
+            .unwrap();
+        let later = t0() + time::Duration::hours(2);
+        let doc = with_revocation(Some(&doc), entry("02", None), &ca, later, CRL_VALIDITY)
+            .unwrap()
+            .unwrap();
+        assert!(!doc.list.is_revoked("01"));
+        assert!(doc.list.is_revoked("02"));
+        assert_eq!(doc.crl.unwrap().entries, 1);
+        // An already expired certificate is not even added.
+        let doc = with_revocation(None, entry("03", Some(t0())), &ca, later, CRL_VALIDITY)
+            .unwrap()
+            .unwrap();
+        assert!(doc.list.entries.is_empty());
+    }
+
+    #[test]
+    fn refresh_is_due_at_two_thirds_of_the_window() {
+        let ca = ca();
+        let doc = refreshed(None, &ca, t0(), CRL_VALIDITY).unwrap().unwrap();
+        let crl = doc.crl.clone().unwrap();
+        assert_eq!(crl.refresh_at(), t0() + time::Duration::hours(16));
+        assert_eq!(
+            refresh_sleep(&crl, t0()),
+            Duration::from_secs(3600),
+            "capped at MAX_REFRESH_SLEEP"
+        );
+        assert_eq!(
+            refresh_sleep(&crl, t0() + time::Duration::minutes(15 * 60 + 30)),
+            Duration::from_secs(30 * 60)
+        );
+        assert_eq!(
+            refresh_sleep(&crl, t0() + time::Duration::hours(20)),
+            Duration::from_secs(1)
+        );
+        let just_before = t0() + time::Duration::hours(16) - time::Duration::seconds(1);
+        assert_eq!(
+            refreshed(Some(&doc), &ca, just_before, CRL_VALIDITY).unwrap(),
+            None
+        );
+        let due = refreshed(
+            Some(&doc),
+            &ca,
+            t0() + time::Duration::hours(16),
+            CRL_VALIDITY,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(due.crl.unwrap().crl_number, 2);
+    }
+
+    #[test]
+    fn the_configmap_form_round_trips() {
+        let ca = ca();
+        let doc = with_revocation(None, entry("0abc", None), &ca, t0(), CRL_VALIDITY)
+            .unwrap()
+            .unwrap();
+        let parts = document_to_configmap_parts(&doc).unwrap();
+        assert!(parts.data[CRL_KEY].starts_with("-----BEGIN X509 CRL-----"));
+        let cm = ConfigMap {
+            metadata: ObjectMeta {
+                annotations: Some(parts.annotations),
+                ..ObjectMeta::default()
+            },
+            data: Some(parts.data.clone()),
+            ..ConfigMap::default()
+        };
+        assert_eq!(document_from_configmap(&cm).unwrap(), doc);
+        // Without the window annotations the CRL reads as absent (signed again)...
+        let bare = ConfigMap {
+            data: Some(parts.data.clone()),
+            ..ConfigMap::default()
+        };
+        assert_eq!(document_from_configmap(&bare).unwrap().crl, None);
+        // ...but an unreadable list is an error, never an empty list.
+        let mut broken = parts.data;
+        broken.insert(REVOKED_KEY.into(), "{not json".into());
+        let broken = ConfigMap {
+            data: Some(broken),
+            ..ConfigMap::default()
+        };
+        assert!(document_from_configmap(&broken).is_err());
+    }
+
+    #[tokio::test]
+    async fn the_refresh_task_logic_follows_a_fake_clock() {
+        let store = Arc::new(MemoryLedgerStore::default());
+        let (now, clock) = fake_clock();
+        let ledger = ConfigMapLedger::new(store.clone(), ca()).with_clock(clock);
+        assert_eq!(ledger.crl_pem(), None);
+        // First refresh signs; sleeps the capped hour.
+        assert_eq!(ledger.refresh().await.unwrap(), MAX_REFRESH_SLEEP);
+        assert_eq!(store.writes.load(Ordering::SeqCst), 1);
+        assert!(ledger.crl_pem().is_some());
+        // An hour later nothing is due: no write.
+        *now.lock().unwrap() = t0() + time::Duration::hours(1);
+        ledger.refresh().await.unwrap();
+        assert_eq!(store.writes.load(Ordering::SeqCst), 1);
+        // 15h30m in: sleeps until the 16h refresh time.
+        *now.lock().unwrap() = t0() + time::Duration::minutes(15 * 60 + 30);
+        assert_eq!(
+            ledger.refresh().await.unwrap(),
+            Duration::from_secs(30 * 60)
+        );
+        assert_eq!(store.writes.load(Ordering::SeqCst), 1);
+        // At 16h a new CRL is signed, valid for 24h from now.
+        *now.lock().unwrap() = t0() + time::Duration::hours(16);
+        ledger.refresh().await.unwrap();
+        assert_eq!(store.writes.load(Ordering::SeqCst), 2);
+        let crl = store.document().unwrap().crl.unwrap();
+        assert_eq!(crl.crl_number, 2);
+        assert_eq!(crl.next_update, t0() + time::Duration::hours(40));
+    }
+
+    #[tokio::test]
+    async fn revoke_retries_conflicts_then_gives_up() {
+        let store = Arc::new(MemoryLedgerStore::default());
+        let (_, clock) = fake_clock();
+        let ledger = ConfigMapLedger::new(store.clone(), ca()).with_clock(clock);
+        // Two concurrent writers: the first two writes conflict, the third lands.
+        store.conflicts_to_inject.store(2, Ordering::SeqCst);
+        ledger.revoke(entry("aa", None)).await.unwrap();
+        assert!(ledger.list().await.unwrap().is_revoked("aa"));
+        // Contended on every attempt: Unavailable, naming the ConfigMap, and nothing lost.
+        store
+            .conflicts_to_inject
+            .store(WRITE_ATTEMPTS, Ordering::SeqCst);
+        let err = ledger.revoke(entry("bb", None)).await.unwrap_err();
+        assert!(matches!(err, IssuerError::Unavailable(_)), "{err}");
+        assert!(err.is_transient());
+        assert!(err.to_string().contains("memory/ledger"), "{err}");
+        assert!(!ledger.list().await.unwrap().is_revoked("bb"));
+        ledger.revoke(entry("bb", None)).await.unwrap();
+        let list = ledger.list().await.unwrap();
+        assert!(list.is_revoked("aa") && list.is_revoked("bb"));
+        assert_eq!(store.document().unwrap().crl.unwrap().entries, 2);
+    }
+
+    #[tokio::test]
+    async fn concurrent_revocations_all_land() {
+        let store = Arc::new(MemoryLedgerStore::default());
+        let ledger = Arc::new(ConfigMapLedger::new(store.clone(), ca()));
+        let tasks: Vec<_> = (0..4)
+            .map(|i| {
+                let ledger = ledger.clone();
+                tokio::spawn(async move { ledger.revoke(entry(&format!("0{i}"), None)).await })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap().unwrap();
+        }
+        assert_eq!(ledger.list().await.unwrap().entries.len(), 4);
+    }
+
+    fn openssl_verify(dir: &std::path::Path, crl_pem: &str) -> std::process::Output {
+        std::fs::write(dir.join("crl.pem"), crl_pem).unwrap();
+        std::process::Command::new("openssl")
+            .args([
+                "verify",
+                "-crl_check",
+                "-CAfile",
+                "ca.pem",
+                "-CRLfile",
+                "crl.pem",
+                "leaf.pem",
+            ])
+            .current_dir(dir)
+            .output()
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn openssl_rejects_a_leaf_once_revoked() {
+        let ca = Arc::new(
+            CertificateAuthority::self_signed(
+                "openssl CA",
+                KeyAlgorithm::EcdsaP256,
+                OffsetDateTime::now_utc() - time::Duration::hours(1),
+                time::Duration::days(30),
+            )
+            .unwrap(),
+        );
+        let store = Arc::new(MemoryLedgerStore::default());
+        let ledger = Arc::new(ConfigMapLedger::new(store.clone(), ca.clone()));
+        let issuer = CaIssuer::new(ca.clone(), ledger.clone());
+        let request =
+            CertificateRequest::server("app", &["app.shop.svc"], time::Duration::hours(1));
+        let key = generate_key(KeyAlgorithm::EcdsaP256).unwrap();
+        let csr = csr_for(&key, &request).unwrap();
+        let serial = new_serial();
+        let issued = issuer
+            .issue(IssueOrder {
+                request: &request,
+                csr_pem: &csr,
+                serial: &serial,
+                journal: &NoJournal,
+            })
+            .await
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca.pem"), ca.certificate_pem()).unwrap();
+        std::fs::write(dir.path().join("leaf.pem"), &issued.leaf_pem).unwrap();
+
+        ledger.refresh().await.unwrap();
+        let before = openssl_verify(dir.path(), &ledger.crl_pem().unwrap());
+        assert!(
+            before.status.success(),
+            "not revoked yet: {}",
+            String::from_utf8_lossy(&before.stdout) + String::from_utf8_lossy(&before.stderr)
+        );
+
+        issuer
+            .revoke(RevokeOrder {
+                serial: &issued.serial,
+                leaf_pem: None,
+                not_after: Some(issued.not_after),
+                reason: RevocationReason::Superseded,
+            })
+            .await
+            .unwrap();
+        // What the ConfigMap holds, not only the in-memory copy.
+        let stored = store.document().unwrap().crl.unwrap().pem;
+        assert_eq!(Some(stored.clone()), ledger.crl_pem());
+        let after = openssl_verify(dir.path(), &stored);
+        let output =
+            String::from_utf8_lossy(&after.stdout) + String::from_utf8_lossy(&after.stderr);
+        assert!(!after.status.success(), "revoked, yet verified: {output}");
+        assert!(output.contains("certificate revoked"), "{output}");
+    }
+}
