@@ -816,3 +816,395 @@ pub fn cluster_issuers_for_secret(
         .map(|i| kube::runtime::reflector::ObjectRef::from_obj(i.as_ref()))
         .collect()
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use leasehold_api::{AcmeIssuer, CaIssuer as CaSpec, IssuerSecretRef};
+
+    use super::*;
+    use crate::crl::MemoryLedgerStore;
+
+    fn ns_key() -> IssuerKey {
+        IssuerKey::Namespaced {
+            namespace: "shop".into(),
+            name: "internal".into(),
+        }
+    }
+
+    fn ca_spec(secret: Option<(&str, Option<&str>)>, self_signed: bool) -> IssuerSpec {
+        IssuerSpec {
+            ca: Some(CaSpec {
+                secret_ref: secret.map(|(name, namespace)| IssuerSecretRef {
+                    name: name.into(),
+                    namespace: namespace.map(Into::into),
+                }),
+                self_signed,
+            }),
+            acme: None,
+        }
+    }
+
+    fn test_ca() -> CertificateAuthority {
+        CertificateAuthority::self_signed(
+            "test",
+            KeyAlgorithm::EcdsaP256,
+            time::OffsetDateTime::now_utc(),
+            time::Duration::days(1),
+        )
+        .unwrap()
+    }
+
+    fn secret_with(data: &[(&str, &str)]) -> Secret {
+        Secret {
+            data: Some(
+                data.iter()
+                    .map(|(k, v)| ((*k).to_owned(), ByteString(v.as_bytes().to_vec())))
+                    .collect(),
+            ),
+            ..Secret::default()
+        }
+    }
+
+    #[test]
+    fn plan_reads_what_the_spec_names() {
+        assert_eq!(
+            plan(&ns_key(), &ca_spec(Some(("ca", None)), false), "leasehold"),
+            IssuerPlan::Ca(CaSource::Secret {
+                namespace: "shop".into(),
+                name: "ca".into()
+            })
+        );
+        assert_eq!(
+            plan(&ns_key(), &ca_spec(None, true), "leasehold"),
+            IssuerPlan::Ca(CaSource::SelfSigned {
+                namespace: "shop".into(),
+                name: "internal-ca".into()
+            })
+        );
+        let cluster = IssuerKey::Cluster {
+            name: "root".into(),
+        };
+        assert_eq!(
+            plan(&cluster, &ca_spec(Some(("ca", None)), false), "leasehold"),
+            IssuerPlan::Ca(CaSource::Secret {
+                namespace: "leasehold".into(),
+                name: "ca".into()
+            })
+        );
+        assert_eq!(
+            plan(
+                &cluster,
+                &ca_spec(Some(("ca", Some("pki"))), false),
+                "leasehold"
+            ),
+            IssuerPlan::Ca(CaSource::Secret {
+                namespace: "pki".into(),
+                name: "ca".into()
+            })
+        );
+        assert_eq!(
+            plan(&cluster, &ca_spec(None, true), "leasehold"),
+            IssuerPlan::Ca(CaSource::SelfSigned {
+                namespace: "leasehold".into(),
+                name: "root-ca".into()
+            })
+        );
+        // An Issuer never reads another namespace.
+        let IssuerPlan::Invalid(why) = plan(
+            &ns_key(),
+            &ca_spec(Some(("ca", Some("kube-system"))), false),
+            "leasehold",
+        ) else {
+            panic!("cross-namespace secretRef accepted");
+        };
+        assert_eq!(why.reason, "InvalidSpec");
+        assert!(why.message.contains("kube-system"), "{}", why.message);
+        let acme = IssuerSpec {
+            ca: None,
+            acme: Some(AcmeIssuer {
+                directory_url: "https://acme.example/directory".into(),
+                email: None,
+                account_key_secret_ref: IssuerSecretRef {
+                    name: "acct".into(),
+                    namespace: None,
+                },
+                external_account_binding: None,
+                http01: None,
+            }),
+        };
+        assert_eq!(plan(&ns_key(), &acme, "leasehold"), IssuerPlan::Acme);
+        assert!(matches!(
+            plan(
+                &ns_key(),
+                &IssuerSpec {
+                    ca: None,
+                    acme: None
+                },
+                "x"
+            ),
+            IssuerPlan::Invalid(_)
+        ));
+    }
+
+    #[test]
+    fn a_ca_secret_loads_or_says_what_to_fix_without_the_key() {
+        let ca = test_ca();
+        let key = ca.key_pem().expose().to_owned();
+        let good = secret_with(&[(CERT_KEY, ca.certificate_pem()), (KEY_KEY, &key)]);
+        let loaded = evaluate_ca_secret(Some(&good), "shop", "ca").unwrap();
+        assert_eq!(loaded.certificate_pem(), ca.certificate_pem());
+
+        let missing = evaluate_ca_secret(None, "shop", "ca").unwrap_err();
+        assert_eq!(missing.reason, "SecretNotFound");
+        assert!(missing.message.contains("shop/ca"));
+
+        let incomplete = evaluate_ca_secret(
+            Some(&secret_with(&[(CERT_KEY, ca.certificate_pem())])),
+            "shop",
+            "ca",
+        )
+        .unwrap_err();
+        assert_eq!(incomplete.reason, "SecretIncomplete");
+        assert!(incomplete.message.contains(KEY_KEY));
+
+        let other = test_ca();
+        let mismatch = secret_with(&[
+            (CERT_KEY, ca.certificate_pem()),
+            (KEY_KEY, other.key_pem().expose()),
+        ]);
+        let why = evaluate_ca_secret(Some(&mismatch), "shop", "ca").unwrap_err();
+        assert_eq!(why.reason, "InvalidCA");
+        assert!(
+            why.message.contains("shop/ca") && why.message.contains("does not match"),
+            "{}",
+            why.message
+        );
+
+        // A leaf is not a CA.
+        let request = leasehold_certs::CertificateRequest::server(
+            "leaf",
+            &["leaf.example"],
+            time::Duration::hours(1),
+        );
+        let leaf = ca
+            .issue_with_generated_key(&request, time::OffsetDateTime::now_utc())
+            .unwrap();
+        let not_ca = secret_with(&[
+            (CERT_KEY, &leaf.certificate_pem),
+            (KEY_KEY, leaf.private_key.as_ref().unwrap().expose()),
+        ]);
+        assert_eq!(
+            evaluate_ca_secret(Some(&not_ca), "shop", "ca")
+                .unwrap_err()
+                .reason,
+            "InvalidCA"
+        );
+
+        // No message, status or Debug output carries the key.
+        for why in [
+            missing,
+            incomplete,
+            evaluate_ca_secret(Some(&mismatch), "shop", "ca").unwrap_err(),
+        ] {
+            let status = issuer_status(
+                None,
+                Some(IssuerType::Ca),
+                &Err(why.clone()),
+                Some(1),
+                Timestamp::now(),
+            );
+            let text = format!(
+                "{why:?} {} {}",
+                why.message,
+                serde_json::to_string(&status).unwrap()
+            );
+            for secret_key in [&key, other.key_pem().expose()] {
+                let body = secret_key.lines().nth(1).unwrap();
+                assert!(!text.contains(body), "key material leaked: {text}");
+            }
+        }
+        assert!(!format!("{loaded:?}").contains(key.lines().nth(1).unwrap()));
+    }
+
+    #[test]
+    fn the_generated_root_secret_is_a_tls_secret() {
+        let ca = test_ca();
+        let secret = self_signed_secret(&ca, "shop", "internal-ca", None);
+        assert_eq!(secret.type_.as_deref(), Some("kubernetes.io/tls"));
+        let data = secret.data.as_ref().unwrap();
+        assert_eq!(data.keys().collect::<Vec<_>>(), [CA_KEY, CERT_KEY, KEY_KEY]);
+        // It loads back as the same CA: a restart reuses it.
+        let again = evaluate_ca_secret(Some(&secret), "shop", "internal-ca").unwrap();
+        assert_eq!(again.certificate_pem(), ca.certificate_pem());
+        assert_eq!(
+            self_signed_common_name(&ns_key()),
+            "leasehold Issuer shop/internal"
+        );
+    }
+
+    #[test]
+    fn status_says_ready_or_why_not_with_the_generation() {
+        let t0 = Timestamp::from_second(1_900_000_000).unwrap();
+        let t1 = Timestamp::from_second(1_900_000_100).unwrap();
+        let not_ready = Err(NotReadyReason {
+            reason: "AcmeNotSupportedYet",
+            message: "later".into(),
+        });
+        let s1 = issuer_status(None, Some(IssuerType::Acme), &not_ready, Some(3), t0);
+        assert_eq!(s1.observed_generation, Some(3));
+        let ready = &s1.conditions[0];
+        assert_eq!(
+            (
+                ready.type_.as_str(),
+                ready.status.as_str(),
+                ready.reason.as_str()
+            ),
+            ("Ready", "False", "AcmeNotSupportedYet")
+        );
+        assert_eq!(ready.observed_generation, Some(3));
+        let json = serde_json::to_value(&s1).unwrap();
+        assert_eq!(json["type"], "ACME");
+        // Same outcome later: unchanged, nothing to write.
+        let s2 = issuer_status(Some(&s1), Some(IssuerType::Acme), &not_ready, Some(3), t1);
+        assert!(!status_changed(Some(&s1), &s2));
+        assert_eq!(
+            s2.conditions[0].last_transition_time,
+            s1.conditions[0].last_transition_time
+        );
+        // Ready now: the transition time moves.
+        let s3 = issuer_status(
+            Some(&s2),
+            Some(IssuerType::Ca),
+            &Ok("signing".into()),
+            Some(4),
+            t1,
+        );
+        assert!(status_changed(Some(&s2), &s3));
+        assert_eq!(s3.conditions[0].status, "True");
+        assert_eq!(s3.conditions[0].last_transition_time, k8s_time(t1));
+        assert!(status_changed(None, &s3));
+    }
+
+    #[test]
+    fn mappers_find_issuers_of_a_secret() {
+        let issuer: Issuer = serde_json::from_value(serde_json::json!({
+            "apiVersion": "leasehold.dev/v1alpha1", "kind": "Issuer",
+            "metadata": {"name": "internal", "namespace": "shop"},
+            "spec": {"ca": {"secretRef": {"name": "ca"}}}
+        }))
+        .unwrap();
+        let generated: Issuer = serde_json::from_value(serde_json::json!({
+            "apiVersion": "leasehold.dev/v1alpha1", "kind": "Issuer",
+            "metadata": {"name": "gen", "namespace": "shop"},
+            "spec": {"ca": {"selfSigned": true}}
+        }))
+        .unwrap();
+        let issuers = vec![Arc::new(issuer), Arc::new(generated)];
+        let names = |refs: Vec<kube::runtime::reflector::ObjectRef<Issuer>>| {
+            refs.into_iter().map(|r| r.name).collect::<Vec<_>>()
+        };
+        assert_eq!(
+            names(issuers_for_secret(&issuers, Some("shop"), "ca")),
+            ["internal"]
+        );
+        assert_eq!(
+            names(issuers_for_secret(&issuers, Some("shop"), "gen-ca")),
+            ["gen"]
+        );
+        assert!(issuers_for_secret(&issuers, Some("other"), "ca").is_empty());
+        let cluster: ClusterIssuer = serde_json::from_value(serde_json::json!({
+            "apiVersion": "leasehold.dev/v1alpha1", "kind": "ClusterIssuer",
+            "metadata": {"name": "root"},
+            "spec": {"ca": {"secretRef": {"name": "root-ca"}}}
+        }))
+        .unwrap();
+        let cluster = vec![Arc::new(cluster)];
+        assert_eq!(
+            cluster_issuers_for_secret(&cluster, "leasehold", Some("leasehold"), "root-ca").len(),
+            1
+        );
+        assert!(
+            cluster_issuers_for_secret(&cluster, "leasehold", Some("shop"), "root-ca").is_empty()
+        );
+    }
+
+    #[tokio::test]
+    async fn the_registry_resolves_ready_issuers_and_says_why_not() {
+        let registry = IssuerRegistry::new();
+        let mut changes = registry.changes();
+        let lease_ref = |kind: IssuerKind, name: &str| IssuerRef {
+            name: name.into(),
+            kind,
+        };
+        let err = registry
+            .resolve("shop", &lease_ref(IssuerKind::Issuer, "internal"))
+            .err()
+            .unwrap();
+        assert_eq!(err.reason(), "IssuerNotFound");
+        assert!(
+            err.to_string()
+                .contains("Issuer shop/internal does not exist"),
+            "{err}"
+        );
+
+        registry.set_not_ready(ns_key(), "SecretNotFound", "Secret shop/ca does not exist");
+        assert!(changes.has_changed().unwrap());
+        changes.mark_unchanged();
+        let err = registry
+            .resolve("shop", &lease_ref(IssuerKind::Issuer, "internal"))
+            .err()
+            .unwrap();
+        assert_eq!(err.reason(), "SecretNotFound");
+        assert!(
+            err.to_string().contains("Secret shop/ca does not exist"),
+            "{err}"
+        );
+        // The same reason again is no change.
+        registry.set_not_ready(ns_key(), "SecretNotFound", "Secret shop/ca does not exist");
+        assert!(!changes.has_changed().unwrap());
+
+        let ca = test_ca();
+        let ca_pem = ca.certificate_pem().to_owned();
+        registry.set_ready(ns_key(), ca, Arc::new(MemoryLedgerStore::default()));
+        assert!(changes.has_changed().unwrap());
+        changes.mark_unchanged();
+        let issuer = registry
+            .resolve("shop", &lease_ref(IssuerKind::Issuer, "internal"))
+            .unwrap();
+        assert_eq!(issuer.kind(), "CA");
+        assert_eq!(
+            registry
+                .ca_pem("shop", &lease_ref(IssuerKind::Issuer, "internal"))
+                .unwrap(),
+            ca_pem
+        );
+        // Another namespace's lease does not see it; a ClusterIssuer of that name neither.
+        assert!(
+            registry
+                .resolve("other", &lease_ref(IssuerKind::Issuer, "internal"))
+                .is_err()
+        );
+        assert!(
+            registry
+                .resolve("shop", &lease_ref(IssuerKind::ClusterIssuer, "internal"))
+                .is_err()
+        );
+        // The refresh task signs the first CRL.
+        let key = ns_key();
+        let crl = loop {
+            if let Some(crl) = registry.crl_pem_by_key(&key).unwrap() {
+                break crl;
+            }
+            tokio::task::yield_now().await;
+        };
+        assert!(crl.starts_with("-----BEGIN X509 CRL-----"));
+
+        registry.remove(&key);
+        assert!(changes.has_changed().unwrap());
+        assert!(matches!(
+            registry.resolve_key(&key),
+            Err(IssuerNotReady::NotFound { .. })
+        ));
+    }
+}
