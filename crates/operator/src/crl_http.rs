@@ -210,3 +210,128 @@ pub async fn serve(
     tracing::info!(%addr, "serving /crl and /ca");
     serve_on(listener, registry, shutdown).await
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::sync::Arc;
+
+    use leasehold_certs::{CertificateAuthority, KeyAlgorithm};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+    use crate::crl::MemoryLedgerStore;
+
+    #[test]
+    fn file_names_pick_the_encoding() {
+        assert_eq!(
+            parse_file("internal.pem", "crl"),
+            Some(("internal", Encoding::Pem))
+        );
+        assert_eq!(
+            parse_file("internal.crl", "crl"),
+            Some(("internal", Encoding::Der))
+        );
+        assert_eq!(parse_file("a.b.crt", "crt"), Some(("a.b", Encoding::Der)));
+        assert_eq!(parse_file("internal.crt", "crl"), None);
+        assert_eq!(parse_file("internal", "crl"), None);
+        assert_eq!(parse_file(".pem", "crl"), None);
+    }
+
+    /// One HTTP/1.1 GET over a real socket: (status, content type, body).
+    async fn get(addr: SocketAddr, path: &str) -> (u16, String, Vec<u8>) {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(
+                format!("GET {path} HTTP/1.1\r\nHost: crl\r\nConnection: close\r\n\r\n").as_bytes(),
+            )
+            .await
+            .unwrap();
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await.unwrap();
+        let split = response.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+        let head = String::from_utf8_lossy(&response[..split]).to_string();
+        let body = response[split + 4..].to_vec();
+        let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+        let content_type = head
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-type: ")
+                    .map(str::to_owned)
+            })
+            .unwrap_or_default();
+        (status, content_type, body)
+    }
+
+    #[tokio::test]
+    async fn serves_crls_and_ca_certificates_over_http() {
+        let registry = IssuerRegistry::new();
+        let ca = CertificateAuthority::self_signed(
+            "http CA",
+            KeyAlgorithm::EcdsaP256,
+            time::OffsetDateTime::now_utc(),
+            time::Duration::days(1),
+        )
+        .unwrap();
+        let ca_pem = ca.certificate_pem().to_owned();
+        let ca_der = ca.certificate_der().to_vec();
+        let store = Arc::new(MemoryLedgerStore::default());
+        let key = IssuerKey::Namespaced {
+            namespace: "shop".into(),
+            name: "internal".into(),
+        };
+        registry.set_ready(key.clone(), ca, store.clone());
+        registry.set_not_ready(
+            IssuerKey::Cluster {
+                name: "broken".into(),
+            },
+            "SecretNotFound",
+            "Secret leasehold/x does not exist",
+        );
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve_on(listener, registry.clone(), async move {
+            let _ = stop_rx.await;
+        }));
+
+        // The first CRL is signed by the refresh task; wait for it.
+        let crl_pem = loop {
+            if let Some(pem) = registry.crl_pem_by_key(&key).unwrap() {
+                break pem;
+            }
+            tokio::task::yield_now().await;
+        };
+        let (status, content_type, body) = get(addr, "/crl/issuer/shop/internal.pem").await;
+        assert_eq!((status, content_type.as_str()), (200, PEM_CONTENT_TYPE));
+        assert_eq!(String::from_utf8(body).unwrap(), crl_pem);
+        let (status, content_type, body) = get(addr, "/crl/issuer/shop/internal.crl").await;
+        assert_eq!((status, content_type.as_str()), (200, CRL_DER_CONTENT_TYPE));
+        assert_eq!(body, pem_to_der(&crl_pem).unwrap());
+        assert_eq!(body[0], 0x30, "DER SEQUENCE");
+
+        let (status, content_type, body) = get(addr, "/ca/issuer/shop/internal.pem").await;
+        assert_eq!((status, content_type.as_str()), (200, PEM_CONTENT_TYPE));
+        assert_eq!(String::from_utf8(body).unwrap(), ca_pem);
+        let (status, content_type, body) = get(addr, "/ca/issuer/shop/internal.crt").await;
+        assert_eq!(
+            (status, content_type.as_str()),
+            (200, CERT_DER_CONTENT_TYPE)
+        );
+        assert_eq!(body, ca_der);
+
+        let (status, _, body) = get(addr, "/crl/clusterissuer/broken.pem").await;
+        assert_eq!(status, 404);
+        assert!(String::from_utf8_lossy(&body).contains("SecretNotFound"));
+        let (status, _, body) = get(addr, "/crl/issuer/other/internal.pem").await;
+        assert_eq!(status, 404);
+        assert!(String::from_utf8_lossy(&body).contains("does not exist"));
+        assert_eq!(get(addr, "/crl/issuer/shop/internal.txt").await.0, 404);
+        assert_eq!(get(addr, "/ca/clusterissuer/internal.crl").await.0, 404);
+
+        stop_tx.send(()).unwrap();
+        server.await.unwrap().unwrap();
+    }
+}
