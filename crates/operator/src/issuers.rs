@@ -142,6 +142,8 @@ enum RegistryEntry {
 pub struct IssuerRegistry {
     entries: Arc<RwLock<HashMap<IssuerKey, RegistryEntry>>>,
     changes: Arc<watch::Sender<u64>>,
+    /// Start a CRL refresh task per ready issuer (off in scripted-API tests).
+    refresh_crls: bool,
 }
 
 impl std::fmt::Debug for IssuerRegistry {
@@ -164,6 +166,15 @@ impl IssuerRegistry {
         Self {
             entries: Arc::default(),
             changes: Arc::new(watch::channel(0).0),
+            refresh_crls: true,
+        }
+    }
+
+    /// A registry that starts no CRL refresh tasks (tests that script every API call).
+    pub fn without_crl_refresh() -> Self {
+        Self {
+            refresh_crls: false,
+            ..Self::new()
         }
     }
 
@@ -244,11 +255,14 @@ impl IssuerRegistry {
         let ca = Arc::new(ca);
         let ledger = Arc::new(ConfigMapLedger::new(store, ca.clone()));
         let issuer = Arc::new(CaIssuer::new(ca, ledger.clone()));
-        let refresher = tokio::runtime::Handle::try_current().ok().map(|handle| {
-            handle
-                .spawn(ledger.clone().refresh_forever())
-                .abort_handle()
-        });
+        let refresher = tokio::runtime::Handle::try_current()
+            .ok()
+            .filter(|_| self.refresh_crls)
+            .map(|handle| {
+                handle
+                    .spawn(ledger.clone().refresh_forever())
+                    .abort_handle()
+            });
         let entry = RegistryEntry::Ready(ReadyIssuer {
             issuer,
             ledger,

@@ -241,6 +241,22 @@ async fn run_controllers(
     tokio::join!(lease_stream, policy_stream, ready);
 }
 
+/// Resolves when `stop` is set before `store` was ever listed. A controller waits for
+/// its store before it reconciles and does not see a graceful shutdown meanwhile (for
+/// example when the CRDs are not installed): nothing has started then, so it can simply
+/// be dropped. Once the store is ready, shutdown is left to the controller.
+async fn stopped_before_ready<K>(stop: watch::Receiver<bool>, store: reflector::Store<K>)
+where
+    K: kube::Resource + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    use futures::FutureExt;
+    wait_for(stop).await;
+    if store.wait_until_ready().now_or_never().is_some() {
+        std::future::pending::<()>().await;
+    }
+}
+
 /// The Issuer controller for one namespace (or all), with the Secrets it reads.
 async fn run_issuer_controller(
     client: Client,
@@ -268,7 +284,8 @@ async fn run_issuer_controller(
     let secret_stream = watcher(secrets, watcher::Config::default())
         .default_backoff()
         .touched_objects();
-    Controller::for_stream(stream, store)
+    let stopped = stopped_before_ready(stop.clone(), store.clone());
+    let controller = Controller::for_stream(stream, store)
         .watches_stream(secret_stream, move |s: PartialObjectMeta<Secret>| {
             issuers::issuers_for_secret(&by_secret.state(), s.namespace().as_deref(), &s.name_any())
         })
@@ -278,8 +295,11 @@ async fn run_issuer_controller(
             if let Err(e) = r {
                 tracing::debug!(error = %e, "Issuer controller");
             }
-        })
-        .await;
+        });
+    tokio::select! {
+        _ = controller => {}
+        _ = stopped => {}
+    }
 }
 
 /// The ClusterIssuer controller. Its Secrets are watched cluster-wide, or only in the
@@ -315,7 +335,8 @@ async fn run_cluster_issuer_controller(
     let secret_stream = watcher(secrets, watcher::Config::default())
         .default_backoff()
         .touched_objects();
-    Controller::for_stream(stream, store)
+    let stopped = stopped_before_ready(stop.clone(), store.clone());
+    let controller = Controller::for_stream(stream, store)
         .watches_stream(secret_stream, move |s: PartialObjectMeta<Secret>| {
             issuers::cluster_issuers_for_secret(
                 &by_secret.state(),
@@ -334,8 +355,11 @@ async fn run_cluster_issuer_controller(
             if let Err(e) = r {
                 tracing::debug!(error = %e, "ClusterIssuer controller");
             }
-        })
-        .await;
+        });
+    tokio::select! {
+        _ = controller => {}
+        _ = stopped => {}
+    }
 }
 
 /// Issuer and ClusterIssuer controllers, and the CRL server while they run.
