@@ -305,8 +305,8 @@ impl IssuerRegistry {
         }
     }
 
-    /// Forget every issuer of one kind (namespaced: in `namespace`, if given) not in `keep`
-    /// (after a re-list, deletions missed while the watch was down).
+    /// Keep only the issuers `keep` accepts (after a re-list: deletions missed while
+    /// the watch was down).
     pub fn retain(&self, keep: impl Fn(&IssuerKey) -> bool) {
         let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
         let before = entries.len();
@@ -315,6 +315,77 @@ impl IssuerRegistry {
         drop(entries);
         if changed {
             self.changed();
+        }
+    }
+}
+
+/// Follows an issuer watch so the registry forgets issuers deleted while the watch was
+/// down: a re-list (`Init` … `InitDone`) names every issuer that still exists.
+#[derive(Debug)]
+pub struct RegistrySync {
+    registry: IssuerRegistry,
+    /// Keys this watch covers: `Some(ns)`: Issuers in `ns`; `None` with `cluster`:
+    /// ClusterIssuers; `None` without: Issuers in every namespace.
+    namespace: Option<String>,
+    cluster: bool,
+    relisted: Option<std::collections::HashSet<IssuerKey>>,
+}
+
+impl RegistrySync {
+    pub fn issuers(registry: IssuerRegistry, namespace: Option<String>) -> Self {
+        Self {
+            registry,
+            namespace,
+            cluster: false,
+            relisted: None,
+        }
+    }
+
+    pub fn cluster_issuers(registry: IssuerRegistry) -> Self {
+        Self {
+            registry,
+            namespace: None,
+            cluster: true,
+            relisted: None,
+        }
+    }
+
+    fn covers(&self, key: &IssuerKey) -> bool {
+        match key {
+            IssuerKey::Cluster { .. } => self.cluster,
+            IssuerKey::Namespaced { namespace, .. } => {
+                !self.cluster && self.namespace.as_ref().is_none_or(|ns| ns == namespace)
+            }
+        }
+    }
+
+    /// Apply one watch event (`None` key: an event that names no issuer).
+    pub fn observe<K>(
+        &mut self,
+        event: &kube::runtime::watcher::Event<K>,
+        key_of: impl Fn(&K) -> Option<IssuerKey>,
+    ) {
+        use kube::runtime::watcher::Event;
+        match event {
+            Event::Init => self.relisted = Some(Default::default()),
+            Event::InitApply(object) => {
+                if let (Some(seen), Some(key)) = (self.relisted.as_mut(), key_of(object)) {
+                    seen.insert(key);
+                }
+            }
+            Event::InitDone => {
+                if let Some(seen) = self.relisted.take() {
+                    let covers = |key: &IssuerKey| self.covers(key);
+                    self.registry
+                        .retain(|key| !covers(key) || seen.contains(key));
+                }
+            }
+            Event::Delete(object) => {
+                if let Some(key) = key_of(object) {
+                    self.registry.remove(&key);
+                }
+            }
+            Event::Apply(_) => {}
         }
     }
 }
@@ -1141,6 +1212,61 @@ mod tests {
         assert!(
             cluster_issuers_for_secret(&cluster, "leasehold", Some("shop"), "root-ca").is_empty()
         );
+    }
+
+    #[test]
+    fn a_relist_forgets_issuers_deleted_meanwhile() {
+        use kube::runtime::watcher::Event;
+        let registry = IssuerRegistry::without_crl_refresh();
+        let key = |ns: &str, name: &str| IssuerKey::Namespaced {
+            namespace: ns.into(),
+            name: name.into(),
+        };
+        for k in [
+            key("shop", "kept"),
+            key("shop", "gone"),
+            key("other", "elsewhere"),
+        ] {
+            registry.set_not_ready(k, "SecretNotFound", "x");
+        }
+        registry.set_not_ready(
+            IssuerKey::Cluster {
+                name: "root".into(),
+            },
+            "SecretNotFound",
+            "x",
+        );
+        let mut sync = RegistrySync::issuers(registry.clone(), Some("shop".into()));
+        let key_of = |name: &&str| Some(key("shop", name));
+        sync.observe(&Event::Init, key_of);
+        sync.observe(&Event::InitApply("kept"), key_of);
+        sync.observe(&Event::InitDone, key_of);
+        let found = |k: IssuerKey| {
+            !matches!(
+                registry.resolve_key(&k),
+                Err(IssuerNotReady::NotFound { .. })
+            )
+        };
+        assert!(found(key("shop", "kept")));
+        assert!(!found(key("shop", "gone")));
+        assert!(
+            found(key("other", "elsewhere")),
+            "another watch's namespace"
+        );
+        assert!(found(IssuerKey::Cluster {
+            name: "root".into()
+        }));
+        sync.observe(&Event::Delete("kept"), key_of);
+        assert!(!found(key("shop", "kept")));
+
+        let mut cluster = RegistrySync::cluster_issuers(registry.clone());
+        let cluster_key = |_: &&str| None;
+        cluster.observe(&Event::Init, cluster_key);
+        cluster.observe(&Event::InitDone, cluster_key);
+        assert!(!found(IssuerKey::Cluster {
+            name: "root".into()
+        }));
+        assert!(found(key("other", "elsewhere")));
     }
 
     #[tokio::test]

@@ -268,15 +268,17 @@ async fn run_issuer_controller(
     let api: Api<Issuer> = api_for(&client, ns);
     let secrets: Api<PartialObjectMeta<Secret>> = api_for(&client, ns);
     let (store, writer) = reflector::store::<Issuer>();
-    let registry = ctx.registry.clone();
+    let mut sync = issuers::RegistrySync::issuers(ctx.registry.clone(), namespace.clone());
     let stream = watcher(api, watcher::Config::default())
         .default_backoff()
         .reflect(writer)
         .inspect(move |event| {
-            if let Ok(watcher::Event::Delete(issuer)) = event
-                && let Ok(object) = issuers::IssuerObject::from_issuer(issuer)
-            {
-                registry.remove(&object.key);
+            if let Ok(event) = event {
+                sync.observe(event, |issuer: &Issuer| {
+                    issuers::IssuerObject::from_issuer(issuer)
+                        .ok()
+                        .map(|o| o.key)
+                });
             }
         })
         .applied_objects();
@@ -318,14 +320,16 @@ async fn run_cluster_issuer_controller(
         Api::namespaced(client.clone(), &ctx.controller_namespace)
     };
     let (store, writer) = reflector::store::<ClusterIssuer>();
-    let registry = ctx.registry.clone();
+    let mut sync = issuers::RegistrySync::cluster_issuers(ctx.registry.clone());
     let stream = watcher(api, watcher::Config::default())
         .default_backoff()
         .reflect(writer)
         .inspect(move |event| {
-            if let Ok(watcher::Event::Delete(issuer)) = event {
-                registry.remove(&issuers::IssuerKey::Cluster {
-                    name: issuer.name_any(),
+            if let Ok(event) = event {
+                sync.observe(event, |issuer: &ClusterIssuer| {
+                    Some(issuers::IssuerKey::Cluster {
+                        name: issuer.name_any(),
+                    })
                 });
             }
         })
