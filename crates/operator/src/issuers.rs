@@ -671,8 +671,22 @@ impl IssuerObject {
     }
 }
 
+/// A Secret the controller may not read or create: not ready, with what to grant.
+fn forbidden(namespace: &str, name: &str, e: &kube::core::Status) -> NotReadyReason {
+    NotReadyReason {
+        reason: "SecretForbidden",
+        message: format!(
+            "the controller may not access Secret {namespace}/{name} ({}): grant its service account access to Secrets in {namespace}, or keep the CA in a namespace it manages",
+            e.message
+        ),
+    }
+}
+
 /// Read the CA Secret; for a `selfSigned` issuer, generate and create it if absent
 /// (create, never overwrite: a concurrent or earlier creation wins and is loaded).
+///
+/// The generated Secret has no owner: deleting and re-creating the issuer must not
+/// replace a root that relying parties already trust.
 async fn load_ca(
     ctx: &IssuerContext,
     object: &IssuerObject,
@@ -680,7 +694,13 @@ async fn load_ca(
 ) -> Result<Result<CertificateAuthority, NotReadyReason>, OperatorError> {
     let (namespace, name) = source.secret();
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
-    let mut secret = secrets.get_opt(name).await?;
+    let mut secret = match secrets.get_opt(name).await {
+        Ok(secret) => secret,
+        Err(kube::Error::Api(s)) if s.code == 403 => {
+            return Ok(Err(forbidden(namespace, name, &s)));
+        }
+        Err(e) => return Err(e.into()),
+    };
     if secret.is_none()
         && let CaSource::SelfSigned { .. } = source
     {
@@ -691,13 +711,16 @@ async fn load_ca(
             SELF_SIGNED_VALIDITY,
         )
         .map_err(|e| OperatorError::Config(format!("generating a CA: {e}")))?;
-        let body = self_signed_secret(&ca, namespace, name, object.owner.clone());
+        let body = self_signed_secret(&ca, namespace, name, None);
         match secrets.create(&PostParams::default(), &body).await {
             Ok(created) => {
                 tracing::info!(issuer = %object.key, secret = %format!("{namespace}/{name}"), "generated a self-signed CA");
                 secret = Some(created);
             }
             Err(kube::Error::Api(s)) if s.code == 409 => secret = secrets.get_opt(name).await?,
+            Err(kube::Error::Api(s)) if s.code == 403 => {
+                return Ok(Err(forbidden(namespace, name, &s)));
+            }
             Err(e) => return Err(e.into()),
         }
     }
@@ -733,11 +756,13 @@ pub async fn reconcile_object(
         IssuerPlan::Ca(source) => match load_ca(ctx, &object, source).await? {
             Ok(ca) => {
                 let ledger_namespace = object.key.home_namespace(&ctx.controller_namespace);
+                // No owner: the revocations must outlive a deleted and re-created
+                // issuer as long as its CA does, or revoked certificates turn valid.
                 let store = KubeLedgerStore::new(
                     ctx.client.clone(),
                     ledger_namespace,
                     object.key.name(),
-                    object.owner.clone(),
+                    None,
                 );
                 ctx.registry
                     .set_ready(object.key.clone(), ca, Arc::new(store));

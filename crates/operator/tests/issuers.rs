@@ -157,7 +157,8 @@ async fn a_self_signed_issuer_generates_its_root_once() {
             |body, state| {
                 assert_eq!(body["type"], "kubernetes.io/tls");
                 assert_eq!(body["metadata"]["name"], "internal-ca");
-                assert_eq!(body["metadata"]["ownerReferences"][0]["kind"], "Issuer");
+                // Kept when the issuer is deleted: a re-created issuer keeps the root.
+                assert!(body["metadata"]["ownerReferences"].is_null(), "{body}");
                 let mut keys: Vec<_> = body["data"].as_object().unwrap().keys().cloned().collect();
                 keys.sort();
                 assert_eq!(keys, ["ca.crt", "tls.crt", "tls.key"]);
@@ -273,4 +274,51 @@ async fn an_acme_issuer_waits_for_acme_support() {
     let (_, status) = seen.await.unwrap();
     assert_eq!(status["type"], "ACME");
     assert_eq!(status["conditions"][0]["reason"], "AcmeNotSupportedYet");
+}
+
+#[tokio::test]
+async fn a_cluster_issuer_secret_the_controller_may_not_read_is_not_ready() {
+    const CLUSTER_STATUS: &str = "/apis/leasehold.dev/v1alpha1/clusterissuers/root/status";
+    let steps = vec![
+        Step::new(
+            Method::GET,
+            "/api/v1/namespaces/pki/secrets/root-ca",
+            |_, _| status(403, "Forbidden"),
+        ),
+        Step::new(Method::PATCH, CLUSTER_STATUS, |body, state| {
+            *state = body["status"].clone();
+            (
+                200,
+                json!({"apiVersion": "leasehold.dev/v1alpha1", "kind": "ClusterIssuer",
+                       "metadata": {"name": "root"}, "spec": {}, "status": body["status"].clone()}),
+            )
+        }),
+    ];
+    let (client, seen) = scripted(steps, Value::Null);
+    let registry = IssuerRegistry::without_crl_refresh();
+    let ctx = context(client, registry.clone());
+    let object: leasehold_api::ClusterIssuer = serde_json::from_value(json!({
+        "apiVersion": "leasehold.dev/v1alpha1", "kind": "ClusterIssuer",
+        "metadata": {"name": "root", "generation": 1, "uid": "u"},
+        "spec": {"ca": {"secretRef": {"name": "root-ca", "namespace": "pki"}}}
+    }))
+    .unwrap();
+    reconcile_object(IssuerObject::from_cluster_issuer(&object), &ctx)
+        .await
+        .unwrap();
+    let (_, status) = seen.await.unwrap();
+    assert_eq!(status["conditions"][0]["reason"], "SecretForbidden");
+    assert!(
+        status["conditions"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("pki/root-ca")
+    );
+    let lease_ref = IssuerRef {
+        name: "root".into(),
+        kind: IssuerKind::ClusterIssuer,
+    };
+    // A lease in any namespace sees why.
+    let err = registry.resolve("shop", &lease_ref).err().unwrap();
+    assert_eq!(err.reason(), "SecretForbidden");
 }
