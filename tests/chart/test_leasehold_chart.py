@@ -219,6 +219,7 @@ def test_controller_defaults(default: Rendered) -> None:
         "controller",
         "--metrics-addr", "0.0.0.0:8080",
         "--broker-addr", "0.0.0.0:8443",
+        "--crl-addr", "0.0.0.0:8083",
         "--leader-election-namespace", NAMESPACE,
         "--leader-election-lease", f"{FULLNAME}-controller",
         "--broker-ca-configmap", f"{FULLNAME}-broker-ca",
@@ -234,7 +235,7 @@ def test_controller_defaults(default: Rendered) -> None:
         "--log-format", "json",
     ]  # fmt: skip
     ports = {p["name"]: p["containerPort"] for p in ctr["ports"]}
-    assert ports == {"metrics": 8080, "broker": 8443}
+    assert ports == {"metrics": 8080, "broker": 8443, "crl": 8083}
     env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in ctr["env"]}
     assert env == {"POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace"}
     assert ctr["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
@@ -321,7 +322,7 @@ def test_broker_network_policy_admits_only_node_drivers(default: Rendered) -> No
     selector = spec["podSelector"]["matchLabels"]
     assert selector.items() <= controller_labels.items()
     assert spec["policyTypes"] == ["Ingress"]
-    broker_rule, metrics_rule = spec["ingress"]
+    broker_rule, metrics_rule, crl_rule = spec["ingress"]
     assert broker_rule["ports"] == [{"protocol": "TCP", "port": 8443}]
     (peer,) = broker_rule["from"]
     assert set(peer) == {"podSelector"}, "same namespace only"
@@ -329,14 +330,16 @@ def test_broker_network_policy_admits_only_node_drivers(default: Rendered) -> No
     assert drivers.items() <= node_labels.items()
     assert not drivers.items() <= controller_labels.items(), "selects node drivers only"
     assert metrics_rule == {"ports": [{"protocol": "TCP", "port": 8080}]}
+    # Relying parties anywhere fetch CRLs and CA certificates.
+    assert crl_rule == {"ports": [{"protocol": "TCP", "port": 8083}]}
     ports = {p["containerPort"] for p in container(controller_pod(default)["spec"], "controller")["ports"]}
-    assert ports == {8443, 8080}
+    assert ports == {8443, 8080, 8083}
 
 
 def test_broker_network_policy_follows_ports_and_can_be_disabled() -> None:
-    r = render({"broker": {"port": 9443}, "metrics": {"port": 9080}})
+    r = render({"broker": {"port": 9443}, "metrics": {"port": 9080}, "crl": {"port": 9083}})
     policy = r.get("NetworkPolicy", f"{FULLNAME}-controller")
-    assert [rule["ports"][0]["port"] for rule in policy["spec"]["ingress"]] == [9443, 9080]
+    assert [rule["ports"][0]["port"] for rule in policy["spec"]["ingress"]] == [9443, 9080, 9083]
     r = render({"broker": {"networkPolicy": {"enabled": False}}})
     assert r.of_kind("NetworkPolicy") == []
 
@@ -358,19 +361,22 @@ def test_services_target_controller_ports(
     expected = {
         f"{FULLNAME}-broker": ("broker", values["broker"]["port"]),
         f"{FULLNAME}-metrics": ("metrics", values["metrics"]["port"]),
+        f"{FULLNAME}-crl": ("crl", values["crl"]["port"]),
     }
     for name, (target, port) in expected.items():
         svc = r.get("Service", name)
         assert svc["spec"]["type"] == "ClusterIP"
         selector = dict(svc["spec"]["selector"])
-        if target == "broker":
-            # Only the elected leader (which labels its own pod) serves the broker.
+        if target in ("broker", "crl"):
+            # Only the elected leader (which labels its own pod) serves the broker
+            # and holds the current CRLs.
             assert selector.pop("leasehold.dev/leader") == "true"
         assert selector.items() <= pod["metadata"]["labels"].items()
         assert [(p["port"], p["targetPort"]) for p in svc["spec"]["ports"]] == [(port, target)]
         assert ports[target] == port
     assert arg_value(ctr["args"], "--broker-addr") == f"0.0.0.0:{values['broker']['port']}"
     assert arg_value(ctr["args"], "--metrics-addr") == f"0.0.0.0:{values['metrics']['port']}"
+    assert arg_value(ctr["args"], "--crl-addr") == f"0.0.0.0:{values['crl']['port']}"
 
 
 # --------------------------------------------------------------------------
@@ -580,11 +586,14 @@ def triples(group: str, resources: list[str], verbs: list[str]) -> set[tuple[str
 
 
 CONTROLLER_NAMESPACED_RULES = (
-    triples("leasehold.dev", ["rotationpolicies"], ["get", "list", "watch"])
+    triples("leasehold.dev", ["rotationpolicies", "issuers"], ["get", "list", "watch"])
     # The finalizer is added and removed by patching the lease (seen refused on a
     # real API server without this verb).
     | triples("leasehold.dev", ["secretleases"], ["get", "list", "watch", "patch"])
     | triples("leasehold.dev", ["secretleases/status", "rotationpolicies/status"], ["get", "patch"])
+    | triples("leasehold.dev", ["issuers/status"], ["patch"])
+    # Revocation ledgers and CRLs (`<issuer>-crl`).
+    | triples("", ["configmaps"], ["get", "list", "watch", "create", "update", "patch"])
     | triples("leasehold.dev", ["secretleases/finalizers"], ["update"])
     | triples("", ["secrets"], ["get", "list", "watch", "create", "update", "patch", "delete"])
     | triples("", ["events"], ["create", "patch"])
@@ -594,11 +603,13 @@ CONTROLLER_NAMESPACED_RULES = (
 )
 CONTROLLER_CLUSTER_ONLY_RULES = (
     triples("", ["namespaces"], ["get"])
+    | triples("leasehold.dev", ["clusterissuers"], ["get", "list", "watch"])
+    | triples("leasehold.dev", ["clusterissuers/status"], ["patch"])
     | triples("url", ["/.well-known/openid-configuration", "/openid/v1/jwks"], ["get"])
 )
 CONTROLLER_RELEASE_NS_RULES = (
     triples("coordination.k8s.io", ["leases"], ["get", "list", "watch", "create", "update", "patch"])
-    | triples("", ["configmaps"], ["get", "create", "patch", "update"])
+    | triples("", ["configmaps"], ["get", "list", "watch", "create", "patch", "update"])
     | triples("", ["pods"], ["get", "patch"])
 )
 
@@ -850,6 +861,7 @@ def test_default_values_match_schema() -> None:
         ),
         ({"metrics": {"serviceMonitor": {"enabled": "yes"}}}, "/metrics/serviceMonitor/enabled"),
         ({"metrics": {"port": 70000}}, "/metrics/port"),
+        ({"crl": {"port": 0}}, "/crl/port"),
         ({"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy"),
         ({"node": {"tolerations": {"operator": "Exists"}}}, "/node/tolerations"),
     ],

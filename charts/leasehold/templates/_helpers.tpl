@@ -103,6 +103,10 @@ node driver (which reads them). Keep them in one place.
 {{- printf "%s-broker" (include "leasehold.fullname" .) }}
 {{- end }}
 
+{{- define "leasehold.crlServiceName" -}}
+{{- printf "%s-crl" (include "leasehold.fullname" .) }}
+{{- end }}
+
 {{- define "leasehold.metricsServiceName" -}}
 {{- printf "%s-metrics" (include "leasehold.fullname" .) }}
 {{- end }}
@@ -175,6 +179,13 @@ rules stay cluster-wide and the write rules are bound per listed namespace.
 - apiGroups: ["leasehold.dev"]
   resources: ["secretleases/status", "rotationpolicies/status"]
   verbs: ["get"]
+# Issuers, and the ConfigMaps holding their revocation ledgers and CRLs.
+- apiGroups: ["leasehold.dev"]
+  resources: ["issuers"]
+  verbs: ["get", "list", "watch"]
+- apiGroups: [""]
+  resources: ["configmaps"]
+  verbs: ["get", "list", "watch"]
 # Database admin credentials referenced by policies, and the Secrets the
 # controller owns (issued credentials, broker TLS).
 - apiGroups: [""]
@@ -196,13 +207,18 @@ rules stay cluster-wide and the write rules are bound per listed namespace.
   verbs: ["patch"]
 # Status of both kinds is written with server-side apply.
 - apiGroups: ["leasehold.dev"]
-  resources: ["secretleases/status", "rotationpolicies/status"]
+  resources: ["secretleases/status", "rotationpolicies/status", "issuers/status"]
   verbs: ["patch"]
+# Revocation ledgers and CRLs of issuers (ConfigMap `<issuer>-crl`).
+- apiGroups: [""]
+  resources: ["configmaps"]
+  verbs: ["create", "update", "patch"]
 # For clusters that enforce OwnerReferencesPermissionEnforcement: the owned
 # Secrets carry blockOwnerDeletion on their lease.
 - apiGroups: ["leasehold.dev"]
   resources: ["secretleases/finalizers"]
   verbs: ["update"]
+# `create` also for the CA a selfSigned issuer generates (`<issuer>-ca`).
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["create", "update", "patch", "delete"]

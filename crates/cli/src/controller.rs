@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use clap::Args;
 use leasehold_broker::BrokerLimits;
 use leasehold_operator::broker::BrokerSettings;
-use leasehold_operator::{ControllerConfig, LeaderElectionConfig, OperatorError};
+use leasehold_operator::{ControllerConfig, IssuerSettings, LeaderElectionConfig, OperatorError};
 
 use crate::serve::shutdown_signal;
 
@@ -31,6 +31,13 @@ pub struct ControllerArgs {
     /// This pod's namespace.
     #[arg(long, env = "POD_NAMESPACE")]
     pod_namespace: Option<String>,
+    /// Where CRLs and CA certificates of `ca` issuers are served over HTTP while this
+    /// process leads: GET /crl/issuer/<namespace>/<name>.pem (PEM) or .crl (DER,
+    /// application/pkix-crl), /crl/clusterissuer/<name>.pem|.crl, and the CA
+    /// certificates at /ca/issuer/<namespace>/<name>.pem|.crt and
+    /// /ca/clusterissuer/<name>.pem|.crt.
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:8083")]
+    crl_addr: SocketAddr,
     /// Leases reconciled at once.
     #[arg(long, default_value_t = 16)]
     concurrency: u16,
@@ -138,6 +145,15 @@ pub async fn run(args: ControllerArgs) -> Result<(), OperatorError> {
             per_pod_sweep: std::time::Duration::from_secs(args.per_pod_sweep_seconds.max(1)),
         })
     };
+    let issuers = IssuerSettings {
+        // ClusterIssuer Secrets and CRL ConfigMaps live with the controller.
+        controller_namespace: args
+            .pod_namespace
+            .clone()
+            .unwrap_or_else(|| "default".to_owned()),
+        crl_addr: Some(args.crl_addr),
+        ..IssuerSettings::default()
+    };
     let config = ControllerConfig {
         namespaces: args.namespaces,
         metrics_addr: args.metrics_addr,
@@ -149,6 +165,7 @@ pub async fn run(args: ControllerArgs) -> Result<(), OperatorError> {
         instance: Some(identity),
         pod,
         broker,
+        issuers,
     };
     leasehold_operator::run(config, shutdown_signal()).await
 }
@@ -188,5 +205,13 @@ mod tests {
         assert_eq!(limits.max_per_pod_users_per_lease, 50);
         assert_eq!(limits.max_connections, 64);
         assert!(parse(&["--broker-max-per-pod-users-per-lease", "0"]).is_err());
+    }
+
+    #[test]
+    fn crl_addr_defaults_and_parses() {
+        assert_eq!(parse(&[]).unwrap().crl_addr.to_string(), "0.0.0.0:8083");
+        let args = parse(&["--crl-addr", "127.0.0.1:9000"]).unwrap();
+        assert_eq!(args.crl_addr.to_string(), "127.0.0.1:9000");
+        assert!(parse(&["--crl-addr", "nope"]).is_err());
     }
 }

@@ -42,7 +42,8 @@ enum Command {
         #[command(subcommand)]
         command: LocalCommand,
     },
-    /// Run the controller: SecretLease and RotationPolicy reconcilers and the broker.
+    /// Run the controller: SecretLease, RotationPolicy, Issuer and ClusterIssuer
+    /// reconcilers, the broker and the CRL server.
     ///
     /// Replicas elect a leader through a coordination.k8s.io Lease; only the leader
     /// reconciles and serves the broker (it labels its pod leasehold.dev/leader=true).

@@ -4,15 +4,21 @@
 //! - [`policy_controller`]: RotationPolicy validation status.
 //! - [`status`], [`secrets`], [`delivery`]: the engine's stores on Kubernetes.
 //! - [`events`], [`metrics`], [`leader`]: events, Prometheus metrics and health, leader election.
+//! - [`issuers`]: Issuer/ClusterIssuer reconcile and the [`IssuerRegistry`] leases resolve
+//!   issuers through; [`crl`]: the revocation ledger ConfigMap and CRL refresh;
+//!   [`crl_http`]: CRLs and CA certificates over HTTP.
 //!
 //! [`run`] wires them together; the `leasehold controller` subcommand calls it.
 
 #![forbid(unsafe_code)]
 
 pub mod broker;
+pub mod crl;
+pub mod crl_http;
 pub mod delivery;
 pub mod error;
 pub mod events;
+pub mod issuers;
 pub mod leader;
 pub mod lease_controller;
 pub mod metrics;
@@ -31,10 +37,11 @@ use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
-use leasehold_api::{RotationPolicy, SecretLease};
+use leasehold_api::{ClusterIssuer, Issuer, RotationPolicy, SecretLease};
 use tokio::sync::watch;
 
 pub use error::OperatorError;
+pub use issuers::{IssuerKey, IssuerNotReady, IssuerRegistry};
 pub use leader::{LeaderElectionConfig, LeadershipAction, decide_leadership};
 pub use lease_controller::Context;
 
@@ -58,6 +65,32 @@ pub struct ControllerConfig {
     pub pod: Option<(String, String)>,
     /// Serve the broker while leading.
     pub broker: Option<broker::BrokerSettings>,
+    /// The Issuer/ClusterIssuer controller and CRL publication.
+    pub issuers: IssuerSettings,
+}
+
+/// How the issuer controller runs.
+#[derive(Debug, Clone)]
+pub struct IssuerSettings {
+    /// The controller's namespace: ClusterIssuer Secrets (when their ref names none),
+    /// generated ClusterIssuer CAs and ClusterIssuer CRL ConfigMaps live here.
+    pub controller_namespace: String,
+    /// Where CRLs and CA certificates are served over HTTP while leading; `None`: not
+    /// served.
+    pub crl_addr: Option<SocketAddr>,
+    /// The registry the issuer controller fills (pass one in to resolve issuers from
+    /// outside, e.g. the lease controller or an e2e test).
+    pub registry: IssuerRegistry,
+}
+
+impl Default for IssuerSettings {
+    fn default() -> Self {
+        Self {
+            controller_namespace: "default".into(),
+            crl_addr: None,
+            registry: IssuerRegistry::new(),
+        }
+    }
 }
 
 impl Default for ControllerConfig {
@@ -71,6 +104,7 @@ impl Default for ControllerConfig {
             instance: None,
             pod: None,
             broker: None,
+            issuers: IssuerSettings::default(),
         }
     }
 }
@@ -207,6 +241,158 @@ async fn run_controllers(
     tokio::join!(lease_stream, policy_stream, ready);
 }
 
+/// Resolves when `stop` is set before `store` was ever listed. A controller waits for
+/// its store before it reconciles and does not see a graceful shutdown meanwhile (for
+/// example when the CRDs are not installed): nothing has started then, so it can simply
+/// be dropped. Once the store is ready, shutdown is left to the controller.
+async fn stopped_before_ready<K>(stop: watch::Receiver<bool>, store: reflector::Store<K>)
+where
+    K: kube::Resource + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    use futures::FutureExt;
+    wait_for(stop).await;
+    if store.wait_until_ready().now_or_never().is_some() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// The Issuer controller for one namespace (or all), with the Secrets it reads.
+async fn run_issuer_controller(
+    client: Client,
+    namespace: Option<String>,
+    ctx: Arc<issuers::IssuerContext>,
+    stop: watch::Receiver<bool>,
+) {
+    let ns = namespace.as_deref();
+    let api: Api<Issuer> = api_for(&client, ns);
+    let secrets: Api<PartialObjectMeta<Secret>> = api_for(&client, ns);
+    let (store, writer) = reflector::store::<Issuer>();
+    let mut sync = issuers::RegistrySync::issuers(ctx.registry.clone(), namespace.clone());
+    let stream = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .inspect(move |event| {
+            if let Ok(event) = event {
+                sync.observe(event, |issuer: &Issuer| {
+                    issuers::IssuerObject::from_issuer(issuer)
+                        .ok()
+                        .map(|o| o.key)
+                });
+            }
+        })
+        .applied_objects();
+    let by_secret = store.clone();
+    let secret_stream = watcher(secrets, watcher::Config::default())
+        .default_backoff()
+        .touched_objects();
+    let stopped = stopped_before_ready(stop.clone(), store.clone());
+    let controller = Controller::for_stream(stream, store)
+        .watches_stream(secret_stream, move |s: PartialObjectMeta<Secret>| {
+            issuers::issuers_for_secret(&by_secret.state(), s.namespace().as_deref(), &s.name_any())
+        })
+        .graceful_shutdown_on(wait_for(stop))
+        .run(issuers::reconcile_issuer, issuers::error_policy, ctx)
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "Issuer controller");
+            }
+        });
+    tokio::select! {
+        _ = controller => {}
+        _ = stopped => {}
+    }
+}
+
+/// The ClusterIssuer controller. Its Secrets are watched cluster-wide, or only in the
+/// controller namespace when the controller is limited to some namespaces (a periodic
+/// resync covers Secrets elsewhere).
+async fn run_cluster_issuer_controller(
+    client: Client,
+    all_namespaces: bool,
+    ctx: Arc<issuers::IssuerContext>,
+    stop: watch::Receiver<bool>,
+) {
+    let api: Api<ClusterIssuer> = Api::all(client.clone());
+    let secrets: Api<PartialObjectMeta<Secret>> = if all_namespaces {
+        Api::all(client.clone())
+    } else {
+        Api::namespaced(client.clone(), &ctx.controller_namespace)
+    };
+    let (store, writer) = reflector::store::<ClusterIssuer>();
+    let mut sync = issuers::RegistrySync::cluster_issuers(ctx.registry.clone());
+    let stream = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .inspect(move |event| {
+            if let Ok(event) = event {
+                sync.observe(event, |issuer: &ClusterIssuer| {
+                    Some(issuers::IssuerKey::Cluster {
+                        name: issuer.name_any(),
+                    })
+                });
+            }
+        })
+        .applied_objects();
+    let by_secret = store.clone();
+    let controller_namespace = ctx.controller_namespace.clone();
+    let secret_stream = watcher(secrets, watcher::Config::default())
+        .default_backoff()
+        .touched_objects();
+    let stopped = stopped_before_ready(stop.clone(), store.clone());
+    let controller = Controller::for_stream(stream, store)
+        .watches_stream(secret_stream, move |s: PartialObjectMeta<Secret>| {
+            issuers::cluster_issuers_for_secret(
+                &by_secret.state(),
+                &controller_namespace,
+                s.namespace().as_deref(),
+                &s.name_any(),
+            )
+        })
+        .graceful_shutdown_on(wait_for(stop))
+        .run(
+            issuers::reconcile_cluster_issuer,
+            issuers::error_policy,
+            ctx,
+        )
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "ClusterIssuer controller");
+            }
+        });
+    tokio::select! {
+        _ = controller => {}
+        _ = stopped => {}
+    }
+}
+
+/// Issuer and ClusterIssuer controllers, and the CRL server while they run.
+async fn run_issuers(
+    client: Client,
+    namespaces: Vec<Option<String>>,
+    ctx: Arc<issuers::IssuerContext>,
+    crl_addr: Option<SocketAddr>,
+    stop: watch::Receiver<bool>,
+) {
+    if let Some(addr) = crl_addr {
+        let registry = ctx.registry.clone();
+        let stop = wait_for(stop.clone());
+        tokio::spawn(async move {
+            if let Err(e) = crl_http::serve(addr, registry, stop).await {
+                tracing::error!(error = %e, %addr, "cannot serve CRLs");
+            }
+        });
+    }
+    let all_namespaces = namespaces.iter().any(Option::is_none);
+    let namespaced = futures::future::join_all(
+        namespaces
+            .into_iter()
+            .map(|ns| run_issuer_controller(client.clone(), ns, ctx.clone(), stop.clone())),
+    );
+    let cluster = run_cluster_issuer_controller(client, all_namespaces, ctx, stop);
+    tokio::join!(namespaced, cluster);
+}
+
 /// Run the controller until `shutdown` resolves (Ok) or leadership is lost (Err: exit
 /// the process and let the Deployment restart it as a standby).
 pub async fn run<F>(config: ControllerConfig, shutdown: F) -> Result<(), OperatorError>
@@ -298,6 +484,13 @@ where
             instance: config.instance.clone(),
         },
     );
+    let issuer_ctx = Arc::new(issuers::IssuerContext {
+        client: client.clone(),
+        registry: config.issuers.registry.clone(),
+        controller_namespace: config.issuers.controller_namespace.clone(),
+        metrics: metrics.clone(),
+        recorder: Some(recorder.clone()),
+    });
     let ctx = Arc::new(Context::new(
         client.clone(),
         metrics,
@@ -310,6 +503,13 @@ where
     } else {
         config.namespaces.iter().cloned().map(Some).collect()
     };
+    let issuer_controllers = run_issuers(
+        client.clone(),
+        namespaces.clone(),
+        issuer_ctx,
+        config.issuers.crl_addr,
+        stop_rx.clone(),
+    );
     let controllers = futures::future::join_all(namespaces.into_iter().map(|ns| {
         run_controllers(
             client.clone(),
@@ -320,6 +520,7 @@ where
             health.clone(),
         )
     }));
+    let controllers = futures::future::join(controllers, issuer_controllers);
     tracing::info!(namespaces = ?config.namespaces, "leasehold controller running");
     let result = match &elector {
         Some(e) => tokio::select! {
