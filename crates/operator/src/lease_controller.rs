@@ -147,7 +147,20 @@ pub fn slim_for_cache(lease: &mut SecretLease) {
     };
     lease.status = None;
     let spec = &mut lease.spec;
-    spec.certificate = None;
+    // Only the issuer is kept: an issuer that becomes ready wakes its leases.
+    spec.certificate = spec
+        .certificate
+        .take()
+        .map(|c| leasehold_api::CertificateSpec {
+            issuer_ref: c.issuer_ref,
+            common_name: String::new(),
+            dns_names: Vec::new(),
+            ip_addresses: Vec::new(),
+            uris: Vec::new(),
+            duration: None,
+            usages: Vec::new(),
+            key_algorithm: c.key_algorithm,
+        });
     spec.delivery = Default::default();
     for db in spec.postgres.iter_mut().chain(spec.mysql.iter_mut()) {
         db.host = String::new();

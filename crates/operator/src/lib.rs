@@ -140,6 +140,15 @@ pub fn leases_for_policy(
         .collect()
 }
 
+/// Every certificate lease in the cache (an issuer changed: those may be waiting on it).
+pub fn certificate_leases(leases: &[Arc<SecretLease>]) -> Vec<ObjectRef<SecretLease>> {
+    leases
+        .iter()
+        .filter(|l| l.spec.certificate.is_some())
+        .map(|l| ObjectRef::from_obj(l.as_ref()))
+        .collect()
+}
+
 /// Leases in `leases` whose admin (or CA) Secret is `namespace/name`.
 pub fn leases_for_secret(
     leases: &[Arc<SecretLease>],
@@ -171,6 +180,7 @@ async fn run_controllers(
     concurrency: u16,
     stop: watch::Receiver<bool>,
     health: Arc<metrics::Health>,
+    issuer_changes: watch::Receiver<u64>,
 ) {
     let ns = namespace.as_deref();
     let leases: Api<SecretLease> = api_for(&client, ns);
@@ -191,6 +201,13 @@ async fn run_controllers(
         .applied_objects();
     let by_policy = store.clone();
     let by_secret = store.clone();
+    let by_issuer = store.clone();
+    // An issuer that becomes ready (or changes) wakes the certificate leases waiting on it.
+    let issuer_changes = futures::stream::unfold(issuer_changes, |mut rx| async move {
+        rx.changed().await.ok()?;
+        Some(((), rx))
+    })
+    .flat_map(move |()| futures::stream::iter(certificate_leases(&by_issuer.state())));
     // Secrets are watched as metadata only: the mappers need names and owners, and
     // secret values never pass through the watch.
     let owned_secrets = watcher(secrets.clone(), owned)
@@ -209,6 +226,7 @@ async fn run_controllers(
         .watches_stream(referenced_secrets, move |s: PartialObjectMeta<Secret>| {
             leases_for_secret(&by_secret.state(), s.namespace().as_deref(), &s.name_any())
         })
+        .reconcile_on(issuer_changes)
         .with_config(controller::Config::default().concurrency(concurrency))
         .graceful_shutdown_on(wait_for(stop.clone()))
         .run(
@@ -491,12 +509,19 @@ where
         metrics: metrics.clone(),
         recorder: Some(recorder.clone()),
     });
-    let ctx = Arc::new(Context::new(
+    let mut lease_ctx = Context::new(
         client.clone(),
         metrics,
         Some(recorder),
         config.max_admin_connections,
+    );
+    let registry = config.issuers.registry.clone();
+    lease_ctx.issuers = Some(Arc::new(
+        move |ns: &str, issuer: &leasehold_api::IssuerRef| {
+            registry.resolve(ns, issuer).map_err(|e| e.to_string())
+        },
     ));
+    let ctx = Arc::new(lease_ctx);
     lease_controller::preload_username_claims(&client, &config.namespaces, &ctx.engine).await;
     let namespaces: Vec<Option<String>> = if config.namespaces.is_empty() {
         vec![None]
@@ -518,6 +543,7 @@ where
             config.concurrency.max(1),
             stop_rx.clone(),
             health.clone(),
+            config.issuers.registry.changes(),
         )
     }));
     let controllers = futures::future::join(controllers, issuer_controllers);
