@@ -438,3 +438,110 @@ pub fn issuer_error(e: AcmeError) -> IssuerError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problem(kind: &str, status: u16) -> ProblemDetails {
+        ProblemDetails {
+            kind: Some(kind.to_owned()),
+            detail: Some("the CA's words".to_owned()),
+            status: Some(status),
+            subproblems: Vec::new(),
+            retry_after: None,
+        }
+    }
+
+    #[test]
+    fn problems_map_to_issuer_errors() {
+        let refused = issuer_error(AcmeError::Problem {
+            problem: problem("urn:ietf:params:acme:error:rejectedIdentifier", 400),
+        });
+        assert!(
+            matches!(&refused, IssuerError::Rejected(m) if m.contains("the CA's words")),
+            "{refused:?}"
+        );
+        for transient in [
+            AcmeError::Problem {
+                problem: problem("urn:ietf:params:acme:error:serverInternal", 500),
+            },
+            AcmeError::Problem {
+                problem: problem("urn:ietf:params:acme:error:badNonce", 400),
+            },
+            AcmeError::Transport("connection refused".to_owned()),
+            AcmeError::Timeout { next_poll: None },
+            AcmeError::OrderInvalid {
+                url: "https://ca/order/1".to_owned(),
+                problem: Some(problem("urn:ietf:params:acme:error:connection", 400)),
+            },
+        ] {
+            let mapped = issuer_error(transient);
+            assert!(matches!(mapped, IssuerError::Unavailable(_)), "{mapped:?}");
+        }
+        let mut caa = problem("urn:ietf:params:acme:error:unauthorized", 403);
+        caa.subproblems = vec!["urn:ietf:params:acme:error:caa: forbidden by CAA".to_owned()];
+        let mapped = issuer_error(AcmeError::OrderInvalid {
+            url: "https://ca/order/2".to_owned(),
+            problem: Some(caa),
+        });
+        assert!(matches!(mapped, IssuerError::Rejected(_)), "{mapped:?}");
+
+        let mut limited = problem(crate::RATE_LIMITED, 429);
+        limited.retry_after = Some(SystemTime::now() - Duration::from_secs(5));
+        match issuer_error(AcmeError::RateLimited { problem: limited }) {
+            IssuerError::RateLimited { retry_after, .. } => {
+                assert_eq!(retry_after, Some(Duration::ZERO), "a past Retry-After: now");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn only_dns_names_with_the_common_name_among_them() {
+        let mut request = leasehold_certs::CertificateRequest::server(
+            "B.example",
+            &["b.example", "a.example", "A.example"],
+            time::Duration::days(1),
+        );
+        assert_eq!(
+            dns_names_to_order(&request).expect("names"),
+            vec!["a.example".to_owned(), "b.example".to_owned()]
+        );
+        request.uris = vec!["spiffe://x/y".to_owned()];
+        assert!(matches!(
+            dns_names_to_order(&request),
+            Err(IssuerError::Rejected(_))
+        ));
+        request.uris.clear();
+        request.common_name = "c.example".to_owned();
+        assert!(matches!(
+            dns_names_to_order(&request),
+            Err(IssuerError::Rejected(_))
+        ));
+        request.dns_names.clear();
+        assert!(matches!(
+            dns_names_to_order(&request),
+            Err(IssuerError::Rejected(_))
+        ));
+    }
+
+    #[test]
+    fn a_chain_of_one_needs_an_extra_anchor() {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let leaf = rcgen::CertificateParams::new(vec!["a.example".to_owned()])
+            .expect("params")
+            .self_signed(&key)
+            .expect("cert")
+            .pem();
+        assert!(matches!(
+            issued_chain(&leaf, None),
+            Err(IssuerError::Rejected(_))
+        ));
+        let issued = issued_chain(&leaf, Some(&leaf)).expect("with an anchor");
+        assert_eq!(issued.ca_pem.trim_end(), leaf.trim_end());
+        assert_eq!(issued.leaf_pem.trim_end(), leaf.trim_end());
+        assert!(!issued.serial.is_empty());
+        assert_eq!(issued.serial, issued.serial.to_ascii_lowercase());
+    }
+}
