@@ -384,7 +384,10 @@ fn revocation_reason(reason: leasehold_certs::RevocationReason) -> RevocationRea
 /// The recorded order no longer exists at the CA (expired and purged, or the CA was
 /// reset): a new order is the only way on.
 fn order_is_gone(e: &AcmeError) -> bool {
-    e.problem().is_some_and(|p| p.status == Some(404))
+    match e {
+        AcmeError::Status { status, .. } => *status == 404,
+        other => other.problem().is_some_and(|p| p.status == Some(404)),
+    }
 }
 
 fn retry_after(at: Option<SystemTime>) -> Option<Duration> {
@@ -433,7 +436,7 @@ pub fn issuer_error(e: AcmeError) -> IssuerError {
         e @ (AcmeError::NoHttp01Challenge { .. } | AcmeError::InvalidInput(_)) => {
             IssuerError::Rejected(e.to_string())
         }
-        e @ (AcmeError::Solver(_) | AcmeError::Transport(_)) => {
+        e @ (AcmeError::Solver(_) | AcmeError::Transport(_) | AcmeError::Status { .. }) => {
             IssuerError::Unavailable(e.to_string())
         }
     }

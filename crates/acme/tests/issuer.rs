@@ -327,6 +327,17 @@ async fn an_invalid_recorded_order_is_replaced_by_a_new_one() {
     let placed = journal.recorded().await.expect("journaled");
     assert_ne!(placed, failed, "the new order is journaled");
     assert_eq!(new_orders(&fx), 2);
+
+    // An order the CA no longer knows (purged, or the CA was reset): a new one too.
+    let gone = placed.rsplit_once('/').expect("order URL").0.to_owned() + "/no-such-order";
+    let journal = MemoryJournal(std::sync::Mutex::new(Some(gone.clone())));
+    let keyed = key_and_csr(&request);
+    let issued = issue(&issuer, &request, &keyed, &journal)
+        .await
+        .unwrap_or_else(|e| panic!("issue: {e}\n{}", fx.pebble.log_contents()));
+    verify(&issued, &request, &keyed).await;
+    assert_ne!(journal.recorded().await, Some(gone));
+    assert_eq!(new_orders(&fx), 3);
 }
 
 #[tokio::test]
