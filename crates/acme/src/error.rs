@@ -90,6 +90,9 @@ pub enum AcmeError {
     /// The HTTP-01 solver could not listen.
     #[error("HTTP-01 solver: {0}")]
     Solver(#[source] std::io::Error),
+    /// The server answered with a failure status but no problem document.
+    #[error("ACME server answered HTTP {status} without a problem document: {message}")]
+    Status { status: u16, message: String },
     /// Transport, TLS, JSON or protocol failure below the problem-document level.
     #[error("ACME request failed: {0}")]
     Transport(String),

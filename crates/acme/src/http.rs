@@ -54,24 +54,41 @@ impl TrustRoots {
     }
 }
 
+/// What an error needs to know of the last response: its status and Retry-After.
+#[derive(Debug, Clone, Copy, Default)]
+struct LastResponse {
+    status: Option<u16>,
+    retry_after: Option<SystemTime>,
+}
+
 tokio::task_local! {
-    /// Retry-After of the last response seen by the client in this task.
-    static LAST_RETRY_AFTER: Cell<Option<SystemTime>>;
+    /// The last response seen by the client in this task.
+    static LAST_RESPONSE: Cell<LastResponse>;
 }
 
-/// Run an ACME operation so that the Retry-After of its last response is available
-/// to [`last_retry_after`]. Scoped per task, so concurrent operations never mix.
+/// Run an ACME operation so that its last response's status and Retry-After are
+/// available to [`acme_err`]. Scoped per task, so concurrent operations never mix.
 pub(crate) async fn scoped<T>(fut: impl Future<Output = T>) -> T {
-    LAST_RETRY_AFTER.scope(Cell::new(None), fut).await
+    LAST_RESPONSE
+        .scope(Cell::new(LastResponse::default()), fut)
+        .await
 }
 
-/// Retry-After of the last response in the current [`scoped`] operation.
-pub(crate) fn last_retry_after() -> Option<SystemTime> {
-    LAST_RETRY_AFTER.try_with(Cell::get).ok().flatten()
+fn last_response() -> LastResponse {
+    LAST_RESPONSE.try_with(Cell::get).unwrap_or_default()
 }
 
 pub(crate) fn acme_err(err: instant_acme::Error) -> AcmeError {
-    AcmeError::from_acme(err, last_retry_after())
+    let last = last_response();
+    match AcmeError::from_acme(err, last.retry_after) {
+        // A failure response without a problem document (an empty 404, a proxy's
+        // HTML 502): keep its status, which says more than the parse error.
+        AcmeError::Transport(message) => match last.status {
+            Some(status) if !(200..300).contains(&status) => AcmeError::Status { status, message },
+            _ => AcmeError::Transport(message),
+        },
+        other => other,
+    }
 }
 
 fn parse_retry_after(rsp: &BytesResponse) -> Option<SystemTime> {
@@ -131,8 +148,11 @@ impl HttpClient for AcmeHttp {
                 fut.await
                     .map_err(|e| instant_acme::Error::Other(Box::new(e)))?,
             );
-            let retry_after = parse_retry_after(&rsp);
-            let _ = LAST_RETRY_AFTER.try_with(|cell| cell.set(retry_after));
+            let last = LastResponse {
+                status: Some(rsp.parts.status.as_u16()),
+                retry_after: parse_retry_after(&rsp),
+            };
+            let _ = LAST_RESPONSE.try_with(|cell| cell.set(last));
             Ok(rsp)
         })
     }

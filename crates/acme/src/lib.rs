@@ -8,6 +8,8 @@
 //!   After a crash, [`AcmeAccount::resume_order`] picks the recorded order up again
 //!   instead of creating a second one.
 //! * [`AcmeAccount::revoke`] with a [`RevocationReason`].
+//! * [`AcmeIssuer`]: all of the above behind `leasehold_certs::CertificateIssuer`, and
+//!   [`account_for`] to get or create the account kept in a Secret.
 //!
 //! Every call retries requests the server refused for a stale nonce (`badNonce`
 //! means the request was not processed, so sending it again is safe).
@@ -16,6 +18,7 @@
 
 mod error;
 mod http;
+mod issuer;
 mod solver;
 
 use std::time::Duration;
@@ -30,6 +33,7 @@ use rustls::pki_types::{CertificateDer, CertificateSigningRequestDer};
 pub use error::{AcmeError, BAD_NONCE, ProblemDetails, RATE_LIMITED};
 pub use http::TrustRoots;
 pub use instant_acme::{OrderStatus, RevocationReason};
+pub use issuer::{AcmeIssuer, account_for, issuer_error};
 pub use solver::Http01Solver;
 
 use crate::http::{AcmeHttp, acme_err, scoped};
@@ -80,6 +84,14 @@ pub struct AccountRequest {
 #[derive(serde::Serialize, serde::Deserialize)]
 #[serde(transparent)]
 pub struct StoredAccount(AccountCredentials);
+
+impl StoredAccount {
+    /// The directory the account was registered at, when the credentials say.
+    pub fn directory_url(&self) -> Option<String> {
+        let json = serde_json::to_value(&self.0).ok()?;
+        json.get("directory")?.as_str().map(str::to_owned)
+    }
+}
 
 impl std::fmt::Debug for StoredAccount {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -342,12 +354,13 @@ impl AcmeOrder {
         solver: &Http01Solver,
         poll: &PollPolicy,
     ) -> Result<OrderStatus, AcmeError> {
-        let mut served = Vec::new();
-        let result = self.answer_challenges(solver, &mut served, poll).await;
-        for token in &served {
-            solver.remove(token);
-        }
-        result
+        // Withdrawn on drop, so a cancelled call leaves no token behind either.
+        let mut served = ServedTokens {
+            solver,
+            tokens: Vec::new(),
+        };
+        self.answer_challenges(solver, &mut served.tokens, poll)
+            .await
     }
 
     async fn answer_challenges(
@@ -397,6 +410,20 @@ impl AcmeOrder {
         AcmeError::OrderInvalid {
             url: self.order.url().to_owned(),
             problem,
+        }
+    }
+}
+
+/// Tokens put into a solver for one authorization round; withdrawn when dropped.
+struct ServedTokens<'a> {
+    solver: &'a Http01Solver,
+    tokens: Vec<String>,
+}
+
+impl Drop for ServedTokens<'_> {
+    fn drop(&mut self) {
+        for token in &self.tokens {
+            self.solver.remove(token);
         }
     }
 }

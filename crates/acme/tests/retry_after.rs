@@ -124,4 +124,19 @@ async fn rate_limit_problem_carries_retry_after() {
         "{wait:?}"
     );
     assert!(err.to_string().contains("rateLimited"), "{err}");
+
+    // Behind the issuer interface: RateLimited with the CA's wait as a duration.
+    match leasehold_acme::issuer_error(err) {
+        leasehold_certs::IssuerError::RateLimited {
+            detail,
+            retry_after: Some(wait),
+        } => {
+            assert!(detail.contains("too many new accounts"), "{detail}");
+            assert!(
+                wait <= Duration::from_secs(120) && wait >= Duration::from_secs(60),
+                "{wait:?}"
+            );
+        }
+        other => panic!("expected RateLimited with retry_after, got {other:?}"),
+    }
 }
