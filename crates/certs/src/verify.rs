@@ -82,6 +82,27 @@ pub fn check_certificate(
     request: &CertificateRequest,
     now: OffsetDateTime,
 ) -> Result<(), VerifyError> {
+    check_certificate_with(ca_der, leaf_der, request, now, UsageCheck::Exact)
+}
+
+/// How the certificate's usages must compare with the requested ones.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UsageCheck {
+    /// Exactly the requested usages (an issuer leasehold runs itself).
+    Exact,
+    /// At least the requested ones: a public CA (ACME) decides the usages it puts on
+    /// every certificate and may add some.
+    AtLeast,
+}
+
+/// [`check_certificate`] with the usage comparison of `usages`.
+pub fn check_certificate_with(
+    ca_der: &[u8],
+    leaf_der: &[u8],
+    request: &CertificateRequest,
+    now: OffsetDateTime,
+    usages_check: UsageCheck,
+) -> Result<(), VerifyError> {
     let ca = x509_parser::parse_x509_certificate(ca_der)
         .map(|(_, cert)| cert)
         .map_err(|_| VerifyError::CaCertificate)?;
@@ -122,7 +143,11 @@ pub fn check_certificate(
 
     let expected = request.usage_set();
     let found = usages(&leaf)?;
-    if found != expected {
+    let fits = match usages_check {
+        UsageCheck::Exact => found == expected,
+        UsageCheck::AtLeast => found.is_superset(&expected),
+    };
+    if !fits {
         return Err(VerifyError::Usages {
             expected: expected.into_iter().collect(),
             found: found.into_iter().collect(),
@@ -386,7 +411,29 @@ pub async fn verify_leaf(
     csr_pem: Option<&str>,
     now: OffsetDateTime,
 ) -> Result<(), VerifyError> {
-    check_certificate(anchor_der, leaf_der, request, now)?;
+    verify_leaf_with(
+        anchor_der,
+        leaf_der,
+        request,
+        key,
+        csr_pem,
+        now,
+        UsageCheck::Exact,
+    )
+    .await
+}
+
+/// [`verify_leaf`] with the usage comparison of `usages` (ACME: [`UsageCheck::AtLeast`]).
+pub async fn verify_leaf_with(
+    anchor_der: &CertificateDer<'static>,
+    leaf_der: &CertificateDer<'static>,
+    request: &CertificateRequest,
+    key: Option<&PrivateKeyPem>,
+    csr_pem: Option<&str>,
+    now: OffsetDateTime,
+    usages: UsageCheck,
+) -> Result<(), VerifyError> {
+    check_certificate_with(anchor_der, leaf_der, request, now, usages)?;
     if let Some(csr_pem) = csr_pem {
         check_csr_key(leaf_der, csr_pem)?;
     }

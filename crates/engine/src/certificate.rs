@@ -22,6 +22,7 @@ use leasehold_backends::{
     RevokeRequest, VerifyRequest,
 };
 use leasehold_certs::issuer::OrderJournal;
+use leasehold_certs::verify::UsageCheck;
 use leasehold_certs::{
     CertificateIssuer, CertificateRequest, IssueOrder, IssuerError, KeyAlgorithm, PrivateKeyPem,
     RevocationReason, RevokeOrder, Usage, csr_for, generate_key,
@@ -285,13 +286,21 @@ impl Backend for CertificateBackend {
             .ok_or_else(|| failed("no CA certificate was stored for this version"))?;
         let key = PrivateKeyPem::new(bundle.key.clone());
         let now = (self.clock)();
-        let check = leasehold_certs::verify::verify_leaf(
+        // A CA leasehold runs puts exactly the requested usages on a certificate; a
+        // public (ACME) CA decides them and may add some.
+        let usages = if self.issuer.kind() == "CA" {
+            UsageCheck::Exact
+        } else {
+            UsageCheck::AtLeast
+        };
+        let check = leasehold_certs::verify::verify_leaf_with(
             &anchor,
             &leaf,
             &self.request,
             Some(&key),
             None,
             now,
+            usages,
         );
         match tokio::time::timeout(req.timeout, check).await {
             Ok(Ok(())) => Ok(()),
