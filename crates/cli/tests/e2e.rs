@@ -853,6 +853,8 @@ struct World {
     node_kubeconfig: PathBuf,
     node_socket: PathBuf,
     broker_port: u16,
+    /// Where the leader serves CRLs and CA certificates (`--crl-addr`).
+    crl_port: u16,
     /// Values that must never appear in a log: passwords and tokens seen by the test.
     secrets: Vec<String>,
     results: Vec<(String, Duration)>,
@@ -976,6 +978,12 @@ async fn setup(cluster: Cluster) -> World {
         "--metrics-addr",
         &format!("127.0.0.1:{}", free_port()),
     );
+    let crl_port = free_port();
+    set_arg(
+        &mut controller_args,
+        "--crl-addr",
+        &format!("127.0.0.1:{crl_port}"),
+    );
     // Short, so the sweep scenario does not wait minutes (default 300 s).
     set_arg(&mut controller_args, "--per-pod-sweep-seconds", "3");
     set_arg(
@@ -1082,6 +1090,7 @@ async fn setup(cluster: Cluster) -> World {
         node_kubeconfig,
         node_socket,
         broker_port,
+        crl_port,
         secrets,
         results: Vec::new(),
     }
@@ -1129,6 +1138,12 @@ async fn run_scenarios(mut w: World) -> Vec<(String, Duration)> {
         &mut w,
         "lost node: the per-pod user of a deleted pod is swept by the controller",
         per_pod_sweep_after_a_lost_node,
+    )
+    .await;
+    scenario(
+        &mut w,
+        "certificate lease from a self-signed CA Issuer: kubernetes.io/tls Secret, rotation, old serial in the published CRL",
+        certificate_from_ca_issuer,
     )
     .await;
     scenario(
@@ -1330,6 +1345,214 @@ async fn secret_delivery(w: &mut World) {
     })
     .await;
     eprintln!("e2e: events {reasons:?}");
+}
+
+/// `GET path` from the controller's CRL server (plain HTTP on loopback): status and body.
+async fn crl_server_get(port: u16, path: &str) -> (u16, Vec<u8>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    tcp.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut raw = Vec::new();
+    tcp.read_to_end(&mut raw).await.unwrap();
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("an HTTP response");
+    let head = String::from_utf8_lossy(&raw[..split]).to_string();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let mut body = raw[split + 4..].to_vec();
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        body = dechunk(&body);
+    }
+    (status, body)
+}
+
+fn dechunk(mut data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let Some(end) = data.windows(2).position(|w| w == b"\r\n") else {
+            return out;
+        };
+        let size =
+            usize::from_str_radix(String::from_utf8_lossy(&data[..end]).trim(), 16).unwrap_or(0);
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&data[end + 2..end + 2 + size]);
+        data = &data[end + 2 + size + 2..];
+    }
+}
+
+/// `openssl verify` of `leaf` against `ca`, checking `crl` when given.
+fn openssl_verify(dir: &Path, ca: &str, leaf: &str, crl: Option<&[u8]>) -> Result<(), String> {
+    std::fs::write(dir.join("verify-ca.pem"), ca).unwrap();
+    std::fs::write(dir.join("verify-leaf.pem"), leaf).unwrap();
+    let mut cmd = std::process::Command::new("openssl");
+    cmd.arg("verify")
+        .arg("-CAfile")
+        .arg(dir.join("verify-ca.pem"));
+    if let Some(crl) = crl {
+        std::fs::write(dir.join("verify-crl.pem"), crl).unwrap();
+        cmd.arg("-crl_check")
+            .arg("-CRLfile")
+            .arg(dir.join("verify-crl.pem"));
+    }
+    let out = cmd.arg(dir.join("verify-leaf.pem")).output().unwrap();
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr))
+    }
+}
+
+async fn certificate_from_ca_issuer(w: &mut World) {
+    let c = &w.cluster;
+    c.apply(json!({
+        "apiVersion": "leasehold.dev/v1alpha1", "kind": "Issuer", "metadata": {"name": "e2e-ca"},
+        "spec": {"ca": {"selfSigned": true}}
+    }))
+    .await;
+    let issuers: Api<kube::core::DynamicObject> = Api::namespaced_with(
+        c.client.clone(),
+        &c.app_ns,
+        &kube::core::ApiResource {
+            group: "leasehold.dev".into(),
+            version: "v1alpha1".into(),
+            api_version: "leasehold.dev/v1alpha1".into(),
+            kind: "Issuer".into(),
+            plural: "issuers".into(),
+        },
+    );
+    let ready = eventually("Issuer e2e-ca Ready", Duration::from_secs(60), || async {
+        let i = issuers.get("e2e-ca").await.ok()?;
+        let conditions = i.data["status"]["conditions"].as_array()?.clone();
+        conditions
+            .iter()
+            .find(|c| c["type"] == "Ready" && c["status"] == "True")
+            .cloned()
+    })
+    .await;
+    eprintln!("e2e: Issuer e2e-ca Ready: {}", ready["message"]);
+    c.apply(json!({
+        "apiVersion": "leasehold.dev/v1alpha1", "kind": "RotationPolicy", "metadata": {"name": "certs"},
+        "spec": {"ttl": "24h", "renewBefore": "8h",
+                 "revoke": {"gracePeriod": "0s", "waitForConsumers": false, "maxWait": "0s"}}
+    }))
+    .await;
+    let dns = format!("web.{}.svc", c.app_ns);
+    c.apply(json!({
+        "apiVersion": "leasehold.dev/v1alpha1", "kind": "SecretLease", "metadata": {"name": "web-cert"},
+        "spec": {"policyRef": {"name": "certs"},
+                 "certificate": {"issuerRef": {"name": "e2e-ca"}, "commonName": dns,
+                                 "dnsNames": [dns], "usages": ["serverAuth", "digitalSignature"]},
+                 "delivery": {"secret": {"name": "web-tls"}}}
+    }))
+    .await;
+    let v1 = c.wait_ready_version("web-cert", 1).await;
+    let secrets: Api<Secret> = Api::namespaced(c.client.clone(), &c.app_ns);
+    let text =
+        |s: &Secret, k: &str| String::from_utf8(s.data.as_ref().unwrap()[k].0.clone()).unwrap();
+    let first = eventually("Secret web-tls", Duration::from_secs(30), || async {
+        secrets.get_opt("web-tls").await.ok()?
+    })
+    .await;
+    assert_eq!(first.type_.as_deref(), Some("kubernetes.io/tls"));
+    let keys: Vec<&String> = first.data.as_ref().unwrap().keys().collect();
+    assert_eq!(keys, ["ca.crt", "tls.crt", "tls.key"]);
+    let (ca, crt1, key1) = (
+        text(&first, "ca.crt"),
+        text(&first, "tls.crt"),
+        text(&first, "tls.key"),
+    );
+    w.secrets
+        .push(key1.lines().nth(1).unwrap_or_default().to_owned());
+    let root = secrets.get("e2e-ca-ca").await.unwrap();
+    assert_eq!(
+        text(&root, "tls.crt"),
+        ca,
+        "ca.crt is the Issuer's generated root"
+    );
+    let scratch = c.path("certs");
+    std::fs::create_dir_all(&scratch).unwrap();
+    openssl_verify(&scratch, &ca, &crt1, None).expect("the delivered certificate verifies");
+    eprintln!(
+        "e2e: web-cert v1 serial {} delivered as kubernetes.io/tls",
+        v1.current_username.clone().unwrap_or_default()
+    );
+
+    // Rotate: a new key and certificate; the old serial lands in the CRL ConfigMap and
+    // in the CRL the controller serves.
+    c.request_rotation("web-cert", "e2e-cert-1").await;
+    c.wait_ready_version("web-cert", 2).await;
+    let old_serial = v1.current_username.clone().unwrap();
+    let configmaps: Api<ConfigMap> = Api::namespaced(c.client.clone(), &c.app_ns);
+    eventually(
+        "old serial in e2e-ca-crl",
+        Duration::from_secs(60),
+        || async {
+            let cm = configmaps.get_opt("e2e-ca-crl").await.ok()??;
+            cm.data?
+                .get("revoked.json")?
+                .contains(&old_serial)
+                .then_some(())
+        },
+    )
+    .await;
+    let second = secrets.get("web-tls").await.unwrap();
+    let (crt2, key2) = (text(&second, "tls.crt"), text(&second, "tls.key"));
+    w.secrets
+        .push(key2.lines().nth(1).unwrap_or_default().to_owned());
+    assert_ne!(crt1, crt2);
+    assert_ne!(key1, key2, "a fresh key for every certificate");
+    let path = format!("/crl/issuer/{}/e2e-ca.pem", c.app_ns);
+    let crl = eventually(
+        "CRL served with the old serial",
+        Duration::from_secs(30),
+        || async {
+            let (status, body) = crl_server_get(w.crl_port, &path).await;
+            (status == 200 && openssl_verify(&scratch, &ca, &crt1, Some(&body)).is_err())
+                .then_some(body)
+        },
+    )
+    .await;
+    let refused = openssl_verify(&scratch, &ca, &crt1, Some(&crl)).unwrap_err();
+    assert!(refused.contains("revoked"), "{refused}");
+    openssl_verify(&scratch, &ca, &crt2, Some(&crl)).expect("the new certificate is good");
+    eprintln!(
+        "e2e: old certificate refused by the served CRL: {}",
+        refused.trim()
+    );
+
+    let reasons = c.event_reasons("web-cert").await;
+    assert!(reasons.iter().any(|r| r == "Revoked"), "{reasons:?}");
+    c.leases()
+        .delete("web-cert", &DeleteParams::default())
+        .await
+        .unwrap();
+    c.wait_lease_gone("web-cert", Duration::from_secs(60)).await;
+    let v2_serial = {
+        let cm = configmaps.get("e2e-ca-crl").await.unwrap();
+        cm.data.unwrap()["revoked.json"].clone()
+    };
+    assert_eq!(
+        v2_serial.matches("serial").count(),
+        2,
+        "both certificates revoked once the lease is gone: {v2_serial}"
+    );
 }
 
 async fn lease_with_own_admin(w: &World, lease: &str, admin: &str) -> String {
