@@ -215,6 +215,7 @@ impl pb::broker_server::Broker for FakeBrokerSvc {
             version,
             expires_at: Some(ts(lifetime)),
             renew_at: Some(ts(lifetime * 2 / 3)),
+            certificate: None,
         }))
     }
 
