@@ -13,13 +13,18 @@
 //! Issuers are found through [`CertificateIssuers`] (the controller implements it over
 //! its issuer registry; [`MemoryCertificateIssuers`] for tests).
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use jiff::Timestamp;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use kube::Api;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use leasehold_api::{
     CertificateSpec, CertificateUsage, IssuerKind, IssuerRef, RotationPolicy, SecretLease,
 };
@@ -28,6 +33,7 @@ use leasehold_certs::{
     CertificateIssuer, CertificateRequest, IssueOrder, IssuerError, KeyAlgorithm, RevocationReason,
     RevokeOrder, Usage, new_serial, verify,
 };
+use leasehold_core::naming::short_uid;
 use leasehold_proto::broker::v1 as pb;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
@@ -35,8 +41,9 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, instrument, warn};
 
 use crate::authz::{Deny, PodIdentity};
+use crate::consumers::FIELD_MANAGER;
 use crate::error::BrokerError;
-use crate::per_pod::lease_uid;
+use crate::per_pod::{POD_UID_LABEL, lease_uid};
 
 /// Longest CSR accepted (PEM). An RSA-3072 CSR with many names is far below it.
 pub const MAX_CSR_BYTES: usize = 16 * 1024;
@@ -237,6 +244,142 @@ impl PodCertificateStore for MemoryPodCertificateStore {
             .filter(|((l, _), _)| l == uid)
             .map(|(_, r)| r.clone())
             .collect())
+    }
+}
+
+/// Label with the lease UID (12 hex digits) on certificate records.
+pub const CERT_LEASE_UID_LABEL: &str = "leasehold.dev/cert-lease-uid";
+const RECORD_KEY: &str = "record";
+
+/// Name of the Secret recording `serial` of a lease. A Secret (not a ConfigMap) only
+/// because the controller may already manage Secrets in lease namespaces; it holds no
+/// secret.
+pub fn cert_record_name(lease_uid: &str, serial: &str) -> String {
+    let serial: String = serial
+        .chars()
+        .filter(char::is_ascii_hexdigit)
+        .take(40)
+        .collect::<String>()
+        .to_ascii_lowercase();
+    format!("leasehold-cert-{}-{serial}", short_uid(lease_uid))
+}
+
+/// The Secret recording `record` (server-side apply body), owned by the lease.
+pub fn cert_record_secret(
+    lease: &SecretLease,
+    record: &PodCertificateRecord,
+) -> Result<Secret, BrokerError> {
+    let uid = lease_uid(lease);
+    let json = serde_json::to_vec(record)
+        .map_err(|e| BrokerError::Internal(format!("cannot encode a certificate record: {e}")))?;
+    Ok(Secret {
+        metadata: ObjectMeta {
+            name: Some(cert_record_name(uid, &record.serial)),
+            namespace: lease.metadata.namespace.clone(),
+            labels: Some(BTreeMap::from([
+                (CERT_LEASE_UID_LABEL.to_owned(), short_uid(uid)),
+                (POD_UID_LABEL.to_owned(), record.pod_uid.clone()),
+                (
+                    "app.kubernetes.io/managed-by".to_owned(),
+                    "leasehold".to_owned(),
+                ),
+            ])),
+            owner_references: Some(vec![OwnerReference {
+                api_version: format!("{}/{}", leasehold_api::GROUP, leasehold_api::VERSION),
+                kind: "SecretLease".to_owned(),
+                name: lease.metadata.name.clone().unwrap_or_default(),
+                uid: uid.to_owned(),
+                controller: Some(false),
+                block_owner_deletion: None,
+            }]),
+            ..ObjectMeta::default()
+        },
+        data: Some(BTreeMap::from([(RECORD_KEY.to_owned(), ByteString(json))])),
+        type_: Some("Opaque".to_owned()),
+        ..Secret::default()
+    })
+}
+
+fn record_of(secret: &Secret) -> Option<PodCertificateRecord> {
+    serde_json::from_slice(&secret.data.as_ref()?.get(RECORD_KEY)?.0).ok()
+}
+
+/// [`PodCertificateStore`] in Secrets owned by the lease (one per serial). Needs
+/// `get`, `list`, `patch` and `delete` on secrets in lease namespaces, as the
+/// per-pod credential store does.
+#[derive(Clone)]
+pub struct KubePodCertificateStore {
+    client: kube::Client,
+}
+
+impl std::fmt::Debug for KubePodCertificateStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubePodCertificateStore")
+            .finish_non_exhaustive()
+    }
+}
+
+impl KubePodCertificateStore {
+    /// Records through `client`.
+    pub fn new(client: kube::Client) -> Self {
+        Self { client }
+    }
+
+    fn api(&self, lease: &SecretLease) -> Api<Secret> {
+        Api::namespaced(
+            self.client.clone(),
+            lease.metadata.namespace.as_deref().unwrap_or_default(),
+        )
+    }
+}
+
+#[async_trait]
+impl PodCertificateStore for KubePodCertificateStore {
+    async fn put(
+        &self,
+        lease: &SecretLease,
+        record: &PodCertificateRecord,
+    ) -> Result<(), BrokerError> {
+        let secret = cert_record_secret(lease, record)?;
+        let name = secret.metadata.name.clone().unwrap_or_default();
+        let mut body = serde_json::to_value(&secret)
+            .map_err(|e| BrokerError::Internal(format!("cannot encode a Secret: {e}")))?;
+        body["apiVersion"] = "v1".into();
+        body["kind"] = "Secret".into();
+        self.api(lease)
+            .patch(
+                &name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(body),
+            )
+            .await
+            .map_err(|e| BrokerError::kube("cannot write a certificate record", &e))?;
+        Ok(())
+    }
+
+    async fn delete(&self, lease: &SecretLease, serial: &str) -> Result<(), BrokerError> {
+        match self
+            .api(lease)
+            .delete(
+                &cert_record_name(lease_uid(lease), serial),
+                &DeleteParams::default(),
+            )
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+            Err(e) => Err(BrokerError::kube("cannot delete a certificate record", &e)),
+        }
+    }
+
+    async fn list(&self, lease: &SecretLease) -> Result<Vec<PodCertificateRecord>, BrokerError> {
+        let selector = format!("{CERT_LEASE_UID_LABEL}={}", short_uid(lease_uid(lease)));
+        let secrets = self
+            .api(lease)
+            .list(&ListParams::default().labels(&selector))
+            .await
+            .map_err(|e| BrokerError::kube("cannot list certificate records", &e))?;
+        Ok(secrets.items.iter().filter_map(record_of).collect())
     }
 }
 
@@ -929,6 +1072,45 @@ mod tests {
                 "{field}"
             );
         }
+    }
+
+    #[test]
+    fn records_are_lease_owned_secrets_without_key_material() {
+        let lease: SecretLease = serde_json::from_value(serde_json::json!({
+            "apiVersion": "leasehold.dev/v1alpha1", "kind": "SecretLease",
+            "metadata": {"namespace": "shop", "name": "tls",
+                         "uid": "0a1b2c3d-4e5f-4000-8000-000000000001"},
+            "spec": {"policyRef": {"name": "p"},
+                     "certificate": {"issuerRef": {"name": "ca"}, "commonName": "x"}},
+        }))
+        .unwrap();
+        let t: Timestamp = "2030-01-01T00:00:00Z".parse().unwrap();
+        let record = PodCertificateRecord {
+            serial: "4a".repeat(16),
+            pod_namespace: "shop".into(),
+            pod_name: "web-0".into(),
+            pod_uid: "7f3c2a1b-0d9e-4c8f-a6b5-4e3d2c1b0a99".into(),
+            node: "node-a".into(),
+            issued_at: t,
+            not_after: t,
+            leaf_pem: Some("-----BEGIN CERTIFICATE-----".into()),
+        };
+        let secret = cert_record_secret(&lease, &record).unwrap();
+        let name = secret.metadata.name.clone().unwrap();
+        assert_eq!(
+            name,
+            format!("leasehold-cert-0a1b2c3d4e5f-{}", "4a".repeat(16))
+        );
+        assert!(name.len() <= 63);
+        let labels = secret.metadata.labels.clone().unwrap();
+        assert_eq!(labels[CERT_LEASE_UID_LABEL], "0a1b2c3d4e5f");
+        assert_eq!(
+            secret.metadata.owner_references.clone().unwrap()[0].kind,
+            "SecretLease"
+        );
+        assert_eq!(record_of(&secret).unwrap(), record);
+        let json = serde_json::to_string(&secret).unwrap();
+        assert!(!json.contains("PRIVATE"));
     }
 
     #[test]

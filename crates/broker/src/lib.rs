@@ -57,8 +57,8 @@ pub mod tls;
 
 pub use authz::{Deny, NodeDriverAccount};
 pub use certificates::{
-    CertificateIssuers, IssuerLookupError, MemoryCertificateIssuers, MemoryPodCertificateStore,
-    PodCertificateRecord, PodCertificateStore, PodCertificates,
+    CertificateIssuers, IssuerLookupError, KubePodCertificateStore, MemoryCertificateIssuers,
+    MemoryPodCertificateStore, PodCertificateRecord, PodCertificateStore, PodCertificates,
 };
 pub use cluster::{ClusterView, KubeClusterView, MemoryCluster, SecretData};
 pub use consumers::{
