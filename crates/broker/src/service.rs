@@ -399,6 +399,7 @@ impl BrokerService {
         if lease.spec.certificate.is_some() {
             // The node makes a key and a CSR for exactly these names, then calls
             // IssueCertificate.
+            self.pod_certificates()?;
             let wanted = PodCertificates::request_for(&lease, &policy, &requested)?;
             let now = Timestamp::now();
             return Ok(pb::IssueResponse {
