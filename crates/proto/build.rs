@@ -11,6 +11,7 @@ const REDACTED: &[&str] = &[
     ".csi.v1.NodeExpandVolumeRequest",
     ".leasehold.broker.v1.IssueRequest",
     ".leasehold.broker.v1.IssueResponse",
+    ".leasehold.broker.v1.IssueCertificateRequest",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -3,6 +3,7 @@
 //! their node, report the versions they hold, and release volumes.
 //!
 //! - [`authz`]: the authorization rules as pure functions.
+//! - [`certificates`]: per-pod certificates of certificate leases (CSR in, chain out).
 //! - [`cluster`]: the objects it reads ([`ClusterView`]), over the API server or in memory.
 //! - [`consumers`]: `status.consumers` of leases, coalesced server-side apply.
 //! - [`limits`]: per-lease and connection limits ([`BrokerLimits`]).
@@ -42,6 +43,7 @@
 #![forbid(unsafe_code)]
 
 pub mod authz;
+pub mod certificates;
 pub mod cluster;
 pub mod consumers;
 pub mod error;
@@ -54,6 +56,10 @@ pub mod sweep;
 pub mod tls;
 
 pub use authz::{Deny, NodeDriverAccount};
+pub use certificates::{
+    CertificateIssuers, IssuerLookupError, KubePodCertificateStore, MemoryCertificateIssuers,
+    MemoryPodCertificateStore, PodCertificateRecord, PodCertificateStore, PodCertificates,
+};
 pub use cluster::{ClusterView, KubeClusterView, MemoryCluster, SecretData};
 pub use consumers::{
     CoalescingRecorder, ConsumerRecorder, ConsumerStore, KubeConsumerStore, MemoryConsumerStore,

@@ -20,6 +20,7 @@ use crate::authz::{
     authorize_acknowledge, authorize_driver_pod, authorize_issue, authorize_node,
     authorize_pod_on_node, authorize_pod_placement, namespace_allowed,
 };
+use crate::certificates::{PodCertificateRequest, PodCertificates, profile};
 use crate::cluster::{ClusterView, lease_facts, pod_facts, version_password};
 use crate::consumers::{ConsumerRecorder, ObjectRef};
 use crate::error::BrokerError;
@@ -72,6 +73,7 @@ pub struct BrokerService {
     cluster: Arc<dyn ClusterView>,
     recorder: Arc<dyn ConsumerRecorder>,
     per_pod: Option<Arc<dyn PerPodIssuer>>,
+    certificates: Option<Arc<PodCertificates>>,
     metrics: BrokerMetrics,
 }
 
@@ -80,6 +82,7 @@ impl std::fmt::Debug for BrokerService {
         f.debug_struct("BrokerService")
             .field("config", &self.config)
             .field("per_pod", &self.per_pod.is_some())
+            .field("certificates", &self.certificates.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -99,6 +102,7 @@ impl BrokerService {
             cluster,
             recorder,
             per_pod: None,
+            certificates: None,
             metrics: BrokerMetrics::default(),
         }
     }
@@ -107,6 +111,61 @@ impl BrokerService {
     pub fn with_per_pod(mut self, issuer: Arc<dyn PerPodIssuer>) -> Self {
         self.per_pod = Some(issuer);
         self
+    }
+
+    /// Serves certificate leases: CSRs signed by the issuers `certificates` finds.
+    /// Until then they are refused (`FAILED_PRECONDITION`).
+    pub fn with_certificates(mut self, certificates: Arc<PodCertificates>) -> Self {
+        self.certificates = Some(certificates);
+        self
+    }
+
+    fn pod_certificates(&self) -> Result<&PodCertificates, BrokerError> {
+        self.certificates.as_deref().ok_or_else(|| {
+            BrokerError::FailedPrecondition(
+                "certificate leases are not enabled on this broker".into(),
+            )
+        })
+    }
+
+    async fn issue_certificate_inner(
+        &self,
+        request: Request<pb::IssueCertificateRequest>,
+    ) -> Result<pb::IssueCertificateResponse, BrokerError> {
+        let (metadata, _, msg) = request.into_parts();
+        let volume = self
+            .authorize_volume(
+                &metadata,
+                msg.pod.as_ref(),
+                &msg.pod_token,
+                msg.lease.as_ref(),
+                &msg.volume_id,
+                &msg.node_name,
+            )
+            .await?;
+        if volume.lease.spec.certificate.is_none() {
+            return Err(BrokerError::FailedPrecondition(
+                "the lease is not a certificate lease: call Issue".into(),
+            ));
+        }
+        let issued = self
+            .pod_certificates()?
+            .issue(&PodCertificateRequest {
+                lease: &volume.lease,
+                policy: &volume.policy,
+                pod: &volume.pod,
+                node: &volume.node,
+                csr_pem: &msg.csr_pem,
+            })
+            .await?;
+        Ok(pb::IssueCertificateResponse {
+            certificate_chain_pem: issued.chain_pem,
+            ca_pem: issued.ca_pem,
+            serial: issued.serial,
+            not_after: Some(timestamp(issued.not_after)),
+            renew_at: Some(timestamp(issued.renew_at)),
+            certificate: Some(profile(&issued.request)),
+        })
     }
 
     /// Records metrics in `metrics` (from [`BrokerMetrics::register`]).
@@ -237,25 +296,33 @@ impl BrokerService {
             .await
     }
 
-    async fn issue_inner(
+    /// What `Issue` and `IssueCertificate` check before anything is handed out: the
+    /// driver's token and node, the pod token, the pod's placement, the lease's CSI
+    /// delivery and access rules (a refusal that withdraws access is enforced).
+    #[allow(clippy::too_many_arguments)]
+    async fn authorize_volume(
         &self,
-        request: Request<pb::IssueRequest>,
-    ) -> Result<pb::IssueResponse, BrokerError> {
-        let (metadata, _, msg) = request.into_parts();
-        let requested = pod_identity(msg.pod.as_ref())?;
-        let lease_ref = lease_ref(msg.lease.as_ref(), &requested)?;
-        let node = node_name(&msg.node_name)?;
-        required("volume_id", &msg.volume_id)?;
-        required("pod_token", &msg.pod_token)?;
+        metadata: &MetadataMap,
+        pod: Option<&pb::PodIdentity>,
+        pod_token: &str,
+        lease: Option<&pb::LeaseRef>,
+        volume_id: &str,
+        node_name: &str,
+    ) -> Result<AuthorizedVolume, BrokerError> {
+        let requested = pod_identity(pod)?;
+        let lease_ref = lease_ref(lease, &requested)?;
+        let node = node_name_of(node_name)?.to_owned();
+        required("volume_id", volume_id)?;
+        required("pod_token", pod_token)?;
 
-        let caller = self.caller(&metadata).await?;
+        let caller = self.caller(metadata).await?;
         // Before anything else is looked at: only node drivers, on that node.
-        authorize_node(&caller, &self.config.node_driver, node)?;
+        authorize_node(&caller, &self.config.node_driver, &node)?;
         let verified = self
             .verifiers
             .pod
             .verify_pod_token(
-                &msg.pod_token,
+                pod_token,
                 &ExpectedPod {
                     namespace: requested.namespace.clone(),
                     pod_name: requested.name.clone(),
@@ -287,15 +354,62 @@ impl BrokerService {
             caller: &caller,
             pod_token: &token_pod,
             requested: &requested,
-            node,
+            node: &node,
             pod: &pod_facts(&pod),
             lease: &facts,
             access,
             namespace_labels: labels.as_ref(),
         });
-        self.enforce(decision, &lease, &policy, &lease_ref, &requested, node)
+        self.enforce(decision, &lease, &policy, &lease_ref, &requested, &node)
             .await?;
+        // From here on `requested` is the verified pod: the token named exactly it,
+        // and the pod object on this node matches it.
+        Ok(AuthorizedVolume {
+            pod: requested,
+            lease_ref,
+            node,
+            lease,
+            policy,
+        })
+    }
 
+    async fn issue_inner(
+        &self,
+        request: Request<pb::IssueRequest>,
+    ) -> Result<pb::IssueResponse, BrokerError> {
+        let (metadata, _, msg) = request.into_parts();
+        let AuthorizedVolume {
+            pod: requested,
+            lease_ref,
+            node,
+            lease,
+            policy,
+        } = self
+            .authorize_volume(
+                &metadata,
+                msg.pod.as_ref(),
+                &msg.pod_token,
+                msg.lease.as_ref(),
+                &msg.volume_id,
+                &msg.node_name,
+            )
+            .await?;
+        let node = node.as_str();
+
+        if lease.spec.certificate.is_some() {
+            // The node makes a key and a CSR for exactly these names, then calls
+            // IssueCertificate.
+            self.pod_certificates()?;
+            let wanted = PodCertificates::request_for(&lease, &policy, &requested)?;
+            let now = Timestamp::now();
+            return Ok(pb::IssueResponse {
+                files: Default::default(),
+                version: 0,
+                expires_at: Some(timestamp(now)),
+                renew_at: Some(timestamp(now)),
+                certificate: Some(profile(&wanted)),
+            });
+        }
         if lease.spec.per_pod {
             let issuer = self.per_pod.as_ref().ok_or_else(|| {
                 BrokerError::FailedPrecondition(
@@ -389,7 +503,7 @@ impl BrokerService {
         let (metadata, _, msg) = request.into_parts();
         let requested = pod_identity(msg.pod.as_ref())?;
         let lease_ref = lease_ref(msg.lease.as_ref(), &requested)?;
-        let node = node_name(&msg.node_name)?;
+        let node = node_name_of(&msg.node_name)?;
         required("volume_id", &msg.volume_id)?;
 
         let caller = self.caller(&metadata).await?;
@@ -423,6 +537,13 @@ impl BrokerService {
         self.enforce(decision, &lease, &policy, &lease_ref, &requested, node)
             .await?;
 
+        if lease.spec.certificate.is_some() {
+            // Each pod's certificate is its own, renewed on its own schedule: there is
+            // no lease version to move to.
+            return Ok(pb::AcknowledgeResponse {
+                latest_version: msg.version,
+            });
+        }
         if lease.spec.per_pod {
             // A pod's own credential is not a lease version: nothing to record.
             let latest = match &self.per_pod {
@@ -489,7 +610,13 @@ impl BrokerService {
         pod: &PodIdentity,
         node: &str,
     ) {
-        if lease.spec.per_pod {
+        if lease.spec.certificate.is_some() {
+            if let Some(certificates) = &self.certificates
+                && let Err(e) = certificates.release(lease, &pod.uid, node, None).await
+            {
+                warn!(error = %e, "cannot revoke the certificates of a pod that lost access");
+            }
+        } else if lease.spec.per_pod {
             if let Some(issuer) = &self.per_pod
                 && let Err(e) = issuer.release(lease, policy, &pod.uid, node).await
             {
@@ -511,7 +638,7 @@ impl BrokerService {
         let (metadata, _, msg) = request.into_parts();
         let requested = pod_identity(msg.pod.as_ref())?;
         let lease_ref = lease_ref(msg.lease.as_ref(), &requested)?;
-        let node = node_name(&msg.node_name)?;
+        let node = node_name_of(&msg.node_name)?;
         required("volume_id", &msg.volume_id)?;
 
         let caller = self.caller(&metadata).await?;
@@ -541,7 +668,14 @@ impl BrokerService {
         else {
             return Ok(pb::ReleaseResponse {});
         };
-        if lease.spec.per_pod {
+        if lease.spec.certificate.is_some() {
+            if let Some(certificates) = &self.certificates {
+                let serial = (!msg.serial.is_empty()).then_some(msg.serial.as_str());
+                certificates
+                    .release(&lease, &requested.uid, node, serial)
+                    .await?;
+            }
+        } else if lease.spec.per_pod {
             if let Some(issuer) = &self.per_pod {
                 let policy = self.policy_of(&lease).await?;
                 issuer
@@ -589,7 +723,18 @@ fn issue_response(
         version,
         expires_at: Some(timestamp(expires_at)),
         renew_at: Some(timestamp(renew_at)),
+        certificate: None,
     }
+}
+
+/// A volume `authorize_volume` let through.
+struct AuthorizedVolume {
+    /// The verified pod.
+    pod: PodIdentity,
+    lease_ref: ObjectRef,
+    node: String,
+    lease: SecretLease,
+    policy: RotationPolicy,
 }
 
 /// The token of `authorization: Bearer <token>`.
@@ -708,7 +853,7 @@ fn lease_ref(lease: Option<&pb::LeaseRef>, pod: &PodIdentity) -> Result<ObjectRe
     Ok(ObjectRef::new(namespace, lease_name))
 }
 
-fn node_name(value: &str) -> Result<&str, BrokerError> {
+fn node_name_of(value: &str) -> Result<&str, BrokerError> {
     name("node_name", value, NameKind::Subdomain)
 }
 
@@ -738,6 +883,23 @@ impl pb::broker_server::Broker for BrokerService {
             node = %request.get_ref().node_name,
         );
         self.observe("Issue", self.issue_inner(request))
+            .instrument(span)
+            .await
+    }
+
+    async fn issue_certificate(
+        &self,
+        request: Request<pb::IssueCertificateRequest>,
+    ) -> Result<Response<pb::IssueCertificateResponse>, Status> {
+        // Names objects only: neither the pod token nor the CSR is recorded.
+        let span = info_span!(
+            "broker.issue_certificate",
+            volume_id = %request.get_ref().volume_id,
+            pod = %pod_label(request.get_ref().pod.as_ref()),
+            lease = %lease_label(request.get_ref().lease.as_ref()),
+            node = %request.get_ref().node_name,
+        );
+        self.observe("IssueCertificate", self.issue_certificate_inner(request))
             .instrument(span)
             .await
     }

@@ -76,6 +76,52 @@ async fn no_token_or_credential_in_logs() {
         .release(with_token(release_request(&web, "db"), Some(&node)))
         .await
         .unwrap();
+
+    // A certificate volume: the key is made here (the node's side) and must not
+    // reach the broker's logs, which see only the CSR.
+    let profile = b
+        .client
+        .issue(with_token(issue_request(&web, "cert", &pod), Some(&node)))
+        .await
+        .unwrap()
+        .into_inner()
+        .certificate
+        .unwrap();
+    let request = leasehold_certs::CertificateRequest {
+        dns_names: profile.dns_names.clone(),
+        uris: profile.uris.clone(),
+        usages: vec![
+            leasehold_certs::Usage::ServerAuth,
+            leasehold_certs::Usage::ClientAuth,
+            leasehold_certs::Usage::DigitalSignature,
+        ],
+        ..leasehold_certs::CertificateRequest::server(
+            &profile.common_name,
+            &[],
+            time::Duration::hours(1),
+        )
+    };
+    let key = leasehold_certs::generate_key(leasehold_certs::KeyAlgorithm::EcdsaP256).unwrap();
+    let csr = leasehold_certs::csr_for(&key, &request).unwrap();
+    b.client
+        .issue_certificate(with_token(
+            issue_certificate_request(&web, "cert", &pod, &csr),
+            Some(&node),
+        ))
+        .await
+        .unwrap();
+    let _ = b
+        .client
+        .issue_certificate(with_token(
+            issue_certificate_request(&web, "cert", &expired, &csr),
+            Some(&node),
+        ))
+        .await
+        .unwrap_err();
+    b.client
+        .release(with_token(release_request(&web, "cert"), Some(&node)))
+        .await
+        .unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
 
     let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
@@ -85,6 +131,17 @@ async fn no_token_or_credential_in_logs() {
         "refusals are logged:\n{logs}"
     );
     assert!(!logs.contains(V3_PASSWORD), "password in logs:\n{logs}");
+    assert!(logs.contains("broker.issue_certificate"), "{logs}");
+    assert!(
+        !logs.contains("PRIVATE KEY"),
+        "a private key in logs:\n{logs}"
+    );
+    let key_body: String = key
+        .expose()
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect();
+    assert!(!logs.contains(&key_body[..40]), "key material in logs");
     for secret in &secrets {
         // Each JWT part is long and random enough to be a unique marker.
         for part in secret.split('.').filter(|p| p.len() > 16) {

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use common::*;
 
 const VOLUMES: usize = 330;
+const CERT_VOLUMES: usize = 200;
 
 fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -105,18 +106,38 @@ fn main() {
         }
         let after = rss_kib();
 
+        // Certificate volumes: key generation (P-256), CSR, IssueCertificate (a `ca`
+        // issuer signing), the node's checks with a loopback TLS handshake, the files.
+        let mut cert_first = Vec::new();
+        let mut cert_targets = Vec::new();
+        for i in 0..CERT_VOLUMES {
+            let id = format!("csi-tls{i:04}");
+            let target = target_under(dir.path(), &format!("tls{i:04}"));
+            let mut req = Pub::new(&id, &target);
+            req.lease = Some(CERT_LEASE);
+            let t = Instant::now();
+            d.node.node_publish_volume(req.build()).await.unwrap();
+            cert_first.push(t.elapsed());
+            cert_targets.push((id, target));
+        }
+        for (id, target) in &cert_targets {
+            d.node.node_unpublish_volume(unpublish_req(id, target)).await.unwrap();
+        }
+
         println!("csi-bench: real server on a Unix socket, fake broker on loopback, {VOLUMES} volumes, 2 worker threads");
         report("NodePublishVolume (new volume)", first);
         report("NodePublishVolume (republish, same)", again);
         report("NodePublishVolume (republish, rotate)", rotate);
         report("NodeUnpublishVolume", unpublish);
+        report("NodePublishVolume (certificate)", cert_first);
+        println!("  (certificate: key generated on the node, CSR signed by a ca issuer, loopback TLS check; target p99 <= 25 ms)");
         println!(
             "VmRSS (whole process: driver + fake broker + client): idle {:.1} MiB, {VOLUMES} volumes {:.1} MiB, after unpublish {:.1} MiB",
             idle as f64 / 1024.0,
             loaded as f64 / 1024.0,
             after as f64 / 1024.0
         );
-        println!("broker calls: issue={} ack={} release={}", broker.issues(), broker.acks(), broker.releases().len());
+        println!("broker calls: issue={} ack={} release={} certificates={}", broker.issues(), broker.acks(), broker.releases().len(), broker.state.lock().unwrap().certificates);
         d.stop().await;
         unmount_all_under(dir.path());
     });

@@ -64,6 +64,63 @@ pub struct IssuedCredential {
     pub expires_at: Timestamp,
     /// When the broker suggests asking again, if it said.
     pub renew_at: Option<Timestamp>,
+    /// Set (and `files` empty) for a certificate lease: the driver makes a key and a
+    /// CSR for these names and calls [`CredentialBroker::issue_certificate`].
+    pub certificate: Option<CertificateProfile>,
+}
+
+/// What a pod's certificate holds, as the broker decided it (names already
+/// expanded from the pod's identity). Never secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CertificateProfile {
+    /// Common name.
+    pub common_name: String,
+    /// DNS SANs.
+    #[serde(default)]
+    pub dns_names: Vec<String>,
+    /// IP SANs.
+    #[serde(default)]
+    pub ip_addresses: Vec<String>,
+    /// URI SANs.
+    #[serde(default)]
+    pub uris: Vec<String>,
+    /// `ServerAuth`, `ClientAuth`, `DigitalSignature`, `KeyEncipherment`.
+    #[serde(default)]
+    pub usages: Vec<String>,
+    /// `EcdsaP256`, `EcdsaP384`, `Ed25519`, `Rsa2048` or `Rsa3072`.
+    pub key_algorithm: String,
+}
+
+impl From<pb::CertificateProfile> for CertificateProfile {
+    fn from(p: pb::CertificateProfile) -> Self {
+        Self {
+            common_name: p.common_name,
+            dns_names: p.dns_names,
+            ip_addresses: p.ip_addresses,
+            uris: p.uris,
+            usages: p.usages,
+            key_algorithm: p.key_algorithm,
+        }
+    }
+}
+
+/// A certificate the broker's issuer signed for the node's CSR. No key: the
+/// driver holds it.
+#[derive(Debug, Clone)]
+pub struct IssuedCertificate {
+    /// Leaf then intermediates, PEM (`tls.crt`).
+    pub chain_pem: String,
+    /// Trust anchor, PEM (`ca.crt`).
+    pub ca_pem: String,
+    /// Lower-case hex serial.
+    pub serial: String,
+    /// Expiry.
+    pub not_after: Timestamp,
+    /// When to renew.
+    pub renew_at: Timestamp,
+    /// The names and usages it was issued for (what the driver verifies).
+    pub profile: CertificateProfile,
 }
 
 impl std::fmt::Debug for IssuedCredential {
@@ -73,6 +130,7 @@ impl std::fmt::Debug for IssuedCredential {
             .field("version", &self.version)
             .field("expires_at", &self.expires_at)
             .field("renew_at", &self.renew_at)
+            .field("certificate", &self.certificate)
             .finish()
     }
 }
@@ -131,6 +189,31 @@ pub trait CredentialBroker: Send + Sync {
 
     /// The volume is gone: revoke its credentials.
     async fn release(&self, volume: &VolumeRef) -> Result<(), BrokerError>;
+
+    /// Has the CSR of a certificate lease's volume signed (the key stays here).
+    async fn issue_certificate(
+        &self,
+        _volume: &VolumeRef,
+        _pod_token: &SecretString,
+        _csr_pem: &str,
+    ) -> Result<IssuedCertificate, BrokerError> {
+        Err(BrokerError::Refused {
+            code: tonic::Code::Unimplemented,
+            message: "this broker does not issue certificates".into(),
+        })
+    }
+
+    /// Revokes one certificate of the volume (the one a renewal replaced).
+    async fn release_certificate(
+        &self,
+        _volume: &VolumeRef,
+        _serial: &str,
+    ) -> Result<(), BrokerError> {
+        Err(BrokerError::Refused {
+            code: tonic::Code::Unimplemented,
+            message: "this broker does not issue certificates".into(),
+        })
+    }
 
     /// Whether the broker is reachable now.
     async fn ready(&self) -> bool;
@@ -302,6 +385,7 @@ impl CredentialBroker for GrpcBroker {
             version: response.version,
             expires_at,
             renew_at,
+            certificate: response.certificate.map(CertificateProfile::from),
         })
     }
 
@@ -328,6 +412,57 @@ impl CredentialBroker for GrpcBroker {
             lease: Some(pb_lease(&volume.lease)),
             node_name: volume.node_name.clone(),
             pod: Some(pb_pod(&volume.pod)),
+            serial: String::new(),
+        })?;
+        self.client.clone().release(request).await?;
+        Ok(())
+    }
+
+    async fn issue_certificate(
+        &self,
+        volume: &VolumeRef,
+        pod_token: &SecretString,
+        csr_pem: &str,
+    ) -> Result<IssuedCertificate, BrokerError> {
+        let request = self.request(pb::IssueCertificateRequest {
+            pod: Some(pb_pod(&volume.pod)),
+            pod_token: pod_token.expose_secret().to_owned(),
+            lease: Some(pb_lease(&volume.lease)),
+            volume_id: volume.volume_id.clone(),
+            node_name: volume.node_name.clone(),
+            csr_pem: csr_pem.to_owned(),
+        })?;
+        let response = self
+            .client
+            .clone()
+            .issue_certificate(request)
+            .await?
+            .into_inner();
+        let missing = |what: &str| BrokerError::InvalidResponse(format!("no {what}"));
+        Ok(IssuedCertificate {
+            not_after: timestamp(response.not_after)?.ok_or_else(|| missing("not_after"))?,
+            renew_at: timestamp(response.renew_at)?.ok_or_else(|| missing("renew_at"))?,
+            profile: response
+                .certificate
+                .map(CertificateProfile::from)
+                .ok_or_else(|| missing("certificate profile"))?,
+            chain_pem: response.certificate_chain_pem,
+            ca_pem: response.ca_pem,
+            serial: response.serial,
+        })
+    }
+
+    async fn release_certificate(
+        &self,
+        volume: &VolumeRef,
+        serial: &str,
+    ) -> Result<(), BrokerError> {
+        let request = self.request(pb::ReleaseRequest {
+            volume_id: volume.volume_id.clone(),
+            lease: Some(pb_lease(&volume.lease)),
+            node_name: volume.node_name.clone(),
+            pod: Some(pb_pod(&volume.pod)),
+            serial: serial.to_owned(),
         })?;
         self.client.clone().release(request).await?;
         Ok(())

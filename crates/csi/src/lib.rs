@@ -18,6 +18,7 @@
 
 pub mod auth;
 pub mod broker;
+pub mod certificate;
 pub mod context;
 pub mod identity;
 pub mod metrics;
@@ -33,8 +34,8 @@ use std::time::Duration;
 
 pub use auth::{AuthError, ExpectedPod, PodTokenVerifier, VerifiedPod};
 pub use broker::{
-    BrokerError, CredentialBroker, GrpcBroker, GrpcBrokerConfig, IssuedCredential, LeaseRef,
-    NodeToken, PodInfo, VolumeRef,
+    BrokerError, CertificateProfile, CredentialBroker, GrpcBroker, GrpcBrokerConfig,
+    IssuedCertificate, IssuedCredential, LeaseRef, NodeToken, PodInfo, VolumeRef,
 };
 pub use identity::{DRIVER_NAME, IdentityService};
 pub use metrics::NodeMetrics;

@@ -17,11 +17,14 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::NodeDriverConfig;
 use crate::auth::{AuthError, ExpectedPod, PodTokenVerifier};
-use crate::broker::{BrokerError, CredentialBroker, IssuedCredential, VolumeRef};
+use crate::broker::{
+    BrokerError, CertificateProfile, CredentialBroker, IssuedCredential, VolumeRef,
+};
+use crate::certificate::{self, CertificateError};
 use crate::context::{ContextError, PodVolume, VolumeContext};
 use crate::metrics::NodeMetrics;
 use crate::mount::{self, TmpfsOptions, Unmounted};
-use crate::state::{RecordKind, StateError, StateStore, VolumeRecord};
+use crate::state::{HeldCertificate, RecordKind, StateError, StateStore, VolumeRecord};
 
 /// Mode of credential files.
 pub const FILE_MODE: u32 = 0o440;
@@ -73,6 +76,9 @@ pub enum PublishError {
     /// The broker's credential cannot be written.
     #[error("unusable credential from the broker: {0}")]
     BadCredential(String),
+    /// A certificate volume's key, CSR or issued certificate failed.
+    #[error("certificate")]
+    Certificate(#[source] CertificateError),
     /// Creating the directory or mounting failed.
     #[error("mount tmpfs at {}", .0.display())]
     Mount(PathBuf, #[source] io::Error),
@@ -113,6 +119,7 @@ impl PublishError {
             },
             PublishError::Broker(BrokerError::InvalidResponse(_))
             | PublishError::BadCredential(_)
+            | PublishError::Certificate(_)
             | PublishError::Mount(..)
             | PublishError::Files(_)
             | PublishError::State(_)
@@ -128,6 +135,7 @@ impl From<PublishError> for Status {
         let message = match &err {
             PublishError::Auth(e) => format!("{err}: {e}"),
             PublishError::Broker(e) => format!("{err}: {e}"),
+            PublishError::Certificate(e) => format!("{err}: {e}"),
             _ => err.to_string(),
         };
         Status::new(err.code(), message)
@@ -627,6 +635,9 @@ impl NodeService {
         }
 
         match existing {
+            Existing::Live(record) if record.certificate.is_some() => {
+                self.republish_certificate(*record, &token).await
+            }
             Existing::Live(record) => self.republish(*record, &token).await,
             Existing::Fresh {
                 held_version,
@@ -662,9 +673,34 @@ impl NodeService {
                 return Err(PublishError::Broker(e));
             }
         };
+        let (credential, held) = match credential.certificate {
+            Some(profile) => match self.obtain_certificate(&volume, token, &profile, 1).await {
+                Ok((credential, held)) => (credential, Some(held)),
+                Err(e) => {
+                    let issued = match &e {
+                        PublishError::Broker(be) => may_have_issued(be),
+                        PublishError::Certificate(CertificateError::Verify(_)) => true,
+                        _ => false,
+                    };
+                    if issued {
+                        self.release_after_failed_issue(&volume, &target, gid).await;
+                    }
+                    return Err(e);
+                }
+            },
+            None => (credential, None),
+        };
+        let is_certificate = held.is_some();
         let version = credential.version;
         if let Err(e) = self
-            .place(&volume, credential, target.clone(), gid, !already_mounted)
+            .place(
+                &volume,
+                credential,
+                target.clone(),
+                gid,
+                !already_mounted,
+                held,
+            )
             .await
         {
             // Undo: no half-published volume, and no credential left issued.
@@ -696,7 +732,157 @@ impl NodeService {
             warn!(error = %error_chain(&e), "remove a superseded pending release");
         }
         info!(version, "volume published");
-        self.acknowledge(&volume, version).await;
+        if !is_certificate {
+            // A pod's own certificate is no lease version: nothing to acknowledge.
+            self.acknowledge(&volume, version).await;
+        }
+        Ok(())
+    }
+
+    /// A key made here, its CSR signed by the broker's issuer, checked with the key:
+    /// the volume's files (`tls.key`, `tls.crt`, `ca.crt`) as a credential of `version`.
+    async fn obtain_certificate(
+        &self,
+        volume: &VolumeRef,
+        token: &SecretString,
+        profile: &CertificateProfile,
+        version: u64,
+    ) -> Result<(IssuedCredential, HeldCertificate), PublishError> {
+        let wanted = profile.clone();
+        let (key, csr) = Self::blocking(
+            move || certificate::key_and_csr(&wanted).map_err(PublishError::Certificate),
+            PublishError::Task,
+        )
+        .await?;
+        let issued = self
+            .broker_call(self.inner.broker.issue_certificate(volume, token, &csr))
+            .await
+            .map_err(PublishError::Broker)?;
+        certificate::check(&issued, &key, Timestamp::now())
+            .await
+            .map_err(PublishError::Certificate)?;
+        let credential = IssuedCredential {
+            files: certificate::files(&key, &issued),
+            version,
+            expires_at: issued.not_after,
+            renew_at: Some(issued.renew_at),
+            certificate: None,
+        };
+        debug!(serial = %issued.serial, "certificate issued and verified");
+        Ok((
+            credential,
+            HeldCertificate {
+                serial: issued.serial,
+                profile: issued.profile,
+            },
+        ))
+    }
+
+    /// Republish of a certificate volume: nothing until the renew time; then a new
+    /// key and certificate (for the names the broker gives now), written as one set,
+    /// and the replaced certificate released (revoked).
+    async fn republish_certificate(
+        &self,
+        mut record: VolumeRecord,
+        token: &SecretString,
+    ) -> Result<(), PublishError> {
+        let volume = record.volume_ref();
+        // The broker's access rules, on every republish as for other leases.
+        match self
+            .broker_call(self.inner.broker.acknowledge(&volume, record.version))
+            .await
+        {
+            Ok(_) => {}
+            Err(BrokerError::Unavailable(reason)) => {
+                warn!(%reason, "broker unavailable on republish; keeping the current certificate");
+                return Ok(());
+            }
+            Err(e) if access_withdrawn(&e) => return self.withdraw(record, e).await,
+            Err(e) => warn!(error = %e, "acknowledge refused on republish"),
+        }
+        let now = Timestamp::now();
+        if now < record.renew_at {
+            debug!(version = record.version, "republish: certificate current");
+            return Ok(());
+        }
+        info!(held = record.version, "renewing the certificate");
+        let keep = |reason: &dyn std::fmt::Display| {
+            warn!(%reason, "cannot renew now; keeping the current certificate");
+            Ok(())
+        };
+        let profile = match self
+            .broker_call(self.inner.broker.issue(&volume, token, record.version))
+            .await
+        {
+            Ok(IssuedCredential {
+                certificate: Some(profile),
+                ..
+            }) => profile,
+            Ok(_) => {
+                return Err(PublishError::BadCredential(
+                    "the lease is no longer a certificate lease".into(),
+                ));
+            }
+            Err(BrokerError::Unavailable(reason)) => return keep(&reason),
+            Err(e) if access_withdrawn(&e) => return self.withdraw(record, e).await,
+            Err(e) => return Err(PublishError::Broker(e)),
+        };
+        let (credential, held) = match self
+            .obtain_certificate(&volume, token, &profile, record.version + 1)
+            .await
+        {
+            Ok(issued) => issued,
+            Err(PublishError::Broker(BrokerError::Unavailable(reason))) => return keep(&reason),
+            Err(PublishError::Broker(e)) if access_withdrawn(&e) => {
+                return self.withdraw(record, e).await;
+            }
+            // A certificate that did not verify stays recorded on the broker's side and
+            // is revoked with the volume's release (or by the sweep).
+            Err(e) => return Err(e),
+        };
+        let files = self.checked_files(credential.files)?;
+        let replaced = record.certificate.replace(held).map(|c| c.serial);
+        record.version = credential.version;
+        record.expires_at = credential.expires_at;
+        record.renew_at = renew_at(
+            now,
+            credential.expires_at,
+            credential.renew_at,
+            rand::random::<f64>(),
+        );
+        record.updated_at = now;
+        let version = record.version;
+        let state = self.inner.state.clone();
+        Self::blocking(
+            move || -> Result<(), PublishError> {
+                AtomicDir::new(&record.target_path)
+                    .write(
+                        &files,
+                        WriteOptions {
+                            file_mode: FILE_MODE,
+                            dir_mode: DIR_MODE,
+                            gid: record.gid,
+                        },
+                    )
+                    .map_err(PublishError::Files)?;
+                state
+                    .save(RecordKind::Volume, &record)
+                    .map_err(PublishError::State)
+            },
+            PublishError::Task,
+        )
+        .await?;
+        info!(version, "certificate renewed");
+        if let Some(serial) = replaced {
+            // On failure the broker keeps it recorded: the volume's release revokes it.
+            match self
+                .broker_call(self.inner.broker.release_certificate(&volume, &serial))
+                .await
+            {
+                Ok(()) => debug!(%serial, "replaced certificate revoked"),
+                Err(e) => warn!(%serial, error = %e, "cannot revoke the replaced certificate yet"),
+            }
+        }
         Ok(())
     }
 
@@ -724,6 +910,7 @@ impl NodeService {
                     renew_at: now,
                     gid,
                     updated_at: now,
+                    certificate: None,
                 };
                 if let Err(se) = self.inner.state.save(RecordKind::PendingRelease, &record) {
                     error!(error = %error_chain(&se), "cannot queue the release after a failed issue");
@@ -740,6 +927,7 @@ impl NodeService {
         target: PathBuf,
         gid: Option<u32>,
         mount_first: bool,
+        certificate: Option<HeldCertificate>,
     ) -> Result<(), PublishError> {
         let files = self.checked_files(credential.files)?;
         let now = Timestamp::now();
@@ -759,6 +947,7 @@ impl NodeService {
             ),
             gid,
             updated_at: now,
+            certificate,
         };
         let size = self.inner.config.tmpfs_size_bytes;
         let state = self.inner.state.clone();

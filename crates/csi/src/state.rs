@@ -7,7 +7,17 @@ use std::path::{Path, PathBuf};
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
-use crate::broker::{LeaseRef, PodInfo, VolumeRef};
+use crate::broker::{CertificateProfile, LeaseRef, PodInfo, VolumeRef};
+
+/// The certificate a certificate volume holds (its key exists only in the volume).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HeldCertificate {
+    /// Lower-case hex serial: released (revoked) when a renewal replaces it.
+    pub serial: String,
+    /// What it was issued for.
+    pub profile: CertificateProfile,
+}
 
 /// What the driver remembers about a published volume.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -32,6 +42,9 @@ pub struct VolumeRecord {
     pub gid: Option<u32>,
     /// When the record was last written.
     pub updated_at: Timestamp,
+    /// Set for a certificate lease's volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<HeldCertificate>,
 }
 
 impl VolumeRecord {

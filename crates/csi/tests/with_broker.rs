@@ -17,6 +17,7 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -58,6 +59,10 @@ const POLICY: &str = "db-access";
 /// Passwords of versions 1 and 2 of `shop/db` (URI-safe, so `uri` holds them verbatim).
 const V1_PASSWORD: &str = "pw-V1-SuperSecret-7f3a91c2";
 const V2_PASSWORD: &str = "pw-V2-SuperSecret-0b8e44d6";
+/// A certificate lease (names from the pod), and one whose names expand to invalid ones.
+const CERT_LEASE: &str = "web-tls";
+const BAD_CERT_LEASE: &str = "bad-tls";
+const CERT_POLICY: &str = "tls-access";
 
 // ---------- keys, tokens and the secrets the logs must not show ----------
 
@@ -195,12 +200,17 @@ fn assert_no_secrets_in_logs() {
 // ---------- the cluster the broker sees ----------
 
 fn pod_object(pod: &Pod) -> Value {
+    let volumes: Vec<Value> = [LEASE, CERT_LEASE, BAD_CERT_LEASE]
+        .map(|lease| {
+            json!({"name": format!("creds-{lease}"), "csi": {"driver": "csi.leasehold.dev",
+                   "readOnly": true, "volumeAttributes": {"lease": lease}}})
+        })
+        .into();
     json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"namespace": NS, "name": pod.name, "uid": pod.uid},
         "spec": {"serviceAccountName": pod.service_account, "nodeName": NODE, "containers": [],
-                 "volumes": [{"name": "creds", "csi": {"driver": "csi.leasehold.dev",
-                     "readOnly": true, "volumeAttributes": {"lease": LEASE}}}]},
+                 "volumes": volumes},
         "status": {"phase": "Running"},
     })
 }
@@ -240,6 +250,27 @@ fn lease_object(current_version: u64) -> Value {
     })
 }
 
+/// A certificate lease of `shop` whose names use the pod's identity (`dns` the
+/// DNS name templates), allowed to the `web` service account.
+fn cert_lease_object(name: &str, dns: &[&str]) -> Value {
+    json!({
+        "apiVersion": "leasehold.dev/v1alpha1", "kind": "SecretLease",
+        "metadata": {"namespace": NS, "name": name, "uid": format!("lease-uid-{name}"), "generation": 1},
+        "spec": {
+            "policyRef": {"name": CERT_POLICY},
+            "certificate": {
+                "issuerRef": {"name": "pods-ca"},
+                "commonName": "${POD_NAME}",
+                "dnsNames": dns,
+                "uris": ["spiffe://cluster.local/ns/${POD_NAMESPACE}/sa/${SERVICE_ACCOUNT}"],
+                "usages": ["serverAuth", "clientAuth", "digitalSignature"],
+                "duration": "1h",
+            },
+            "delivery": {"csi": {"enabled": true}},
+        },
+    })
+}
+
 fn versions_secret(versions: &[(u64, &str)]) -> SecretData {
     SecretData(
         versions
@@ -268,6 +299,25 @@ fn cluster() -> MemoryCluster {
         );
     }
     c.put_namespace(NS, BTreeMap::new());
+    c.put_lease(
+        serde_json::from_value(cert_lease_object(
+            CERT_LEASE,
+            &["${POD_NAME}.web.${POD_NAMESPACE}.svc", "web.shop.svc"],
+        ))
+        .unwrap(),
+    );
+    c.put_lease(
+        serde_json::from_value(cert_lease_object(BAD_CERT_LEASE, &["${POD_NAME}_web.svc"]))
+            .unwrap(),
+    );
+    c.put_policy(
+        serde_json::from_value(json!({
+            "apiVersion": "leasehold.dev/v1alpha1", "kind": "RotationPolicy",
+            "metadata": {"namespace": NS, "name": CERT_POLICY},
+            "spec": {"ttl": "1h", "renewBefore": "20m", "access": {"serviceAccounts": ["web"]}},
+        }))
+        .unwrap(),
+    );
     c.put_lease(serde_json::from_value(lease_object(1)).unwrap());
     c.put_secret(
         NS,
@@ -292,8 +342,40 @@ struct Broker {
     cluster: Arc<MemoryCluster>,
     consumers: Arc<MemoryConsumerStore>,
     ca_file: PathBuf,
+    /// The `ca` issuer of certificate leases: its CA, revocation ledger and records.
+    pods_ca: Arc<leasehold_certs::CertificateAuthority>,
+    ledger: leasehold_certs::MemoryLedger,
+    cert_store: Arc<leasehold_broker::MemoryPodCertificateStore>,
+    /// CSRs the issuer was asked to sign.
+    signed: Arc<AtomicUsize>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
+}
+
+/// A `ca` issuer that counts the CSRs it is asked to sign.
+struct CountingIssuer {
+    inner: leasehold_certs::CaIssuer,
+    signed: Arc<AtomicUsize>,
+}
+
+#[async_trait::async_trait]
+impl leasehold_certs::CertificateIssuer for CountingIssuer {
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+    async fn issue(
+        &self,
+        order: leasehold_certs::IssueOrder<'_>,
+    ) -> Result<leasehold_certs::IssuedChain, leasehold_certs::IssuerError> {
+        self.signed.fetch_add(1, Ordering::SeqCst);
+        self.inner.issue(order).await
+    }
+    async fn revoke(
+        &self,
+        order: leasehold_certs::RevokeOrder<'_>,
+    ) -> Result<(), leasehold_certs::IssuerError> {
+        self.inner.revoke(order).await
+    }
 }
 
 impl Broker {
@@ -313,6 +395,31 @@ impl Broker {
                 Duration::from_millis(50),
             )),
         );
+        let pods_ca = Arc::new(
+            leasehold_certs::CertificateAuthority::self_signed(
+                "pods CA",
+                leasehold_certs::KeyAlgorithm::EcdsaP256,
+                time::OffsetDateTime::now_utc() - time::Duration::minutes(5),
+                time::Duration::days(1),
+            )
+            .unwrap(),
+        );
+        let ledger = leasehold_certs::MemoryLedger::default();
+        let signed = Arc::new(AtomicUsize::new(0));
+        let issuers = leasehold_broker::MemoryCertificateIssuers::new();
+        issuers.insert(
+            Some(NS),
+            "pods-ca",
+            Arc::new(CountingIssuer {
+                inner: leasehold_certs::CaIssuer::new(pods_ca.clone(), Arc::new(ledger.clone())),
+                signed: signed.clone(),
+            }),
+        );
+        let cert_store = Arc::new(leasehold_broker::MemoryPodCertificateStore::new());
+        let service = service.with_certificates(Arc::new(leasehold_broker::PodCertificates::new(
+            Arc::new(issuers),
+            cert_store.clone(),
+        )));
 
         let now = Timestamp::now();
         let ca = generate_ca(now, Duration::from_secs(3600)).unwrap();
@@ -342,6 +449,10 @@ impl Broker {
             cluster,
             consumers,
             ca_file,
+            pods_ca,
+            ledger,
+            cert_store,
+            signed,
             shutdown: Some(tx),
             task: Some(task),
         }
@@ -506,6 +617,17 @@ fn publish_req(
     pod: &Pod,
     token: &str,
 ) -> csi::NodePublishVolumeRequest {
+    publish_req_for(LEASE, volume_id, target, pod, token)
+}
+
+/// [`publish_req`] for a volume of `lease`.
+fn publish_req_for(
+    lease: &str,
+    volume_id: &str,
+    target: &Path,
+    pod: &Pod,
+    token: &str,
+) -> csi::NodePublishVolumeRequest {
     use csi::volume_capability::{AccessMode, AccessType, MountVolume, access_mode::Mode};
     let mut ctx = HashMap::new();
     ctx.insert(keys::POD_NAME.to_owned(), pod.name.to_owned());
@@ -516,7 +638,7 @@ fn publish_req(
         pod.service_account.to_owned(),
     );
     ctx.insert(keys::EPHEMERAL.to_owned(), "true".to_owned());
-    ctx.insert(keys::LEASE.to_owned(), LEASE.to_owned());
+    ctx.insert(keys::LEASE.to_owned(), lease.to_owned());
     let expiry = (Timestamp::now() + jiff::SignedDuration::from_hours(1)).to_string();
     ctx.insert(
         keys::TOKENS.to_owned(),
@@ -893,4 +1015,291 @@ async fn withdrawn_access_removes_the_files_at_the_next_republish() {
     broker.stop().await;
     unmount_all_under(dir.path());
     assert_no_secrets_in_logs();
+}
+
+// ---------- certificate volumes ----------
+
+fn leaf_der(pem: &str) -> Vec<u8> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    CertificateDer::pem_slice_iter(pem.as_bytes())
+        .next()
+        .unwrap()
+        .unwrap()
+        .to_vec()
+}
+
+fn key_matches(key_pem: &str, cert_pem: &str) -> bool {
+    leasehold_certs::verify::check_private_key(
+        &leaf_der(cert_pem),
+        &leasehold_certs::PrivateKeyPem::new(key_pem.to_owned()),
+    )
+    .is_ok()
+}
+
+/// The key must show up in no log line: its base64 lines join the secrets.
+fn key_is_secret(key_pem: &str) {
+    for line in key_pem.lines().filter(|l| !l.starts_with("-----")) {
+        secret(line.to_owned());
+    }
+}
+
+fn held_serial(d: &Driver, volume: &str) -> String {
+    let record: Value = serde_json::from_str(&d.record(volume).unwrap()).unwrap();
+    record["certificate"]["serial"].as_str().unwrap().to_owned()
+}
+
+/// Time passes: the volume's renew time (kept in the driver's metadata) is behind us.
+fn renewal_due(d: &Driver, volume: &str) {
+    let path = d.state_dir.join(format!("volumes/{volume}.json"));
+    let mut record: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    record["renew_at"] = json!((Timestamp::now() - jiff::SignedDuration::from_secs(1)).to_string());
+    std::fs::write(&path, serde_json::to_vec(&record).unwrap()).unwrap();
+}
+
+fn openssl(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// Checks the three files of a certificate volume; returns (key, certificate).
+fn assert_certificate_files(target: &Path, broker: &Broker) -> (String, String) {
+    let files = visible_files(target);
+    assert_eq!(
+        files.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["ca.crt", "tls.crt", "tls.key"]
+    );
+    for (name, (_, mode)) in &files {
+        assert_eq!(*mode, 0o440, "{name}: mode {mode:o}");
+    }
+    let key = files["tls.key"].0.clone();
+    let cert = files["tls.crt"].0.clone();
+    key_is_secret(&key);
+    assert!(key_matches(&key, &cert), "tls.key matches tls.crt");
+    assert_eq!(files["ca.crt"].0, broker.pods_ca.certificate_pem());
+    let ca = target.join("ca.crt").to_string_lossy().into_owned();
+    let crt = target.join("tls.crt").to_string_lossy().into_owned();
+    let (ok, out) = openssl(&["verify", "-CAfile", &ca, &crt]);
+    assert!(ok, "openssl verify: {out}");
+    let (ok, out) = openssl(&[
+        "x509",
+        "-in",
+        &crt,
+        "-noout",
+        "-subject",
+        "-ext",
+        "subjectAltName",
+    ]);
+    assert!(ok, "{out}");
+    for expected in [
+        "CN = web-0",
+        "DNS:web-0.web.shop.svc",
+        "DNS:web.shop.svc",
+        "URI:spiffe://cluster.local/ns/shop/sa/web",
+    ] {
+        assert!(out.contains(expected), "{expected} in {out}");
+    }
+    (key, cert)
+}
+
+/// A certificate volume: key made on the node, CSR signed through the broker,
+/// kept while current, renewed (new key, old serial revoked) once due, revoked on
+/// unpublish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_volume_is_issued_renewed_and_revoked() {
+    if skip_unless_root("certificate_volume_is_issued_renewed_and_revoked") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path()).await;
+    let mut d = Driver::start(dir.path(), &broker, NODE, node_token(NODE)).await;
+    let target = target_under(dir.path(), WEB.uid);
+    let volume = "csi-5d0c7e1a-web0-tls";
+    let token = pod_token(&WEB);
+    let publish = || publish_req_for(CERT_LEASE, volume, &target, &WEB, &token);
+
+    d.publish(publish()).await.unwrap();
+    assert_eq!(mounts_at(&target).len(), 1);
+    let (key1, cert1) = assert_certificate_files(&target, &broker);
+    let serial1 = held_serial(&d, volume);
+    assert_eq!(
+        broker.cert_store.serials_of(WEB.uid),
+        std::slice::from_ref(&serial1)
+    );
+    assert_eq!(broker.signed.load(Ordering::SeqCst), 1);
+
+    // Republish inside the validity, before the renew window: nothing changes.
+    let data = std::fs::read_link(target.join("..data")).unwrap();
+    d.publish(publish()).await.unwrap();
+    assert_eq!(std::fs::read_link(target.join("..data")).unwrap(), data);
+    assert_eq!(broker.signed.load(Ordering::SeqCst), 1);
+
+    // Once due: a new key and certificate; the replaced one is revoked.
+    renewal_due(&d, volume);
+    d.publish(publish()).await.unwrap();
+    assert_ne!(std::fs::read_link(target.join("..data")).unwrap(), data);
+    let (key2, cert2) = assert_certificate_files(&target, &broker);
+    assert!(
+        key2 != key1 && cert2 != cert1,
+        "a fresh key and certificate"
+    );
+    let serial2 = held_serial(&d, volume);
+    assert_ne!(serial2, serial1);
+    assert_eq!(broker.signed.load(Ordering::SeqCst), 2);
+    let revoked = broker.ledger.0.lock().unwrap().clone();
+    assert!(revoked.is_revoked(&serial1) && !revoked.is_revoked(&serial2));
+    assert_eq!(
+        broker.cert_store.serials_of(WEB.uid),
+        std::slice::from_ref(&serial2)
+    );
+
+    // Unpublish: released, so revoked; files and mount gone.
+    d.node
+        .node_unpublish_volume(unpublish_req(volume, &target))
+        .await
+        .unwrap();
+    assert!(broker.ledger.0.lock().unwrap().is_revoked(&serial2));
+    assert!(broker.cert_store.serials_of(WEB.uid).is_empty());
+    assert!(mounts_at(&target).is_empty() && !target.exists());
+
+    d.stop().await;
+    broker.stop().await;
+    unmount_all_under(dir.path());
+    let text = logs().text();
+    assert!(text.contains("broker.issue_certificate{") && text.contains("certificate renewed"));
+    assert!(!text.contains("PRIVATE KEY"), "no key in the logs");
+    assert_no_secrets_in_logs();
+}
+
+/// The broker refuses a pod the policy does not allow, and names that expand to
+/// invalid ones: nothing is signed, nothing mounted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_certificate_volumes_get_nothing_signed() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path()).await;
+    let mut d = Driver::start(dir.path(), &broker, NODE, node_token(NODE)).await;
+
+    let target = target_under(dir.path(), BATCH.uid);
+    let err = d
+        .publish(publish_req_for(
+            CERT_LEASE,
+            "csi-batch-tls",
+            &target,
+            &BATCH,
+            &pod_token(&BATCH),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert_nothing_mounted(&target);
+
+    let target = target_under(dir.path(), WEB.uid);
+    let err = d
+        .publish(publish_req_for(
+            BAD_CERT_LEASE,
+            "csi-web-bad-tls",
+            &target,
+            &WEB,
+            &pod_token(&WEB),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("dnsNames"), "{err:?}");
+    assert_nothing_mounted(&target);
+
+    assert_eq!(broker.signed.load(Ordering::SeqCst), 0, "no CSR signed");
+    assert!(broker.ledger.0.lock().unwrap().entries.is_empty());
+    d.stop().await;
+    broker.stop().await;
+    unmount_all_under(dir.path());
+}
+
+/// A reader looping over the volume while the certificate is renewed several times
+/// never sees a key that does not match the certificate next to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewals_swap_key_and_certificate_as_one_set() {
+    if skip_unless_root("renewals_swap_key_and_certificate_as_one_set") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path()).await;
+    let mut d = Driver::start(dir.path(), &broker, NODE, node_token(NODE)).await;
+    let target = target_under(dir.path(), WEB.uid);
+    let volume = "csi-5d0c7e1a-web0-swap";
+    let token = pod_token(&WEB);
+    let publish = || publish_req_for(CERT_LEASE, volume, &target, &WEB, &token);
+    d.publish(publish()).await.unwrap();
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let checked = Arc::new(AtomicUsize::new(0));
+    let reader = {
+        let (stop, checked, target) = (stop.clone(), checked.clone(), target.clone());
+        std::thread::spawn(move || {
+            let mut mismatches = 0;
+            let mut seen = BTreeSet::new();
+            while !stop.load(Ordering::SeqCst) {
+                // As a pod reads: both files through their symlinks, counted only when
+                // `..data` pointed at the same version before and after.
+                let before = std::fs::read_link(target.join("..data"));
+                let key = std::fs::read_to_string(target.join("tls.key"));
+                let cert = std::fs::read_to_string(target.join("tls.crt"));
+                let after = std::fs::read_link(target.join("..data"));
+                if let (Ok(b), Ok(a), Ok(key), Ok(cert)) = (before, after, key, cert)
+                    && a == b
+                {
+                    if !key_matches(&key, &cert) {
+                        mismatches += 1;
+                    }
+                    seen.insert(a);
+                    checked.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+            (mismatches, seen.len())
+        })
+    };
+    let checks_past = |n: usize| {
+        let checked = checked.clone();
+        async move {
+            while checked.load(Ordering::SeqCst) <= n {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+    };
+    checks_past(0).await;
+    let mut serials = vec![held_serial(&d, volume)];
+    for _ in 0..5 {
+        renewal_due(&d, volume);
+        d.publish(publish()).await.unwrap();
+        serials.push(held_serial(&d, volume));
+    }
+    checks_past(checked.load(Ordering::SeqCst)).await;
+    stop.store(true, Ordering::SeqCst);
+    let (mismatches, versions_seen) = reader.join().unwrap();
+    assert_eq!(mismatches, 0, "a key next to another key's certificate");
+    assert!(versions_seen >= 2, "the reader saw the swaps");
+    assert_eq!(serials.iter().collect::<BTreeSet<_>>().len(), 6);
+    let revoked = broker.ledger.0.lock().unwrap().clone();
+    for old in &serials[..5] {
+        assert!(revoked.is_revoked(old));
+    }
+
+    d.node
+        .node_unpublish_volume(unpublish_req(volume, &target))
+        .await
+        .unwrap();
+    assert!(broker.ledger.0.lock().unwrap().is_revoked(&serials[5]));
+    d.stop().await;
+    broker.stop().await;
+    unmount_all_under(dir.path());
 }

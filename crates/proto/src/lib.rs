@@ -124,6 +124,21 @@ impl fmt::Debug for broker::v1::IssueResponse {
             .field("version", &self.version)
             .field("expires_at", &self.expires_at)
             .field("renew_at", &self.renew_at)
+            .field("certificate", &self.certificate)
+            .finish()
+    }
+}
+
+impl fmt::Debug for broker::v1::IssueCertificateRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The CSR is public, but long: its length says enough in logs.
+        f.debug_struct("IssueCertificateRequest")
+            .field("pod", &self.pod)
+            .field("pod_token", &Redacted(self.pod_token.len()))
+            .field("lease", &self.lease)
+            .field("volume_id", &self.volume_id)
+            .field("node_name", &self.node_name)
+            .field("csr_pem", &format_args!("<{} bytes>", self.csr_pem.len()))
             .finish()
     }
 }
@@ -157,6 +172,16 @@ mod tests {
             ..Default::default()
         };
         assert!(!format!("{issue:?}").contains("eyJPODTOKEN"));
+        let csr = broker::v1::IssueCertificateRequest {
+            pod_token: "eyJPODTOKEN".into(),
+            csr_pem: "-----BEGIN CERTIFICATE REQUEST-----".into(),
+            ..Default::default()
+        };
+        let shown = format!("{csr:?}");
+        assert!(
+            !shown.contains("eyJPODTOKEN") && !shown.contains("BEGIN"),
+            "{shown}"
+        );
         let mut resp = broker::v1::IssueResponse {
             version: 7,
             ..Default::default()

@@ -167,7 +167,7 @@ pub fn web() -> PodIdentity {
 }
 
 /// Leases in `shop` every fixture pod mounts (a CSI volume each).
-pub const LEASES: [&str; 7] = [
+pub const LEASES: [&str; 8] = [
     "db",
     "nocsi",
     "fresh",
@@ -175,7 +175,101 @@ pub const LEASES: [&str; 7] = [
     "shared",
     "selected",
     "perpod",
+    "cert",
 ];
+
+/// The issuer of `shop/cert`, the CA behind it and its ledger.
+pub struct CertFixture {
+    pub ca: Arc<leasehold_certs::CertificateAuthority>,
+    pub ledger: leasehold_certs::MemoryLedger,
+    pub store: Arc<leasehold_broker::MemoryPodCertificateStore>,
+    pub certificates: Arc<leasehold_broker::PodCertificates>,
+    /// How many times the issuer was asked to sign.
+    pub signed: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// A `ca` issuer that counts the CSRs it is asked to sign.
+pub struct CountingIssuer {
+    inner: leasehold_certs::CaIssuer,
+    signed: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+#[async_trait::async_trait]
+impl leasehold_certs::CertificateIssuer for CountingIssuer {
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+    async fn issue(
+        &self,
+        order: leasehold_certs::IssueOrder<'_>,
+    ) -> Result<leasehold_certs::IssuedChain, leasehold_certs::IssuerError> {
+        self.signed
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.issue(order).await
+    }
+    async fn revoke(
+        &self,
+        order: leasehold_certs::RevokeOrder<'_>,
+    ) -> Result<(), leasehold_certs::IssuerError> {
+        self.inner.revoke(order).await
+    }
+}
+
+pub fn cert_fixture() -> CertFixture {
+    let ca = Arc::new(
+        leasehold_certs::CertificateAuthority::self_signed(
+            "leasehold test CA",
+            leasehold_certs::KeyAlgorithm::EcdsaP256,
+            time::OffsetDateTime::now_utc() - time::Duration::minutes(5),
+            time::Duration::days(1),
+        )
+        .unwrap(),
+    );
+    let ledger = leasehold_certs::MemoryLedger::default();
+    let signed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let issuers = leasehold_broker::MemoryCertificateIssuers::new();
+    issuers.insert(
+        Some("shop"),
+        "ca",
+        Arc::new(CountingIssuer {
+            inner: leasehold_certs::CaIssuer::new(ca.clone(), Arc::new(ledger.clone())),
+            signed: signed.clone(),
+        }),
+    );
+    let store = Arc::new(leasehold_broker::MemoryPodCertificateStore::new());
+    let certificates = Arc::new(leasehold_broker::PodCertificates::new(
+        Arc::new(issuers),
+        store.clone(),
+    ));
+    CertFixture {
+        ca,
+        ledger,
+        store,
+        certificates,
+        signed,
+    }
+}
+
+/// `shop/cert`: a certificate lease whose names use the pod's identity.
+pub fn cert_lease_object() -> leasehold_api::SecretLease {
+    serde_json::from_value(json!({
+        "apiVersion": "leasehold.dev/v1alpha1", "kind": "SecretLease",
+        "metadata": {"namespace": "shop", "name": "cert", "uid": "lease-uid-cert"},
+        "spec": {
+            "policyRef": {"name": "open"},
+            "certificate": {
+                "issuerRef": {"name": "ca"},
+                "commonName": "${POD_NAME}",
+                "dnsNames": ["${POD_NAME}.web.${POD_NAMESPACE}.svc", "web.shop.svc"],
+                "uris": ["spiffe://cluster.local/ns/${POD_NAMESPACE}/sa/${SERVICE_ACCOUNT}"],
+                "usages": ["serverAuth", "clientAuth", "digitalSignature"],
+                "duration": "1h",
+            },
+            "delivery": {"csi": {"enabled": true}},
+        },
+    }))
+    .unwrap()
+}
 
 /// A pod with a leasehold CSI volume of each of `leases` (in `shop`).
 pub fn pod_object_with(
@@ -315,6 +409,7 @@ pub fn cluster() -> MemoryCluster {
     c.put_lease(lease_object("shop", "restricted", "restricted", json!({})));
     c.put_lease(lease_object("shop", "shared", "shared", json!({})));
     c.put_lease(lease_object("shop", "selected", "selected", json!({})));
+    c.put_lease(cert_lease_object());
     c.put_lease(lease_object(
         "shop",
         "perpod",
@@ -341,6 +436,7 @@ pub struct Broker {
     pub cluster: Arc<MemoryCluster>,
     pub consumers: Arc<MemoryConsumerStore>,
     pub registry: Arc<std::sync::Mutex<prometheus_client::registry::Registry>>,
+    pub certs: CertFixture,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
@@ -410,6 +506,8 @@ pub async fn start_full(
     if let Some(issuer) = per_pod {
         service = service.with_per_pod(issuer);
     }
+    let certs = cert_fixture();
+    service = service.with_certificates(certs.certificates.clone());
 
     let now = Timestamp::now();
     let ca = generate_ca(now, Duration::from_secs(3600)).unwrap();
@@ -445,6 +543,7 @@ pub async fn start_full(
         cluster,
         consumers,
         registry: Arc::new(std::sync::Mutex::new(registry)),
+        certs,
         shutdown: Some(tx),
     }
 }
@@ -522,6 +621,27 @@ pub fn release_request(p: &PodIdentity, lease: &str) -> pb::ReleaseRequest {
         }),
         node_name: NODE.into(),
         pod: Some(pb_pod(p)),
+        serial: String::new(),
+    }
+}
+
+pub fn issue_certificate_request(
+    p: &PodIdentity,
+    lease: &str,
+    pod_token: &str,
+    csr_pem: &str,
+) -> pb::IssueCertificateRequest {
+    // Every field spelled out: the request has no field for a key.
+    pb::IssueCertificateRequest {
+        pod: Some(pb_pod(p)),
+        pod_token: pod_token.to_owned(),
+        lease: Some(pb::LeaseRef {
+            namespace: "shop".into(),
+            name: lease.into(),
+        }),
+        volume_id: format!("csi-{}", p.uid),
+        node_name: NODE.into(),
+        csr_pem: csr_pem.to_owned(),
     }
 }
 

@@ -127,7 +127,48 @@ pub struct BrokerState {
     pub hang_leases: std::collections::HashSet<String>,
     /// Issues of those leases received (and left hanging).
     pub hanging: usize,
+    /// Certificates signed.
+    pub certificates: usize,
 }
+
+/// The fake broker's certificate lease: `Issue` answers with [`cert_profile`] and
+/// `IssueCertificate` signs with [`FAKE_ISSUER`].
+pub const CERT_LEASE: &str = "tls";
+
+pub fn cert_request() -> leasehold_certs::CertificateRequest {
+    leasehold_certs::CertificateRequest::server(
+        "web-0",
+        &["web-0.shop.svc"],
+        time::Duration::hours(1),
+    )
+}
+
+pub fn cert_profile() -> pb::CertificateProfile {
+    pb::CertificateProfile {
+        common_name: "web-0".into(),
+        dns_names: vec!["web-0.shop.svc".into()],
+        ip_addresses: vec![],
+        uris: vec![],
+        usages: vec!["ServerAuth".into(), "DigitalSignature".into()],
+        key_algorithm: "EcdsaP256".into(),
+    }
+}
+
+/// A `ca` issuer over a memory ledger.
+pub static FAKE_ISSUER: std::sync::LazyLock<leasehold_certs::CaIssuer> =
+    std::sync::LazyLock::new(|| {
+        let ca = leasehold_certs::CertificateAuthority::self_signed(
+            "fake broker CA",
+            leasehold_certs::KeyAlgorithm::EcdsaP256,
+            time::OffsetDateTime::now_utc() - time::Duration::minutes(5),
+            time::Duration::days(1),
+        )
+        .unwrap();
+        leasehold_certs::CaIssuer::new(
+            Arc::new(ca),
+            Arc::new(leasehold_certs::MemoryLedger::default()),
+        )
+    });
 
 pub fn files_for(version: u64) -> HashMap<String, Vec<u8>> {
     let mut files = HashMap::new();
@@ -190,6 +231,19 @@ impl pb::broker_server::Broker for FakeBrokerSvc {
             std::future::pending::<()>().await;
         }
         tokio::time::sleep(delay).await;
+        if lease == CERT_LEASE {
+            self.0.lock().unwrap().issues += 1;
+            let now = prost_types::Timestamp {
+                seconds: jiff::Timestamp::now().as_second(),
+                nanos: 0,
+            };
+            return Ok(tonic::Response::new(pb::IssueResponse {
+                expires_at: Some(now),
+                renew_at: Some(now),
+                certificate: Some(cert_profile()),
+                ..Default::default()
+            }));
+        }
         let (version, lifetime) = {
             let mut s = self.0.lock().unwrap();
             s.issues += 1;
@@ -215,6 +269,62 @@ impl pb::broker_server::Broker for FakeBrokerSvc {
             version,
             expires_at: Some(ts(lifetime)),
             renew_at: Some(ts(lifetime * 2 / 3)),
+            certificate: None,
+        }))
+    }
+
+    async fn issue_certificate(
+        &self,
+        request: tonic::Request<pb::IssueCertificateRequest>,
+    ) -> Result<tonic::Response<pb::IssueCertificateResponse>, tonic::Status> {
+        use leasehold_certs::CertificateIssuer;
+        self.check_auth(&request)?;
+        let req = request.into_inner();
+        if req.pod_token != POD_TOKEN {
+            return Err(tonic::Status::permission_denied("pod token"));
+        }
+        // What the real broker does after authorizing: sign with a `ca` issuer under a
+        // fresh serial, then check the chain against the CSR.
+        let request = cert_request();
+        let serial = leasehold_certs::new_serial();
+        let chain = FAKE_ISSUER
+            .issue(leasehold_certs::IssueOrder {
+                request: &request,
+                csr_pem: &req.csr_pem,
+                serial: &serial,
+                journal: &leasehold_certs::issuer::NoJournal,
+            })
+            .await
+            .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
+        let der = |pem: &str| {
+            use rustls::pki_types::pem::PemObject;
+            rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes())
+                .next()
+                .unwrap()
+                .unwrap()
+        };
+        leasehold_certs::verify::verify_leaf(
+            &der(&chain.ca_pem),
+            &der(&chain.leaf_pem),
+            &request,
+            None,
+            Some(&req.csr_pem),
+            time::OffsetDateTime::now_utc(),
+        )
+        .await
+        .map_err(|e| tonic::Status::internal(e.to_string()))?;
+        self.0.lock().unwrap().certificates += 1;
+        let ts = |t: time::OffsetDateTime| prost_types::Timestamp {
+            seconds: t.unix_timestamp(),
+            nanos: 0,
+        };
+        Ok(tonic::Response::new(pb::IssueCertificateResponse {
+            certificate_chain_pem: chain.chain_pem,
+            ca_pem: chain.ca_pem,
+            serial: chain.serial,
+            not_after: Some(ts(chain.not_after)),
+            renew_at: Some(ts(chain.not_after - time::Duration::minutes(20))),
+            certificate: Some(cert_profile()),
         }))
     }
 
