@@ -13,7 +13,8 @@ use leasehold_api::{RotationPolicy, SecretLease};
 use leasehold_auth::{HttpKeySource, TokenVerifier, VerifierConfig};
 use leasehold_broker::{
     BrokerConfig, BrokerMetrics, BrokerService, BrokerTls, ClusterView, CoalescingRecorder,
-    EnginePerPodIssuer, KubeClusterView, KubePodCredentialStore, TlsSettings, Verifiers,
+    EnginePerPodIssuer, KubeClusterView, KubePodCertificateStore, KubePodCredentialStore,
+    PodCertificates, TlsSettings, Verifiers,
 };
 use leasehold_engine::BackendRegistry;
 use tracing::{info, warn};
@@ -75,6 +76,7 @@ pub async fn run(
     client: Client,
     settings: BrokerSettings,
     metrics: BrokerMetrics,
+    issuers: crate::IssuerRegistry,
     stop: impl Future<Output = ()> + Send,
 ) -> Result<(), OperatorError> {
     let tls = match &settings.user_secret {
@@ -117,9 +119,14 @@ pub async fn run(
         Arc::new(KubePodCredentialStore::new(client.clone())),
         BackendRegistry::new(4),
     ));
+    let certificates = Arc::new(PodCertificates::new(
+        Arc::new(issuers),
+        Arc::new(KubePodCertificateStore::new(client.clone())),
+    ));
     let sweeper = tokio::spawn(sweep_per_pod_users(
         client.clone(),
         per_pod.clone(),
+        certificates.clone(),
         settings.namespaces.clone(),
         settings.per_pod_sweep,
     ));
@@ -133,6 +140,7 @@ pub async fn run(
         Arc::new(CoalescingRecorder::kube(client.clone())),
     )
     .with_per_pod(per_pod)
+    .with_certificates(certificates)
     .with_metrics(metrics);
     info!(addr = %settings.addr, "broker serving");
     let served = leasehold_broker::serve(settings.addr, &tls, service, stop)
@@ -146,12 +154,13 @@ pub async fn run(
 }
 
 /// Every `every`: for each perPod lease, revoke the per-pod users whose pod no longer
-/// exists. Pods are listed before the sweep looks at the users, so a pod created
+/// exists, and for each certificate lease the certificates of pods that no longer exist. Pods are listed before the sweep looks at the users, so a pod created
 /// meanwhile is never mistaken for a gone one (the sweep keeps records newer than the
 /// listing).
 async fn sweep_per_pod_users(
     client: Client,
     issuer: Arc<EnginePerPodIssuer>,
+    certificates: Arc<PodCertificates>,
     namespaces: Vec<String>,
     every: std::time::Duration,
 ) {
@@ -179,8 +188,50 @@ async fn sweep_per_pod_users(
                     warn!(lease = %lease.name_any(), error = %e, "per-pod sweep failed; retried next time");
                 }
             }
+            for lease in leases.items.iter().filter(|l| l.spec.certificate.is_some()) {
+                if let Err(e) = sweep_certificates(&client, &certificates, lease).await {
+                    warn!(lease = %lease.name_any(), error = %e, "certificate sweep failed; retried next time");
+                }
+            }
         }
     }
+}
+
+/// Revoke the per-pod certificates of `lease` whose pod no longer exists.
+async fn sweep_certificates(
+    client: &Client,
+    certificates: &PodCertificates,
+    lease: &SecretLease,
+) -> Result<(), OperatorError> {
+    let ns = lease.namespace().unwrap_or_default();
+    let listed_at = jiff::Timestamp::now();
+    let live = live_pod_uids(client, &ns).await?;
+    let report = certificates
+        .sweep_lease(lease, &live, listed_at)
+        .await
+        .map_err(|e| OperatorError::Broker(e.to_string()))?;
+    if !report.revoked.is_empty() || !report.failed.is_empty() {
+        info!(
+            lease = %format!("{ns}/{}", lease.name_any()),
+            revoked = ?report.revoked,
+            failed = ?report.failed,
+            "certificate sweep: certificates of pods that no longer exist"
+        );
+    }
+    Ok(())
+}
+
+async fn live_pod_uids(
+    client: &Client,
+    ns: &str,
+) -> Result<std::collections::HashSet<String>, OperatorError> {
+    Ok(Api::<Pod>::namespaced(client.clone(), ns)
+        .list(&Default::default())
+        .await?
+        .items
+        .into_iter()
+        .filter_map(|p| p.metadata.uid)
+        .collect())
 }
 
 async fn sweep_lease(

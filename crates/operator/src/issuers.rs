@@ -104,6 +104,24 @@ pub enum IssuerNotReady {
     },
 }
 
+impl leasehold_broker::certificates::CertificateIssuers for IssuerRegistry {
+    fn issuer_for(
+        &self,
+        namespace: &str,
+        issuer_ref: &leasehold_api::IssuerRef,
+    ) -> Result<Arc<dyn CertificateIssuer>, leasehold_broker::certificates::IssuerLookupError> {
+        use leasehold_broker::certificates::IssuerLookupError;
+        self.resolve(namespace, issuer_ref).map_err(|e| match e {
+            IssuerNotReady::NotFound { issuer } => IssuerLookupError::NotFound(issuer),
+            IssuerNotReady::NotReady {
+                issuer,
+                reason,
+                message,
+            } => IssuerLookupError::NotReady(issuer, format!("{reason}: {message}")),
+        })
+    }
+}
+
 impl IssuerNotReady {
     /// A short reason for a condition (`IssuerNotFound`, or the issuer's own reason).
     pub fn reason(&self) -> &str {

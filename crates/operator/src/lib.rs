@@ -482,10 +482,11 @@ where
     let broker_task = config.broker.clone().map(|settings| {
         let stop = wait_for(stop_rx.clone());
         let stop_tx = stop_tx.clone();
+        let issuers = config.issuers.registry.clone();
         tokio::spawn({
             let client = client.clone();
             async move {
-                if let Err(e) = broker::run(client, settings, broker_metrics, stop).await {
+                if let Err(e) = broker::run(client, settings, broker_metrics, issuers, stop).await {
                     tracing::error!(error = %e, "the broker failed; stopping so a healthy replica can lead");
                     let _ = stop_tx.send(true);
                     return Err(e);
