@@ -1148,6 +1148,12 @@ async fn run_scenarios(mut w: World) -> Vec<(String, Duration)> {
     .await;
     scenario(
         &mut w,
+        "certificate over CSI: key made on the node, per-pod SANs, files 0440, revoked at unpublish",
+        certificate_over_csi,
+    )
+    .await;
+    scenario(
+        &mut w,
         "a failing rotation keeps the old credential and shows Degraded RotationFailing",
         failing_rotation_is_visible,
     )
@@ -2150,6 +2156,114 @@ async fn per_pod(w: &mut World) {
     )
     .await;
     assert!(w.db.connect(&user, &password).await.is_err());
+}
+
+async fn certificate_over_csi(w: &mut World) {
+    let c = &w.cluster;
+    // The Issuer and policy of the certificate scenario before this one.
+    c.apply(json!({
+        "apiVersion": "leasehold.dev/v1alpha1", "kind": "SecretLease", "metadata": {"name": "pod-cert"},
+        "spec": {"policyRef": {"name": "certs"},
+                 "certificate": {"issuerRef": {"name": "e2e-ca"},
+                                 "commonName": "${POD_NAME}.${POD_NAMESPACE}",
+                                 "dnsNames": ["${POD_NAME}.${POD_NAMESPACE}.pod"],
+                                 "uris": ["spiffe://cluster.local/ns/${POD_NAMESPACE}/sa/${SERVICE_ACCOUNT}"]},
+                 "delivery": {"csi": {"enabled": true}}}
+    }))
+    .await;
+    let ready = eventually(
+        "pod-cert Ready (issued per pod)",
+        Duration::from_secs(60),
+        || async {
+            let s = c.status("pod-cert").await?;
+            let r = leasehold_api::conditions::find(&s.conditions, "Ready")?.clone();
+            (r.status == "True").then_some(r)
+        },
+    )
+    .await;
+    assert_eq!(ready.reason, "IssuedPerPod", "{}", ready.message);
+    let ns = c.app_ns.clone();
+    let pod = c
+        .run_pod(&ns, "tls-worker", "app", &node_a(), Some("pod-cert"))
+        .await;
+    let mut k = kubelet(w).await;
+    let token = c.token(&ns, "app", POD_AUDIENCE, Some(&pod)).await;
+    w.secrets.push(token.clone());
+    let started = Instant::now();
+    k.publish(k.publish_request(&pod, "app", "pod-cert", tokens_for(POD_AUDIENCE, &token)))
+        .await
+        .expect("certificate publish");
+    eprintln!(
+        "e2e: certificate volume published in {:?} (key generated on the node)",
+        started.elapsed()
+    );
+    let target = k.target(&pod, "creds");
+    for file in ["tls.key", "tls.crt", "ca.crt"] {
+        let meta = std::fs::metadata(target.join(file)).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o440, "{file} mode");
+        assert_eq!(meta.gid(), FS_GROUP, "{file} group is the fsGroup");
+    }
+    let (key, crt, ca) = (
+        read_file(&target, "tls.key"),
+        read_file(&target, "tls.crt"),
+        read_file(&target, "ca.crt"),
+    );
+    w.secrets
+        .push(key.lines().nth(1).unwrap_or_default().to_owned());
+    let scratch = c.path("certs");
+    std::fs::create_dir_all(&scratch).unwrap();
+    openssl_verify(&scratch, &ca, &crt, None).expect("the pod's certificate verifies");
+    std::fs::write(scratch.join("pod.pem"), &crt).unwrap();
+    let text = std::process::Command::new("openssl")
+        .args(["x509", "-noout", "-text", "-in"])
+        .arg(scratch.join("pod.pem"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout).to_string();
+    assert!(
+        text.contains(&format!("DNS:tls-worker.{ns}.pod")),
+        "the pod's name in its SAN: {text}"
+    );
+    assert!(
+        text.contains(&format!("URI:spiffe://cluster.local/ns/{ns}/sa/app")),
+        "{text}"
+    );
+    let serial = text
+        .lines()
+        .skip_while(|l| !l.contains("Serial Number"))
+        .nth(1)
+        .unwrap_or_default()
+        .trim()
+        .replace(':', "")
+        .to_lowercase();
+    // The key never left the node: the controller's log and the cluster never saw it.
+    let key_body = key.lines().nth(1).unwrap().to_owned();
+    let secrets: Api<Secret> = Api::namespaced(c.client.clone(), &ns);
+    for s in secrets.list(&ListParams::default()).await.unwrap().items {
+        for v in s.data.clone().unwrap_or_default().values() {
+            assert!(
+                !String::from_utf8_lossy(&v.0).contains(&key_body),
+                "the pod's key is in Secret {}",
+                s.name_any()
+            );
+        }
+    }
+
+    k.unpublish(&pod).await.expect("unpublish");
+    let configmaps: Api<ConfigMap> = Api::namespaced(c.client.clone(), &ns);
+    eventually(
+        "the pod's serial revoked at unpublish",
+        Duration::from_secs(30),
+        || async {
+            let cm = configmaps.get_opt("e2e-ca-crl").await.ok()??;
+            cm.data?
+                .get("revoked.json")?
+                .contains(&serial)
+                .then_some(())
+        },
+    )
+    .await;
+    eprintln!("e2e: pod certificate {serial} revoked at unpublish");
 }
 
 /// What a deposed leader would do: it read the lease, lost leadership, and writes the

@@ -421,6 +421,28 @@ pub async fn run_lease(
         ctx.clock.clone(),
         ctx.status_writes.clone(),
     );
+    // A certificate lease without Secret delivery has no certificate of its own: the
+    // broker signs one per pod (the key made on the node). Versions issued before the
+    // Secret delivery was removed still run through the engine to be revoked.
+    if lease.spec.certificate.is_some()
+        && lease.spec.delivery.secret.is_none()
+        && progress.versions.is_empty()
+        && !deleting
+    {
+        status
+            .finish(
+                &LeaseCondition::PerPodOnly {
+                    message: "each pod that mounts this lease's CSI volume gets its own \
+                              certificate, its key made on the node; nothing is issued for \
+                              the lease itself"
+                        .into(),
+                },
+                generation,
+            )
+            .await?;
+        ctx.metrics.lease_state(&ns, &name, None, 0);
+        return Ok(Action::await_change());
+    }
     let policy = match policy {
         Some(p) => p,
         // Deleting after the policy is gone (a GitOps teardown removes both): revoke

@@ -66,6 +66,9 @@ pub enum LeaseCondition {
     Blocked { reason: String, message: String },
     /// The engine failed this time (backend down, API error); retried with backoff.
     Failing { message: String },
+    /// Nothing is issued for the lease itself: every pod gets its own credential through
+    /// the CSI driver (a certificate lease without Secret delivery). `Ready=True`.
+    PerPodOnly { message: String },
 }
 
 /// Set `Ready`, `Rotating`, `Verified`, `RevocationPending` and `Degraded` from progress.
@@ -98,6 +101,9 @@ pub fn derive_conditions(
         ),
         LeaseCondition::Failing { message } if current.is_none() => {
             c(conditions::READY, false, "Failing", message.clone())
+        }
+        LeaseCondition::PerPodOnly { message } => {
+            c(conditions::READY, true, "IssuedPerPod", message.clone())
         }
         _ => match current {
             Some(cur) => c(
