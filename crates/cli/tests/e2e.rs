@@ -443,18 +443,22 @@ impl Cluster {
                 continue;
             }
             for mut doc in yaml_documents(&std::fs::read_to_string(&path).unwrap()) {
-                doc["metadata"]["namespace"] = json!(self.app_ns);
                 let name = doc["metadata"]["name"].as_str().unwrap().to_owned();
                 let gvk = kube::core::GroupVersionKind::try_from(&kube::core::TypeMeta {
                     api_version: doc["apiVersion"].as_str().unwrap().into(),
                     kind: doc["kind"].as_str().unwrap().into(),
                 })
                 .unwrap();
-                let (ar, _) = kube::discovery::pinned_kind(&self.client, &gvk)
+                let (ar, caps) = kube::discovery::pinned_kind(&self.client, &gvk)
                     .await
                     .unwrap();
                 let api: Api<kube::core::DynamicObject> =
-                    Api::namespaced_with(self.client.clone(), &self.app_ns, &ar);
+                    if caps.scope == kube::discovery::Scope::Cluster {
+                        Api::all_with(self.client.clone(), &ar)
+                    } else {
+                        doc["metadata"]["namespace"] = json!(self.app_ns);
+                        Api::namespaced_with(self.client.clone(), &self.app_ns, &ar)
+                    };
                 api.patch(&name, &pp, &Patch::Apply(&doc))
                     .await
                     .unwrap_or_else(|e| {
