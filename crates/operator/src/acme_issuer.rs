@@ -178,7 +178,7 @@ pub fn plan_acme(
 #[derive(Debug)]
 pub enum AccountSecretState {
     /// An account for this directory: load it.
-    Usable(StoredAccount),
+    Usable(Box<StoredAccount>),
     /// No Secret: register an account and create it.
     Absent,
     /// A Secret that cannot be used (and is never overwritten).
@@ -225,7 +225,7 @@ pub fn evaluate_account_secret(secret: Option<&Secret>, plan: &AcmePlan) -> Acco
                 plan.directory_url
             ),
         }),
-        _ => AccountSecretState::Usable(stored),
+        _ => AccountSecretState::Usable(Box::new(stored)),
     }
 }
 
@@ -418,6 +418,12 @@ pub struct KubeSecretStore {
     client: Client,
 }
 
+impl std::fmt::Debug for KubeSecretStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KubeSecretStore")
+    }
+}
+
 impl KubeSecretStore {
     pub fn new(client: Client) -> Self {
         Self { client }
@@ -477,6 +483,16 @@ pub struct MemorySecretStore {
     pub failures_to_inject: std::sync::atomic::AtomicUsize,
     /// Creates that made a Secret.
     pub creates: std::sync::atomic::AtomicUsize,
+}
+
+impl std::fmt::Debug for MemorySecretStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Names only: the Secrets hold keys.
+        let secrets = self.secrets.lock().unwrap_or_else(|e| e.into_inner());
+        f.debug_struct("MemorySecretStore")
+            .field("secrets", &secrets.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
 }
 
 impl MemorySecretStore {
@@ -658,7 +674,7 @@ pub async fn ensure_account(
                     tracing::warn!(secret = %name, "an account Secret appeared meanwhile; the account registered here is not used");
                     pending.forget(name);
                 }
-                return Ok(AcmeAccount::load(&directory.trust, stored)
+                return Ok(AcmeAccount::load(&directory.trust, *stored)
                     .await
                     .map_err(|e| account_failure(&e, plan, false, attempt, SystemTime::now())));
             }
@@ -935,7 +951,7 @@ mod tests {
         let plan = plan_acme(&cluster, &s, "leasehold").unwrap();
         assert_eq!(plan.account_secret, sn("pki", "acct"));
         assert_eq!(plan.eab.unwrap().1, sn("leasehold", "eab"));
-        assert!(matches!(plan.ca_bundle, Some(_)));
+        assert!(plan.ca_bundle.is_some());
 
         // An Issuer never reads another namespace.
         let why = plan_acme(&ns_key(), &s, "leasehold").unwrap_err();
@@ -998,7 +1014,9 @@ mod tests {
         assert_eq!(eab.hmac_key[..11], *b"secret-hmac");
         assert!(!format!("{eab:?}").contains("secret"));
         assert_eq!(
-            evaluate_eab_secret(None, "kid-1", &name).unwrap_err().reason,
+            evaluate_eab_secret(None, "kid-1", &name)
+                .unwrap_err()
+                .reason,
             "EABSecretNotFound"
         );
         assert_eq!(
@@ -1075,7 +1093,11 @@ mod tests {
 
         let refused = account_failure(
             &AcmeError::Problem {
-                problem: problem("urn:ietf:params:acme:error:externalAccountRequired", 403, None),
+                problem: problem(
+                    "urn:ietf:params:acme:error:externalAccountRequired",
+                    403,
+                    None,
+                ),
             },
             &plan,
             true,

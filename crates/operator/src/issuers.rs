@@ -237,18 +237,22 @@ impl IssuerRegistry {
     }
 
     pub fn ca_pem_by_key(&self, key: &IssuerKey) -> Result<String, IssuerNotReady> {
-        self.with_entry(key, |ready| ready.local_ca.as_ref().map(|ca| ca.ca_pem.clone()))?
-            .ok_or_else(|| IssuerNotReady::NotACa {
-                issuer: key.to_string(),
-            })
+        self.with_entry(key, |ready| {
+            ready.local_ca.as_ref().map(|ca| ca.ca_pem.clone())
+        })?
+        .ok_or_else(|| IssuerNotReady::NotACa {
+            issuer: key.to_string(),
+        })
     }
 
     /// The current CRL (PEM) of a ready issuer; `Ok(None)` until the first is signed.
     pub fn crl_pem_by_key(&self, key: &IssuerKey) -> Result<Option<String>, IssuerNotReady> {
-        self.with_entry(key, |ready| ready.local_ca.as_ref().map(|ca| ca.ledger.crl_pem()))?
-            .ok_or_else(|| IssuerNotReady::NotACa {
-                issuer: key.to_string(),
-            })
+        self.with_entry(key, |ready| {
+            ready.local_ca.as_ref().map(|ca| ca.ledger.crl_pem())
+        })?
+        .ok_or_else(|| IssuerNotReady::NotACa {
+            issuer: key.to_string(),
+        })
     }
 
     /// Changes whenever an issuer becomes ready, changes CA, or stops being ready: a lease

@@ -102,7 +102,9 @@ fn account_secret_name() -> SecretName {
 }
 
 fn stored_json(store: &MemorySecretStore) -> String {
-    let secret = store.secret(&account_secret_name()).expect("account Secret");
+    let secret = store
+        .secret(&account_secret_name())
+        .expect("account Secret");
     let data = secret.data.unwrap();
     String::from_utf8(data[ACCOUNT_KEY].0.clone()).unwrap()
 }
@@ -128,7 +130,10 @@ async fn an_account_is_registered_once_kept_and_issues_through_the_registry() {
         .pending_account_url(&account_secret_name())
         .expect("the registered account waits to be written");
     assert_eq!(registrations(&fx), 1);
-    assert!(registry.resolve_key(&key()).is_err(), "not used before kept");
+    assert!(
+        registry.resolve_key(&key()).is_err(),
+        "not used before kept"
+    );
 
     // The next attempt writes that same account instead of registering another.
     let ready = load_acme_issuer(&key(), &plan, &store, &state, &registry)
@@ -250,7 +255,11 @@ async fn external_account_binding_is_read_from_its_secret() {
         .unwrap();
     let why = refused.result.unwrap_err();
     assert_eq!(why.reason, "AccountRegistrationFailed");
-    assert!(why.message.contains("externalAccountRequired"), "{}", why.message);
+    assert!(
+        why.message.contains("externalAccountRequired"),
+        "{}",
+        why.message
+    );
     assert!(store.secret(&account_secret_name()).is_none());
 
     // With the binding but no Secret for it yet.

@@ -293,14 +293,18 @@ async fn an_acme_issuer_without_a_solver_says_so() {
 #[tokio::test]
 async fn an_acme_account_secret_without_an_account_is_never_overwritten() {
     let steps = vec![
-        Step::new(Method::GET, "/api/v1/namespaces/shop/secrets/acct", |_, _| {
-            (
-                200,
-                json!({"apiVersion": "v1", "kind": "Secret",
+        Step::new(
+            Method::GET,
+            "/api/v1/namespaces/shop/secrets/acct",
+            |_, _| {
+                (
+                    200,
+                    json!({"apiVersion": "v1", "kind": "Secret",
                        "metadata": {"name": "acct", "namespace": "shop"},
                        "data": {"tls.key": "c2VjcmV0"}}),
-            )
-        }),
+                )
+            },
+        ),
         acme_status_step(),
     ];
     let (client, seen) = scripted(steps, Value::Null);
@@ -314,7 +318,11 @@ async fn an_acme_account_secret_without_an_account_is_never_overwritten() {
     assert_eq!(seen.requests.len(), 2, "no write to the Secret");
     assert_eq!(status["conditions"][0]["reason"], "AccountSecretIncomplete");
     assert_eq!(
-        registry.resolve("shop", &lease_ref()).err().unwrap().reason(),
+        registry
+            .resolve("shop", &lease_ref())
+            .err()
+            .unwrap()
+            .reason(),
         "AccountSecretIncomplete"
     );
 }
@@ -327,9 +335,11 @@ async fn an_unreachable_directory_creates_no_secret_and_backs_off() {
         listener.local_addr().unwrap().port()
     };
     let steps = vec![
-        Step::new(Method::GET, "/api/v1/namespaces/shop/secrets/acct", |_, _| {
-            not_found()
-        }),
+        Step::new(
+            Method::GET,
+            "/api/v1/namespaces/shop/secrets/acct",
+            |_, _| not_found(),
+        ),
         acme_status_step(),
     ];
     let (client, seen) = scripted(steps, Value::Null);
