@@ -341,12 +341,18 @@ pub fn account_failure(
                 .map(|at| at.duration_since(now).unwrap_or_default())
                 .unwrap_or(RATE_LIMIT_DEFAULT_RETRY)
                 .max(Duration::from_secs(1));
+            // An absolute time: the message stays the same until then (a status write
+            // wakes the issuer again).
+            let at = now
+                .checked_add(retry_in)
+                .and_then(|at| at.duration_since(SystemTime::UNIX_EPOCH).ok())
+                .and_then(|d| jiff::Timestamp::from_second(d.as_secs().try_into().ok()?).ok())
+                .map_or_else(|| "later".to_owned(), |t| t.to_string());
             AccountFailure {
                 why: NotReadyReason {
                     reason: "RateLimited",
                     message: format!(
-                        "the ACME CA at {directory} rate-limited {what}: {problem}; retrying in {}s",
-                        retry_in.as_secs()
+                        "the ACME CA at {directory} rate-limited {what}: {problem}; retrying after {at}"
                     ),
                 },
                 retry_in,
@@ -374,8 +380,7 @@ pub fn account_failure(
                 why: NotReadyReason {
                     reason: "DirectoryUnreachable",
                     message: format!(
-                        "cannot reach the ACME directory {directory} ({what}): {e}; retrying in {}s",
-                        retry_in.as_secs()
+                        "cannot reach the ACME directory {directory} ({what}): {e}; retrying with backoff"
                     ),
                 },
                 retry_in,
@@ -648,6 +653,15 @@ fn store_failure(e: SecretStoreError) -> Result<AccountFailure, OperatorError> {
     }
 }
 
+/// The account an issuer uses.
+#[derive(Debug)]
+pub enum AccountReady {
+    /// The Secret holds the account the registry already uses: nothing to load.
+    InUse { account_url: String },
+    /// Loaded from the Secret (registered first if there was none).
+    Loaded(AcmeAccount),
+}
+
 /// The issuer's account: the one kept in its Secret, or a new one registered and
 /// persisted before it is used. `Ok(Err(..))`: not ready (status says why);
 /// `Err`: the Secret store failed (retried with the controller's backoff; an account
@@ -657,7 +671,8 @@ pub async fn ensure_account(
     pending: &PendingAccounts,
     plan: &AcmePlan,
     attempt: u32,
-) -> Result<Result<AcmeAccount, AccountFailure>, OperatorError> {
+    in_use: &(dyn Fn(&str) -> bool + Sync),
+) -> Result<Result<AccountReady, AccountFailure>, OperatorError> {
     let directory = plan.directory();
     let name = &plan.account_secret;
     // Twice at most: a Secret someone else created meanwhile is read back and loaded.
@@ -674,8 +689,15 @@ pub async fn ensure_account(
                     tracing::warn!(secret = %name, "an account Secret appeared meanwhile; the account registered here is not used");
                     pending.forget(name);
                 }
+                let account_url = serde_json::to_vec(&*stored)
+                    .ok()
+                    .and_then(|json| account_url_of(&json));
+                if let Some(account_url) = account_url.filter(|url| in_use(url)) {
+                    return Ok(Ok(AccountReady::InUse { account_url }));
+                }
                 return Ok(AcmeAccount::load(&directory.trust, *stored)
                     .await
+                    .map(AccountReady::Loaded)
                     .map_err(|e| account_failure(&e, plan, false, attempt, SystemTime::now())));
             }
             AccountSecretState::Absent => {}
@@ -703,6 +725,7 @@ pub async fn ensure_account(
                     })?;
                 return Ok(AcmeAccount::load(&directory.trust, stored)
                     .await
+                    .map(AccountReady::Loaded)
                     .map_err(|e| account_failure(&e, plan, false, attempt, SystemTime::now())));
             }
             Ok(Created::AlreadyExists) => continue,
@@ -773,6 +796,15 @@ pub struct AcmeState {
     pub pending: PendingAccounts,
     pub poll: PollPolicy,
     attempts: Mutex<HashMap<IssuerKey, u32>>,
+    /// Issuers the CA is not asked about again before a time (rate limit, backoff).
+    holds: Mutex<HashMap<IssuerKey, Hold>>,
+}
+
+/// Do not contact the CA for this issuer before `until` while its plan is `plan`.
+struct Hold {
+    plan: AcmePlan,
+    until: std::time::Instant,
+    why: NotReadyReason,
 }
 
 impl std::fmt::Debug for AcmeState {
@@ -791,6 +823,7 @@ impl AcmeState {
             pending: PendingAccounts::default(),
             poll: PollPolicy::default(),
             attempts: Mutex::default(),
+            holds: Mutex::default(),
         }
     }
 
@@ -806,6 +839,37 @@ impl AcmeState {
             .get(key)
             .copied()
             .unwrap_or(0)
+    }
+
+    /// Why the CA is not to be asked yet, and for how long.
+    fn held(&self, key: &IssuerKey, plan: &AcmePlan) -> Option<(NotReadyReason, Duration)> {
+        let holds = self.holds.lock().unwrap_or_else(|e| e.into_inner());
+        let hold = holds.get(key).filter(|hold| hold.plan == *plan)?;
+        let left = hold
+            .until
+            .checked_duration_since(std::time::Instant::now())?;
+        Some((hold.why.clone(), left))
+    }
+
+    fn hold(&self, key: &IssuerKey, plan: &AcmePlan, failure: Option<&AccountFailure>) {
+        let mut holds = self.holds.lock().unwrap_or_else(|e| e.into_inner());
+        match failure {
+            Some(failure)
+                if matches!(failure.why.reason, "RateLimited" | "DirectoryUnreachable") =>
+            {
+                holds.insert(
+                    key.clone(),
+                    Hold {
+                        plan: plan.clone(),
+                        until: std::time::Instant::now() + failure.retry_in,
+                        why: failure.why.clone(),
+                    },
+                );
+            }
+            _ => {
+                holds.remove(key);
+            }
+        }
     }
 
     fn record(&self, key: &IssuerKey, failed: bool) {
@@ -849,24 +913,41 @@ pub async fn load_acme_issuer(
             });
         }
     };
+    // Rate-limited or unreachable: a reconcile triggered meanwhile (a status write, a
+    // Secret event) does not ask the CA again before the time is up.
+    if let Some((why, left)) = state.held(key, plan) {
+        return Ok(AcmeOutcome {
+            result: Err(why),
+            retry_in: left,
+        });
+    }
     let attempt = state.attempt(key);
-    let account = ensure_account(store, &state.pending, plan, attempt).await;
+    let in_use = |account_url: &str| registry.is_ready_as(key, &plan.identity(account_url));
+    let account = ensure_account(store, &state.pending, plan, attempt, &in_use).await;
     state.record(key, !matches!(account, Ok(Ok(_))));
     let account = match account? {
         Ok(account) => account,
         Err(failure) => {
+            state.hold(key, plan, Some(&failure));
             return Ok(AcmeOutcome {
                 result: Err(failure.why),
                 retry_in: failure.retry_in,
             });
         }
     };
-    let account_url = account.id().to_owned();
-    let mut issuer = AcmeIssuer::new(account, solver, state.poll);
-    if let Some(anchors) = &plan.extra_trust_anchors {
-        issuer = issuer.with_extra_trust_anchors(anchors.clone());
-    }
-    registry.set_ready_issuer(key.clone(), Arc::new(issuer), plan.identity(&account_url));
+    state.hold(key, plan, None);
+    let account_url = match account {
+        AccountReady::InUse { account_url } => account_url,
+        AccountReady::Loaded(account) => {
+            let account_url = account.id().to_owned();
+            let mut issuer = AcmeIssuer::new(account, solver, state.poll);
+            if let Some(anchors) = &plan.extra_trust_anchors {
+                issuer = issuer.with_extra_trust_anchors(anchors.clone());
+            }
+            registry.set_ready_issuer(key.clone(), Arc::new(issuer), plan.identity(&account_url));
+            account_url
+        }
+    };
     Ok(AcmeOutcome {
         result: Ok(format!(
             "ordering from ACME directory {} as account {account_url} (kept in Secret {}); HTTP-01 answered by the controller's solver",
@@ -1155,7 +1236,7 @@ mod tests {
         let store = MemorySecretStore::default();
         store.insert(secret("acct", &[("unrelated", b"x")]));
         let pending = PendingAccounts::default();
-        let failure = ensure_account(&store, &pending, &plan, 0)
+        let failure = ensure_account(&store, &pending, &plan, 0, &|_| false)
             .await
             .unwrap()
             .unwrap_err();
@@ -1168,7 +1249,7 @@ mod tests {
         // A missing EAB Secret stops registration before the CA is asked.
         let plan = plan_acme(&ns_key(), &spec(), "leasehold").unwrap();
         let store = MemorySecretStore::default();
-        let failure = ensure_account(&store, &pending, &plan, 0)
+        let failure = ensure_account(&store, &pending, &plan, 0, &|_| false)
             .await
             .unwrap()
             .unwrap_err();

@@ -297,7 +297,8 @@ impl IssuerRegistry {
         self.changed();
     }
 
-    fn is_ready_as(&self, key: &IssuerKey, identity: &str) -> bool {
+    /// Whether `key` is ready with an entry built from `identity`.
+    pub fn is_ready_as(&self, key: &IssuerKey, identity: &str) -> bool {
         let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
         matches!(entries.get(key), Some(RegistryEntry::Ready(ready)) if ready.identity == identity)
     }
@@ -1239,7 +1240,7 @@ mod tests {
         let t0 = Timestamp::from_second(1_900_000_000).unwrap();
         let t1 = Timestamp::from_second(1_900_000_100).unwrap();
         let not_ready = Err(NotReadyReason {
-            reason: "AcmeNotSupportedYet",
+            reason: "DirectoryUnreachable",
             message: "later".into(),
         });
         let s1 = issuer_status(None, Some(IssuerType::Acme), &not_ready, Some(3), t0);
@@ -1251,7 +1252,7 @@ mod tests {
                 ready.status.as_str(),
                 ready.reason.as_str()
             ),
-            ("Ready", "False", "AcmeNotSupportedYet")
+            ("Ready", "False", "DirectoryUnreachable")
         );
         assert_eq!(ready.observed_generation, Some(3));
         let json = serde_json::to_value(&s1).unwrap();
@@ -1310,6 +1311,38 @@ mod tests {
             "spec": {"ca": {"secretRef": {"name": "root-ca"}}}
         }))
         .unwrap();
+        let acme: Issuer = serde_json::from_value(serde_json::json!({
+            "apiVersion": "leasehold.dev/v1alpha1", "kind": "Issuer",
+            "metadata": {"name": "le", "namespace": "shop"},
+            "spec": {"acme": {"directoryUrl": "https://acme.example/dir",
+                              "accountKeySecretRef": {"name": "le-account"},
+                              "externalAccountBinding": {"keyId": "k", "keySecretRef": {"name": "le-eab"}}}}
+        }))
+        .unwrap();
+        let acme = vec![Arc::new(acme)];
+        for secret in ["le-account", "le-eab"] {
+            assert_eq!(
+                names(issuers_for_secret(&acme, Some("shop"), secret)),
+                ["le"]
+            );
+        }
+        assert!(issuers_for_secret(&acme, Some("shop"), "ca").is_empty());
+        let acme_cluster: ClusterIssuer = serde_json::from_value(serde_json::json!({
+            "apiVersion": "leasehold.dev/v1alpha1", "kind": "ClusterIssuer",
+            "metadata": {"name": "le"},
+            "spec": {"acme": {"directoryUrl": "https://acme.example/dir",
+                              "accountKeySecretRef": {"name": "le-account", "namespace": "pki"}}}
+        }))
+        .unwrap();
+        let acme_cluster = vec![Arc::new(acme_cluster)];
+        assert_eq!(
+            cluster_issuers_for_secret(&acme_cluster, "leasehold", Some("pki"), "le-account").len(),
+            1
+        );
+        assert!(
+            cluster_issuers_for_secret(&acme_cluster, "leasehold", Some("leasehold"), "le-account")
+                .is_empty()
+        );
         let cluster = vec![Arc::new(cluster)];
         assert_eq!(
             cluster_issuers_for_secret(&cluster, "leasehold", Some("leasehold"), "root-ca").len(),

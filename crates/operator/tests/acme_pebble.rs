@@ -151,12 +151,26 @@ async fn an_account_is_registered_once_kept_and_issues_through_the_registry() {
     );
     assert!(!state.pending.is_pending(&account_secret_name()));
 
-    // A restarted controller (fresh state) loads the kept account: no new registration.
-    let restarted = self::state(&fx);
-    let again = load_acme_issuer(&key(), &plan, &store, &restarted, &registry)
+    // A re-check (resync, Secret event) keeps the issuer in use: no new registration.
+    let mut changes = registry.changes();
+    changes.mark_unchanged();
+    let again = load_acme_issuer(&key(), &plan, &store, &state, &registry)
         .await
         .unwrap();
     assert_eq!(again.result, ready.result);
+    assert!(
+        !changes.has_changed().unwrap(),
+        "the registry entry is kept"
+    );
+
+    // A restarted controller (fresh state and registry) loads the kept account.
+    let restarted = self::state(&fx);
+    let restarted_registry = IssuerRegistry::without_crl_refresh();
+    let again = load_acme_issuer(&key(), &plan, &store, &restarted, &restarted_registry)
+        .await
+        .unwrap();
+    assert_eq!(again.result, ready.result);
+    assert!(restarted_registry.resolve_key(&key()).is_ok());
     assert_eq!(registrations(&fx), 1);
     assert_eq!(store.creates.load(Ordering::SeqCst), 1);
 

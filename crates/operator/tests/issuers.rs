@@ -357,6 +357,26 @@ async fn an_unreachable_directory_creates_no_secret_and_backs_off() {
             leasehold_operator::acme_issuer::DIRECTORY_BACKOFF
         )
     );
+
+    // Woken again at once (its own status write, say): the directory is not asked
+    // again before the backoff is up, and nothing is written.
+    let (client, seen) = scripted(Vec::new(), Value::Null);
+    let registry = ctx.registry.clone();
+    let acme = ctx.acme.clone();
+    let mut ctx = context(client, registry);
+    ctx.acme = acme;
+    let spec = json!({"acme": {"directoryUrl": format!("https://127.0.0.1:{port}/dir"),
+                               "accountKeySecretRef": {"name": "acct"}}});
+    let action = reconcile_object(issuer(spec, Some(status.clone())), &ctx)
+        .await
+        .unwrap();
+    let (seen, _) = seen.await.unwrap();
+    // Requeued for what is left of the backoff, not the not-ready resync.
+    assert!(seen.requests.is_empty(), "{:?}", seen.requests);
+    assert_ne!(
+        action,
+        kube::runtime::controller::Action::requeue(std::time::Duration::from_secs(120))
+    );
 }
 
 #[tokio::test]
