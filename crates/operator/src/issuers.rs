@@ -1408,6 +1408,34 @@ mod tests {
         assert!(found(key("other", "elsewhere")));
     }
 
+    #[test]
+    fn an_issuer_without_a_local_ca_is_kept_by_identity_and_serves_no_crl() {
+        let registry = IssuerRegistry::without_crl_refresh();
+        let mut changes = registry.changes();
+        let ca = Arc::new(test_ca());
+        let issuer: Arc<dyn CertificateIssuer> = Arc::new(CaIssuer::new(
+            ca,
+            Arc::new(leasehold_certs::issuer::MemoryLedger::default()),
+        ));
+        registry.set_ready_issuer(ns_key(), issuer.clone(), "acme\nhttps://ca/acct/1".into());
+        assert!(changes.has_changed().unwrap());
+        changes.mark_unchanged();
+        assert!(registry.is_ready_as(&ns_key(), "acme\nhttps://ca/acct/1"));
+        // The same identity again: the entry is kept, nobody is woken.
+        registry.set_ready_issuer(ns_key(), issuer.clone(), "acme\nhttps://ca/acct/1".into());
+        assert!(!changes.has_changed().unwrap());
+        registry.set_ready_issuer(ns_key(), issuer, "acme\nhttps://ca/acct/2".into());
+        assert!(changes.has_changed().unwrap());
+        assert!(registry.resolve_key(&ns_key()).is_ok());
+        for err in [
+            registry.ca_pem_by_key(&ns_key()).unwrap_err(),
+            registry.crl_pem_by_key(&ns_key()).unwrap_err(),
+        ] {
+            assert_eq!(err.reason(), "NotACaIssuer");
+            assert!(err.to_string().contains("ACME issuer"), "{err}");
+        }
+    }
+
     #[tokio::test]
     async fn the_registry_resolves_ready_issuers_and_says_why_not() {
         let registry = IssuerRegistry::new();
