@@ -89,6 +89,8 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "csi": {"tokenAudience": "leasehold-broker", "tokenExpirationSeconds": 1800},
         "broker": {"port": 9443, "tls": {"existingSecret": "broker-tls"}},
         "metrics": {"port": 9080, "serviceMonitor": {"enabled": True, "scrapeTimeout": "10s"}},
+        "crl": {"port": 9083},
+        "acme": {"http01": {"port": 9089}},
         "serviceAccount": {
             "controller": {"create": True, "annotations": {"x": "y"}},
             "node": {"create": False, "name": "existing-node"},

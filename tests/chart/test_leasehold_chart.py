@@ -220,6 +220,7 @@ def test_controller_defaults(default: Rendered) -> None:
         "--metrics-addr", "0.0.0.0:8080",
         "--broker-addr", "0.0.0.0:8443",
         "--crl-addr", "0.0.0.0:8083",
+        "--acme-http01-addr", "0.0.0.0:8089",
         "--leader-election-namespace", NAMESPACE,
         "--leader-election-lease", f"{FULLNAME}-controller",
         "--broker-ca-configmap", f"{FULLNAME}-broker-ca",
@@ -235,7 +236,7 @@ def test_controller_defaults(default: Rendered) -> None:
         "--log-format", "json",
     ]  # fmt: skip
     ports = {p["name"]: p["containerPort"] for p in ctr["ports"]}
-    assert ports == {"metrics": 8080, "broker": 8443, "crl": 8083}
+    assert ports == {"metrics": 8080, "broker": 8443, "crl": 8083, "acme-http01": 8089}
     env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in ctr["env"]}
     assert env == {"POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace"}
     assert ctr["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
@@ -322,7 +323,7 @@ def test_broker_network_policy_admits_only_node_drivers(default: Rendered) -> No
     selector = spec["podSelector"]["matchLabels"]
     assert selector.items() <= controller_labels.items()
     assert spec["policyTypes"] == ["Ingress"]
-    broker_rule, metrics_rule, crl_rule = spec["ingress"]
+    broker_rule, metrics_rule, crl_rule, acme_rule = spec["ingress"]
     assert broker_rule["ports"] == [{"protocol": "TCP", "port": 8443}]
     (peer,) = broker_rule["from"]
     assert set(peer) == {"podSelector"}, "same namespace only"
@@ -332,14 +333,28 @@ def test_broker_network_policy_admits_only_node_drivers(default: Rendered) -> No
     assert metrics_rule == {"ports": [{"protocol": "TCP", "port": 8080}]}
     # Relying parties anywhere fetch CRLs and CA certificates.
     assert crl_rule == {"ports": [{"protocol": "TCP", "port": 8083}]}
+    # The ACME CA validates HTTP-01 challenges from anywhere (through an Ingress).
+    assert acme_rule == {"ports": [{"protocol": "TCP", "port": 8089}]}
     ports = {p["containerPort"] for p in container(controller_pod(default)["spec"], "controller")["ports"]}
-    assert ports == {8443, 8080, 8083}
+    assert ports == {8443, 8080, 8083, 8089}
 
 
 def test_broker_network_policy_follows_ports_and_can_be_disabled() -> None:
-    r = render({"broker": {"port": 9443}, "metrics": {"port": 9080}, "crl": {"port": 9083}})
+    r = render(
+        {
+            "broker": {"port": 9443},
+            "metrics": {"port": 9080},
+            "crl": {"port": 9083},
+            "acme": {"http01": {"port": 9089}},
+        }
+    )
     policy = r.get("NetworkPolicy", f"{FULLNAME}-controller")
-    assert [rule["ports"][0]["port"] for rule in policy["spec"]["ingress"]] == [9443, 9080, 9083]
+    assert [rule["ports"][0]["port"] for rule in policy["spec"]["ingress"]] == [
+        9443,
+        9080,
+        9083,
+        9089,
+    ]
     r = render({"broker": {"networkPolicy": {"enabled": False}}})
     assert r.of_kind("NetworkPolicy") == []
 
@@ -374,6 +389,18 @@ def test_services_target_controller_ports(
         assert selector.items() <= pod["metadata"]["labels"].items()
         assert [(p["port"], p["targetPort"]) for p in svc["spec"]["ports"]] == [(port, target)]
         assert ports[target] == port
+    # The ACME CA reaches the solver on port 80, on the leader (it holds the tokens).
+    solver = r.get("Service", f"{FULLNAME}-acme-solver")
+    assert solver["spec"]["type"] == "ClusterIP"
+    selector = dict(solver["spec"]["selector"])
+    assert selector.pop("leasehold.dev/leader") == "true"
+    assert selector.items() <= pod["metadata"]["labels"].items()
+    assert [(p["port"], p["targetPort"]) for p in solver["spec"]["ports"]] == [(80, "acme-http01")]
+    assert ports["acme-http01"] == values["acme"]["http01"]["port"]
+    assert (
+        arg_value(ctr["args"], "--acme-http01-addr")
+        == f"0.0.0.0:{values['acme']['http01']['port']}"
+    )
     assert arg_value(ctr["args"], "--broker-addr") == f"0.0.0.0:{values['broker']['port']}"
     assert arg_value(ctr["args"], "--metrics-addr") == f"0.0.0.0:{values['metrics']['port']}"
     assert arg_value(ctr["args"], "--crl-addr") == f"0.0.0.0:{values['crl']['port']}"
@@ -862,6 +889,8 @@ def test_default_values_match_schema() -> None:
         ({"metrics": {"serviceMonitor": {"enabled": "yes"}}}, "/metrics/serviceMonitor/enabled"),
         ({"metrics": {"port": 70000}}, "/metrics/port"),
         ({"crl": {"port": 0}}, "/crl/port"),
+        ({"acme": {"http01": {"port": 0}}}, "/acme/http01/port"),
+        ({"acme": {"solver": {}}}, "/acme"),
         ({"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy"),
         ({"node": {"tolerations": {"operator": "Exists"}}}, "/node/tolerations"),
     ],

@@ -107,6 +107,10 @@ node driver (which reads them). Keep them in one place.
 {{- printf "%s-crl" (include "leasehold.fullname" .) }}
 {{- end }}
 
+{{- define "leasehold.acmeSolverServiceName" -}}
+{{- printf "%s-acme-solver" (include "leasehold.fullname" .) }}
+{{- end }}
+
 {{- define "leasehold.metricsServiceName" -}}
 {{- printf "%s-metrics" (include "leasehold.fullname" .) }}
 {{- end }}

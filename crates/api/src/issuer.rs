@@ -1,7 +1,7 @@
 //! `Issuer` (namespaced) and `ClusterIssuer`: where SecretLease certificates come from.
 //!
 //! Two kinds of issuer: `ca` signs with a CA kept in a Secret (or generated self-signed),
-//! `acme` orders from an ACME directory (types only for now).
+//! `acme` orders from an ACME directory.
 
 // kube's `printcolumn(...)` repeats keys such as `type_` by design.
 #![allow(clippy::duplicated_attributes)]
@@ -128,7 +128,14 @@ pub struct IssuerSecretRef {
     pub namespace: Option<String>,
 }
 
-/// An ACME account and how its challenges are solved (not yet implemented).
+/// An ACME account and how its challenges are solved.
+///
+/// The account (its URL and private key) is kept as JSON under `account.json` in the
+/// Secret `accountKeySecretRef` names. The controller registers an account and creates
+/// that Secret (type `Opaque`) when it does not exist; it never overwrites one.
+/// Challenges are answered over HTTP-01 by the controller's solver: route
+/// `/.well-known/acme-challenge/` of every name you order to its Service (see the chart
+/// README, "ACME issuers").
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AcmeIssuer {
@@ -138,14 +145,28 @@ pub struct AcmeIssuer {
     /// Contact address registered with the account.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub email: Option<String>,
-    /// Secret holding the account's private key (`tls.key`); created if missing.
+    /// Secret the ACME account is kept in (key `account.json`: account URL, directory
+    /// and private key); created by the controller if missing, never overwritten. An
+    /// Issuer's is in its own namespace; a ClusterIssuer's in `namespace` or the
+    /// controller's namespace.
     pub account_key_secret_ref: IssuerSecretRef,
-    /// External account binding, for CAs that require one.
+    /// External account binding, for CAs that require one. Read only when an account is
+    /// registered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub external_account_binding: Option<ExternalAccountBinding>,
-    /// Solve HTTP-01 challenges.
+    /// Solve HTTP-01 challenges (the only solver so far, also used when unset).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http01: Option<Http01Solver>,
+    /// PEM certificates to trust for the directory's TLS certificate (a private ACME
+    /// CA); default: the public web PKI roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 262144))]
+    pub ca_bundle: Option<String>,
+    /// PEM certificates (typically the ACME CA's root) appended to `ca.crt` after the
+    /// issuing certificate, which is the last one of the chain the CA returns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 262144))]
+    pub extra_trust_anchors: Option<String>,
 }
 
 /// An ACME external account binding (RFC 8555 §7.3.4).
@@ -154,15 +175,18 @@ pub struct AcmeIssuer {
 pub struct ExternalAccountBinding {
     #[schemars(length(min = 1, max = 256))]
     pub key_id: String,
-    /// Secret holding the base64url MAC key under `key`.
+    /// Secret holding the base64url MAC key under `key`. An Issuer's is in its own
+    /// namespace; a ClusterIssuer's in `namespace` or the controller's namespace.
     pub key_secret_ref: IssuerSecretRef,
 }
 
-/// HTTP-01: serve the challenge token through an Ingress.
+/// HTTP-01: the CA fetches `http://<name>/.well-known/acme-challenge/<token>`, which
+/// must reach the controller's solver Service (an Ingress or route you provide).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Http01Solver {
-    /// IngressClass of the temporary Ingress.
+    /// Reserved: the controller does not create Ingresses; route
+    /// `/.well-known/acme-challenge/` to the solver Service yourself.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ingress_class_name: Option<String>,
 }

@@ -569,7 +569,9 @@ fn issuers_need_exactly_one_kind_and_one_ca_source() {
         "email": "ops@example.com",
         "accountKeySecretRef": {"name": "acme-account"},
         "externalAccountBinding": {"keyId": "kid", "keySecretRef": {"name": "eab"}},
-        "http01": {"ingressClassName": "nginx"}
+        "http01": {"ingressClassName": "nginx"},
+        "caBundle": "-----BEGIN CERTIFICATE-----\n...\n-----END CERTIFICATE-----\n",
+        "extraTrustAnchors": "-----BEGIN CERTIFICATE-----\n...\n-----END CERTIFICATE-----\n"
     });
     for kind in ["Issuer", "ClusterIssuer"] {
         for spec in [

@@ -38,6 +38,12 @@ pub struct ControllerArgs {
     /// /ca/clusterissuer/<name>.pem|.crt.
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:8083")]
     crl_addr: SocketAddr,
+    /// Where the HTTP-01 solver of ACME issuers listens while this process leads
+    /// (plain HTTP, GET /.well-known/acme-challenge/<token>). The ACME CA must reach it
+    /// on port 80 of every name ordered: route /.well-known/acme-challenge/ to the
+    /// solver Service (the chart's `<fullname>-acme-solver`).
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:8089")]
+    acme_http01_addr: SocketAddr,
     /// Leases reconciled at once.
     #[arg(long, default_value_t = 16)]
     concurrency: u16,
@@ -152,6 +158,7 @@ pub async fn run(args: ControllerArgs) -> Result<(), OperatorError> {
             .clone()
             .unwrap_or_else(|| "default".to_owned()),
         crl_addr: Some(args.crl_addr),
+        acme_http01_addr: Some(args.acme_http01_addr),
         ..IssuerSettings::default()
     };
     let config = ControllerConfig {
@@ -213,5 +220,16 @@ mod tests {
         let args = parse(&["--crl-addr", "127.0.0.1:9000"]).unwrap();
         assert_eq!(args.crl_addr.to_string(), "127.0.0.1:9000");
         assert!(parse(&["--crl-addr", "nope"]).is_err());
+    }
+
+    #[test]
+    fn acme_http01_addr_defaults_and_parses() {
+        assert_eq!(
+            parse(&[]).unwrap().acme_http01_addr.to_string(),
+            "0.0.0.0:8089"
+        );
+        let args = parse(&["--acme-http01-addr", "127.0.0.1:9089"]).unwrap();
+        assert_eq!(args.acme_http01_addr.to_string(), "127.0.0.1:9089");
+        assert!(parse(&["--acme-http01-addr", "8089"]).is_err());
     }
 }

@@ -5,6 +5,10 @@
 //! the CA Secret; for `selfSigned` create it once) → *evaluate* (pure: Secret → CA or the
 //! reason it is not ready) → register the ready issuer (with its ConfigMap revocation
 //! ledger and a CRL refresh task) → write status only if it changed.
+//!
+//! An `acme` issuer loads (or registers and persists) its account instead, see
+//! [`crate::acme_issuer`], and registers an `AcmeIssuer` sharing the process's HTTP-01
+//! solver.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
@@ -27,6 +31,7 @@ use leasehold_certs::{CaIssuer, CertificateAuthority, CertificateIssuer, KeyAlgo
 use tokio::sync::watch;
 
 use crate::OperatorError;
+use crate::acme_issuer::{AcmePlan, AcmeState, KubeSecretStore, load_acme_issuer, plan_acme};
 use crate::crl::{ConfigMapLedger, KubeLedgerStore, LedgerStore};
 use crate::metrics::Metrics;
 use crate::secrets::{MANAGED_BY_LABEL, MANAGED_BY_VALUE};
@@ -102,6 +107,9 @@ pub enum IssuerNotReady {
         reason: String,
         message: String,
     },
+    /// An ACME issuer has no CA certificate or CRL here: its CA publishes them.
+    #[error("{issuer} is an ACME issuer: its CA publishes its certificates and revocations")]
+    NotACa { issuer: String },
 }
 
 impl leasehold_broker::certificates::CertificateIssuers for IssuerRegistry {
@@ -128,15 +136,24 @@ impl IssuerNotReady {
         match self {
             IssuerNotReady::NotFound { .. } => "IssuerNotFound",
             IssuerNotReady::NotReady { reason, .. } => reason,
+            IssuerNotReady::NotACa { .. } => "NotACaIssuer",
         }
     }
 }
 
-/// A ready `ca` issuer as the registry holds it.
-struct ReadyIssuer {
-    issuer: Arc<CaIssuer>,
+/// What a `ca` issuer has besides its issuer: its certificate and revocation ledger.
+struct LocalCa {
     ledger: Arc<ConfigMapLedger>,
     ca_pem: String,
+}
+
+/// A ready issuer as the registry holds it.
+struct ReadyIssuer {
+    issuer: Arc<dyn CertificateIssuer>,
+    /// What the entry was built from: a reconcile that finds the same keeps it.
+    identity: String,
+    /// `ca` issuers only.
+    local_ca: Option<LocalCa>,
     /// The CRL refresh task; aborted when the entry is replaced or removed.
     refresher: Option<tokio::task::AbortHandle>,
 }
@@ -229,9 +246,7 @@ impl IssuerRegistry {
         &self,
         key: &IssuerKey,
     ) -> Result<Arc<dyn CertificateIssuer>, IssuerNotReady> {
-        self.with_entry(key, |ready| {
-            ready.issuer.clone() as Arc<dyn CertificateIssuer>
-        })
+        self.with_entry(key, |ready| ready.issuer.clone())
     }
 
     /// The CA certificate (PEM) of that issuer, for `ca.crt`.
@@ -240,12 +255,22 @@ impl IssuerRegistry {
     }
 
     pub fn ca_pem_by_key(&self, key: &IssuerKey) -> Result<String, IssuerNotReady> {
-        self.with_entry(key, |ready| ready.ca_pem.clone())
+        self.with_entry(key, |ready| {
+            ready.local_ca.as_ref().map(|ca| ca.ca_pem.clone())
+        })?
+        .ok_or_else(|| IssuerNotReady::NotACa {
+            issuer: key.to_string(),
+        })
     }
 
     /// The current CRL (PEM) of a ready issuer; `Ok(None)` until the first is signed.
     pub fn crl_pem_by_key(&self, key: &IssuerKey) -> Result<Option<String>, IssuerNotReady> {
-        self.with_entry(key, |ready| ready.ledger.crl_pem())
+        self.with_entry(key, |ready| {
+            ready.local_ca.as_ref().map(|ca| ca.ledger.crl_pem())
+        })?
+        .ok_or_else(|| IssuerNotReady::NotACa {
+            issuer: key.to_string(),
+        })
     }
 
     /// Changes whenever an issuer becomes ready, changes CA, or stops being ready: a lease
@@ -262,13 +287,9 @@ impl IssuerRegistry {
     /// there). Keeps the existing entry, and its task, if it already signs with this CA.
     pub fn set_ready(&self, key: IssuerKey, ca: CertificateAuthority, store: Arc<dyn LedgerStore>) {
         let ca_pem = ca.certificate_pem().to_owned();
-        {
-            let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
-            if let Some(RegistryEntry::Ready(ready)) = entries.get(&key)
-                && ready.ca_pem == ca_pem
-            {
-                return;
-            }
+        let identity = format!("ca\n{ca_pem}");
+        if self.is_ready_as(&key, &identity) {
+            return;
         }
         let ca = Arc::new(ca);
         let ledger = Arc::new(ConfigMapLedger::new(store, ca.clone()));
@@ -283,9 +304,39 @@ impl IssuerRegistry {
             });
         let entry = RegistryEntry::Ready(ReadyIssuer {
             issuer,
-            ledger,
-            ca_pem,
+            identity,
+            local_ca: Some(LocalCa { ledger, ca_pem }),
             refresher,
+        });
+        self.entries
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, entry);
+        self.changed();
+    }
+
+    /// Whether `key` is ready with an entry built from `identity`.
+    pub fn is_ready_as(&self, key: &IssuerKey, identity: &str) -> bool {
+        let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
+        matches!(entries.get(key), Some(RegistryEntry::Ready(ready)) if ready.identity == identity)
+    }
+
+    /// Register a ready issuer that keeps no CA here (an ACME issuer). `identity` says
+    /// what it was built from: the existing entry is kept if it was built from the same.
+    pub fn set_ready_issuer(
+        &self,
+        key: IssuerKey,
+        issuer: Arc<dyn CertificateIssuer>,
+        identity: String,
+    ) {
+        if self.is_ready_as(&key, &identity) {
+            return;
+        }
+        let entry = RegistryEntry::Ready(ReadyIssuer {
+            issuer,
+            identity,
+            local_ca: None,
+            refresher: None,
         });
         self.entries
             .write()
@@ -440,15 +491,28 @@ pub struct NotReadyReason {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum IssuerPlan {
     Ca(CaSource),
-    Acme,
+    Acme(AcmePlan),
     Invalid(NotReadyReason),
 }
 
 impl IssuerPlan {
+    /// The Secrets the issuer reads (`namespace`, `name`): a change to one re-checks it.
+    pub fn secrets(&self) -> Vec<(&str, &str)> {
+        match self {
+            IssuerPlan::Ca(source) => vec![source.secret()],
+            IssuerPlan::Acme(acme) => acme
+                .secrets()
+                .into_iter()
+                .map(|s| (s.namespace.as_str(), s.name.as_str()))
+                .collect(),
+            IssuerPlan::Invalid(_) => Vec::new(),
+        }
+    }
+
     pub fn issuer_type(&self) -> Option<IssuerType> {
         match self {
             IssuerPlan::Ca(_) => Some(IssuerType::Ca),
-            IssuerPlan::Acme => Some(IssuerType::Acme),
+            IssuerPlan::Acme(_) => Some(IssuerType::Acme),
             IssuerPlan::Invalid(_) => None,
         }
     }
@@ -467,7 +531,10 @@ pub fn plan(key: &IssuerKey, spec: &IssuerSpec, controller_namespace: &str) -> I
             reason: "InvalidSpec",
             message: "set exactly one of spec.ca and spec.acme".into(),
         }),
-        (None, Some(_)) => IssuerPlan::Acme,
+        (None, Some(acme)) => match plan_acme(key, acme, controller_namespace) {
+            Ok(acme) => IssuerPlan::Acme(acme),
+            Err(why) => IssuerPlan::Invalid(why),
+        },
         (Some(ca), None) => match (&ca.secret_ref, ca.self_signed) {
             (Some(_), true) | (None, false) => IssuerPlan::Invalid(NotReadyReason {
                 reason: "InvalidSpec",
@@ -637,6 +704,8 @@ pub struct IssuerContext {
     pub controller_namespace: String,
     pub metrics: Arc<Metrics>,
     pub recorder: Option<Recorder>,
+    /// The HTTP-01 solver and account state ACME issuers share.
+    pub acme: Arc<AcmeState>,
 }
 
 impl std::fmt::Debug for IssuerContext {
@@ -763,14 +832,16 @@ pub async fn reconcile_object(
 ) -> Result<Action, OperatorError> {
     let started = Instant::now();
     let plan = plan(&object.key, &object.spec, &ctx.controller_namespace);
+    let mut retry_in = None;
     let outcome = match &plan {
         IssuerPlan::Invalid(why) => Err(why.clone()),
-        IssuerPlan::Acme => Err(NotReadyReason {
-            reason: "AcmeNotSupportedYet",
-            message:
-                "ACME issuers are not supported yet: use spec.ca (secretRef or selfSigned) for now"
-                    .into(),
-        }),
+        IssuerPlan::Acme(acme) => {
+            let store = KubeSecretStore::new(ctx.client.clone());
+            let loaded =
+                load_acme_issuer(&object.key, acme, &store, &ctx.acme, &ctx.registry).await?;
+            retry_in = Some(loaded.retry_in);
+            loaded.result
+        }
         IssuerPlan::Ca(source) => match load_ca(ctx, &object, source).await? {
             Ok(ca) => {
                 let ledger_namespace = object.key.home_namespace(&ctx.controller_namespace);
@@ -806,7 +877,7 @@ pub async fn reconcile_object(
     }
     ctx.metrics
         .reconciled(CONTROLLER, started.elapsed().as_secs_f64());
-    Ok(next_action(&outcome))
+    Ok(retry_in.map_or_else(|| next_action(&outcome), Action::requeue))
 }
 
 /// Whether `desired` differs from the stored status (as JSON: what the server keeps).
@@ -916,10 +987,17 @@ pub fn issuers_for_secret(
         .iter()
         .filter(|i| i.namespace().as_deref() == namespace)
         .filter(|i| {
-            i.spec.ca.as_ref().is_some_and(|ca| {
-                ca.secret_ref.as_ref().is_some_and(|r| r.name == name)
-                    || (ca.self_signed && self_signed_secret_name(&i.name_any()) == name)
-            })
+            let Some(namespace) = namespace else {
+                return false;
+            };
+            let key = IssuerKey::Namespaced {
+                namespace: namespace.to_owned(),
+                name: i.name_any(),
+            };
+            // Issuers never read the controller namespace: any name does here.
+            plan(&key, &i.spec, "")
+                .secrets()
+                .contains(&(namespace, name))
         })
         .map(|i| kube::runtime::reflector::ObjectRef::from_obj(i.as_ref()))
         .collect()
@@ -936,10 +1014,9 @@ pub fn cluster_issuers_for_secret(
         .iter()
         .filter(|i| {
             let key = IssuerKey::Cluster { name: i.name_any() };
-            match plan(&key, &i.spec.clone().into(), controller_namespace) {
-                IssuerPlan::Ca(source) => source.secret() == (namespace.unwrap_or_default(), name),
-                _ => false,
-            }
+            plan(&key, &i.spec.clone().into(), controller_namespace)
+                .secrets()
+                .contains(&(namespace.unwrap_or_default(), name))
         })
         .map(|i| kube::runtime::reflector::ObjectRef::from_obj(i.as_ref()))
         .collect()
@@ -1059,9 +1136,14 @@ mod tests {
                 },
                 external_account_binding: None,
                 http01: None,
+                ca_bundle: None,
+                extra_trust_anchors: None,
             }),
         };
-        assert_eq!(plan(&ns_key(), &acme, "leasehold"), IssuerPlan::Acme);
+        let IssuerPlan::Acme(acme_plan) = plan(&ns_key(), &acme, "leasehold") else {
+            panic!("not an ACME plan");
+        };
+        assert_eq!(acme_plan.account_secret.to_string(), "shop/acct");
         assert!(matches!(
             plan(
                 &ns_key(),
@@ -1176,7 +1258,7 @@ mod tests {
         let t0 = Timestamp::from_second(1_900_000_000).unwrap();
         let t1 = Timestamp::from_second(1_900_000_100).unwrap();
         let not_ready = Err(NotReadyReason {
-            reason: "AcmeNotSupportedYet",
+            reason: "DirectoryUnreachable",
             message: "later".into(),
         });
         let s1 = issuer_status(None, Some(IssuerType::Acme), &not_ready, Some(3), t0);
@@ -1188,7 +1270,7 @@ mod tests {
                 ready.status.as_str(),
                 ready.reason.as_str()
             ),
-            ("Ready", "False", "AcmeNotSupportedYet")
+            ("Ready", "False", "DirectoryUnreachable")
         );
         assert_eq!(ready.observed_generation, Some(3));
         let json = serde_json::to_value(&s1).unwrap();
@@ -1247,6 +1329,38 @@ mod tests {
             "spec": {"ca": {"secretRef": {"name": "root-ca"}}}
         }))
         .unwrap();
+        let acme: Issuer = serde_json::from_value(serde_json::json!({
+            "apiVersion": "leasehold.dev/v1alpha1", "kind": "Issuer",
+            "metadata": {"name": "le", "namespace": "shop"},
+            "spec": {"acme": {"directoryUrl": "https://acme.example/dir",
+                              "accountKeySecretRef": {"name": "le-account"},
+                              "externalAccountBinding": {"keyId": "k", "keySecretRef": {"name": "le-eab"}}}}
+        }))
+        .unwrap();
+        let acme = vec![Arc::new(acme)];
+        for secret in ["le-account", "le-eab"] {
+            assert_eq!(
+                names(issuers_for_secret(&acme, Some("shop"), secret)),
+                ["le"]
+            );
+        }
+        assert!(issuers_for_secret(&acme, Some("shop"), "ca").is_empty());
+        let acme_cluster: ClusterIssuer = serde_json::from_value(serde_json::json!({
+            "apiVersion": "leasehold.dev/v1alpha1", "kind": "ClusterIssuer",
+            "metadata": {"name": "le"},
+            "spec": {"acme": {"directoryUrl": "https://acme.example/dir",
+                              "accountKeySecretRef": {"name": "le-account", "namespace": "pki"}}}
+        }))
+        .unwrap();
+        let acme_cluster = vec![Arc::new(acme_cluster)];
+        assert_eq!(
+            cluster_issuers_for_secret(&acme_cluster, "leasehold", Some("pki"), "le-account").len(),
+            1
+        );
+        assert!(
+            cluster_issuers_for_secret(&acme_cluster, "leasehold", Some("leasehold"), "le-account")
+                .is_empty()
+        );
         let cluster = vec![Arc::new(cluster)];
         assert_eq!(
             cluster_issuers_for_secret(&cluster, "leasehold", Some("leasehold"), "root-ca").len(),
@@ -1310,6 +1424,34 @@ mod tests {
             name: "root".into()
         }));
         assert!(found(key("other", "elsewhere")));
+    }
+
+    #[test]
+    fn an_issuer_without_a_local_ca_is_kept_by_identity_and_serves_no_crl() {
+        let registry = IssuerRegistry::without_crl_refresh();
+        let mut changes = registry.changes();
+        let ca = Arc::new(test_ca());
+        let issuer: Arc<dyn CertificateIssuer> = Arc::new(CaIssuer::new(
+            ca,
+            Arc::new(leasehold_certs::issuer::MemoryLedger::default()),
+        ));
+        registry.set_ready_issuer(ns_key(), issuer.clone(), "acme\nhttps://ca/acct/1".into());
+        assert!(changes.has_changed().unwrap());
+        changes.mark_unchanged();
+        assert!(registry.is_ready_as(&ns_key(), "acme\nhttps://ca/acct/1"));
+        // The same identity again: the entry is kept, nobody is woken.
+        registry.set_ready_issuer(ns_key(), issuer.clone(), "acme\nhttps://ca/acct/1".into());
+        assert!(!changes.has_changed().unwrap());
+        registry.set_ready_issuer(ns_key(), issuer, "acme\nhttps://ca/acct/2".into());
+        assert!(changes.has_changed().unwrap());
+        assert!(registry.resolve_key(&ns_key()).is_ok());
+        for err in [
+            registry.ca_pem_by_key(&ns_key()).unwrap_err(),
+            registry.crl_pem_by_key(&ns_key()).unwrap_err(),
+        ] {
+            assert_eq!(err.reason(), "NotACaIssuer");
+            assert!(err.to_string().contains("ACME issuer"), "{err}");
+        }
     }
 
     #[tokio::test]

@@ -6,12 +6,14 @@
 //! - [`events`], [`metrics`], [`leader`]: events, Prometheus metrics and health, leader election.
 //! - [`issuers`]: Issuer/ClusterIssuer reconcile and the [`IssuerRegistry`] leases resolve
 //!   issuers through; [`crl`]: the revocation ledger ConfigMap and CRL refresh;
-//!   [`crl_http`]: CRLs and CA certificates over HTTP.
+//!   [`crl_http`]: CRLs and CA certificates over HTTP; [`acme_issuer`]: ACME accounts
+//!   kept in Secrets and the `acme` issuers (with one HTTP-01 solver per process).
 //!
 //! [`run`] wires them together; the `leasehold controller` subcommand calls it.
 
 #![forbid(unsafe_code)]
 
+pub mod acme_issuer;
 pub mod broker;
 pub mod crl;
 pub mod crl_http;
@@ -78,6 +80,9 @@ pub struct IssuerSettings {
     /// Where CRLs and CA certificates are served over HTTP while leading; `None`: not
     /// served.
     pub crl_addr: Option<SocketAddr>,
+    /// Where the HTTP-01 solver of ACME issuers listens while leading (the CA reaches
+    /// it through the solver Service); `None`: ACME issuers are not ready.
+    pub acme_http01_addr: Option<SocketAddr>,
     /// The registry the issuer controller fills (pass one in to resolve issuers from
     /// outside, e.g. the lease controller or an e2e test).
     pub registry: IssuerRegistry,
@@ -88,6 +93,7 @@ impl Default for IssuerSettings {
         Self {
             controller_namespace: "default".into(),
             crl_addr: None,
+            acme_http01_addr: None,
             registry: IssuerRegistry::new(),
         }
     }
@@ -503,12 +509,30 @@ where
             instance: config.instance.clone(),
         },
     );
+    // One HTTP-01 solver for every ACME order of this process, bound once leading
+    // (only the leader is behind the solver Service).
+    let acme = Arc::new(acme_issuer::AcmeState::new(
+        match config.issuers.acme_http01_addr {
+            None => Err("no --acme-http01-addr".to_owned()),
+            Some(addr) => match leasehold_acme::Http01Solver::bind(addr).await {
+                Ok(solver) => {
+                    tracing::info!(addr = %solver.local_addr(), "HTTP-01 solver listening");
+                    Ok(Arc::new(solver))
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, %addr, "cannot serve HTTP-01 challenges; ACME issuers stay not ready");
+                    Err(format!("cannot listen on {addr}: {e}"))
+                }
+            },
+        },
+    ));
     let issuer_ctx = Arc::new(issuers::IssuerContext {
         client: client.clone(),
         registry: config.issuers.registry.clone(),
         controller_namespace: config.issuers.controller_namespace.clone(),
         metrics: metrics.clone(),
         recorder: Some(recorder.clone()),
+        acme,
     });
     let mut lease_ctx = Context::new(
         client.clone(),

@@ -12,6 +12,7 @@ use common::{Step, not_found, scripted};
 use http::Method;
 use leasehold_api::{IssuerKind, IssuerRef};
 use leasehold_certs::{RevocationEntry, RevocationLedger, RevocationReason};
+use leasehold_operator::acme_issuer::AcmeState;
 use leasehold_operator::crl::{ConfigMapLedger, KubeLedgerStore};
 use leasehold_operator::issuers::{IssuerContext, IssuerObject, reconcile_object};
 use leasehold_operator::metrics::Metrics;
@@ -106,6 +107,14 @@ async fn a_revocation_is_fenced_on_the_resource_version_and_retried_on_conflict(
     assert_eq!(seen.requests.len(), 6);
 }
 
+/// ACME issuers' shared state with a solver on loopback (never reached here).
+async fn acme_with_solver() -> Arc<AcmeState> {
+    let solver = leasehold_acme::Http01Solver::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    Arc::new(AcmeState::new(Ok(Arc::new(solver))))
+}
+
 fn context(client: kube::Client, registry: IssuerRegistry) -> IssuerContext {
     IssuerContext {
         client,
@@ -113,6 +122,7 @@ fn context(client: kube::Client, registry: IssuerRegistry) -> IssuerContext {
         controller_namespace: "leasehold".into(),
         metrics: Arc::new(Metrics::new()),
         recorder: None,
+        acme: Arc::new(AcmeState::without_solver("not needed here")),
     }
 }
 
@@ -260,20 +270,113 @@ async fn a_missing_ca_secret_is_not_ready_and_says_which() {
     assert!(err.to_string().contains("SecretNotFound"), "{err}");
 }
 
-#[tokio::test]
-async fn an_acme_issuer_waits_for_acme_support() {
-    let steps = vec![Step::new(Method::PATCH, STATUS, |body, state| {
+fn acme_status_step() -> Step {
+    Step::new(Method::PATCH, STATUS, |body, state| {
         *state = body["status"].clone();
         patched_issuer(body)
-    })];
-    let (client, seen) = scripted(steps, Value::Null);
-    let ctx = context(client, IssuerRegistry::without_crl_refresh());
+    })
+}
+
+#[tokio::test]
+async fn an_acme_issuer_without_a_solver_says_so() {
+    let (client, seen) = scripted(vec![acme_status_step()], Value::Null);
+    let mut ctx = context(client, IssuerRegistry::without_crl_refresh());
+    ctx.acme = Arc::new(AcmeState::without_solver("--acme-http01-addr is not set"));
     let spec = json!({"acme": {"directoryUrl": "https://acme.example/directory",
                                "accountKeySecretRef": {"name": "acct"}}});
     reconcile_object(issuer(spec, None), &ctx).await.unwrap();
     let (_, status) = seen.await.unwrap();
     assert_eq!(status["type"], "ACME");
-    assert_eq!(status["conditions"][0]["reason"], "AcmeNotSupportedYet");
+    assert_eq!(status["conditions"][0]["reason"], "NoHttp01Solver");
+}
+
+#[tokio::test]
+async fn an_acme_account_secret_without_an_account_is_never_overwritten() {
+    let steps = vec![
+        Step::new(
+            Method::GET,
+            "/api/v1/namespaces/shop/secrets/acct",
+            |_, _| {
+                (
+                    200,
+                    json!({"apiVersion": "v1", "kind": "Secret",
+                       "metadata": {"name": "acct", "namespace": "shop"},
+                       "data": {"tls.key": "c2VjcmV0"}}),
+                )
+            },
+        ),
+        acme_status_step(),
+    ];
+    let (client, seen) = scripted(steps, Value::Null);
+    let registry = IssuerRegistry::without_crl_refresh();
+    let mut ctx = context(client, registry.clone());
+    ctx.acme = acme_with_solver().await;
+    let spec = json!({"acme": {"directoryUrl": "https://acme.example/directory",
+                               "accountKeySecretRef": {"name": "acct"}}});
+    reconcile_object(issuer(spec, None), &ctx).await.unwrap();
+    let (seen, status) = seen.await.unwrap();
+    assert_eq!(seen.requests.len(), 2, "no write to the Secret");
+    assert_eq!(status["conditions"][0]["reason"], "AccountSecretIncomplete");
+    assert_eq!(
+        registry
+            .resolve("shop", &lease_ref())
+            .err()
+            .unwrap()
+            .reason(),
+        "AccountSecretIncomplete"
+    );
+}
+
+#[tokio::test]
+async fn an_unreachable_directory_creates_no_secret_and_backs_off() {
+    // Nothing listens there: registration fails before any Secret is written.
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let steps = vec![
+        Step::new(
+            Method::GET,
+            "/api/v1/namespaces/shop/secrets/acct",
+            |_, _| not_found(),
+        ),
+        acme_status_step(),
+    ];
+    let (client, seen) = scripted(steps, Value::Null);
+    let mut ctx = context(client, IssuerRegistry::without_crl_refresh());
+    ctx.acme = acme_with_solver().await;
+    let spec = json!({"acme": {"directoryUrl": format!("https://127.0.0.1:{port}/dir"),
+                               "accountKeySecretRef": {"name": "acct"}}});
+    let action = reconcile_object(issuer(spec, None), &ctx).await.unwrap();
+    let (seen, status) = seen.await.unwrap();
+    assert_eq!(seen.requests.len(), 2, "no Secret created");
+    assert_eq!(status["conditions"][0]["reason"], "DirectoryUnreachable");
+    assert_eq!(
+        action,
+        kube::runtime::controller::Action::requeue(
+            leasehold_operator::acme_issuer::DIRECTORY_BACKOFF
+        )
+    );
+
+    // Woken again at once (its own status write, say): the directory is not asked
+    // again before the backoff is up, and nothing is written.
+    let (client, seen) = scripted(Vec::new(), Value::Null);
+    let registry = ctx.registry.clone();
+    let acme = ctx.acme.clone();
+    let mut ctx = context(client, registry);
+    ctx.acme = acme;
+    let spec = json!({"acme": {"directoryUrl": format!("https://127.0.0.1:{port}/dir"),
+                               "accountKeySecretRef": {"name": "acct"}}});
+    let action = reconcile_object(issuer(spec, Some(status.clone())), &ctx)
+        .await
+        .unwrap();
+    let (seen, _) = seen.await.unwrap();
+    // Requeued for what is left of the backoff, not the not-ready resync.
+    assert!(seen.requests.is_empty(), "{:?}", seen.requests);
+    assert_ne!(
+        action,
+        kube::runtime::controller::Action::requeue(std::time::Duration::from_secs(120))
+    );
 }
 
 #[tokio::test]
