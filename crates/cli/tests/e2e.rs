@@ -859,6 +859,9 @@ struct World {
     broker_port: u16,
     /// Where the leader serves CRLs and CA certificates (`--crl-addr`).
     crl_port: u16,
+    /// Pebble (Let's Encrypt's test CA), validating HTTP-01 against the leader's solver
+    /// (`--acme-http01-addr`); `None` where pebble is not installed (never in CI).
+    pebble: Option<leasehold_testkit::PebbleServer>,
     /// Values that must never appear in a log: passwords and tokens seen by the test.
     secrets: Vec<String>,
     results: Vec<(String, Duration)>,
@@ -988,6 +991,27 @@ async fn setup(cluster: Cluster) -> World {
         "--crl-addr",
         &format!("127.0.0.1:{crl_port}"),
     );
+    let acme_port = free_port();
+    set_arg(
+        &mut controller_args,
+        "--acme-http01-addr",
+        &format!("127.0.0.1:{acme_port}"),
+    );
+    let pebble = if leasehold_testkit::PebbleServer::installed() {
+        Some(
+            leasehold_testkit::PebbleServer::start(leasehold_testkit::PebbleOptions {
+                http_port: acme_port,
+                ..Default::default()
+            })
+            .await,
+        )
+    } else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "pebble is not installed but CI is set: run .ci/setup.sh"
+        );
+        None
+    };
     // Short, so the sweep scenario does not wait minutes (default 300 s).
     set_arg(&mut controller_args, "--per-pod-sweep-seconds", "3");
     set_arg(
@@ -1095,6 +1119,7 @@ async fn setup(cluster: Cluster) -> World {
         node_socket,
         broker_port,
         crl_port,
+        pebble,
         secrets,
         results: Vec::new(),
     }
@@ -1148,6 +1173,12 @@ async fn run_scenarios(mut w: World) -> Vec<(String, Duration)> {
         &mut w,
         "certificate lease from a self-signed CA Issuer: kubernetes.io/tls Secret, rotation, old serial in the published CRL",
         certificate_from_ca_issuer,
+    )
+    .await;
+    scenario(
+        &mut w,
+        "certificate from an ACME ClusterIssuer (Pebble, HTTP-01 via the controller's solver): rotation, revokeCert",
+        certificate_from_acme,
     )
     .await;
     scenario(
@@ -2160,6 +2191,137 @@ async fn per_pod(w: &mut World) {
     )
     .await;
     assert!(w.db.connect(&user, &password).await.is_err());
+}
+
+/// The serial of a PEM certificate as Pebble names it (lower-case hex, no leading zeros).
+fn serial_of(dir: &Path, pem: &str) -> String {
+    std::fs::write(dir.join("serial-of.pem"), pem).unwrap();
+    let out = std::process::Command::new("openssl")
+        .args(["x509", "-noout", "-serial", "-in"])
+        .arg(dir.join("serial-of.pem"))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .trim_start_matches("serial=")
+        .trim_start_matches('0')
+        .to_lowercase()
+}
+
+async fn certificate_from_acme(w: &mut World) {
+    let Some(pebble) = w.pebble.as_ref() else {
+        eprintln!("e2e: SKIPPED the ACME scenario: pebble is not installed");
+        return;
+    };
+    let c = &w.cluster;
+    let issuer = format!("e2e-acme-{}", c.app_ns);
+    let cluster_issuers: Api<kube::core::DynamicObject> = Api::all_with(
+        c.client.clone(),
+        &kube::core::ApiResource {
+            group: "leasehold.dev".into(),
+            version: "v1alpha1".into(),
+            api_version: "leasehold.dev/v1alpha1".into(),
+            kind: "ClusterIssuer".into(),
+            plural: "clusterissuers".into(),
+        },
+    );
+    cluster_issuers
+        .patch(
+            &issuer,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(json!({
+                "apiVersion": "leasehold.dev/v1alpha1", "kind": "ClusterIssuer",
+                "metadata": {"name": issuer},
+                "spec": {"acme": {"directoryUrl": pebble.directory_url(),
+                                  "email": "ops@leasehold.test",
+                                  "caBundle": pebble.ca_pem(),
+                                  "accountKeySecretRef": {"name": "e2e-acme-account",
+                                                          "namespace": c.app_ns}}}
+            })),
+        )
+        .await
+        .unwrap();
+    let ready = eventually(
+        "ACME ClusterIssuer Ready",
+        Duration::from_secs(90),
+        || async {
+            let i = cluster_issuers.get(&issuer).await.ok()?;
+            let conditions = i.data["status"]["conditions"].as_array()?.clone();
+            conditions
+                .iter()
+                .find(|c| c["type"] == "Ready" && c["status"] == "True")
+                .cloned()
+        },
+    )
+    .await;
+    eprintln!("e2e: ACME ClusterIssuer Ready: {}", ready["message"]);
+    let secrets: Api<Secret> = Api::namespaced(c.client.clone(), &c.app_ns);
+    assert!(
+        secrets.get_opt("e2e-acme-account").await.unwrap().is_some(),
+        "the account is kept in its Secret"
+    );
+    c.apply(json!({
+        "apiVersion": "leasehold.dev/v1alpha1", "kind": "SecretLease", "metadata": {"name": "acme-cert"},
+        "spec": {"policyRef": {"name": "certs"},
+                 "certificate": {"issuerRef": {"name": issuer, "kind": "ClusterIssuer"},
+                                 "commonName": "acme-web.example", "dnsNames": ["acme-web.example"]},
+                 "delivery": {"secret": {"name": "acme-tls"}}}
+    }))
+    .await;
+    c.wait_ready_version("acme-cert", 1).await;
+    let text =
+        |s: &Secret, k: &str| String::from_utf8(s.data.as_ref().unwrap()[k].0.clone()).unwrap();
+    let first = secrets.get("acme-tls").await.unwrap();
+    assert_eq!(first.type_.as_deref(), Some("kubernetes.io/tls"));
+    w.secrets.push(
+        text(&first, "tls.key")
+            .lines()
+            .nth(1)
+            .unwrap_or_default()
+            .to_owned(),
+    );
+    let scratch = c.path("certs");
+    std::fs::create_dir_all(&scratch).unwrap();
+    let first_serial = serial_of(&scratch, &text(&first, "tls.crt"));
+    let (code, body) = pebble.cert_status_by_serial(&first_serial).await;
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("\"Valid\""), "{body}");
+
+    c.request_rotation("acme-cert", "e2e-acme-1").await;
+    c.wait_ready_version("acme-cert", 2).await;
+    let revoked = eventually(
+        "the superseded certificate revoked at the ACME CA",
+        Duration::from_secs(60),
+        || async {
+            let (_, body) = pebble.cert_status_by_serial(&first_serial).await;
+            body.contains("\"Revoked\"").then_some(body)
+        },
+    )
+    .await;
+    let second = secrets.get("acme-tls").await.unwrap();
+    let second_serial = serial_of(&scratch, &text(&second, "tls.crt"));
+    assert_ne!(first_serial, second_serial);
+    let (_, body) = pebble.cert_status_by_serial(&second_serial).await;
+    assert!(body.contains("\"Valid\""), "{body}");
+    eprintln!(
+        "e2e: ACME certificate {first_serial} revoked at the CA after rotation ({} bytes of status)",
+        revoked.len()
+    );
+    c.leases()
+        .delete("acme-cert", &DeleteParams::default())
+        .await
+        .unwrap();
+    c.wait_lease_gone("acme-cert", Duration::from_secs(60))
+        .await;
+    let (_, body) = pebble.cert_status_by_serial(&second_serial).await;
+    assert!(
+        body.contains("\"Revoked\""),
+        "revoked with its lease: {body}"
+    );
+    cluster_issuers
+        .delete(&issuer, &DeleteParams::default())
+        .await
+        .unwrap();
 }
 
 async fn certificate_over_csi(w: &mut World) {

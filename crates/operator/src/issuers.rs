@@ -126,6 +126,9 @@ impl leasehold_broker::certificates::CertificateIssuers for IssuerRegistry {
                 reason,
                 message,
             } => IssuerLookupError::NotReady(issuer, format!("{reason}: {message}")),
+            e @ IssuerNotReady::NotACa { .. } => {
+                IssuerLookupError::NotReady(e.to_string(), "not a CA issuer".into())
+            }
         })
     }
 }
