@@ -183,6 +183,72 @@ pub fn policy_params(spec: &RotationPolicySpec) -> Result<PolicyParams, Vec<Fiel
     })
 }
 
+/// Pod variables a certificate's names may use (filled in per pod by the broker).
+pub const POD_VARIABLES: [&str; 4] = [
+    "${POD_NAME}",
+    "${POD_NAMESPACE}",
+    "${SERVICE_ACCOUNT}",
+    "${POD_UID}",
+];
+
+fn check_certificate(
+    cert: &crate::CertificateSpec,
+    secret_delivery: bool,
+    errors: &mut Vec<FieldError>,
+) {
+    let names = std::iter::once(("spec.certificate.commonName".to_owned(), &cert.common_name))
+        .chain(
+            cert.dns_names
+                .iter()
+                .enumerate()
+                .map(|(i, n)| (format!("spec.certificate.dnsNames[{i}]"), n)),
+        )
+        .chain(
+            cert.ip_addresses
+                .iter()
+                .enumerate()
+                .map(|(i, n)| (format!("spec.certificate.ipAddresses[{i}]"), n)),
+        )
+        .chain(
+            cert.uris
+                .iter()
+                .enumerate()
+                .map(|(i, n)| (format!("spec.certificate.uris[{i}]"), n)),
+        );
+    for (field, name) in names {
+        if !name.contains("${") {
+            continue;
+        }
+        let mut rest = name.replace(' ', "");
+        for v in POD_VARIABLES {
+            rest = rest.replace(v, "");
+        }
+        if rest.contains("${") {
+            errors.push(FieldError::new(
+                field,
+                format!(
+                    "{name:?} uses an unknown variable; the pod variables are {}",
+                    POD_VARIABLES.join(", ")
+                ),
+            ));
+        } else if secret_delivery {
+            errors.push(FieldError::new(
+                field,
+                format!(
+                    "{name:?} names a pod, but a Secret holds one certificate for every pod: \
+                     pod variables work only with CSI delivery alone (remove delivery.secret)"
+                ),
+            ));
+        }
+    }
+    if cert.dns_names.is_empty() && cert.ip_addresses.is_empty() && cert.uris.is_empty() {
+        errors.push(FieldError::new(
+            "spec.certificate.dnsNames",
+            "name at least one dnsName, ipAddress or uri",
+        ));
+    }
+}
+
 /// Check a lease against itself and (when found) its policy.
 pub fn validate_lease(
     spec: &SecretLeaseSpec,
@@ -239,6 +305,9 @@ pub fn validate_lease(
                 ));
             }
         }
+    }
+    if let Some(cert) = &spec.certificate {
+        check_certificate(cert, spec.delivery.secret.is_some(), &mut errors);
     }
     if spec.per_pod && strategy.is_some_and(|s| s != Strategy::Dynamic) {
         errors.push(FieldError::new(

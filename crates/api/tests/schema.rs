@@ -635,3 +635,38 @@ fn certificate_spec_takes_the_new_fields_and_stays_compatible() {
     .expect("new form");
     assert_eq!(new.usages.len(), 3);
 }
+
+#[test]
+fn certificate_names_with_pod_variables_need_csi_delivery_alone() {
+    let l =
+        |spec: Value| -> leasehold_api::SecretLeaseSpec { serde_json::from_value(spec).unwrap() };
+    let cert = serde_json::json!({"issuerRef": {"name": "ca"}, "commonName": "${POD_NAME}",
+                                  "dnsNames": ["${POD_NAME}.${POD_NAMESPACE}.svc"]});
+    let csi_only = l(
+        serde_json::json!({"policyRef": {"name": "p"}, "certificate": cert,
+                                        "delivery": {"csi": {"enabled": true}}}),
+    );
+    assert!(leasehold_api::validate::validate_lease(&csi_only, None).is_empty());
+    let with_secret = l(
+        serde_json::json!({"policyRef": {"name": "p"}, "certificate": cert,
+                                           "delivery": {"secret": {"name": "tls"}}}),
+    );
+    let err = leasehold_api::validate::validate_lease(&with_secret, None);
+    assert!(
+        err.iter().any(|e| e.field == "spec.certificate.dnsNames[0]"
+            && e.message.contains("CSI delivery alone")),
+        "{err:?}"
+    );
+    let unknown = l(serde_json::json!({"policyRef": {"name": "p"},
+        "certificate": {"issuerRef": {"name": "ca"}, "commonName": "x", "dnsNames": ["${NODE_NAME}.x"]},
+        "delivery": {"csi": {"enabled": true}}}));
+    let err = leasehold_api::validate::validate_lease(&unknown, None);
+    assert!(
+        err.iter().any(|e| e.message.contains("unknown variable")),
+        "{err:?}"
+    );
+    let nameless = l(serde_json::json!({"policyRef": {"name": "p"},
+        "certificate": {"issuerRef": {"name": "ca"}, "commonName": "x"},
+        "delivery": {"secret": {"name": "tls"}}}));
+    assert!(!leasehold_api::validate::validate_lease(&nameless, None).is_empty());
+}

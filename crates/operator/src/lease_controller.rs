@@ -429,6 +429,11 @@ pub async fn run_lease(
         && progress.versions.is_empty()
         && !deleting
     {
+        let errors = leasehold_api::validate::validate_lease(&lease.spec, None);
+        if !errors.is_empty() {
+            let message = leasehold_api::validate::summary(&errors);
+            return blocked(&status, lease, deleting, "InvalidSpec", message).await;
+        }
         status
             .finish(
                 &LeaseCondition::PerPodOnly {
