@@ -2430,6 +2430,38 @@ async fn certificate_over_csi(w: &mut World) {
     )
     .await;
     eprintln!("e2e: pod certificate {serial} revoked at unpublish");
+
+    // Mounted again, then the lease is deleted while the pod still holds its
+    // certificate: the certificate goes with the lease.
+    k.publish(k.publish_request(&pod, "app", "pod-cert", tokens_for(POD_AUDIENCE, &token)))
+        .await
+        .expect("certificate publish again");
+    let crt = read_file(&target, "tls.crt");
+    std::fs::write(scratch.join("pod.pem"), &crt).unwrap();
+    let out = std::process::Command::new("openssl")
+        .args(["x509", "-noout", "-serial", "-in"])
+        .arg(scratch.join("pod.pem"))
+        .output()
+        .unwrap();
+    let held = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .trim_start_matches("serial=")
+        .to_lowercase();
+    assert_ne!(held, serial, "a new certificate for the new mount");
+    c.leases()
+        .delete("pod-cert", &DeleteParams::default())
+        .await
+        .unwrap();
+    c.wait_lease_gone("pod-cert", Duration::from_secs(60)).await;
+    let cm = configmaps.get("e2e-ca-crl").await.unwrap();
+    assert!(
+        cm.data.unwrap()["revoked.json"].contains(&held),
+        "the certificate a pod held is revoked with its lease"
+    );
+    eprintln!("e2e: pod certificate {held} revoked with its deleted lease");
+    k.unpublish(&pod)
+        .await
+        .expect("unpublish after the lease is gone");
 }
 
 /// What a deposed leader would do: it read the lease, lost leadership, and writes the

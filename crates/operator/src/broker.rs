@@ -13,8 +13,8 @@ use leasehold_api::{RotationPolicy, SecretLease};
 use leasehold_auth::{HttpKeySource, TokenVerifier, VerifierConfig};
 use leasehold_broker::{
     BrokerConfig, BrokerMetrics, BrokerService, BrokerTls, ClusterView, CoalescingRecorder,
-    EnginePerPodIssuer, KubeClusterView, KubePodCertificateStore, KubePodCredentialStore,
-    PodCertificates, TlsSettings, Verifiers,
+    EnginePerPodIssuer, KubeClusterView, KubePodCredentialStore, PodCertificates, TlsSettings,
+    Verifiers,
 };
 use leasehold_engine::BackendRegistry;
 use tracing::{info, warn};
@@ -76,7 +76,7 @@ pub async fn run(
     client: Client,
     settings: BrokerSettings,
     metrics: BrokerMetrics,
-    issuers: crate::IssuerRegistry,
+    certificates: Arc<PodCertificates>,
     stop: impl Future<Output = ()> + Send,
 ) -> Result<(), OperatorError> {
     let tls = match &settings.user_secret {
@@ -118,10 +118,6 @@ pub async fn run(
         cluster.clone(),
         Arc::new(KubePodCredentialStore::new(client.clone())),
         BackendRegistry::new(4),
-    ));
-    let certificates = Arc::new(PodCertificates::new(
-        Arc::new(issuers),
-        Arc::new(KubePodCertificateStore::new(client.clone())),
     ));
     let sweeper = tokio::spawn(sweep_per_pod_users(
         client.clone(),

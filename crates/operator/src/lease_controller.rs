@@ -46,6 +46,9 @@ pub struct Context {
     /// Finds the issuer of a certificate lease (`None`: certificate leases are refused
     /// with `Ready=False IssuerNotFound`).
     pub issuers: Option<IssuerResolver>,
+    /// Per-pod certificates of CSI certificate leases, revoked when their lease is
+    /// deleted (`None`: left to expire).
+    pub pod_certificates: Option<Arc<leasehold_broker::PodCertificates>>,
     pub clock: Arc<dyn Fn() -> Timestamp + Send + Sync>,
     /// Status writes so far (the benchmark checks a no-op resync writes nothing).
     pub status_writes: Arc<AtomicU64>,
@@ -79,6 +82,7 @@ impl Context {
             recorder,
             backend_override: None,
             issuers: None,
+            pod_certificates: None,
             clock: Arc::new(Timestamp::now),
             status_writes: Arc::default(),
             failures: Mutex::default(),
@@ -401,6 +405,29 @@ pub async fn run_lease(
     let mut progress = observed.progress.clone();
     let api: Api<SecretLease> = Api::namespaced(ctx.client.clone(), &ns);
 
+    if deleting
+        && lease.spec.certificate.is_some()
+        && let Some(pod_certificates) = &ctx.pod_certificates
+    {
+        // Every pod's certificate goes with its lease: revoke them all before the
+        // finalizer goes (their records are owned by the lease and would be collected).
+        let report = pod_certificates
+            .sweep_lease(lease, &Default::default(), ctx.now())
+            .await
+            .map_err(|e| OperatorError::Broker(e.to_string()))?;
+        if !report.failed.is_empty() {
+            return Err(OperatorError::Blocked {
+                reason: "RevocationPending".into(),
+                message: format!(
+                    "{} pod certificate(s) of the deleted lease could not be revoked yet",
+                    report.failed.len()
+                ),
+            });
+        }
+        if !report.revoked.is_empty() {
+            tracing::info!(lease = %object_key(lease), revoked = report.revoked.len(), "pod certificates revoked with their lease");
+        }
+    }
     if deleting && progress.versions.is_empty() {
         // Nothing was ever issued (or everything is revoked): let the finalizer go.
         ctx.metrics.lease_state(&ns, &name, None, 0);

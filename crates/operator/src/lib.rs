@@ -485,10 +485,18 @@ where
     {
         tracing::warn!(error = %e, "cannot label this pod as leader; the broker Service will not route to it");
     }
+    // Per-pod certificates: signed by the broker, revoked by the sweep and, when their
+    // lease is deleted, by the lease controller.
+    let pod_certificates = Arc::new(leasehold_broker::PodCertificates::new(
+        Arc::new(config.issuers.registry.clone()),
+        Arc::new(leasehold_broker::KubePodCertificateStore::new(
+            client.clone(),
+        )),
+    ));
     let broker_task = config.broker.clone().map(|settings| {
         let stop = wait_for(stop_rx.clone());
         let stop_tx = stop_tx.clone();
-        let issuers = config.issuers.registry.clone();
+        let issuers = pod_certificates.clone();
         tokio::spawn({
             let client = client.clone();
             async move {
@@ -546,6 +554,7 @@ where
             registry.resolve(ns, issuer).map_err(|e| e.to_string())
         },
     ));
+    lease_ctx.pod_certificates = Some(pod_certificates.clone());
     let ctx = Arc::new(lease_ctx);
     lease_controller::preload_username_claims(&client, &config.namespaces, &ctx.engine).await;
     let namespaces: Vec<Option<String>> = if config.namespaces.is_empty() {
