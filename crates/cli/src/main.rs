@@ -89,6 +89,11 @@ enum LocalCommand {
         /// Only report what the sweeper would revoke.
         #[arg(long)]
         sweep_dry_run: bool,
+        /// Answer HTTP-01 challenges of `acme` issuers on this address (the ACME CA must
+        /// reach it on port 80 of every name it validates). Without it, acme issuers are
+        /// refused with a message saying so.
+        #[arg(long, value_name = "ADDR")]
+        acme_http01_addr: Option<std::net::SocketAddr>,
     },
     /// Print each lease's phase, version, user and expiry from a state file.
     Status {
@@ -172,6 +177,7 @@ fn main() -> ExitCode {
                         resync_seconds,
                         sweep_seconds,
                         sweep_dry_run,
+                        acme_http01_addr,
                     },
             } => {
                 let sweep = (sweep_seconds > 0).then_some(Sweep {
@@ -188,6 +194,7 @@ fn main() -> ExitCode {
                     once,
                     Duration::from_secs(resync_seconds.max(1)),
                     sweep,
+                    acme_http01_addr,
                 )
                 .await
             }
@@ -207,15 +214,25 @@ async fn run_local(
     once: bool,
     resync: Duration,
     sweep: Option<Sweep>,
+    acme_http01_addr: Option<std::net::SocketAddr>,
 ) -> ExitCode {
     let state_path = options.state.clone();
-    let runner = match LocalRunner::new(options, Engine::new()) {
+    let mut runner = match LocalRunner::new(options, Engine::new()) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("leasehold: {e}");
             return ExitCode::FAILURE;
         }
     };
+    if let Some(addr) = acme_http01_addr {
+        match leasehold_acme::Http01Solver::bind(addr).await {
+            Ok(solver) => runner = runner.with_acme_solver(std::sync::Arc::new(solver)),
+            Err(e) => {
+                eprintln!("leasehold: cannot answer HTTP-01 challenges on {addr}: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     let mut next_sweep = std::time::Instant::now();
     loop {
         if let Some(sw) = sweep

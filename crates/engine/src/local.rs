@@ -632,6 +632,8 @@ pub struct LocalRunner {
     pub engine: Engine,
     pub store: Arc<StateFile>,
     registry: BackendRegistry,
+    /// Answers HTTP-01 challenges for `acme` issuers (none: acme issuers are refused).
+    acme_solver: Option<Arc<leasehold_acme::Http01Solver>>,
 }
 
 impl std::fmt::Debug for LocalRunner {
@@ -659,7 +661,14 @@ impl LocalRunner {
             engine,
             store,
             registry: BackendRegistry::new(4),
+            acme_solver: None,
         })
+    }
+
+    /// Answer `acme` issuers' HTTP-01 challenges with `solver`.
+    pub fn with_acme_solver(mut self, solver: Arc<leasehold_acme::Http01Solver>) -> Self {
+        self.acme_solver = Some(solver);
+        self
     }
 
     /// Reconcile every lease once (running each until it has to wait).
@@ -863,6 +872,7 @@ impl LocalRunner {
                     &self.store,
                     &manifests.issuers,
                     |ns, n| manifests.secret_data(ns, n),
+                    self.acme_solver.as_ref(),
                     ns,
                     &cert.issuer_ref,
                 )

@@ -35,6 +35,10 @@ pub struct LocalIssuer {
     key: String,
     #[serde(default)]
     pub revoked: RevocationList,
+    /// An `acme` issuer's registered account (its key inside), as `account.json` holds it
+    /// in the cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    acme_account: Option<String>,
 }
 
 impl std::fmt::Debug for LocalIssuer {
@@ -92,6 +96,7 @@ pub async fn local_issuer(
     store: &Arc<StateFile>,
     issuers: &BTreeMap<String, IssuerSpec>,
     secret: impl Fn(&str, &str) -> Option<BTreeMap<String, SecretString>>,
+    acme_solver: Option<&Arc<leasehold_acme::Http01Solver>>,
     namespace: &str,
     issuer: &IssuerRef,
 ) -> Result<Arc<dyn CertificateIssuer>, String> {
@@ -103,10 +108,11 @@ pub async fn local_issuer(
     let spec = issuers
         .get(&key)
         .ok_or_else(|| format!("{kind} {key} not found in the manifests"))?;
+    if let Some(acme) = &spec.acme {
+        return acme_issuer(store, &key, kind, acme, acme_solver).await;
+    }
     let Some(ca) = &spec.ca else {
-        return Err(format!(
-            "{kind} {key}: only `ca` issuers run in local mode (acme needs a reachable HTTP-01 solver)"
-        ));
+        return Err(format!("{kind} {key}: set ca or acme"));
     };
     let authority = if ca.self_signed {
         let known = store.snapshot().await.issuers.get(&key).cloned();
@@ -170,6 +176,63 @@ pub async fn local_issuer(
         Arc::new(authority),
         Arc::new(ledger),
     )))
+}
+
+/// An `acme` issuer: the account registered once and kept in the state file, challenges
+/// answered by the local run's HTTP-01 solver.
+async fn acme_issuer(
+    store: &Arc<StateFile>,
+    key: &str,
+    kind: &str,
+    acme: &leasehold_api::AcmeIssuer,
+    solver: Option<&Arc<leasehold_acme::Http01Solver>>,
+) -> Result<Arc<dyn CertificateIssuer>, String> {
+    let solver = solver.ok_or_else(|| {
+        format!(
+            "{kind} {key} is an acme issuer: run `leasehold local run --acme-http01-addr <addr>` \
+             so its HTTP-01 challenges are answered (the CA must reach that address on port 80 \
+             of every name)"
+        )
+    })?;
+    let directory = leasehold_acme::Directory {
+        url: acme.directory_url.clone(),
+        trust: match &acme.ca_bundle {
+            Some(pem) => leasehold_acme::TrustRoots::Pem(pem.clone()),
+            None => leasehold_acme::TrustRoots::Public,
+        },
+    };
+    let stored = store
+        .snapshot()
+        .await
+        .issuers
+        .get(key)
+        .and_then(|i| i.acme_account.clone())
+        .and_then(|json| serde_json::from_str::<leasehold_acme::StoredAccount>(&json).ok());
+    let request = leasehold_acme::AccountRequest {
+        contact_email: acme.email.clone(),
+        external_account_binding: None,
+    };
+    let (account, registered) = leasehold_acme::account_for(&directory, &request, stored)
+        .await
+        .map_err(|e| format!("{kind} {key}: ACME account at {}: {e}", directory.url))?;
+    if let Some(new) = registered {
+        // Kept before first use, so the next pass never registers another one.
+        let json = serde_json::to_string(&new).map_err(|e| e.to_string())?;
+        let key = key.to_owned();
+        store
+            .update(|s| s.issuers.entry(key).or_default().acme_account = Some(json))
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    let mut issuer = leasehold_acme::AcmeIssuer::new(
+        account,
+        solver.clone(),
+        leasehold_acme::PollPolicy::default(),
+    );
+    if let Some(extra) = &acme.extra_trust_anchors {
+        issuer = issuer.with_extra_trust_anchors(extra.clone());
+    }
+    Ok(Arc::new(issuer))
 }
 
 /// Write every known issuer's `ca.crt` and a freshly signed `ca.crl` (PEM) under

@@ -449,3 +449,117 @@ async fn local_mode_rotates_a_certificate_and_publishes_the_revoked_serial() {
     let shown = format!("{state:?}");
     assert!(!shown.contains("PRIVATE KEY"), "{shown}");
 }
+
+fn pebble_serial(pem: &str) -> String {
+    let der = leasehold_certs::first_certificate_der(pem).unwrap();
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+    cert.raw_serial_as_string()
+        .replace(':', "")
+        .trim_start_matches('0')
+        .to_lowercase()
+}
+
+#[tokio::test]
+async fn local_mode_orders_rotates_and_revokes_at_an_acme_ca() {
+    use leasehold_testkit::{PebbleOptions, PebbleServer};
+    if !PebbleServer::installed() {
+        assert!(std::env::var_os("CI").is_none(), "pebble missing in CI");
+        eprintln!("SKIPPED: pebble is not installed");
+        return;
+    }
+    let solver = std::sync::Arc::new(
+        leasehold_acme::Http01Solver::bind("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap(),
+    );
+    let pebble = PebbleServer::start(PebbleOptions {
+        http_port: solver.local_addr().port(),
+        ..PebbleOptions::default()
+    })
+    .await;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("manifests");
+    std::fs::create_dir_all(&dir).unwrap();
+    let write = |rotate: Option<&str>| {
+        let mut lease = serde_json::json!({
+            "apiVersion": "leasehold.dev/v1alpha1", "kind": "SecretLease",
+            "metadata": {"name": "web"},
+            "spec": {"policyRef": {"name": "p"},
+                     "certificate": {"issuerRef": {"name": "acme", "kind": "ClusterIssuer"},
+                                     "commonName": "web.example", "dnsNames": ["web.example"]},
+                     "delivery": {"secret": {"name": "web-tls"}}}
+        });
+        if let Some(r) = rotate {
+            lease["metadata"]["annotations"] = serde_json::json!({"leasehold.dev/rotate": r});
+        }
+        let docs = [
+            serde_json::json!({
+                "apiVersion": "leasehold.dev/v1alpha1", "kind": "RotationPolicy",
+                "metadata": {"name": "p"},
+                "spec": {"ttl": "24h", "revoke": {"gracePeriod": "0s", "maxWait": "0s",
+                                                  "waitForConsumers": false}}
+            }),
+            serde_json::json!({
+                "apiVersion": "leasehold.dev/v1alpha1", "kind": "ClusterIssuer",
+                "metadata": {"name": "acme"},
+                "spec": {"acme": {"directoryUrl": pebble.directory_url(),
+                                  "caBundle": pebble.ca_pem(),
+                                  "accountKeySecretRef": {"name": "acme-account"}}}
+            }),
+            lease,
+        ];
+        let text: Vec<String> = docs
+            .iter()
+            .map(|d| serde_json::to_string(d).unwrap())
+            .collect();
+        std::fs::write(dir.join("all.yaml"), text.join("\n---\n")).unwrap();
+    };
+    write(None);
+    let options = LocalOptions {
+        manifests: dir.clone(),
+        state: tmp.path().join("state.json"),
+        output: tmp.path().join("out"),
+    };
+
+    // Without a solver the issuer is refused with what to do.
+    let runner = LocalRunner::new(options.clone(), Engine::new()).unwrap();
+    let report = runner.pass().await.unwrap();
+    assert!(
+        report
+            .errors
+            .iter()
+            .any(|(_, e)| e.contains("--acme-http01-addr")),
+        "{:?}",
+        report.errors
+    );
+    drop(runner);
+
+    let runner = LocalRunner::new(options.clone(), Engine::new())
+        .unwrap()
+        .with_acme_solver(solver.clone());
+    let report = runner.pass().await.unwrap();
+    assert!(
+        report.errors.is_empty(),
+        "{:?}\n{}",
+        report.errors,
+        pebble.log_contents()
+    );
+    let lease_dir = options.output.join("default/web");
+    let first = read(&lease_dir.join("tls.crt"));
+    let first_serial = pebble_serial(&first);
+    let (_, status) = pebble.cert_status_by_serial(&first_serial).await;
+    assert!(status.contains("\"Valid\""), "{status}");
+
+    write(Some("1"));
+    let report = runner.pass().await.unwrap();
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    let second = read(&lease_dir.join("tls.crt"));
+    assert_ne!(first, second);
+    let (_, status) = pebble.cert_status_by_serial(&first_serial).await;
+    assert!(status.contains("\"Revoked\""), "{status}");
+    let (_, status) = pebble.cert_status_by_serial(&pebble_serial(&second)).await;
+    assert!(status.contains("\"Valid\""), "{status}");
+    // One account, registered once and kept.
+    let registrations = pebble.log_contents().matches("POST /sign-me-up").count();
+    assert_eq!(registrations, 1, "{}", pebble.log_contents());
+}
