@@ -20,20 +20,6 @@ use time::OffsetDateTime;
 
 const NAME: &str = "test.example";
 
-/// Pebble comes from the Debian package; CI installs it. Elsewhere, skip loudly.
-fn pebble_available(test: &str) -> bool {
-    if PebbleServer::installed() {
-        return true;
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!("{test}: pebble is not installed but CI is set; run .ci/setup.sh");
-    }
-    eprintln!(
-        "\n!!!!! SKIPPED {test}: `pebble` / `pebble-challtestsrv` not installed (apt-get install pebble) !!!!!\n"
-    );
-    false
-}
-
 struct Fixture {
     pebble: PebbleServer,
     solver: Arc<Http01Solver>,
@@ -169,7 +155,7 @@ fn new_orders(fx: &Fixture) -> usize {
 
 #[tokio::test]
 async fn issues_a_chain_that_verifies_with_a_real_handshake() {
-    if !pebble_available("issues_a_chain_that_verifies_with_a_real_handshake") {
+    if !PebbleServer::available_for("issues_a_chain_that_verifies_with_a_real_handshake") {
         return;
     }
     let fx = fixture(PebbleOptions::default()).await;
@@ -239,7 +225,7 @@ impl OrderJournal for CrashingJournal {
 
 #[tokio::test]
 async fn a_crash_after_the_order_is_journaled_resumes_that_order() {
-    if !pebble_available("a_crash_after_the_order_is_journaled_resumes_that_order") {
+    if !PebbleServer::available_for("a_crash_after_the_order_is_journaled_resumes_that_order") {
         return;
     }
     let fx = fixture(PebbleOptions::default()).await;
@@ -297,7 +283,7 @@ async fn a_crash_after_the_order_is_journaled_resumes_that_order() {
 
 #[tokio::test]
 async fn an_invalid_recorded_order_is_replaced_by_a_new_one() {
-    if !pebble_available("an_invalid_recorded_order_is_replaced_by_a_new_one") {
+    if !PebbleServer::available_for("an_invalid_recorded_order_is_replaced_by_a_new_one") {
         return;
     }
     let fx = fixture(PebbleOptions::default()).await;
@@ -342,7 +328,7 @@ async fn an_invalid_recorded_order_is_replaced_by_a_new_one() {
 
 #[tokio::test]
 async fn renew_then_revoke_the_superseded_certificate() {
-    if !pebble_available("renew_then_revoke_the_superseded_certificate") {
+    if !PebbleServer::available_for("renew_then_revoke_the_superseded_certificate") {
         return;
     }
     let fx = fixture(PebbleOptions::default()).await;
@@ -404,7 +390,7 @@ async fn renew_then_revoke_the_superseded_certificate() {
 
 #[tokio::test]
 async fn issues_despite_rejected_nonces() {
-    if !pebble_available("issues_despite_rejected_nonces") {
+    if !PebbleServer::available_for("issues_despite_rejected_nonces") {
         return;
     }
     let fx = fixture(PebbleOptions {
@@ -437,7 +423,7 @@ async fn issues_despite_rejected_nonces() {
 
 #[tokio::test]
 async fn refused_requests_are_rejected_with_the_reason() {
-    if !pebble_available("refused_requests_are_rejected_with_the_reason") {
+    if !PebbleServer::available_for("refused_requests_are_rejected_with_the_reason") {
         return;
     }
     let fx = fixture(PebbleOptions::default()).await;
@@ -483,7 +469,9 @@ async fn refused_requests_are_rejected_with_the_reason() {
 
 #[tokio::test]
 async fn account_for_loads_the_stored_account_and_replaces_a_foreign_one() {
-    if !pebble_available("account_for_loads_the_stored_account_and_replaces_a_foreign_one") {
+    if !PebbleServer::available_for(
+        "account_for_loads_the_stored_account_and_replaces_a_foreign_one",
+    ) {
         return;
     }
     let fx = fixture(PebbleOptions::default()).await;
@@ -519,7 +507,7 @@ async fn account_for_loads_the_stored_account_and_replaces_a_foreign_one() {
 
 #[tokio::test]
 async fn debug_output_carries_no_key_material() {
-    if !pebble_available("debug_output_carries_no_key_material") {
+    if !PebbleServer::available_for("debug_output_carries_no_key_material") {
         return;
     }
     let fx = fixture(PebbleOptions::default()).await;

@@ -12,20 +12,6 @@ use x509_parser::prelude::{FromDer, GeneralName, ParsedExtension, X509Certificat
 
 const NAME: &str = "test.example";
 
-/// Pebble comes from the Debian package; CI installs it. Elsewhere, skip loudly.
-fn pebble_available(test: &str) -> bool {
-    if PebbleServer::installed() {
-        return true;
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!("{test}: pebble is not installed but CI is set; run .ci/setup.sh");
-    }
-    eprintln!(
-        "\n!!!!! SKIPPED {test}: `pebble` / `pebble-challtestsrv` not installed (apt-get install pebble) !!!!!\n"
-    );
-    false
-}
-
 struct Fixture {
     pebble: PebbleServer,
     solver: Http01Solver,
@@ -147,7 +133,7 @@ async fn issue(fx: &Fixture, account: &AcmeAccount) -> String {
 
 #[tokio::test]
 async fn issues_through_http01_checks_chain_and_revokes() {
-    if !pebble_available("issues_through_http01_checks_chain_and_revokes") {
+    if !PebbleServer::available_for("issues_through_http01_checks_chain_and_revokes") {
         return;
     }
     let fx = fixture(PebbleOptions::default()).await;
@@ -207,7 +193,7 @@ async fn issues_through_http01_checks_chain_and_revokes() {
 
 #[tokio::test]
 async fn resumed_order_is_the_same_order() {
-    if !pebble_available("resumed_order_is_the_same_order") {
+    if !PebbleServer::available_for("resumed_order_is_the_same_order") {
         return;
     }
     let fx = fixture(PebbleOptions::default()).await;
@@ -246,7 +232,7 @@ async fn resumed_order_is_the_same_order() {
 
 #[tokio::test]
 async fn bad_nonces_are_retried() {
-    if !pebble_available("bad_nonces_are_retried") {
+    if !PebbleServer::available_for("bad_nonces_are_retried") {
         return;
     }
     let fx = fixture(PebbleOptions {
@@ -270,7 +256,7 @@ async fn bad_nonces_are_retried() {
 
 #[tokio::test]
 async fn external_account_binding_and_problem_documents() {
-    if !pebble_available("external_account_binding_and_problem_documents") {
+    if !PebbleServer::available_for("external_account_binding_and_problem_documents") {
         return;
     }
     // base64url of 32 bytes of HMAC key.
@@ -324,7 +310,7 @@ async fn external_account_binding_and_problem_documents() {
 
 #[tokio::test]
 async fn failed_validation_surfaces_the_order_problem() {
-    if !pebble_available("failed_validation_surfaces_the_order_problem") {
+    if !PebbleServer::available_for("failed_validation_surfaces_the_order_problem") {
         return;
     }
     let fx = fixture(PebbleOptions::default()).await;

@@ -17,9 +17,9 @@ use leasehold_testkit::{PebbleOptions, PebbleServer};
 
 #[tokio::test]
 async fn an_acme_certificate_is_issued_rotated_and_the_old_one_revoked_at_the_ca() {
-    if !PebbleServer::installed() {
-        assert!(std::env::var_os("CI").is_none(), "pebble missing in CI");
-        eprintln!("SKIPPED: pebble is not installed");
+    if !PebbleServer::available_for(
+        "an_acme_certificate_is_issued_rotated_and_the_old_one_revoked_at_the_ca",
+    ) {
         return;
     }
     let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();

@@ -21,19 +21,6 @@ use leasehold_operator::acme_issuer::{
 use leasehold_operator::{IssuerKey, IssuerRegistry, OperatorError};
 use leasehold_testkit::{PebbleOptions, PebbleServer};
 
-fn pebble_available(test: &str) -> bool {
-    if PebbleServer::installed() {
-        return true;
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!("{test}: pebble is not installed but CI is set; run .ci/setup.sh");
-    }
-    eprintln!(
-        "\n!!!!! SKIPPED {test}: `pebble` / `pebble-challtestsrv` not installed (apt-get install pebble) !!!!!\n"
-    );
-    false
-}
-
 struct Fixture {
     pebble: PebbleServer,
     solver: Arc<Http01Solver>,
@@ -111,7 +98,9 @@ fn stored_json(store: &MemorySecretStore) -> String {
 
 #[tokio::test]
 async fn an_account_is_registered_once_kept_and_issues_through_the_registry() {
-    if !pebble_available("an_account_is_registered_once_kept_and_issues_through_the_registry") {
+    if !PebbleServer::available_for(
+        "an_account_is_registered_once_kept_and_issues_through_the_registry",
+    ) {
         return;
     }
     let fx = fixture(PebbleOptions::default()).await;
@@ -248,7 +237,7 @@ async fn an_account_is_registered_once_kept_and_issues_through_the_registry() {
 
 #[tokio::test]
 async fn external_account_binding_is_read_from_its_secret() {
-    if !pebble_available("external_account_binding_is_read_from_its_secret") {
+    if !PebbleServer::available_for("external_account_binding_is_read_from_its_secret") {
         return;
     }
     // base64url of a 32-byte HMAC key.

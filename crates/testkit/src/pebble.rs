@@ -56,6 +56,23 @@ impl PebbleServer {
         which("pebble").is_some() && which("pebble-challtestsrv").is_some()
     }
 
+    /// Whether a test named `test` can run Pebble: `true` when it is installed. Missing,
+    /// it fails the test in CI (`CI` set: setup must have installed it) and skips it
+    /// loudly elsewhere.
+    pub fn available_for(test: &str) -> bool {
+        if Self::installed() {
+            return true;
+        }
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{test}: pebble is not installed but CI is set; run .ci/setup.sh"
+        );
+        eprintln!(
+            "\n!!!!! SKIPPED {test}: `pebble` / `pebble-challtestsrv` not installed (apt-get install pebble) !!!!!\n"
+        );
+        false
+    }
+
     /// Start Pebble and its DNS server; returns once the ACME directory answers.
     pub async fn start(options: PebbleOptions) -> Self {
         let pebble_bin = which("pebble").unwrap_or_else(|| panic!("no `pebble`. {MISSING}"));
