@@ -782,6 +782,9 @@ impl PodCertificates {
             )));
         }
         let wanted = Self::request_for(lease, request.policy, request.pod)?;
+        // Whatever the issuer: never certify a key of another kind than the lease asks for.
+        leasehold_certs::verify::check_csr_key_algorithm(request.csr_pem, wanted.key_algorithm)
+            .map_err(|e| BrokerError::InvalidArgument(e.to_string()))?;
         let issuer = self.issuer(lease)?;
         let lock = self.lock_for(lease, &request.pod.uid);
         let _guard = lock.lock().await;

@@ -39,6 +39,8 @@ pub enum IssueError {
         requested: Vec<String>,
         in_csr: Vec<String>,
     },
+    #[error("{0}")]
+    CsrKey(String),
     #[error("the request names no subject alternative name")]
     NoNames,
     #[error("the request duration must be positive")]
@@ -186,6 +188,8 @@ impl CertificateAuthority {
         now: OffsetDateTime,
     ) -> Result<IssuedCertificate, IssueError> {
         let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(IssueError::Csr)?;
+        crate::verify::check_csr_key_algorithm(csr_pem, request.key_algorithm)
+            .map_err(|e| IssueError::CsrKey(e.to_string()))?;
         let requested = request.subject_alt_names();
         let in_csr: BTreeSet<SubjectAltName> = csr
             .params

@@ -64,6 +64,11 @@ pub enum VerifyError {
     Csr,
     #[error("the private key does not match the certificate's public key")]
     KeyMismatch,
+    #[error("the CSR's key is {found}, not the requested {expected:?}")]
+    KeyAlgorithm {
+        expected: KeyAlgorithm,
+        found: String,
+    },
     #[error("the TLS handshake for {server_name:?} failed: {reason}")]
     Handshake { server_name: String, reason: String },
 }
@@ -219,6 +224,43 @@ pub fn check_private_key(leaf_der: &[u8], key: &PrivateKeyPem) -> Result<(), Ver
         return Err(VerifyError::KeyMismatch);
     }
     Ok(())
+}
+
+/// Ed25519's algorithm identifier (RFC 8410).
+const ED25519_OID: &str = "1.3.101.112";
+
+/// The CSR's key is of `expected`'s kind and size: a node (or anyone holding a CSR) cannot
+/// have a weaker key certified than the lease asks for.
+pub fn check_csr_key_algorithm(csr_pem: &str, expected: KeyAlgorithm) -> Result<(), VerifyError> {
+    use x509_parser::prelude::FromDer;
+    use x509_parser::public_key::PublicKey;
+    let (_, pem) =
+        x509_parser::pem::parse_x509_pem(csr_pem.as_bytes()).map_err(|_| VerifyError::Csr)?;
+    let (_, csr) =
+        x509_parser::certification_request::X509CertificationRequest::from_der(&pem.contents)
+            .map_err(|_| VerifyError::Csr)?;
+    let spki = &csr.certification_request_info.subject_pki;
+    let found = if spki.algorithm.algorithm.to_id_string() == ED25519_OID {
+        "Ed25519".to_owned()
+    } else {
+        match spki.parsed() {
+            Ok(PublicKey::EC(point)) => format!("ECDSA with a {}-bit curve", point.key_size()),
+            Ok(PublicKey::RSA(rsa)) => format!("RSA {}", rsa.key_size()),
+            _ => format!("of algorithm {}", spki.algorithm.algorithm.to_id_string()),
+        }
+    };
+    let wanted = match expected {
+        KeyAlgorithm::EcdsaP256 => "ECDSA with a 256-bit curve",
+        KeyAlgorithm::EcdsaP384 => "ECDSA with a 384-bit curve",
+        KeyAlgorithm::Ed25519 => "Ed25519",
+        KeyAlgorithm::Rsa2048 => "RSA 2048",
+        KeyAlgorithm::Rsa3072 => "RSA 3072",
+    };
+    if found == wanted {
+        Ok(())
+    } else {
+        Err(VerifyError::KeyAlgorithm { expected, found })
+    }
 }
 
 /// The certificate carries the public key of the CSR (the key itself stays on the node).

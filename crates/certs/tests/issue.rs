@@ -458,3 +458,40 @@ async fn client_handshake_passes_for_a_client_certificate_and_fails_for_another_
     .expect_err("serverAuth-only certificate accepted as client");
     assert!(matches!(err, VerifyError::Handshake { .. }), "{err}");
 }
+
+#[test]
+fn a_csr_key_of_another_algorithm_than_requested_is_refused() {
+    use leasehold_certs::verify::check_csr_key_algorithm;
+    let request = |alg| {
+        let mut r = CertificateRequest::server("app.test", &["app.test"], time::Duration::hours(1));
+        r.key_algorithm = alg;
+        r
+    };
+    for alg in KeyAlgorithm::ALL {
+        let key = leasehold_certs::generate_key(alg).unwrap();
+        let csr = leasehold_certs::csr_for(&key, &request(alg)).unwrap();
+        check_csr_key_algorithm(&csr, alg).unwrap_or_else(|e| panic!("{alg:?}: {e}"));
+        for other in KeyAlgorithm::ALL.into_iter().filter(|o| *o != alg) {
+            let err = check_csr_key_algorithm(&csr, other).unwrap_err();
+            assert!(err.to_string().contains("not the requested"), "{err}");
+        }
+    }
+    // The CA refuses to sign it too.
+    let ca = CertificateAuthority::self_signed(
+        "test CA",
+        KeyAlgorithm::EcdsaP256,
+        time::OffsetDateTime::now_utc(),
+        time::Duration::days(1),
+    )
+    .unwrap();
+    let key = leasehold_certs::generate_key(KeyAlgorithm::EcdsaP384).unwrap();
+    let csr = leasehold_certs::csr_for(&key, &request(KeyAlgorithm::EcdsaP384)).unwrap();
+    let err = ca
+        .issue_from_csr(
+            &request(KeyAlgorithm::EcdsaP256),
+            &csr,
+            time::OffsetDateTime::now_utc(),
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("384"), "{err}");
+}
