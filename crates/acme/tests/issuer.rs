@@ -1,14 +1,12 @@
 //! `AcmeIssuer` behind the shared `CertificateIssuer` interface, against a real Pebble
 //! that validates HTTP-01 against our solver on loopback.
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use leasehold_acme::{
-    AccountRequest, AcmeAccount, AcmeIssuer, Directory, Http01Solver, PollPolicy, StoredAccount,
-    TrustRoots, account_for,
+    AccountRequest, AcmeAccount, AcmeIssuer, Http01Solver, PollPolicy, StoredAccount, account_for,
 };
 use leasehold_certs::issuer::MemoryJournal;
 use leasehold_certs::{
@@ -18,32 +16,10 @@ use leasehold_certs::{
 use leasehold_testkit::{PebbleOptions, PebbleServer};
 use time::OffsetDateTime;
 
+mod common;
+use common::{Fixture, fixture};
+
 const NAME: &str = "test.example";
-
-struct Fixture {
-    pebble: PebbleServer,
-    solver: Arc<Http01Solver>,
-    directory: Directory,
-}
-
-async fn fixture(options: PebbleOptions) -> Fixture {
-    let addr: SocketAddr = "127.0.0.1:0".parse().expect("addr");
-    let solver = Http01Solver::bind(addr).await.expect("solver binds");
-    let pebble = PebbleServer::start(PebbleOptions {
-        http_port: solver.local_addr().port(),
-        ..options
-    })
-    .await;
-    let directory = Directory {
-        url: pebble.directory_url(),
-        trust: TrustRoots::Pem(pebble.ca_pem().to_owned()),
-    };
-    Fixture {
-        pebble,
-        solver: Arc::new(solver),
-        directory,
-    }
-}
 
 fn poll() -> PollPolicy {
     PollPolicy {

@@ -1,41 +1,17 @@
 //! Against a real Pebble (Let's Encrypt's test CA), validating HTTP-01 against our
 //! solver on loopback: pebble-challtestsrv resolves every name to 127.0.0.1.
 
-use std::net::SocketAddr;
-
 use leasehold_acme::{
-    AccountRequest, AcmeAccount, AcmeError, Directory, ExternalAccountBinding, Http01Solver,
-    OrderStatus, PollPolicy, RevocationReason, StoredAccount, TrustRoots,
+    AccountRequest, AcmeAccount, AcmeError, ExternalAccountBinding, Http01Solver, OrderStatus,
+    PollPolicy, RevocationReason, StoredAccount,
 };
 use leasehold_testkit::{PebbleOptions, PebbleServer};
 use x509_parser::prelude::{FromDer, GeneralName, ParsedExtension, X509Certificate};
 
+mod common;
+use common::{Fixture, fixture};
+
 const NAME: &str = "test.example";
-
-struct Fixture {
-    pebble: PebbleServer,
-    solver: Http01Solver,
-    directory: Directory,
-}
-
-async fn fixture(options: PebbleOptions) -> Fixture {
-    let addr: SocketAddr = "127.0.0.1:0".parse().expect("addr");
-    let solver = Http01Solver::bind(addr).await.expect("solver binds");
-    let pebble = PebbleServer::start(PebbleOptions {
-        http_port: solver.local_addr().port(),
-        ..options
-    })
-    .await;
-    let directory = Directory {
-        url: pebble.directory_url(),
-        trust: TrustRoots::Pem(pebble.ca_pem().to_owned()),
-    };
-    Fixture {
-        pebble,
-        solver,
-        directory,
-    }
-}
 
 async fn account(fx: &Fixture) -> (AcmeAccount, StoredAccount) {
     AcmeAccount::create(

@@ -1541,18 +1541,7 @@ async fn certificate_from_ca_issuer(w: &mut World) {
     c.wait_ready_version("web-cert", 2).await;
     let old_serial = v1.current_username.clone().unwrap();
     let configmaps: Api<ConfigMap> = Api::namespaced(c.client.clone(), &c.app_ns);
-    eventually(
-        "old serial in e2e-ca-crl",
-        Duration::from_secs(60),
-        || async {
-            let cm = configmaps.get_opt("e2e-ca-crl").await.ok()??;
-            cm.data?
-                .get("revoked.json")?
-                .contains(&old_serial)
-                .then_some(())
-        },
-    )
-    .await;
+    wait_revoked_by_e2e_ca(&configmaps, &old_serial, Duration::from_secs(60)).await;
     let second = secrets.get("web-tls").await.unwrap();
     let (crt2, key2) = (text(&second, "tls.crt"), text(&second, "tls.key"));
     w.secrets
@@ -2193,6 +2182,19 @@ async fn per_pod(w: &mut World) {
     assert!(w.db.connect(&user, &password).await.is_err());
 }
 
+/// Waits until the `e2e-ca` Issuer's ledger (`e2e-ca-crl`) lists `serial` as revoked.
+async fn wait_revoked_by_e2e_ca(configmaps: &Api<ConfigMap>, serial: &str, timeout: Duration) {
+    eventually(
+        &format!("serial {serial} revoked in e2e-ca-crl"),
+        timeout,
+        || async {
+            let cm = configmaps.get_opt("e2e-ca-crl").await.ok()??;
+            cm.data?.get("revoked.json")?.contains(serial).then_some(())
+        },
+    )
+    .await;
+}
+
 /// The serial of a PEM certificate as Pebble names it (lower-case hex, no leading zeros).
 fn serial_of(dir: &Path, pem: &str) -> String {
     std::fs::write(dir.join("serial-of.pem"), pem).unwrap();
@@ -2394,14 +2396,7 @@ async fn certificate_over_csi(w: &mut World) {
         text.contains(&format!("URI:spiffe://cluster.local/ns/{ns}/sa/app")),
         "{text}"
     );
-    let serial = text
-        .lines()
-        .skip_while(|l| !l.contains("Serial Number"))
-        .nth(1)
-        .unwrap_or_default()
-        .trim()
-        .replace(':', "")
-        .to_lowercase();
+    let serial = serial_of(&scratch, &crt);
     // The key never left the node: the controller's log and the cluster never saw it.
     let key_body = key.lines().nth(1).unwrap().to_owned();
     let secrets: Api<Secret> = Api::namespaced(c.client.clone(), &ns);
@@ -2417,18 +2412,7 @@ async fn certificate_over_csi(w: &mut World) {
 
     k.unpublish(&pod).await.expect("unpublish");
     let configmaps: Api<ConfigMap> = Api::namespaced(c.client.clone(), &ns);
-    eventually(
-        "the pod's serial revoked at unpublish",
-        Duration::from_secs(30),
-        || async {
-            let cm = configmaps.get_opt("e2e-ca-crl").await.ok()??;
-            cm.data?
-                .get("revoked.json")?
-                .contains(&serial)
-                .then_some(())
-        },
-    )
-    .await;
+    wait_revoked_by_e2e_ca(&configmaps, &serial, Duration::from_secs(30)).await;
     eprintln!("e2e: pod certificate {serial} revoked at unpublish");
 
     // Mounted again, then the lease is deleted while the pod still holds its
@@ -2436,17 +2420,7 @@ async fn certificate_over_csi(w: &mut World) {
     k.publish(k.publish_request(&pod, "app", "pod-cert", tokens_for(POD_AUDIENCE, &token)))
         .await
         .expect("certificate publish again");
-    let crt = read_file(&target, "tls.crt");
-    std::fs::write(scratch.join("pod.pem"), &crt).unwrap();
-    let out = std::process::Command::new("openssl")
-        .args(["x509", "-noout", "-serial", "-in"])
-        .arg(scratch.join("pod.pem"))
-        .output()
-        .unwrap();
-    let held = String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .trim_start_matches("serial=")
-        .to_lowercase();
+    let held = serial_of(&scratch, &read_file(&target, "tls.crt"));
     assert_ne!(held, serial, "a new certificate for the new mount");
     c.leases()
         .delete("pod-cert", &DeleteParams::default())
