@@ -102,6 +102,13 @@ pub struct SecretLeaseSpec {
     /// pod's volume is unpublished. Requires `delivery.csi.enabled`.
     #[serde(default)]
     pub per_pod: bool,
+
+    /// Stop rotating (for database maintenance): no new version is issued and nothing is
+    /// revoked while set; the current credential stays delivered (it may expire: watch
+    /// `expiresAt`). Deleting the lease and an emergency revocation
+    /// (`leasehold.dev/revoke-now`) still proceed. Shown as phase `Suspended`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub suspend: bool,
 }
 
 /// Reference to a RotationPolicy in the lease's namespace.

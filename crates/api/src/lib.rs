@@ -27,6 +27,11 @@ pub const FINALIZER: &str = "leasehold.dev/revoke";
 pub const FIELD_MANAGER: &str = "leasehold-controller";
 /// Annotation that requests an immediate rotation; set it to any new value (for example a timestamp).
 pub const ROTATE_ANNOTATION: &str = "leasehold.dev/rotate";
+/// Emergency revocation: set it to the reason (any new value starts a new one). The
+/// lease rotates at once and revokes every older version as soon as the new one is
+/// verified, without waiting for consumers, the grace period or `maxWait`; sessions of
+/// the revoked users are terminated.
+pub const REVOKE_NOW_ANNOTATION: &str = "leasehold.dev/revoke-now";
 /// Set to `"true"` on a deleted SecretLease whose credentials cannot be revoked (its
 /// admin Secret is gone and the controller has no copy): the finalizer is removed
 /// without revoking, and an event names the database users left behind.

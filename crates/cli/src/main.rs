@@ -95,6 +95,22 @@ enum LocalCommand {
         #[arg(long, value_name = "ADDR")]
         acme_http01_addr: Option<std::net::SocketAddr>,
     },
+    /// Emergency revocation of a lease's credentials (as `leasehold.dev/revoke-now`).
+    ///
+    /// Records the request beside the state file; `leasehold local run` acts on it at
+    /// once (a running daemon within a second, or the next `run --once`): it issues and
+    /// verifies a new version, then revokes every older one without waiting for the
+    /// grace period or `maxWait`, terminating their sessions.
+    Revoke {
+        /// The lease, as NAMESPACE/NAME (the namespace of its manifest; `default` if it has none).
+        #[arg(value_name = "NAMESPACE/NAME")]
+        lease: String,
+        /// Why (kept in the state file's progress and the log; no secrets).
+        #[arg(long)]
+        reason: String,
+        #[arg(long, value_name = "FILE", default_value = "leasehold-state.json")]
+        state: PathBuf,
+    },
     /// Print each lease's phase, version, user and expiry from a state file.
     Status {
         #[arg(long, value_name = "FILE", default_value = "leasehold-state.json")]
@@ -156,6 +172,38 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
             Command::Local {
+                command:
+                    LocalCommand::Revoke {
+                        lease,
+                        reason,
+                        state,
+                    },
+            } => {
+                let Some((namespace, name)) = lease.split_once('/') else {
+                    eprintln!("leasehold: name the lease as NAMESPACE/NAME, not {lease:?}");
+                    return ExitCode::FAILURE;
+                };
+                match leasehold_engine::local::request_emergency_revocation(
+                    &state,
+                    namespace,
+                    name,
+                    &reason,
+                    Timestamp::now(),
+                ) {
+                    Ok(value) => {
+                        println!(
+                            "emergency revocation of {lease} requested ({value}); \
+                             `leasehold local run` acts on it at once"
+                        );
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("leasehold: {e}");
+                        ExitCode::FAILURE
+                    }
+                }
+            }
+            Command::Local {
                 command: LocalCommand::Status { state },
             } => match LocalState::load(&state) {
                 Ok(s) => {
@@ -200,6 +248,30 @@ fn main() -> ExitCode {
             }
         }
     })
+}
+
+/// Resolves once `dir` holds a request made after `since` (looked at every second: a
+/// daemon acts on `leasehold local revoke` within a second, without waiting for its
+/// next pass; a request the last pass could not act on does not wake it again).
+async fn emergency_request_arrives(dir: &std::path::Path, since: std::time::SystemTime) {
+    loop {
+        let any = std::fs::read_dir(dir)
+            .map(|mut d| {
+                d.any(|e| {
+                    e.is_ok_and(|e| {
+                        e.path().extension().is_none()
+                            && e.metadata()
+                                .and_then(|m| m.modified())
+                                .is_ok_and(|t| t > since)
+                    })
+                })
+            })
+            .unwrap_or(false);
+        if any {
+            return;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 /// Orphan sweeping schedule.
@@ -255,6 +327,7 @@ async fn run_local(
             }
             next_sweep = std::time::Instant::now() + sw.every;
         }
+        let pass_started = std::time::SystemTime::now();
         let report = match runner.pass().await {
             Ok(r) => r,
             Err(e) => {
@@ -283,8 +356,12 @@ async fn run_local(
             })
             .unwrap_or(resync);
         info!(seconds = sleep.as_secs(), "next pass");
+        let requests = leasehold_engine::local::emergency_requests_dir(&state_path);
         tokio::select! {
             _ = tokio::time::sleep(sleep) => {}
+            _ = emergency_request_arrives(&requests, pass_started) => {
+                info!("emergency revocation requested; reconciling now");
+            }
             _ = tokio::signal::ctrl_c() => {
                 info!("interrupted; state is saved");
                 return ExitCode::SUCCESS;

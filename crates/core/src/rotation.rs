@@ -109,6 +109,9 @@ pub enum RevokeReason {
     IssueFailed,
     /// The lease is being deleted.
     LeaseDeleted,
+    /// An emergency revocation (`leasehold.dev/revoke-now`) covers the version: revoked
+    /// as soon as a newer version is verified and promoted, sessions terminated.
+    Emergency,
 }
 
 /// Progress of revoking one version.
@@ -304,6 +307,36 @@ pub struct Progress {
     /// correctly when the policy is gone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub strategy: Option<Strategy>,
+    /// The emergency revocation under way, if any (see [`begin_emergency`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub emergency: Option<EmergencyRevocation>,
+    /// The last emergency request handled (value of the revoke-now annotation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handled_emergency_request: Option<String>,
+}
+
+/// An emergency revocation: every version up to `through_version` is treated as
+/// compromised. A new version is issued at once (maintenance window, renewal schedule
+/// and consumers notwithstanding) and, as soon as it is verified and promoted, every
+/// covered version is revoked with its sessions terminated, without waiting for the
+/// grace period, consumers or `maxWait`. Nothing is revoked before a verified
+/// replacement exists, so consumers are never left without a working credential.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct EmergencyRevocation {
+    /// The reason given with the request (the annotation's value).
+    pub reason: String,
+    /// When the request was first seen.
+    pub requested_at: Timestamp,
+    /// Every version up to and including this one is revoked.
+    pub through_version: u64,
+}
+
+impl EmergencyRevocation {
+    /// Whether `version` is one the emergency revokes.
+    pub fn covers(&self, version: u64) -> bool {
+        version <= self.through_version
+    }
 }
 
 /// How many history entries to keep.
@@ -461,6 +494,12 @@ pub struct Observations {
     pub maintenance_window_open: bool,
     /// When the maintenance window next opens (if it is closed).
     pub maintenance_window_opens_at: Option<Timestamp>,
+    /// An emergency revocation was requested (the value of the revoke-now annotation:
+    /// the reason), if any.
+    pub emergency_request: Option<String>,
+    /// `spec.suspend`: start nothing and revoke nothing (deletion and emergency
+    /// revocations still proceed).
+    pub suspended: bool,
 }
 
 /// What a revocation does on the backend, by strategy and reason.
@@ -524,6 +563,8 @@ pub enum WaitReason {
     /// than the drain timeout, or while the current credential nears its expiry (the
     /// next rotation cannot start before it finishes): report the lease `Degraded`.
     SessionsBlockingDrain,
+    /// `spec.suspend` is set: no rotation starts and nothing is revoked until it is cleared.
+    Suspended,
 }
 
 /// `t + d`, saturating at the end of time.
@@ -541,9 +582,10 @@ pub fn revoke_plan(strategy: Strategy, reason: RevokeReason) -> RevokePlan {
             RevokePlan::RestoreCurrent
         }
         // Deleting an InPlace lease leaves the user as it is: leasehold did not create it.
-        (Strategy::InPlace, RevokeReason::Superseded | RevokeReason::LeaseDeleted) => {
-            RevokePlan::Nothing
-        }
+        (
+            Strategy::InPlace,
+            RevokeReason::Superseded | RevokeReason::LeaseDeleted | RevokeReason::Emergency,
+        ) => RevokePlan::Nothing,
     }
 }
 
@@ -591,6 +633,43 @@ pub fn rotation_due_at(policy: &PolicyParams, current: &VersionRecord) -> Timest
     }
 }
 
+/// Record a new emergency request from `obs` in `progress` (covering every version
+/// handed out so far). Returns the emergency begun, or `None` when there is no new
+/// request. The caller saves the progress before acting on it.
+pub fn begin_emergency<'a>(
+    progress: &'a mut Progress,
+    obs: &Observations,
+    now: Timestamp,
+) -> Option<&'a EmergencyRevocation> {
+    let request = obs.emergency_request.as_ref()?;
+    if obs.deleting || progress.handled_emergency_request.as_ref() == Some(request) {
+        return None;
+    }
+    progress.handled_emergency_request = Some(request.clone());
+    // A second request while one is under way widens it to what exists now.
+    progress.emergency = Some(EmergencyRevocation {
+        reason: request.clone(),
+        requested_at: progress
+            .emergency
+            .as_ref()
+            .map_or(now, |e| e.requested_at.min(now)),
+        through_version: progress.last_version,
+    });
+    progress.emergency.as_ref()
+}
+
+/// Whether the emergency under way has done its work: a version newer than every
+/// covered one is current (or nothing was ever issued) and no covered version remains
+/// on the backend.
+pub fn emergency_finished(progress: &Progress) -> bool {
+    let Some(e) = &progress.emergency else {
+        return false;
+    };
+    let replaced =
+        e.through_version == 0 || progress.current().is_some_and(|c| !e.covers(c.version));
+    replaced && !progress.versions.iter().any(|r| e.covers(r.version))
+}
+
 /// Decide the next action.
 pub fn decide(
     policy: &PolicyParams,
@@ -613,15 +692,22 @@ pub fn decide(
             .filter(|t| *t > now)
     };
     // A version is revoked the way it was issued, whatever the policy says now.
+    let emergency = progress.emergency.as_ref();
+    let covered = |r: &VersionRecord| emergency.is_some_and(|e| e.covers(r.version));
     let revoke_action = |r: &VersionRecord, reason: RevokeReason| Action::Revoke {
         version: r.version,
         reason,
         plan: revoke_plan(r.strategy_or(policy.strategy), reason),
-        drain: drain_mode_now(
-            policy,
-            r.revoke.as_ref().and_then(|p| p.drain_started_at),
-            now,
-        ),
+        // An emergency does not wait for sessions to end: they are terminated.
+        drain: if reason == RevokeReason::Emergency {
+            DrainSessionsMode::Terminate
+        } else {
+            drain_mode_now(
+                policy,
+                r.revoke.as_ref().and_then(|p| p.drain_started_at),
+                now,
+            )
+        },
     };
 
     if obs.deleting {
@@ -642,6 +728,14 @@ pub fn decide(
                 reason,
             },
             None => Action::Finished,
+        };
+    }
+
+    // Suspended: nothing starts and nothing is revoked (an emergency overrides it).
+    if obs.suspended && emergency.is_none() {
+        return Action::Wait {
+            until: None,
+            reason: WaitReason::Suspended,
         };
     }
 
@@ -678,6 +772,9 @@ pub fn decide(
         if r.state != VersionState::Superseded {
             continue;
         }
+        if covered(r) {
+            return revoke_action(r, RevokeReason::Emergency);
+        }
         let superseded_at = r.superseded_at.unwrap_or(r.issued_at);
         let consumers_on_current = current.is_none_or(|c| obs.consumers_hold >= c.version);
         match drain_ready_at(policy, superseded_at, consumers_on_current, now) {
@@ -691,8 +788,11 @@ pub fn decide(
         .versions
         .iter()
         .any(|r| matches!(r.state, VersionState::Superseded | VersionState::Revoking));
-    let requested =
-        obs.rotation_request.is_some() && obs.rotation_request != progress.handled_rotation_request;
+    // An emergency whose covered version is still current wants a new one now.
+    let emergency_due = emergency.is_some_and(|e| current.is_some_and(|c| e.covers(c.version)));
+    let requested = emergency_due
+        || (obs.rotation_request.is_some()
+            && obs.rotation_request != progress.handled_rotation_request);
     let (due_at, urgent) = match current {
         None => (now, true),
         Some(c) => {
@@ -709,7 +809,13 @@ pub fn decide(
     };
     // After a failed attempt the rotation is still wanted: retry with backoff (a new
     // rotation request skips the backoff).
-    let failed_retry_at = progress.rotation_retry_at().filter(|_| !requested);
+    // (An emergency skips the backoff of failures that came before it, not its own.)
+    let failed_retry_at = progress.rotation_retry_at().filter(|_| match emergency {
+        Some(e) if emergency_due => progress
+            .last_verify_failure_at
+            .is_some_and(|f| f >= e.requested_at),
+        _ => !requested,
+    });
     let (due_at, due_reason) = match failed_retry_at {
         Some(r) => (r, WaitReason::VerificationBackoff),
         None => (due_at, WaitReason::Renewal),
@@ -780,6 +886,10 @@ pub enum Phase {
     Deleting,
     /// The spec or policy is invalid; nothing is done until it changes.
     Invalid,
+    /// `spec.suspend` is set: nothing is rotated or revoked until it is cleared.
+    Suspended,
+    /// An emergency revocation is under way (`leasehold.dev/revoke-now`).
+    Revoking,
 }
 
 /// The phase implied by recorded progress.
@@ -789,6 +899,9 @@ pub fn phase(progress: &Progress, deleting: bool, now: Timestamp) -> Phase {
     }
     if progress.revocation_stuck(now).is_some() {
         return Phase::Degraded;
+    }
+    if progress.emergency.is_some() {
+        return Phase::Revoking;
     }
     if let Some(p) = progress.pending() {
         return match p.state {
@@ -856,6 +969,185 @@ mod tests {
             maintenance_window_open: true,
             ..Default::default()
         }
+    }
+
+    fn emergency_obs(reason: &str) -> Observations {
+        Observations {
+            emergency_request: Some(reason.to_owned()),
+            // Everything that would normally hold a rotation back.
+            maintenance_window_open: false,
+            consumers_hold: 0,
+            ..obs()
+        }
+    }
+
+    #[test]
+    fn an_emergency_rotates_at_once_and_revokes_without_waiting_for_consumers() {
+        let p = policy(Strategy::Dynamic);
+        let mut progress = Progress {
+            versions: vec![
+                {
+                    let mut r = record(1, VersionState::Superseded, 0);
+                    r.superseded_at = Some(t(1));
+                    r
+                },
+                record(2, VersionState::Current, 1),
+            ],
+            last_version: 2,
+            delivered_version: Some(2),
+            ..Progress::default()
+        };
+        let o = emergency_obs("leaked in CI logs");
+        // Fresh version, window closed, a consumer lagging: without the emergency, nothing.
+        let calm = Observations {
+            emergency_request: None,
+            ..o.clone()
+        };
+        assert!(matches!(
+            decide(&p, &progress, &calm, t(2)),
+            Action::Wait { .. }
+        ));
+
+        let begun = begin_emergency(&mut progress, &o, t(2)).cloned();
+        assert_eq!(
+            begun,
+            Some(EmergencyRevocation {
+                reason: "leaked in CI logs".into(),
+                requested_at: t(2),
+                through_version: 2,
+            })
+        );
+        // Handled once: the same annotation value does not begin it again.
+        assert!(begin_emergency(&mut progress, &o, t(3)).is_none());
+        // The superseded version 1 is revoked at once (inside its grace period), sessions terminated.
+        assert_eq!(
+            decide(&p, &progress, &o, t(2)),
+            Action::Revoke {
+                version: 1,
+                reason: RevokeReason::Emergency,
+                plan: RevokePlan::DropUser,
+                drain: DrainSessionsMode::Terminate,
+            }
+        );
+        progress.versions.remove(0);
+        // The current version 2 is covered: a new one is issued now (window closed, not due).
+        assert_eq!(
+            decide(&p, &progress, &o, t(2)),
+            Action::Issue {
+                version: 3,
+                resume: false
+            }
+        );
+        // Nothing is revoked before the replacement is verified and promoted.
+        progress.versions.push(VersionRecord {
+            promoted_at: None,
+            ..record(3, VersionState::Issued, 2)
+        });
+        progress.last_version = 3;
+        assert_eq!(
+            decide(&p, &progress, &o, t(2)),
+            Action::Verify { version: 3 }
+        );
+        assert!(!emergency_finished(&progress));
+        // Promoted and delivered: version 2 goes at once, although no consumer has 3.
+        progress.versions[0].state = VersionState::Superseded;
+        progress.versions[0].superseded_at = Some(t(3));
+        progress.versions[1].state = VersionState::Current;
+        progress.delivered_version = Some(3);
+        assert_eq!(
+            decide(&p, &progress, &o, t(3)),
+            Action::Revoke {
+                version: 2,
+                reason: RevokeReason::Emergency,
+                plan: RevokePlan::DropUser,
+                drain: DrainSessionsMode::Terminate,
+            }
+        );
+        assert_eq!(phase(&progress, false, t(3)), Phase::Revoking);
+        progress.versions.remove(0);
+        assert!(emergency_finished(&progress));
+    }
+
+    #[test]
+    fn an_emergency_keeps_its_own_verification_backoff_but_not_an_older_one() {
+        let p = policy(Strategy::Dynamic);
+        let mut progress = Progress {
+            versions: vec![record(2, VersionState::Current, 0)],
+            last_version: 2,
+            delivered_version: Some(2),
+            verify_failures: 3,
+            last_verify_failure_at: Some(t(1)),
+            ..Progress::default()
+        };
+        let o = emergency_obs("r");
+        begin_emergency(&mut progress, &o, t(2));
+        assert!(matches!(
+            decide(&p, &progress, &o, t(2)),
+            Action::Issue { version: 3, .. }
+        ));
+        // It failed after the request: the usual backoff holds the next attempt.
+        progress.last_verify_failure_at = Some(t(3));
+        assert!(matches!(
+            decide(&p, &progress, &o, t(3)),
+            Action::Wait {
+                reason: WaitReason::VerificationBackoff,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn suspend_stops_rotation_and_revocation_but_not_deletion_or_an_emergency() {
+        let p = policy(Strategy::Dynamic);
+        let mut progress = Progress {
+            versions: vec![
+                record(1, VersionState::Superseded, 0),
+                record(2, VersionState::Current, 0),
+            ],
+            last_version: 2,
+            delivered_version: Some(2),
+            ..Progress::default()
+        };
+        let suspended = Observations {
+            suspended: true,
+            ..obs()
+        };
+        // Long past renewal and past the drain: nothing happens while suspended.
+        assert_eq!(
+            decide(&p, &progress, &suspended, t(59)),
+            Action::Wait {
+                until: None,
+                reason: WaitReason::Suspended
+            }
+        );
+        let deleting = Observations {
+            deleting: true,
+            ..suspended.clone()
+        };
+        assert!(matches!(
+            decide(&p, &progress, &deleting, t(59)),
+            Action::Revoke { version: 1, .. }
+        ));
+        let emergency = Observations {
+            emergency_request: Some("r".into()),
+            ..suspended
+        };
+        begin_emergency(&mut progress, &emergency, t(59));
+        assert!(matches!(
+            decide(&p, &progress, &emergency, t(59)),
+            Action::Revoke {
+                version: 1,
+                reason: RevokeReason::Emergency,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn an_emergency_on_a_lease_without_credentials_is_finished_at_once() {
+        let mut progress = Progress::default();
+        begin_emergency(&mut progress, &emergency_obs("r"), t(0));
+        assert!(emergency_finished(&progress));
     }
 
     #[test]

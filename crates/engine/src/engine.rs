@@ -10,7 +10,7 @@ use leasehold_backends::{
 use leasehold_core::rotation::{
     Action, DrainSessionsMode, Observations, Progress, RevokePlan, RevokeProgress, RevokeReason,
     RotationOutcome, RotationRecord, SESSION_POLL, Target, VersionRecord, VersionState, WaitReason,
-    decide, revoke_retry_at,
+    begin_emergency, decide, emergency_finished, revoke_retry_at,
 };
 use secrecy::SecretString;
 use tracing::{info, warn};
@@ -86,6 +86,19 @@ pub enum StepEvent {
         /// `Progress::sessions_blocking_drain`): since when the drain has been waiting.
         /// The lease should be reported `Degraded`.
         blocking_since: Option<Timestamp>,
+    },
+    /// An emergency revocation was requested: every version up to `through_version` is
+    /// replaced and revoked without waiting for consumers.
+    EmergencyRevocationBegun {
+        through_version: u64,
+        reason: String,
+    },
+    /// Every version the emergency covered is revoked and a newer one is current.
+    EmergencyRevocationCompleted {
+        through_version: u64,
+        reason: String,
+        /// Milliseconds from the request to the last revocation.
+        millis: u64,
     },
 }
 
@@ -262,6 +275,13 @@ impl Engine {
                     "open sessions keep the old credential from being revoked (drainSessions: Wait); \
                      end them, or use drainSessions Terminate, before the current credential expires")
             }
+            StepEvent::EmergencyRevocationBegun {
+                through_version,
+                reason,
+            } => {
+                warn!(lease = %ctx.key, through_version, reason,
+                    "emergency revocation: rotating now; every older version is revoked as soon as the new one is verified")
+            }
             other => info!(lease = %ctx.key, event = ?other, "rotation step"),
         }
         if let Some(sink) = &self.events {
@@ -293,9 +313,34 @@ impl Engine {
         let under = ctx.issued_under();
         self.claims
             .record_progress(&ctx.key, progress, &under.target);
+        if let Some(e) = begin_emergency(progress, obs, self.now()).cloned() {
+            self.save(stores, ctx, progress).await?;
+            self.emit(
+                ctx,
+                StepEvent::EmergencyRevocationBegun {
+                    through_version: e.through_version,
+                    reason: e.reason,
+                },
+            );
+        }
         // A bound on steps per call, so a bug can never spin forever.
         for _ in 0..64 {
             let now = self.now();
+            if emergency_finished(progress)
+                && let Some(e) = progress.emergency.take()
+            {
+                self.save(stores, ctx, progress).await?;
+                let millis = u64::try_from(now.duration_since(e.requested_at).as_millis().max(0))
+                    .unwrap_or(0);
+                self.emit(
+                    ctx,
+                    StepEvent::EmergencyRevocationCompleted {
+                        through_version: e.through_version,
+                        reason: e.reason,
+                        millis,
+                    },
+                );
+            }
             if let Some(stale) = progress.pending_issued_elsewhere(&under).cloned() {
                 self.discard_issued_elsewhere(ctx, progress, stores, &stale, now)
                     .await?;

@@ -13,7 +13,8 @@ use async_trait::async_trait;
 use base64::Engine as _;
 use jiff::Timestamp;
 use leasehold_api::{
-    ROTATE_ANNOTATION, RotationPolicy, RotationPolicySpec, SecretLease, SecretLeaseSpec,
+    REVOKE_NOW_ANNOTATION, ROTATE_ANNOTATION, RotationPolicy, RotationPolicySpec, SecretLease,
+    SecretLeaseSpec,
 };
 use leasehold_backends::CredentialMaterial;
 use leasehold_core::Progress;
@@ -45,6 +46,9 @@ pub enum LocalError {
          stop that process first: two runners on one state file would overwrite each other's progress"
     )]
     Locked { path: PathBuf, lock: PathBuf },
+    /// An emergency revocation request could not be recorded.
+    #[error("{0}")]
+    Request(String),
 }
 
 /// One lease as kept in the state file. `Debug` leaves the secrets out.
@@ -505,6 +509,10 @@ pub fn status_rows(state: &LocalState, now: Timestamp) -> Vec<StatusRow> {
                 "Invalid".to_string()
             } else if blocked.is_some() {
                 format!("{:?}", Phase::Degraded)
+            } else if l.last_spec.as_ref().is_some_and(|s| s.suspend)
+                && l.progress.emergency.is_none()
+            {
+                format!("{:?}", Phase::Suspended)
             } else {
                 format!("{:?}", phase(&l.progress, false, now))
             };
@@ -907,6 +915,7 @@ impl LocalRunner {
         };
         let (open, opens_at) =
             crate::window::window_state(policy.maintenance_window.as_ref(), Timestamp::now());
+        let requested_emergency = read_emergency_request(&self.options.state, ns, name);
         let obs = Observations {
             deleting,
             consumers_hold: leasehold_core::rotation::ALL_CONSUMERS_CURRENT,
@@ -915,6 +924,13 @@ impl LocalRunner {
                 .and_then(|a| a.get(ROTATE_ANNOTATION).cloned()),
             maintenance_window_open: open,
             maintenance_window_opens_at: opens_at,
+            emergency_request: match requested_emergency.clone() {
+                Some(r) => Some(r),
+                None => lease
+                    .and_then(|l| l.metadata.annotations.as_ref())
+                    .and_then(|a| a.get(REVOKE_NOW_ANNOTATION).cloned()),
+            },
+            suspended: lease.is_some_and(|l| l.spec.suspend),
         };
         let mut progress = existing.map(|e| e.progress).unwrap_or_default();
         let stores = Stores {
@@ -926,6 +942,12 @@ impl LocalRunner {
             .engine
             .reconcile(&ctx, &mut progress, &obs, stores)
             .await;
+        // A `leasehold local revoke` request is done with once the progress records it.
+        if let Some(r) = &requested_emergency
+            && progress.handled_emergency_request.as_ref() == Some(r)
+        {
+            let _ = std::fs::remove_file(emergency_request_path(&self.options.state, ns, name));
+        }
         match outcome {
             Ok(Outcome::Finished) => {
                 let out_dir = self.options.output.join(ns).join(name);
@@ -960,6 +982,54 @@ impl LocalRunner {
             }
         }
     }
+}
+
+/// Where `leasehold local revoke` leaves emergency revocation requests for the runner
+/// (which holds the state file's lock): a directory `<state>.revoke-now` beside it, one
+/// file per lease. The runner acts on a request on its next pass, as on the
+/// `leasehold.dev/revoke-now` annotation, and removes it once recorded in the progress.
+pub fn emergency_requests_dir(state: &Path) -> PathBuf {
+    let mut name = state.as_os_str().to_owned();
+    name.push(".revoke-now");
+    PathBuf::from(name)
+}
+
+fn emergency_request_path(state: &Path, namespace: &str, name: &str) -> PathBuf {
+    emergency_requests_dir(state).join(format!("{namespace}.{name}"))
+}
+
+fn read_emergency_request(state: &Path, namespace: &str, name: &str) -> Option<String> {
+    let text = std::fs::read_to_string(emergency_request_path(state, namespace, name)).ok()?;
+    let text = text.trim();
+    (!text.is_empty()).then(|| text.to_owned())
+}
+
+/// Request an emergency revocation of `namespace/name` for the runner of `state` (see
+/// [`emergency_requests_dir`]). The request carries the reason and when it was made, so
+/// the same reason given twice is two requests. Returns the request's value.
+pub fn request_emergency_revocation(
+    state: &Path,
+    namespace: &str,
+    name: &str,
+    reason: &str,
+    now: Timestamp,
+) -> Result<String, LocalError> {
+    let reason = reason.trim();
+    if reason.is_empty() || reason.contains('\n') {
+        return Err(LocalError::Request(
+            "give the emergency revocation a one-line reason".into(),
+        ));
+    }
+    let dir = emergency_requests_dir(state);
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| LocalError::Request(format!("cannot create {}: {e}", dir.display())))?;
+    let value = format!("{reason} (requested {now})");
+    let path = emergency_request_path(state, namespace, name);
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, format!("{value}\n"))
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .map_err(|e| LocalError::Request(format!("cannot write {}: {e}", path.display())))?;
+    Ok(value)
 }
 
 /// The database a lease spec points at.

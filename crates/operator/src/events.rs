@@ -45,6 +45,29 @@ pub fn event_for(step: &StepEvent) -> Option<(EventType, &'static str, String)> 
             "RevocationStuck",
             format!("revoking version {version} has been failing since {since}; still retrying"),
         ),
+        StepEvent::EmergencyRevocationBegun {
+            through_version,
+            reason,
+        } => (
+            EventType::Warning,
+            "EmergencyRevocation",
+            format!(
+                "emergency revocation requested ({reason}): rotating now; versions up to \
+                 {through_version} are revoked as soon as the new one is verified, sessions terminated"
+            ),
+        ),
+        StepEvent::EmergencyRevocationCompleted {
+            through_version,
+            millis,
+            ..
+        } => (
+            EventType::Normal,
+            "EmergencyRevocationCompleted",
+            format!(
+                "every version up to {through_version} is revoked ({:.1} s after the request)",
+                *millis as f64 / 1000.0
+            ),
+        ),
         StepEvent::Delivered { .. }
         | StepEvent::RevocationRetry { .. }
         | StepEvent::SessionsRemain { .. } => {
@@ -107,6 +130,9 @@ pub fn sink(recorder: Option<Recorder>, metrics: Arc<Metrics>) -> EventSink {
         match step {
             StepEvent::Promoted { .. } => metrics.rotation("Succeeded"),
             StepEvent::VerificationFailed { .. } => metrics.rotation("VerificationFailed"),
+            StepEvent::EmergencyRevocationBegun { .. } => {
+                metrics.emergency_revocation(&lease.key.namespace, &lease.key.name)
+            }
             _ => {}
         }
         if let (Some(recorder), Some((type_, reason, note))) = (&recorder, event_for(step)) {

@@ -13,7 +13,8 @@ use kube::runtime::events::{EventType, Recorder};
 use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
 use kube::{Api, Client, ResourceExt};
 use leasehold_api::{
-    ConsumerStatus, DatabaseSpec, FINALIZER, ROTATE_ANNOTATION, RotationPolicy, SecretLease,
+    ConsumerStatus, DatabaseSpec, FINALIZER, REVOKE_NOW_ANNOTATION, ROTATE_ANNOTATION,
+    RotationPolicy, SecretLease,
 };
 use leasehold_backends::Backend;
 use leasehold_core::rotation::{Observations, WaitReason};
@@ -447,7 +448,8 @@ pub async fn run_lease(
         deleting,
         ctx.clock.clone(),
         ctx.status_writes.clone(),
-    );
+    )
+    .suspended(lease.spec.suspend);
     // A certificate lease without Secret delivery has no certificate of its own: the
     // broker signs one per pod (the key made on the node). Versions issued before the
     // Secret delivery was removed still run through the engine to be revoked.
@@ -633,6 +635,8 @@ pub async fn run_lease(
         rotation_request: lease.annotations().get(ROTATE_ANNOTATION).cloned(),
         maintenance_window_open: open,
         maintenance_window_opens_at: opens_at,
+        emergency_request: lease.annotations().get(REVOKE_NOW_ANNOTATION).cloned(),
+        suspended: lease.spec.suspend,
     };
     let stores = Stores {
         progress: &status,
@@ -649,6 +653,8 @@ pub async fn run_lease(
         .map(|t| t.as_second());
     ctx.metrics
         .lease_state(&ns, &name, expiry, revocations_pending(&progress));
+    ctx.metrics
+        .lease_suspended(&ns, &name, lease.spec.suspend && !deleting);
     match outcome {
         Ok(Outcome::Finished) => {
             if lease.spec.per_pod {

@@ -52,6 +52,8 @@ pub struct Metrics {
     rotations: Family<OutcomeLabels, Counter>,
     revocations_pending: Gauge,
     expiry: Family<LeaseLabels, Gauge>,
+    emergency_revocations: Family<LeaseLabels, Counter>,
+    suspended: Family<LeaseLabels, Gauge>,
     /// Pending revocations per lease; the gauge is their sum.
     pending_by_lease: Mutex<HashMap<(String, String), i64>>,
 }
@@ -77,6 +79,8 @@ impl Metrics {
         let rotations = Family::<OutcomeLabels, Counter>::default();
         let revocations_pending = Gauge::default();
         let expiry = Family::<LeaseLabels, Gauge>::default();
+        let emergency_revocations = Family::<LeaseLabels, Counter>::default();
+        let suspended = Family::<LeaseLabels, Gauge>::default();
         let sub = registry.sub_registry_with_prefix("leasehold");
         sub.register(
             "reconciles",
@@ -108,6 +112,16 @@ impl Metrics {
             "When the current credential of a lease expires (Unix seconds)",
             expiry.clone(),
         );
+        sub.register(
+            "emergency_revocations",
+            "Emergency revocations requested (leasehold.dev/revoke-now), by lease",
+            emergency_revocations.clone(),
+        );
+        sub.register(
+            "lease_suspended",
+            "1 while a lease has spec.suspend set (nothing is rotated or revoked)",
+            suspended.clone(),
+        );
         Self {
             registry,
             reconciles,
@@ -116,6 +130,8 @@ impl Metrics {
             rotations,
             revocations_pending,
             expiry,
+            emergency_revocations,
+            suspended,
             pending_by_lease: Mutex::default(),
         }
     }
@@ -144,6 +160,29 @@ impl Metrics {
                 outcome: outcome.into(),
             })
             .inc();
+    }
+
+    /// An emergency revocation of `namespace/lease` began.
+    pub fn emergency_revocation(&self, namespace: &str, lease: &str) {
+        self.emergency_revocations
+            .get_or_create(&LeaseLabels {
+                namespace: namespace.into(),
+                lease: lease.into(),
+            })
+            .inc();
+    }
+
+    /// Whether `namespace/lease` is suspended (`spec.suspend`); the series exists only while it is.
+    pub fn lease_suspended(&self, namespace: &str, lease: &str, suspended: bool) {
+        let labels = LeaseLabels {
+            namespace: namespace.into(),
+            lease: lease.into(),
+        };
+        if suspended {
+            self.suspended.get_or_create(&labels).set(1);
+        } else {
+            self.suspended.remove(&labels);
+        }
     }
 
     /// Record a lease's expiry and pending revocations; `None` expiry removes the series.

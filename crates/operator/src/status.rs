@@ -308,6 +308,8 @@ pub struct StatusProgressStore {
     name: String,
     policy: Option<PolicyParams>,
     deleting: bool,
+    /// `spec.suspend`: the phase says so (unless deleting or in an emergency).
+    suspended: bool,
     clock: Arc<dyn Fn() -> Timestamp + Send + Sync>,
     state: Mutex<StatusState>,
     writes: Arc<AtomicU64>,
@@ -337,6 +339,7 @@ impl StatusProgressStore {
             name: lease.metadata.name.clone().unwrap_or_default(),
             policy,
             deleting,
+            suspended: false,
             clock,
             state: Mutex::new(StatusState {
                 resource_version: lease.metadata.resource_version.clone(),
@@ -344,6 +347,19 @@ impl StatusProgressStore {
                 desired: observed,
             }),
             writes,
+        }
+    }
+
+    /// Report the lease as suspended (`spec.suspend`).
+    pub fn suspended(mut self, suspended: bool) -> Self {
+        self.suspended = suspended;
+        self
+    }
+
+    fn show_suspend(&self, desired: &mut SecretLeaseStatus) {
+        if self.suspended && !self.deleting && desired.progress.emergency.is_none() {
+            desired.phase = Phase::Suspended;
+            desired.next_rotation_at = None;
         }
     }
 
@@ -380,6 +396,7 @@ impl StatusProgressStore {
             );
         }
         state.desired.observed_generation = generation;
+        self.show_suspend(&mut state.desired);
         if matches!(outcome, LeaseCondition::Blocked { .. })
             && state.desired.progress.current().is_none()
         {
@@ -431,6 +448,7 @@ impl ProgressStore for StatusProgressStore {
             self.deleting,
             now,
         );
+        self.show_suspend(&mut state.desired);
         self.write_if_changed(&mut state).await?;
         Ok(())
     }

@@ -8,6 +8,12 @@ use leasehold_engine::context::DatabaseKind;
 use leasehold_testkit::{MariaDbServer, PostgresServer};
 use mysql_async::prelude::Queryable;
 
+/// A consumer's open connection.
+pub enum Session {
+    Pg(tokio_postgres::Client),
+    Maria(mysql_async::Conn),
+}
+
 #[derive(Clone, Copy)]
 pub enum Db<'a> {
     Pg(&'a PostgresServer),
@@ -90,6 +96,20 @@ impl Db<'_> {
                 member_of: vec![],
                 grants: vec![format!("SELECT ON {}.*", s.database())],
             },
+        }
+    }
+    /// An open session as `user` (a consumer's connection).
+    pub async fn session(&self, user: &str, password: &str) -> Session {
+        match self {
+            Db::Pg(s) => Session::Pg(s.connect_as(user, password).await.unwrap()),
+            Db::Maria(s) => Session::Maria(s.connect_as(user, password).await.unwrap()),
+        }
+    }
+    /// Whether `session` still answers a query.
+    pub async fn session_alive(&self, session: Session) -> bool {
+        match session {
+            Session::Pg(c) => c.simple_query("SELECT 1").await.is_ok(),
+            Session::Maria(mut c) => c.query_drop("SELECT 1").await.is_ok(),
         }
     }
     pub async fn can_login(&self, user: &str, password: &str) -> bool {
