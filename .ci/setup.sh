@@ -11,12 +11,14 @@ id postgres >/dev/null 2>&1 || missing+=(postgresql)
 # Pebble (Let's Encrypt's test CA) and its DNS server, for crates/acme's tests.
 command -v pebble >/dev/null 2>&1 || [ -x /usr/bin/pebble ] || missing+=(pebble)
 command -v pebble-challtestsrv >/dev/null 2>&1 || [ -x /usr/bin/pebble-challtestsrv ] || missing+=(pebble)
+# promtool (from Prometheus) checks and unit-tests the chart's alert rules (tests/chart).
+command -v promtool >/dev/null 2>&1 || [ -x /usr/bin/promtool ] || missing+=(prometheus)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing Debian packages: ${missing[*]}"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 else
-  echo "setup: PostgreSQL, MariaDB and Pebble binaries present"
+  echo "setup: PostgreSQL, MariaDB, Pebble and promtool binaries present"
 fi
 
 if python3 -m pip install -q --disable-pip-version-check -r tests/chart/requirements.txt; then

@@ -30,9 +30,10 @@ FULLNAME = "lh-leasehold"
 KUBE_VERSION = "1.35"
 
 # Kinds that are not core Kubernetes types, so kubernetes-validate has no
-# schema for them. ServiceMonitor is a prometheus-operator CRD; its shape is
-# asserted by hand in test_service_monitor_*.
-NON_CORE_KINDS = {"ServiceMonitor"}
+# schema for them. ServiceMonitor and PrometheusRule are prometheus-operator
+# CRDs; their shape is asserted by hand (test_service_monitor_*,
+# test_monitoring.py).
+NON_CORE_KINDS = {"ServiceMonitor", "PrometheusRule"}
 
 # Named value sets, each rendered and validated in full. "default" is the
 # chart's values.yaml unchanged.
@@ -56,6 +57,41 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         }
     },
     "node-disabled": {"node": {"enabled": False}},
+    "encryption-kms": {
+        "encryption": {
+            "mode": "kms",
+            "kms": {
+                "keyId": "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab",
+                "region": "eu-west-1",
+            },
+        },
+        "serviceAccount": {
+            "controller": {
+                "create": True,
+                "annotations": {
+                    "eks.amazonaws.com/role-arn": "arn:aws:iam::111122223333:role/leasehold"
+                },
+            }
+        },
+    },
+    "encryption-none": {"encryption": {"mode": "none"}},
+    "audit-file-and-webhook": {
+        "audit": {
+            "log": "/var/log/leasehold/audit.log",
+            "webhookUrl": "https://audit.example.com/leasehold",
+            "checkpointEvery": 10,
+        }
+    },
+    "monitoring": {
+        "monitoring": {
+            "dashboards": {"enabled": True, "annotations": {"grafana_folder": "leasehold"}},
+            "prometheusRule": {
+                "enabled": True,
+                "labels": {"release": "prom"},
+                "alertLabels": {"team": "platform"},
+            },
+        }
+    },
     "everything": {
         "image": {"digest": "sha256:" + "a" * 64},
         "imagePullSecrets": [{"name": "regcred"}],

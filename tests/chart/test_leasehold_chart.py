@@ -233,6 +233,14 @@ def test_controller_defaults(default: Rendered) -> None:
         "--broker-max-per-pod-users-per-lease", "1000",
         "--broker-max-connections", "1024",
         "--per-pod-sweep-seconds", "300",
+        "--encryption", "local",
+        "--local-key-secret", "leasehold-kek",
+        "--local-key-secret-create",
+        "--data-key-cache-ttl-seconds", "300",
+        "--audit-log", "-",
+        "--audit-signing-key-secret", "leasehold-audit-signing-key",
+        "--audit-checkpoint-configmap", "leasehold-audit-checkpoint",
+        "--audit-checkpoint-every", "100",
         "--log-format", "json",
     ]  # fmt: skip
     ports = {p["name"]: p["containerPort"] for p in ctr["ports"]}

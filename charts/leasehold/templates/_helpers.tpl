@@ -237,3 +237,85 @@ rules stay cluster-wide and the write rules are bound per listed namespace.
   resources: ["deployments", "statefulsets", "daemonsets"]
   verbs: ["patch"]
 {{- end }}
+
+{{/*
+Controller flags for encryption at rest. `--encryption` is always passed, so
+that storing secret material unencrypted is a visible, explicit choice.
+*/}}
+{{- define "leasehold.encryptionArgs" -}}
+{{- $enc := .Values.encryption }}
+- --encryption
+- {{ $enc.mode }}
+{{- if eq $enc.mode "kms" }}
+{{- if not (trim (default "" $enc.kms.keyId)) }}
+{{- fail "encryption.mode is kms: set encryption.kms.keyId to the KMS key id, ARN or alias" }}
+{{- end }}
+- --kms-key-id
+- {{ $enc.kms.keyId | quote }}
+{{- with $enc.kms.region }}
+- --kms-region
+- {{ . | quote }}
+{{- end }}
+{{- with $enc.kms.endpointUrl }}
+- --kms-endpoint-url
+- {{ . | quote }}
+{{- end }}
+{{- else if eq $enc.mode "local" }}
+- --local-key-secret
+- {{ $enc.local.secretName }}
+{{- if $enc.local.create }}
+- --local-key-secret-create
+{{- end }}
+{{- else if ne $enc.mode "none" }}
+{{- fail (printf "encryption.mode must be kms, local or none (got %q)" $enc.mode) }}
+{{- end }}
+{{- if ne $enc.mode "none" }}
+- --data-key-cache-ttl-seconds
+- {{ $enc.dataKeyCacheTTLSeconds | quote }}
+{{- end }}
+{{- end }}
+
+{{/*
+Controller flags for the audit trail.
+*/}}
+{{- define "leasehold.auditArgs" -}}
+{{- $audit := .Values.audit }}
+{{- with $audit.log }}
+- --audit-log
+- {{ . | quote }}
+{{- end }}
+{{- with $audit.webhookUrl }}
+- --audit-webhook
+- {{ . | quote }}
+{{- end }}
+- --audit-signing-key-secret
+- {{ $audit.signingKeySecret }}
+- --audit-checkpoint-configmap
+- {{ $audit.checkpointConfigMap }}
+- --audit-checkpoint-every
+- {{ $audit.checkpointEvery | quote }}
+{{- end }}
+
+{{/*
+Directory of the audit log file, or nothing when the log goes to stdout or is off.
+*/}}
+{{- define "leasehold.auditLogDir" -}}
+{{- $log := .Values.audit.log | default "" }}
+{{- if and $log (ne $log "-") }}
+{{- if eq (dir $log) "/tmp" }}
+{{- fail "audit.log: /tmp is the controller's small in-memory scratch space; use another directory, e.g. /var/log/leasehold/audit.log" }}
+{{- end }}
+{{- dir $log }}
+{{- end }}
+{{- end }}
+
+{{/*
+Labels of one alert: its severity plus monitoring.prometheusRule.alertLabels.
+Call with (dict "ctx" $ "severity" "warning").
+*/}}
+{{- define "leasehold.alertLabels" -}}
+severity: {{ .severity }}
+{{- with .ctx.Values.monitoring.prometheusRule.alertLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
