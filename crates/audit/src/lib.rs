@@ -39,7 +39,10 @@
 //! found (and, with keys, signature-checked) earlier in the same file, and that it
 //! continues exactly; it reports the records after that checkpoint in the abandoned
 //! segment as the *unsigned tail before restart*. They are still hash-checked, just not
-//! covered by a signature. Anything else is a problem:
+//! covered by a signature. A crash can also cut a write half-way: a starting writer
+//! ends such a torn line with a newline, and the verifier forgives one unreadable line
+//! only when a valid restart follows it (reported as a torn line); anywhere else an
+//! unreadable line is [`ProblemKind::Malformed`]. Anything else is a problem:
 //! a `chain_start` naming a checkpoint not in the file, or a new chain (no
 //! `resumed_from`) after the first line, is [`ProblemKind::BadResume`]. Consequently a
 //! trail must be verified as a whole: if the file is rotated, verify the concatenation.

@@ -67,6 +67,7 @@ impl LineWriter {
     pub(crate) fn open_file(path: &PathBuf) -> Result<Self, AuditError> {
         use std::os::unix::fs::OpenOptionsExt;
         let file = std::fs::OpenOptions::new()
+            .read(true)
             .append(true)
             .create(true)
             .mode(0o600)
@@ -75,6 +76,10 @@ impl LineWriter {
                 "cannot open audit file {}",
                 path.display()
             )))?;
+        end_with_newline(&file).map_err(AuditError::io(format!(
+            "cannot repair the end of {}",
+            path.display()
+        )))?;
         Ok(Self::File {
             path: path.clone(),
             file: Arc::new(file),
@@ -109,6 +114,22 @@ impl LineWriter {
             Self::File { path, file } => Some((path.clone(), file.clone())),
         }
     }
+}
+
+/// After a crash the file may end in a torn line; start the next record on a line of
+/// its own (the verifier forgives a torn line right before a restart).
+fn end_with_newline(file: &File) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let len = file.metadata()?.len();
+    if len == 0 {
+        return Ok(());
+    }
+    let mut last = [0u8; 1];
+    file.read_exact_at(&mut last, len - 1)?;
+    if last[0] != b'\n' {
+        (&*file).write_all(b"\n")?;
+    }
+    Ok(())
 }
 
 /// Settings of the webhook delivery.

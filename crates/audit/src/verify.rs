@@ -90,6 +90,9 @@ pub struct VerifyReport {
     /// clean shutdown (a crash): they are chained but were never signed, and the next
     /// segment continues from the checkpoint before them.
     pub unsigned_tail_before_restart: u64,
+    /// Unreadable lines right before a restart: writes torn by the crash that ended a
+    /// segment (forgiven only there; anywhere else an unreadable line is a problem).
+    pub torn_lines_before_restart: u64,
     /// Records after the last checkpoint at the end of the file (not signed yet).
     pub unsigned_at_end: u64,
     /// Seq of the last record checked.
@@ -142,6 +145,13 @@ impl fmt::Display for VerifyReport {
                 self.unsigned_tail_before_restart
             )?;
         }
+        if self.torn_lines_before_restart > 0 {
+            writeln!(
+                f,
+                "{} torn line(s) before a restart (a write cut by a crash)",
+                self.torn_lines_before_restart
+            )?;
+        }
         if self.unsigned_at_end > 0 {
             writeln!(
                 f,
@@ -174,6 +184,8 @@ struct TrailChecker<'a> {
     checkpoints: HashSet<ChainPosition>,
     /// Seq of the last checkpoint record or resume point in the current segment.
     anchored_seq: u64,
+    /// Whether the line just checked was a chain_start resuming from a checkpoint.
+    resumed_here: bool,
 }
 
 fn problem(
@@ -207,29 +219,62 @@ pub fn verify_reader(mut reader: impl BufRead, options: &VerifyOptions) -> Verif
         head: None,
         checkpoints: HashSet::new(),
         anchored_seq: 0,
+        resumed_here: false,
     };
-    let mut text = String::new();
+    let mut bytes = Vec::new();
     let mut line_no = 0usize;
+    // A malformed line is forgiven only if a valid restart follows it: a write torn
+    // by the crash that ended the previous segment.
+    let mut torn: Option<Problem> = None;
     loop {
-        text.clear();
+        bytes.clear();
         line_no += 1;
-        match reader.read_line(&mut text) {
+        match reader.read_until(b'\n', &mut bytes) {
             Ok(0) => break,
             Ok(_) => {}
             Err(e) => {
-                verifier.report.first_problem = Some(problem(
-                    line_no,
-                    None,
-                    ProblemKind::Malformed,
-                    format!("cannot read the line: {e}"),
-                ));
+                verifier.report.first_problem = Some(torn.take().unwrap_or_else(|| {
+                    problem(
+                        line_no,
+                        None,
+                        ProblemKind::Malformed,
+                        format!("cannot read the line: {e}"),
+                    )
+                }));
                 return verifier.report;
             }
         }
-        if let Err(found) = verifier.check_line(line_no, &text) {
-            verifier.report.first_problem = Some(found);
-            return verifier.report;
+        let checked = match std::str::from_utf8(&bytes) {
+            Ok(text) => verifier.check_line(line_no, text),
+            Err(_) => Err(problem(
+                line_no,
+                None,
+                ProblemKind::Malformed,
+                "not UTF-8 text",
+            )),
+        };
+        match checked {
+            Ok(()) => {
+                if let Some(pending) = torn.take() {
+                    if !verifier.resumed_here {
+                        verifier.report.first_problem = Some(pending);
+                        return verifier.report;
+                    }
+                    verifier.report.torn_lines_before_restart += 1;
+                }
+            }
+            Err(found) if found.kind == ProblemKind::Malformed && torn.is_none() => {
+                torn = Some(found);
+            }
+            Err(found) => {
+                verifier.report.first_problem = Some(torn.take().unwrap_or(found));
+                return verifier.report;
+            }
         }
+    }
+    if let Some(pending) = torn {
+        verifier.report.first_problem = Some(pending);
+        return verifier.report;
     }
     if let Some(head) = &verifier.head {
         verifier.report.unsigned_at_end = head.seq.saturating_sub(verifier.anchored_seq);
@@ -239,6 +284,7 @@ pub fn verify_reader(mut reader: impl BufRead, options: &VerifyOptions) -> Verif
 
 impl TrailChecker<'_> {
     fn check_line(&mut self, line_no: usize, text: &str) -> Result<(), Problem> {
+        self.resumed_here = false;
         let Some(content) = text.strip_suffix('\n') else {
             return Err(problem(
                 line_no,
@@ -421,6 +467,7 @@ impl TrailChecker<'_> {
                 if let Some(head) = &self.head {
                     self.report.unsigned_tail_before_restart += head.seq.saturating_sub(from.seq);
                 }
+                self.resumed_here = true;
             }
         }
         self.report.segments += 1;
