@@ -170,6 +170,12 @@ impl AuditEvent {
         }
     }
 
+    /// The same event with another outcome (for events built before the outcome is known).
+    pub fn with_outcome(mut self, outcome: Outcome) -> Self {
+        self.outcome = outcome;
+        self
+    }
+
     /// The lease (`SecretLease`) concerned.
     pub fn lease(mut self, namespace: impl Into<String>, name: impl Into<String>) -> Self {
         self.lease = Some(ObjectRef {

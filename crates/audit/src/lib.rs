@@ -72,7 +72,7 @@ mod verify;
 pub use ed25519_dalek::VerifyingKey;
 pub use error::AuditError;
 pub use event::{Action, AuditEvent, ObjectRef, Outcome, PodRef};
-pub use log::{AuditLog, AuditSettings};
+pub use log::{AuditLog, AuditMetrics, AuditSettings};
 pub use signer::{AuditSigner, key_id, public_key_from_pem, write_key_pair};
 pub use sink::Sink;
 pub use store::{

@@ -70,14 +70,45 @@ struct SinkLabels {
     sink: String,
 }
 
+/// The audit trail's metrics. Register them before the log exists (a process
+/// registers its metrics once, and leads — and starts its audit log — later), then
+/// hand them to [`AuditLog::start_with_metrics`].
 #[derive(Clone, Debug, Default)]
-struct AuditMetrics {
+pub struct AuditMetrics {
     records: Family<ActionLabels, Counter>,
     failures: Family<SinkLabels, Counter>,
     last_checkpoint_seq: Gauge,
 }
 
 impl AuditMetrics {
+    /// Metrics registered in `registry`: `leasehold_audit_records_total{action}`,
+    /// `leasehold_audit_write_failures_total{sink}` and
+    /// `leasehold_audit_last_checkpoint_seq`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = Self::default();
+        metrics.register_in(registry);
+        metrics
+    }
+
+    fn register_in(&self, registry: &mut Registry) {
+        let sub = registry.sub_registry_with_prefix("leasehold_audit");
+        sub.register(
+            "records",
+            "Audit records written, by action (chain_start and checkpoint included)",
+            self.records.clone(),
+        );
+        sub.register(
+            "write_failures",
+            "Audit records a sink did not take (failed file or stdout write, webhook batch given up or queue full), by sink; failed checkpoint saves count as sink=checkpoint_store",
+            self.failures.clone(),
+        );
+        sub.register(
+            "last_checkpoint_seq",
+            "Seq of the last checkpoint record saved to the checkpoint store",
+            self.last_checkpoint_seq.clone(),
+        );
+    }
+
     fn record(&self, action: &str) {
         self.records
             .get_or_create(&ActionLabels {
@@ -250,8 +281,19 @@ impl AuditLog {
         store: Arc<dyn CheckpointStore>,
         settings: AuditSettings,
     ) -> Result<Self, AuditError> {
+        Self::start_with_metrics(sinks, signer, store, settings, AuditMetrics::default()).await
+    }
+
+    /// [`AuditLog::start`], counting into `metrics` (registered earlier with
+    /// [`AuditMetrics::register`]).
+    pub async fn start_with_metrics(
+        sinks: Vec<Sink>,
+        signer: AuditSigner,
+        store: Arc<dyn CheckpointStore>,
+        settings: AuditSettings,
+        metrics: AuditMetrics,
+    ) -> Result<Self, AuditError> {
         let resume = store.load().await?;
-        let metrics = AuditMetrics::default();
         let mut writers = Vec::new();
         let mut webhook_uris = Vec::new();
         for sink in &sinks {
@@ -406,22 +448,7 @@ impl AuditLog {
     /// `leasehold_audit_write_failures_total{sink}` and
     /// `leasehold_audit_last_checkpoint_seq` in `registry`.
     pub fn register_metrics(&self, registry: &mut Registry) {
-        let sub = registry.sub_registry_with_prefix("leasehold_audit");
-        sub.register(
-            "records",
-            "Audit records written, by action (chain_start and checkpoint included)",
-            self.metrics.records.clone(),
-        );
-        sub.register(
-            "write_failures",
-            "Audit records a sink did not take (failed file or stdout write, webhook batch given up or queue full), by sink; failed checkpoint saves count as sink=checkpoint_store",
-            self.metrics.failures.clone(),
-        );
-        sub.register(
-            "last_checkpoint_seq",
-            "Seq of the last checkpoint record saved to the checkpoint store",
-            self.metrics.last_checkpoint_seq.clone(),
-        );
+        self.metrics.register_in(registry);
     }
 }
 

@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
 use leasehold_api::{RotationPolicy, SecretLease};
+use leasehold_audit::{Action as AuditAction, AuditEvent, Outcome as AuditOutcome};
 use leasehold_auth::{ExpectedPod, TokenVerifier};
 use leasehold_backends::CredentialMaterial;
 use leasehold_engine::template::{CredentialValues, render};
@@ -75,6 +76,7 @@ pub struct BrokerService {
     per_pod: Option<Arc<dyn PerPodIssuer>>,
     certificates: Option<Arc<PodCertificates>>,
     metrics: BrokerMetrics,
+    audit: leasehold_audit::AuditLog,
 }
 
 impl std::fmt::Debug for BrokerService {
@@ -104,7 +106,53 @@ impl BrokerService {
             per_pod: None,
             certificates: None,
             metrics: BrokerMetrics::default(),
+            audit: leasehold_audit::AuditLog::disabled(),
         }
+    }
+
+    /// Record every Issue, IssueCertificate, Acknowledge and Release (allowed or
+    /// refused, with pod, service account, node, lease and version) in `audit`.
+    pub fn with_audit(mut self, audit: leasehold_audit::AuditLog) -> Self {
+        self.audit = audit;
+        self
+    }
+
+    /// Record one call's outcome: `Allowed` (with the version and user handed out, if
+    /// any), `Denied` for a refusal of the caller, `Failure` when the broker could not
+    /// serve it. The reason is the status message (never a secret or token).
+    fn audit_call<T>(
+        &self,
+        base: AuditEvent,
+        result: &Result<Response<T>, Status>,
+        handed_out: impl FnOnce(&T) -> (Option<u64>, Option<String>),
+    ) {
+        let event = match result {
+            Ok(response) => {
+                let (version, user) = handed_out(response.get_ref());
+                let mut e = base.with_outcome(AuditOutcome::Allowed);
+                if let Some(v) = version.filter(|v| *v > 0) {
+                    e = e.version(v);
+                }
+                if let Some(u) = user {
+                    e = e.username(u);
+                }
+                e
+            }
+            Err(status) => {
+                let outcome = match status.code() {
+                    tonic::Code::Unavailable
+                    | tonic::Code::Internal
+                    | tonic::Code::DeadlineExceeded
+                    | tonic::Code::ResourceExhausted
+                    | tonic::Code::Aborted => AuditOutcome::Failure,
+                    _ => AuditOutcome::Denied,
+                };
+                base.with_outcome(outcome)
+                    .reason(status.message())
+                    .detail_kv("code", format!("{:?}", status.code()))
+            }
+        };
+        self.audit.record(event);
     }
 
     /// Serves `perPod` leases with `issuer`.
@@ -862,6 +910,38 @@ fn pod_label(pod: Option<&pb::PodIdentity>) -> String {
         .unwrap_or_default()
 }
 
+/// The audit record of a call, before its outcome: what the request names (the pod
+/// and service account as claimed; a refused call's claims are what was refused).
+fn audit_base(
+    action: AuditAction,
+    pod: Option<&pb::PodIdentity>,
+    lease: Option<&pb::LeaseRef>,
+    node: &str,
+    volume_id: &str,
+) -> AuditEvent {
+    let mut e = AuditEvent::new(action, AuditOutcome::Requested);
+    if let Some(p) = pod {
+        e = e
+            .pod(&p.namespace, &p.name, &p.uid)
+            .service_account(&p.namespace, &p.service_account);
+    }
+    if let Some(l) = lease {
+        let ns = if l.namespace.is_empty() {
+            pod.map(|p| p.namespace.as_str()).unwrap_or_default()
+        } else {
+            l.namespace.as_str()
+        };
+        e = e.lease(ns, &l.name);
+    }
+    if !node.is_empty() {
+        e = e.node(node);
+    }
+    if !volume_id.is_empty() {
+        e = e.detail_kv("volume_id", volume_id);
+    }
+    e
+}
+
 fn lease_label(lease: Option<&pb::LeaseRef>) -> String {
     lease
         .map(|l| format!("{}/{}", l.namespace, l.name))
@@ -882,9 +962,26 @@ impl pb::broker_server::Broker for BrokerService {
             lease = %lease_label(request.get_ref().lease.as_ref()),
             node = %request.get_ref().node_name,
         );
-        self.observe("Issue", self.issue_inner(request))
+        let r = request.get_ref();
+        let base = audit_base(
+            AuditAction::BrokerIssue,
+            r.pod.as_ref(),
+            r.lease.as_ref(),
+            &r.node_name,
+            &r.volume_id,
+        );
+        let result = self
+            .observe("Issue", self.issue_inner(request))
             .instrument(span)
-            .await
+            .await;
+        self.audit_call(base, &result, |resp| {
+            let user = resp
+                .files
+                .get("username")
+                .map(|u| String::from_utf8_lossy(u).into_owned());
+            (Some(resp.version), user)
+        });
+        result
     }
 
     async fn issue_certificate(
@@ -899,9 +996,22 @@ impl pb::broker_server::Broker for BrokerService {
             lease = %lease_label(request.get_ref().lease.as_ref()),
             node = %request.get_ref().node_name,
         );
-        self.observe("IssueCertificate", self.issue_certificate_inner(request))
+        let r = request.get_ref();
+        let base = audit_base(
+            AuditAction::CertificateIssue,
+            r.pod.as_ref(),
+            r.lease.as_ref(),
+            &r.node_name,
+            &r.volume_id,
+        );
+        let result = self
+            .observe("IssueCertificate", self.issue_certificate_inner(request))
             .instrument(span)
-            .await
+            .await;
+        self.audit_call(base, &result, |resp| {
+            (None, Some(format!("serial {}", resp.serial)))
+        });
+        result
     }
 
     async fn acknowledge(
@@ -915,9 +1025,22 @@ impl pb::broker_server::Broker for BrokerService {
             lease = %lease_label(request.get_ref().lease.as_ref()),
             version = request.get_ref().version,
         );
-        self.observe("Acknowledge", self.acknowledge_inner(request))
+        let r = request.get_ref();
+        let version = r.version;
+        let base = audit_base(
+            AuditAction::BrokerAcknowledge,
+            r.pod.as_ref(),
+            r.lease.as_ref(),
+            &r.node_name,
+            &r.volume_id,
+        )
+        .version(version);
+        let result = self
+            .observe("Acknowledge", self.acknowledge_inner(request))
             .instrument(span)
-            .await
+            .await;
+        self.audit_call(base, &result, |_| (None, None));
+        result
     }
 
     async fn release(
@@ -930,9 +1053,23 @@ impl pb::broker_server::Broker for BrokerService {
             pod = %pod_label(request.get_ref().pod.as_ref()),
             lease = %lease_label(request.get_ref().lease.as_ref()),
         );
-        self.observe("Release", self.release_inner(request))
+        let r = request.get_ref();
+        let mut base = audit_base(
+            AuditAction::BrokerRelease,
+            r.pod.as_ref(),
+            r.lease.as_ref(),
+            &r.node_name,
+            &r.volume_id,
+        );
+        if !r.serial.is_empty() {
+            base = base.detail_kv("serial", &r.serial);
+        }
+        let result = self
+            .observe("Release", self.release_inner(request))
             .instrument(span)
-            .await
+            .await;
+        self.audit_call(base, &result, |_| (None, None));
+        result
     }
 }
 

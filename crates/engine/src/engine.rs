@@ -102,6 +102,25 @@ pub enum StepEvent {
     },
 }
 
+impl StepEvent {
+    /// The version the event is about, if it is about one.
+    pub fn version(&self) -> Option<u64> {
+        match self {
+            StepEvent::Issued { version, .. }
+            | StepEvent::Verified { version }
+            | StepEvent::VerificationFailed { version, .. }
+            | StepEvent::Promoted { version, .. }
+            | StepEvent::Delivered { version }
+            | StepEvent::Revoked { version, .. }
+            | StepEvent::RevocationRetry { version, .. }
+            | StepEvent::RevocationStuck { version, .. }
+            | StepEvent::SessionsRemain { version, .. } => Some(*version),
+            StepEvent::EmergencyRevocationBegun { .. }
+            | StepEvent::EmergencyRevocationCompleted { .. } => None,
+        }
+    }
+}
+
 /// Receives [`StepEvent`]s.
 pub type EventSink = Arc<dyn Fn(&LeaseContextRef<'_>, &StepEvent) + Send + Sync>;
 
@@ -174,6 +193,7 @@ pub struct Engine {
     clock: Arc<dyn Fn() -> Timestamp + Send + Sync>,
     fault: Option<FaultHook>,
     events: Option<EventSink>,
+    audit: Option<leasehold_audit::AuditLog>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -210,6 +230,7 @@ impl Engine {
             clock: Arc::new(Timestamp::now),
             fault: None,
             events: None,
+            audit: None,
         }
     }
 
@@ -228,6 +249,12 @@ impl Engine {
     /// Receive events (the controller turns them into Kubernetes events and metrics).
     pub fn with_events(mut self, sink: EventSink) -> Self {
         self.events = Some(sink);
+        self
+    }
+
+    /// Record every step in the audit trail.
+    pub fn with_audit(mut self, audit: leasehold_audit::AuditLog) -> Self {
+        self.audit = Some(audit);
         self
     }
 
@@ -251,7 +278,20 @@ impl Engine {
         }
     }
 
-    fn emit(&self, ctx: &LeaseContext, event: StepEvent) {
+    /// Report `event` (the version's user looked up in `progress`).
+    fn emit(&self, ctx: &LeaseContext, progress: &Progress, event: StepEvent) {
+        let user = event
+            .version()
+            .and_then(|v| progress.version(v))
+            .map(|r| r.credential_id.clone());
+        self.emit_as(ctx, user.as_deref(), event);
+    }
+
+    /// Report `event` about the credential `user`: log, event sink, audit trail.
+    fn emit_as(&self, ctx: &LeaseContext, user: Option<&str>, event: StepEvent) {
+        if let Some(audit) = &self.audit {
+            audit.record(crate::audit::step_audit_event(&ctx.key, user, &event));
+        }
         match &event {
             StepEvent::VerificationFailed { version, reason } => {
                 warn!(lease = %ctx.key, version, reason, "verification failed; the new credential is revoked and the current one kept")
@@ -315,8 +355,7 @@ impl Engine {
             .record_progress(&ctx.key, progress, &under.target);
         if let Some(e) = begin_emergency(progress, obs, self.now()).cloned() {
             self.save(stores, ctx, progress).await?;
-            self.emit(
-                ctx,
+            self.emit(ctx, progress,
                 StepEvent::EmergencyRevocationBegun {
                     through_version: e.through_version,
                     reason: e.reason,
@@ -332,8 +371,7 @@ impl Engine {
                 self.save(stores, ctx, progress).await?;
                 let millis = u64::try_from(now.duration_since(e.requested_at).as_millis().max(0))
                     .unwrap_or(0);
-                self.emit(
-                    ctx,
+                self.emit(ctx, progress,
                     StepEvent::EmergencyRevocationCompleted {
                         through_version: e.through_version,
                         reason: e.reason,
@@ -552,8 +590,7 @@ impl Engine {
                     reason: Some(reason.clone()),
                 });
                 self.save(stores, ctx, progress).await?;
-                self.emit(
-                    ctx,
+                self.emit(ctx, progress,
                     StepEvent::VerificationFailed {
                         version,
                         reason: reason.clone(),
@@ -579,7 +616,7 @@ impl Engine {
                     now,
                 );
                 self.save(stores, ctx, progress).await?;
-                self.emit(ctx, StepEvent::VerificationFailed { version, reason });
+                self.emit(ctx, progress, StepEvent::VerificationFailed { version, reason });
                 return Ok(());
             }
         }
@@ -593,8 +630,7 @@ impl Engine {
             .secrets
             .remove(&ctx.key, journal_slot(version))
             .await?;
-        self.emit(
-            ctx,
+        self.emit(ctx, progress,
             StepEvent::Issued {
                 version,
                 username: id.0,
@@ -634,8 +670,7 @@ impl Engine {
             now,
         );
         self.save(stores, ctx, progress).await?;
-        self.emit(
-            ctx,
+        self.emit(ctx, progress,
             StepEvent::VerificationFailed {
                 version: stale.version,
                 reason,
@@ -702,7 +737,7 @@ impl Engine {
                     r.verified_at = Some(now);
                 }
                 self.save(stores, ctx, progress).await?;
-                self.emit(ctx, StepEvent::Verified { version });
+                self.emit(ctx, progress, StepEvent::Verified { version });
                 Ok(())
             }
             // A database that is down delays the rotation; it is not a failed verification.
@@ -741,8 +776,7 @@ impl Engine {
             now,
         );
         self.save(stores, ctx, progress).await?;
-        self.emit(
-            ctx,
+        self.emit(ctx, progress,
             StepEvent::VerificationFailed {
                 version: record.version,
                 reason,
@@ -788,7 +822,7 @@ impl Engine {
             reason: None,
         });
         self.save(stores, ctx, progress).await?;
-        self.emit(ctx, StepEvent::Promoted { version, previous });
+        self.emit(ctx, progress, StepEvent::Promoted { version, previous });
         Ok(())
     }
 
@@ -811,7 +845,7 @@ impl Engine {
             .await?;
         progress.delivered_version = Some(version);
         self.save(stores, ctx, progress).await?;
-        self.emit(ctx, StepEvent::Delivered { version });
+        self.emit(ctx, progress, StepEvent::Delivered { version });
         Ok(())
     }
 
@@ -912,7 +946,11 @@ impl Engine {
                     h.revoked_at = Some(now);
                 }
                 self.save(stores, ctx, progress).await?;
-                self.emit(ctx, StepEvent::Revoked { version, reason });
+                self.emit_as(
+                    ctx,
+                    Some(&record.credential_id),
+                    StepEvent::Revoked { version, reason },
+                );
             }
             Ok(RevokeOutcome::SessionsRemain(n)) => {
                 if let Some(p) = progress
@@ -928,8 +966,7 @@ impl Engine {
                     .filter(|r| r.version == version)
                     .and_then(|r| r.revoke.as_ref())
                     .and_then(|p| p.drain_started_at);
-                self.emit(
-                    ctx,
+                self.emit(ctx, progress,
                     StepEvent::SessionsRemain {
                         version,
                         sessions: n,
@@ -976,8 +1013,7 @@ impl Engine {
             }
         }
         self.save(stores, ctx, progress).await?;
-        self.emit(
-            ctx,
+        self.emit(ctx, progress,
             StepEvent::RevocationRetry {
                 version,
                 failures,
@@ -985,7 +1021,7 @@ impl Engine {
             },
         );
         if let Some(since) = stuck_since {
-            self.emit(ctx, StepEvent::RevocationStuck { version, since });
+            self.emit(ctx, progress, StepEvent::RevocationStuck { version, since });
         }
         Ok(())
     }

@@ -9,6 +9,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod certificate;
 pub mod claims;
 pub mod context;

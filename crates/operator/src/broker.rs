@@ -77,6 +77,7 @@ pub async fn run(
     settings: BrokerSettings,
     metrics: BrokerMetrics,
     certificates: Arc<PodCertificates>,
+    audit: leasehold_audit::AuditLog,
     stop: impl Future<Output = ()> + Send,
 ) -> Result<(), OperatorError> {
     let tls = match &settings.user_secret {
@@ -137,7 +138,8 @@ pub async fn run(
     )
     .with_per_pod(per_pod)
     .with_certificates(certificates)
-    .with_metrics(metrics);
+    .with_metrics(metrics)
+    .with_audit(audit);
     info!(addr = %settings.addr, "broker serving");
     let served = leasehold_broker::serve(settings.addr, &tls, service, stop)
         .await

@@ -14,6 +14,7 @@
 #![forbid(unsafe_code)]
 
 pub mod acme_issuer;
+pub mod audit;
 pub mod broker;
 pub mod crl;
 pub mod crl_http;
@@ -69,6 +70,8 @@ pub struct ControllerConfig {
     pub broker: Option<broker::BrokerSettings>,
     /// The Issuer/ClusterIssuer controller and CRL publication.
     pub issuers: IssuerSettings,
+    /// The audit trail (written while leading); `None`: no audit trail.
+    pub audit: Option<audit::AuditConfig>,
 }
 
 /// How the issuer controller runs.
@@ -111,6 +114,7 @@ impl Default for ControllerConfig {
             pod: None,
             broker: None,
             issuers: IssuerSettings::default(),
+            audit: None,
         }
     }
 }
@@ -447,6 +451,7 @@ where
     }
     let mut metrics = metrics::Metrics::new();
     let broker_metrics = leasehold_broker::BrokerMetrics::register(metrics.registry_mut());
+    let audit_metrics = leasehold_audit::AuditMetrics::register(metrics.registry_mut());
     let metrics = Arc::new(metrics);
     let health = Arc::new(metrics::Health::default());
     let server = tokio::spawn(metrics::serve(
@@ -485,6 +490,22 @@ where
     {
         tracing::warn!(error = %e, "cannot label this pod as leader; the broker Service will not route to it");
     }
+    // The audit trail is the leader's: one writer continues the chain.
+    let audit_log = match &config.audit {
+        Some(audit_config) => match audit::start(&client, audit_config, audit_metrics).await {
+            Ok(log) => log,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the audit trail; stopping so nothing goes unrecorded");
+                let _ = stop_tx.send(true);
+                if let Some((ns, pod)) = &config.pod {
+                    let _ = broker::label_leader(&client, ns, pod, false).await;
+                }
+                server.abort();
+                return Err(e);
+            }
+        },
+        None => leasehold_audit::AuditLog::disabled(),
+    };
     // Per-pod certificates: signed by the broker, revoked by the sweep and, when their
     // lease is deleted, by the lease controller.
     let pod_certificates = Arc::new(leasehold_broker::PodCertificates::new(
@@ -497,10 +518,11 @@ where
         let stop = wait_for(stop_rx.clone());
         let stop_tx = stop_tx.clone();
         let issuers = pod_certificates.clone();
+        let audit = audit_log.clone();
         tokio::spawn({
             let client = client.clone();
             async move {
-                if let Err(e) = broker::run(client, settings, broker_metrics, issuers, stop).await {
+                if let Err(e) = broker::run(client, settings, broker_metrics, issuers, audit, stop).await {
                     tracing::error!(error = %e, "the broker failed; stopping so a healthy replica can lead");
                     let _ = stop_tx.send(true);
                     return Err(e);
@@ -555,6 +577,7 @@ where
         },
     ));
     lease_ctx.pod_certificates = Some(pod_certificates.clone());
+    lease_ctx.engine = lease_ctx.engine.clone().with_audit(audit_log.clone());
     let ctx = Arc::new(lease_ctx);
     lease_controller::preload_username_claims(&client, &config.namespaces, &ctx.engine).await;
     let namespaces: Vec<Option<String>> = if config.namespaces.is_empty() {
@@ -608,6 +631,7 @@ where
     {
         e.release().await;
     }
+    audit_log.shutdown().await;
     let result = result.and(broker_result);
     match server.await {
         Ok(Err(e)) if result.is_ok() => Err(e),
