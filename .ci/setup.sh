@@ -21,8 +21,9 @@ else
   echo "setup: PostgreSQL, MariaDB, Pebble and promtool binaries present"
 fi
 
-if python3 -m pip install -q --disable-pip-version-check -r tests/chart/requirements.txt; then
-  echo "setup: Python test packages present"
+if python3 -m pip install -q --disable-pip-version-check \
+    -r tests/chart/requirements.txt -r tests/requirements-kms.txt; then
+  echo "setup: Python test packages present (chart tests, moto for KMS)"
 else
   echo "setup: pip install failed" >&2
   exit 1

@@ -1,4 +1,5 @@
-//! Throwaway real database servers (and a Pebble ACME server) for integration tests.
+//! Throwaway real database servers (and a Pebble ACME server and a moto KMS
+//! emulator) for integration tests.
 //!
 //! Each server lives in its own temporary directory, listens on a random loopback
 //! port and is torn down when its handle is dropped. A small watchdog shell process
@@ -26,12 +27,14 @@
 #![forbid(unsafe_code)]
 
 mod mariadb;
+mod moto;
 mod pebble;
 mod postgres;
 mod process;
 mod tls;
 
 pub use mariadb::MariaDbServer;
+pub use moto::MotoServer;
 pub use pebble::{PebbleOptions, PebbleServer};
 pub use postgres::PostgresServer;
 pub use tls::{ServerOptions, unrelated_ca_pem};

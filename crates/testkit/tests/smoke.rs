@@ -1,7 +1,7 @@
 //! The harness itself: servers start, accept admin logins, survive stop/resume, and
 //! leave nothing behind.
 
-use leasehold_testkit::{MariaDbServer, PostgresServer, ServerOptions};
+use leasehold_testkit::{MariaDbServer, MotoServer, PostgresServer, ServerOptions};
 use mysql_async::prelude::Queryable;
 use secrecy::ExposeSecret;
 
@@ -176,5 +176,40 @@ async fn tls_servers_serve_tls_and_still_take_plain_tcp() {
             tls: false,
             require_tls: false
         }
+    );
+}
+
+#[tokio::test]
+async fn moto_starts_restarts_on_the_same_port_and_goes_away() {
+    if !MotoServer::available_for("moto_starts_restarts_on_the_same_port_and_goes_away") {
+        return;
+    }
+    let mut moto = MotoServer::start().await;
+    let endpoint = moto.endpoint_url();
+    let key_id = moto.create_key().await;
+    moto.disable_key(&key_id).await;
+    moto.enable_key(&key_id).await;
+    moto.restart().await;
+    assert_eq!(moto.endpoint_url(), endpoint);
+    // A fresh server: keys live in memory only.
+    let keys = moto
+        .kms_client()
+        .await
+        .list_keys()
+        .send()
+        .await
+        .expect("ListKeys");
+    assert!(keys.keys().is_empty(), "{keys:?}");
+    let port = endpoint
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse::<u16>().ok())
+        .expect("port");
+    drop(moto);
+    assert!(
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err(),
+        "moto still listens after drop"
     );
 }
