@@ -355,7 +355,9 @@ impl Engine {
             .record_progress(&ctx.key, progress, &under.target);
         if let Some(e) = begin_emergency(progress, obs, self.now()).cloned() {
             self.save(stores, ctx, progress).await?;
-            self.emit(ctx, progress,
+            self.emit(
+                ctx,
+                progress,
                 StepEvent::EmergencyRevocationBegun {
                     through_version: e.through_version,
                     reason: e.reason,
@@ -371,7 +373,9 @@ impl Engine {
                 self.save(stores, ctx, progress).await?;
                 let millis = u64::try_from(now.duration_since(e.requested_at).as_millis().max(0))
                     .unwrap_or(0);
-                self.emit(ctx, progress,
+                self.emit(
+                    ctx,
+                    progress,
                     StepEvent::EmergencyRevocationCompleted {
                         through_version: e.through_version,
                         reason: e.reason,
@@ -590,7 +594,9 @@ impl Engine {
                     reason: Some(reason.clone()),
                 });
                 self.save(stores, ctx, progress).await?;
-                self.emit(ctx, progress,
+                self.emit(
+                    ctx,
+                    progress,
                     StepEvent::VerificationFailed {
                         version,
                         reason: reason.clone(),
@@ -616,7 +622,11 @@ impl Engine {
                     now,
                 );
                 self.save(stores, ctx, progress).await?;
-                self.emit(ctx, progress, StepEvent::VerificationFailed { version, reason });
+                self.emit(
+                    ctx,
+                    progress,
+                    StepEvent::VerificationFailed { version, reason },
+                );
                 return Ok(());
             }
         }
@@ -630,7 +640,9 @@ impl Engine {
             .secrets
             .remove(&ctx.key, journal_slot(version))
             .await?;
-        self.emit(ctx, progress,
+        self.emit(
+            ctx,
+            progress,
             StepEvent::Issued {
                 version,
                 username: id.0,
@@ -670,7 +682,9 @@ impl Engine {
             now,
         );
         self.save(stores, ctx, progress).await?;
-        self.emit(ctx, progress,
+        self.emit(
+            ctx,
+            progress,
             StepEvent::VerificationFailed {
                 version: stale.version,
                 reason,
@@ -776,7 +790,9 @@ impl Engine {
             now,
         );
         self.save(stores, ctx, progress).await?;
-        self.emit(ctx, progress,
+        self.emit(
+            ctx,
+            progress,
             StepEvent::VerificationFailed {
                 version: record.version,
                 reason,
@@ -966,7 +982,9 @@ impl Engine {
                     .filter(|r| r.version == version)
                     .and_then(|r| r.revoke.as_ref())
                     .and_then(|p| p.drain_started_at);
-                self.emit(ctx, progress,
+                self.emit(
+                    ctx,
+                    progress,
                     StepEvent::SessionsRemain {
                         version,
                         sessions: n,
@@ -1013,7 +1031,9 @@ impl Engine {
             }
         }
         self.save(stores, ctx, progress).await?;
-        self.emit(ctx, progress,
+        self.emit(
+            ctx,
+            progress,
             StepEvent::RevocationRetry {
                 version,
                 failures,

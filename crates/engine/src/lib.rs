@@ -17,6 +17,7 @@ pub mod engine;
 pub mod limiter;
 pub mod local;
 pub mod local_issuers;
+pub mod sealed;
 pub mod sweeper;
 pub mod template;
 pub mod window;
@@ -67,6 +68,28 @@ pub trait Delivery: Send + Sync {
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct StoreError(pub String);
+
+/// Reasons a [`StoreError`] can carry for a key (KMS or local key) failure.
+pub const KEY_REASONS: [&str; 6] = [
+    "KeyUnavailable",
+    "KeyRefused",
+    "Tampered",
+    "Malformed",
+    "UnknownKey",
+    "InvalidLocalKey",
+];
+
+impl StoreError {
+    /// The key failure this error reports (`KeyUnavailable`, `KeyRefused`, …), if it
+    /// is one (see [`sealed::key_store_error`]).
+    pub fn key_reason(&self) -> Option<&'static str> {
+        KEY_REASONS.into_iter().find(|r| {
+            self.0
+                .strip_prefix(r)
+                .is_some_and(|rest| rest.starts_with(": "))
+        })
+    }
+}
 
 /// A delivery that does nothing (for leases with no delivery configured, and tests).
 #[derive(Debug, Default, Clone, Copy)]

@@ -34,6 +34,7 @@ mod keyring;
 mod kms;
 mod local;
 mod metrics;
+pub mod secret;
 
 pub use context::EncryptionContext;
 pub use data_key::{DataKey, KEY_LEN};
