@@ -98,6 +98,10 @@ pub struct ControllerArgs {
     #[arg(long, value_name = "N", default_value_t = BrokerLimits::default().max_connections,
           value_parser = positive)]
     broker_max_connections: usize,
+    #[command(flatten)]
+    encryption: crate::keys::EncryptionArgs,
+    #[command(flatten)]
+    audit: crate::keys::AuditArgs,
 }
 
 /// A count of at least 1.
@@ -122,6 +126,29 @@ impl ControllerArgs {
 pub async fn run(args: ControllerArgs) -> Result<(), OperatorError> {
     // Read by the broker the operator builds (per-pod issuer, server).
     args.broker_limits().install();
+    // Key Secrets, the audit signing key and checkpoint live with the controller.
+    let home = args
+        .pod_namespace
+        .clone()
+        .or_else(|| args.leader_election_namespace.clone())
+        .unwrap_or_else(|| "default".to_owned());
+    let key_config = args
+        .encryption
+        .key_config(&home)
+        .map_err(OperatorError::Config)?;
+    if key_config.primary.is_none() {
+        tracing::warn!(
+            "--encryption none: credential versions, per-pod records and generated keys are stored unencrypted in Secrets"
+        );
+    }
+    let client = kube::Client::try_default().await?;
+    let keyring =
+        std::sync::Arc::new(leasehold_operator::keys::keyring(Some(&client), &key_config).await?);
+    tracing::info!(
+        key_id = keyring.primary_key_id().unwrap_or("none"),
+        "key encryption key ready"
+    );
+    let audit = args.audit.audit_config(&home);
     let identity = args
         .pod_name
         .clone()
@@ -173,8 +200,10 @@ pub async fn run(args: ControllerArgs) -> Result<(), OperatorError> {
         pod,
         broker,
         issuers,
+        audit,
+        keyring,
     };
-    leasehold_operator::run(config, shutdown_signal()).await
+    leasehold_operator::run_with_client(client, config, shutdown_signal()).await
 }
 
 #[cfg(test)]
@@ -191,6 +220,9 @@ mod tests {
 
     fn parse(extra: &[&str]) -> Result<ControllerArgs, clap::Error> {
         let mut argv = vec!["leasehold"];
+        if !extra.contains(&"--encryption") {
+            argv.extend_from_slice(&["--encryption", "none"]);
+        }
         argv.extend_from_slice(extra);
         Cli::try_parse_from(argv).map(|c| c.controller)
     }
@@ -212,6 +244,52 @@ mod tests {
         assert_eq!(limits.max_per_pod_users_per_lease, 50);
         assert_eq!(limits.max_connections, 64);
         assert!(parse(&["--broker-max-per-pod-users-per-lease", "0"]).is_err());
+    }
+
+    #[test]
+    fn encryption_is_chosen_explicitly() {
+        let bare = Cli::try_parse_from(["leasehold"]);
+        assert!(bare.is_err(), "no default: --encryption must be given");
+        assert!(
+            parse(&["--encryption", "kms"]).is_err(),
+            "kms needs a key id"
+        );
+        let kms = parse(&["--encryption", "kms", "--kms-key-id", "alias/leasehold"]).unwrap();
+        assert!(matches!(
+            kms.encryption.key_config("ns").unwrap().primary,
+            Some(leasehold_operator::keys::KeySource::Kms(_))
+        ));
+        let local = parse(&[
+            "--encryption",
+            "local",
+            "--local-key-secret",
+            "leasehold-kek",
+            "--local-key-secret-create",
+        ])
+        .unwrap();
+        assert!(matches!(
+            local.encryption.key_config("ns").unwrap().primary,
+            Some(leasehold_operator::keys::KeySource::LocalSecret { create: true, .. })
+        ));
+        let no_key = parse(&["--encryption", "local"]).unwrap();
+        assert!(no_key.encryption.key_config("ns").is_err());
+        assert!(
+            parse(&[])
+                .unwrap()
+                .encryption
+                .key_config("ns")
+                .unwrap()
+                .primary
+                .is_none()
+        );
+        // The audit trail is on only with a sink.
+        assert!(parse(&[]).unwrap().audit.audit_config("ns").is_none());
+        let audit = parse(&["--audit-log", "-"])
+            .unwrap()
+            .audit
+            .audit_config("ns")
+            .unwrap();
+        assert_eq!(audit.sinks, [leasehold_audit::Sink::Stdout]);
     }
 
     #[test]

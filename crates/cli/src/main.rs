@@ -12,7 +12,9 @@ use leasehold_engine::Engine;
 use leasehold_engine::local::{LocalOptions, LocalRunner, LocalState, format_table, status_rows};
 use tracing::{error, info};
 
+mod admin;
 mod controller;
+mod keys;
 mod node;
 mod serve;
 
@@ -47,7 +49,7 @@ enum Command {
     ///
     /// Replicas elect a leader through a coordination.k8s.io Lease; only the leader
     /// reconciles and serves the broker (it labels its pod leasehold.dev/leader=true).
-    Controller(controller::ControllerArgs),
+    Controller(Box<controller::ControllerArgs>),
     /// Run the CSI node driver (one per node, from the chart's DaemonSet).
     ///
     /// Verifies each pod's projected service-account token against the cluster's signing
@@ -56,6 +58,16 @@ enum Command {
     Node(node::NodeArgs),
     /// Print the CRDs (YAML) that this build expects; apply them with `kubectl apply -f -`.
     Crds,
+    /// Check or prepare the audit trail.
+    Audit {
+        #[command(subcommand)]
+        command: admin::AuditCommand,
+    },
+    /// Rewrap the stored secret material of a cluster under a new key encryption key
+    /// (KMS ↔ local key ↔ none), without downtime: give the new key like the controller
+    /// does and the old one with `--decrypt-key-*`. The controller does the same in the
+    /// background once it runs with the new key and can still open the old values.
+    Rekey(admin::RekeyArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -145,7 +157,7 @@ fn main() -> ExitCode {
     };
     runtime.block_on(async {
         match cli.command {
-            Command::Controller(args) => match controller::run(args).await {
+            Command::Controller(args) => match controller::run(*args).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     error!(error = %e, "controller stopped");
@@ -159,6 +171,8 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             },
+            Command::Audit { command } => admin::audit(command),
+            Command::Rekey(args) => admin::rekey(args).await,
             Command::Crds => {
                 for (_, crd) in leasehold_api::crds() {
                     match leasehold_api::crd_yaml(&crd) {

@@ -81,6 +81,20 @@ impl Keyring {
         }
     }
 
+    /// Unencrypted from now on ([`seal`](Self::seal) returns plaintext), but values
+    /// sealed under `decrypt_only` keys still open: the keyring of a rekey to plaintext.
+    pub fn unencrypted_opening(
+        decrypt_only: Vec<Arc<dyn KeyEncryptionKey>>,
+        settings: KeyringSettings,
+    ) -> Self {
+        Self {
+            primary: None,
+            decrypt_only,
+            cache: DataKeyCache::new(settings),
+            metrics: KeyringMetrics::default(),
+        }
+    }
+
     /// The primary key's id; `None` for an unencrypted keyring.
     pub fn primary_key_id(&self) -> Option<&str> {
         self.primary.as_deref().map(KeyEncryptionKey::key_id)

@@ -170,3 +170,160 @@ pub async fn rewrap_secret(
     }
     Ok((!done.fields.is_empty()).then_some((data, done)))
 }
+
+/// `secret` labelled as `kind`, with the fields that kind seals sealed (in memory
+/// before it is written). With an unencrypted keyring the fields stay plaintext (the
+/// label is set all the same, so a later `rekey` finds the Secret).
+pub async fn seal_secret(
+    keyring: &Keyring,
+    kind: SealedKind,
+    mut secret: Secret,
+) -> Result<Secret, EnvelopeError> {
+    secret
+        .metadata
+        .labels
+        .get_or_insert_default()
+        .insert(SEALED_LABEL.to_owned(), kind.as_str().to_owned());
+    let namespace = secret.metadata.namespace.clone().unwrap_or_default();
+    let name = secret.metadata.name.clone().unwrap_or_default();
+    if let Some(data) = secret.data.as_mut() {
+        for (field, value) in data.iter_mut() {
+            if !kind.seals(field) || Keyring::is_sealed(&value.0) {
+                continue;
+            }
+            let at = SecretField {
+                kind,
+                namespace: &namespace,
+                secret: &name,
+                field,
+            };
+            *value = at.seal(keyring, &value.0).await?;
+        }
+    }
+    Ok(secret)
+}
+
+/// A copy of `secret` with its sealed fields opened (a Secret without the label, or
+/// with plaintext fields, is returned as it is). Keep the copy in memory only.
+pub async fn open_secret(keyring: &Keyring, secret: &Secret) -> Result<Secret, EnvelopeError> {
+    let Some(kind) = sealed_kind(secret) else {
+        return Ok(secret.clone());
+    };
+    let namespace = secret.metadata.namespace.clone().unwrap_or_default();
+    let name = secret.metadata.name.clone().unwrap_or_default();
+    let mut opened = secret.clone();
+    if let Some(data) = opened.data.as_mut() {
+        for (field, value) in data.iter_mut() {
+            if !kind.seals(field) || !Keyring::is_sealed(&value.0) {
+                continue;
+            }
+            let at = SecretField {
+                kind,
+                namespace: &namespace,
+                secret: &name,
+                field,
+            };
+            *value = ByteString(at.open(keyring, &value.0).await?.to_vec());
+        }
+    }
+    Ok(opened)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::sync::Arc;
+
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    use super::*;
+    use crate::{KeyringSettings, LocalKey};
+
+    fn keyring() -> Keyring {
+        Keyring::new(
+            Arc::new(LocalKey::generate().unwrap()),
+            vec![],
+            KeyringSettings::default(),
+        )
+    }
+
+    fn secret(name: &str, data: &[(&str, &str)]) -> Secret {
+        Secret {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("shop".into()),
+                ..ObjectMeta::default()
+            },
+            data: Some(
+                data.iter()
+                    .map(|(k, v)| ((*k).to_owned(), ByteString(v.as_bytes().to_vec())))
+                    .collect(),
+            ),
+            ..Secret::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn sealed_fields_round_trip_and_do_not_open_elsewhere() {
+        let ring = keyring();
+        let plain = secret(
+            "acct",
+            &[("account.json", "{\"key\":\"TOPSECRET\"}"), ("note", "hi")],
+        );
+        let sealed = seal_secret(&ring, SealedKind::AcmeAccount, plain.clone())
+            .await
+            .unwrap();
+        let json = serde_json::to_string(&sealed).unwrap();
+        assert!(!json.contains("TOPSECRET"));
+        assert_eq!(sealed_kind(&sealed), Some(SealedKind::AcmeAccount));
+        let data = sealed.data.as_ref().unwrap();
+        assert!(Keyring::is_sealed(&data["account.json"].0));
+        assert_eq!(data["note"].0, b"hi", "only the kind's fields are sealed");
+        let opened = open_secret(&ring, &sealed).await.unwrap();
+        assert_eq!(opened.data, plain.data);
+
+        // The same value in another Secret does not open.
+        let mut moved = sealed.clone();
+        moved.metadata.name = Some("other".into());
+        let e = open_secret(&ring, &moved).await.unwrap_err();
+        assert_eq!(e.reason(), "Tampered");
+    }
+
+    #[tokio::test]
+    async fn rewrap_moves_every_sealed_field_to_the_new_key() {
+        let old = Arc::new(LocalKey::generate().unwrap());
+        let new = Arc::new(LocalKey::generate().unwrap());
+        let old_ring = Keyring::new(old.clone(), vec![], KeyringSettings::default());
+        let sealed = seal_secret(
+            &old_ring,
+            SealedKind::Versions,
+            secret("l-leasehold-versions", &[("v1", "pw1"), ("v2", "pw2")]),
+        )
+        .await
+        .unwrap();
+        let ring = Keyring::new(new.clone(), vec![old], KeyringSettings::default());
+        let (data, done) = rewrap_secret(&ring, &sealed).await.unwrap().unwrap();
+        assert_eq!(done.fields, ["v1", "v2"]);
+        let mut rewrapped = sealed.clone();
+        rewrapped.data = Some(data);
+        let only_new = Keyring::new(new, vec![], KeyringSettings::default());
+        let opened = open_secret(&only_new, &rewrapped).await.unwrap();
+        assert_eq!(opened.data.unwrap()["v2"].0, b"pw2");
+        assert!(
+            rewrap_secret(&only_new, &rewrapped)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        // To plaintext (explicit opt-out) and back.
+        let to_plain = Keyring::new(
+            Arc::new(LocalKey::generate().unwrap()),
+            vec![],
+            KeyringSettings::default(),
+        );
+        assert!(
+            rewrap_secret(&to_plain, &rewrapped).await.is_err(),
+            "a key it does not hold"
+        );
+    }
+}

@@ -421,6 +421,8 @@ pub trait AccountSecretStore: Send + Sync {
 #[derive(Clone)]
 pub struct KubeSecretStore {
     client: Client,
+    /// Seals the account (its private key) in Secrets the controller creates.
+    keyring: std::sync::Arc<leasehold_envelope::Keyring>,
 }
 
 impl std::fmt::Debug for KubeSecretStore {
@@ -430,8 +432,15 @@ impl std::fmt::Debug for KubeSecretStore {
 }
 
 impl KubeSecretStore {
-    pub fn new(client: Client) -> Self {
-        Self { client }
+    pub fn new(client: Client, keyring: std::sync::Arc<leasehold_envelope::Keyring>) -> Self {
+        Self { client, keyring }
+    }
+}
+
+fn key_error(name: &SecretName, e: &leasehold_envelope::EnvelopeError) -> SecretStoreError {
+    SecretStoreError::Unavailable {
+        secret: name.clone(),
+        message: format!("{}: {e}", e.reason()),
     }
 }
 
@@ -455,10 +464,17 @@ fn store_error(name: &SecretName, e: kube::Error) -> SecretStoreError {
 #[async_trait]
 impl AccountSecretStore for KubeSecretStore {
     async fn get(&self, name: &SecretName) -> Result<Option<Secret>, SecretStoreError> {
-        Api::<Secret>::namespaced(self.client.clone(), &name.namespace)
+        let secret = Api::<Secret>::namespaced(self.client.clone(), &name.namespace)
             .get_opt(&name.name)
             .await
-            .map_err(|e| store_error(name, e))
+            .map_err(|e| store_error(name, e))?;
+        match secret {
+            Some(s) => leasehold_envelope::secret::open_secret(&self.keyring, &s)
+                .await
+                .map(Some)
+                .map_err(|e| key_error(name, &e)),
+            None => Ok(None),
+        }
     }
 
     async fn create(&self, secret: Secret) -> Result<Created, SecretStoreError> {
@@ -466,6 +482,13 @@ impl AccountSecretStore for KubeSecretStore {
             namespace: secret.metadata.namespace.clone().unwrap_or_default(),
             name: secret.metadata.name.clone().unwrap_or_default(),
         };
+        let secret = leasehold_envelope::secret::seal_secret(
+            &self.keyring,
+            leasehold_envelope::secret::SealedKind::AcmeAccount,
+            secret,
+        )
+        .await
+        .map_err(|e| key_error(&name, &e))?;
         match Api::<Secret>::namespaced(self.client.clone(), &name.namespace)
             .create(&PostParams::default(), &secret)
             .await

@@ -709,6 +709,8 @@ pub struct IssuerContext {
     pub recorder: Option<Recorder>,
     /// The HTTP-01 solver and account state ACME issuers share.
     pub acme: Arc<AcmeState>,
+    /// Seals the keys the controller generates (self-signed CAs, ACME accounts).
+    pub keyring: Arc<leasehold_envelope::Keyring>,
 }
 
 impl std::fmt::Debug for IssuerContext {
@@ -801,7 +803,13 @@ async fn load_ca(
             SELF_SIGNED_VALIDITY,
         )
         .map_err(|e| OperatorError::Config(format!("generating a CA: {e}")))?;
-        let body = self_signed_secret(&ca, namespace, name, None);
+        let body = leasehold_envelope::secret::seal_secret(
+            &ctx.keyring,
+            leasehold_envelope::secret::SealedKind::IssuerCa,
+            self_signed_secret(&ca, namespace, name, None),
+        )
+        .await
+        .map_err(|e| key_unavailable(namespace, name, &e))?;
         match secrets.create(&PostParams::default(), &body).await {
             Ok(created) => {
                 tracing::info!(issuer = %object.key, secret = %format!("{namespace}/{name}"), "generated a self-signed CA");
@@ -814,7 +822,27 @@ async fn load_ca(
             Err(e) => return Err(e.into()),
         }
     }
+    let secret = match secret {
+        Some(s) => Some(
+            leasehold_envelope::secret::open_secret(&ctx.keyring, &s)
+                .await
+                .map_err(|e| key_unavailable(namespace, name, &e))?,
+        ),
+        None => None,
+    };
     Ok(evaluate_ca_secret(secret.as_ref(), namespace, name))
+}
+
+/// A key failure on the CA Secret: the issuer is retried with backoff.
+fn key_unavailable(
+    namespace: &str,
+    name: &str,
+    e: &leasehold_envelope::EnvelopeError,
+) -> OperatorError {
+    OperatorError::Store(leasehold_engine::StoreError(format!(
+        "{}: the CA key in Secret {namespace}/{name}: {e}",
+        e.reason()
+    )))
 }
 
 fn ready_message(source: &CaSource) -> String {
@@ -839,7 +867,7 @@ pub async fn reconcile_object(
     let outcome = match &plan {
         IssuerPlan::Invalid(why) => Err(why.clone()),
         IssuerPlan::Acme(acme) => {
-            let store = KubeSecretStore::new(ctx.client.clone());
+            let store = KubeSecretStore::new(ctx.client.clone(), ctx.keyring.clone());
             let loaded =
                 load_acme_issuer(&object.key, acme, &store, &ctx.acme, &ctx.registry).await?;
             retry_in = Some(loaded.retry_in);

@@ -53,6 +53,8 @@ pub struct Context {
     pub clock: Arc<dyn Fn() -> Timestamp + Send + Sync>,
     /// Status writes so far (the benchmark checks a no-op resync writes nothing).
     pub status_writes: Arc<AtomicU64>,
+    /// Seals what the versions Secret keeps (KMS or a local key; or, explicitly, nothing).
+    pub keyring: Arc<leasehold_envelope::Keyring>,
     failures: Mutex<HashMap<String, u32>>,
     /// Admin credentials last read per (namespace, Secret): a namespace teardown may
     /// delete the admin Secret before its leases, and revocation still needs them.
@@ -86,6 +88,7 @@ impl Context {
             pod_certificates: None,
             clock: Arc::new(Timestamp::now),
             status_writes: Arc::default(),
+            keyring: Arc::new(leasehold_envelope::Keyring::unencrypted()),
             failures: Mutex::default(),
             admin_seen: Mutex::default(),
         }
@@ -585,10 +588,13 @@ pub async fn run_lease(
     }
 
     let owner = owner_reference(lease).ok_or(OperatorError::MissingField("metadata.uid"))?;
-    let secrets = OwnedSecretStore::new(
-        Api::namespaced(ctx.client.clone(), &ns),
-        &name,
-        owner.clone(),
+    let secrets = crate::secrets::sealed_versions_store(
+        OwnedSecretStore::new(
+            Api::namespaced(ctx.client.clone(), &ns),
+            &name,
+            owner.clone(),
+        ),
+        ctx.keyring.clone(),
     );
     let delivery = KubeDelivery::new(
         ctx.client.clone(),
@@ -730,15 +736,22 @@ pub async fn run_lease(
             Ok(Action::requeue(retry_after))
         }
         Err(e) => {
-            // Best effort: say why in status, then let error_policy back off.
-            let _ = status
-                .finish(
-                    &LeaseCondition::Failing {
-                        message: e.to_string(),
-                    },
-                    generation,
-                )
-                .await;
+            // Best effort: say why in status, then let error_policy back off. A key
+            // that cannot be used (KMS down, key disabled) delays the rotation and says
+            // so; delivered credentials keep working.
+            let condition = match key_failure(&e) {
+                Some(reason) => LeaseCondition::KeyUnavailable {
+                    reason: reason.to_owned(),
+                    message: e.to_string(),
+                },
+                None => LeaseCondition::Failing {
+                    message: e.to_string(),
+                },
+            };
+            if let (Some(reason), Some(r)) = (key_failure(&e), &ctx.recorder) {
+                crate::events::publish(r, &key, EventType::Warning, reason, e.to_string());
+            }
+            let _ = status.finish(&condition, generation).await;
             if deleting && let Some(r) = &ctx.recorder {
                 crate::events::publish(
                     r,
@@ -750,6 +763,14 @@ pub async fn run_lease(
             }
             Err(e.into())
         }
+    }
+}
+
+/// The key failure (`KeyUnavailable`, `KeyRefused`, …) behind an engine error, if any.
+fn key_failure(e: &leasehold_engine::EngineError) -> Option<&'static str> {
+    match e {
+        leasehold_engine::EngineError::Store(s) => s.key_reason(),
+        _ => None,
     }
 }
 

@@ -22,6 +22,7 @@ pub mod delivery;
 pub mod error;
 pub mod events;
 pub mod issuers;
+pub mod keys;
 pub mod leader;
 pub mod lease_controller;
 pub mod metrics;
@@ -72,6 +73,8 @@ pub struct ControllerConfig {
     pub issuers: IssuerSettings,
     /// The audit trail (written while leading); `None`: no audit trail.
     pub audit: Option<audit::AuditConfig>,
+    /// Seals stored secret material (versions, per-pod records, generated keys).
+    pub keyring: Arc<leasehold_envelope::Keyring>,
 }
 
 /// How the issuer controller runs.
@@ -115,6 +118,7 @@ impl Default for ControllerConfig {
             broker: None,
             issuers: IssuerSettings::default(),
             audit: None,
+            keyring: Arc::new(leasehold_envelope::Keyring::unencrypted()),
         }
     }
 }
@@ -452,6 +456,7 @@ where
     let mut metrics = metrics::Metrics::new();
     let broker_metrics = leasehold_broker::BrokerMetrics::register(metrics.registry_mut());
     let audit_metrics = leasehold_audit::AuditMetrics::register(metrics.registry_mut());
+    config.keyring.register_metrics(metrics.registry_mut());
     let metrics = Arc::new(metrics);
     let health = Arc::new(metrics::Health::default());
     let server = tokio::spawn(metrics::serve(
@@ -505,6 +510,31 @@ where
             }
         },
         None => leasehold_audit::AuditLog::disabled(),
+    };
+    // Controller mode of rekey: whatever is not under the current key (an earlier key,
+    // or plaintext from before encryption was turned on) is rewrapped in the
+    // background, and again every hour (Secrets that changed meanwhile, or a key that
+    // was unavailable).
+    let rekey_task = {
+        let client = client.clone();
+        let keyring = config.keyring.clone();
+        let namespaces = config.namespaces.clone();
+        let audit = audit_log.clone();
+        tokio::spawn(async move {
+            loop {
+                match keys::rekey(&client, &keyring, &namespaces, &audit).await {
+                    Ok(report) if report.rewrapped.is_empty() && report.failed.is_empty() => {}
+                    Ok(report) => tracing::info!(
+                        rewrapped = report.rewrapped.len(),
+                        failed = report.failed.len(),
+                        "rekey pass: {}",
+                        report.to_string().trim_end()
+                    ),
+                    Err(e) => tracing::warn!(error = %e, "rekey pass failed; retried in an hour"),
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+            }
+        })
     };
     // Per-pod certificates: signed by the broker, revoked by the sweep and, when their
     // lease is deleted, by the lease controller.
@@ -563,6 +593,7 @@ where
         metrics: metrics.clone(),
         recorder: Some(recorder.clone()),
         acme,
+        keyring: config.keyring.clone(),
     });
     let mut lease_ctx = Context::new(
         client.clone(),
@@ -578,6 +609,7 @@ where
     ));
     lease_ctx.pod_certificates = Some(pod_certificates.clone());
     lease_ctx.engine = lease_ctx.engine.clone().with_audit(audit_log.clone());
+    lease_ctx.keyring = config.keyring.clone();
     let ctx = Arc::new(lease_ctx);
     lease_controller::preload_username_claims(&client, &config.namespaces, &ctx.engine).await;
     let namespaces: Vec<Option<String>> = if config.namespaces.is_empty() {
@@ -631,6 +663,7 @@ where
     {
         e.release().await;
     }
+    rekey_task.abort();
     audit_log.shutdown().await;
     let result = result.and(broker_result);
     match server.await {

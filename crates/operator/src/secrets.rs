@@ -172,7 +172,14 @@ impl OwnedSecretStore {
             .iter()
             .map(|(v, s)| (format!("v{v}"), s.clone()))
             .collect();
-        let body = owned_secret_patch(&self.secret_name(), &self.lease_name, &self.owner, &data);
+        let mut body =
+            owned_secret_patch(&self.secret_name(), &self.lease_name, &self.owner, &data);
+        body.metadata.labels.get_or_insert_default().insert(
+            leasehold_envelope::secret::SEALED_LABEL.to_owned(),
+            leasehold_envelope::secret::SealedKind::Versions
+                .as_str()
+                .to_owned(),
+        );
         let mut body = secret_apply_body(&body)?;
         if let Some(rv) = resource_version {
             body["metadata"]["resourceVersion"] = serde_json::json!(rv);
@@ -196,6 +203,28 @@ impl OwnedSecretStore {
             })?;
         Ok(written.metadata.resource_version)
     }
+}
+
+/// `store` with every version sealed by `keyring`, each bound to its place: the
+/// lease's namespace, its versions Secret and the `v<N>` field (what
+/// `leasehold rekey` recomputes from the Secret alone).
+pub fn sealed_versions_store(
+    store: OwnedSecretStore,
+    keyring: std::sync::Arc<leasehold_envelope::Keyring>,
+) -> leasehold_engine::sealed::SealedSecretStore<OwnedSecretStore> {
+    use leasehold_envelope::secret::{SealedKind, field_context};
+    leasehold_engine::sealed::SealedSecretStore::new(
+        store,
+        keyring,
+        std::sync::Arc::new(|lease: &LeaseKey, version: u64| {
+            field_context(
+                SealedKind::Versions,
+                &lease.namespace,
+                &versions_secret_name(&lease.name),
+                &format!("v{version}"),
+            )
+        }),
+    )
 }
 
 /// `v<N>` keys of a versions Secret.

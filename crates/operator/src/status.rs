@@ -69,6 +69,10 @@ pub enum LeaseCondition {
     /// Nothing is issued for the lease itself: every pod gets its own credential through
     /// the CSI driver (a certificate lease without Secret delivery). `Ready=True`.
     PerPodOnly { message: String },
+    /// The key encryption key cannot be used (KMS unreachable, key disabled, a value
+    /// that does not open): `Degraded=True` with `reason`; `Ready` follows progress
+    /// (a delivered credential keeps working); retried with backoff.
+    KeyUnavailable { reason: String, message: String },
 }
 
 /// Set `Ready`, `Rotating`, `Verified`, `RevocationPending` and `Degraded` from progress.
@@ -181,6 +185,14 @@ pub fn derive_conditions(
     };
     upsert(&mut conds, revocation);
     let degraded = match (stuck, progress.rotation_failure()) {
+        _ if let LeaseCondition::KeyUnavailable { reason, message } = outcome => c(
+            conditions::DEGRADED,
+            true,
+            reason,
+            format!(
+                "{message}; rotations and issuances wait for the key, delivered credentials keep working"
+            ),
+        ),
         (None, Some(failed)) => c(
             conditions::DEGRADED,
             true,

@@ -123,7 +123,24 @@ fn context(client: kube::Client, registry: IssuerRegistry) -> IssuerContext {
         metrics: Arc::new(Metrics::new()),
         recorder: None,
         acme: Arc::new(AcmeState::without_solver("not needed here")),
+        // Generated CA keys are sealed, as in a real install (one key for the process,
+        // as a controller that restarts keeps its key).
+        keyring: keyring(),
     }
+}
+
+fn keyring() -> Arc<leasehold_envelope::Keyring> {
+    static KEYRING: std::sync::OnceLock<Arc<leasehold_envelope::Keyring>> =
+        std::sync::OnceLock::new();
+    KEYRING
+        .get_or_init(|| {
+            Arc::new(leasehold_envelope::Keyring::new(
+                Arc::new(leasehold_envelope::LocalKey::generate().unwrap()),
+                vec![],
+                leasehold_envelope::KeyringSettings::default(),
+            ))
+        })
+        .clone()
 }
 
 fn issuer(spec: Value, status: Option<Value>) -> IssuerObject {
@@ -203,9 +220,15 @@ async fn a_self_signed_issuer_generates_its_root_once() {
             .unwrap()
             .contains("shop/internal-ca")
     );
-    // The key never reaches the status.
+    // The key is stored sealed, and never reaches the status.
     let key = decoded(&state["secret"], "tls.key");
-    assert!(!status.to_string().contains(key.lines().nth(1).unwrap()));
+    assert!(key.starts_with("lhenc1:"), "sealed: {}", &key[..12]);
+    assert!(!state["secret"].to_string().contains("PRIVATE KEY"));
+    assert_eq!(
+        state["secret"]["metadata"]["labels"]["leasehold.dev/sealed"],
+        "issuer-ca"
+    );
+    assert!(!status.to_string().contains(&key[8..40]));
 
     let ca_pem = decoded(&state["secret"], "tls.crt");
     assert_eq!(registry.ca_pem("shop", &lease_ref()).unwrap(), ca_pem);
