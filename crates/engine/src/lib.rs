@@ -53,6 +53,28 @@ pub trait SecretStore: Send + Sync {
     async fn remove(&self, lease: &LeaseKey, version: u64) -> Result<(), StoreError>;
 }
 
+#[async_trait]
+impl<T: SecretStore + ?Sized> SecretStore for std::sync::Arc<T> {
+    async fn put(
+        &self,
+        lease: &LeaseKey,
+        version: u64,
+        secret: &SecretString,
+    ) -> Result<(), StoreError> {
+        (**self).put(lease, version, secret).await
+    }
+    async fn get(
+        &self,
+        lease: &LeaseKey,
+        version: u64,
+    ) -> Result<Option<SecretString>, StoreError> {
+        (**self).get(lease, version).await
+    }
+    async fn remove(&self, lease: &LeaseKey, version: u64) -> Result<(), StoreError> {
+        (**self).remove(lease, version).await
+    }
+}
+
 /// Hands the current credential to consumers (a Secret, files, rollout restarts).
 #[async_trait]
 pub trait Delivery: Send + Sync {

@@ -154,10 +154,7 @@ pub async fn keyring(
         )),
         None if decrypt_only.is_empty() => Ok(Keyring::unencrypted()),
         // Unencrypted from now on, but values sealed before still open (rekey to plaintext).
-        None => Ok(Keyring::unencrypted_opening(
-            decrypt_only,
-            config.settings,
-        )),
+        None => Ok(Keyring::unencrypted_opening(decrypt_only, config.settings)),
     }
 }
 
