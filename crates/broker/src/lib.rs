@@ -53,6 +53,8 @@ pub mod per_pod;
 pub mod server;
 pub mod service;
 pub mod sweep;
+#[cfg(test)]
+mod test_keys;
 pub mod tls;
 
 pub use authz::{Deny, NodeDriverAccount};
@@ -66,6 +68,7 @@ pub use consumers::{
     ObjectRef,
 };
 pub use error::BrokerError;
+pub use leasehold_envelope::Keyring;
 pub use limits::BrokerLimits;
 pub use metrics::BrokerMetrics;
 pub use per_pod::{
