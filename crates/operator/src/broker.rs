@@ -94,12 +94,13 @@ pub async fn run(
                 settings.generated_secret.clone(),
                 settings.ca_configmap.clone(),
             );
-            let tls = BrokerTls::ensure(client.clone(), &tls_settings)
+            let tls = BrokerTls::ensure(client.clone(), &tls_settings, &settings.keyring)
                 .await
                 .map_err(|e| OperatorError::Broker(format!("broker TLS: {e}")))?;
             tls.spawn_renewal(
                 client.clone(),
                 tls_settings,
+                settings.keyring.clone(),
                 std::time::Duration::from_secs(3600),
             );
             tls
