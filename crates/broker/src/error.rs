@@ -1,6 +1,7 @@
 //! The one error type of the broker and its gRPC mapping.
 
 use leasehold_auth::{AuthError, ErrorClass};
+use leasehold_envelope::EnvelopeError;
 use tonic::Code;
 
 use crate::authz::Deny;
@@ -87,6 +88,20 @@ impl BrokerError {
     pub fn kube(what: &str, error: &kube::Error) -> Self {
         BrokerError::Unavailable(format!("{what}: {error}"))
     }
+
+    /// A key-encryption key failure while sealing or opening a stored record.
+    /// Transient ones (KMS unreachable) are `UNAVAILABLE`, so the node driver
+    /// retries; the others (key refused, record tampered with, unknown key) need
+    /// someone to act and are `FAILED_PRECONDITION`. The message starts with the
+    /// reason (`KeyUnavailable`, `Tampered`, ...) and never holds secret material.
+    pub fn key(what: &str, error: &EnvelopeError) -> Self {
+        let message = format!("{}: {what}: {error}", error.reason());
+        if error.is_transient() {
+            BrokerError::Unavailable(message)
+        } else {
+            BrokerError::FailedPrecondition(message)
+        }
+    }
 }
 
 impl From<BrokerError> for tonic::Status {
@@ -119,5 +134,28 @@ mod tests {
             tonic::Status::from(BrokerError::Denied(Deny::CallerNodeUnknown)).code(),
             Code::PermissionDenied
         );
+    }
+
+    #[test]
+    fn key_failures_are_retried_only_when_transient() {
+        let unavailable = BrokerError::key(
+            "cannot open a record",
+            &EnvelopeError::KeyUnavailable {
+                key_id: "k".into(),
+                operation: "decrypt",
+                detail: "timeout".into(),
+            },
+        );
+        assert_eq!(unavailable.code(), Code::Unavailable);
+        assert!(unavailable.to_string().contains("KeyUnavailable"));
+        let tampered = BrokerError::key(
+            "cannot open a record",
+            &EnvelopeError::Tampered {
+                key_id: "k".into(),
+                context_keys: "secret".into(),
+            },
+        );
+        assert_eq!(tampered.code(), Code::FailedPrecondition);
+        assert!(tampered.to_string().contains("Tampered"));
     }
 }

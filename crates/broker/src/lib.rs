@@ -16,17 +16,19 @@
 //! # async fn run(client: kube::Client, node_verifier: std::sync::Arc<leasehold_auth::TokenVerifier>,
 //! #     pod_verifier: std::sync::Arc<leasehold_auth::TokenVerifier>,
 //! #     registry: &mut prometheus_client::registry::Registry,
-//! #     backends: leasehold_engine::BackendRegistry) -> Result<(), Box<dyn std::error::Error>> {
+//! #     backends: leasehold_engine::BackendRegistry,
+//! #     keyring: std::sync::Arc<leasehold_envelope::Keyring>) -> Result<(), Box<dyn std::error::Error>> {
 //! use std::sync::Arc;
 //! use leasehold_broker::*;
 //!
 //! let settings = TlsSettings::new("leasehold-system", "leasehold-broker",
 //!     "leasehold-broker-tls", "leasehold-broker-ca");
-//! let tls = BrokerTls::ensure(client.clone(), &settings).await?;
-//! tls.spawn_renewal(client.clone(), settings, std::time::Duration::from_secs(3600));
+//! // The CA and serving keys are sealed with `keyring` (`Keyring::unencrypted()` opts out).
+//! let tls = BrokerTls::ensure(client.clone(), &settings, &keyring).await?;
+//! tls.spawn_renewal(client.clone(), settings, keyring.clone(), std::time::Duration::from_secs(3600));
 //! let cluster: Arc<dyn ClusterView> = Arc::new(KubeClusterView::new(client.clone()));
 //! let per_pod = EnginePerPodIssuer::new(cluster.clone(),
-//!     Arc::new(KubePodCredentialStore::new(client.clone())), backends);
+//!     Arc::new(KubePodCredentialStore::new(client.clone(), keyring.clone())), backends);
 //! let service = BrokerService::new(
 //!     BrokerConfig::new("leasehold-system", "leasehold-csi"),
 //!     Verifiers { node: node_verifier, pod: pod_verifier },
@@ -53,6 +55,8 @@ pub mod per_pod;
 pub mod server;
 pub mod service;
 pub mod sweep;
+#[cfg(test)]
+mod test_keys;
 pub mod tls;
 
 pub use authz::{Deny, NodeDriverAccount};
@@ -66,6 +70,7 @@ pub use consumers::{
     ObjectRef,
 };
 pub use error::BrokerError;
+pub use leasehold_envelope::Keyring;
 pub use limits::BrokerLimits;
 pub use metrics::BrokerMetrics;
 pub use per_pod::{

@@ -6,6 +6,9 @@
 //! the lease, labelled with both UIDs), holding the password and a small JSON
 //! record (user name, node, generation, times). So a repeated `Issue` returns
 //! the same credential, and `Release` can revoke it after a broker restart.
+//! The password is envelope-encrypted ([`password_field`]: bound to the Secret
+//! it is stored in, so it does not open anywhere else); the record is not
+//! secret and stays plain, so `Release` and the orphan sweep need no key.
 //! The user name is `lh_<lease uid 12>_p<pod uid 12>` (29 characters: fits
 //! PostgreSQL and MySQL), always derived from the two UIDs and never read back
 //! from the record: anyone who can patch Secrets in the lease's namespace can
@@ -37,6 +40,8 @@ use leasehold_backends::{
 use leasehold_core::naming::short_uid;
 use leasehold_engine::context::{AdminCredentials, BackendRegistry, LeaseContext, LeaseKey};
 use leasehold_engine::template::{CredentialValues, render};
+use leasehold_envelope::Keyring;
+use leasehold_envelope::secret::{SEALED_LABEL, SealedKind, SecretField};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use tracing::{info, instrument, warn};
@@ -155,6 +160,15 @@ pub trait PodCredentialStore: Send + Sync {
         lease: &SecretLease,
         record: &PodCredentialRecord,
     ) -> Result<(), BrokerError>;
+    /// The non-secret part of a pod's record: what `Release` needs, readable
+    /// without the key that protects the password.
+    async fn meta(
+        &self,
+        lease: &SecretLease,
+        pod_uid: &str,
+    ) -> Result<Option<PodCredentialMeta>, BrokerError> {
+        Ok(self.get(lease, pod_uid).await?.map(|r| r.meta))
+    }
     /// Removes it (missing is fine).
     async fn delete(&self, lease: &SecretLease, pod_uid: &str) -> Result<(), BrokerError>;
     /// The non-secret part of every record of `lease` (for the orphan sweep).
@@ -193,49 +207,68 @@ pub(crate) fn lease_uid(lease: &SecretLease) -> &str {
     lease.metadata.uid.as_deref().unwrap_or_default()
 }
 
-/// [`PodCredentialStore`] in Secrets owned by the lease.
+/// [`PodCredentialStore`] in Secrets owned by the lease, passwords sealed
+/// with a [`Keyring`].
 #[derive(Clone)]
 pub struct KubePodCredentialStore {
     client: kube::Client,
+    keyring: Arc<Keyring>,
 }
 
 impl std::fmt::Debug for KubePodCredentialStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KubePodCredentialStore")
+            .field("key", &self.keyring.primary_key_id())
             .finish_non_exhaustive()
     }
 }
 
 impl KubePodCredentialStore {
-    /// Needs `get`, `patch` and `delete` on secrets in lease namespaces.
-    pub fn new(client: kube::Client) -> Self {
-        Self { client }
+    /// Needs `get`, `list`, `patch` and `delete` on secrets in lease namespaces;
+    /// passwords are sealed with `keyring` (plaintext with [`Keyring::unencrypted`]).
+    pub fn new(client: kube::Client, keyring: Arc<Keyring>) -> Self {
+        Self { client, keyring }
     }
 }
 
-/// The Secret recording `record` (server-side apply body).
+/// Where the password in the pod credential Secret `namespace/secret_name` is
+/// sealed: bound to that Secret, so a password copied into another pod's
+/// Secret (or another namespace) does not open.
+pub fn password_field<'a>(namespace: &'a str, secret_name: &'a str) -> SecretField<'a> {
+    SecretField {
+        kind: SealedKind::PodCredential,
+        namespace,
+        secret: secret_name,
+        field: PASSWORD_KEY,
+    }
+}
+
+/// The Secret recording `meta` with the password as stored (sealed by
+/// [`sealed_pod_secret`], or plaintext when unencrypted): a server-side apply body.
 pub fn pod_secret(
     lease: &SecretLease,
-    record: &PodCredentialRecord,
+    meta: &PodCredentialMeta,
+    stored_password: ByteString,
 ) -> Result<Secret, BrokerError> {
     let uid = lease_uid(lease);
-    let meta = serde_json::to_vec(&record.meta).map_err(|e| {
+    let record = serde_json::to_vec(meta).map_err(|e| {
         BrokerError::Internal(format!("cannot encode the pod credential record: {e}"))
     })?;
     let data = BTreeMap::from([
-        (RECORD_KEY.to_owned(), ByteString(meta)),
-        (
-            PASSWORD_KEY.to_owned(),
-            ByteString(record.password.expose_secret().as_bytes().to_vec()),
-        ),
+        (RECORD_KEY.to_owned(), ByteString(record)),
+        (PASSWORD_KEY.to_owned(), stored_password),
     ]);
     Ok(Secret {
         metadata: ObjectMeta {
-            name: Some(pod_secret_name(uid, &record.meta.pod_uid)),
+            name: Some(pod_secret_name(uid, &meta.pod_uid)),
             namespace: lease.metadata.namespace.clone(),
             labels: Some(BTreeMap::from([
                 (LEASE_UID_LABEL.to_owned(), short_uid(uid)),
-                (POD_UID_LABEL.to_owned(), record.meta.pod_uid.clone()),
+                (POD_UID_LABEL.to_owned(), meta.pod_uid.clone()),
+                (
+                    SEALED_LABEL.to_owned(),
+                    SealedKind::PodCredential.as_str().to_owned(),
+                ),
                 (
                     "app.kubernetes.io/managed-by".to_owned(),
                     "leasehold".to_owned(),
@@ -257,15 +290,56 @@ pub fn pod_secret(
     })
 }
 
-/// Reads a record back from its Secret.
-pub fn record_from_secret(secret: &Secret) -> Option<PodCredentialRecord> {
-    let data = secret.data.as_ref()?;
-    let meta = serde_json::from_slice(&data.get(RECORD_KEY)?.0).ok()?;
-    let password = String::from_utf8(data.get(PASSWORD_KEY)?.0.clone()).ok()?;
-    Some(PodCredentialRecord {
-        meta,
-        password: SecretString::from(password),
-    })
+/// The Secret recording `record`, its password sealed with `keyring`.
+pub async fn sealed_pod_secret(
+    keyring: &Keyring,
+    lease: &SecretLease,
+    record: &PodCredentialRecord,
+) -> Result<Secret, BrokerError> {
+    let name = pod_secret_name(lease_uid(lease), &record.meta.pod_uid);
+    let stored = password_field(lease_ns(lease), &name)
+        .seal(keyring, record.password.expose_secret().as_bytes())
+        .await
+        .map_err(|e| BrokerError::key("cannot encrypt a pod credential", &e))?;
+    pod_secret(lease, &record.meta, stored)
+}
+
+/// The non-secret part of a record Secret (no key needed); `None` when it has none.
+pub fn meta_from_secret(secret: &Secret) -> Option<PodCredentialMeta> {
+    serde_json::from_slice(&secret.data.as_ref()?.get(RECORD_KEY)?.0).ok()
+}
+
+/// Reads a record back from its Secret, opening the password with `keyring`
+/// for the Secret it was read from (a legacy plaintext password reads as is).
+/// `Ok(None)` when the Secret is not a complete record; a key failure (or a
+/// password sealed for another Secret) is an error naming the reason.
+pub async fn record_from_secret(
+    keyring: &Keyring,
+    secret: &Secret,
+) -> Result<Option<PodCredentialRecord>, BrokerError> {
+    let Some(meta) = meta_from_secret(secret) else {
+        return Ok(None);
+    };
+    let Some(stored) = secret.data.as_ref().and_then(|d| d.get(PASSWORD_KEY)) else {
+        return Ok(None);
+    };
+    let namespace = secret.metadata.namespace.as_deref().unwrap_or_default();
+    let name = secret.metadata.name.as_deref().unwrap_or_default();
+    let plain = password_field(namespace, name)
+        .open(keyring, &stored.0)
+        .await
+        .map_err(|e| {
+            BrokerError::key(
+                &format!("cannot decrypt the pod credential in Secret {namespace}/{name}"),
+                &e,
+            )
+        })?;
+    Ok(std::str::from_utf8(&plain)
+        .ok()
+        .map(|password| PodCredentialRecord {
+            meta,
+            password: SecretString::from(password),
+        }))
 }
 
 #[async_trait]
@@ -275,11 +349,22 @@ impl PodCredentialStore for KubePodCredentialStore {
         lease: &SecretLease,
         pod_uid: &str,
     ) -> Result<Option<PodCredentialRecord>, BrokerError> {
-        let secret = Api::<Secret>::namespaced(self.client.clone(), lease_ns(lease))
-            .get_opt(&pod_secret_name(lease_uid(lease), pod_uid))
-            .await
-            .map_err(|e| BrokerError::kube("cannot read a pod credential record", &e))?;
-        Ok(secret.as_ref().and_then(record_from_secret))
+        match self.read(lease, pod_uid).await? {
+            Some(secret) => record_from_secret(&self.keyring, &secret).await,
+            None => Ok(None),
+        }
+    }
+
+    async fn meta(
+        &self,
+        lease: &SecretLease,
+        pod_uid: &str,
+    ) -> Result<Option<PodCredentialMeta>, BrokerError> {
+        Ok(self
+            .read(lease, pod_uid)
+            .await?
+            .as_ref()
+            .and_then(meta_from_secret))
     }
 
     async fn put(
@@ -287,7 +372,7 @@ impl PodCredentialStore for KubePodCredentialStore {
         lease: &SecretLease,
         record: &PodCredentialRecord,
     ) -> Result<(), BrokerError> {
-        let secret = pod_secret(lease, record)?;
+        let secret = sealed_pod_secret(&self.keyring, lease, record).await?;
         let name = secret.metadata.name.clone().unwrap_or_default();
         let mut body = serde_json::to_value(&secret)
             .map_err(|e| BrokerError::Internal(format!("cannot encode a Secret: {e}")))?;
@@ -327,11 +412,20 @@ impl PodCredentialStore for KubePodCredentialStore {
             .list(&kube::api::ListParams::default().labels(&selector))
             .await
             .map_err(|e| BrokerError::kube("cannot list pod credential records", &e))?;
-        Ok(secrets
-            .items
-            .iter()
-            .filter_map(|s| record_from_secret(s).map(|r| r.meta))
-            .collect())
+        Ok(secrets.items.iter().filter_map(meta_from_secret).collect())
+    }
+}
+
+impl KubePodCredentialStore {
+    async fn read(
+        &self,
+        lease: &SecretLease,
+        pod_uid: &str,
+    ) -> Result<Option<Secret>, BrokerError> {
+        Api::<Secret>::namespaced(self.client.clone(), lease_ns(lease))
+            .get_opt(&pod_secret_name(lease_uid(lease), pod_uid))
+            .await
+            .map_err(|e| BrokerError::kube("cannot read a pod credential record", &e))
     }
 }
 
@@ -772,10 +866,10 @@ impl PerPodIssuer for EnginePerPodIssuer {
     ) -> Result<Option<u64>, BrokerError> {
         Ok(self
             .store
-            .get(lease, pod_uid)
+            .meta(lease, pod_uid)
             .await?
-            .filter(|r| r.meta.verified)
-            .map(|r| r.meta.generation))
+            .filter(|m| m.verified)
+            .map(|m| m.generation))
     }
 
     #[instrument(skip_all, fields(pod_uid = %pod_uid))]
@@ -788,13 +882,14 @@ impl PerPodIssuer for EnginePerPodIssuer {
     ) -> Result<(), BrokerError> {
         let lock = self.lock_for(lease, pod_uid);
         let _guard = lock.lock().await;
-        let Some(record) = self.store.get(lease, pod_uid).await? else {
+        // The record's plain part is enough: releasing works while the key is unavailable.
+        let Some(record) = self.store.meta(lease, pod_uid).await? else {
             return Ok(());
         };
-        if record.meta.node != node {
+        if record.node != node {
             return Err(Deny::CallerOnOtherNode {
                 caller_node: node.to_owned(),
-                requested_node: record.meta.node,
+                requested_node: record.node,
             }
             .into());
         }
@@ -805,8 +900,8 @@ impl PerPodIssuer for EnginePerPodIssuer {
         // Derived, never read from the record: whoever can write Secrets in
         // the lease's namespace must not be able to make the admin drop a role.
         let username = per_pod_username(lease_uid(lease), pod_uid);
-        if record.meta.username != username {
-            warn!(recorded = %record.meta.username, user = %username, "pod credential record names another user; ignoring it");
+        if record.username != username {
+            warn!(recorded = %record.username, user = %username, "pod credential record names another user; ignoring it");
         }
         ctx.backend
             .revoke(&RevokeRequest {
@@ -845,8 +940,13 @@ mod tests {
         assert!(s.len() <= 63);
     }
 
-    #[test]
-    fn record_round_trips_through_a_secret() {
+    use crate::test_keys::{flaky_keyring, keyring_from, local_keyring, unavailable_keyring};
+    use base64::Engine as _;
+    use tonic::Code;
+
+    const PASSWORD: &str = "s3cret-value";
+
+    fn lease() -> SecretLease {
         let mut lease = SecretLease::new(
             "db",
             serde_json::from_value(serde_json::json!({
@@ -857,13 +957,17 @@ mod tests {
         );
         lease.metadata.namespace = Some("shop".into());
         lease.metadata.uid = Some("7f3c2a1b-0d9e".into());
+        lease
+    }
+
+    fn record(pod_uid: &str) -> PodCredentialRecord {
         let now = Timestamp::now();
-        let record = PodCredentialRecord {
+        PodCredentialRecord {
             meta: PodCredentialMeta {
                 username: "lh_x_py".into(),
                 pod_namespace: "shop".into(),
                 pod_name: "web-0".into(),
-                pod_uid: "uid-1".into(),
+                pod_uid: pod_uid.into(),
                 node: "node-a".into(),
                 generation: 2,
                 issued_at: now,
@@ -871,17 +975,147 @@ mod tests {
                 renew_at: now,
                 verified: true,
             },
-            password: SecretString::from("s3cret-value"),
-        };
-        let secret = pod_secret(&lease, &record).unwrap();
-        let back = record_from_secret(&secret).unwrap();
+            password: SecretString::from(PASSWORD),
+        }
+    }
+
+    /// The Secret as the API server would get it.
+    fn body(secret: &Secret) -> String {
+        serde_json::to_string(secret).unwrap()
+    }
+
+    fn holds_plaintext(body: &str) -> bool {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(PASSWORD);
+        body.contains(PASSWORD) || body.contains(&b64)
+    }
+
+    #[tokio::test]
+    async fn record_round_trips_through_a_sealed_secret() {
+        let keyring = local_keyring();
+        let lease = lease();
+        let record = record("uid-1");
+        let secret = sealed_pod_secret(&keyring, &lease, &record).await.unwrap();
+        assert!(!holds_plaintext(&body(&secret)), "{}", body(&secret));
+        let password = &secret.data.as_ref().unwrap()[PASSWORD_KEY].0;
+        assert!(Keyring::is_sealed(password));
+        assert_eq!(
+            secret.metadata.labels.as_ref().unwrap()[SEALED_LABEL],
+            "pod-credential"
+        );
+        // The record is plain: the sweep lists it without the key.
+        assert_eq!(meta_from_secret(&secret).unwrap(), record.meta);
+
+        let back = record_from_secret(&keyring, &secret)
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(back.meta, record.meta);
-        assert_eq!(back.password.expose_secret(), "s3cret-value");
+        assert_eq!(back.password.expose_secret(), PASSWORD);
         assert!(!format!("{record:?}").contains("s3cret"));
         let owner = &secret.metadata.owner_references.as_ref().unwrap()[0];
         assert_eq!(
             (owner.kind.as_str(), owner.name.as_str()),
             ("SecretLease", "db")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_password_copied_into_another_pods_secret_does_not_open() {
+        let keyring = local_keyring();
+        let lease = lease();
+        let mut secret = sealed_pod_secret(&keyring, &lease, &record("uid-1"))
+            .await
+            .unwrap();
+        secret.metadata.name = Some(pod_secret_name(lease_uid(&lease), "uid-2"));
+        let error = record_from_secret(&keyring, &secret).await.unwrap_err();
+        assert_eq!(error.code(), Code::FailedPrecondition);
+        let message = error.to_string();
+        assert!(message.starts_with("Tampered: "), "{message}");
+        assert!(!holds_plaintext(&message));
+
+        // Nor in another namespace.
+        let mut moved = sealed_pod_secret(&keyring, &lease, &record("uid-1"))
+            .await
+            .unwrap();
+        moved.metadata.namespace = Some("other".into());
+        let error = record_from_secret(&keyring, &moved).await.unwrap_err();
+        assert!(error.to_string().starts_with("Tampered: "));
+    }
+
+    #[tokio::test]
+    async fn a_legacy_plaintext_record_still_reads() {
+        let lease = lease();
+        let record = record("uid-1");
+        let legacy = pod_secret(
+            &lease,
+            &record.meta,
+            ByteString(PASSWORD.as_bytes().to_vec()),
+        )
+        .unwrap();
+        let back = record_from_secret(&local_keyring(), &legacy)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(back.password.expose_secret(), PASSWORD);
+        assert_eq!(back.meta, record.meta);
+    }
+
+    #[tokio::test]
+    async fn an_unencrypted_keyring_stores_plaintext() {
+        let keyring = Keyring::unencrypted();
+        let lease = lease();
+        let secret = sealed_pod_secret(&keyring, &lease, &record("uid-1"))
+            .await
+            .unwrap();
+        assert_eq!(
+            secret.data.as_ref().unwrap()[PASSWORD_KEY].0,
+            PASSWORD.as_bytes(),
+            "the explicit opt-out stores the password as it is"
+        );
+        let back = record_from_secret(&keyring, &secret)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(back.password.expose_secret(), PASSWORD);
+    }
+
+    #[tokio::test]
+    async fn an_unavailable_key_is_retried_by_the_caller() {
+        let lease = lease();
+        // Sealing while the key is down.
+        let error = sealed_pod_secret(&flaky_keyring(1), &lease, &record("uid-1"))
+            .await
+            .unwrap_err();
+        assert_eq!(error.code(), Code::Unavailable);
+        assert!(
+            error
+                .to_string()
+                .starts_with("unavailable: KeyUnavailable: ")
+        );
+        // Opening while it is down.
+        let bytes = [7u8; 32];
+        let secret = sealed_pod_secret(&keyring_from(bytes), &lease, &record("uid-1"))
+            .await
+            .unwrap();
+        let error = record_from_secret(&unavailable_keyring(bytes), &secret)
+            .await
+            .unwrap_err();
+        assert_eq!(tonic::Status::from(error).code(), Code::Unavailable);
+        // The plain part still reads.
+        assert!(meta_from_secret(&secret).is_some());
+    }
+
+    #[tokio::test]
+    async fn an_incomplete_secret_is_no_record() {
+        let mut secret = sealed_pod_secret(&local_keyring(), &lease(), &record("uid-1"))
+            .await
+            .unwrap();
+        secret.data.as_mut().unwrap().remove(PASSWORD_KEY);
+        assert!(
+            record_from_secret(&local_keyring(), &secret)
+                .await
+                .unwrap()
+                .is_none()
         );
     }
 }

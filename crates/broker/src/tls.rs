@@ -6,6 +6,13 @@
 //! start agree (the loser reads the winner's). The CA is published in a
 //! ConfigMap (`ca.crt`) that the node drivers mount. The serving certificate
 //! is renewed from the same CA when less than a third of its life is left.
+//!
+//! The private keys (`ca.key`, `tls.key`) of the generated Secret are
+//! envelope-encrypted with the controller's keyring ([`key_field`]; the Secret
+//! is labelled [`SEALED_LABEL`] `broker-tls`). A Secret written before that
+//! (plaintext keys) still loads and is sealed as soon as it is read. A
+//! user-provided Secret ([`BrokerTls::from_secret`]) is the user's: read as it
+//! is, never sealed.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
@@ -17,6 +24,8 @@ use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
+use leasehold_envelope::secret::{SEALED_LABEL, SealedKind, SecretField};
+use leasehold_envelope::{EnvelopeError, Keyring};
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose,
@@ -70,6 +79,34 @@ pub enum TlsError {
         #[source]
         source: kube::Error,
     },
+    /// Sealing or opening a private key failed; the message starts with the reason
+    /// (`KeyUnavailable`, `KeyRefused`, `Tampered`, ...).
+    #[error("{}: {what}: {source}", source.reason())]
+    Key {
+        /// What was being done.
+        what: &'static str,
+        /// Cause.
+        #[source]
+        source: EnvelopeError,
+    },
+}
+
+impl TlsError {
+    /// Whether retrying later may succeed without anyone acting (the key
+    /// encryption key is unreachable for now).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, TlsError::Key { source, .. } if source.is_transient())
+    }
+}
+
+/// How long [`BrokerTls::ensure`] waits before its `attempt`-th (0-based) retry
+/// while the key encryption key is unavailable: 1 s, doubling, at most a minute.
+pub fn key_retry_delay(attempt: u32) -> Duration {
+    const FIRST: Duration = Duration::from_secs(1);
+    const MAX: Duration = Duration::from_secs(60);
+    FIRST
+        .checked_mul(2u32.saturating_pow(attempt))
+        .map_or(MAX, |d| d.min(MAX))
 }
 
 fn kube_err(what: &'static str) -> impl FnOnce(kube::Error) -> TlsError {
@@ -322,7 +359,100 @@ fn annotation_time(secret: &Secret, key: &str) -> Option<Timestamp> {
     secret.metadata.annotations.as_ref()?.get(key)?.parse().ok()
 }
 
-fn generated_secret(settings: &TlsSettings, ca: &CertPem, serving: &ServingCert) -> Secret {
+/// Where the private key `field` (`ca.key` or `tls.key`) of the generated
+/// Secret is sealed: bound to that Secret and field.
+pub fn key_field<'a>(settings: &'a TlsSettings, field: &'a str) -> SecretField<'a> {
+    SecretField {
+        kind: SealedKind::BrokerTls,
+        namespace: &settings.namespace,
+        secret: &settings.secret_name,
+        field,
+    }
+}
+
+/// The private keys of the generated Secret as stored (sealed, or plaintext
+/// with an unencrypted keyring).
+struct StoredKeys {
+    ca_key: ByteString,
+    tls_key: ByteString,
+}
+
+impl StoredKeys {
+    async fn seal(
+        keyring: &Keyring,
+        settings: &TlsSettings,
+        ca: &CertPem,
+        serving: &ServingCert,
+    ) -> Result<Self, TlsError> {
+        let seal = |field, key: &SecretString| {
+            let at = key_field(settings, field);
+            let key = key.clone();
+            async move {
+                at.seal(keyring, key.expose_secret().as_bytes())
+                    .await
+                    .map_err(|source| TlsError::Key {
+                        what: "cannot encrypt a broker TLS key",
+                        source,
+                    })
+            }
+        };
+        Ok(Self {
+            ca_key: seal(CA_KEY_KEY, &ca.key).await?,
+            tls_key: seal(TLS_KEY_KEY, &serving.pem.key).await?,
+        })
+    }
+}
+
+/// The private key `field` of the generated Secret `secret`, opened (a
+/// plaintext key from before sealing reads as it is).
+async fn open_key(
+    keyring: &Keyring,
+    settings: &TlsSettings,
+    secret: &Secret,
+    field: &str,
+) -> Result<SecretString, TlsError> {
+    let stored = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(field))
+        .ok_or_else(|| {
+            TlsError::Invalid(format!("Secret {} has no {field}", settings.secret_name))
+        })?;
+    let plain = key_field(settings, field)
+        .open(keyring, &stored.0)
+        .await
+        .map_err(|source| TlsError::Key {
+            what: "cannot decrypt a broker TLS key",
+            source,
+        })?;
+    std::str::from_utf8(&plain)
+        .map(SecretString::from)
+        .map_err(|_| {
+            TlsError::Invalid(format!(
+                "{field} in Secret {} is not PEM",
+                settings.secret_name
+            ))
+        })
+}
+
+/// Whether a key field of `secret` should be sealed again (plaintext from
+/// before sealing, or sealed under another key than the keyring's primary).
+fn keys_need_rewrap(keyring: &Keyring, secret: &Secret) -> bool {
+    let Some(data) = secret.data.as_ref() else {
+        return false;
+    };
+    [CA_KEY_KEY, TLS_KEY_KEY]
+        .iter()
+        .filter_map(|k| data.get(*k))
+        .any(|v| keyring.needs_rewrap(&v.0))
+}
+
+fn generated_secret(
+    settings: &TlsSettings,
+    ca: &CertPem,
+    serving: &ServingCert,
+    keys: StoredKeys,
+) -> Secret {
     let bytes = |s: &str| ByteString(s.as_bytes().to_vec());
     Secret {
         metadata: ObjectMeta {
@@ -338,21 +468,24 @@ fn generated_secret(settings: &TlsSettings, ca: &CertPem, serving: &ServingCert)
                     serving.not_after.to_string(),
                 ),
             ])),
-            labels: Some(BTreeMap::from([(
-                "app.kubernetes.io/managed-by".to_owned(),
-                "leasehold".to_owned(),
-            )])),
+            labels: Some(BTreeMap::from([
+                (
+                    "app.kubernetes.io/managed-by".to_owned(),
+                    "leasehold".to_owned(),
+                ),
+                (
+                    SEALED_LABEL.to_owned(),
+                    SealedKind::BrokerTls.as_str().to_owned(),
+                ),
+            ])),
             ..ObjectMeta::default()
         },
         type_: Some("Opaque".to_owned()),
         data: Some(BTreeMap::from([
             (CA_CERT_KEY.to_owned(), bytes(&ca.cert)),
-            (CA_KEY_KEY.to_owned(), bytes(ca.key.expose_secret())),
+            (CA_KEY_KEY.to_owned(), keys.ca_key),
             (TLS_CERT_KEY.to_owned(), bytes(&serving.pem.cert)),
-            (
-                TLS_KEY_KEY.to_owned(),
-                bytes(serving.pem.key.expose_secret()),
-            ),
+            (TLS_KEY_KEY.to_owned(), keys.tls_key),
         ])),
         ..Secret::default()
     }
@@ -411,27 +544,50 @@ impl BrokerTls {
         Self::from_pem(&pem, secret_text(&secret, CA_CERT_KEY))
     }
 
-    /// Makes sure the generated Secret exists and its serving certificate is
-    /// fresh, publishes the CA, and returns the serving certificate.
-    pub async fn ensure(client: kube::Client, settings: &TlsSettings) -> Result<Self, TlsError> {
-        let (pem, ca) = ensure_secret(&client, settings).await?;
+    /// Makes sure the generated Secret exists, its keys are sealed with
+    /// `keyring` and its serving certificate is fresh, publishes the CA, and
+    /// returns the serving certificate.
+    ///
+    /// While the key encryption key is unavailable (KMS unreachable: a
+    /// transient error) it waits and retries ([`key_retry_delay`]), logging a
+    /// warning; any other failure (key refused, keys tampered with, API errors)
+    /// is returned.
+    pub async fn ensure(
+        client: kube::Client,
+        settings: &TlsSettings,
+        keyring: &Keyring,
+    ) -> Result<Self, TlsError> {
+        let mut attempt = 0;
+        let (pem, ca) = loop {
+            match ensure_secret(&client, settings, keyring).await {
+                Err(e) if e.is_transient() => {
+                    let delay = key_retry_delay(attempt);
+                    warn!(error = %e, retry_in = ?delay, "broker TLS: waiting for the key encryption key");
+                    tokio::time::sleep(delay).await;
+                    attempt = attempt.saturating_add(1);
+                }
+                done => break done?,
+            }
+        };
         publish_ca(&client, settings, &ca).await?;
         Self::from_pem(&pem, Some(ca))
     }
 
-    /// Re-runs [`BrokerTls::ensure`] every `period` and swaps in the serving
-    /// certificate it finds (renewed by this replica or another).
+    /// Re-checks the generated Secret every `period` (renewing and sealing as
+    /// [`BrokerTls::ensure`] does) and swaps in the serving certificate it finds
+    /// (renewed by this replica or another).
     pub fn spawn_renewal(
         &self,
         client: kube::Client,
         settings: TlsSettings,
+        keyring: Arc<Keyring>,
         period: Duration,
     ) -> tokio::task::JoinHandle<()> {
         let tls = self.clone();
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(period).await;
-                match ensure_secret(&client, &settings).await {
+                match ensure_secret(&client, &settings, &keyring).await {
                     Ok((pem, ca)) => {
                         if let Err(e) = tls.reload(&pem) {
                             warn!(error = %e, "cannot load the renewed broker certificate");
@@ -440,6 +596,9 @@ impl BrokerTls {
                             warn!(error = %e, "cannot publish the broker CA");
                         }
                     }
+                    Err(e) if e.is_transient() => {
+                        warn!(error = %e, "broker TLS: waiting for the key encryption key; the current certificate stays in use");
+                    }
                     Err(e) => warn!(error = %e, "cannot check the broker certificate"),
                 }
             }
@@ -447,10 +606,12 @@ impl BrokerTls {
     }
 }
 
-/// Returns the serving certificate and the CA PEM, creating or renewing them as needed.
+/// Returns the serving certificate and the CA PEM, creating, renewing or
+/// sealing them as needed.
 async fn ensure_secret(
     client: &kube::Client,
     settings: &TlsSettings,
+    keyring: &Keyring,
 ) -> Result<(CertPem, String), TlsError> {
     let api = Api::<Secret>::namespaced(client.clone(), &settings.namespace);
     for _ in 0..5 {
@@ -467,10 +628,11 @@ async fn ensure_secret(
                 now,
                 settings.serving_validity,
             )?;
+            let keys = StoredKeys::seal(keyring, settings, &ca, &serving).await?;
             match api
                 .create(
                     &PostParams::default(),
-                    &generated_secret(settings, &ca, &serving),
+                    &generated_secret(settings, &ca, &serving, keys),
                 )
                 .await
             {
@@ -490,29 +652,44 @@ async fn ensure_secret(
         };
         let ca = CertPem {
             cert: text(CA_CERT_KEY)?,
-            key: SecretString::from(text(CA_KEY_KEY)?),
+            key: open_key(keyring, settings, &existing, CA_KEY_KEY).await?,
         };
         let current = CertPem {
             cert: text(TLS_CERT_KEY)?,
-            key: SecretString::from(text(TLS_KEY_KEY)?),
+            key: open_key(keyring, settings, &existing, TLS_KEY_KEY).await?,
         };
-        let fresh = match (
+        let validity = match (
             annotation_time(&existing, NOT_BEFORE_ANNOTATION),
             annotation_time(&existing, NOT_AFTER_ANNOTATION),
         ) {
-            (Some(nb), Some(na)) => !needs_renewal(nb, na, now),
-            _ => false,
+            (Some(nb), Some(na)) if !needs_renewal(nb, na, now) => Some((nb, na)),
+            _ => None,
         };
-        if fresh {
-            return Ok((current, ca.cert));
-        }
-        let serving = issue_serving_cert(
-            &ca.key,
-            &settings.dns_names(),
-            now,
-            settings.serving_validity,
-        )?;
-        let mut renewed = generated_secret(settings, &ca, &serving);
+        let (serving, done) = match validity {
+            // Fresh and sealed under the primary key: nothing to write.
+            Some(_) if !keys_need_rewrap(keyring, &existing) => return Ok((current, ca.cert)),
+            // Fresh, but its keys are plaintext (written before sealing) or
+            // sealed under an old key: seal them now, same certificates.
+            Some((not_before, not_after)) => (
+                ServingCert {
+                    pem: current,
+                    not_before,
+                    not_after,
+                },
+                "sealed the broker TLS keys",
+            ),
+            None => (
+                issue_serving_cert(
+                    &ca.key,
+                    &settings.dns_names(),
+                    now,
+                    settings.serving_validity,
+                )?,
+                "renewed the broker certificate",
+            ),
+        };
+        let keys = StoredKeys::seal(keyring, settings, &ca, &serving).await?;
+        let mut renewed = generated_secret(settings, &ca, &serving, keys);
         // Optimistic concurrency: only replace what we read.
         renewed.metadata.resource_version = existing.metadata.resource_version.clone();
         match api
@@ -520,11 +697,11 @@ async fn ensure_secret(
             .await
         {
             Ok(_) => {
-                info!(secret = %settings.secret_name, not_after = %serving.not_after, "renewed the broker certificate");
+                info!(secret = %settings.secret_name, not_after = %serving.not_after, "{done}");
                 return Ok((serving.pem, ca.cert));
             }
             Err(kube::Error::Api(s)) if s.code == 409 => continue,
-            Err(e) => return Err(kube_err("cannot renew the broker TLS Secret")(e)),
+            Err(e) => return Err(kube_err("cannot write the broker TLS Secret")(e)),
         }
     }
     Err(TlsError::Invalid(
@@ -570,5 +747,35 @@ mod tests {
         assert!(!needs_renewal(nb, na, at(199)));
         assert!(needs_renewal(nb, na, at(200)));
         assert!(needs_renewal(nb, na, at(400)));
+    }
+
+    #[test]
+    fn waits_for_the_key_with_capped_backoff() {
+        let secs: Vec<u64> = (0..9).map(|a| key_retry_delay(a).as_secs()).collect();
+        assert_eq!(secs, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
+        assert_eq!(key_retry_delay(u32::MAX), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn only_an_unavailable_key_is_transient() {
+        let key = |source| TlsError::Key {
+            what: "cannot decrypt a broker TLS key",
+            source,
+        };
+        let unavailable = key(EnvelopeError::KeyUnavailable {
+            key_id: "k".into(),
+            operation: "decrypt",
+            detail: "timeout".into(),
+        });
+        assert!(unavailable.is_transient());
+        assert!(unavailable.to_string().starts_with("KeyUnavailable: "));
+        let refused = key(EnvelopeError::KeyRefused {
+            key_id: "k".into(),
+            operation: "decrypt",
+            detail: "DisabledException".into(),
+        });
+        assert!(!refused.is_transient());
+        assert!(refused.to_string().starts_with("KeyRefused: "));
+        assert!(!TlsError::Invalid("x".into()).is_transient());
     }
 }

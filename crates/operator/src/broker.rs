@@ -50,6 +50,9 @@ pub struct BrokerSettings {
     /// How often per-pod users of pods that no longer exist are revoked (a node that
     /// vanished never unpublishes, and a driver killed mid-publish never releases).
     pub per_pod_sweep: std::time::Duration,
+    /// Seals the secret material the broker stores (per-pod passwords, the generated CA
+    /// and serving keys); [`leasehold_envelope::Keyring::unencrypted`] to opt out.
+    pub keyring: Arc<leasehold_envelope::Keyring>,
 }
 
 /// Set or remove the leader label on this controller's pod.
@@ -91,12 +94,13 @@ pub async fn run(
                 settings.generated_secret.clone(),
                 settings.ca_configmap.clone(),
             );
-            let tls = BrokerTls::ensure(client.clone(), &tls_settings)
+            let tls = BrokerTls::ensure(client.clone(), &tls_settings, &settings.keyring)
                 .await
                 .map_err(|e| OperatorError::Broker(format!("broker TLS: {e}")))?;
             tls.spawn_renewal(
                 client.clone(),
                 tls_settings,
+                settings.keyring.clone(),
                 std::time::Duration::from_secs(3600),
             );
             tls
@@ -117,7 +121,10 @@ pub async fn run(
     let cluster: Arc<dyn ClusterView> = Arc::new(KubeClusterView::new(client.clone()));
     let per_pod = Arc::new(EnginePerPodIssuer::new(
         cluster.clone(),
-        Arc::new(KubePodCredentialStore::new(client.clone())),
+        Arc::new(KubePodCredentialStore::new(
+            client.clone(),
+            settings.keyring.clone(),
+        )),
         BackendRegistry::new(4),
     ));
     let sweeper = tokio::spawn(sweep_per_pod_users(
