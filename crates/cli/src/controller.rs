@@ -176,7 +176,7 @@ pub async fn run(args: ControllerArgs) -> Result<(), OperatorError> {
             pod_token_audience: args.pod_token_audience.clone(),
             namespaces: args.namespaces.clone(),
             per_pod_sweep: std::time::Duration::from_secs(args.per_pod_sweep_seconds.max(1)),
-            keyring: std::sync::Arc::new(leasehold_broker::Keyring::unencrypted()),
+            keyring: keyring.clone(),
         })
     };
     let issuers = IssuerSettings {
