@@ -81,6 +81,20 @@ impl Keyring {
         }
     }
 
+    /// Unencrypted like [`unencrypted`](Self::unencrypted), but still opening values
+    /// sealed under `decrypt_only` keys: to move sealed values back to plaintext.
+    pub fn unencrypted_with_decrypt_only(
+        decrypt_only: Vec<Arc<dyn KeyEncryptionKey>>,
+        settings: KeyringSettings,
+    ) -> Self {
+        Self {
+            primary: None,
+            decrypt_only,
+            cache: DataKeyCache::new(settings),
+            metrics: KeyringMetrics::default(),
+        }
+    }
+
     /// The primary key's id; `None` for an unencrypted keyring.
     pub fn primary_key_id(&self) -> Option<&str> {
         self.primary.as_deref().map(KeyEncryptionKey::key_id)
