@@ -419,6 +419,12 @@ async fn local_mode_rotates_a_certificate_and_publishes_the_revoked_serial() {
         .permissions()
         .mode();
     assert_eq!(mode & 0o777, 0o400, "the key is readable by its owner only");
+    let state = read(&options.state);
+    assert!(
+        !state.contains("PRIVATE KEY") && !state.contains(&read(&lease_dir.join("tls.key"))),
+        "the generated CA key and the certificate key are sealed in the state file"
+    );
+    assert!(state.contains("\"key\": \"lhenc1:"), "{state}");
     assert!(openssl_verify(
         &issuer_dir.join("ca.crt"),
         &issuer_dir.join("ca.crl"),
@@ -552,6 +558,11 @@ async fn local_mode_orders_rotates_and_revokes_at_an_acme_ca() {
     let lease_dir = options.output.join("default/web");
     let first = read(&lease_dir.join("tls.crt"));
     let first_serial = pebble_serial(&first);
+    let state = read(&options.state);
+    assert!(
+        state.contains("\"acmeAccount\": \"lhenc1:") && !state.contains("PRIVATE KEY"),
+        "the ACME account (its key inside) is sealed in the state file: {state}"
+    );
     let (_, status) = pebble.cert_status_by_serial(&first_serial).await;
     assert!(status.contains("\"Valid\""), "{status}");
 
