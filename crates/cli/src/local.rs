@@ -117,7 +117,7 @@ pub struct KeyArgs {
     #[arg(long, value_name = "PATH")]
     pub key_file: Option<PathBuf>,
     /// Create --key-file (mode 0600) with a new random key if it does not exist.
-    #[arg(long, requires = "key_file")]
+    #[arg(long)]
     pub generate_key: bool,
     /// Seal the state file's secrets with this AWS KMS key (key id, ARN, alias/… or
     /// alias ARN); credentials from the default AWS chain.
@@ -150,6 +150,9 @@ impl KeyArgs {
             data_key_cache_ttl: Duration::from_secs(self.data_key_cache_ttl_seconds),
             ..KeyringSettings::default()
         };
+        if self.generate_key && self.key_file.is_none() {
+            return Err("--generate-key creates the --key-file: give --key-file PATH".into());
+        }
         let mut decrypt_only: Vec<Arc<dyn KeyEncryptionKey>> = Vec::new();
         for path in &self.decrypt_key_file {
             decrypt_only.push(Arc::new(
@@ -610,16 +613,6 @@ mod tests {
             clap::error::ErrorKind::ArgumentConflict,
             "{err}"
         );
-        assert!(
-            parse(&[
-                "run",
-                "--manifests",
-                "m",
-                "--generate-key",
-                "--no-encryption"
-            ])
-            .is_err()
-        );
     }
 
     #[test]
@@ -666,6 +659,22 @@ mod tests {
         assert_eq!(key.data_key_cache_ttl_seconds, 0);
         // Status needs no key.
         assert!(parse(&["status", "--state", "s.json"]).is_ok());
+    }
+
+    #[tokio::test]
+    async fn generate_key_needs_a_key_file() {
+        let LocalCommand::Run { key, .. } = parse(&[
+            "run",
+            "--manifests",
+            "m",
+            "--generate-key",
+            "--no-encryption",
+        ])
+        .unwrap() else {
+            panic!("not run");
+        };
+        let err = key.keyring().await.unwrap_err();
+        assert!(err.contains("--key-file"), "{err}");
     }
 
     #[tokio::test]
