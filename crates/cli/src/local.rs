@@ -398,7 +398,10 @@ async fn rekey(state: &Path, key: &KeyArgs, audit: &AuditArgs) -> ExitCode {
         Ok(k) => Arc::new(k),
         Err(e) => return fail(e),
     };
-    let new_key = keyring.primary_key_id().unwrap_or("none").to_owned();
+    let keyring_id = keyring.primary_key_id().map(str::to_owned);
+    let new_key = keyring_id
+        .clone()
+        .unwrap_or_else(|| "none (plaintext)".into());
     // The lock first: a running runner makes this fail before anything else happens.
     let store = match StateFile::open(state, keyring) {
         Ok(s) => s,
@@ -414,8 +417,12 @@ async fn rekey(state: &Path, key: &KeyArgs, audit: &AuditArgs) -> ExitCode {
             for (owner, n) in &report.rewrapped {
                 println!("{owner}: {n} value(s) rewrapped");
             }
+            let target = match keyring_id.as_deref() {
+                Some(id) => format!("sealed under {id}"),
+                None => "stored as plaintext".to_owned(),
+            };
             println!(
-                "{} value(s) rewrapped under {new_key}, {} already were",
+                "{} value(s) rewrapped, now {target}; {} already were",
                 report.total(),
                 report.unchanged
             );
