@@ -66,8 +66,8 @@ pub enum LocalError {
     Key {
         path: PathBuf,
         /// Which value (lease and version, or issuer and field).
-        value: StoredValue,
-        source: EnvelopeError,
+        value: Box<StoredValue>,
+        source: Box<EnvelopeError>,
     },
 }
 
@@ -385,8 +385,8 @@ impl StateFile {
                 .await
                 .map_err(|source| LocalError::Key {
                     path: self.path.clone(),
-                    value: at.clone(),
-                    source,
+                    value: Box::new(at.clone()),
+                    source: Box::new(source),
                 })?;
         }
         self.keys_checked.store(true, Ordering::Release);
@@ -412,8 +412,8 @@ impl StateFile {
             }
             let key_err = |source| LocalError::Key {
                 path: self.path.clone(),
-                value: at.clone(),
-                source,
+                value: Box::new(at.clone()),
+                source: Box::new(source),
             };
             let ctx = at.context();
             let plain = self.keyring.open(&ctx, bytes).await.map_err(key_err)?;

@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use leasehold_engine::Engine;
-use leasehold_engine::local::{LocalError, LocalOptions, LocalRunner, LocalState, StateFile};
+use leasehold_engine::local::{
+    LocalError, LocalOptions, LocalRunner, LocalState, StateFile, StoredValue,
+};
 use leasehold_envelope::{
     KeyEncryptionKey, Keyring, KeyringSettings, KmsKey, KmsSettings, LocalKey,
 };
@@ -352,4 +354,52 @@ async fn rekey_local_to_kms_and_back() {
     );
     s.rotate(server, keyring(&local, &[]), "back-to-local")
         .await;
+}
+
+#[tokio::test]
+async fn a_sealed_value_opens_only_where_it_was_stored() {
+    let key = Arc::new(LocalKey::generate().unwrap());
+    let ring = keyring(&key, &[]);
+    let at = |namespace: &str, lease: &str, version: u64| StoredValue::Version {
+        namespace: namespace.into(),
+        lease: lease.into(),
+        version,
+    };
+    let stored = ring
+        .seal(&at("default", "app", 2).context(), b"pw")
+        .await
+        .unwrap();
+    assert_eq!(
+        ring.open(&at("default", "app", 2).context(), stored.as_bytes())
+            .await
+            .unwrap()
+            .as_slice(),
+        b"pw"
+    );
+    for elsewhere in [
+        at("default", "app", 3),
+        at("default", "other", 2),
+        at("prod", "app", 2),
+        StoredValue::IssuerCaKey {
+            issuer: "default/app".into(),
+        },
+    ] {
+        let err = ring
+            .open(&elsewhere.context(), stored.as_bytes())
+            .await
+            .unwrap_err();
+        assert_eq!(err.reason(), "Tampered", "{elsewhere}");
+    }
+    let ca = StoredValue::IssuerCaKey {
+        issuer: "default/ca".into(),
+    };
+    let account = StoredValue::IssuerAcmeAccount {
+        issuer: "default/ca".into(),
+    };
+    let sealed = ring.seal(&ca.context(), b"k").await.unwrap();
+    assert!(
+        ring.open(&account.context(), sealed.as_bytes())
+            .await
+            .is_err()
+    );
 }
