@@ -3,14 +3,17 @@
 //! Starts a throwaway PostgreSQL (and MariaDB when installed), applies `examples/local/`
 //! with host, port and admin password pointed at them, then shows that the old
 //! credential works until the new one is verified and promoted, and is refused after
-//! revocation.
+//! revocation. The state file is encrypted with a generated local key: the demo shows
+//! its sealed `lhenc1:` values and checks that no password appears in it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use leasehold_engine::Engine;
 use leasehold_engine::local::{LocalOptions, LocalRunner, LocalState, format_table, status_rows};
+use leasehold_envelope::{Keyring, KeyringSettings, LocalKey};
 use leasehold_testkit::{MariaDbServer, PostgresServer};
 use mysql_async::prelude::Queryable;
 use secrecy::ExposeSecret;
@@ -179,10 +182,21 @@ async fn main() {
     stage("certificate.yaml", &manifests, 0, "");
     println!("staged a certificate lease from a self-signed `ca` Issuer");
 
+    // The key `leasehold local run --key-file state.key --generate-key` would create.
+    let key = LocalKey::generate().unwrap();
+    println!(
+        "state file encrypted with a generated local key ({})",
+        leasehold_envelope::KeyEncryptionKey::key_id(&key)
+    );
     let options = LocalOptions {
         manifests: manifests.clone(),
         state: tmp.path().join("state.json"),
         output: tmp.path().join("out"),
+        keyring: Arc::new(Keyring::new(
+            Arc::new(key),
+            vec![],
+            KeyringSettings::default(),
+        )),
     };
     println!(
         "manifests from examples/local/ staged in {}",
@@ -284,6 +298,44 @@ async fn main() {
         cert_mark(&new)
     );
     ok &= new.is_ok() && revoked.is_err() && new_cert != old_cert;
+
+    println!("\n-- 4. the state file at rest: secrets sealed with the local key");
+    let text = std::fs::read_to_string(&options.state).unwrap();
+    for line in text.lines().filter(|l| l.contains("lhenc1:")).take(3) {
+        let line = line.trim();
+        let cut = line.char_indices().nth(72).map_or(line.len(), |(i, _)| i);
+        println!("   {}…", &line[..cut]);
+    }
+    let sealed = text.matches("\"lhenc1:").count();
+    let mut leaked = Vec::new();
+    for ((lease, _, _), (_, old_pw)) in servers.iter().zip(&old) {
+        let pw = read(&options.output.join(lease), "password");
+        if text.contains(&pw) {
+            leaked.push(format!("{lease} (current)"));
+        }
+        if text.contains(old_pw.as_str()) {
+            leaked.push(format!("{lease} (revoked)"));
+        }
+    }
+    let ca_key_in_clear = text.contains("PRIVATE KEY");
+    println!(
+        "   {sealed} sealed values; passwords in the state file: {}; CA private key in the clear: {}",
+        if leaked.is_empty() { "none" } else { "FOUND" },
+        if ca_key_in_clear { "FOUND" } else { "no" }
+    );
+    assert!(sealed > 0, "the state file holds sealed values");
+    assert!(leaked.is_empty(), "passwords in the state file: {leaked:?}");
+    assert!(!ca_key_in_clear, "the CA key is sealed");
+    for (lease, _, server) in &servers {
+        let dir = options.output.join(lease);
+        let (user, pw) = (read(&dir, "username"), read(&dir, "password"));
+        let login = server.login(&user, &pw).await;
+        println!(
+            "   {lease}: delivered credential files still log in → {}",
+            mark(&login)
+        );
+        ok &= login.is_ok();
+    }
     println!(
         "\n{}",
         if ok {

@@ -4,10 +4,16 @@
 //! from a directory, keeps progress and credential secrets in one state file (written
 //! atomically, mode 0600), and writes each lease's current credential into
 //! `OUTPUT/<namespace>/<lease>/` with the atomic `..data` swap.
+//!
+//! Every secret the state file keeps (credential versions, issue journals, generated CA
+//! keys, ACME accounts) is sealed with the run's [`Keyring`] (a local key or AWS KMS;
+//! plaintext only with an explicit opt-out), each bound to where it is stored (see
+//! [`StoredValue::context`]). Progress and status stay readable without the key.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
 use base64::Engine as _;
@@ -19,6 +25,7 @@ use leasehold_api::{
 use leasehold_backends::CredentialMaterial;
 use leasehold_core::Progress;
 use leasehold_core::rotation::{Observations, Phase, phase, rotation_due_at};
+use leasehold_envelope::{EncryptionContext, EnvelopeError, Keyring, Zeroizing};
 use leasehold_files::{AtomicDir, WriteOptions};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
@@ -27,6 +34,7 @@ use tracing::{info, warn};
 
 use crate::context::{AdminCredentials, BackendRegistry, LeaseKey, resolve};
 use crate::engine::{Engine, Outcome, Stores};
+use crate::sealed::key_store_error;
 use crate::{Delivery, ProgressStore, SecretStore, StoreError};
 
 /// Errors of local mode (never with secret values).
@@ -49,6 +57,90 @@ pub enum LocalError {
     /// An emergency revocation request could not be recorded.
     #[error("{0}")]
     Request(String),
+    /// A sealed value in the state file cannot be opened (or sealed again) with the
+    /// configured keys. The state file is left as it was.
+    #[error(
+        "the state file {path}: {value}: {source}; run with the key it was sealed under \
+         (--key-file or --kms-key-id, or the old key as --decrypt-key-file)"
+    )]
+    Key {
+        path: PathBuf,
+        /// Which value (lease and version, or issuer and field).
+        value: Box<StoredValue>,
+        source: Box<EnvelopeError>,
+    },
+}
+
+/// Where a secret in the state file is kept; it is sealed for exactly this place.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum StoredValue {
+    /// A lease's secret-store slot: a credential version, or an issue journal (slots
+    /// counted down from `u64::MAX`).
+    Version {
+        namespace: String,
+        lease: String,
+        version: u64,
+    },
+    /// A generated CA's private key (PEM).
+    IssuerCaKey { issuer: String },
+    /// An ACME issuer's registered account (its private key inside).
+    IssuerAcmeAccount { issuer: String },
+}
+
+impl StoredValue {
+    /// The encryption context the value is sealed for: a value copied to another lease,
+    /// version, issuer or field does not open.
+    pub fn context(&self) -> EncryptionContext {
+        let base = EncryptionContext::new().with("leasehold", "local-state");
+        match self {
+            Self::Version {
+                namespace,
+                lease,
+                version,
+            } => base
+                .with("namespace", namespace)
+                .with("lease", lease)
+                .with("version", version.to_string()),
+            Self::IssuerCaKey { issuer } => base.with("issuer", issuer).with("field", "caKey"),
+            Self::IssuerAcmeAccount { issuer } => {
+                base.with("issuer", issuer).with("field", "acmeAccount")
+            }
+        }
+    }
+
+    fn of_lease(lease: &LeaseKey, version: u64) -> Self {
+        Self::Version {
+            namespace: lease.namespace.clone(),
+            lease: lease.name.clone(),
+            version,
+        }
+    }
+
+    /// The state-file key of the lease or issuer holding the value.
+    pub fn owner(&self) -> String {
+        match self {
+            Self::Version {
+                namespace, lease, ..
+            } => format!("{namespace}/{lease}"),
+            Self::IssuerCaKey { issuer } | Self::IssuerAcmeAccount { issuer } => issuer.clone(),
+        }
+    }
+}
+
+impl std::fmt::Display for StoredValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Version {
+                namespace,
+                lease,
+                version,
+            } => write!(f, "lease {namespace}/{lease} slot {version}"),
+            Self::IssuerCaKey { issuer } => write!(f, "the CA key of issuer {issuer}"),
+            Self::IssuerAcmeAccount { issuer } => {
+                write!(f, "the ACME account of issuer {issuer}")
+            }
+        }
+    }
 }
 
 /// One lease as kept in the state file. `Debug` leaves the secrets out.
@@ -59,7 +151,7 @@ pub struct LocalLease {
     pub uid: String,
     #[serde(default)]
     pub progress: Progress,
-    /// Version → password. The reason the state file is 0600.
+    /// Version → password, sealed (`lhenc1:…`) unless the run opted out of encryption.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     secrets: BTreeMap<u64, String>,
     /// The last spec seen, so a lease removed from the manifests can still be revoked.
@@ -110,6 +202,70 @@ pub struct LocalState {
 }
 
 impl LocalState {
+    /// Every secret value kept, with where it is kept.
+    pub fn stored_values(&self) -> Vec<(StoredValue, &str)> {
+        let mut out = Vec::new();
+        for (key, lease) in &self.leases {
+            let Some((namespace, name)) = key.split_once('/') else {
+                continue;
+            };
+            for (version, value) in &lease.secrets {
+                out.push((
+                    StoredValue::Version {
+                        namespace: namespace.into(),
+                        lease: name.into(),
+                        version: *version,
+                    },
+                    value.as_str(),
+                ));
+            }
+        }
+        for (key, issuer) in &self.issuers {
+            if !issuer.key.is_empty() {
+                out.push((
+                    StoredValue::IssuerCaKey {
+                        issuer: key.clone(),
+                    },
+                    issuer.key.as_str(),
+                ));
+            }
+            if let Some(account) = &issuer.acme_account {
+                out.push((
+                    StoredValue::IssuerAcmeAccount {
+                        issuer: key.clone(),
+                    },
+                    account.as_str(),
+                ));
+            }
+        }
+        out
+    }
+
+    /// Replace the value at `at` (which [`Self::stored_values`] reported).
+    fn set_stored(&mut self, at: &StoredValue, value: String) {
+        match at {
+            StoredValue::Version {
+                namespace,
+                lease,
+                version,
+            } => {
+                if let Some(l) = self.leases.get_mut(&format!("{namespace}/{lease}")) {
+                    l.secrets.insert(*version, value);
+                }
+            }
+            StoredValue::IssuerCaKey { issuer } => {
+                if let Some(i) = self.issuers.get_mut(issuer) {
+                    i.key = value;
+                }
+            }
+            StoredValue::IssuerAcmeAccount { issuer } => {
+                if let Some(i) = self.issuers.get_mut(issuer) {
+                    i.acme_account = Some(value);
+                }
+            }
+        }
+    }
+
     pub fn load(path: &Path) -> Result<Self, LocalError> {
         match std::fs::read(path) {
             Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| LocalError::State {
@@ -141,9 +297,14 @@ impl LocalState {
 /// so a second runner on the same state file is refused instead of overwriting this
 /// one's progress (each writes the whole file). The lock goes with the process, also on
 /// a crash. `leasehold local status` only reads and takes no lock.
+///
+/// Secrets are sealed with `keyring` on the way in and opened on the way out.
 pub struct StateFile {
     path: PathBuf,
     state: Mutex<LocalState>,
+    keyring: Arc<Keyring>,
+    /// Every sealed value was found to open with `keyring` (see [`Self::check_keys`]).
+    keys_checked: AtomicBool,
     _lock: std::fs::File,
 }
 
@@ -151,20 +312,159 @@ impl std::fmt::Debug for StateFile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StateFile")
             .field("path", &self.path)
+            .field("keyring", &self.keyring)
             .finish()
     }
 }
 
+/// What [`StateFile::check_keys`] found.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct KeyCheck {
+    /// Values sealed (all of which open).
+    pub sealed: usize,
+    /// Values kept as plaintext.
+    pub plaintext: usize,
+    /// Values not sealed under the primary key (plaintext while a key is set, or sealed
+    /// under an old key): `leasehold local rekey` seals them again.
+    pub stale: usize,
+}
+
+/// What [`StateFile::rewrap`] did: values sealed anew, by owner (lease `ns/name` or
+/// issuer key). Owners with nothing to do are absent.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RewrapReport {
+    pub rewrapped: BTreeMap<String, usize>,
+    /// Values already sealed under the primary key (or plaintext without one).
+    pub unchanged: usize,
+}
+
+impl RewrapReport {
+    /// All values sealed anew.
+    pub fn total(&self) -> usize {
+        self.rewrapped.values().sum()
+    }
+}
+
 impl StateFile {
-    pub fn open(path: impl Into<PathBuf>) -> Result<Self, LocalError> {
+    /// Lock the state file at `path` (see [`lock_path`]) and load it. Nothing is
+    /// decrypted yet: [`Self::check_keys`] tells whether `keyring` opens what is there.
+    pub fn open(path: impl Into<PathBuf>, keyring: Arc<Keyring>) -> Result<Self, LocalError> {
         let path = path.into();
         let lock = lock_state(&path)?;
         let state = LocalState::load(&path)?;
         Ok(Self {
             path,
             state: Mutex::new(state),
+            keyring,
+            keys_checked: AtomicBool::new(false),
             _lock: lock,
         })
+    }
+
+    /// The keyring values are sealed with.
+    pub fn keyring(&self) -> &Arc<Keyring> {
+        &self.keyring
+    }
+
+    /// Open every sealed value once, so a wrong or missing key is reported at start,
+    /// naming the value and the key id it needs, before anything is changed.
+    pub async fn check_keys(&self) -> Result<KeyCheck, LocalError> {
+        let state = self.snapshot().await;
+        let mut check = KeyCheck::default();
+        for (at, value) in state.stored_values() {
+            if self.keyring.needs_rewrap(value.as_bytes()) {
+                check.stale += 1;
+            }
+            if !Keyring::is_sealed(value.as_bytes()) {
+                check.plaintext += 1;
+                continue;
+            }
+            check.sealed += 1;
+            self.keyring
+                .open(&at.context(), value.as_bytes())
+                .await
+                .map_err(|source| LocalError::Key {
+                    path: self.path.clone(),
+                    value: Box::new(at.clone()),
+                    source: Box::new(source),
+                })?;
+        }
+        self.keys_checked.store(true, Ordering::Release);
+        Ok(check)
+    }
+
+    /// Open every value and seal again what is not sealed under the keyring's primary
+    /// key (plaintext → sealed, old key → primary, or sealed → plaintext for an
+    /// unencrypted keyring), then write the file once. On any failure nothing is
+    /// written.
+    pub async fn rewrap(&self) -> Result<RewrapReport, LocalError> {
+        let mut state = self.state.lock().await;
+        let mut next = state.clone();
+        let mut report = RewrapReport::default();
+        let unencrypted = self.keyring.primary_key_id().is_none();
+        for (at, value) in state.stored_values() {
+            let bytes = value.as_bytes();
+            let stale =
+                self.keyring.needs_rewrap(bytes) || (unencrypted && Keyring::is_sealed(bytes));
+            if !stale {
+                report.unchanged += 1;
+                continue;
+            }
+            let key_err = |source| LocalError::Key {
+                path: self.path.clone(),
+                value: Box::new(at.clone()),
+                source: Box::new(source),
+            };
+            let ctx = at.context();
+            let plain = self.keyring.open(&ctx, bytes).await.map_err(key_err)?;
+            let sealed = self.keyring.seal(&ctx, &plain).await.map_err(key_err)?;
+            next.set_stored(&at, sealed);
+            *report.rewrapped.entry(at.owner()).or_default() += 1;
+        }
+        if report.total() > 0 {
+            next.write(&self.path).map_err(|e| LocalError::State {
+                path: self.path.clone(),
+                message: e.0,
+            })?;
+            *state = next;
+        }
+        Ok(report)
+    }
+
+    /// Seal `plaintext` to be kept at `at`.
+    pub(crate) async fn seal_value(
+        &self,
+        at: &StoredValue,
+        plaintext: &[u8],
+    ) -> Result<String, StoreError> {
+        self.keyring
+            .seal(&at.context(), plaintext)
+            .await
+            .map_err(|e| key_store_error(&format!("cannot encrypt {at} for the state file"), &e))
+    }
+
+    /// Open `stored`, kept at `at`.
+    pub(crate) async fn open_value(
+        &self,
+        at: &StoredValue,
+        stored: &str,
+    ) -> Result<Zeroizing<Vec<u8>>, StoreError> {
+        self.keyring
+            .open(&at.context(), stored.as_bytes())
+            .await
+            .map_err(|e| key_store_error(&format!("cannot decrypt {at} in the state file"), &e))
+    }
+
+    /// [`Self::open_value`] for text (PEM, JSON, passwords).
+    pub(crate) async fn open_text(
+        &self,
+        at: &StoredValue,
+        stored: &str,
+    ) -> Result<Zeroizing<String>, StoreError> {
+        let bytes = self.open_value(at, stored).await?;
+        std::str::from_utf8(&bytes)
+            .map(|s| Zeroizing::new(s.to_owned()))
+            .map_err(|_| StoreError(format!("{at} in the state file is not UTF-8")))
     }
 
     pub async fn snapshot(&self) -> LocalState {
@@ -241,7 +541,12 @@ impl SecretStore for StateFile {
         version: u64,
         secret: &SecretString,
     ) -> Result<(), StoreError> {
-        let value = secret.expose_secret().to_string();
+        let value = self
+            .seal_value(
+                &StoredValue::of_lease(lease, version),
+                secret.expose_secret().as_bytes(),
+            )
+            .await?;
         self.update(|s| {
             s.leases
                 .entry(key_of(lease))
@@ -257,12 +562,21 @@ impl SecretStore for StateFile {
         lease: &LeaseKey,
         version: u64,
     ) -> Result<Option<SecretString>, StoreError> {
-        let state = self.state.lock().await;
-        Ok(state
-            .leases
-            .get(&key_of(lease))
-            .and_then(|l| l.secrets.get(&version))
-            .map(|s| SecretString::from(s.clone())))
+        let stored = {
+            let state = self.state.lock().await;
+            state
+                .leases
+                .get(&key_of(lease))
+                .and_then(|l| l.secrets.get(&version))
+                .cloned()
+        };
+        let Some(stored) = stored else {
+            return Ok(None);
+        };
+        let text = self
+            .open_text(&StoredValue::of_lease(lease, version), &stored)
+            .await?;
+        Ok(Some(SecretString::from(text.as_str())))
     }
 
     async fn remove(&self, lease: &LeaseKey, version: u64) -> Result<(), StoreError> {
@@ -632,6 +946,9 @@ pub struct LocalOptions {
     pub manifests: PathBuf,
     pub state: PathBuf,
     pub output: PathBuf,
+    /// Seals the secrets kept in the state file ([`Keyring::unencrypted`] only as an
+    /// explicit opt-out).
+    pub keyring: Arc<Keyring>,
 }
 
 /// The local runner: one pass over all leases per call to [`LocalRunner::pass`].
@@ -663,7 +980,7 @@ pub struct PassReport {
 
 impl LocalRunner {
     pub fn new(options: LocalOptions, engine: Engine) -> Result<Self, LocalError> {
-        let store = Arc::new(StateFile::open(&options.state)?);
+        let store = Arc::new(StateFile::open(&options.state, options.keyring.clone())?);
         Ok(Self {
             options,
             engine,
@@ -679,8 +996,27 @@ impl LocalRunner {
         self
     }
 
+    /// Check once that the keyring opens every sealed value in the state file (see
+    /// [`StateFile::check_keys`]); [`Self::pass`] does it before its first pass.
+    pub async fn check_keys(&self) -> Result<KeyCheck, LocalError> {
+        let check = self.store.check_keys().await?;
+        if check.stale > 0 {
+            warn!(
+                state = %self.options.state.display(),
+                values = check.stale,
+                plaintext = check.plaintext,
+                "values in the state file are not sealed under the primary key; \
+                 `leasehold local rekey` seals them again"
+            );
+        }
+        Ok(check)
+    }
+
     /// Reconcile every lease once (running each until it has to wait).
     pub async fn pass(&self) -> Result<PassReport, LocalError> {
+        if !self.store.keys_checked.load(Ordering::Acquire) {
+            self.check_keys().await?;
+        }
         let manifests = Manifests::load(&self.options.manifests)?;
         let delivery = DirectoryDelivery {
             root: self.options.output.clone(),

@@ -1,5 +1,6 @@
 //! Certificate issuers in local mode: `Issuer`/`ClusterIssuer` manifests with a `ca`
-//! kept in the state file (a `selfSigned` root is generated once and kept; a
+//! kept in the state file (a `selfSigned` root is generated once and kept, its key
+//! sealed like every secret in the state file; a
 //! `secretRef` is read from a `Secret` manifest), the revoked serials in the state file
 //! too, and each issuer's `ca.crt` and signed CRL written to
 //! `OUTPUT/_issuers/<namespace>/<name>/` (`OUTPUT/_issuers/_cluster/<name>/` for a
@@ -19,7 +20,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use crate::local::StateFile;
+use crate::local::{StateFile, StoredValue};
 
 /// How long a CRL written in local mode is valid (it is re-signed on every pass).
 const CRL_VALIDITY: time::Duration = time::Duration::hours(24);
@@ -30,15 +31,16 @@ const CRL_VALIDITY: time::Duration = time::Duration::hours(24);
 pub struct LocalIssuer {
     /// The CA certificate, PEM.
     pub certificate: String,
-    /// The CA key, PEM (generated roots only; a `secretRef` CA is read each pass).
+    /// The CA key, PEM, sealed (generated roots only; a `secretRef` CA is read each
+    /// pass).
     #[serde(default, skip_serializing_if = "String::is_empty")]
-    key: String,
+    pub(crate) key: String,
     #[serde(default)]
     pub revoked: RevocationList,
     /// An `acme` issuer's registered account (its key inside), as `account.json` holds it
-    /// in the cluster.
+    /// in the cluster; sealed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    acme_account: Option<String>,
+    pub(crate) acme_account: Option<String>,
 }
 
 impl std::fmt::Debug for LocalIssuer {
@@ -116,9 +118,18 @@ pub async fn local_issuer(
     };
     let authority = if ca.self_signed {
         let known = store.snapshot().await.issuers.get(&key).cloned();
+        let at = StoredValue::IssuerCaKey {
+            issuer: key.clone(),
+        };
         match known.filter(|i| !i.key.is_empty()) {
-            Some(i) => CertificateAuthority::from_pem(&i.certificate, &i.key)
-                .map_err(|e| format!("{kind} {key}: the generated CA in the state file: {e}"))?,
+            Some(i) => {
+                let key_pem = store
+                    .open_text(&at, &i.key)
+                    .await
+                    .map_err(|e| format!("{kind} {key}: {e}"))?;
+                CertificateAuthority::from_pem(&i.certificate, &key_pem)
+                    .map_err(|e| format!("{kind} {key}: the generated CA in the state file: {e}"))?
+            }
             None => {
                 let now = OffsetDateTime::now_utc();
                 let made = CertificateAuthority::self_signed(
@@ -128,10 +139,11 @@ pub async fn local_issuer(
                     time::Duration::days(3650),
                 )
                 .map_err(|e| format!("{kind} {key}: {e}"))?;
-                let (certificate, key_pem) = (
-                    made.certificate_pem().to_owned(),
-                    made.key_pem().expose().to_owned(),
-                );
+                let certificate = made.certificate_pem().to_owned();
+                let key_pem = store
+                    .seal_value(&at, made.key_pem().expose().as_bytes())
+                    .await
+                    .map_err(|e| format!("{kind} {key}: {e}"))?;
                 store
                     .update(|s| {
                         let entry = s.issuers.entry(key.clone()).or_default();
@@ -201,13 +213,25 @@ async fn acme_issuer(
             None => leasehold_acme::TrustRoots::Public,
         },
     };
-    let stored = store
+    let at = StoredValue::IssuerAcmeAccount {
+        issuer: key.to_owned(),
+    };
+    let sealed = store
         .snapshot()
         .await
         .issuers
         .get(key)
-        .and_then(|i| i.acme_account.clone())
-        .and_then(|json| serde_json::from_str::<leasehold_acme::StoredAccount>(&json).ok());
+        .and_then(|i| i.acme_account.clone());
+    let stored = match sealed {
+        Some(sealed) => {
+            let json = store
+                .open_text(&at, &sealed)
+                .await
+                .map_err(|e| format!("{kind} {key}: {e}"))?;
+            serde_json::from_str::<leasehold_acme::StoredAccount>(&json).ok()
+        }
+        None => None,
+    };
     let request = leasehold_acme::AccountRequest {
         contact_email: acme.email.clone(),
         external_account_binding: None,
@@ -217,7 +241,13 @@ async fn acme_issuer(
         .map_err(|e| format!("{kind} {key}: ACME account at {}: {e}", directory.url))?;
     if let Some(new) = registered {
         // Kept before first use, so the next pass never registers another one.
-        let json = serde_json::to_string(&new).map_err(|e| e.to_string())?;
+        let json = leasehold_envelope::Zeroizing::new(
+            serde_json::to_string(&new).map_err(|e| e.to_string())?,
+        );
+        let json = store
+            .seal_value(&at, json.as_bytes())
+            .await
+            .map_err(|e| format!("{kind} {key}: {e}"))?;
         let key = key.to_owned();
         store
             .update(|s| s.issuers.entry(key).or_default().acme_account = Some(json))
@@ -249,7 +279,16 @@ pub async fn publish(
             continue;
         };
         let key_pem = if !known.key.is_empty() {
-            known.key.clone()
+            let at = StoredValue::IssuerCaKey {
+                issuer: key.clone(),
+            };
+            match store.open_text(&at, &known.key).await {
+                Ok(pem) => pem.as_str().to_owned(),
+                Err(e) => {
+                    tracing::warn!(issuer = %key, error = %e, "CRL not published");
+                    continue;
+                }
+            }
         } else {
             let Some(r) = spec.ca.as_ref().and_then(|c| c.secret_ref.as_ref()) else {
                 continue;

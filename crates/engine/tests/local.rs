@@ -81,6 +81,7 @@ async fn local_mode_issues_rotates_and_revokes_on_removal() {
         manifests: mdir.clone(),
         state: state.clone(),
         output: out.clone(),
+        keyring: test_keyring(),
     };
 
     let runner = LocalRunner::new(options.clone(), Engine::new()).unwrap();
@@ -170,6 +171,7 @@ spec:
         manifests: mdir,
         state: tmp.path().join("s.json"),
         output: tmp.path().join("o"),
+        keyring: test_keyring(),
     };
     let runner = LocalRunner::new(options, Engine::new()).unwrap();
     let report = runner.pass().await.unwrap();
@@ -203,6 +205,7 @@ async fn sweeper_revokes_only_unrecorded_versions_of_known_leases() {
         manifests: mdir.clone(),
         state: state.clone(),
         output: out.clone(),
+        keyring: test_keyring(),
     };
     let runner = LocalRunner::new(options, Engine::new()).unwrap();
     runner.pass().await.unwrap();
@@ -257,6 +260,7 @@ async fn a_second_runner_on_the_same_state_file_is_refused() {
         manifests: mdir,
         state: tmp.path().join("state").join("s.json"),
         output: tmp.path().join("o"),
+        keyring: test_keyring(),
     };
     let first = LocalRunner::new(options.clone(), Engine::new()).unwrap();
     first.pass().await.unwrap();
@@ -320,6 +324,7 @@ spec:
         manifests: mdir,
         state: state.clone(),
         output: tmp.path().join("out"),
+        keyring: test_keyring(),
     };
     let runner = LocalRunner::new(options, Engine::new()).unwrap();
     let report = runner.pass().await.unwrap();
@@ -400,6 +405,7 @@ async fn local_mode_rotates_a_certificate_and_publishes_the_revoked_serial() {
         manifests: dir.clone(),
         state: tmp.path().join("state.json"),
         output: tmp.path().join("out"),
+        keyring: test_keyring(),
     };
     let runner = LocalRunner::new(options.clone(), Engine::new()).unwrap();
     let report = runner.pass().await.unwrap();
@@ -413,6 +419,12 @@ async fn local_mode_rotates_a_certificate_and_publishes_the_revoked_serial() {
         .permissions()
         .mode();
     assert_eq!(mode & 0o777, 0o400, "the key is readable by its owner only");
+    let state = read(&options.state);
+    assert!(
+        !state.contains("PRIVATE KEY") && !state.contains(&read(&lease_dir.join("tls.key"))),
+        "the generated CA key and the certificate key are sealed in the state file"
+    );
+    assert!(state.contains("\"key\": \"lhenc1:"), "{state}");
     assert!(openssl_verify(
         &issuer_dir.join("ca.crt"),
         &issuer_dir.join("ca.crl"),
@@ -517,6 +529,7 @@ async fn local_mode_orders_rotates_and_revokes_at_an_acme_ca() {
         manifests: dir.clone(),
         state: tmp.path().join("state.json"),
         output: tmp.path().join("out"),
+        keyring: test_keyring(),
     };
 
     // Without a solver the issuer is refused with what to do.
@@ -545,6 +558,11 @@ async fn local_mode_orders_rotates_and_revokes_at_an_acme_ca() {
     let lease_dir = options.output.join("default/web");
     let first = read(&lease_dir.join("tls.crt"));
     let first_serial = pebble_serial(&first);
+    let state = read(&options.state);
+    assert!(
+        state.contains("\"acmeAccount\": \"lhenc1:") && !state.contains("PRIVATE KEY"),
+        "the ACME account (its key inside) is sealed in the state file: {state}"
+    );
     let (_, status) = pebble.cert_status_by_serial(&first_serial).await;
     assert!(status.contains("\"Valid\""), "{status}");
 
@@ -560,4 +578,13 @@ async fn local_mode_orders_rotates_and_revokes_at_an_acme_ca() {
     // One account, registered once and kept.
     let registrations = pebble.log_contents().matches("POST /sign-me-up").count();
     assert_eq!(registrations, 1, "{}", pebble.log_contents());
+}
+
+/// A keyring with a fresh local key: every test run seals what the state file keeps.
+fn test_keyring() -> std::sync::Arc<leasehold_envelope::Keyring> {
+    std::sync::Arc::new(leasehold_envelope::Keyring::new(
+        std::sync::Arc::new(leasehold_envelope::LocalKey::generate().unwrap()),
+        vec![],
+        leasehold_envelope::KeyringSettings::default(),
+    ))
 }

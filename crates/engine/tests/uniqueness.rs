@@ -160,6 +160,7 @@ spec:
         manifests: mdir,
         state: tmp.path().join("state.json"),
         output: tmp.path().join("out"),
+        keyring: test_keyring(),
     };
     for restart in 0..2 {
         let runner = LocalRunner::new(options.clone(), Engine::new()).unwrap();
@@ -193,4 +194,13 @@ spec:
             "{row:?}"
         );
     }
+}
+
+/// A keyring with a fresh local key: every test run seals what the state file keeps.
+fn test_keyring() -> std::sync::Arc<leasehold_envelope::Keyring> {
+    std::sync::Arc::new(leasehold_envelope::Keyring::new(
+        std::sync::Arc::new(leasehold_envelope::LocalKey::generate().unwrap()),
+        vec![],
+        leasehold_envelope::KeyringSettings::default(),
+    ))
 }
