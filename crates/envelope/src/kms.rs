@@ -114,6 +114,14 @@ impl KmsKey {
             });
         }
         let mut loader = loader
+            // rustls with ring, the provider the whole workspace uses.
+            .http_client(
+                aws_smithy_http_client::Builder::new()
+                    .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
+                        aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
+                    ))
+                    .build_https(),
+            )
             .timeout_config(
                 TimeoutConfig::builder()
                     .connect_timeout(timeouts.connect)

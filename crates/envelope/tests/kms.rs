@@ -132,10 +132,16 @@ async fn tampered_blobs_and_swapped_key_ids_are_refused() {
     let keyring = Keyring::new(kek.clone(), vec![], settings());
     let ctx = lease_ctx("db-main");
     let stored = keyring.seal(&ctx, SECRET).await.unwrap();
-    // The last character carries ciphertext/tag bits.
-    let mut changed = stored.clone().into_bytes();
-    let last = changed.len() - 1;
-    changed[last] = if changed[last] == b'A' { b'B' } else { b'A' };
+    // One bit of the tag flipped (in the binary, so the base64 stays valid).
+    let changed = {
+        use base64::Engine as _;
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let prefix = leasehold_envelope::SEALED_PREFIX;
+        let mut binary = URL_SAFE_NO_PAD.decode(&stored[prefix.len()..]).unwrap();
+        let last = binary.len() - 1;
+        binary[last] ^= 0x01;
+        format!("{prefix}{}", URL_SAFE_NO_PAD.encode(binary)).into_bytes()
+    };
     let err = keyring.open(&ctx, &changed).await.unwrap_err();
     assert_eq!(err.reason(), "Tampered", "{err}");
     // The header names another KMS key: KMS refuses to unwrap the data key with

@@ -187,6 +187,13 @@ impl MotoServer {
     /// parallel tests share).
     pub fn config_loader(&self) -> aws_config::ConfigLoader {
         aws_config::defaults(BehaviorVersion::latest())
+            .http_client(
+                aws_smithy_http_client::Builder::new()
+                    .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
+                        aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
+                    ))
+                    .build_https(),
+            )
             .region(Region::new(Self::REGION))
             .endpoint_url(self.endpoint_url())
             .credentials_provider(Credentials::new(
