@@ -73,17 +73,38 @@ pub fn versions_secret_name(lease: &str) -> String {
     format!("{lease}-leasehold-versions")
 }
 
-/// The password of `version` of a lease, from its versions Secret.
+/// The password of `version` of a lease, from its versions Secret (opened with
+/// `keyring`: the controller stores it sealed).
 pub async fn version_password(
     cluster: &dyn ClusterView,
+    keyring: &leasehold_envelope::Keyring,
     namespace: &str,
     lease: &str,
     version: u64,
 ) -> Result<Option<SecretString>, BrokerError> {
-    Ok(cluster
-        .secret(namespace, &versions_secret_name(lease))
+    use secrecy::ExposeSecret;
+    let secret_name = versions_secret_name(lease);
+    let field = format!("v{version}");
+    let Some(stored) = cluster
+        .secret(namespace, &secret_name)
         .await?
-        .and_then(|data| data.get(&format!("v{version}")).cloned()))
+        .and_then(|data| data.get(&field).cloned())
+    else {
+        return Ok(None);
+    };
+    let at = leasehold_envelope::secret::SecretField {
+        kind: leasehold_envelope::secret::SealedKind::Versions,
+        namespace,
+        secret: &secret_name,
+        field: &field,
+    };
+    let plain = at
+        .open(keyring, stored.expose_secret().as_bytes())
+        .await
+        .map_err(|e| BrokerError::key("the lease's credential", &e))?;
+    let text = String::from_utf8(plain.to_vec())
+        .map_err(|_| BrokerError::Internal("a stored credential is not UTF-8".into()))?;
+    Ok(Some(SecretString::from(text)))
 }
 
 /// The facts of a pod that authorization uses.

@@ -77,6 +77,8 @@ pub struct BrokerService {
     certificates: Option<Arc<PodCertificates>>,
     metrics: BrokerMetrics,
     audit: leasehold_audit::AuditLog,
+    /// Opens the lease versions the controller stores sealed.
+    keyring: Arc<leasehold_envelope::Keyring>,
 }
 
 impl std::fmt::Debug for BrokerService {
@@ -107,7 +109,14 @@ impl BrokerService {
             certificates: None,
             metrics: BrokerMetrics::default(),
             audit: leasehold_audit::AuditLog::disabled(),
+            keyring: Arc::new(leasehold_envelope::Keyring::unencrypted()),
         }
+    }
+
+    /// Open sealed lease versions with `keyring` (the controller's).
+    pub fn with_keyring(mut self, keyring: Arc<leasehold_envelope::Keyring>) -> Self {
+        self.keyring = keyring;
+        self
     }
 
     /// Record every Issue, IssueCertificate, Acknowledge and Release (allowed or
@@ -504,6 +513,7 @@ impl BrokerService {
         })?;
         let password = version_password(
             self.cluster.as_ref(),
+            &self.keyring,
             &lease_ref.namespace,
             &lease_ref.name,
             version,

@@ -1014,6 +1014,8 @@ async fn setup(cluster: Cluster) -> World {
     };
     // Short, so the sweep scenario does not wait minutes (default 300 s).
     set_arg(&mut controller_args, "--per-pod-sweep-seconds", "3");
+    // Frequent signed checkpoints, so the killed leader's trail is anchored.
+    set_arg(&mut controller_args, "--audit-checkpoint-every", "5");
     set_arg(
         &mut controller_args,
         "--broker-addr",
@@ -1189,6 +1191,12 @@ async fn run_scenarios(mut w: World) -> Vec<(String, Duration)> {
     .await;
     scenario(
         &mut w,
+        "encrypted at rest (local key Secret) and emergency revocation: revoke-now replaces and revokes every version without waiting; suspend holds rotations",
+        sealed_storage_and_emergency_revocation,
+    )
+    .await;
+    scenario(
+        &mut w,
         "a failing rotation keeps the old credential and shows Degraded RotationFailing",
         failing_rotation_is_visible,
     )
@@ -1247,6 +1255,17 @@ async fn run_scenarios(mut w: World) -> Vec<(String, Duration)> {
     if let Some(n) = w.node.as_mut() {
         n.terminate().await;
     }
+    let started = Instant::now();
+    step(
+        "audit trail across the failover verifies (leasehold audit verify); a deleted record is found",
+    );
+    audit_trail_verifies(&w).await;
+    w.results
+        .push(("audit trail verifies".to_owned(), started.elapsed()));
+    let started = Instant::now();
+    step("leasehold rekey: every sealed Secret to a new key and back");
+    rekey_round_trip(&w).await;
+    w.results.push(("rekey".to_owned(), started.elapsed()));
     w.results
 }
 
@@ -2734,6 +2753,251 @@ async fn csi_sanity(w: &mut World) {
 /// csi-sanity specs that need a Controller service (this driver is node-only, for
 /// inline ephemeral volumes).
 const CSI_SANITY_SKIP: &str = "Controller Server|should work|should remove target path";
+
+async fn sealed_storage_and_emergency_revocation(w: &mut World) {
+    let c = &w.cluster;
+    c.apply(json!({
+        "apiVersion": "leasehold.dev/v1alpha1", "kind": "SecretLease", "metadata": {"name": "leaky-db"},
+        "spec": {"policyRef": {"name": "slow-drain"}, "postgres": postgres_spec(w),
+                 "delivery": {"secret": {"name": "leaky-db-creds"}}}
+    }))
+    .await;
+    let v1 = c
+        .wait_ready_version("leaky-db", 1)
+        .await
+        .current_username
+        .unwrap();
+    // The versions Secret holds only sealed values, under the chart's local key.
+    let secrets: Api<Secret> = Api::namespaced(c.client.clone(), &c.app_ns);
+    let versions = secrets.get("leaky-db-leasehold-versions").await.unwrap();
+    assert_eq!(
+        versions
+            .labels()
+            .get("leasehold.dev/sealed")
+            .map(String::as_str),
+        Some("versions")
+    );
+    for (field, value) in versions.data.as_ref().unwrap() {
+        assert!(
+            value.0.starts_with(b"lhenc1:"),
+            "{field} of the versions Secret is sealed"
+        );
+    }
+    let kek = Api::<Secret>::namespaced(c.client.clone(), &c.system_ns)
+        .get("leasehold-kek")
+        .await
+        .expect("the controller made its local key Secret");
+    assert!(kek.data.unwrap().contains_key("key"));
+    let delivered = secrets.get("leaky-db-creds").await.unwrap();
+    let password = String::from_utf8(delivered.data.unwrap()["password"].0.clone()).unwrap();
+    w.secrets.push(password.clone());
+    w.db.connect(&v1, &password)
+        .await
+        .expect("the delivered (opened) credential logs in");
+
+    // A routine rotation: v1 drains for its 20 s grace period.
+    c.request_rotation("leaky-db", "routine").await;
+    let v2 = c
+        .wait_ready_version("leaky-db", 2)
+        .await
+        .current_username
+        .unwrap();
+    // v2 leaked: revoke now. v3 replaces it; v1 and v2 go without waiting out the grace period.
+    let requested = Instant::now();
+    c.leases()
+        .patch(
+            "leaky-db",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {"leasehold.dev/revoke-now": "e2e: v2 leaked"}}})),
+        )
+        .await
+        .unwrap();
+    let status = eventually(
+        "v3 current and every older version revoked",
+        Duration::from_secs(60),
+        || async {
+            let s = c.status("leaky-db").await?;
+            (s.current_version == Some(3)
+                && s.progress.versions.len() == 1
+                && s.progress.emergency.is_none())
+            .then_some(s)
+        },
+    )
+    .await;
+    let took = requested.elapsed();
+    assert!(!w.db.role_exists(&v1).await, "v1 revoked");
+    assert!(!w.db.role_exists(&v2).await, "v2 revoked");
+    let v3 = status.current_username.unwrap();
+    assert!(w.db.role_exists(&v3).await);
+    eprintln!(
+        "e2e: emergency revocation done {:.1}s after the annotation",
+        took.as_secs_f64()
+    );
+    let reasons = eventually("emergency events", Duration::from_secs(30), || async {
+        let r = c.event_reasons("leaky-db").await;
+        (r.iter().any(|r| r == "EmergencyRevocation")
+            && r.iter().any(|r| r == "EmergencyRevocationCompleted"))
+        .then_some(r)
+    })
+    .await;
+    assert!(reasons.iter().any(|r| r == "Revoked"), "{reasons:?}");
+
+    // Suspended: the phase says so; a rotation requested meanwhile waits for the resume.
+    c.apply(json!({
+        "apiVersion": "leasehold.dev/v1alpha1", "kind": "SecretLease", "metadata": {"name": "leaky-db"},
+        "spec": {"policyRef": {"name": "slow-drain"}, "postgres": postgres_spec(w),
+                 "delivery": {"secret": {"name": "leaky-db-creds"}}, "suspend": true}
+    }))
+    .await;
+    eventually("phase Suspended", Duration::from_secs(30), || async {
+        let s = c.status("leaky-db").await?;
+        (format!("{:?}", s.phase) == "Suspended").then_some(())
+    })
+    .await;
+    c.request_rotation("leaky-db", "during maintenance").await;
+    c.apply(json!({
+        "apiVersion": "leasehold.dev/v1alpha1", "kind": "SecretLease", "metadata": {"name": "leaky-db"},
+        "spec": {"policyRef": {"name": "slow-drain"}, "postgres": postgres_spec(w),
+                 "delivery": {"secret": {"name": "leaky-db-creds"}}}
+    }))
+    .await;
+    c.wait_ready_version("leaky-db", 4).await;
+}
+
+/// The audit lines of the controllers' logs (stdout holds the audit trail, stderr the
+/// JSON logs; both went to one file per process), in the order the leaders wrote them.
+fn audit_lines(w: &World) -> Vec<String> {
+    let mut lines = Vec::new();
+    for name in ["controller-0.log", "controller-1.log"] {
+        let text = std::fs::read_to_string(w.cluster.path(name)).unwrap_or_default();
+        lines.extend(
+            text.lines()
+                .filter(|l| l.starts_with("{\"seq\":"))
+                .map(str::to_owned),
+        );
+    }
+    lines
+}
+
+async fn audit_trail_verifies(w: &World) {
+    let c = &w.cluster;
+    let lines = audit_lines(w);
+    let key = Api::<Secret>::namespaced(c.client.clone(), &c.system_ns)
+        .get("leasehold-audit-signing-key")
+        .await
+        .expect("the leader made its audit signing key");
+    let public = c.path("audit-public.pem");
+    std::fs::write(&public, &key.data.unwrap()["public-key.pem"].0).unwrap();
+    let trail = c.path("audit.jsonl");
+    std::fs::write(&trail, lines.join("\n") + "\n").unwrap();
+    let text = lines.join("\n");
+    for needle in [
+        "\"action\":\"issue\"",
+        "\"action\":\"verify\"",
+        "\"action\":\"promote\"",
+        "\"action\":\"revoke\"",
+        "\"action\":\"broker_issue\"",
+        "\"action\":\"emergency_revoke\"",
+        "\"outcome\":\"denied\"",
+        "\"checkpoint\"",
+    ] {
+        assert!(text.contains(needle), "the audit trail has {needle}");
+    }
+    for secret in &w.secrets {
+        assert!(
+            secret.len() < 8 || !text.contains(secret.as_str()),
+            "no secret in the audit trail"
+        );
+    }
+    let verify = |file: &Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_leasehold"))
+            .args(["audit", "verify"])
+            .arg(file)
+            .arg("--public-key")
+            .arg(&public)
+            .output()
+            .unwrap()
+    };
+    let out = verify(&trail);
+    let report = String::from_utf8_lossy(&out.stdout);
+    eprintln!(
+        "e2e: audit verify ({} records): {}",
+        lines.len(),
+        report.trim()
+    );
+    assert!(out.status.success(), "the audit trail verifies: {report}");
+    // One record removed from the middle: found.
+    let mut cut = lines.clone();
+    cut.remove(lines.len() / 2);
+    let tampered = c.path("audit-cut.jsonl");
+    std::fs::write(&tampered, cut.join("\n") + "\n").unwrap();
+    let out = verify(&tampered);
+    assert!(!out.status.success(), "a deleted record is found");
+}
+
+/// `leasehold rekey` against the API server (controllers stopped): to a new local key
+/// (the old Secret key opening), then back; every sealed Secret follows.
+async fn rekey_round_trip(w: &World) {
+    let c = &w.cluster;
+    let new_key = c.path("new.key");
+    std::fs::write(&new_key, [7u8; 32]).unwrap();
+    let rekey = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_leasehold"))
+            .arg("rekey")
+            .args(["--namespaces", &format!("{},{}", c.system_ns, c.app_ns)])
+            .args(["--key-namespace", &c.system_ns])
+            .args(args)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "rekey {args:?}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
+    };
+    let key_file = new_key.to_str().unwrap();
+    let to_new = rekey(&[
+        "--encryption",
+        "local",
+        "--local-key-file",
+        key_file,
+        "--decrypt-key-secret",
+        "leasehold-kek",
+    ]);
+    eprintln!(
+        "e2e: rekey to a new key: {}",
+        to_new.lines().next().unwrap_or_default()
+    );
+    assert!(to_new.contains("rewrapped"), "{to_new}");
+    let secrets: Api<Secret> = Api::namespaced(c.client.clone(), &c.app_ns);
+    let versions = secrets.get("leaky-db-leasehold-versions").await.unwrap();
+    let new_id = leasehold_envelope::Keyring::envelope_key_id(
+        &versions.data.as_ref().unwrap().values().next().unwrap().0,
+    )
+    .unwrap();
+    let again = rekey(&["--encryption", "local", "--local-key-file", key_file]);
+    assert!(
+        again.contains(", 0 rewrapped, 0 failed"),
+        "nothing left to rewrap: {again}"
+    );
+    let back = rekey(&[
+        "--encryption",
+        "local",
+        "--local-key-secret",
+        "leasehold-kek",
+        "--decrypt-key-file",
+        key_file,
+    ]);
+    assert!(back.contains("rewrapped"), "{back}");
+    let versions = secrets.get("leaky-db-leasehold-versions").await.unwrap();
+    let back_id = leasehold_envelope::Keyring::envelope_key_id(
+        &versions.data.as_ref().unwrap().values().next().unwrap().0,
+    )
+    .unwrap();
+    assert_ne!(new_id, back_id, "rewrapped under the original key again");
+}
 
 async fn logs_are_clean(w: &mut World) {
     // Every process started, including those killed or replaced on the way.

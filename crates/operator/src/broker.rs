@@ -146,7 +146,8 @@ pub async fn run(
     .with_per_pod(per_pod)
     .with_certificates(certificates)
     .with_metrics(metrics)
-    .with_audit(audit);
+    .with_audit(audit)
+    .with_keyring(settings.keyring.clone());
     info!(addr = %settings.addr, "broker serving");
     let served = leasehold_broker::serve(settings.addr, &tls, service, stop)
         .await
