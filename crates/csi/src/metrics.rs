@@ -63,7 +63,8 @@ impl NodeMetrics {
         m
     }
 
-    pub(crate) fn publish_done(&self, code: tonic::Code, seconds: f64) {
+    /// Count a finished NodePublishVolume.
+    pub fn publish_done(&self, code: tonic::Code, seconds: f64) {
         self.publishes
             .get_or_create(&CodeLabels {
                 code: format!("{code:?}"),
@@ -72,7 +73,8 @@ impl NodeMetrics {
         self.publish_seconds.observe(seconds);
     }
 
-    pub(crate) fn unpublish_done(&self, code: tonic::Code) {
+    /// Count a finished NodeUnpublishVolume.
+    pub fn unpublish_done(&self, code: tonic::Code) {
         self.unpublishes
             .get_or_create(&CodeLabels {
                 code: format!("{code:?}"),
