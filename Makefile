@@ -3,7 +3,7 @@ CARGO_TARGET_DIR ?= /var/tmp/leasehold-target
 export CARGO_TARGET_DIR
 PYTHON ?= python3
 
-.PHONY: help setup test test-rust test-chart lint fmt crds demo bench e2e image
+.PHONY: help setup test test-rust test-chart lint fmt crds demo bench bench-e2e e2e image
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -40,6 +40,9 @@ bench: ## Print every benchmark figure: rotations/minute, what encryption (local
 	cargo bench -q -p leasehold-auth --bench verify
 	cargo bench -q -p leasehold-csi --bench csi-bench
 	cargo bench -q -p leasehold-certs --bench issue
+
+bench-e2e: ## NodePublishVolume as the kubelet sees it, against the cluster in KUBECONFIG (controller, broker over TLS, node driver, real API server): p50/p99/max and API requests per call for fresh publishes, republishes (unchanged, after a rotation) and unpublishes of BENCH_PODS (200) pods on one node
+	cargo test -q --locked --release -p leasehold-cli --test e2e -- --ignored --nocapture --exact bench_real_path
 
 e2e: ## End-to-end tests against the cluster in KUBECONFIG (skipped, loudly, without one)
 	bash e2e/run.sh

@@ -25,5 +25,5 @@ fi
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/leasehold-target}"
 echo "e2e: running against ${config}"
 start=$(date +%s)
-cargo test -q --locked -p leasehold-cli --test e2e -- --ignored --nocapture --test-threads=1 "$@"
+cargo test -q --locked -p leasehold-cli --test e2e -- --ignored --nocapture --test-threads=1 --skip bench_real_path "$@"
 echo "e2e: wall time $(( $(date +%s) - start ))s (build included)"

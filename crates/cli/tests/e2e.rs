@@ -3027,3 +3027,291 @@ async fn logs_are_clean(w: &mut World) {
     }
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
+
+// ---------------------------------------------------------------------------
+// `make bench-e2e`: the real path, as the kubelet sees it
+// ---------------------------------------------------------------------------
+
+/// Requests the API server has served so far, by (verb, resource), from its own
+/// `apiserver_request_total`.
+async fn api_requests(client: &Client) -> HashMap<(String, String), f64> {
+    let request = http::Request::get("/metrics").body(Vec::new()).unwrap();
+    let text = client.request_text(request).await.unwrap_or_default();
+    let mut out = HashMap::new();
+    for line in text
+        .lines()
+        .filter(|l| l.starts_with("apiserver_request_total{"))
+    {
+        let label = |name: &str| {
+            let start = line.find(&format!("{name}=\""))? + name.len() + 2;
+            let end = line[start..].find('"')? + start;
+            Some(line[start..end].to_owned())
+        };
+        let (Some(verb), Some(resource)) = (label("verb"), label("resource")) else {
+            continue;
+        };
+        let subresource = label("subresource").unwrap_or_default();
+        let resource = if subresource.is_empty() {
+            resource
+        } else {
+            format!("{resource}/{subresource}")
+        };
+        let value: f64 = line
+            .rsplit(' ')
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        *out.entry((verb, resource)).or_insert(0.0) += value;
+    }
+    out
+}
+
+/// Reads and writes of the objects leasehold reads and writes on the publish path
+/// (pods, namespaces, SecretLeases, RotationPolicies, Secrets) between two scrapes.
+/// Watches and the kubelet simulator's own pod-status updates are left out.
+fn leasehold_api_delta(
+    before: &HashMap<(String, String), f64>,
+    after: &HashMap<(String, String), f64>,
+) -> (f64, f64) {
+    let mut reads = 0.0;
+    let mut writes = 0.0;
+    for ((verb, resource), v) in after {
+        let d = v - before.get(&(verb.clone(), resource.clone())).unwrap_or(&0.0);
+        let ours = matches!(
+            resource.as_str(),
+            "pods" | "namespaces" | "secretleases" | "secretleases/status" | "rotationpolicies" | "secrets"
+        );
+        if !ours || d <= 0.0 {
+            continue;
+        }
+        match verb.as_str() {
+            "GET" | "LIST" => reads += d,
+            "POST" | "PUT" | "PATCH" | "DELETE" | "APPLY" => writes += d,
+            _ => {}
+        }
+    }
+    (reads, writes)
+}
+
+async fn run_phase<F, Fut>(
+    client: &Client,
+    name: &'static str,
+    count: usize,
+    concurrency: usize,
+    call: &F,
+) -> PhaseResult
+where
+    F: Fn(usize) -> Fut,
+    Fut: Future<Output = Result<(), tonic::Status>>,
+{
+    let before = api_requests(client).await;
+    let (latencies, errors) = timed_calls(count, concurrency, call).await;
+    let after = api_requests(client).await;
+    let (reads, writes) = leasehold_api_delta(&before, &after);
+    PhaseResult {
+        name,
+        latencies,
+        errors,
+        reads,
+        writes,
+    }
+}
+
+struct PhaseResult {
+    name: &'static str,
+    latencies: Vec<Duration>,
+    errors: usize,
+    reads: f64,
+    writes: f64,
+}
+
+fn print_phases(results: &[PhaseResult]) {
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let pct = |v: &[Duration], p: f64| {
+        if v.is_empty() {
+            Duration::ZERO
+        } else {
+            v[((v.len() - 1) as f64 * p).round() as usize]
+        }
+    };
+    eprintln!(
+        "\n{:<46} {:>6} {:>8} {:>8} {:>8} {:>7} {:>11} {:>11}",
+        "phase", "calls", "p50 ms", "p99 ms", "max ms", "errors", "reads/call", "writes/call"
+    );
+    for r in results {
+        let mut v = r.latencies.clone();
+        v.sort();
+        let n = v.len().max(1) as f64;
+        eprintln!(
+            "{:<46} {:>6} {:>8.1} {:>8.1} {:>8.1} {:>7} {:>11.2} {:>11.2}",
+            r.name,
+            v.len(),
+            ms(pct(&v, 0.5)),
+            ms(pct(&v, 0.99)),
+            ms(v.last().copied().unwrap_or_default()),
+            r.errors,
+            r.reads / n,
+            r.writes / n
+        );
+    }
+}
+
+/// Run `calls` (each a publish or unpublish) `concurrency` at a time; latencies and errors.
+async fn timed_calls<F, Fut>(count: usize, concurrency: usize, call: &F) -> (Vec<Duration>, usize)
+where
+    F: Fn(usize) -> Fut,
+    Fut: Future<Output = Result<(), tonic::Status>>,
+{
+    use futures::StreamExt;
+    let results: Vec<(Duration, bool)> = futures::stream::iter(0..count)
+        .map(|i| {
+            let fut = call(i);
+            async move {
+                let t = Instant::now();
+                let r = fut.await;
+                if let Err(e) = &r {
+                    eprintln!("bench: call {i} failed: {} {}", e.code(), e.message());
+                }
+                (t.elapsed(), r.is_ok())
+            }
+        })
+        .buffer_unordered(concurrency.max(1))
+        .collect()
+        .await;
+    let errors = results.iter().filter(|(_, ok)| !ok).count();
+    (results.into_iter().map(|(d, _)| d).collect(), errors)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a benchmark against a Kubernetes cluster: make bench-e2e"]
+async fn bench_real_path() {
+    let pods_wanted: usize = std::env::var("BENCH_PODS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    let sequential: usize = std::env::var("BENCH_SEQUENTIAL")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(30)
+        .min(pods_wanted);
+    let mut cluster = Cluster::connect().await;
+    let (work, system_ns, app_ns, client) = (
+        cluster.work.clone(),
+        cluster.system_ns.clone(),
+        cluster.app_ns.clone(),
+        cluster.client.clone(),
+    );
+    eprintln!(
+        "bench-e2e: cluster {}, {} cores on this machine (shared by the control plane, the database, the controller, the node driver and this client), {pods_wanted} pods on {}",
+        cluster.server,
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        node_a()
+    );
+    let body = tokio::spawn(async move {
+        cluster.install_crds().await;
+        cluster.create_namespace(&cluster.system_ns.clone()).await;
+        cluster.create_namespace(&cluster.app_ns.clone()).await;
+        cluster.install_chart().await;
+        let mut w = setup(cluster).await;
+        common_objects(&w).await;
+        let c = &w.cluster;
+        c.apply(json!({
+            "apiVersion": "leasehold.dev/v1alpha1", "kind": "SecretLease", "metadata": {"name": "bench-db"},
+            "spec": {"policyRef": {"name": "e2e"}, "postgres": postgres_spec(&w),
+                     "delivery": {"csi": {"enabled": true}}}
+        }))
+        .await;
+        c.wait_ready_version("bench-db", 1).await;
+        // The pods (scheduled on node-a, Running under kwok) and their pod-bound tokens,
+        // made before anything is timed.
+        use futures::StreamExt;
+        let made: Vec<(Pod, String)> = futures::stream::iter(0..pods_wanted)
+            .map(|i| async move {
+                let name = format!("bench-{i}");
+                let pod = c
+                    .run_pod(&c.app_ns, &name, "app", &node_a(), Some("bench-db"))
+                    .await;
+                let token = c.token(&c.app_ns, "app", POD_AUDIENCE, Some(&pod)).await;
+                (pod, token)
+            })
+            .buffer_unordered(16)
+            .collect()
+            .await;
+        let k = kubelet(&w).await;
+        let requests: Vec<csi::NodePublishVolumeRequest> = made
+            .iter()
+            .map(|(pod, token)| {
+                k.publish_request(pod, "app", "bench-db", tokens_for(POD_AUDIENCE, token))
+            })
+            .collect();
+        let pods: Vec<Pod> = made.iter().map(|(p, _)| p.clone()).collect();
+        let node = k.node.clone();
+        let publish = |i: usize| {
+            let mut node = node.clone();
+            let req = requests[i].clone();
+            async move { node.node_publish_volume(req).await.map(|_| ()) }
+        };
+        let client = w.cluster.client.clone();
+        let mut results = Vec::new();
+        results.push(run_phase(&client, "fresh publish, one at a time", sequential, 1, &publish).await);
+        let rest = pods_wanted - sequential;
+        let fresh_rest = |i: usize| publish(sequential + i);
+        results.push(run_phase(&client, "fresh publish, all at once", rest, rest, &fresh_rest).await);
+        // The kubelet republishes every minute or so: nothing changed.
+        results.push(run_phase(&client, "republish, unchanged, one at a time", sequential, 1, &publish).await);
+        results.push(run_phase(&client, "republish, unchanged, all at once", pods_wanted, pods_wanted, &publish).await);
+        c.request_rotation("bench-db", "bench").await;
+        eventually("bench-db rotated to version 2", Duration::from_secs(120), || async {
+            let s = c.status("bench-db").await?;
+            (s.current_version == Some(2)).then_some(())
+        })
+        .await;
+        results.push(
+            run_phase(&client, "republish after a rotation, all at once", pods_wanted, pods_wanted, &publish).await,
+        );
+        let unpublish = |i: usize| {
+            let mut node = node.clone();
+            let req = csi::NodeUnpublishVolumeRequest {
+                volume_id: Kubelet::volume_id(&pods[i], "creds"),
+                target_path: k.target(&pods[i], "creds").to_string_lossy().into_owned(),
+            };
+            async move { node.node_unpublish_volume(req).await.map(|_| ()) }
+        };
+        results.push(run_phase(&client, "unpublish, all at once", pods_wanted, pods_wanted, &unpublish).await);
+        print_phases(&results);
+        for c in &mut w.controllers {
+            c.terminate().await;
+        }
+        if let Some(n) = w.node.as_mut() {
+            n.terminate().await;
+        }
+        results.iter().map(|r| r.errors).sum::<usize>()
+    });
+    let outcome = body.await;
+    let leases: Api<SecretLease> = Api::namespaced(client.clone(), &app_ns);
+    if let Ok(list) = leases.list(&Default::default()).await {
+        for l in list {
+            let _ = leases
+                .patch(
+                    &l.name_any(),
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+                )
+                .await;
+        }
+    }
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    for ns in [&app_ns, &system_ns] {
+        let _ = namespaces.delete(ns, &DeleteParams::default()).await;
+    }
+    match outcome {
+        Ok(errors) => {
+            let _ = std::fs::remove_dir_all(&work);
+            assert_eq!(errors, 0, "every call succeeded");
+        }
+        Err(e) => {
+            dump_logs(&work);
+            std::panic::resume_unwind(e.into_panic())
+        }
+    }
+}
