@@ -65,11 +65,16 @@ pub struct NodeArgs {
     /// `<DIR>/pods/<pod uid>/volumes/kubernetes.io~csi/<volume>/mount`.
     #[arg(long, value_name = "DIR", default_value = leasehold_csi::DEFAULT_KUBELET_DIR)]
     kubelet_dir: PathBuf,
-    /// Publishes and republishes of one lease that may run at once; more are
-    /// refused with RESOURCE_EXHAUSTED (the kubelet retries), so a lease whose
-    /// database hangs cannot take every slot.
-    #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
+    /// Publishes and republishes of one lease that may run at once, so a lease whose
+    /// database hangs cannot take every slot; more wait for a slot (see
+    /// --per-lease-waiting).
+    #[arg(long, value_name = "N", default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..))]
     per_lease_concurrency: u16,
+    /// Publishes of one lease that may wait for a slot (each at most the broker
+    /// deadline); more are refused with RESOURCE_EXHAUSTED (the kubelet retries).
+    /// Many pods of one lease starting at once (a Deployment scaling up) wait here.
+    #[arg(long, value_name = "N", default_value_t = 512)]
+    per_lease_waiting: usize,
 }
 
 /// `--broker-url`: an `https://` URL with a host; plain `http` is refused.
@@ -121,6 +126,7 @@ pub async fn run(args: NodeArgs) -> Result<(), String> {
     config.tmpfs_size_bytes = args.tmpfs_size_kib * 1024;
     config.kubelet_dir = args.kubelet_dir.clone();
     config.per_lease_concurrency = usize::from(args.per_lease_concurrency);
+    config.per_lease_waiting = args.per_lease_waiting;
     let mut registry = Registry::default();
     let driver = NodeDriver::new(
         config,
@@ -212,6 +218,7 @@ mod tests {
     fn kubelet_dir_defaults_to_the_kubelets() {
         let args = parse("https://b:8443").unwrap();
         assert_eq!(args.kubelet_dir, PathBuf::from("/var/lib/kubelet"));
-        assert_eq!(args.per_lease_concurrency, 4);
+        assert_eq!(args.per_lease_concurrency, 8);
+        assert_eq!(args.per_lease_waiting, 512);
     }
 }

@@ -3076,10 +3076,17 @@ fn leasehold_api_delta(
     let mut reads = 0.0;
     let mut writes = 0.0;
     for ((verb, resource), v) in after {
-        let d = v - before.get(&(verb.clone(), resource.clone())).unwrap_or(&0.0);
+        let d = v - before
+            .get(&(verb.clone(), resource.clone()))
+            .unwrap_or(&0.0);
         let ours = matches!(
             resource.as_str(),
-            "pods" | "namespaces" | "secretleases" | "secretleases/status" | "rotationpolicies" | "secrets"
+            "pods"
+                | "namespaces"
+                | "secretleases"
+                | "secretleases/status"
+                | "rotationpolicies"
+                | "secrets"
         );
         if !ours || d <= 0.0 {
             continue;
@@ -3095,6 +3102,7 @@ fn leasehold_api_delta(
 
 async fn run_phase<F, Fut>(
     client: &Client,
+    ports: &MetricsPorts,
     name: &'static str,
     count: usize,
     concurrency: usize,
@@ -3105,15 +3113,26 @@ where
     Fut: Future<Output = Result<(), tonic::Status>>,
 {
     let before = api_requests(client).await;
+    let steps_before = all_steps(ports).await;
     let (latencies, errors) = timed_calls(count, concurrency, call).await;
+    let steps_after = all_steps(ports).await;
     let after = api_requests(client).await;
     let (reads, writes) = leasehold_api_delta(&before, &after);
+    let calls = latencies.len().max(1) as f64;
+    let steps = steps_after
+        .iter()
+        .filter_map(|(step, (sum, count))| {
+            let (s0, c0) = steps_before.get(step).copied().unwrap_or_default();
+            (count - c0 > 0.0).then(|| (step.clone(), (sum - s0) * 1000.0 / calls))
+        })
+        .collect();
     PhaseResult {
         name,
         latencies,
         errors,
         reads,
         writes,
+        steps,
     }
 }
 
@@ -3123,6 +3142,57 @@ struct PhaseResult {
     errors: usize,
     reads: f64,
     writes: f64,
+    /// Mean milliseconds per call in each step (node driver and broker), from their
+    /// step histograms.
+    steps: Vec<(String, f64)>,
+}
+
+/// `(sum, count)` of every `<metric>_sum{step="…"}` / `_count` series at `port`.
+async fn step_sums(port: u16, metric: &str) -> BTreeMap<String, (f64, f64)> {
+    let (_, body) = crl_server_get(port, "/metrics").await;
+    let text = String::from_utf8_lossy(&body).into_owned();
+    let mut out: BTreeMap<String, (f64, f64)> = BTreeMap::new();
+    for line in text.lines() {
+        let (series, value) = match line.rsplit_once(' ') {
+            Some(x) => x,
+            None => continue,
+        };
+        let Ok(value) = value.parse::<f64>() else {
+            continue;
+        };
+        let step = |rest: &str| {
+            let start = rest.find("step=\"")? + 6;
+            let end = rest[start..].find('"')? + start;
+            Some(rest[start..end].to_owned())
+        };
+        if let Some(rest) = series.strip_prefix(&format!("{metric}_sum{{")) {
+            if let Some(s) = step(rest) {
+                out.entry(s).or_default().0 += value;
+            }
+        } else if let Some(rest) = series.strip_prefix(&format!("{metric}_count{{"))
+            && let Some(s) = step(rest)
+        {
+            out.entry(s).or_default().1 += value;
+        }
+    }
+    out
+}
+
+/// Where the metrics of the node driver and of the controller (broker) are served.
+struct MetricsPorts {
+    node: u16,
+    controller: u16,
+}
+
+async fn all_steps(ports: &MetricsPorts) -> BTreeMap<String, (f64, f64)> {
+    let mut out = BTreeMap::new();
+    for (k, v) in step_sums(ports.node, "leasehold_csi_publish_step_duration_seconds").await {
+        out.insert(format!("node {k}"), v);
+    }
+    for (k, v) in step_sums(ports.controller, "leasehold_broker_step_duration_seconds").await {
+        out.insert(format!("broker {k}"), v);
+    }
+    out
 }
 
 fn print_phases(results: &[PhaseResult]) {
@@ -3153,6 +3223,14 @@ fn print_phases(results: &[PhaseResult]) {
             r.reads / n,
             r.writes / n
         );
+        let steps: Vec<String> = r
+            .steps
+            .iter()
+            .map(|(step, ms)| format!("{step} {ms:.2}"))
+            .collect();
+        if !steps.is_empty() {
+            eprintln!("    mean ms per call by step: {}", steps.join(", "));
+        }
     }
 }
 
@@ -3252,22 +3330,82 @@ async fn bench_real_path() {
             async move { node.node_publish_volume(req).await.map(|_| ()) }
         };
         let client = w.cluster.client.clone();
+        let port_of = |args: &[String]| -> u16 {
+            let at = args.iter().position(|a| a == "--metrics-addr").unwrap();
+            args[at + 1].rsplit(':').next().unwrap().parse().unwrap()
+        };
+        let ports = MetricsPorts {
+            node: port_of(&w.node_args),
+            controller: port_of(&w.controller_args),
+        };
         let mut results = Vec::new();
-        results.push(run_phase(&client, "fresh publish, one at a time", sequential, 1, &publish).await);
+        results.push(
+            run_phase(
+                &client,
+                &ports,
+                "fresh publish, one at a time",
+                sequential,
+                1,
+                &publish,
+            )
+            .await,
+        );
         let rest = pods_wanted - sequential;
         let fresh_rest = |i: usize| publish(sequential + i);
-        results.push(run_phase(&client, "fresh publish, all at once", rest, rest, &fresh_rest).await);
+        results.push(
+            run_phase(
+                &client,
+                &ports,
+                "fresh publish, all at once",
+                rest,
+                rest,
+                &fresh_rest,
+            )
+            .await,
+        );
         // The kubelet republishes every minute or so: nothing changed.
-        results.push(run_phase(&client, "republish, unchanged, one at a time", sequential, 1, &publish).await);
-        results.push(run_phase(&client, "republish, unchanged, all at once", pods_wanted, pods_wanted, &publish).await);
+        results.push(
+            run_phase(
+                &client,
+                &ports,
+                "republish, unchanged, one at a time",
+                sequential,
+                1,
+                &publish,
+            )
+            .await,
+        );
+        results.push(
+            run_phase(
+                &client,
+                &ports,
+                "republish, unchanged, all at once",
+                pods_wanted,
+                pods_wanted,
+                &publish,
+            )
+            .await,
+        );
         c.request_rotation("bench-db", "bench").await;
-        eventually("bench-db rotated to version 2", Duration::from_secs(120), || async {
-            let s = c.status("bench-db").await?;
-            (s.current_version == Some(2)).then_some(())
-        })
+        eventually(
+            "bench-db rotated to version 2",
+            Duration::from_secs(120),
+            || async {
+                let s = c.status("bench-db").await?;
+                (s.current_version == Some(2)).then_some(())
+            },
+        )
         .await;
         results.push(
-            run_phase(&client, "republish after a rotation, all at once", pods_wanted, pods_wanted, &publish).await,
+            run_phase(
+                &client,
+                &ports,
+                "republish after a rotation, all at once",
+                pods_wanted,
+                pods_wanted,
+                &publish,
+            )
+            .await,
         );
         let unpublish = |i: usize| {
             let mut node = node.clone();
@@ -3277,7 +3415,17 @@ async fn bench_real_path() {
             };
             async move { node.node_unpublish_volume(req).await.map(|_| ()) }
         };
-        results.push(run_phase(&client, "unpublish, all at once", pods_wanted, pods_wanted, &unpublish).await);
+        results.push(
+            run_phase(
+                &client,
+                &ports,
+                "unpublish, all at once",
+                pods_wanted,
+                pods_wanted,
+                &unpublish,
+            )
+            .await,
+        );
         print_phases(&results);
         for c in &mut w.controllers {
             c.terminate().await;

@@ -70,6 +70,7 @@ async fn the_exported_metrics_file_matches_the_registries() {
     let csi = leasehold_csi::NodeMetrics::register(node.sub_registry_with_prefix("leasehold_csi"));
     csi.publish_done(tonic::Code::Ok, 0.01);
     csi.unpublish_done(tonic::Code::Ok);
+    csi.step("broker_issue", 0.001);
     exported.extend(names(&node));
 
     let file = PathBuf::from(env!("CARGO_MANIFEST_DIR"))

@@ -64,10 +64,14 @@ pub struct NodeDriverConfig {
     /// `RESOURCE_EXHAUSTED`). Republishes (renewals) of published volumes
     /// have as many slots of their own, so they never wait behind these.
     pub publish_concurrency: usize,
-    /// Publishes and republishes of one lease that may run at once; more are
-    /// refused at once with `RESOURCE_EXHAUSTED` (the kubelet retries), so a
-    /// lease whose database or broker hangs cannot take every slot.
+    /// Publishes and republishes of one lease that may run at once, so a lease whose
+    /// database or broker hangs cannot take every slot; more wait in the lease's
+    /// queue (see `per_lease_waiting`).
     pub per_lease_concurrency: usize,
+    /// Publishes of one lease that may wait for one of its slots (each at most the
+    /// broker deadline, then `RESOURCE_EXHAUSTED`); more are refused at once with
+    /// `RESOURCE_EXHAUSTED` (the kubelet retries). 0: never wait.
+    pub per_lease_waiting: usize,
     /// Deadline of each broker call (clamped to [`MAX_BROKER_TIMEOUT`]).
     pub broker_timeout: Duration,
     /// How often failed releases are retried.
@@ -95,7 +99,8 @@ impl NodeDriverConfig {
             token_audience: token_audience.into(),
             tmpfs_size_bytes: DEFAULT_TMPFS_SIZE,
             publish_concurrency: 16,
-            per_lease_concurrency: 4,
+            per_lease_concurrency: 8,
+            per_lease_waiting: 512,
             broker_timeout: Duration::from_secs(30),
             release_retry_interval: Duration::from_secs(60),
             kubelet_dir: PathBuf::from(DEFAULT_KUBELET_DIR),

@@ -14,6 +14,19 @@ pub struct CodeLabels {
     pub code: String,
 }
 
+/// A step of NodePublishVolume.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StepLabels {
+    /// `prepare` (state and mount checks, waiting for a slot), `verify_token`,
+    /// `broker_issue`, `place` (tmpfs, files, state), `acknowledge`.
+    pub step: String,
+}
+
+fn step_histogram() -> Histogram {
+    // 0.1 ms .. ~1.6 s.
+    Histogram::new(exponential_buckets(0.0001, 2.0, 15))
+}
+
 /// Node driver metrics; clones share the same series.
 #[derive(Debug, Clone)]
 pub struct NodeMetrics {
@@ -21,6 +34,7 @@ pub struct NodeMetrics {
     unpublishes: Family<CodeLabels, Counter>,
     publish_seconds: Histogram,
     volumes: Gauge,
+    steps: Family<StepLabels, Histogram, fn() -> Histogram>,
 }
 
 impl Default for NodeMetrics {
@@ -31,6 +45,7 @@ impl Default for NodeMetrics {
             // 1 ms .. ~16 s.
             publish_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
             volumes: Gauge::default(),
+            steps: Family::new_with_constructor(step_histogram),
         }
     }
 }
@@ -60,7 +75,21 @@ impl NodeMetrics {
             "Volumes currently published on this node",
             m.volumes.clone(),
         );
+        registry.register(
+            "publish_step_duration_seconds",
+            "Time spent in each step of NodePublishVolume (where a publish's time goes)",
+            m.steps.clone(),
+        );
         m
+    }
+
+    /// Record `seconds` spent in `step` of a publish.
+    pub fn step(&self, step: &str, seconds: f64) {
+        self.steps
+            .get_or_create(&StepLabels {
+                step: step.to_owned(),
+            })
+            .observe(seconds);
     }
 
     /// Count a finished NodePublishVolume.

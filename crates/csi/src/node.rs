@@ -208,27 +208,38 @@ pub(crate) struct Inner {
     published: Mutex<HashSet<String>>,
     publish_slots: Semaphore,
     republish_slots: Semaphore,
-    /// Publishes in progress per lease (`namespace/name`).
-    lease_in_flight: Mutex<HashMap<String, usize>>,
+    /// Publish slots per lease (`namespace/name`), and how many wait for one.
+    lease_slots: Mutex<HashMap<String, Arc<LeaseQueue>>>,
 }
 
-/// Holds one of a lease's publish slots until dropped.
-struct LeaseSlot<'a> {
-    map: &'a Mutex<HashMap<String, usize>>,
-    lease: String,
+/// Times consecutive steps of one publish into `leasehold_csi_publish_step_duration_seconds`.
+struct StepClock<'a> {
+    metrics: &'a NodeMetrics,
+    last: std::sync::Mutex<std::time::Instant>,
 }
 
-impl Drop for LeaseSlot<'_> {
-    fn drop(&mut self) {
-        if let Ok(mut map) = self.map.lock()
-            && let Some(n) = map.get_mut(&self.lease)
-        {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                map.remove(&self.lease);
-            }
+impl<'a> StepClock<'a> {
+    fn new(metrics: &'a NodeMetrics) -> Self {
+        Self {
+            metrics,
+            last: std::sync::Mutex::new(std::time::Instant::now()),
         }
     }
+
+    /// The time since the previous lap (or the start) was spent in `step`.
+    fn lap(&self, step: &str) {
+        let now = std::time::Instant::now();
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        self.metrics
+            .step(step, now.duration_since(*last).as_secs_f64());
+        *last = now;
+    }
+}
+
+/// One lease's publish slots and the publishes waiting for them.
+struct LeaseQueue {
+    slots: Arc<Semaphore>,
+    waiting: std::sync::atomic::AtomicUsize,
 }
 
 /// The Node service. Cheap to clone.
@@ -449,7 +460,7 @@ impl NodeService {
                 published: Mutex::new(published),
                 publish_slots: Semaphore::new(slots),
                 republish_slots: Semaphore::new(slots),
-                lease_in_flight: Mutex::new(HashMap::new()),
+                lease_slots: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -465,21 +476,49 @@ impl NodeService {
         })
     }
 
-    fn lease_slot(&self, lease: &str) -> Result<LeaseSlot<'_>, PublishError> {
-        let mut map = self
-            .inner
-            .lease_in_flight
-            .lock()
-            .map_err(|_| PublishError::Busy)?;
-        let n = map.entry(lease.to_owned()).or_default();
-        if *n >= self.inner.config.per_lease_concurrency.max(1) {
+    /// One of the lease's publish slots: at once if one is free; otherwise after a wait
+    /// in the lease's queue (at most `per_lease_waiting` publishes wait, each at most the
+    /// broker deadline), so many pods of one lease starting together all get published
+    /// while a lease whose calls hang holds only its own slots.
+    async fn lease_slot(
+        &self,
+        lease: &str,
+    ) -> Result<tokio::sync::OwnedSemaphorePermit, PublishError> {
+        use std::sync::atomic::Ordering;
+        let queue = {
+            let mut map = self
+                .inner
+                .lease_slots
+                .lock()
+                .map_err(|_| PublishError::Busy)?;
+            map.entry(lease.to_owned())
+                .or_insert_with(|| {
+                    Arc::new(LeaseQueue {
+                        slots: Arc::new(Semaphore::new(
+                            self.inner.config.per_lease_concurrency.max(1),
+                        )),
+                        waiting: Default::default(),
+                    })
+                })
+                .clone()
+        };
+        if let Ok(permit) = queue.slots.clone().try_acquire_owned() {
+            return Ok(permit);
+        }
+        if queue.waiting.fetch_add(1, Ordering::SeqCst) >= self.inner.config.per_lease_waiting {
+            queue.waiting.fetch_sub(1, Ordering::SeqCst);
             return Err(PublishError::LeaseBusy(lease.to_owned()));
         }
-        *n += 1;
-        Ok(LeaseSlot {
-            map: &self.inner.lease_in_flight,
-            lease: lease.to_owned(),
-        })
+        let waited = tokio::time::timeout(
+            self.inner.config.broker_timeout,
+            queue.slots.clone().acquire_owned(),
+        )
+        .await;
+        queue.waiting.fetch_sub(1, Ordering::SeqCst);
+        match waited {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => Err(PublishError::LeaseBusy(lease.to_owned())),
+        }
     }
 
     fn is_published(&self, volume_id: &str) -> bool {
@@ -598,10 +637,11 @@ impl NodeService {
         };
 
         let republish = matches!(existing, Existing::Live(_));
+        let steps = StepClock::new(&self.inner.metrics);
         // One lease may take only a few slots, and renewals have their own
         // pool: a lease whose database hangs delays neither other leases nor
         // renewals of volumes already published.
-        let _lease_slot = self.lease_slot(&volume.lease.to_string())?;
+        let _lease_slot = self.lease_slot(&volume.lease.to_string()).await?;
         let slots = if republish {
             &self.inner.republish_slots
         } else {
@@ -617,12 +657,14 @@ impl NodeService {
             pod_uid: volume.pod.uid.clone(),
             service_account: volume.pod.service_account.clone(),
         };
-        match self
+        steps.lap("prepare");
+        let verified = self
             .inner
             .verifier
             .verify(secrecy::ExposeSecret::expose_secret(&token), &expected)
-            .await
-        {
+            .await;
+        steps.lap("verify_token");
+        match verified {
             Ok(_) => {}
             Err(AuthError::Unavailable(reason)) if republish => {
                 warn!(%reason, "token verifier unavailable on republish; keeping the current files");
@@ -658,11 +700,15 @@ impl NodeService {
         held_version: u64,
         already_mounted: bool,
     ) -> Result<(), PublishError> {
+        let steps = StepClock::new(&self.inner.metrics);
         let credential = match self
             .broker_call(self.inner.broker.issue(&volume, token, held_version))
             .await
         {
-            Ok(c) => c,
+            Ok(c) => {
+                steps.lap("broker_issue");
+                c
+            }
             Err(e) => {
                 if may_have_issued(&e) {
                     // The broker may have created something (a per-pod user)
@@ -722,6 +768,7 @@ impl NodeService {
             }
             return Err(e);
         }
+        steps.lap("place");
         self.mark_published(&volume.volume_id, true);
         // An earlier failed attempt may have queued a release: this credential supersedes it.
         if let Err(e) = self
@@ -735,6 +782,7 @@ impl NodeService {
         if !is_certificate {
             // A pod's own certificate is no lease version: nothing to acknowledge.
             self.acknowledge(&volume, version).await;
+            steps.lap("acknowledge");
         }
         Ok(())
     }
@@ -1031,10 +1079,12 @@ impl NodeService {
         token: &SecretString,
     ) -> Result<(), PublishError> {
         let volume = record.volume_ref();
-        let latest = match self
+        let steps = StepClock::new(&self.inner.metrics);
+        let acknowledged = self
             .broker_call(self.inner.broker.acknowledge(&volume, record.version))
-            .await
-        {
+            .await;
+        steps.lap("acknowledge");
+        let latest = match acknowledged {
             Ok(latest) => Some(latest),
             Err(BrokerError::Unavailable(reason)) => {
                 warn!(%reason, version = record.version, "broker unavailable on republish; keeping the current files");
@@ -1060,7 +1110,10 @@ impl NodeService {
             .broker_call(self.inner.broker.issue(&volume, token, record.version))
             .await
         {
-            Ok(c) => c,
+            Ok(c) => {
+                steps.lap("broker_issue");
+                c
+            }
             Err(BrokerError::Unavailable(reason)) => {
                 warn!(%reason, "broker unavailable while refreshing; keeping the current files");
                 return Ok(());
@@ -1100,8 +1153,10 @@ impl NodeService {
             PublishError::Task,
         )
         .await?;
+        steps.lap("place");
         info!(version, files_changed = outcome, "credential refreshed");
         self.acknowledge(&volume, version).await;
+        steps.lap("acknowledge");
         Ok(())
     }
 

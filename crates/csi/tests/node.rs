@@ -638,6 +638,35 @@ async fn failed_issue_is_released_now_or_in_the_background() {
     assert_no_secrets_in_logs();
 }
 
+/// Many pods of one lease starting together (a Deployment scaling up): more publishes
+/// than the lease's slots all succeed, waiting their turn instead of being refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_beyond_a_leases_slots_wait_their_turn() {
+    if skip_unless_root("publishes_beyond_a_leases_slots_wait_their_turn") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let broker = FakeBroker::start().await;
+    let d = start_driver_with(dir.path(), &broker, |c| {
+        c.per_lease_concurrency = 1;
+    })
+    .await;
+    let calls: Vec<_> = (0..24)
+        .map(|i| {
+            let mut node = d.node.clone();
+            let target = target_under(dir.path(), &format!("pod-many{i}"));
+            let volume = format!("csi-many{i}");
+            let request = Pub::new(&volume, &target).build();
+            tokio::spawn(async move { node.node_publish_volume(request).await })
+        })
+        .collect();
+    for call in calls {
+        call.await
+            .unwrap()
+            .expect("published after waiting for the lease's slot");
+    }
+}
+
 /// A lease whose broker calls hang takes at most its per-lease share of the
 /// publish slots (more of its publishes are refused at once), so another
 /// lease's publish completes; and renewals of published volumes have slots
@@ -652,6 +681,8 @@ async fn a_hanging_lease_starves_neither_other_leases_nor_renewals() {
     let mut d = start_driver_with(dir.path(), &broker, |c| {
         c.publish_concurrency = 2;
         c.per_lease_concurrency = 1;
+        // No queue: a second publish of a lease with its slot taken is refused at once.
+        c.per_lease_waiting = 0;
         c.broker_timeout = Duration::from_secs(4);
     })
     .await;
