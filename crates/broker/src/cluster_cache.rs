@@ -638,3 +638,273 @@ impl CachedClusterView {
         }
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::cluster::pod_facts;
+    use serde_json::json;
+
+    fn pod(uid: &str, node: Option<&str>) -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"namespace": "shop", "name": "web-0", "uid": uid,
+                         "labels": {"app": "web"}, "annotations": {"a": "b"},
+                         "managedFields": [{"manager": "kubelet"}]},
+            "spec": {"serviceAccountName": "web", "nodeName": node,
+                     "containers": [{"name": "app", "image": "web:1",
+                                     "env": [{"name": "X", "value": "y"}]}],
+                     "volumes": [
+                         {"name": "creds", "csi": {"driver": "csi.leasehold.dev", "readOnly": true,
+                                                   "volumeAttributes": {"lease": "db"}}},
+                         {"name": "other", "csi": {"driver": "other.csi", "volumeAttributes": {"lease": "x"}}},
+                         {"name": "tmp", "emptyDir": {}}]},
+            "status": {"phase": "Running", "podIP": "10.0.0.1",
+                       "conditions": [{"type": "Ready", "status": "True"}]},
+        }))
+        .unwrap()
+    }
+
+    fn lease(status: serde_json::Value, extra_spec: serde_json::Value) -> SecretLease {
+        let mut spec = json!({"policyRef": {"name": "open"},
+            "postgres": {"host": "db", "port": 5432, "database": "d",
+                         "adminSecretRef": {"name": "admin"}}});
+        for (k, v) in extra_spec.as_object().unwrap() {
+            spec[k] = v.clone();
+        }
+        serde_json::from_value(json!({
+            "apiVersion": "leasehold.dev/v1alpha1", "kind": "SecretLease",
+            "metadata": {"namespace": "shop", "name": "db"},
+            "spec": spec, "status": status,
+        }))
+        .unwrap()
+    }
+
+    fn current(version: u64) -> serde_json::Value {
+        json!({"currentVersion": version, "progress": {"lastVersion": version, "versions": [
+            {"version": version, "credentialId": "u", "state": "Current",
+             "issuedAt": "2025-01-01T00:00:00Z"}]}})
+    }
+
+    fn secret(fields: &[&str]) -> Secret {
+        Secret {
+            data: Some(
+                fields
+                    .iter()
+                    .map(|f| ((*f).to_owned(), k8s_openapi::ByteString(b"sealed".to_vec())))
+                    .collect(),
+            ),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn cache_answers_only_what_it_can_vouch_for() {
+        use CacheVerdict::{Hit, Miss, Stale};
+        let on_a = pod("uid-1", Some("node-a"));
+        let unscheduled = pod("uid-1", None);
+        let expect = |uid, node| PodExpectation { uid, node };
+        let e1a = expect("uid-1", Some("node-a"));
+        let e2a = expect("uid-2", Some("node-a"));
+        let e1b = expect("uid-1", Some("node-b"));
+        let e1 = expect("uid-1", None);
+        let ready = lease(current(3), json!({}));
+        let no_version = lease(json!({}), json!({}));
+        let version_without_record = lease(
+            json!({"currentVersion": 4, "progress": {"versions": []}}),
+            json!({}),
+        );
+        let per_pod = lease(json!({}), json!({"perPod": true}));
+        let versions = secret(&["v3"]);
+        let cases: Vec<(&str, bool, Option<CachedAnswer<'_>>, CacheVerdict)> = vec![
+            (
+                "matching pod",
+                true,
+                Some(CachedAnswer::Pod {
+                    pod: &on_a,
+                    expected: &e1a,
+                }),
+                Hit,
+            ),
+            (
+                "pod, node not asked",
+                true,
+                Some(CachedAnswer::Pod {
+                    pod: &on_a,
+                    expected: &e1,
+                }),
+                Hit,
+            ),
+            ("not cached", true, None, Miss),
+            (
+                "not synced",
+                false,
+                Some(CachedAnswer::Pod {
+                    pod: &on_a,
+                    expected: &e1a,
+                }),
+                Miss,
+            ),
+            (
+                "not synced, present",
+                false,
+                Some(CachedAnswer::Present),
+                Miss,
+            ),
+            (
+                "UID mismatch",
+                true,
+                Some(CachedAnswer::Pod {
+                    pod: &on_a,
+                    expected: &e2a,
+                }),
+                Stale,
+            ),
+            (
+                "node mismatch",
+                true,
+                Some(CachedAnswer::Pod {
+                    pod: &on_a,
+                    expected: &e1b,
+                }),
+                Stale,
+            ),
+            (
+                "not scheduled yet",
+                true,
+                Some(CachedAnswer::Pod {
+                    pod: &unscheduled,
+                    expected: &e1a,
+                }),
+                Stale,
+            ),
+            (
+                "lease with current version",
+                true,
+                Some(CachedAnswer::Lease {
+                    lease: &ready,
+                    min_version: 0,
+                }),
+                Hit,
+            ),
+            (
+                "lease at the acknowledged version",
+                true,
+                Some(CachedAnswer::Lease {
+                    lease: &ready,
+                    min_version: 3,
+                }),
+                Hit,
+            ),
+            (
+                "lease behind the acknowledged version",
+                true,
+                Some(CachedAnswer::Lease {
+                    lease: &ready,
+                    min_version: 4,
+                }),
+                Stale,
+            ),
+            (
+                "lease without current version",
+                true,
+                Some(CachedAnswer::Lease {
+                    lease: &no_version,
+                    min_version: 0,
+                }),
+                Stale,
+            ),
+            (
+                "lease without the version's record",
+                true,
+                Some(CachedAnswer::Lease {
+                    lease: &version_without_record,
+                    min_version: 0,
+                }),
+                Stale,
+            ),
+            (
+                "per-pod lease has no shared version",
+                true,
+                Some(CachedAnswer::Lease {
+                    lease: &per_pod,
+                    min_version: 2,
+                }),
+                Hit,
+            ),
+            (
+                "secret with the field",
+                true,
+                Some(CachedAnswer::Secret {
+                    secret: &versions,
+                    field: Some("v3"),
+                }),
+                Hit,
+            ),
+            (
+                "secret missing the field",
+                true,
+                Some(CachedAnswer::Secret {
+                    secret: &versions,
+                    field: Some("v4"),
+                }),
+                Stale,
+            ),
+            (
+                "secret, no field asked",
+                true,
+                Some(CachedAnswer::Secret {
+                    secret: &versions,
+                    field: None,
+                }),
+                Hit,
+            ),
+            (
+                "namespace or policy",
+                true,
+                Some(CachedAnswer::Present),
+                Hit,
+            ),
+        ];
+        for (what, synced, cached, want) in cases {
+            assert_eq!(judge(synced, cached), want, "{what}");
+        }
+    }
+
+    #[test]
+    fn a_slimmed_pod_has_the_same_facts() {
+        let full = pod("uid-1", Some("node-a"));
+        let mut slim = full.clone();
+        slim_pod(&mut slim);
+        assert_eq!(pod_facts(&slim), pod_facts(&full));
+        assert!(slim.metadata.labels.is_none() && slim.metadata.managed_fields.is_none());
+        let spec = slim.spec.as_ref().unwrap();
+        assert!(spec.containers.is_empty());
+        assert_eq!(
+            spec.volumes.as_ref().unwrap().len(),
+            1,
+            "only leasehold volumes"
+        );
+        assert_eq!(slim.status.as_ref().unwrap().pod_ip, None);
+        // What a cached pod costs, roughly: the structs plus its strings.
+        let heap = serde_json::to_vec(&slim).unwrap().len();
+        // Spec and status are inline in `Pod`, the CSI source inline in `Volume`.
+        let structs = std::mem::size_of::<Pod>() + std::mem::size_of::<Volume>();
+        eprintln!(
+            "slim pod: ~{} bytes ({structs} of structs, {heap} of JSON)",
+            structs + heap
+        );
+    }
+
+    #[test]
+    fn a_slimmed_secret_keeps_its_data_only() {
+        let mut s = secret(&["v1", "v2"]);
+        s.metadata.name = Some("db-leasehold-versions".into());
+        s.metadata.annotations = Some(BTreeMap::from([("a".into(), "b".into())]));
+        slim_secret(&mut s);
+        assert!(s.metadata.annotations.is_none());
+        assert_eq!(s.data.as_ref().unwrap().len(), 2);
+        assert!(is_versions_secret("db-leasehold-versions"));
+        assert!(!is_versions_secret("db-admin"));
+    }
+}
