@@ -637,11 +637,17 @@ CONTROLLER_NAMESPACED_RULES = (
     | triples("apps", ["deployments", "statefulsets", "daemonsets"], ["get", "list", "watch", "patch"])
 )
 CONTROLLER_CLUSTER_ONLY_RULES = (
-    triples("", ["namespaces"], ["get"])
-    | triples("leasehold.dev", ["clusterissuers"], ["get", "list", "watch"])
+    triples("leasehold.dev", ["clusterissuers"], ["get", "list", "watch"])
     | triples("leasehold.dev", ["clusterissuers/status"], ["patch"])
     | triples("url", ["/.well-known/openid-configuration", "/openid/v1/jwks"], ["get"])
 )
+# The broker's watch cache of namespace labels: every namespace when watching all
+# of them; with watchNamespaces, list and watch only the watched ones by name.
+NAMESPACES_ALL = triples("", ["namespaces"], ["get", "list", "watch"])
+NAMESPACES_RESTRICTED = triples("", ["namespaces"], ["get", "list", "watch"])
+# With watchNamespaces not including the release namespace: the broker's cache
+# of the node drivers' pods.
+DRIVER_PODS = triples("", ["pods"], ["list", "watch"])
 CONTROLLER_RELEASE_NS_RULES = (
     triples("coordination.k8s.io", ["leases"], ["get", "list", "watch", "create", "update", "patch"])
     | triples("", ["configmaps"], ["get", "list", "watch", "create", "patch", "update"])
@@ -687,8 +693,14 @@ def test_node_clusterrole_grants_only_oidc_discovery(
 
 def test_controller_rbac_cluster_wide(default: Rendered) -> None:
     assert rules_of(default.get("ClusterRole", CONTROLLER)) == (
-        CONTROLLER_NAMESPACED_RULES | CONTROLLER_CLUSTER_ONLY_RULES
+        CONTROLLER_NAMESPACED_RULES | CONTROLLER_CLUSTER_ONLY_RULES | NAMESPACES_ALL
     )
+    namespace_rules = [
+        rule
+        for rule in default.get("ClusterRole", CONTROLLER)["rules"]
+        if "namespaces" in rule.get("resources", [])
+    ]
+    assert all("resourceNames" not in rule for rule in namespace_rules)
     role = default.get("Role", CONTROLLER, NAMESPACE)
     assert rules_of(role) == CONTROLLER_RELEASE_NS_RULES
     assert default.of_kind("ClusterRole") and len(default.of_kind("ClusterRole")) == 2
@@ -707,7 +719,14 @@ def test_controller_rbac_restricted_namespaces(
     ctr = container(controller_pod(r)["spec"], "controller")
     assert arg_value(ctr["args"], "--namespaces") == ",".join(watched)
     # Cluster-wide: only what has no namespace.
-    assert rules_of(r.get("ClusterRole", CONTROLLER)) == CONTROLLER_CLUSTER_ONLY_RULES
+    assert rules_of(r.get("ClusterRole", CONTROLLER)) == (
+        CONTROLLER_CLUSTER_ONLY_RULES | NAMESPACES_RESTRICTED
+    )
+    # Listing and watching namespaces: only the watched ones, by name.
+    for rule in r.get("ClusterRole", CONTROLLER)["rules"]:
+        if "namespaces" in rule.get("resources", []) and {"list", "watch"} & set(rule["verbs"]):
+            assert sorted(rule["resourceNames"]) == sorted(set(watched)), rule
+            assert set(rule["verbs"]) == {"list", "watch"}, rule
     namespaced = r.get("ClusterRole", f"{CONTROLLER}-namespaced")
     assert rules_of(namespaced) == CONTROLLER_NAMESPACED_RULES
     bound_in = sorted(
@@ -726,8 +745,9 @@ def test_controller_rbac_restricted_namespaces(
     if NAMESPACE in watched:
         assert role_rules == CONTROLLER_RELEASE_NS_RULES
     else:
-        # The broker TLS Secret still lives in the release namespace.
-        assert role_rules == CONTROLLER_RELEASE_NS_RULES | secrets
+        # The broker TLS Secret still lives in the release namespace, and so do
+        # the node drivers' pods.
+        assert role_rules == CONTROLLER_RELEASE_NS_RULES | secrets | DRIVER_PODS
 
 
 WRITE_VERBS = {"create", "update", "patch", "delete"}
@@ -745,7 +765,7 @@ def test_controller_rbac_write_namespaces(rendered_sets: dict[str, Rendered], va
     cluster = rules_of(r.get("ClusterRole", CONTROLLER))
     reads = {t for t in CONTROLLER_NAMESPACED_RULES if t[2] not in WRITE_VERBS}
     writes = CONTROLLER_NAMESPACED_RULES - reads
-    assert cluster == reads | CONTROLLER_CLUSTER_ONLY_RULES
+    assert cluster == reads | CONTROLLER_CLUSTER_ONLY_RULES | NAMESPACES_ALL
     assert writes, "some writes exist"
     # Writes: bound per listed namespace only.
     assert rules_of(r.get("ClusterRole", f"{CONTROLLER}-write")) == writes

@@ -11,6 +11,7 @@ use secrecy::SecretString;
 
 use crate::authz::{LeaseFacts, PodFacts};
 use crate::error::BrokerError;
+use crate::metrics::ClusterReadMetrics;
 
 /// Values of a Secret. `Debug` shows the keys only.
 #[derive(Clone, Default)]
@@ -66,6 +67,61 @@ pub trait ClusterView: Send + Sync {
     ) -> Result<Option<RotationPolicy>, BrokerError>;
     /// A Secret's data (admin credentials, CA bundles, a lease's versions).
     async fn secret(&self, namespace: &str, name: &str) -> Result<Option<SecretData>, BrokerError>;
+
+    /// A pod the caller expects to be `expected` (its UID, and its node when given).
+    /// A cached view answers from its cache only when the cached pod agrees, and reads
+    /// live otherwise, so a refusal is never based on a lagging cache. The answer may
+    /// still differ from `expected`: the caller decides.
+    async fn pod_expecting(
+        &self,
+        namespace: &str,
+        name: &str,
+        expected: &PodExpectation<'_>,
+    ) -> Result<Option<Pod>, BrokerError> {
+        let _ = expected;
+        self.pod(namespace, name).await
+    }
+
+    /// A lease the caller needs at `min_version` or later (0: any). A cached view
+    /// reads live when its copy is older, or is a shared lease without a current
+    /// version (the cache may lag a just-promoted version).
+    async fn lease_at_version(
+        &self,
+        namespace: &str,
+        name: &str,
+        min_version: u64,
+    ) -> Result<Option<SecretLease>, BrokerError> {
+        let _ = min_version;
+        self.lease(namespace, name).await
+    }
+
+    /// A Secret's data, which the caller needs to hold `field`. A cached view reads
+    /// live when its copy lacks the field.
+    async fn secret_with_field(
+        &self,
+        namespace: &str,
+        name: &str,
+        field: &str,
+    ) -> Result<Option<SecretData>, BrokerError> {
+        let _ = field;
+        self.secret(namespace, name).await
+    }
+
+    /// The same objects read live, bypassing any cache; `None` when this view has no
+    /// cache. The broker confirms a refusal through it before refusing.
+    fn live(&self) -> Option<&dyn ClusterView> {
+        None
+    }
+}
+
+/// What the broker expects of a pod it reads: the UID the caller named, and the node
+/// when the call is about a pod on a given node.
+#[derive(Debug, Clone, Copy)]
+pub struct PodExpectation<'a> {
+    /// The pod's UID.
+    pub uid: &'a str,
+    /// The node the pod must run on, when known.
+    pub node: Option<&'a str>,
 }
 
 /// Name of the Secret in which the controller keeps a lease's version passwords (`v<N>`).
@@ -86,7 +142,7 @@ pub async fn version_password(
     let secret_name = versions_secret_name(lease);
     let field = format!("v{version}");
     let Some(stored) = cluster
-        .secret(namespace, &secret_name)
+        .secret_with_field(namespace, &secret_name, &field)
         .await?
         .and_then(|data| data.get(&field).cloned())
     else {
@@ -155,10 +211,12 @@ pub fn lease_facts(lease: &SecretLease) -> LeaseFacts {
 }
 
 /// [`ClusterView`] over the API server: one GET per question, so a decision
-/// always sees the current pod (a cache could lag behind a recreated pod).
+/// always sees the current pod. [`crate::CachedClusterView`] answers most questions
+/// from watch caches and falls back to this.
 #[derive(Clone)]
 pub struct KubeClusterView {
     client: kube::Client,
+    metrics: ClusterReadMetrics,
 }
 
 impl std::fmt::Debug for KubeClusterView {
@@ -171,13 +229,23 @@ impl KubeClusterView {
     /// Reads through `client`. Needs `get` on pods, namespaces, secrets,
     /// secretleases and rotationpolicies.
     pub fn new(client: kube::Client) -> Self {
-        Self { client }
+        Self {
+            client,
+            metrics: ClusterReadMetrics::default(),
+        }
+    }
+
+    /// Counts its reads in `metrics` (`leasehold_broker_api_reads_total`).
+    pub fn with_metrics(mut self, metrics: ClusterReadMetrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 }
 
 #[async_trait]
 impl ClusterView for KubeClusterView {
     async fn pod(&self, namespace: &str, name: &str) -> Result<Option<Pod>, BrokerError> {
+        self.metrics.api_read("pod");
         Api::<Pod>::namespaced(self.client.clone(), namespace)
             .get_opt(name)
             .await
@@ -188,6 +256,7 @@ impl ClusterView for KubeClusterView {
         &self,
         name: &str,
     ) -> Result<Option<BTreeMap<String, String>>, BrokerError> {
+        self.metrics.api_read("namespace");
         Ok(Api::<Namespace>::all(self.client.clone())
             .get_opt(name)
             .await
@@ -196,6 +265,7 @@ impl ClusterView for KubeClusterView {
     }
 
     async fn lease(&self, namespace: &str, name: &str) -> Result<Option<SecretLease>, BrokerError> {
+        self.metrics.api_read("secretlease");
         Api::<SecretLease>::namespaced(self.client.clone(), namespace)
             .get_opt(name)
             .await
@@ -207,6 +277,7 @@ impl ClusterView for KubeClusterView {
         namespace: &str,
         name: &str,
     ) -> Result<Option<RotationPolicy>, BrokerError> {
+        self.metrics.api_read("rotationpolicy");
         Api::<RotationPolicy>::namespaced(self.client.clone(), namespace)
             .get_opt(name)
             .await
@@ -214,6 +285,7 @@ impl ClusterView for KubeClusterView {
     }
 
     async fn secret(&self, namespace: &str, name: &str) -> Result<Option<SecretData>, BrokerError> {
+        self.metrics.api_read("secret");
         Ok(Api::<Secret>::namespaced(self.client.clone(), namespace)
             .get_opt(name)
             .await

@@ -5,6 +5,7 @@
 //! - [`authz`]: the authorization rules as pure functions.
 //! - [`certificates`]: per-pod certificates of certificate leases (CSR in, chain out).
 //! - [`cluster`]: the objects it reads ([`ClusterView`]), over the API server or in memory.
+//! - [`cluster_cache`]: the same, from watch caches ([`CachedClusterView`]), live when they lag.
 //! - [`consumers`]: `status.consumers` of leases, coalesced server-side apply.
 //! - [`limits`]: per-lease and connection limits ([`BrokerLimits`]).
 //! - [`per_pod`]: credentials of `perPod` leases, one database user per pod.
@@ -47,6 +48,7 @@
 pub mod authz;
 pub mod certificates;
 pub mod cluster;
+pub mod cluster_cache;
 pub mod consumers;
 pub mod error;
 pub mod limits;
@@ -64,7 +66,8 @@ pub use certificates::{
     CertificateIssuers, IssuerLookupError, KubePodCertificateStore, MemoryCertificateIssuers,
     MemoryPodCertificateStore, PodCertificateRecord, PodCertificateStore, PodCertificates,
 };
-pub use cluster::{ClusterView, KubeClusterView, MemoryCluster, SecretData};
+pub use cluster::{ClusterView, KubeClusterView, MemoryCluster, PodExpectation, SecretData};
+pub use cluster_cache::CachedClusterView;
 pub use consumers::{
     CoalescingRecorder, ConsumerRecorder, ConsumerStore, KubeConsumerStore, MemoryConsumerStore,
     ObjectRef,
@@ -72,7 +75,7 @@ pub use consumers::{
 pub use error::BrokerError;
 pub use leasehold_envelope::Keyring;
 pub use limits::BrokerLimits;
-pub use metrics::BrokerMetrics;
+pub use metrics::{BrokerMetrics, ClusterReadMetrics};
 pub use per_pod::{
     EnginePerPodIssuer, KubePodCredentialStore, MemoryPodCredentialStore, PerPodIssuer,
     PodCredential, PodCredentialStore,

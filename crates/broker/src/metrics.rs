@@ -27,11 +27,77 @@ fn duration_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0005, 2.0, 16))
 }
 
+/// The kind of object a cluster read was for, and how the cache answered it.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CacheLookupLabels {
+    /// `pod`, `namespace`, `secretlease`, `rotationpolicy` or `secret`.
+    pub kind: String,
+    /// `hit` (served from the cache), `miss` (not cached, or the cache not synced
+    /// yet: read live) or `stale` (cached but not good enough: read live).
+    pub result: String,
+}
+
+/// The kind of object read from the API server.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    /// `pod`, `namespace`, `secretlease`, `rotationpolicy` or `secret`.
+    pub kind: String,
+}
+
+/// Counters of the broker's cluster reads: cache answers and live API reads.
+/// Clones share the same series.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterReadMetrics {
+    lookups: Family<CacheLookupLabels, Counter>,
+    api_reads: Family<KindLabels, Counter>,
+}
+
+impl ClusterReadMetrics {
+    /// Counts one cache lookup of `kind` answered with `result` (`hit`, `miss`, `stale`).
+    pub fn lookup(&self, kind: &str, result: &str) {
+        self.lookups
+            .get_or_create(&CacheLookupLabels {
+                kind: kind.to_owned(),
+                result: result.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts one GET of `kind` sent to the API server.
+    pub fn api_read(&self, kind: &str) {
+        self.api_reads
+            .get_or_create(&KindLabels {
+                kind: kind.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Cache lookups of `kind` answered with `result` so far.
+    pub fn lookups(&self, kind: &str, result: &str) -> u64 {
+        self.lookups
+            .get_or_create(&CacheLookupLabels {
+                kind: kind.to_owned(),
+                result: result.to_owned(),
+            })
+            .get()
+    }
+
+    /// GETs of `kind` sent so far.
+    pub fn api_reads(&self, kind: &str) -> u64 {
+        self.api_reads
+            .get_or_create(&KindLabels {
+                kind: kind.to_owned(),
+            })
+            .get()
+    }
+}
+
 /// Broker metrics; clones share the same series.
 #[derive(Debug, Clone)]
 pub struct BrokerMetrics {
     requests: Family<RequestLabels, Counter>,
     durations: Family<MethodLabels, Histogram, fn() -> Histogram>,
+    cluster_reads: ClusterReadMetrics,
 }
 
 impl Default for BrokerMetrics {
@@ -39,13 +105,16 @@ impl Default for BrokerMetrics {
         Self {
             requests: Family::default(),
             durations: Family::new_with_constructor(duration_histogram),
+            cluster_reads: ClusterReadMetrics::default(),
         }
     }
 }
 
 impl BrokerMetrics {
-    /// Registers `leasehold_broker_requests_total{method,code}` and
-    /// `leasehold_broker_request_duration_seconds{method}` in `registry`.
+    /// Registers `leasehold_broker_requests_total{method,code}`,
+    /// `leasehold_broker_request_duration_seconds{method}`,
+    /// `leasehold_broker_cache_lookups_total{kind,result}` and
+    /// `leasehold_broker_api_reads_total{kind}` in `registry`.
     pub fn register(registry: &mut Registry) -> Self {
         let m = Self::default();
         let sub = registry.sub_registry_with_prefix("leasehold_broker");
@@ -59,7 +128,23 @@ impl BrokerMetrics {
             "Broker call handling time",
             m.durations.clone(),
         );
+        sub.register(
+            "cache_lookups",
+            "Cluster reads answered by the broker's watch caches, by kind and result (hit, miss, stale)",
+            m.cluster_reads.lookups.clone(),
+        );
+        sub.register(
+            "api_reads",
+            "Objects the broker read live from the API server, by kind",
+            m.cluster_reads.api_reads.clone(),
+        );
         m
+    }
+
+    /// The counters of cluster reads, for [`crate::CachedClusterView`] and
+    /// [`crate::KubeClusterView`].
+    pub fn cluster_reads(&self) -> ClusterReadMetrics {
+        self.cluster_reads.clone()
     }
 
     /// Records one finished call.

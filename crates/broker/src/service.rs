@@ -22,7 +22,7 @@ use crate::authz::{
     authorize_pod_on_node, authorize_pod_placement, namespace_allowed,
 };
 use crate::certificates::{PodCertificateRequest, PodCertificates, profile};
-use crate::cluster::{ClusterView, lease_facts, pod_facts, version_password};
+use crate::cluster::{ClusterView, PodExpectation, lease_facts, pod_facts, version_password};
 use crate::consumers::{ConsumerRecorder, ObjectRef};
 use crate::error::BrokerError;
 use crate::metrics::BrokerMetrics;
@@ -288,9 +288,16 @@ impl BrokerService {
         if caller.namespace == driver.namespace && caller.name == driver.name {
             let bound = sa.pod.as_ref().map(|b| (b.name.as_str(), b.uid.as_str()));
             let pod = match bound {
-                Some((name, _)) => self
+                Some((name, uid)) => self
                     .cluster
-                    .pod(&caller.namespace, name)
+                    .pod_expecting(
+                        &caller.namespace,
+                        name,
+                        &PodExpectation {
+                            uid,
+                            node: caller.node_claim.as_deref(),
+                        },
+                    )
                     .await?
                     .map(|p| pod_facts(&p)),
                 None => None,
@@ -303,9 +310,14 @@ impl BrokerService {
         Ok(caller)
     }
 
-    async fn lease(&self, lease: &ObjectRef) -> Result<SecretLease, BrokerError> {
-        self.cluster
-            .lease(&lease.namespace, &lease.name)
+    async fn lease(
+        &self,
+        cluster: &dyn ClusterView,
+        lease: &ObjectRef,
+        min_version: u64,
+    ) -> Result<SecretLease, BrokerError> {
+        cluster
+            .lease_at_version(&lease.namespace, &lease.name, min_version)
             .await?
             .ok_or_else(|| BrokerError::LeaseNotFound {
                 namespace: lease.namespace.clone(),
@@ -315,11 +327,14 @@ impl BrokerService {
 
     /// The lease, its policy (which must exist), and the labels of the pod's namespace
     /// when the access rules need them (fetched only when nothing cheaper decides):
-    /// what Issue and Acknowledge authorize against.
+    /// what Issue and Acknowledge authorize against. `min_version`: the lowest
+    /// current version of a shared lease the caller accepts (0: any).
     async fn lease_access(
         &self,
+        cluster: &dyn ClusterView,
         lease_ref: &ObjectRef,
         pod_namespace: &str,
+        min_version: u64,
     ) -> Result<
         (
             SecretLease,
@@ -328,8 +343,8 @@ impl BrokerService {
         ),
         BrokerError,
     > {
-        let lease = self.lease(lease_ref).await?;
-        let policy = self.policy_of(&lease).await?.ok_or_else(|| {
+        let lease = self.lease(cluster, lease_ref, min_version).await?;
+        let policy = policy_of(cluster, &lease).await?.ok_or_else(|| {
             BrokerError::FailedPrecondition(format!(
                 "RotationPolicy {}/{} of the lease not found",
                 lease_ref.namespace, lease.spec.policy_ref.name
@@ -339,18 +354,87 @@ impl BrokerService {
         let labels = if access.namespace_selector.is_some()
             && !namespace_allowed(&lease_facts(&lease), access, pod_namespace, None)
         {
-            self.cluster.namespace_labels(pod_namespace).await?
+            cluster.namespace_labels(pod_namespace).await?
         } else {
             None
         };
         Ok((lease, policy, labels))
     }
 
-    async fn policy_of(&self, lease: &SecretLease) -> Result<Option<RotationPolicy>, BrokerError> {
-        let namespace = lease.metadata.namespace.as_deref().unwrap_or_default();
-        self.cluster
-            .policy(namespace, &lease.spec.policy_ref.name)
-            .await
+    /// The pod as the request names it, and what its access to the lease is
+    /// decided on. `pod_check` refuses before the lease is looked at.
+    async fn volume_facts(
+        &self,
+        cluster: &dyn ClusterView,
+        requested: &PodIdentity,
+        node: &str,
+        lease_ref: &ObjectRef,
+        min_version: u64,
+        pod_check: Option<PodCheck>,
+    ) -> Result<VolumeFacts, BrokerError> {
+        let pod = cluster
+            .pod_expecting(
+                &requested.namespace,
+                &requested.name,
+                &PodExpectation {
+                    uid: &requested.uid,
+                    node: Some(node),
+                },
+            )
+            .await?
+            .ok_or_else(|| Deny::PodNotFound {
+                namespace: requested.namespace.clone(),
+                name: requested.name.clone(),
+            })?;
+        let pod = pod_facts(&pod);
+        if let Some(check) = pod_check {
+            check(&pod, requested, node)?;
+        }
+        let (lease, policy, labels) = self
+            .lease_access(cluster, lease_ref, &requested.namespace, min_version)
+            .await?;
+        Ok(VolumeFacts {
+            pod,
+            lease,
+            policy,
+            labels,
+        })
+    }
+
+    /// Reads the facts of a volume and decides on them with `decide`. A refusal
+    /// decided on cached facts is confirmed on live ones: a cache that lags a
+    /// change (a namespace label, a policy's access rules) must not refuse.
+    async fn decide_volume(
+        &self,
+        requested: &PodIdentity,
+        node: &str,
+        lease_ref: &ObjectRef,
+        min_version: u64,
+        pod_check: Option<PodCheck>,
+        decide: impl Fn(&VolumeFacts) -> Result<(), Deny>,
+    ) -> Result<(VolumeFacts, Result<(), Deny>), BrokerError> {
+        let facts = self
+            .volume_facts(
+                self.cluster.as_ref(),
+                requested,
+                node,
+                lease_ref,
+                min_version,
+                pod_check,
+            )
+            .await?;
+        let decision = decide(&facts);
+        match (&decision, self.cluster.live()) {
+            (Err(deny), Some(live)) => {
+                debug!(reason = %deny, "refusal decided on cached objects; confirming live");
+                let facts = self
+                    .volume_facts(live, requested, node, lease_ref, min_version, pod_check)
+                    .await?;
+                let decision = decide(&facts);
+                Ok((facts, decision))
+            }
+            _ => Ok((facts, decision)),
+        }
     }
 
     /// What `Issue` and `IssueCertificate` check before anything is handed out: the
@@ -395,28 +479,22 @@ impl BrokerService {
             uid: verified.pod_uid,
             service_account: verified.service_account,
         };
-        let pod = self
-            .cluster
-            .pod(&requested.namespace, &requested.name)
-            .await?
-            .ok_or_else(|| Deny::PodNotFound {
-                namespace: requested.namespace.clone(),
-                name: requested.name.clone(),
-            })?;
-        let (lease, policy, labels) = self.lease_access(&lease_ref, &requested.namespace).await?;
-        let facts = lease_facts(&lease);
-        let access = &policy.spec.access;
-        let decision = authorize_issue(&IssueFacts {
-            driver: &self.config.node_driver,
-            caller: &caller,
-            pod_token: &token_pod,
-            requested: &requested,
-            node: &node,
-            pod: &pod_facts(&pod),
-            lease: &facts,
-            access,
-            namespace_labels: labels.as_ref(),
-        });
+        let (facts, decision) = self
+            .decide_volume(&requested, &node, &lease_ref, 0, None, |f| {
+                authorize_issue(&IssueFacts {
+                    driver: &self.config.node_driver,
+                    caller: &caller,
+                    pod_token: &token_pod,
+                    requested: &requested,
+                    node: &node,
+                    pod: &f.pod,
+                    lease: &lease_facts(&f.lease),
+                    access: &f.policy.spec.access,
+                    namespace_labels: f.labels.as_ref(),
+                })
+            })
+            .await?;
+        let VolumeFacts { lease, policy, .. } = facts;
         self.enforce(decision, &lease, &policy, &lease_ref, &requested, &node)
             .await?;
         // From here on `requested` is the verified pod: the token named exactly it,
@@ -566,32 +644,35 @@ impl BrokerService {
 
         let caller = self.caller(&metadata).await?;
         authorize_node(&caller, &self.config.node_driver, node)?;
-        let pod = self
-            .cluster
-            .pod(&requested.namespace, &requested.name)
-            .await?
-            .ok_or_else(|| Deny::PodNotFound {
-                namespace: requested.namespace.clone(),
-                name: requested.name.clone(),
-            })?;
-        let pod = pod_facts(&pod);
-        authorize_pod_on_node(&pod, &requested, node)?;
-        let (lease, policy, labels) = self.lease_access(&lease_ref, &requested.namespace).await?;
-        let facts = lease_facts(&lease);
-        let access = &policy.spec.access;
-        // The same rules as Issue: a pod that lost access must not keep
+        // The pod must be on this node before the lease is looked at (a placement
+        // refusal is not enforced: the pod is not this driver's to speak for).
+        // Then the same rules as Issue: a pod that lost access must not keep
         // counting as a consumer (nor keep a per-pod user), and a driver may
-        // speak only for volumes its pods really have.
-        let decision = authorize_acknowledge(&AcknowledgeFacts {
-            driver: &self.config.node_driver,
-            caller: &caller,
-            requested: &requested,
-            node,
-            pod: &pod,
-            lease: &facts,
-            access,
-            namespace_labels: labels.as_ref(),
-        });
+        // speak only for volumes its pods really have. The lease must be at
+        // least at the acknowledged version: a cache behind it is read live.
+        let pod_check: PodCheck = authorize_pod_on_node;
+        let (facts, decision) = self
+            .decide_volume(
+                &requested,
+                node,
+                &lease_ref,
+                msg.version,
+                Some(pod_check),
+                |f| {
+                    authorize_acknowledge(&AcknowledgeFacts {
+                        driver: &self.config.node_driver,
+                        caller: &caller,
+                        requested: &requested,
+                        node,
+                        pod: &f.pod,
+                        lease: &lease_facts(&f.lease),
+                        access: &f.policy.spec.access,
+                        namespace_labels: f.labels.as_ref(),
+                    })
+                },
+            )
+            .await?;
+        let VolumeFacts { lease, policy, .. } = facts;
         self.enforce(decision, &lease, &policy, &lease_ref, &requested, node)
             .await?;
 
@@ -705,7 +786,14 @@ impl BrokerService {
         // node; if a new pod took its name, its consumer entry is left alone.
         let recreated = match self
             .cluster
-            .pod(&requested.namespace, &requested.name)
+            .pod_expecting(
+                &requested.namespace,
+                &requested.name,
+                &PodExpectation {
+                    uid: &requested.uid,
+                    node: Some(node),
+                },
+            )
             .await?
         {
             Some(pod) => {
@@ -735,7 +823,7 @@ impl BrokerService {
             }
         } else if lease.spec.per_pod {
             if let Some(issuer) = &self.per_pod {
-                let policy = self.policy_of(&lease).await?;
+                let policy = policy_of(self.cluster.as_ref(), &lease).await?;
                 issuer
                     .release(&lease, policy.as_ref(), &requested.uid, node)
                     .await?;
@@ -750,6 +838,15 @@ impl BrokerService {
         }
         Ok(pb::ReleaseResponse {})
     }
+}
+
+/// The lease's RotationPolicy, `None` when it does not exist.
+async fn policy_of(
+    cluster: &dyn ClusterView,
+    lease: &SecretLease,
+) -> Result<Option<RotationPolicy>, BrokerError> {
+    let namespace = lease.metadata.namespace.as_deref().unwrap_or_default();
+    cluster.policy(namespace, &lease.spec.policy_ref.name).await
 }
 
 fn add(t: Timestamp, d: Duration) -> Timestamp {
@@ -786,6 +883,17 @@ fn issue_response(
 }
 
 /// A volume `authorize_volume` let through.
+/// A check of the pod alone, made before its lease is read.
+type PodCheck = fn(&crate::authz::PodFacts, &PodIdentity, &str) -> Result<(), Deny>;
+
+/// What an Issue or Acknowledge is decided on, as read from the cluster.
+struct VolumeFacts {
+    pod: crate::authz::PodFacts,
+    lease: SecretLease,
+    policy: RotationPolicy,
+    labels: Option<std::collections::BTreeMap<String, String>>,
+}
+
 struct AuthorizedVolume {
     /// The verified pod.
     pod: PodIdentity,

@@ -12,8 +12,8 @@ use kube::{Client, ResourceExt};
 use leasehold_api::{RotationPolicy, SecretLease};
 use leasehold_auth::{HttpKeySource, TokenVerifier, VerifierConfig};
 use leasehold_broker::{
-    BrokerConfig, BrokerMetrics, BrokerService, BrokerTls, ClusterView, CoalescingRecorder,
-    EnginePerPodIssuer, KubeClusterView, KubePodCredentialStore, PodCertificates, TlsSettings,
+    BrokerConfig, BrokerMetrics, BrokerService, BrokerTls, CachedClusterView, ClusterView,
+    CoalescingRecorder, EnginePerPodIssuer, KubePodCredentialStore, PodCertificates, TlsSettings,
     Verifiers,
 };
 use leasehold_engine::BackendRegistry;
@@ -118,7 +118,15 @@ pub async fn run(
         node: verifier(&settings.node_token_audience)?,
         pod: verifier(&settings.pod_token_audience)?,
     };
-    let cluster: Arc<dyn ClusterView> = Arc::new(KubeClusterView::new(client.clone()));
+    // Watch caches of the objects every publish reads, in the watched namespaces;
+    // reads go live until they have synced and whenever they may lag. The
+    // reflectors stop when the broker (the last holder of the view) is dropped.
+    let cluster: Arc<dyn ClusterView> = Arc::new(CachedClusterView::start(
+        client.clone(),
+        &settings.namespaces,
+        &settings.namespace,
+        metrics.cluster_reads(),
+    ));
     let per_pod = Arc::new(EnginePerPodIssuer::new(
         cluster.clone(),
         Arc::new(KubePodCredentialStore::new(
