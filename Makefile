@@ -32,7 +32,7 @@ crds: ## Regenerate crds/ and charts/leasehold-crds/files/ from the Rust types
 demo: setup ## Rotate a credential against a throwaway PostgreSQL (and MariaDB) in local mode, with real logins
 	cargo run -q -p leasehold-engine --example demo
 
-bench: ## Print every benchmark figure: rotations/minute, what encryption (local key, KMS) adds per rotation and its KMS calls, seal/open rates, audit records/s, token verifications/s, NodePublishVolume latency and driver memory, certificates issued+verified/s
+bench: ## Print every benchmark figure: rotations/minute (PostgreSQL, MariaDB) beside the database floor, what encryption (local key, KMS) adds per rotation and its KMS calls, seal/open rates, audit records/s, token verifications/s, NodePublishVolume latency and driver memory, certificates issued+verified/s
 	cargo run -q --release -p leasehold-engine --example rotation-bench
 	cargo run -q --release -p leasehold-engine --example kms-rotation-bench
 	cargo bench -q -p leasehold-envelope --bench envelope
