@@ -456,7 +456,9 @@ impl BrokerService {
         required("volume_id", volume_id)?;
         required("pod_token", pod_token)?;
 
+        let steps = StepClock::new(&self.metrics);
         let caller = self.caller(metadata).await?;
+        steps.lap("node_token");
         // Before anything else is looked at: only node drivers, on that node.
         authorize_node(&caller, &self.config.node_driver, &node)?;
         let verified = self
@@ -473,6 +475,7 @@ impl BrokerService {
             )
             .await
             .map_err(|e| BrokerError::from_auth("pod token", &e))?;
+        steps.lap("pod_token");
         let token_pod = PodIdentity {
             namespace: verified.namespace,
             name: verified.pod_name,
@@ -494,9 +497,11 @@ impl BrokerService {
                 })
             })
             .await?;
+        steps.lap("facts");
         let VolumeFacts { lease, policy, .. } = facts;
         self.enforce(decision, &lease, &policy, &lease_ref, &requested, &node)
             .await?;
+        steps.lap("enforce");
         // From here on `requested` is the verified pod: the token named exactly it,
         // and the pod object on this node matches it.
         Ok(AuthorizedVolume {
@@ -570,7 +575,10 @@ impl BrokerService {
                 credential.renew_at,
             ));
         }
-        self.shared_credential(&lease, &lease_ref).await
+        let steps = StepClock::new(&self.metrics);
+        let credential = self.shared_credential(&lease, &lease_ref).await;
+        steps.lap("credential");
+        credential
     }
 
     /// The lease's current version, rendered with its CSI file templates.
@@ -642,7 +650,9 @@ impl BrokerService {
         let node = node_name_of(&msg.node_name)?;
         required("volume_id", &msg.volume_id)?;
 
+        let steps = StepClock::new(&self.metrics);
         let caller = self.caller(&metadata).await?;
+        steps.lap("node_token");
         authorize_node(&caller, &self.config.node_driver, node)?;
         // The pod must be on this node before the lease is looked at (a placement
         // refusal is not enforced: the pod is not this driver's to speak for).
@@ -672,9 +682,11 @@ impl BrokerService {
                 },
             )
             .await?;
+        steps.lap("facts");
         let VolumeFacts { lease, policy, .. } = facts;
         self.enforce(decision, &lease, &policy, &lease_ref, &requested, node)
             .await?;
+        steps.lap("enforce");
 
         if lease.spec.certificate.is_some() {
             // Each pod's certificate is its own, renewed on its own schedule: there is
@@ -712,6 +724,7 @@ impl BrokerService {
                     msg.version,
                 )
                 .await?;
+            steps.lap("record");
         }
         Ok(pb::AcknowledgeResponse {
             latest_version: latest,
@@ -1026,6 +1039,30 @@ fn node_name_of(value: &str) -> Result<&str, BrokerError> {
 fn pod_label(pod: Option<&pb::PodIdentity>) -> String {
     pod.map(|p| format!("{}/{}", p.namespace, p.name))
         .unwrap_or_default()
+}
+
+/// Times consecutive steps of one call into `leasehold_broker_step_duration_seconds`.
+struct StepClock<'a> {
+    metrics: &'a BrokerMetrics,
+    last: std::sync::Mutex<Instant>,
+}
+
+impl<'a> StepClock<'a> {
+    fn new(metrics: &'a BrokerMetrics) -> Self {
+        Self {
+            metrics,
+            last: std::sync::Mutex::new(Instant::now()),
+        }
+    }
+
+    /// The time since the previous lap (or the start) was spent in `step`.
+    fn lap(&self, step: &str) {
+        let now = Instant::now();
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        self.metrics
+            .step(step, now.duration_since(*last).as_secs_f64());
+        *last = now;
+    }
 }
 
 /// The audit record of a call, before its outcome: what the request names (the pod

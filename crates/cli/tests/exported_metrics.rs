@@ -49,6 +49,7 @@ async fn the_exported_metrics_file_matches_the_registries() {
     controller.emergency_revocation("ns", "lease");
     controller.lease_suspended("ns", "lease", true);
     broker.observe("Issue", tonic::Code::Ok, 0.01);
+    broker.step("facts", 0.001);
     broker.cluster_reads().lookup("pod", "hit");
     broker.cluster_reads().api_read("pod");
     let ctx = leasehold_envelope::EncryptionContext::new().with("k", "v");
