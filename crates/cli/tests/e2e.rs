@@ -3123,7 +3123,8 @@ where
         .iter()
         .filter_map(|(step, (sum, count))| {
             let (s0, c0) = steps_before.get(step).copied().unwrap_or_default();
-            (count - c0 > 0.0).then(|| (step.clone(), (sum - s0) * 1000.0 / calls))
+            (count - c0 > 0.0 || step.starts_with('='))
+                .then(|| (step.clone(), (sum - s0) * 1000.0 / calls))
         })
         .collect();
     PhaseResult {
@@ -3186,6 +3187,15 @@ struct MetricsPorts {
 
 async fn all_steps(ports: &MetricsPorts) -> BTreeMap<String, (f64, f64)> {
     let mut out = BTreeMap::new();
+    // The broker's own count of live API reads (`leasehold_broker_api_reads_total`),
+    // kept as a pseudo-step whose "sum" is the count.
+    let (_, body) = crl_server_get(ports.controller, "/metrics").await;
+    let reads: f64 = String::from_utf8_lossy(&body)
+        .lines()
+        .filter(|l| l.starts_with("leasehold_broker_api_reads_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    out.insert("=broker api reads".to_owned(), (reads / 1000.0, 1.0));
     for (k, v) in step_sums(ports.node, "leasehold_csi_publish_step_duration_seconds").await {
         out.insert(format!("node {k}"), v);
     }
@@ -3226,8 +3236,12 @@ fn print_phases(results: &[PhaseResult]) {
         let steps: Vec<String> = r
             .steps
             .iter()
+            .filter(|(step, _)| !step.starts_with('='))
             .map(|(step, ms)| format!("{step} {ms:.2}"))
             .collect();
+        if let Some((_, reads)) = r.steps.iter().find(|(step, _)| step.starts_with('=')) {
+            eprintln!("    live API reads by the broker per call (its own counter): {reads:.2}");
+        }
         if !steps.is_empty() {
             eprintln!("    mean ms per call by step: {}", steps.join(", "));
         }
