@@ -41,7 +41,7 @@ bench: ## Print every benchmark figure: rotations/minute (PostgreSQL, MariaDB) b
 	cargo bench -q -p leasehold-csi --bench csi-bench
 	cargo bench -q -p leasehold-certs --bench issue
 
-bench-e2e: ## NodePublishVolume as the kubelet sees it, against the cluster in KUBECONFIG (controller, broker over TLS, node driver, real API server): p50/p99/max and API requests per call for fresh publishes, republishes (unchanged, after a rotation) and unpublishes of BENCH_PODS (200) pods on one node
+bench-e2e: ## NodePublishVolume as the kubelet sees it, against the cluster in KUBECONFIG (controller, broker over TLS, node driver, real API server): p50/p99/max and API requests per call for fresh publishes (BENCH_SEQUENTIAL=100 one at a time, the rest at once), republishes (unchanged, after a rotation) and unpublishes of BENCH_PODS=200 pods on one node
 	cargo test -q --locked --release -p leasehold-cli --test e2e -- --ignored --nocapture --exact bench_real_path
 
 e2e: ## End-to-end tests against the cluster in KUBECONFIG (skipped, loudly, without one)

@@ -3284,7 +3284,7 @@ async fn bench_real_path() {
     let sequential: usize = std::env::var("BENCH_SEQUENTIAL")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(30)
+        .unwrap_or(100)
         .min(pods_wanted);
     let mut cluster = Cluster::connect().await;
     let (work, system_ns, app_ns, client) = (

@@ -17,7 +17,8 @@ pub struct CodeLabels {
 /// A step of NodePublishVolume.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StepLabels {
-    /// `prepare` (state and mount checks, waiting for a slot), `verify_token`,
+    /// `check` (request, volume record and mount), `prepare` (waiting for a slot),
+    /// `verify_token`,
     /// `broker_issue`, `place` (tmpfs, files, state), `acknowledge`.
     pub step: String,
 }

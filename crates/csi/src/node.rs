@@ -424,6 +424,22 @@ fn mounted(target: &Path) -> io::Result<Option<mount::MountEntry>> {
     mount::mount_at(&canonical)
 }
 
+/// What is mounted at `target` for the publish check: the filesystem type from
+/// `statx`/`statfs` in constant time, falling back to `/proc/self/mountinfo` where the
+/// kernel does not report mount roots. Only `fs_type` is filled in on the fast path.
+fn mounted_for_check(target: &Path) -> io::Result<Option<mount::MountEntry>> {
+    match mount::fs_type_if_mount_root(target)? {
+        Some(None) => Ok(None),
+        Some(Some(fs_type)) => Ok(Some(mount::MountEntry {
+            mount_point: target.to_path_buf(),
+            mount_options: String::new(),
+            fs_type,
+            super_options: String::new(),
+        })),
+        None => mounted(target),
+    }
+}
+
 /// What a publish found at the target.
 enum Existing {
     /// Our record and our mount: a republish.
@@ -563,6 +579,7 @@ impl NodeService {
     }
 
     async fn publish(&self, req: csi::NodePublishVolumeRequest) -> Result<(), PublishError> {
+        let steps = StepClock::new(&self.inner.metrics);
         validate_volume_id(&req.volume_id).map_err(PublishError::InvalidArgument)?;
         let (target, target_pod_uid) =
             validate_target(&req.target_path, &self.inner.config.kubelet_dir)
@@ -603,7 +620,8 @@ impl NodeService {
                     let record = state
                         .load(RecordKind::Volume, &id)
                         .map_err(PublishError::State)?;
-                    let mount = mounted(&t).map_err(|e| PublishError::Mount(t.clone(), e))?;
+                    let mount =
+                        mounted_for_check(&t).map_err(|e| PublishError::Mount(t.clone(), e))?;
                     Ok((record, mount))
                 },
                 PublishError::Task,
@@ -637,7 +655,7 @@ impl NodeService {
         };
 
         let republish = matches!(existing, Existing::Live(_));
-        let steps = StepClock::new(&self.inner.metrics);
+        steps.lap("check");
         // One lease may take only a few slots, and renewals have their own
         // pool: a lease whose database hangs delays neither other leases nor
         // renewals of volumes already published.
