@@ -896,22 +896,7 @@ async fn installed_leasehold_on_a_real_cluster() {
     });
     let outcome = body.await;
     // Cleanup whatever happened.
-    let leases: Api<SecretLease> = Api::namespaced(client.clone(), &app_ns);
-    if let Ok(list) = leases.list(&Default::default()).await {
-        for l in list {
-            let _ = leases
-                .patch(
-                    &l.name_any(),
-                    &PatchParams::default(),
-                    &Patch::Merge(json!({"metadata": {"finalizers": null}})),
-                )
-                .await;
-        }
-    }
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    for ns in [&app_ns, &system_ns] {
-        let _ = namespaces.delete(ns, &DeleteParams::default()).await;
-    }
+    remove_test_namespaces(&client, &app_ns, &system_ns).await;
     match outcome {
         Ok(results) => {
             eprintln!("\n==== e2e: results");
@@ -931,6 +916,27 @@ async fn installed_leasehold_on_a_real_cluster() {
         }
     }
     let _ = std::fs::remove_dir_all(&work);
+}
+
+/// Whatever happened: the leases' finalizers dropped (their database is gone with the
+/// test) and both test namespaces deleted.
+async fn remove_test_namespaces(client: &Client, app_ns: &str, system_ns: &str) {
+    let leases: Api<SecretLease> = Api::namespaced(client.clone(), app_ns);
+    if let Ok(list) = leases.list(&Default::default()).await {
+        for l in list {
+            let _ = leases
+                .patch(
+                    &l.name_any(),
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+                )
+                .await;
+        }
+    }
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    for ns in [app_ns, system_ns] {
+        let _ = namespaces.delete(ns, &DeleteParams::default()).await;
+    }
 }
 
 /// The end of each process log (without debug lines), so a failure in CI explains itself.
@@ -3450,22 +3456,7 @@ async fn bench_real_path() {
         results.iter().map(|r| r.errors).sum::<usize>()
     });
     let outcome = body.await;
-    let leases: Api<SecretLease> = Api::namespaced(client.clone(), &app_ns);
-    if let Ok(list) = leases.list(&Default::default()).await {
-        for l in list {
-            let _ = leases
-                .patch(
-                    &l.name_any(),
-                    &PatchParams::default(),
-                    &Patch::Merge(json!({"metadata": {"finalizers": null}})),
-                )
-                .await;
-        }
-    }
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    for ns in [&app_ns, &system_ns] {
-        let _ = namespaces.delete(ns, &DeleteParams::default()).await;
-    }
+    remove_test_namespaces(&client, &app_ns, &system_ns).await;
     match outcome {
         Ok(errors) => {
             let _ = std::fs::remove_dir_all(&work);

@@ -7,7 +7,6 @@ use std::sync::Arc;
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{ObjectMeta, PostParams};
 use kube::{Api, Client};
 use leasehold_audit::{
     Action, AuditEvent, AuditLog, AuditMetrics, AuditSettings, AuditSigner, KubeCheckpointStore,
@@ -71,34 +70,17 @@ pub async fn signing_key(
     let public = signer
         .public_key_pem()
         .map_err(|e| OperatorError::Config(format!("cannot encode the audit public key: {e}")))?;
-    let secret = Secret {
-        metadata: ObjectMeta {
-            name: Some(name.to_owned()),
-            namespace: Some(namespace.to_owned()),
-            labels: Some(BTreeMap::from([(
-                "app.kubernetes.io/managed-by".to_owned(),
-                "leasehold".to_owned(),
-            )])),
-            ..ObjectMeta::default()
-        },
-        type_: Some("Opaque".to_owned()),
-        data: Some(BTreeMap::from([
-            (
-                SIGNING_KEY_KEY.to_owned(),
-                ByteString(private.as_bytes().to_vec()),
-            ),
-            (PUBLIC_KEY_KEY.to_owned(), ByteString(public.into_bytes())),
-        ])),
-        ..Secret::default()
-    };
-    match api.create(&PostParams::default(), &secret).await {
-        Ok(_) => Ok((signer, true)),
+    let data = BTreeMap::from([
+        (
+            SIGNING_KEY_KEY.to_owned(),
+            ByteString(private.as_bytes().to_vec()),
+        ),
+        (PUBLIC_KEY_KEY.to_owned(), ByteString(public.into_bytes())),
+    ]);
+    match crate::keys::create_key_secret(&api, namespace, name, data).await? {
+        None => Ok((signer, true)),
         // Another replica made it first: use that one.
-        Err(kube::Error::Api(e)) if e.code == 409 => {
-            let secret = api.get(name).await?;
-            Ok((from(&secret)?, false))
-        }
-        Err(e) => Err(e.into()),
+        Some(theirs) => Ok((from(&theirs)?, false)),
     }
 }
 

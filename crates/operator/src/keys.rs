@@ -81,6 +81,25 @@ pub async fn local_key_from_secret(
         )));
     }
     let key = LocalKey::generate().map_err(|e| key_error("cannot generate a local key", e))?;
+    let data = BTreeMap::from([(
+        LOCAL_KEY_KEY.to_owned(),
+        ByteString(key.expose_base64().as_bytes().to_vec()),
+    )]);
+    match create_key_secret(&api, namespace, name, data).await? {
+        None => Ok((key, true)),
+        // Another replica made it first: use that one.
+        Some(theirs) => Ok((parse(&theirs)?, false)),
+    }
+}
+
+/// Create the Secret `namespace/name` holding a key the controller just made, or —
+/// when another replica created it first — return that one (`Some`), whose key wins.
+pub(crate) async fn create_key_secret(
+    api: &Api<Secret>,
+    namespace: &str,
+    name: &str,
+    data: BTreeMap<String, ByteString>,
+) -> Result<Option<Secret>, OperatorError> {
     let secret = Secret {
         metadata: ObjectMeta {
             name: Some(name.to_owned()),
@@ -92,16 +111,12 @@ pub async fn local_key_from_secret(
             ..ObjectMeta::default()
         },
         type_: Some("Opaque".to_owned()),
-        data: Some(BTreeMap::from([(
-            LOCAL_KEY_KEY.to_owned(),
-            ByteString(key.expose_base64().as_bytes().to_vec()),
-        )])),
+        data: Some(data),
         ..Secret::default()
     };
     match api.create(&PostParams::default(), &secret).await {
-        Ok(_) => Ok((key, true)),
-        // Another replica made it first: use that one.
-        Err(kube::Error::Api(e)) if e.code == 409 => Ok((parse(&api.get(name).await?)?, false)),
+        Ok(_) => Ok(None),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(Some(api.get(name).await?)),
         Err(e) => Err(e.into()),
     }
 }
