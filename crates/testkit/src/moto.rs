@@ -125,11 +125,27 @@ impl MotoServer {
             child: None,
             watchdog,
         };
-        server.spawn().await;
+        // A port taken between choosing and binding it (tests run in parallel): again
+        // with another one.
+        for attempt in 1.. {
+            match server.try_spawn().await {
+                Ok(()) => break,
+                Err(log) if attempt < 4 && log.contains("in use") => {
+                    server.port = crate::free_port();
+                }
+                Err(log) => panic!("moto exited on port {}. Log:\n{log}", server.port),
+            }
+        }
         server
     }
 
     async fn spawn(&mut self) {
+        if let Err(log) = self.try_spawn().await {
+            panic!("moto exited on port {}. Log:\n{log}", self.port);
+        }
+    }
+
+    async fn try_spawn(&mut self) -> Result<(), String> {
         let mut cmd = Command::new("python3");
         cmd.arg("-c")
             .arg(LAUNCHER)
@@ -143,32 +159,29 @@ impl MotoServer {
         let child = spawn_in_group(cmd, &self.log_path());
         self.watchdog.watch(Some(child.id()));
         self.child = Some(child);
-        self.wait_ready().await;
+        self.wait_ready().await
     }
 
     fn log_path(&self) -> std::path::PathBuf {
         self.root.path().join("moto.log")
     }
 
-    async fn wait_ready(&mut self) {
+    /// Waits until moto answers; `Err(log)` if it exited.
+    async fn wait_ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
                 .await
                 .is_ok()
             {
-                return;
+                return Ok(());
             }
             if let Some(status) = self
                 .child
                 .as_mut()
                 .and_then(|c| c.try_wait().ok().flatten())
             {
-                panic!(
-                    "moto exited ({status}) on port {}. Log:\n{}",
-                    self.port,
-                    self.log_contents()
-                );
+                return Err(format!("({status})\n{}", self.log_contents()));
             }
             if Instant::now() > deadline {
                 panic!("moto did not start in 60s. Log:\n{}", self.log_contents());

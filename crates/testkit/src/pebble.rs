@@ -73,8 +73,24 @@ impl PebbleServer {
         false
     }
 
-    /// Start Pebble and its DNS server; returns once the ACME directory answers.
+    /// Start Pebble and its DNS server; returns once the ACME directory answers. A
+    /// port taken between choosing it and binding it (tests run in parallel) is retried
+    /// with new ports.
     pub async fn start(options: PebbleOptions) -> Self {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match Self::try_start(options.clone()).await {
+                Ok(server) => return server,
+                Err(logs) if attempt < 4 && logs.contains("address already in use") => {
+                    eprintln!("pebble: a port was taken meanwhile; starting again with new ports");
+                }
+                Err(logs) => panic!("a Pebble process exited. Logs:\n{logs}"),
+            }
+        }
+    }
+
+    async fn try_start(options: PebbleOptions) -> Result<Self, String> {
         let pebble_bin = which("pebble").unwrap_or_else(|| panic!("no `pebble`. {MISSING}"));
         let dns_bin = which("pebble-challtestsrv")
             .unwrap_or_else(|| panic!("no `pebble-challtestsrv`. {MISSING}"));
@@ -160,11 +176,12 @@ impl PebbleServer {
             dns: Some(dns),
             watchdogs: vec![dns_watchdog, watchdog],
         };
-        server.wait_ready().await;
-        server
+        server.wait_ready().await?;
+        Ok(server)
     }
 
-    async fn wait_ready(&mut self) {
+    /// Waits until both servers answer; `Err(logs)` if one exited.
+    async fn wait_ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if tokio::net::TcpStream::connect(("127.0.0.1", self.acme_port))
@@ -174,17 +191,14 @@ impl PebbleServer {
                     .await
                     .is_ok()
             {
-                return;
+                return Ok(());
             }
             let exited = [self.pebble.as_mut(), self.dns.as_mut()]
                 .into_iter()
                 .flatten()
                 .find_map(|child| child.try_wait().ok().flatten());
             if let Some(status) = exited {
-                panic!(
-                    "a Pebble process exited ({status}). Logs:\n{}",
-                    self.log_contents()
-                );
+                return Err(format!("({status})\n{}", self.log_contents()));
             }
             if Instant::now() > deadline {
                 panic!(
