@@ -163,15 +163,6 @@ impl BrokerMetrics {
         m
     }
 
-    /// Record `seconds` spent in `step` of a call.
-    pub fn step(&self, step: &str, seconds: f64) {
-        self.steps
-            .get_or_create(&StepLabels {
-                step: step.to_owned(),
-            })
-            .observe(seconds);
-    }
-
     /// The counters of cluster reads, for [`crate::CachedClusterView`] and
     /// [`crate::KubeClusterView`].
     pub fn cluster_reads(&self) -> ClusterReadMetrics {
@@ -189,6 +180,17 @@ impl BrokerMetrics {
         self.durations
             .get_or_create(&MethodLabels {
                 method: method.to_owned(),
+            })
+            .observe(seconds);
+    }
+}
+
+impl leasehold_core::timing::StepSink for BrokerMetrics {
+    /// Record `seconds` spent in `step` of a call.
+    fn step(&self, step: &str, seconds: f64) {
+        self.steps
+            .get_or_create(&StepLabels {
+                step: step.to_owned(),
             })
             .observe(seconds);
     }

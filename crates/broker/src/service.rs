@@ -8,6 +8,7 @@ use leasehold_api::{RotationPolicy, SecretLease};
 use leasehold_audit::{Action as AuditAction, AuditEvent, Outcome as AuditOutcome};
 use leasehold_auth::{ExpectedPod, TokenVerifier};
 use leasehold_backends::CredentialMaterial;
+use leasehold_core::timing::StepClock;
 use leasehold_engine::template::{CredentialValues, render};
 use leasehold_proto::AUTHORIZATION_METADATA;
 use leasehold_proto::broker::v1 as pb;
@@ -236,7 +237,21 @@ impl BrokerService {
         pb::broker_server::BrokerServer::new(self)
     }
 
+    /// Run one call: metrics, a log line for a failure or refusal, and its audit record
+    /// (`audit` completed with what `handed_out` finds in the response).
     async fn observe<T>(
+        &self,
+        method: &'static str,
+        audit: AuditEvent,
+        handed_out: impl FnOnce(&T) -> (Option<u64>, Option<String>),
+        call: impl Future<Output = Result<T, BrokerError>>,
+    ) -> Result<Response<T>, Status> {
+        let result = self.observe_unaudited(method, call).await;
+        self.audit_call(audit, &result, handed_out);
+        result
+    }
+
+    async fn observe_unaudited<T>(
         &self,
         method: &'static str,
         call: impl Future<Output = Result<T, BrokerError>>,
@@ -1041,39 +1056,32 @@ fn pod_label(pod: Option<&pb::PodIdentity>) -> String {
         .unwrap_or_default()
 }
 
-/// Times consecutive steps of one call into `leasehold_broker_step_duration_seconds`.
-struct StepClock<'a> {
-    metrics: &'a BrokerMetrics,
-    last: std::sync::Mutex<Instant>,
+/// A request about one volume of one pod: what its audit record names.
+trait VolumeCall {
+    fn names(&self) -> (Option<&pb::PodIdentity>, Option<&pb::LeaseRef>, &str, &str);
 }
 
-impl<'a> StepClock<'a> {
-    fn new(metrics: &'a BrokerMetrics) -> Self {
-        Self {
-            metrics,
-            last: std::sync::Mutex::new(Instant::now()),
+macro_rules! volume_call {
+    ($($request:ty),*) => {$(
+        impl VolumeCall for $request {
+            fn names(&self) -> (Option<&pb::PodIdentity>, Option<&pb::LeaseRef>, &str, &str) {
+                (self.pod.as_ref(), self.lease.as_ref(), &self.node_name, &self.volume_id)
+            }
         }
-    }
-
-    /// The time since the previous lap (or the start) was spent in `step`.
-    fn lap(&self, step: &str) {
-        let now = Instant::now();
-        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        self.metrics
-            .step(step, now.duration_since(*last).as_secs_f64());
-        *last = now;
-    }
+    )*};
 }
+
+volume_call!(
+    pb::IssueRequest,
+    pb::IssueCertificateRequest,
+    pb::AcknowledgeRequest,
+    pb::ReleaseRequest
+);
 
 /// The audit record of a call, before its outcome: what the request names (the pod
 /// and service account as claimed; a refused call's claims are what was refused).
-fn audit_base(
-    action: AuditAction,
-    pod: Option<&pb::PodIdentity>,
-    lease: Option<&pb::LeaseRef>,
-    node: &str,
-    volume_id: &str,
-) -> AuditEvent {
+fn audit_base(action: AuditAction, request: &impl VolumeCall) -> AuditEvent {
+    let (pod, lease, node, volume_id) = request.names();
     let mut e = AuditEvent::new(action, AuditOutcome::Requested);
     if let Some(p) = pod {
         e = e
@@ -1117,26 +1125,17 @@ impl pb::broker_server::Broker for BrokerService {
             lease = %lease_label(request.get_ref().lease.as_ref()),
             node = %request.get_ref().node_name,
         );
-        let r = request.get_ref();
-        let base = audit_base(
-            AuditAction::BrokerIssue,
-            r.pod.as_ref(),
-            r.lease.as_ref(),
-            &r.node_name,
-            &r.volume_id,
-        );
-        let result = self
-            .observe("Issue", self.issue_inner(request))
-            .instrument(span)
-            .await;
-        self.audit_call(base, &result, |resp| {
+        let audit = audit_base(AuditAction::BrokerIssue, request.get_ref());
+        let handed_out = |resp: &pb::IssueResponse| {
             let user = resp
                 .files
                 .get("username")
                 .map(|u| String::from_utf8_lossy(u).into_owned());
             (Some(resp.version), user)
-        });
-        result
+        };
+        self.observe("Issue", audit, handed_out, self.issue_inner(request))
+            .instrument(span)
+            .await
     }
 
     async fn issue_certificate(
@@ -1151,22 +1150,13 @@ impl pb::broker_server::Broker for BrokerService {
             lease = %lease_label(request.get_ref().lease.as_ref()),
             node = %request.get_ref().node_name,
         );
-        let r = request.get_ref();
-        let base = audit_base(
-            AuditAction::CertificateIssue,
-            r.pod.as_ref(),
-            r.lease.as_ref(),
-            &r.node_name,
-            &r.volume_id,
-        );
-        let result = self
-            .observe("IssueCertificate", self.issue_certificate_inner(request))
+        let audit = audit_base(AuditAction::CertificateIssue, request.get_ref());
+        let handed_out =
+            |resp: &pb::IssueCertificateResponse| (None, Some(format!("serial {}", resp.serial)));
+        let call = self.issue_certificate_inner(request);
+        self.observe("IssueCertificate", audit, handed_out, call)
             .instrument(span)
-            .await;
-        self.audit_call(base, &result, |resp| {
-            (None, Some(format!("serial {}", resp.serial)))
-        });
-        result
+            .await
     }
 
     async fn acknowledge(
@@ -1180,22 +1170,16 @@ impl pb::broker_server::Broker for BrokerService {
             lease = %lease_label(request.get_ref().lease.as_ref()),
             version = request.get_ref().version,
         );
-        let r = request.get_ref();
-        let version = r.version;
-        let base = audit_base(
-            AuditAction::BrokerAcknowledge,
-            r.pod.as_ref(),
-            r.lease.as_ref(),
-            &r.node_name,
-            &r.volume_id,
+        let audit = audit_base(AuditAction::BrokerAcknowledge, request.get_ref())
+            .version(request.get_ref().version);
+        self.observe(
+            "Acknowledge",
+            audit,
+            |_| (None, None),
+            self.acknowledge_inner(request),
         )
-        .version(version);
-        let result = self
-            .observe("Acknowledge", self.acknowledge_inner(request))
-            .instrument(span)
-            .await;
-        self.audit_call(base, &result, |_| (None, None));
-        result
+        .instrument(span)
+        .await
     }
 
     async fn release(
@@ -1208,23 +1192,18 @@ impl pb::broker_server::Broker for BrokerService {
             pod = %pod_label(request.get_ref().pod.as_ref()),
             lease = %lease_label(request.get_ref().lease.as_ref()),
         );
-        let r = request.get_ref();
-        let mut base = audit_base(
-            AuditAction::BrokerRelease,
-            r.pod.as_ref(),
-            r.lease.as_ref(),
-            &r.node_name,
-            &r.volume_id,
-        );
-        if !r.serial.is_empty() {
-            base = base.detail_kv("serial", &r.serial);
+        let mut audit = audit_base(AuditAction::BrokerRelease, request.get_ref());
+        if !request.get_ref().serial.is_empty() {
+            audit = audit.detail_kv("serial", &request.get_ref().serial);
         }
-        let result = self
-            .observe("Release", self.release_inner(request))
-            .instrument(span)
-            .await;
-        self.audit_call(base, &result, |_| (None, None));
-        result
+        self.observe(
+            "Release",
+            audit,
+            |_| (None, None),
+            self.release_inner(request),
+        )
+        .instrument(span)
+        .await
     }
 }
 

@@ -8,6 +8,7 @@
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
+use leasehold_core::timing::StepSink;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::registry::Registry;
 

@@ -12,6 +12,7 @@
 pub mod backoff;
 pub mod naming;
 pub mod rotation;
+pub mod timing;
 
 pub use rotation::{
     Action, DrainSessionsMode, IssuedUnder, Observations, PolicyParams, Progress, Strategy, Target,

@@ -84,15 +84,6 @@ impl NodeMetrics {
         m
     }
 
-    /// Record `seconds` spent in `step` of a publish.
-    pub fn step(&self, step: &str, seconds: f64) {
-        self.steps
-            .get_or_create(&StepLabels {
-                step: step.to_owned(),
-            })
-            .observe(seconds);
-    }
-
     /// Count a finished NodePublishVolume.
     pub fn publish_done(&self, code: tonic::Code, seconds: f64) {
         self.publishes
@@ -114,5 +105,16 @@ impl NodeMetrics {
 
     pub(crate) fn set_volumes(&self, n: usize) {
         self.volumes.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+}
+
+impl leasehold_core::timing::StepSink for NodeMetrics {
+    /// Record `seconds` spent in `step` of a publish.
+    fn step(&self, step: &str, seconds: f64) {
+        self.steps
+            .get_or_create(&StepLabels {
+                step: step.to_owned(),
+            })
+            .observe(seconds);
     }
 }

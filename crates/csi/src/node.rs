@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use jiff::{SignedDuration, Timestamp};
+use leasehold_core::timing::StepClock;
 use leasehold_files::{AtomicDir, FilesError, SecretBytes, WriteOptions};
 use leasehold_proto::csi::v1 as csi;
 use secrecy::SecretString;
@@ -210,30 +211,6 @@ pub(crate) struct Inner {
     republish_slots: Semaphore,
     /// Publish slots per lease (`namespace/name`), and how many wait for one.
     lease_slots: Mutex<HashMap<String, Arc<LeaseQueue>>>,
-}
-
-/// Times consecutive steps of one publish into `leasehold_csi_publish_step_duration_seconds`.
-struct StepClock<'a> {
-    metrics: &'a NodeMetrics,
-    last: std::sync::Mutex<std::time::Instant>,
-}
-
-impl<'a> StepClock<'a> {
-    fn new(metrics: &'a NodeMetrics) -> Self {
-        Self {
-            metrics,
-            last: std::sync::Mutex::new(std::time::Instant::now()),
-        }
-    }
-
-    /// The time since the previous lap (or the start) was spent in `step`.
-    fn lap(&self, step: &str) {
-        let now = std::time::Instant::now();
-        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        self.metrics
-            .step(step, now.duration_since(*last).as_secs_f64());
-        *last = now;
-    }
 }
 
 /// One lease's publish slots and the publishes waiting for them.
