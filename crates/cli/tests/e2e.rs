@@ -1902,8 +1902,11 @@ async fn rotation_with_rollout(w: &mut World) {
     let d = deployments.get("web").await.unwrap();
     let st = d.status.clone().unwrap_or_default();
     assert_eq!(template_version(&d).as_deref(), Some("2"));
+    // Finished as `kubectl rollout status` means it: every pod updated, no old pod
+    // left, the new ones available.
     assert_eq!(
-        st.updated_replicas, d.spec.replicas,
+        (st.updated_replicas, st.replicas, st.available_replicas),
+        (d.spec.replicas, d.spec.replicas, d.spec.replicas),
         "the rollout finished before the revocation"
     );
     let status = c.wait_ready_version("app-db", 2).await;

@@ -58,20 +58,43 @@ pub struct TargetObservation {
     pub version: Option<u64>,
     pub restarted_at: Option<Timestamp>,
     pub generation: Option<i64>,
+    pub rollout: RolloutCounts,
+}
+
+/// A workload controller's view of its rollout, from the workload's status.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RolloutCounts {
     pub observed_generation: Option<i64>,
-    pub replicas: i32,
-    pub updated_replicas: i32,
+    /// Pods wanted (`spec.replicas`; a DaemonSet's desired number scheduled).
+    pub desired: i32,
+    /// Pods from the latest template.
+    pub updated: i32,
+    /// Pods there are, old and new (`status.replicas`): more than `updated` means old
+    /// pods, holding the old credential, still run.
+    pub total: i32,
+    /// Pods available (ready for `minReadySeconds`).
+    pub available: i32,
+    /// A StatefulSet's current revision is its update revision (every pod replaced);
+    /// always true for the other kinds.
+    pub revisions_match: bool,
 }
 
 impl TargetObservation {
-    /// The controller of the workload has rolled out its latest template everywhere.
+    /// The controller of the workload has rolled out its latest template everywhere, as
+    /// `kubectl rollout status` means it: every pod updated, no old pod left, the new
+    /// ones available. Until then old pods may still use the old credential.
     pub fn rollout_complete(&self) -> bool {
-        let observed = match (self.observed_generation, self.generation) {
+        let r = &self.rollout;
+        let observed = match (r.observed_generation, self.generation) {
             (Some(o), Some(g)) => o >= g,
             (_, None) => true,
             (None, Some(_)) => false,
         };
-        observed && self.updated_replicas == self.replicas
+        observed
+            && r.updated >= r.desired
+            && r.total <= r.updated
+            && r.available >= r.desired
+            && r.revisions_match
     }
 }
 
@@ -144,7 +167,7 @@ fn observation_from(
     name: &str,
     lease: &str,
     meta: Option<(&kube::api::ObjectMeta, Option<&BTreeMap<String, String>>)>,
-    counts: (Option<i64>, i32, i32),
+    rollout: RolloutCounts,
 ) -> TargetObservation {
     let mut o = TargetObservation {
         kind: kind_name(kind).into(),
@@ -156,9 +179,7 @@ fn observation_from(
     };
     o.exists = true;
     o.generation = meta.generation;
-    o.observed_generation = counts.0;
-    o.replicas = counts.1;
-    o.updated_replicas = counts.2;
+    o.rollout = rollout;
     if let Some(a) = annotations {
         o.version = a
             .get(&version_annotation(lease))
@@ -199,11 +220,14 @@ pub async fn observe_target(
                 name,
                 lease,
                 d.as_ref().map(|d| (&d.metadata, a.as_ref())),
-                (
-                    st.observed_generation,
-                    want,
-                    st.updated_replicas.unwrap_or(0),
-                ),
+                RolloutCounts {
+                    observed_generation: st.observed_generation,
+                    desired: want,
+                    updated: st.updated_replicas.unwrap_or(0),
+                    total: st.replicas.unwrap_or(0),
+                    available: st.available_replicas.unwrap_or(0),
+                    revisions_match: true,
+                },
             )
         }
         WorkloadKind::StatefulSet => {
@@ -224,11 +248,17 @@ pub async fn observe_target(
                 name,
                 lease,
                 s.as_ref().map(|s| (&s.metadata, a.as_ref())),
-                (
-                    st.observed_generation,
-                    want,
-                    st.updated_replicas.unwrap_or(0),
-                ),
+                RolloutCounts {
+                    observed_generation: st.observed_generation,
+                    desired: want,
+                    updated: st.updated_replicas.unwrap_or(0),
+                    total: st.replicas,
+                    available: st
+                        .available_replicas
+                        .unwrap_or(st.ready_replicas.unwrap_or(0)),
+                    revisions_match: st.current_revision.is_some()
+                        && st.current_revision == st.update_revision,
+                },
             )
         }
         WorkloadKind::DaemonSet => {
@@ -248,11 +278,16 @@ pub async fn observe_target(
                 name,
                 lease,
                 d.as_ref().map(|d| (&d.metadata, a.as_ref())),
-                (
-                    st.observed_generation,
-                    st.desired_number_scheduled,
-                    st.updated_number_scheduled.unwrap_or(0),
-                ),
+                RolloutCounts {
+                    observed_generation: st.observed_generation,
+                    desired: st.desired_number_scheduled,
+                    updated: st.updated_number_scheduled.unwrap_or(0),
+                    // A DaemonSet replaces each node's pod in place: its status has no
+                    // count of old pods beyond `updated < desired`.
+                    total: st.updated_number_scheduled.unwrap_or(0),
+                    available: st.number_available.unwrap_or(0),
+                    revisions_match: true,
+                },
             )
         }
     })
@@ -499,9 +534,14 @@ mod tests {
             version,
             restarted_at: Some(t(0)),
             generation: Some(5),
-            observed_generation: Some(if complete { 5 } else { 4 }),
-            replicas: 3,
-            updated_replicas: 3,
+            rollout: RolloutCounts {
+                observed_generation: Some(if complete { 5 } else { 4 }),
+                desired: 3,
+                updated: 3,
+                total: 3,
+                available: 3,
+                revisions_match: true,
+            },
         }
     }
 
@@ -524,13 +564,42 @@ mod tests {
         assert_eq!(consumers_hold(&[], &[target(Some(2), false)]), 0);
         assert_eq!(consumers_hold(&[], &[target(Some(1), true)]), 1);
         let mut partial = target(Some(2), true);
-        partial.updated_replicas = 2;
+        partial.rollout.updated = 2;
         assert_eq!(consumers_hold(&[], &[partial]), 0);
         let missing = TargetObservation {
             exists: false,
             ..Default::default()
         };
         assert_eq!(consumers_hold(&[], &[missing]), ALL_CONSUMERS_CURRENT);
+    }
+
+    #[test]
+    fn a_rollout_is_complete_only_when_no_old_pod_runs_and_the_new_ones_are_available() {
+        assert!(target(Some(2), true).rollout_complete());
+        // Surge: three new pods created, the three old ones still running.
+        let mut surging = target(Some(2), true);
+        surging.rollout.total = 6;
+        assert!(!surging.rollout_complete(), "old pods still run");
+        // New pods created but not available yet.
+        let mut starting = target(Some(2), true);
+        starting.rollout.available = 1;
+        assert!(!starting.rollout_complete(), "new pods not available");
+        // A StatefulSet whose current revision is not the update revision yet.
+        let mut stateful = target(Some(2), true);
+        stateful.kind = "StatefulSet".into();
+        stateful.rollout.revisions_match = false;
+        assert!(
+            !stateful.rollout_complete(),
+            "pods of the old revision remain"
+        );
+        // Scaled to zero: nothing runs the old credential.
+        let mut zero = target(Some(2), true);
+        zero.rollout = RolloutCounts {
+            observed_generation: Some(5),
+            revisions_match: true,
+            ..Default::default()
+        };
+        assert!(zero.rollout_complete());
     }
 
     #[test]
