@@ -432,8 +432,10 @@ pub async fn run_lease(
             tracing::info!(lease = %object_key(lease), revoked = report.revoked.len(), "pod certificates revoked with their lease");
         }
     }
-    if deleting && progress.versions.is_empty() {
-        // Nothing was ever issued (or everything is revoked): let the finalizer go.
+    if deleting && progress.versions.is_empty() && !lease.spec.per_pod {
+        // Nothing was ever issued (or everything is revoked): let the finalizer go. A
+        // perPod lease goes on: its per-pod users are not versions, and they are dropped
+        // (below, once the engine has nothing left) before the finalizer may go.
         ctx.metrics.lease_state(&ns, &name, None, 0);
         return Ok(Action::await_change());
     }

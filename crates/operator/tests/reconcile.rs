@@ -370,3 +370,83 @@ async fn the_controller_reads_the_whole_object_and_ignores_deleted_ones() {
     let (seen, _) = api.await.unwrap();
     assert_eq!(seen.requests.len(), 1);
 }
+
+/// A deleted perPod lease whose versions are all revoked still has per-pod users: the
+/// finalizer stays until they are dropped, even when the drop fails at first.
+#[tokio::test]
+async fn deleting_a_per_pod_lease_keeps_the_finalizer_until_its_per_pod_users_are_dropped() {
+    let pg = PostgresServer::shared().await;
+    let name = "per-pod-teardown";
+    let lease_uid = uid();
+    let user = leasehold_broker::per_pod::per_pod_username(&lease_uid, &uid());
+    let admin = pg.admin_client().await;
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE \"{user}\" LOGIN PASSWORD 'per-pod-secret'"
+        ))
+        .await
+        .unwrap();
+    let mut obj = lease(name, &lease_uid, Some(pg), true);
+    obj["spec"]["perPod"] = json!(true);
+    obj["spec"]["delivery"] = json!({"csi": {"enabled": true}});
+    obj["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+    // Every lease version is already revoked.
+    obj["status"] =
+        json!({"phase": "Revoking", "progress": {"strategy": "Dynamic", "versions": []}});
+    let status_path = format!("{LEASES}/{name}/status");
+    let lease_path = format!("{LEASES}/{name}");
+    let mut refused = admin_secret(pg);
+    refused["data"]["password"] = json!(base64::engine::general_purpose::STANDARD.encode("wrong"));
+
+    // 1. The admin is refused: the per-pod user stays, and so does the finalizer.
+    let steps = vec![
+        Step::new(
+            Method::GET,
+            &format!("{POLICIES}/short"),
+            reply(policy("3h")),
+        ),
+        Step::new(Method::GET, &format!("{SECRETS}/pg-admin"), reply(refused)),
+        Step::new(Method::PATCH, &status_path, apply_status).repeated(),
+    ];
+    let (client, api) = scripted(steps, obj.clone());
+    let parsed: SecretLease = serde_json::from_value(obj.clone()).unwrap();
+    let result = reconcile_lease(Arc::new(parsed), context(client)).await;
+    let (seen, _) = api.await.unwrap();
+    assert!(result.is_err(), "the deletion must wait: {result:?}");
+    assert!(
+        !seen
+            .requests
+            .iter()
+            .any(|(m, p, _)| *m == Method::PATCH && p == &lease_path),
+        "the finalizer was removed with a per-pod user alive: {:?}",
+        seen.requests
+    );
+    assert!(role_exists(pg, &user).await, "nothing dropped yet");
+
+    // 2. With the admin accepted, the per-pod user is dropped, then the finalizer goes.
+    let steps = vec![
+        Step::new(
+            Method::GET,
+            &format!("{POLICIES}/short"),
+            reply(policy("3h")),
+        ),
+        Step::new(
+            Method::GET,
+            &format!("{SECRETS}/pg-admin"),
+            reply(admin_secret(pg)),
+        ),
+        Step::new(Method::PATCH, &lease_path, |body, state| {
+            assert!(body.to_string().contains("remove"), "{body}");
+            state["metadata"]["finalizers"] = json!([]);
+            (200, state.clone())
+        }),
+    ];
+    let (client, api) = scripted(steps, obj.clone());
+    let parsed: SecretLease = serde_json::from_value(obj).unwrap();
+    let action = reconcile_lease(Arc::new(parsed), context(client))
+        .await
+        .unwrap();
+    api.await.unwrap();
+    assert_eq!(action, Action::await_change());
+    assert!(!role_exists(pg, &user).await, "per-pod user {user} dropped");
+}
