@@ -335,6 +335,13 @@ impl Default for DeliverySpec {
 /// A Secret kept in sync with the current credential.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "!has(self.name) || !self.name.endsWith('-leasehold-versions')",
+        "message": "names ending in -leasehold-versions are the controller's own (where it keeps credential versions): choose another Secret name",
+        "fieldPath": ".name"
+    }
+]))]
 pub struct SecretDelivery {
     /// Name of the Secret; default: the lease's name.
     #[serde(default, skip_serializing_if = "Option::is_none")]

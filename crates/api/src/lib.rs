@@ -37,6 +37,16 @@ pub const REVOKE_NOW_ANNOTATION: &str = "leasehold.dev/revoke-now";
 /// without revoking, and an event names the database users left behind.
 pub const ABANDON_ANNOTATION: &str = "leasehold.dev/abandon-credentials";
 /// Name of the CSI driver.
+/// Suffix of the Secret in which the controller keeps a lease's credential versions
+/// (`<lease>-leasehold-versions`); no delivered Secret may end with it.
+pub const VERSIONS_SECRET_SUFFIX: &str = "-leasehold-versions";
+
+/// Name of the Secret that keeps a lease's credential versions (`v<N>`), written by the
+/// controller and read by the broker.
+pub fn versions_secret_name(lease: &str) -> String {
+    format!("{lease}{VERSIONS_SECRET_SUFFIX}")
+}
+
 pub const CSI_DRIVER_NAME: &str = "csi.leasehold.dev";
 /// Audience of the projected service-account tokens the CSI driver verifies.
 pub const CSI_TOKEN_AUDIENCE: &str = "csi.leasehold.dev";

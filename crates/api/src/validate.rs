@@ -280,6 +280,16 @@ pub fn validate_lease(
         check_database("spec.mysql", db, strategy, Dialect::MySql, &mut errors);
     }
     if let Some(secret) = &spec.delivery.secret {
+        if secret
+            .name
+            .as_deref()
+            .is_some_and(|n| n.ends_with(crate::VERSIONS_SECRET_SUFFIX))
+        {
+            errors.push(FieldError::new(
+                "spec.delivery.secret.name",
+                "names ending in -leasehold-versions are the controller's own (where it keeps credential versions): choose another Secret name",
+            ));
+        }
         for (key, template) in &secret.template {
             check_template(
                 &format!("spec.delivery.secret.template[{key}]"),

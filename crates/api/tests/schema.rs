@@ -216,6 +216,13 @@ fn schema_rejects_invalid_specs_naming_the_field() {
             "exactly one backend",
         ),
         (
+            "delivery into a versions Secret",
+            lease(
+                serde_json::json!({"policyRef": {"name": "p"}, "postgres": pg(), "delivery": {"secret": {"name": "other-leasehold-versions"}}}),
+            ),
+            "-leasehold-versions",
+        ),
+        (
             "missing policyRef",
             lease(serde_json::json!({"postgres": pg()})),
             "policyRef",
@@ -368,6 +375,18 @@ fn validate_rejects_what_the_schema_cannot_express() {
     );
 
     let dynamic = p(serde_json::json!({"ttl": "1h"}));
+    let errs = validate_lease(
+        &l(
+            serde_json::json!({"policyRef": {"name": "p"}, "postgres": pg(), "delivery": {"secret": {"name": "db-leasehold-versions"}}}),
+        ),
+        Some(&dynamic),
+    );
+    assert!(
+        errs.iter()
+            .any(|e| e.field == "spec.delivery.secret.name"
+                && e.message.contains("controller's own")),
+        "{errs:?}"
+    );
     let mut bad_template = pg();
     bad_template["usernameTemplate"] = "app_{{name}}".into();
     let errs = validate_lease(

@@ -124,10 +124,7 @@ pub struct PodExpectation<'a> {
     pub node: Option<&'a str>,
 }
 
-/// Name of the Secret in which the controller keeps a lease's version passwords (`v<N>`).
-pub fn versions_secret_name(lease: &str) -> String {
-    format!("{lease}-leasehold-versions")
-}
+pub use leasehold_api::versions_secret_name;
 
 /// The password of `version` of a lease, from its versions Secret (opened with
 /// `keyring`: the controller stores it sealed).

@@ -503,7 +503,7 @@ impl CachedClusterView {
 
 /// Whether `name` is a lease's versions Secret (the only Secrets cached).
 fn is_versions_secret(name: &str) -> bool {
-    name.ends_with("-leasehold-versions")
+    name.ends_with(leasehold_api::VERSIONS_SECRET_SUFFIX)
 }
 
 #[async_trait]

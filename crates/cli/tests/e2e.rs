@@ -1209,7 +1209,7 @@ async fn run_scenarios(mut w: World) -> Vec<(String, Duration)> {
     .await;
     scenario(
         &mut w,
-        "a lease never writes a Secret it did not create (SecretConflict)",
+        "a lease never writes a Secret it did not create (its admin Secret, another lease's Secret: SecretConflict; a versions Secret: refused by the schema)",
         foreign_secret_is_refused,
     )
     .await;
@@ -1798,6 +1798,56 @@ async fn failing_rotation_is_visible(w: &mut World) {
 async fn foreign_secret_is_refused(w: &mut World) {
     let c = &w.cluster;
     let secrets: Api<Secret> = Api::namespaced(c.client.clone(), &c.app_ns);
+
+    // Another lease's versions Secret: refused by the CRD schema (the API server's CEL).
+    let refused = c
+        .leases()
+        .patch(
+            "into-versions",
+            &PatchParams::apply(MANAGER),
+            &Patch::Apply(json!({
+                "apiVersion": "leasehold.dev/v1alpha1", "kind": "SecretLease", "metadata": {"name": "into-versions"},
+                "spec": {"policyRef": {"name": "e2e"}, "postgres": postgres_spec(w),
+                         "delivery": {"secret": {"name": "app-db-leasehold-versions"}}}
+            })),
+        )
+        .await
+        .expect_err("a lease delivering into a versions Secret is refused");
+    assert!(
+        refused.to_string().contains("-leasehold-versions"),
+        "the API server names the rule: {refused}"
+    );
+
+    // Another lease's delivered Secret: Ready=False SecretConflict, the Secret untouched.
+    let theirs = secrets.get("app-db-creds").await.unwrap();
+    c.apply(json!({
+        "apiVersion": "leasehold.dev/v1alpha1", "kind": "SecretLease", "metadata": {"name": "copycat"},
+        "spec": {"policyRef": {"name": "e2e"}, "postgres": postgres_spec(w),
+                 "delivery": {"secret": {"name": "app-db-creds"}}}
+    }))
+    .await;
+    eventually(
+        "copycat refused with SecretConflict",
+        Duration::from_secs(60),
+        || async {
+            let s = c.status("copycat").await?;
+            let ready = leasehold_api::conditions::find(&s.conditions, "Ready")?.clone();
+            (ready.reason == "SecretConflict" && ready.status == "False").then_some(())
+        },
+    )
+    .await;
+    let after = secrets.get("app-db-creds").await.unwrap();
+    assert_eq!(theirs.data, after.data, "app-db's Secret is untouched");
+    assert_eq!(
+        theirs.metadata.owner_references, after.metadata.owner_references,
+        "and still owned by app-db alone"
+    );
+    c.leases()
+        .delete("copycat", &DeleteParams::default())
+        .await
+        .unwrap();
+    c.wait_lease_gone("copycat", Duration::from_secs(30)).await;
+
     let before = secrets.get("pg-admin").await.unwrap();
     c.apply(json!({
         "apiVersion": "leasehold.dev/v1alpha1", "kind": "SecretLease", "metadata": {"name": "grabby"},

@@ -24,10 +24,7 @@ pub const MANAGED_BY_VALUE: &str = "leasehold";
 /// Label naming the SecretLease a Secret belongs to.
 pub const LEASE_LABEL: &str = "leasehold.dev/lease";
 
-/// Name of the Secret that keeps a lease's credential versions.
-pub fn versions_secret_name(lease: &str) -> String {
-    format!("{lease}-leasehold-versions")
-}
+pub use leasehold_api::versions_secret_name;
 
 /// The owner reference (controller=true) of objects owned by `lease`.
 pub fn owner_reference(lease: &SecretLease) -> Option<OwnerReference> {
