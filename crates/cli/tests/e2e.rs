@@ -593,7 +593,11 @@ impl Cluster {
             "contexts": [{"name": "e2e", "context": {"cluster": "e2e", "user": service_account}}],
             "current-context": "e2e"
         });
-        let path = self.path(&format!("{service_account}.kubeconfig"));
+        let file = match bound.and_then(|p| p.metadata.name.as_deref()) {
+            Some(pod) => format!("{service_account}-{pod}.kubeconfig"),
+            None => format!("{service_account}.kubeconfig"),
+        };
+        let path = self.path(&file);
         std::fs::write(&path, serde_norway::to_string(&config).unwrap()).unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         path
@@ -849,7 +853,8 @@ fn read_file(dir: &Path, name: &str) -> String {
 struct World {
     cluster: Cluster,
     db: Database,
-    controller_kubeconfig: PathBuf,
+    /// The second controller's (`controller-1`): a token bound to its own pod.
+    standby_kubeconfig: PathBuf,
     controller_args: Vec<String>,
     controllers: Vec<Process>,
     node: Option<Process>,
@@ -976,8 +981,12 @@ async fn setup(cluster: Cluster) -> World {
         .run_pod(&ns, "node-driver", &node_sa, &node_a(), None)
         .await;
 
+    // Each controller process presents a token bound to its own stand-in pod.
     let controller_kubeconfig = cluster
         .service_account_kubeconfig(&controller_sa, Some(&controller_pods[0]))
+        .await;
+    let standby_kubeconfig = cluster
+        .service_account_kubeconfig(&controller_sa, Some(&controller_pods[1]))
         .await;
     let node_kubeconfig = cluster
         .service_account_kubeconfig(&node_sa, Some(&node_pod))
@@ -1118,7 +1127,7 @@ async fn setup(cluster: Cluster) -> World {
     World {
         cluster,
         db,
-        controller_kubeconfig,
+        standby_kubeconfig,
         controller_args,
         controllers: vec![controller],
         node: Some(node),
@@ -2694,7 +2703,7 @@ async fn failover(w: &mut World) {
     let standby = Process::spawn(
         "controller-1",
         &w.controller_args,
-        &w.controller_kubeconfig,
+        &w.standby_kubeconfig,
         c.path("controller-1.log"),
         &[
             ("POD_NAME", "controller-1"),
@@ -2777,6 +2786,12 @@ async fn csi_sanity(w: &mut World) {
         std::env::var("LEASEHOLD_KUBE_DIR").unwrap_or_else(|_| "/var/tmp/leasehold-kube".into());
     let bin = Path::new(&dir).join("bin/csi-sanity");
     if !bin.exists() {
+        // In CI the kit ships it: a missing binary is a failure, never a silent pass.
+        assert!(
+            std::env::var("LEASEHOLD_E2E_REQUIRED").as_deref() != Ok("1"),
+            "csi-sanity not found at {} (it comes with ../shared/kube) and LEASEHOLD_E2E_REQUIRED=1",
+            bin.display()
+        );
         eprintln!(
             "e2e: csi-sanity SKIPPED: {} not found (it comes with ../shared/kube)",
             bin.display()
@@ -2810,8 +2825,11 @@ async fn csi_sanity(w: &mut World) {
 }
 
 /// csi-sanity specs that need a Controller service (this driver is node-only, for
-/// inline ephemeral volumes).
-const CSI_SANITY_SKIP: &str = "Controller Server|should work|should remove target path";
+/// inline ephemeral volumes): the Controller Server specs, and the three Node specs that
+/// create their volume through CreateVolume before publishing it ("Node Service should
+/// work", "NodeExpandVolume should work if node-expand is called after node-publish",
+/// "NodeUnpublishVolume should remove target path").
+const CSI_SANITY_SKIP: &str = "Controller Server|Node Service should work|node-expand is called after node-publish|should remove target path";
 
 async fn sealed_storage_and_emergency_revocation(w: &mut World) {
     let c = &w.cluster;
