@@ -32,8 +32,11 @@ use tonic::Code;
 const RELEASE: &str = "lh";
 const FULLNAME: &str = "lh-leasehold";
 const MANAGER: &str = "leasehold-e2e";
-const POD_AUDIENCE: &str = "csi.leasehold.dev";
-const BROKER_AUDIENCE: &str = "leasehold-broker";
+/// Not the defaults: the chart is installed with `csi.tokenAudience` and
+/// `broker.tokenAudience` set, so every CSI scenario shows that one chart value each
+/// configures the CSIDriver, the node driver and the broker alike.
+const POD_AUDIENCE: &str = "csi.e2e.leasehold.test";
+const BROKER_AUDIENCE: &str = "broker.e2e.leasehold.test";
 const FS_GROUP: u32 = 2000;
 
 // ---------------------------------------------------------------------------
@@ -390,6 +393,13 @@ impl Cluster {
         let out = std::process::Command::new(python)
             .arg(repo_root().join("e2e/render_chart.py"))
             .args([RELEASE, &self.system_ns])
+            .arg(
+                json!({
+                    "csi": {"tokenAudience": POD_AUDIENCE},
+                    "broker": {"tokenAudience": BROKER_AUDIENCE},
+                })
+                .to_string(),
+            )
             .output()
             .unwrap();
         assert!(
