@@ -1545,9 +1545,11 @@ spec:
             ),
         ];
         for (n, keyring) in keyrings.into_iter().enumerate() {
-            let store =
-                StateFile::open(dir.path().join(format!("state-{n}.json")), Arc::new(keyring))
-                    .unwrap();
+            let store = StateFile::open(
+                dir.path().join(format!("state-{n}.json")),
+                Arc::new(keyring),
+            )
+            .unwrap();
             for (version, password) in (1..).zip(issued) {
                 store
                     .put(&key, version, &SecretString::from(password))

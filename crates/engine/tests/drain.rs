@@ -159,8 +159,10 @@ async fn open_sessions_blocking_an_alternating_drain_are_reported(db: Db<'_>) {
 
 #[tokio::test]
 async fn postgres_open_sessions_blocking_an_alternating_drain_are_reported() {
-    open_sessions_blocking_an_alternating_drain_are_reported(Db::Pg(PostgresServer::shared().await))
-        .await;
+    open_sessions_blocking_an_alternating_drain_are_reported(Db::Pg(
+        PostgresServer::shared().await,
+    ))
+    .await;
 }
 
 /// MariaDB lists a user's sessions in `information_schema.PROCESSLIST` (the admin has

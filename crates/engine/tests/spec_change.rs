@@ -42,7 +42,6 @@ fn target_of(db: Db<'_>) -> Target {
     }
 }
 
-
 /// A lease that is not touched by anything the other lease does.
 async fn bystander(db: Db<'_>) -> (String, String) {
     let key = lease_key("bystander");
@@ -94,7 +93,10 @@ async fn dynamic_to_in_place_drops_the_dynamic_user_and_touches_nothing_else(db:
             .await
     );
     assert!(!db.can_login(&v1.credential_id, &pw1).await, "v1 revoked");
-    assert!(!db.user_exists(&v1.credential_id).await, "v1's user dropped");
+    assert!(
+        !db.user_exists(&v1.credential_id).await,
+        "v1's user dropped"
+    );
     assert!(
         db.can_login(&other_user, &other_pw).await,
         "other leases untouched"
@@ -168,8 +170,7 @@ async fn in_place_to_dynamic_never_drops_the_in_place_user(db: Db<'_>) {
 
 #[tokio::test]
 async fn postgres_in_place_to_dynamic_never_drops_the_in_place_user() {
-    in_place_to_dynamic_never_drops_the_in_place_user(Db::Pg(PostgresServer::shared().await))
-        .await;
+    in_place_to_dynamic_never_drops_the_in_place_user(Db::Pg(PostgresServer::shared().await)).await;
 }
 
 #[tokio::test]
@@ -431,8 +432,7 @@ async fn deleting_after_a_strategy_and_server_change_drops_the_user_where_it_was
 }
 
 #[tokio::test]
-async fn postgres_deleting_after_a_strategy_and_server_change_drops_the_user_where_it_was_issued()
-{
+async fn postgres_deleting_after_a_strategy_and_server_change_drops_the_user_where_it_was_issued() {
     let new = PostgresServer::start().await;
     deleting_after_a_strategy_and_server_change_drops_the_user_where_it_was_issued(
         Db::Pg(PostgresServer::shared().await),
@@ -504,7 +504,10 @@ async fn mariadb_a_new_account_host_drops_earlier_versions_on_their_old_accounts
         .unwrap();
     let v1 = progress.current().unwrap().clone();
     let pw1 = stores.password(&key, 1).unwrap();
-    assert_eq!(mariadb_account(s, &v1.credential_id, "%").await, Some(false));
+    assert_eq!(
+        mariadb_account(s, &v1.credential_id, "%").await,
+        Some(false)
+    );
     // An account of the same name on another host is someone else's.
     let foreign_host = "10.0.0.%";
     db.admin(&format!(

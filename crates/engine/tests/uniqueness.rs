@@ -109,8 +109,7 @@ async fn a_lease_never_issues_a_user_another_lease_records(db: Db<'_>) {
 
 #[tokio::test]
 async fn postgres_a_lease_never_issues_a_user_another_lease_records() {
-    a_lease_never_issues_a_user_another_lease_records(Db::Pg(PostgresServer::shared().await))
-        .await;
+    a_lease_never_issues_a_user_another_lease_records(Db::Pg(PostgresServer::shared().await)).await;
 }
 
 #[tokio::test]
