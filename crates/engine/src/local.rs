@@ -1486,4 +1486,114 @@ mod tests {
         }
         assert!(format_table(&rows).contains("no_such_table"));
     }
+
+    /// A lease as a run leaves it in the state file, with its issued passwords kept as
+    /// plaintext (the explicit opt-out) or sealed: `Debug` shows none of them, nor the
+    /// admin password of the manifests it was read with.
+    #[tokio::test]
+    async fn a_lease_debug_shows_no_secret_values() {
+        let admin_password = "admin-pw-7Hq2Lm9x";
+        let issued = ["issued-pw-v1-Xk3vR8", "issued-pw-v2-Bn5tQ1"];
+        let journal = "journal-pw-v3-Wc4pZ6";
+        let dir = tempfile::tempdir().unwrap();
+        let manifests_dir = dir.path().join("m");
+        std::fs::create_dir(&manifests_dir).unwrap();
+        std::fs::write(
+            manifests_dir.join("all.yaml"),
+            format!(
+                "apiVersion: leasehold.dev/v1alpha1
+kind: RotationPolicy
+metadata: {{name: p}}
+spec: {{ttl: 1h}}
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: admin}}
+stringData: {{username: root, password: {admin_password}}}
+---
+apiVersion: leasehold.dev/v1alpha1
+kind: SecretLease
+metadata: {{name: app}}
+spec:
+  policyRef: {{name: p}}
+  mysql:
+    host: db.example
+    database: app
+    adminSecretRef: {{name: admin}}
+"
+            ),
+        )
+        .unwrap();
+        let manifests = Manifests::load(&manifests_dir).unwrap();
+        let spec = manifests.leases[&("default".to_owned(), "app".to_owned())]
+            .spec
+            .clone();
+        let policy = manifests.policies[&("default".to_owned(), "p".to_owned())]
+            .spec
+            .clone();
+        let key = LeaseKey {
+            namespace: "default".into(),
+            name: "app".into(),
+            uid: "3f2a9c1e77d04b8e".into(),
+        };
+        let keyrings = [
+            Keyring::unencrypted(),
+            Keyring::new(
+                Arc::new(leasehold_envelope::LocalKey::generate().unwrap()),
+                vec![],
+                leasehold_envelope::KeyringSettings::default(),
+            ),
+        ];
+        for (n, keyring) in keyrings.into_iter().enumerate() {
+            let store = StateFile::open(
+                dir.path().join(format!("state-{n}.json")),
+                Arc::new(keyring),
+            )
+            .unwrap();
+            for (version, password) in (1..).zip(issued) {
+                store
+                    .put(&key, version, &SecretString::from(password))
+                    .await
+                    .unwrap();
+            }
+            store
+                .put(&key, u64::MAX - 3, &SecretString::from(journal))
+                .await
+                .unwrap();
+            store
+                .update(|s| {
+                    let lease = s.leases.get_mut("default/app").unwrap();
+                    lease.uid = key.uid.clone();
+                    lease.progress.versions = vec![
+                        version(1, VersionState::Superseded),
+                        version(2, VersionState::Current),
+                    ];
+                    lease.last_spec = Some(spec.clone());
+                    lease.last_policy = Some(policy.clone());
+                    lease.last_error = Some("database unreachable: connection refused".into());
+                })
+                .await
+                .unwrap();
+            let state = store.snapshot().await;
+            let lease = &state.leases["default/app"];
+            let stored: Vec<&String> = lease.secrets.values().collect();
+            assert_eq!(stored.len(), 3, "keyring {n}: {stored:?}");
+
+            let shown = format!("{lease:?}\n{lease:#?}\n{state:?}\n{state:#?}");
+            assert!(
+                shown.contains("[3 redacted]") && shown.contains("lh_v2"),
+                "keyring {n}: {shown}"
+            );
+            for secret in [admin_password, journal]
+                .into_iter()
+                .chain(issued)
+                .chain(stored.iter().map(|s| s.as_str()))
+            {
+                assert!(
+                    !shown.contains(secret),
+                    "keyring {n}: Debug shows {secret:?}: {shown}"
+                );
+            }
+        }
+    }
 }

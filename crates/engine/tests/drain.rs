@@ -13,12 +13,9 @@ use leasehold_core::rotation::WaitReason;
 use leasehold_core::{DrainSessionsMode, Strategy};
 use leasehold_engine::local::{LocalLease, LocalState, status_rows};
 use leasehold_engine::{Engine, Outcome, StepEvent};
-use leasehold_testkit::PostgresServer;
+use leasehold_testkit::{MariaDbServer, PostgresServer};
 
-#[tokio::test]
-async fn open_sessions_blocking_an_alternating_drain_are_reported() {
-    let s = PostgresServer::shared().await;
-    let db = Db::Pg(s);
+async fn open_sessions_blocking_an_alternating_drain_are_reported(db: Db<'_>) {
     let key = lease_key("drain");
     let mut params = policy(Strategy::AlternatingUsers, Duration::ZERO);
     params.drain = DrainSessionsMode::Wait;
@@ -48,7 +45,7 @@ async fn open_sessions_blocking_an_alternating_drain_are_reported() {
     let v1 = progress.current().unwrap().clone();
     let pw1 = stores.password(&key, 1).unwrap();
     // A consumer keeps a session open as v1.
-    let session = s.connect_as(&v1.credential_id, &pw1).await.unwrap();
+    let session = db.session(&v1.credential_id, &pw1).await;
 
     let out = engine
         .reconcile(&ctx, &mut progress, &obs(Some("r")), stores.stores())
@@ -128,7 +125,7 @@ async fn open_sessions_blocking_an_alternating_drain_are_reported() {
     );
 
     // The session ends: the revocation completes and the report clears.
-    drop(session);
+    session.close().await;
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         clock.advance(Duration::from_secs(11));
@@ -158,4 +155,22 @@ async fn open_sessions_blocking_an_alternating_drain_are_reported() {
             .is_none()
     );
     assert!(!db.can_login(&v1.credential_id, &pw1).await);
+}
+
+#[tokio::test]
+async fn postgres_open_sessions_blocking_an_alternating_drain_are_reported() {
+    open_sessions_blocking_an_alternating_drain_are_reported(Db::Pg(
+        PostgresServer::shared().await,
+    ))
+    .await;
+}
+
+/// MariaDB lists a user's sessions in `information_schema.PROCESSLIST` (the admin has
+/// `PROCESS`), so `Wait` sees them as PostgreSQL's `pg_stat_activity` does.
+#[tokio::test]
+async fn mariadb_open_sessions_blocking_an_alternating_drain_are_reported() {
+    open_sessions_blocking_an_alternating_drain_are_reported(Db::Maria(
+        MariaDbServer::shared().await,
+    ))
+    .await;
 }

@@ -1,9 +1,12 @@
 //! Local mode end to end: manifests in a directory, a real PostgreSQL, files on disk.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
+use common::TestClock;
 use leasehold_engine::Engine;
 use leasehold_engine::local::{
     LocalError, LocalOptions, LocalRunner, LocalState, format_table, status_rows,
@@ -12,9 +15,6 @@ use leasehold_testkit::PostgresServer;
 use secrecy::ExposeSecret;
 
 fn manifests(dir: &Path, server: &PostgresServer, rotate: Option<&str>, with_lease: bool) {
-    let annotations = rotate
-        .map(|r| format!("  annotations:\n    leasehold.dev/rotate: \"{r}\"\n"))
-        .unwrap_or_default();
     let policy = "apiVersion: leasehold.dev/v1alpha1
 kind: RotationPolicy
 metadata:
@@ -35,11 +35,40 @@ stringData:
         server.admin_user(),
         server.admin_password().expose_secret()
     );
-    let lease = format!(
+    std::fs::write(dir.join("policy.yaml"), policy).unwrap();
+    std::fs::write(dir.join("admin.yaml"), secret).unwrap();
+    if with_lease {
+        std::fs::write(
+            dir.join("lease.yaml"),
+            lease_manifest(server, "app", rotate, &[]),
+        )
+        .unwrap();
+    } else {
+        let _ = std::fs::remove_file(dir.join("lease.yaml"));
+    }
+}
+
+/// A SecretLease `name` on `server` under the policy and admin Secret of [`manifests`],
+/// with a rotation request and `grants` if given.
+fn lease_manifest(
+    server: &PostgresServer,
+    name: &str,
+    rotate: Option<&str>,
+    grants: &[&str],
+) -> String {
+    let annotations = rotate
+        .map(|r| format!("  annotations:\n    leasehold.dev/rotate: \"{r}\"\n"))
+        .unwrap_or_default();
+    let grants = if grants.is_empty() {
+        String::new()
+    } else {
+        format!("    grants: {}\n", serde_json::to_string(grants).unwrap())
+    };
+    format!(
         "apiVersion: leasehold.dev/v1alpha1
 kind: SecretLease
 metadata:
-  name: app
+  name: {name}
 {annotations}spec:
   policyRef: {{name: p}}
   postgres:
@@ -48,18 +77,11 @@ metadata:
     database: {}
     adminSecretRef: {{name: admin}}
     tls: {{mode: Disable}}
-",
+{grants}",
         server.host(),
         server.port(),
         server.database()
-    );
-    std::fs::write(dir.join("policy.yaml"), policy).unwrap();
-    std::fs::write(dir.join("admin.yaml"), secret).unwrap();
-    if with_lease {
-        std::fs::write(dir.join("lease.yaml"), lease).unwrap();
-    } else {
-        let _ = std::fs::remove_file(dir.join("lease.yaml"));
-    }
+    )
 }
 
 fn read(path: &Path) -> String {
@@ -299,24 +321,11 @@ async fn local_status_shows_a_failing_rotation_with_reason_attempts_and_next_ret
     manifests(&mdir, server, None, false);
     std::fs::write(
         mdir.join("lease.yaml"),
-        format!(
-            "apiVersion: leasehold.dev/v1alpha1
-kind: SecretLease
-metadata:
-  name: broken
-spec:
-  policyRef: {{name: p}}
-  postgres:
-    host: {}
-    port: {}
-    database: {}
-    adminSecretRef: {{name: admin}}
-    tls: {{mode: Disable}}
-    grants: [\"SELECT ON no_such_table_for_status\"]
-",
-            server.host(),
-            server.port(),
-            server.database()
+        lease_manifest(
+            server,
+            "broken",
+            None,
+            &["SELECT ON no_such_table_for_status"],
         ),
     )
     .unwrap();
@@ -339,6 +348,82 @@ spec:
         "{rows:?}"
     );
     assert!(format_table(&rows).contains("no_such_table_for_status"));
+}
+
+#[tokio::test]
+async fn local_status_shows_a_rotation_that_keeps_failing_while_the_current_version_works() {
+    let server = PostgresServer::shared().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let (mdir, state, out) = (
+        tmp.path().join("m"),
+        tmp.path().join("state.json"),
+        tmp.path().join("out"),
+    );
+    std::fs::create_dir_all(&mdir).unwrap();
+    manifests(&mdir, server, None, true);
+    let options = LocalOptions {
+        manifests: mdir.clone(),
+        state: state.clone(),
+        output: out.clone(),
+        keyring: test_keyring(),
+    };
+    let clock = TestClock::new();
+    let runner = LocalRunner::new(options, Engine::new().with_clock(clock.func())).unwrap();
+    let report = runner.pass().await.unwrap();
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    let files = out.join("default/app");
+    let (user1, pw1) = (read(&files.join("username")), read(&files.join("password")));
+    assert!(server.connect_as(&user1, &pw1).await.is_ok());
+
+    // A rotation is requested with a grant the database cannot give: every attempt fails.
+    std::fs::write(
+        mdir.join("lease.yaml"),
+        lease_manifest(
+            server,
+            "app",
+            Some("1"),
+            &["SELECT ON no_such_table_for_rotation"],
+        ),
+    )
+    .unwrap();
+    for attempt in 1..=2u32 {
+        let report = runner.pass().await.unwrap();
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        let now = clock.func()();
+        let loaded = LocalState::load(&state).unwrap();
+        let progress = loaded.leases["default/app"].progress.clone();
+        assert_eq!(progress.verify_failures, attempt, "{progress:?}");
+        let retry = progress.rotation_retry_at().unwrap();
+        assert!(retry > now, "{retry} {now}");
+        let rows = status_rows(&loaded, now);
+        let row = &rows[0];
+        assert_eq!(
+            (row.version, row.username.as_deref()),
+            (Some(1), Some(user1.as_str())),
+            "v1 stays current: {row:?}"
+        );
+        let message = row.message.clone().unwrap_or_default();
+        for want in [
+            format!("rotation to version {} failed (IssueFailed)", attempt + 1),
+            "no_such_table_for_rotation".to_owned(),
+            format!("attempt {attempt}"),
+            format!("next retry {}", retry.strftime("%Y-%m-%dT%H:%M:%SZ")),
+        ] {
+            assert!(message.contains(&want), "{want:?} missing: {row:?}");
+        }
+        assert!(format_table(&rows).contains("no_such_table_for_rotation"));
+        // v1 is still delivered and still logs in.
+        assert_eq!(read(&files.join("username")), user1);
+        assert_eq!(read(&files.join("password")), pw1);
+        assert!(
+            server.connect_as(&user1, &pw1).await.is_ok(),
+            "attempt {attempt}: v1 still logs in"
+        );
+        // Past the retry time the rotation is tried again.
+        clock.advance(std::time::Duration::from_secs(
+            (retry.as_second() - now.as_second() + 1).unsigned_abs(),
+        ));
+    }
 }
 
 fn certificate_manifests(dir: &Path, rotate: Option<&str>) {

@@ -1,5 +1,6 @@
 //! Versions are revoked (and resumed) the way and where they were issued, whatever the
-//! policy and spec say now: strategy changes, new username templates, a new database.
+//! policy and spec say now: strategy changes, new username templates, a new database
+//! server, a new MySQL account host. Each runs on PostgreSQL and MariaDB.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -15,7 +16,8 @@ use leasehold_core::rotation::{RotationOutcome, VersionState};
 use leasehold_core::{Strategy, Target};
 use leasehold_engine::engine::FaultPoint;
 use leasehold_engine::{Engine, LeaseContext, NamingRule, Outcome};
-use leasehold_testkit::PostgresServer;
+use leasehold_testkit::{MariaDbServer, PostgresServer};
+use mysql_async::prelude::Queryable;
 
 fn ctx_for(db: Db<'_>, key: &leasehold_engine::LeaseKey, strategy: Strategy) -> LeaseContext {
     context(
@@ -32,21 +34,12 @@ fn ctx_for(db: Db<'_>, key: &leasehold_engine::LeaseKey, strategy: Strategy) -> 
 
 fn target_of(db: Db<'_>) -> Target {
     Target {
-        kind: "postgres".into(),
+        kind: db.kind().scheme().into(),
         host: db.host().into(),
         port: db.port(),
         database: db.database().into(),
         account_host: None,
     }
-}
-
-async fn role_exists(s: &PostgresServer, name: &str) -> bool {
-    s.admin_client()
-        .await
-        .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&name])
-        .await
-        .unwrap()
-        .is_some()
 }
 
 /// A lease that is not touched by anything the other lease does.
@@ -63,10 +56,7 @@ async fn bystander(db: Db<'_>) -> (String, String) {
     (user, stores.password(&key, 1).unwrap())
 }
 
-#[tokio::test]
-async fn dynamic_to_in_place_drops_the_dynamic_user_and_touches_nothing_else() {
-    let s = PostgresServer::shared().await;
-    let db = Db::Pg(s);
+async fn dynamic_to_in_place_drops_the_dynamic_user_and_touches_nothing_else(db: Db<'_>) {
     let (other_user, other_pw) = bystander(db).await;
     let key = lease_key("to-inplace");
     let mut ctx = ctx_for(db, &key, Strategy::Dynamic);
@@ -104,7 +94,7 @@ async fn dynamic_to_in_place_drops_the_dynamic_user_and_touches_nothing_else() {
     );
     assert!(!db.can_login(&v1.credential_id, &pw1).await, "v1 revoked");
     assert!(
-        !role_exists(s, &v1.credential_id).await,
+        !db.user_exists(&v1.credential_id).await,
         "v1's user dropped"
     );
     assert!(
@@ -123,14 +113,27 @@ async fn dynamic_to_in_place_drops_the_dynamic_user_and_touches_nothing_else() {
         .await
         .unwrap();
     assert_eq!(out, Outcome::Finished, "progress: {progress:?}");
-    assert!(role_exists(s, &v2.credential_id).await);
+    assert!(db.user_exists(&v2.credential_id).await);
     assert!(db.can_login(&other_user, &other_pw).await);
 }
 
 #[tokio::test]
-async fn in_place_to_dynamic_never_drops_the_in_place_user() {
-    let s = PostgresServer::shared().await;
-    let db = Db::Pg(s);
+async fn postgres_dynamic_to_in_place_drops_the_dynamic_user_and_touches_nothing_else() {
+    dynamic_to_in_place_drops_the_dynamic_user_and_touches_nothing_else(Db::Pg(
+        PostgresServer::shared().await,
+    ))
+    .await;
+}
+
+#[tokio::test]
+async fn mariadb_dynamic_to_in_place_drops_the_dynamic_user_and_touches_nothing_else() {
+    dynamic_to_in_place_drops_the_dynamic_user_and_touches_nothing_else(Db::Maria(
+        MariaDbServer::shared().await,
+    ))
+    .await;
+}
+
+async fn in_place_to_dynamic_never_drops_the_in_place_user(db: Db<'_>) {
     let (other_user, other_pw) = bystander(db).await;
     let key = lease_key("to-dynamic");
     let mut ctx = ctx_for(db, &key, Strategy::InPlace);
@@ -155,7 +158,7 @@ async fn in_place_to_dynamic_never_drops_the_in_place_user() {
     assert!(v2.credential_id.starts_with("lh_"), "{}", v2.credential_id);
     assert_eq!(progress.versions.len(), 1, "{:?}", progress.versions);
     assert!(
-        role_exists(s, &v1.credential_id).await,
+        db.user_exists(&v1.credential_id).await,
         "the InPlace user is not a version user: never dropped"
     );
     assert!(
@@ -166,9 +169,17 @@ async fn in_place_to_dynamic_never_drops_the_in_place_user() {
 }
 
 #[tokio::test]
-async fn a_resumed_issue_keeps_the_recorded_name_after_a_template_change() {
-    let s = PostgresServer::shared().await;
-    let db = Db::Pg(s);
+async fn postgres_in_place_to_dynamic_never_drops_the_in_place_user() {
+    in_place_to_dynamic_never_drops_the_in_place_user(Db::Pg(PostgresServer::shared().await)).await;
+}
+
+#[tokio::test]
+async fn mariadb_in_place_to_dynamic_never_drops_the_in_place_user() {
+    in_place_to_dynamic_never_drops_the_in_place_user(Db::Maria(MariaDbServer::shared().await))
+        .await;
+}
+
+async fn a_resumed_issue_keeps_the_recorded_name_after_a_template_change(db: Db<'_>) {
     let key = lease_key("template");
     let mut ctx = ctx_for(db, &key, Strategy::Dynamic);
     let stores = MemoryStores::default();
@@ -194,9 +205,12 @@ async fn a_resumed_issue_keeps_the_recorded_name_after_a_template_change() {
     assert_eq!(recorded.state, VersionState::Issuing);
 
     // The template changes before the restart.
+    let NamingRule::Dynamic { max_len, .. } = ctx.naming else {
+        panic!("a Dynamic lease: {:?}", ctx.naming);
+    };
     ctx.naming = NamingRule::Dynamic {
         template: "lh_{{uid}}_n{{version}}".into(),
-        max_len: 63,
+        max_len,
     };
     let mut progress = stores.load(&key);
     Engine::new()
@@ -212,7 +226,7 @@ async fn a_resumed_issue_keeps_the_recorded_name_after_a_template_change() {
     assert_eq!(progress.versions.len(), 1);
     let new_name = ctx.naming.credential_id(&key, 2, None).unwrap().0;
     assert!(
-        !role_exists(s, &new_name).await,
+        !db.user_exists(&new_name).await,
         "nothing issued under the new name"
     );
 
@@ -223,14 +237,29 @@ async fn a_resumed_issue_keeps_the_recorded_name_after_a_template_change() {
         .unwrap();
     let v3 = progress.current().unwrap().clone();
     assert!(v3.credential_id.ends_with("_n3"), "{}", v3.credential_id);
-    assert!(!role_exists(s, &v2.credential_id).await);
+    assert!(!db.user_exists(&v2.credential_id).await);
 }
 
 #[tokio::test]
-async fn a_new_database_server_revokes_earlier_versions_on_the_old_one() {
-    let old = PostgresServer::shared().await;
-    let new = PostgresServer::start().await;
-    let (old_db, new_db) = (Db::Pg(old), Db::Pg(&new));
+async fn postgres_a_resumed_issue_keeps_the_recorded_name_after_a_template_change() {
+    a_resumed_issue_keeps_the_recorded_name_after_a_template_change(Db::Pg(
+        PostgresServer::shared().await,
+    ))
+    .await;
+}
+
+#[tokio::test]
+async fn mariadb_a_resumed_issue_keeps_the_recorded_name_after_a_template_change() {
+    a_resumed_issue_keeps_the_recorded_name_after_a_template_change(Db::Maria(
+        MariaDbServer::shared().await,
+    ))
+    .await;
+}
+
+async fn a_new_database_server_revokes_earlier_versions_on_the_old_one(
+    old_db: Db<'_>,
+    new_db: Db<'_>,
+) {
     let (other_user, other_pw) = bystander(old_db).await;
     let key = lease_key("move");
     let clock = TestClock::new();
@@ -313,7 +342,7 @@ async fn a_new_database_server_revokes_earlier_versions_on_the_old_one() {
         !old_db.can_login(&v1.credential_id, &pw1).await,
         "v1 revoked on the old server"
     );
-    assert!(!role_exists(old, &v1.credential_id).await);
+    assert!(!old_db.user_exists(&v1.credential_id).await);
     let prefix = format!("lh_{}", &key.uid[..12]);
     assert!(
         ctx.backend.list_users(&prefix).await.unwrap()
@@ -336,10 +365,29 @@ async fn a_new_database_server_revokes_earlier_versions_on_the_old_one() {
 }
 
 #[tokio::test]
-async fn deleting_after_a_strategy_and_server_change_drops_the_user_where_it_was_issued() {
-    let old = PostgresServer::shared().await;
+async fn postgres_a_new_database_server_revokes_earlier_versions_on_the_old_one() {
     let new = PostgresServer::start().await;
-    let (old_db, new_db) = (Db::Pg(old), Db::Pg(&new));
+    a_new_database_server_revokes_earlier_versions_on_the_old_one(
+        Db::Pg(PostgresServer::shared().await),
+        Db::Pg(&new),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn mariadb_a_new_database_server_revokes_earlier_versions_on_the_old_one() {
+    let new = MariaDbServer::start().await;
+    a_new_database_server_revokes_earlier_versions_on_the_old_one(
+        Db::Maria(MariaDbServer::shared().await),
+        Db::Maria(&new),
+    )
+    .await;
+}
+
+async fn deleting_after_a_strategy_and_server_change_drops_the_user_where_it_was_issued(
+    old_db: Db<'_>,
+    new_db: Db<'_>,
+) {
     let (other_user, other_pw) = bystander(old_db).await;
     let key = lease_key("delete-moved");
     let stores = MemoryStores::default();
@@ -374,11 +422,243 @@ async fn deleting_after_a_strategy_and_server_change_drops_the_user_where_it_was
     assert_eq!(out, Outcome::Finished, "progress: {progress:?}");
     assert!(!old_db.can_login(&v1.credential_id, &pw1).await);
     assert!(
-        !role_exists(old, &v1.credential_id).await,
+        !old_db.user_exists(&v1.credential_id).await,
         "dropped on the old server"
     );
     assert!(
         old_db.can_login(&other_user, &other_pw).await,
         "other leases untouched"
     );
+}
+
+#[tokio::test]
+async fn postgres_deleting_after_a_strategy_and_server_change_drops_the_user_where_it_was_issued() {
+    let new = PostgresServer::start().await;
+    deleting_after_a_strategy_and_server_change_drops_the_user_where_it_was_issued(
+        Db::Pg(PostgresServer::shared().await),
+        Db::Pg(&new),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn mariadb_deleting_after_a_strategy_and_server_change_drops_the_user_where_it_was_issued() {
+    let new = MariaDbServer::start().await;
+    deleting_after_a_strategy_and_server_change_drops_the_user_where_it_was_issued(
+        Db::Maria(MariaDbServer::shared().await),
+        Db::Maria(&new),
+    )
+    .await;
+}
+
+/// MariaDB's account `'user'@'host'`: `None` when it does not exist, else whether it is
+/// locked.
+async fn mariadb_account(s: &MariaDbServer, user: &str, host: &str) -> Option<bool> {
+    let mut c = s.admin_conn().await;
+    let locked: Option<Option<String>> = c
+        .exec_first(
+            "SELECT JSON_VALUE(Priv, '$.account_locked') FROM mysql.global_priv \
+             WHERE User = ? AND Host = ?",
+            (user, host),
+        )
+        .await
+        .unwrap();
+    let _ = c.disconnect().await;
+    // JSON `true` reads "1" (10.11) or "true".
+    locked.map(|l| matches!(l.as_deref(), Some("1" | "true")))
+}
+
+/// The host the tests' accounts move to: the address the test logins come from, more
+/// specific than `%`.
+const NEW_ACCOUNT_HOST: &str = "127.0.0.1";
+
+/// `ctx` with its MySQL accounts moved to [`NEW_ACCOUNT_HOST`]; versions issued before
+/// are reached through `ctx`'s old backend.
+fn with_new_account_host(db: Db<'_>, ctx: &LeaseContext) -> LeaseContext {
+    let mut moved = ctx.clone();
+    moved.backend = db.backend_for_accounts(2, Some(NEW_ACCOUNT_HOST));
+    moved.account_host = Some(NEW_ACCOUNT_HOST.into());
+    let targets = KnownTargets::default();
+    targets
+        .0
+        .lock()
+        .unwrap()
+        .push((ctx.target(), ctx.backend.clone()));
+    moved.previous_targets = Some(Arc::new(targets));
+    moved
+}
+
+#[tokio::test]
+async fn mariadb_a_new_account_host_drops_earlier_versions_on_their_old_accounts() {
+    let s = MariaDbServer::shared().await;
+    let db = Db::Maria(s);
+    let (other_user, other_pw) = bystander(db).await;
+    let key = lease_key("account-host");
+    let stores = MemoryStores::default();
+    let engine = Engine::new();
+    let old_ctx = ctx_for(db, &key, Strategy::Dynamic);
+    let mut progress = stores.load(&key);
+    engine
+        .reconcile(&old_ctx, &mut progress, &obs(None), stores.stores())
+        .await
+        .unwrap();
+    let v1 = progress.current().unwrap().clone();
+    let pw1 = stores.password(&key, 1).unwrap();
+    assert_eq!(
+        mariadb_account(s, &v1.credential_id, "%").await,
+        Some(false)
+    );
+    // An account of the same name on another host is someone else's.
+    let foreign_host = "10.0.0.%";
+    db.admin(&format!(
+        "CREATE USER '{}'@'{foreign_host}' ACCOUNT LOCK",
+        v1.credential_id
+    ))
+    .await;
+
+    // `mysql.accountHost` changes: the lease moves to its new account at once.
+    let ctx = with_new_account_host(db, &old_ctx);
+    let out = engine
+        .reconcile(&ctx, &mut progress, &obs(None), stores.stores())
+        .await
+        .unwrap();
+    assert!(matches!(out, Outcome::Wait { .. }), "{out:?}");
+    let v2 = progress.current().unwrap().clone();
+    let pw2 = stores.password(&key, 2).unwrap();
+    assert_eq!(v2.version, 2, "{progress:?}");
+    assert_eq!(v2.target(), Some(&ctx.target()));
+    assert_eq!(progress.versions.len(), 1, "{:?}", progress.versions);
+    assert_eq!(
+        mariadb_account(s, &v2.credential_id, NEW_ACCOUNT_HOST).await,
+        Some(false),
+        "v2 lives on the new host's account"
+    );
+    assert_eq!(mariadb_account(s, &v2.credential_id, "%").await, None);
+    assert!(db.can_login(&v2.credential_id, &pw2).await);
+    assert_eq!(
+        mariadb_account(s, &v1.credential_id, "%").await,
+        None,
+        "v1 dropped on its old account"
+    );
+    assert!(!db.can_login(&v1.credential_id, &pw1).await);
+    assert_eq!(
+        mariadb_account(s, &v1.credential_id, foreign_host).await,
+        Some(true),
+        "another host's account of the same name untouched"
+    );
+    assert!(
+        db.can_login(&other_user, &other_pw).await,
+        "other leases untouched"
+    );
+    let prefix = format!("lh_{}", &key.uid[..12]);
+    assert_eq!(
+        ctx.backend.list_users(&prefix).await.unwrap(),
+        vec![CredentialId(v2.credential_id.clone())]
+    );
+    assert!(
+        old_ctx
+            .backend
+            .list_users(&prefix)
+            .await
+            .unwrap()
+            .is_empty(),
+        "nothing left on the old host"
+    );
+
+    // Deleting drops v2 on its account and still touches nothing else.
+    let deleting = leasehold_core::rotation::Observations {
+        deleting: true,
+        ..obs(None)
+    };
+    let out = engine
+        .reconcile(&ctx, &mut progress, &deleting, stores.stores())
+        .await
+        .unwrap();
+    assert_eq!(out, Outcome::Finished, "progress: {progress:?}");
+    assert_eq!(
+        mariadb_account(s, &v2.credential_id, NEW_ACCOUNT_HOST).await,
+        None
+    );
+    assert_eq!(
+        mariadb_account(s, &v1.credential_id, foreign_host).await,
+        Some(true)
+    );
+    assert!(db.can_login(&other_user, &other_pw).await);
+    db.admin(&format!(
+        "DROP USER '{}'@'{foreign_host}'",
+        v1.credential_id
+    ))
+    .await;
+}
+
+#[tokio::test]
+async fn mariadb_a_new_account_host_locks_the_alternating_user_on_its_old_account_only() {
+    let s = MariaDbServer::shared().await;
+    let db = Db::Maria(s);
+    let (other_user, other_pw) = bystander(db).await;
+    let key = lease_key("account-host-alt");
+    let stores = MemoryStores::default();
+    let engine = Engine::new();
+    let old_ctx = ctx_for(db, &key, Strategy::AlternatingUsers);
+    let mut progress = stores.load(&key);
+    engine
+        .reconcile(&old_ctx, &mut progress, &obs(None), stores.stores())
+        .await
+        .unwrap();
+    let v1 = progress.current().unwrap().clone();
+    let pw1 = stores.password(&key, 1).unwrap();
+    let user_a = v1.credential_id.clone();
+
+    // The accounts move: v2 goes to the other user on the new host, v1's old account
+    // is locked.
+    let ctx = with_new_account_host(db, &old_ctx);
+    engine
+        .reconcile(&ctx, &mut progress, &obs(None), stores.stores())
+        .await
+        .unwrap();
+    let v2 = progress.current().unwrap().clone();
+    assert_eq!(v2.version, 2, "{progress:?}");
+    assert_ne!(v2.credential_id, user_a);
+    assert_eq!(progress.versions.len(), 1, "{:?}", progress.versions);
+    assert_eq!(
+        mariadb_account(s, &user_a, "%").await,
+        Some(true),
+        "v1 locked on its old account"
+    );
+    assert!(!db.can_login(&user_a, &pw1).await);
+    assert_eq!(
+        mariadb_account(s, &v2.credential_id, NEW_ACCOUNT_HOST).await,
+        Some(false)
+    );
+    assert_eq!(mariadb_account(s, &v2.credential_id, "%").await, None);
+
+    // The next rotation brings the first user back, on the new host: its own account
+    // there, while the old one stays locked.
+    engine
+        .reconcile(&ctx, &mut progress, &obs(Some("r")), stores.stores())
+        .await
+        .unwrap();
+    let v3 = progress.current().unwrap().clone();
+    assert_eq!(v3.version, 3, "{progress:?}");
+    assert_eq!(v3.credential_id, user_a);
+    assert_eq!(progress.versions.len(), 1, "{:?}", progress.versions);
+    assert_eq!(
+        mariadb_account(s, &user_a, NEW_ACCOUNT_HOST).await,
+        Some(false)
+    );
+    assert!(
+        db.can_login(&user_a, &stores.password(&key, 3).unwrap())
+            .await
+    );
+    assert_eq!(
+        mariadb_account(s, &user_a, "%").await,
+        Some(true),
+        "the old account stays locked"
+    );
+    assert_eq!(
+        mariadb_account(s, &v2.credential_id, NEW_ACCOUNT_HOST).await,
+        Some(true),
+        "v2 locked"
+    );
+    assert!(db.can_login(&other_user, &other_pw).await);
 }

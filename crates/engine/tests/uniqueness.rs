@@ -11,13 +11,10 @@ use common::{MemoryStores, context, lease_key, obs, policy};
 use leasehold_core::Strategy;
 use leasehold_engine::local::{LocalOptions, LocalRunner, LocalState, status_rows};
 use leasehold_engine::{Engine, EngineError, NamingRule};
-use leasehold_testkit::PostgresServer;
+use leasehold_testkit::{MariaDbServer, PostgresServer};
 use secrecy::ExposeSecret;
 
-#[tokio::test]
-async fn a_lease_never_issues_a_user_another_lease_records() {
-    let s = PostgresServer::shared().await;
-    let db = Db::Pg(s);
+async fn a_lease_never_issues_a_user_another_lease_records(db: Db<'_>) {
     let (a, b) = (lease_key("first"), lease_key("second"));
     let base = format!("app_{}", &a.uid[..10]);
     let ctx = |key: &leasehold_engine::LeaseKey| {
@@ -108,6 +105,17 @@ async fn a_lease_never_issues_a_user_another_lease_records() {
         .await
         .unwrap();
     assert_eq!(pb.current().unwrap().credential_id, user);
+}
+
+#[tokio::test]
+async fn postgres_a_lease_never_issues_a_user_another_lease_records() {
+    a_lease_never_issues_a_user_another_lease_records(Db::Pg(PostgresServer::shared().await)).await;
+}
+
+#[tokio::test]
+async fn mariadb_a_lease_never_issues_a_user_another_lease_records() {
+    a_lease_never_issues_a_user_another_lease_records(Db::Maria(MariaDbServer::shared().await))
+        .await;
 }
 
 #[tokio::test]

@@ -14,6 +14,18 @@ pub enum Session {
     Maria(mysql_async::Conn),
 }
 
+impl Session {
+    /// End the session as a consumer would (MySQL: a clean `COM_QUIT`).
+    pub async fn close(self) {
+        match self {
+            Session::Pg(c) => drop(c),
+            Session::Maria(c) => {
+                let _ = c.disconnect().await;
+            }
+        }
+    }
+}
+
 #[derive(Clone, Copy)]
 pub enum Db<'a> {
     Pg(&'a PostgresServer),
@@ -46,6 +58,15 @@ impl Db<'_> {
         }
     }
     pub fn backend(&self, max_conns: usize) -> Arc<dyn Backend> {
+        self.backend_for_accounts(max_conns, None)
+    }
+    /// [`Db::backend`] whose MySQL accounts are `'user'@'<account_host>'` (`None`: `%`);
+    /// PostgreSQL has no account host and ignores it.
+    pub fn backend_for_accounts(
+        &self,
+        max_conns: usize,
+        account_host: Option<&str>,
+    ) -> Arc<dyn Backend> {
         match self {
             Db::Pg(s) => {
                 let mut t = PostgresTarget::new(
@@ -67,6 +88,9 @@ impl Db<'_> {
                     s.admin_password().clone(),
                 );
                 t.max_admin_connections = max_conns;
+                if let Some(host) = account_host {
+                    t.account_host = host.into();
+                }
                 Arc::new(MySqlBackend::new(t).unwrap())
             }
         }
