@@ -240,6 +240,28 @@ impl Process {
         }
     }
 
+    /// Sends `signal` (`STOP`, `CONT`, …) to the process.
+    fn signal(&self, signal: &str) {
+        let pid = self
+            .child
+            .as_ref()
+            .and_then(|c| c.id())
+            .unwrap_or_else(|| panic!("{} is not running", self.name));
+        let status = std::process::Command::new("kill")
+            .args([&format!("-{signal}"), &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{signal} {}", self.name);
+    }
+
+    /// Waits (bounded) for the process to exit by itself; `None` if it still runs.
+    async fn exited_within(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let c = self.child.as_mut()?;
+        let status = tokio::time::timeout(timeout, c.wait()).await.ok()?.ok()?;
+        self.child = None;
+        Some(status)
+    }
+
     fn assert_running(&mut self) {
         if let Some(c) = self.child.as_mut()
             && let Ok(Some(status)) = c.try_wait()
@@ -863,6 +885,8 @@ fn read_file(dir: &Path, name: &str) -> String {
 struct World {
     cluster: Cluster,
     db: Database,
+    /// The first controller's (`controller-0`): a token bound to its own pod.
+    leader_kubeconfig: PathBuf,
     /// The second controller's (`controller-1`): a token bound to its own pod.
     standby_kubeconfig: PathBuf,
     controller_args: Vec<String>,
@@ -1137,6 +1161,7 @@ async fn setup(cluster: Cluster) -> World {
     World {
         cluster,
         db,
+        leader_kubeconfig: controller_kubeconfig.clone(),
         standby_kubeconfig,
         controller_args,
         controllers: vec![controller],
@@ -1254,6 +1279,12 @@ async fn run_scenarios(mut w: World) -> Vec<(String, Duration)> {
         &mut w,
         "failover: standby takes over after the leader is killed; rotation completes",
         failover,
+    )
+    .await;
+    scenario(
+        &mut w,
+        "fencing: a leader paused past its lease (SIGSTOP) steps down on resume without acting; the new leader finishes the rotation",
+        paused_leader_is_fenced,
     )
     .await;
     scenario(
@@ -2791,6 +2822,135 @@ async fn failover(w: &mut World) {
     let _ = w.broker_port;
 }
 
+/// A leader frozen past its lease (a GC pause, a stopped VM, a partition) finds another
+/// leader when it resumes: it must step down without a single side effect, even though
+/// its reconciles were due while it was frozen.
+async fn paused_leader_is_fenced(w: &mut World) {
+    let c = &w.cluster;
+    let election: Api<Lease> = Api::namespaced(c.client.clone(), &c.system_ns);
+    let lease_name = format!("{FULLNAME}-controller");
+    let holder = || async {
+        election
+            .get_opt(&lease_name)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|l| l.spec?.holder_identity)
+    };
+    assert_eq!(holder().await.as_deref(), Some("controller-1"));
+    let leader = w
+        .controllers
+        .iter()
+        .position(|p| p.name == "controller-1" && p.child.is_some())
+        .expect("controller-1 leads after the failover");
+
+    // A second replica (controller-0 again) with listeners of its own: the frozen leader
+    // keeps its sockets.
+    let mut args = w.controller_args.clone();
+    for flag in ["--metrics-addr", "--broker-addr", "--crl-addr", "--acme-http01-addr"] {
+        set_arg(&mut args, flag, &format!("127.0.0.1:{}", free_port()));
+    }
+    let standby = Process::spawn(
+        "controller-0 (second start)",
+        &args,
+        &w.leader_kubeconfig,
+        c.path("controller-0-second.log"),
+        &[
+            ("POD_NAME", "controller-0"),
+            ("POD_NAMESPACE", &c.system_ns),
+        ],
+    );
+
+    // A rotation whose old version drains (20 s) when the leader freezes: the frozen
+    // leader's revocation of v1 falls due while it cannot see that it lost the lease.
+    c.apply(json!({
+        "apiVersion": "leasehold.dev/v1alpha1", "kind": "SecretLease", "metadata": {"name": "fenced-db"},
+        "spec": {"policyRef": {"name": "slow-drain"}, "postgres": postgres_spec(w),
+                 "delivery": {"secret": {"name": "fenced-db-creds"}}}
+    }))
+    .await;
+    let v1 = c
+        .wait_ready_version("fenced-db", 1)
+        .await
+        .current_username
+        .unwrap();
+    c.request_rotation("fenced-db", "e2e-fence").await;
+    eventually(
+        "v2 promoted, v1 draining",
+        Duration::from_secs(60),
+        || async {
+            let s = c.status("fenced-db").await?;
+            (s.current_version == Some(2) && s.progress.versions.len() == 2).then_some(())
+        },
+    )
+    .await;
+
+    w.controllers[leader].signal("STOP");
+    let frozen_at = Instant::now();
+    w.controllers.push(standby);
+    eventually(
+        "the other replica holds the leader lease",
+        Duration::from_secs(60),
+        || async { (holder().await.as_deref() == Some("controller-0")).then_some(()) },
+    )
+    .await;
+    eventually(
+        "the rotation completes under the new leader",
+        Duration::from_secs(120),
+        || async {
+            let s = c.status("fenced-db").await?;
+            (s.current_version == Some(2) && s.progress.versions.len() == 1).then_some(())
+        },
+    )
+    .await;
+    assert!(!w.db.role_exists(&v1).await, "v1 revoked by the new leader");
+    let settled = c.status("fenced-db").await.unwrap();
+    let log = w.controllers[leader].log.clone();
+    let before_resume = std::fs::read_to_string(&log).unwrap_or_default().len();
+
+    // Resume the deposed leader: it steps down (exits, as a pod would restart) without
+    // writing anything.
+    w.controllers[leader].signal("CONT");
+    let status = w.controllers[leader]
+        .exited_within(Duration::from_secs(30))
+        .await
+        .expect("the deposed leader steps down");
+    let after = std::fs::read_to_string(&log).unwrap_or_default();
+    let resumed = &after[before_resume.min(after.len())..];
+    eprintln!(
+        "e2e: leader frozen {:.1}s; after resuming it exited ({status}) having logged:\n{}",
+        frozen_at.elapsed().as_secs_f64(),
+        resumed
+            .lines()
+            .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    // Every engine step is an audit record (stdout): none for any lease after resuming.
+    let acted: Vec<&str> = resumed
+        .lines()
+        .filter(|l| l.starts_with("{\"seq\":") && l.contains("\"lease\""))
+        .collect();
+    assert!(
+        acted.is_empty(),
+        "the deposed leader acted after resuming:\n{}",
+        acted.join("\n")
+    );
+    let now = c.status("fenced-db").await.unwrap();
+    assert_eq!(
+        (now.current_version, now.progress.versions.len(), now.current_username.clone()),
+        (settled.current_version, settled.progress.versions.len(), settled.current_username.clone()),
+        "the lease is as the new leader left it"
+    );
+    let secrets: Api<Secret> = Api::namespaced(c.client.clone(), &c.app_ns);
+    let s = secrets.get("fenced-db-creds").await.unwrap();
+    let password = String::from_utf8(s.data.as_ref().unwrap()["password"].0.clone()).unwrap();
+    w.secrets.push(password.clone());
+    w.db.connect(now.current_username.as_deref().unwrap(), &password)
+        .await
+        .expect("v2 still logs in");
+}
+
 async fn csi_sanity(w: &mut World) {
     let dir =
         std::env::var("LEASEHOLD_KUBE_DIR").unwrap_or_else(|_| "/var/tmp/leasehold-kube".into());
@@ -2955,7 +3115,11 @@ async fn sealed_storage_and_emergency_revocation(w: &mut World) {
 /// JSON logs; both went to one file per process), in the order the leaders wrote them.
 fn audit_lines(w: &World) -> Vec<String> {
     let mut lines = Vec::new();
-    for name in ["controller-0.log", "controller-1.log"] {
+    for name in [
+        "controller-0.log",
+        "controller-1.log",
+        "controller-0-second.log",
+    ] {
         let text = std::fs::read_to_string(w.cluster.path(name)).unwrap_or_default();
         lines.extend(
             text.lines()
