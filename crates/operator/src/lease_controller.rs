@@ -238,7 +238,7 @@ pub async fn reconcile_lease(
     result
 }
 
-/// What the log says when the fence refuses a side effect (the e2e looks for it).
+/// The log message of a reconcile the fence refused (with `error = NotLeader: …`).
 pub const NOT_LEADER_LOG: &str = "not the leader: refused to act on the lease";
 
 /// What happens after a reconcile error.
@@ -857,8 +857,8 @@ pub async fn preload_username_claims(client: &Client, namespaces: &[String], eng
     );
 }
 
-/// When a lease refused by the fence is looked at again (by then the replica has
-/// stepped down, or leads again).
+/// When a lease refused by the fence is looked at again (by then this replica has
+/// stepped down; the requeue only matters if it has not).
 const NOT_LEADER_REQUEUE: Duration = Duration::from_secs(5);
 
 /// How often a lease draining behind a rollout restart looks at its workloads again.

@@ -15,7 +15,7 @@ use fake_api::{FakeApi, serve, serve_partitionable};
 use kube::runtime::controller::Action;
 use leasehold_api::SecretLease;
 use leasehold_operator::leader::{FenceState, LeaderElector, LeadershipFence};
-use leasehold_operator::lease_controller::{Context, reconcile_lease};
+use leasehold_operator::lease_controller::{Context, error_policy, reconcile_lease};
 use leasehold_operator::metrics::Metrics;
 use leasehold_operator::{LeaderElectionConfig, OperatorError};
 use leasehold_testkit::PostgresServer;
@@ -214,6 +214,16 @@ async fn a_leader_whose_renewals_stopped_refuses_to_act_once_its_renew_deadline_
         "refused as not the leader, not as a failure of the lease: {refused:?}"
     );
     assert!(refused.to_string().starts_with("NotLeader: "), "{refused}");
+    // Not a failure of the lease: no failure counted, no error backoff.
+    let refused_lease: SecretLease =
+        serde_json::from_value(lease_object(&api, name).await).unwrap();
+    let action = error_policy(Arc::new(refused_lease), &refused, replica_a.clone());
+    assert_eq!(action, Action::requeue(Duration::from_secs(5)));
+    assert!(
+        !replica_a.metrics.encode().contains("not_leader"),
+        "{}",
+        replica_a.metrics.encode()
+    );
     assert_eq!(
         api.writes.lock().await.len(),
         writes_before,
