@@ -522,8 +522,11 @@ impl Engine {
             if obs.rotation_request.is_some() {
                 progress.handled_rotation_request = obs.rotation_request.clone();
             }
-            self.save(stores, ctx, progress).await?;
         }
+        // Saved before the backend is touched, also when resuming with nothing new to
+        // record: a progress store may refuse (the operator's does, on a replica that no
+        // longer leads), and that must stop the issue.
+        self.save(stores, ctx, progress).await?;
         let issued_at = progress.version(version).map_or(now, |r| r.issued_at);
         self.fault(FaultPoint::BeforeIssue)?;
         let mode = match ctx.policy.strategy {

@@ -18,6 +18,7 @@ use leasehold_engine::{Delivery, LeaseKey, StoreError};
 use tokio::sync::Mutex;
 
 use crate::error::store_error;
+use crate::leader::LeadershipFence;
 use crate::secrets::{
     SecretOwnership, foreign_secret_message, owned_secret_patch, secret_apply_body,
     secret_ownership,
@@ -360,6 +361,8 @@ pub struct KubeDelivery {
     debounced_until: Mutex<Option<Timestamp>>,
     /// `type` of the delivered Secret: `Opaque`, or `kubernetes.io/tls` for certificates.
     secret_type: &'static str,
+    /// Checked before the delivered Secret is written and before each restart.
+    fence: LeadershipFence,
 }
 
 impl std::fmt::Debug for KubeDelivery {
@@ -389,7 +392,14 @@ impl KubeDelivery {
             clock,
             debounced_until: Mutex::new(None),
             secret_type: "Opaque",
+            fence: LeadershipFence::always_open(),
         }
+    }
+
+    /// Refuse every write and restart unless `fence` is open.
+    pub fn fenced(mut self, fence: LeadershipFence) -> Self {
+        self.fence = fence;
+        self
     }
 
     /// Deliver a `kubernetes.io/tls` Secret (`tls.crt`, `tls.key`, `ca.crt`) instead of
@@ -421,6 +431,7 @@ impl KubeDelivery {
         for (target, obs) in self.spec.rollout_restart.iter().zip(observed) {
             match restart_decision(obs, version, debounce, now) {
                 RestartDecision::Restart => {
+                    self.fence.check()?;
                     restart(
                         &self.client,
                         &self.namespace,
@@ -494,6 +505,7 @@ impl Delivery for KubeDelivery {
             if let Some(message) = self.foreign_secret().await? {
                 return Err(StoreError(message));
             }
+            self.fence.check()?;
             let mut body = owned_secret_patch(&name, &self.lease_name, &self.owner, &material.0);
             body.type_ = Some(self.secret_type.into());
             let body = secret_apply_body(&body)?;

@@ -21,6 +21,10 @@ pub enum OperatorError {
     Server(#[source] std::io::Error),
     #[error("lost leadership of lease {0}")]
     LostLeadership(String),
+    /// A side effect was refused: this replica does not (surely) lead. Not a failure of
+    /// the object being reconciled.
+    #[error(transparent)]
+    NotLeader(#[from] crate::leader::NotLeader),
     #[error("configuration: {0}")]
     Config(String),
     #[error("broker: {0}")]
@@ -55,6 +59,7 @@ impl OperatorError {
             OperatorError::Serialize { .. } => "serialize",
             OperatorError::Server(_) => "server",
             OperatorError::LostLeadership(_) => "leadership",
+            OperatorError::NotLeader(_) => "not_leader",
             OperatorError::Broker(_) => "broker",
             OperatorError::Config(_) => "config",
             OperatorError::Blocked { .. } => "blocked",

@@ -26,6 +26,7 @@ use secrecy::SecretString;
 
 use crate::OperatorError;
 use crate::delivery::{KubeDelivery, consumers_hold};
+use crate::leader::LeadershipFence;
 use crate::metrics::Metrics;
 use crate::secrets::{OwnedSecretStore, owner_reference};
 use crate::status::{LeaseCondition, StatusProgressStore, revocations_pending};
@@ -55,6 +56,9 @@ pub struct Context {
     pub status_writes: Arc<AtomicU64>,
     /// Seals what the versions Secret keeps (KMS or a local key; or, explicitly, nothing).
     pub keyring: Arc<leasehold_envelope::Keyring>,
+    /// Whether this replica leads: checked before every side effect (always open
+    /// without leader election).
+    pub fence: LeadershipFence,
     failures: Mutex<HashMap<String, u32>>,
     /// Admin credentials last read per (namespace, Secret): a namespace teardown may
     /// delete the admin Secret before its leases, and revocation still needs them.
@@ -89,6 +93,7 @@ impl Context {
             clock: Arc::new(Timestamp::now),
             status_writes: Arc::default(),
             keyring: Arc::new(leasehold_envelope::Keyring::unencrypted()),
+            fence: LeadershipFence::always_open(),
             failures: Mutex::default(),
             admin_seen: Mutex::default(),
         }
@@ -219,7 +224,12 @@ pub async fn reconcile_lease(
         }
     })
     .await
-    .map_err(OperatorError::from);
+    .map_err(|e| match ctx.fence.check() {
+        // Whatever failed, a replica that does not lead has nothing to report about
+        // the lease (its refusal is what failed, or it must not act on the failure).
+        Err(not_leader) => OperatorError::NotLeader(not_leader),
+        Ok(()) => OperatorError::from(e),
+    });
     ctx.metrics
         .reconciled(CONTROLLER, started.elapsed().as_secs_f64());
     if result.is_ok() {
@@ -228,8 +238,17 @@ pub async fn reconcile_lease(
     result
 }
 
+/// The log message of a reconcile the fence refused (with `error = NotLeader: …`).
+pub const NOT_LEADER_LOG: &str = "not the leader: refused to act on the lease";
+
 /// What happens after a reconcile error.
 pub fn error_policy(lease: Arc<SecretLease>, error: &OperatorError, ctx: Arc<Context>) -> Action {
+    if let OperatorError::NotLeader(_) = error {
+        // Not the lease's failure: no failure metric, no backoff. The replica is
+        // stepping down; should it lead again, the lease is looked at soon.
+        tracing::warn!(lease = %object_key(&lease), error = %error, "{NOT_LEADER_LOG}");
+        return Action::requeue(NOT_LEADER_REQUEUE);
+    }
     if let Some(retry) = error.deletion_retry() {
         // Not a failure: a deleted lease waits for draining or revocation backoff.
         tracing::info!(lease = %object_key(&lease), reason = %error, retry_seconds = retry.as_secs(), "deletion waits for revocation");
@@ -408,6 +427,8 @@ pub async fn run_lease(
     let observed = lease.status.clone().unwrap_or_default();
     let mut progress = observed.progress.clone();
     let api: Api<SecretLease> = Api::namespaced(ctx.client.clone(), &ns);
+    // A replica that does not lead does not start; every side effect below checks again.
+    ctx.fence.check()?;
 
     if deleting
         && lease.spec.certificate.is_some()
@@ -415,6 +436,7 @@ pub async fn run_lease(
     {
         // Every pod's certificate goes with its lease: revoke them all before the
         // finalizer goes (their records are owned by the lease and would be collected).
+        ctx.fence.check()?;
         let report = pod_certificates
             .sweep_lease(lease, &Default::default(), ctx.now())
             .await
@@ -454,7 +476,8 @@ pub async fn run_lease(
         ctx.clock.clone(),
         ctx.status_writes.clone(),
     )
-    .suspended(lease.spec.suspend);
+    .suspended(lease.spec.suspend)
+    .fenced(ctx.fence.clone());
     // A certificate lease without Secret delivery has no certificate of its own: the
     // broker signs one per pod (the key made on the node). Versions issued before the
     // Secret delivery was removed still run through the engine to be revoked.
@@ -595,7 +618,8 @@ pub async fn run_lease(
             Api::namespaced(ctx.client.clone(), &ns),
             &name,
             owner.clone(),
-        ),
+        )
+        .fenced(ctx.fence.clone()),
         ctx.keyring.clone(),
     );
     let delivery = KubeDelivery::new(
@@ -605,7 +629,8 @@ pub async fn run_lease(
         owner,
         lease.spec.delivery.clone(),
         ctx.clock.clone(),
-    );
+    )
+    .fenced(ctx.fence.clone());
     let delivery = if lease.spec.certificate.is_some() {
         delivery.tls()
     } else {
@@ -669,6 +694,7 @@ pub async fn run_lease(
                 // Per-pod credentials are not lease versions: drop every one of this lease.
                 // `lh_<lease uid>_p`: every per-pod user of this lease and nothing else.
                 let prefix = leasehold_broker::per_pod::per_pod_username(&key.uid, "");
+                ctx.fence.check()?;
                 let report = leasehold_engine::sweeper::sweep(
                     &lease_ctx.backend,
                     &prefix,
@@ -738,6 +764,9 @@ pub async fn run_lease(
             Ok(Action::requeue(retry_after))
         }
         Err(e) => {
+            // Refused by the fence (or failed while no longer leading): nothing to say
+            // on the lease, no event; this replica steps down.
+            ctx.fence.check()?;
             // Best effort: say why in status, then let error_policy back off. A key
             // that cannot be used (KMS down, key disabled) delays the rotation and says
             // so; delivered credentials keep working.
@@ -827,6 +856,10 @@ pub async fn preload_username_claims(client: &Client, namespaces: &[String], eng
         "username claims seeded from recorded leases"
     );
 }
+
+/// When a lease refused by the fence is looked at again (by then this replica has
+/// stepped down; the requeue only matters if it has not).
+const NOT_LEADER_REQUEUE: Duration = Duration::from_secs(5);
 
 /// How often a lease draining behind a rollout restart looks at its workloads again.
 const ROLLOUT_POLL: Duration = Duration::from_secs(5);

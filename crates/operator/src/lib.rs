@@ -46,7 +46,9 @@ use tokio::sync::watch;
 
 pub use error::OperatorError;
 pub use issuers::{IssuerKey, IssuerNotReady, IssuerRegistry};
-pub use leader::{LeaderElectionConfig, LeadershipAction, decide_leadership};
+pub use leader::{
+    LeaderElectionConfig, LeadershipAction, LeadershipFence, NotLeader, decide_leadership,
+};
 pub use lease_controller::Context;
 
 /// How the controller runs (no CLI types: the CLI maps its flags onto this).
@@ -477,6 +479,12 @@ where
         .leader_election
         .clone()
         .map(|le| leader::LeaderElector::new(client.clone(), le));
+    // Without election this process always leads; with it, every side effect of a
+    // lease reconcile checks that the last renewal round started within the deadline.
+    let fence = elector
+        .as_ref()
+        .map(leader::LeaderElector::fence)
+        .unwrap_or_default();
     if let Some(e) = &elector {
         // A standby is ready: it serves nothing but is healthy.
         health.set_ready(true);
@@ -520,8 +528,12 @@ where
         let keyring = config.keyring.clone();
         let namespaces = config.namespaces.clone();
         let audit = audit_log.clone();
+        let fence = fence.clone();
         tokio::spawn(async move {
             loop {
+                if fence.check().is_err() {
+                    return;
+                }
                 match keys::rekey(&client, &keyring, &namespaces, &audit).await {
                     Ok(report) if report.rewrapped.is_empty() && report.failed.is_empty() => {}
                     Ok(report) => tracing::info!(
@@ -610,6 +622,7 @@ where
     lease_ctx.pod_certificates = Some(pod_certificates.clone());
     lease_ctx.engine = lease_ctx.engine.clone().with_audit(audit_log.clone());
     lease_ctx.keyring = config.keyring.clone();
+    lease_ctx.fence = fence;
     let ctx = Arc::new(lease_ctx);
     lease_controller::preload_username_claims(&client, &config.namespaces, &ctx.engine).await;
     let namespaces: Vec<Option<String>> = if config.namespaces.is_empty() {

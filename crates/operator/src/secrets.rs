@@ -17,6 +17,7 @@ use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::Mutex;
 
 use crate::error::store_error;
+use crate::leader::LeadershipFence;
 
 /// Label on every Secret leasehold writes (the controller watches only these).
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
@@ -77,6 +78,8 @@ pub struct OwnedSecretStore {
     /// precondition of every write: a deposed controller cannot overwrite a version
     /// the current leader stored).
     cache: Mutex<Option<StoredVersions>>,
+    /// Checked before every write.
+    fence: LeadershipFence,
 }
 
 /// Who a Secret of the name a lease wants belongs to.
@@ -134,7 +137,14 @@ impl OwnedSecretStore {
             lease_name: lease_name.to_string(),
             owner,
             cache: Mutex::new(None),
+            fence: LeadershipFence::always_open(),
         }
+    }
+
+    /// Refuse every write unless `fence` is open.
+    pub fn fenced(mut self, fence: LeadershipFence) -> Self {
+        self.fence = fence;
+        self
     }
 
     fn secret_name(&self) -> String {
@@ -165,6 +175,7 @@ impl OwnedSecretStore {
         versions: &BTreeMap<u64, SecretString>,
         resource_version: Option<&str>,
     ) -> Result<Option<String>, StoreError> {
+        self.fence.check()?;
         let data = versions
             .iter()
             .map(|(v, s)| (format!("v{v}"), s.clone()))

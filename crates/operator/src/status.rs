@@ -17,6 +17,7 @@ use leasehold_engine::{LeaseKey, ProgressStore, StoreError};
 use tokio::sync::Mutex;
 
 use crate::error::store_error;
+use crate::leader::LeadershipFence;
 
 /// Kubernetes `Time` has whole seconds; truncating here keeps what we write equal to
 /// what we read back, so an unchanged status compares equal.
@@ -325,6 +326,9 @@ pub struct StatusProgressStore {
     clock: Arc<dyn Fn() -> Timestamp + Send + Sync>,
     state: Mutex<StatusState>,
     writes: Arc<AtomicU64>,
+    /// Checked by every save and write: the engine saves before each side effect, so a
+    /// replica that does not lead stops there, even when the save would write nothing.
+    fence: LeadershipFence,
 }
 
 impl std::fmt::Debug for StatusProgressStore {
@@ -359,7 +363,14 @@ impl StatusProgressStore {
                 desired: observed,
             }),
             writes,
+            fence: LeadershipFence::always_open(),
         }
+    }
+
+    /// Refuse every save and write unless `fence` is open.
+    pub fn fenced(mut self, fence: LeadershipFence) -> Self {
+        self.fence = fence;
+        self
     }
 
     /// Report the lease as suspended (`spec.suspend`).
@@ -421,6 +432,7 @@ impl StatusProgressStore {
         if !status_changed(&state.written, &state.desired) {
             return Ok(false);
         }
+        self.fence.check()?;
         let mut patch = status_patch(&state.desired)?;
         if let Some(rv) = &state.resource_version {
             patch["metadata"] = serde_json::json!({ "resourceVersion": rv });
@@ -451,6 +463,9 @@ impl StatusProgressStore {
 #[async_trait]
 impl ProgressStore for StatusProgressStore {
     async fn save(&self, _lease: &LeaseKey, progress: &Progress) -> Result<(), StoreError> {
+        // Before anything else, and whether or not this save writes: the engine saves
+        // right before each database call, and this is where a deposed leader stops.
+        self.fence.check()?;
         let now = (self.clock)();
         let mut state = self.state.lock().await;
         state.desired = derive_status(

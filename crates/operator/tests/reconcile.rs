@@ -450,3 +450,151 @@ async fn deleting_a_per_pod_lease_keeps_the_finalizer_until_its_per_pod_users_ar
     assert_eq!(action, Action::await_change());
     assert!(!role_exists(pg, &user).await, "per-pod user {user} dropped");
 }
+
+/// A fence that is open until the test closes it (as a renew deadline passing would).
+fn leading_fence() -> leasehold_operator::LeadershipFence {
+    let fence = leasehold_operator::LeadershipFence::new(
+        "leasehold-system/leasehold-controller",
+        std::time::Duration::from_secs(3600),
+    );
+    fence.acquired(leasehold_operator::leader::Clocks::now());
+    fence
+}
+
+fn fenced_context(
+    client: kube::Client,
+    fence: &leasehold_operator::LeadershipFence,
+) -> Arc<Context> {
+    let mut ctx = Context::new(client, Arc::new(Metrics::new()), None, 2);
+    ctx.fence = fence.clone();
+    Arc::new(ctx)
+}
+
+/// The leader's renew deadline passes while it stores a new version's password: the
+/// save that records the version's intent, right before the database call, is refused,
+/// so no user is created and nothing else is written.
+#[tokio::test]
+async fn a_replica_that_stopped_leading_mid_reconcile_creates_no_user() {
+    let pg = PostgresServer::shared().await;
+    let name = "fenced-issue";
+    let lease_uid = uid();
+    let template = "fence_{{uid}}_v{{version}}";
+    let mut obj = lease(name, &lease_uid, Some(pg), true);
+    obj["spec"]["postgres"]["usernameTemplate"] = json!(template);
+    let user = leasehold_core::naming::dynamic_username(
+        template,
+        &leasehold_core::naming::LeaseIdentity {
+            namespace: "shop".into(),
+            name: name.into(),
+            uid: lease_uid.clone(),
+        },
+        1,
+        63,
+    )
+    .unwrap();
+    let versions_path = format!("{SECRETS}/{name}-leasehold-versions");
+    let fence = leading_fence();
+    let deposed = fence.clone();
+    let steps = vec![
+        Step::new(
+            Method::GET,
+            &format!("{POLICIES}/short"),
+            reply(policy("3h")),
+        ),
+        Step::new(
+            Method::GET,
+            &format!("{SECRETS}/pg-admin"),
+            reply(admin_secret(pg)),
+        ),
+        Step::new(Method::GET, &format!("{SECRETS}/{name}-creds"), |_, _| {
+            not_found()
+        }),
+        Step::new(Method::GET, &versions_path, |_, _| not_found()),
+        // The password is stored; then the replica's leadership runs out.
+        Step::new(Method::PATCH, &versions_path, move |body, state| {
+            deposed.step_down();
+            echo(body, state)
+        }),
+    ];
+    let (client, api) = scripted(steps, obj.clone());
+    let lease: SecretLease = serde_json::from_value(obj).unwrap();
+    let result = reconcile_lease(Arc::new(lease), fenced_context(client, &fence)).await;
+    let (seen, _) = api.await.unwrap();
+    assert!(
+        matches!(result, Err(leasehold_operator::OperatorError::NotLeader(_))),
+        "{result:?}"
+    );
+    assert_eq!(
+        seen.requests.last().map(|(m, p, _)| (m.clone(), p.clone())),
+        Some((Method::PATCH, versions_path)),
+        "nothing after the refusal: no status, no delivery"
+    );
+    assert!(
+        seen.events.is_empty(),
+        "a refusal is not an event of the lease"
+    );
+    assert!(!role_exists(pg, &user).await, "{user} must not be created");
+}
+
+/// A resumed issue records nothing new before the database call, so its save writes
+/// nothing: it is refused all the same once the replica stopped leading.
+#[tokio::test]
+async fn a_resumed_issue_is_refused_at_the_save_that_writes_nothing() {
+    let pg = PostgresServer::shared().await;
+    let name = "fenced-resume";
+    let lease_uid = uid();
+    let user = format!("fence_resume_{}", &lease_uid[..8]);
+    let mut obj = lease(name, &lease_uid, Some(pg), true);
+    // Version 1 was recorded as Issuing (its password stored) when the last reconcile
+    // stopped: this one resumes it.
+    obj["status"] = json!({"progress": {
+        "strategy": "Dynamic", "lastVersion": 1,
+        "versions": [{"version": 1, "credentialId": user, "state": "Issuing",
+                      "issuedAt": "2026-01-01T00:00:00Z"}]
+    }});
+    let versions_path = format!("{SECRETS}/{name}-leasehold-versions");
+    let b = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let stored = json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": format!("{name}-leasehold-versions"), "namespace": "shop", "resourceVersion": "3",
+                     "ownerReferences": [{"apiVersion": "leasehold.dev/v1alpha1", "kind": "SecretLease",
+                                          "name": name, "uid": lease_uid, "controller": true}]},
+        "data": {"v1": b("resumed-password-1")}
+    });
+    let fence = leading_fence();
+    let deposed = fence.clone();
+    let steps = vec![
+        Step::new(
+            Method::GET,
+            &format!("{POLICIES}/short"),
+            reply(policy("3h")),
+        ),
+        Step::new(
+            Method::GET,
+            &format!("{SECRETS}/pg-admin"),
+            reply(admin_secret(pg)),
+        ),
+        Step::new(Method::GET, &format!("{SECRETS}/{name}-creds"), |_, _| {
+            not_found()
+        }),
+        // The stored password is read; then the replica's leadership runs out.
+        Step::new(Method::GET, &versions_path, move |_, _| {
+            deposed.step_down();
+            (200, stored.clone())
+        }),
+    ];
+    let (client, api) = scripted(steps, obj.clone());
+    let lease: SecretLease = serde_json::from_value(obj).unwrap();
+    let result = reconcile_lease(Arc::new(lease), fenced_context(client, &fence)).await;
+    let (seen, _) = api.await.unwrap();
+    assert!(
+        matches!(result, Err(leasehold_operator::OperatorError::NotLeader(_))),
+        "{result:?}"
+    );
+    assert!(
+        seen.requests.iter().all(|(m, _, _)| m == Method::GET),
+        "{:?}",
+        seen.requests
+    );
+    assert!(!role_exists(pg, &user).await, "{user} must not be created");
+}

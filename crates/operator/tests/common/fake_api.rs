@@ -6,6 +6,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
 use axum::body::{Body, Bytes};
@@ -192,14 +193,28 @@ fn next_version(api: &FakeApi) -> String {
 
 /// Serve on a random loopback port; returns the base URL.
 pub async fn serve(api: Arc<FakeApi>) -> String {
+    serve_partitionable(api).await.0
+}
+
+/// Like [`serve`], with a switch: while it is on, requests through this URL get no
+/// answer (a partition between one client and the API; other URLs still work).
+pub async fn serve_partitionable(api: Arc<FakeApi>) -> (String, Arc<AtomicBool>) {
+    let partitioned = Arc::new(AtomicBool::new(false));
+    let cut = partitioned.clone();
     let app = Router::new().fallback(move |method: Method, uri: Uri, body: Bytes| {
         let api = api.clone();
-        async move { handle(api, method, uri, body).await }
+        let cut = cut.clone();
+        async move {
+            if cut.load(Ordering::SeqCst) {
+                futures::future::pending::<()>().await;
+            }
+            handle(api, method, uri, body).await
+        }
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
     });
-    format!("http://{addr}")
+    (format!("http://{addr}"), partitioned)
 }
