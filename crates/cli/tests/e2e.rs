@@ -2847,7 +2847,12 @@ async fn paused_leader_is_fenced(w: &mut World) {
     // A second replica (controller-0 again) with listeners of its own: the frozen leader
     // keeps its sockets.
     let mut args = w.controller_args.clone();
-    for flag in ["--metrics-addr", "--broker-addr", "--crl-addr", "--acme-http01-addr"] {
+    for flag in [
+        "--metrics-addr",
+        "--broker-addr",
+        "--crl-addr",
+        "--acme-http01-addr",
+    ] {
         set_arg(&mut args, flag, &format!("127.0.0.1:{}", free_port()));
     }
     let standby = Process::spawn(
@@ -2938,8 +2943,16 @@ async fn paused_leader_is_fenced(w: &mut World) {
     );
     let now = c.status("fenced-db").await.unwrap();
     assert_eq!(
-        (now.current_version, now.progress.versions.len(), now.current_username.clone()),
-        (settled.current_version, settled.progress.versions.len(), settled.current_username.clone()),
+        (
+            now.current_version,
+            now.progress.versions.len(),
+            now.current_username.clone()
+        ),
+        (
+            settled.current_version,
+            settled.progress.versions.len(),
+            settled.current_username.clone()
+        ),
         "the lease is as the new leader left it"
     );
     let secrets: Api<Secret> = Api::namespaced(c.client.clone(), &c.app_ns);
