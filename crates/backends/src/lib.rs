@@ -119,6 +119,12 @@ pub enum RevokeMode {
     DropUser,
     /// Disable login and drain sessions; keep the user (AlternatingUsers).
     DisableLogin,
+    /// Set a fresh random password that is kept nowhere, then drain sessions; keep the
+    /// user, its login attribute and its privileges. For a user leasehold did not create
+    /// (InPlace) whose last password leasehold handed out, when no later version set
+    /// another one on it: that password stops working, the user stays its owner's, who
+    /// can set a password of their own.
+    ScramblePassword,
     /// Nothing to do on the backend (InPlace: the password was already replaced).
     Nothing,
 }

@@ -42,6 +42,12 @@
 //!   only take effect at login as the default role). MySQL needs no more than the
 //!   role's `ADMIN OPTION`.
 //!
+//! [`RevokeMode::ScramblePassword`] (an InPlace user, which belongs to someone else) is
+//! `ALTER USER .. IDENTIFIED WITH mysql_native_password AS '<hash>'` of a random password
+//! kept nowhere, on the configured account host: the password leasehold handed out stops
+//! working; the lock state, roles and privileges stay as they are. Sessions are then
+//! drained as for the other modes.
+//!
 //! A missing privilege is reported as [`BackendError::PermissionDenied`] naming the step.
 //!
 //! With [`TlsMode::Require`] or [`TlsMode::VerifyFull`] both the admin pool and the
@@ -67,7 +73,8 @@ use crate::sql::{
 };
 use crate::{
     Backend, BackendError, CredentialId, DrainSessions, IssueMode, IssueRequest, MySqlTarget,
-    RevokeMode, RevokeOutcome, RevokeRequest, TlsMode, VerifyRequest,
+    PasswordPolicy, RevokeMode, RevokeOutcome, RevokeRequest, TlsMode, VerifyRequest,
+    generate_password,
 };
 
 /// MariaDB allows 80 characters for a user name (MySQL 8: 32; the server rejects
@@ -228,10 +235,7 @@ impl MySqlBackend {
         let hash = native_password_hash(password);
         let secrets = [password, hash.as_str()];
         let account = account(name, &self.target.account_host);
-        let auth = format!(
-            "IDENTIFIED WITH mysql_native_password AS {}",
-            mysql_literal(&hash)
-        );
+        let auth = native_auth(&hash);
 
         let mut conn = self.admin().await?;
         let flavor = self.flavor(&mut conn).await?;
@@ -402,12 +406,28 @@ impl MySqlBackend {
     }
 
     async fn revoke_inner(&self, req: &RevokeRequest) -> Result<RevokeOutcome, BackendError> {
-        if req.mode == RevokeMode::Nothing {
-            return Ok(RevokeOutcome::Revoked);
-        }
         let name = req.id.0.as_str();
         check_user_name(name)?;
         let account = account(name, &self.target.account_host);
+        // What stops new logins: a lock, or a password nobody knows (the stored form of
+        // a random password that is dropped here), leaving the lock state alone.
+        let (stop_logins, hash, step) = match req.mode {
+            RevokeMode::Nothing => return Ok(RevokeOutcome::Revoked),
+            RevokeMode::DropUser | RevokeMode::DisableLogin => {
+                (String::from("ACCOUNT LOCK"), None, "to lock")
+            }
+            RevokeMode::ScramblePassword => {
+                let hash = native_password_hash(
+                    generate_password(&PasswordPolicy::default())?.expose_secret(),
+                );
+                (
+                    native_auth(&hash),
+                    Some(hash),
+                    "to set an unknown password on",
+                )
+            }
+        };
+        let secrets: Vec<&str> = hash.as_deref().into_iter().collect();
         let mut conn = self.admin().await?;
         let map = |e: mysql_async::Error| admin_error(&e, &[]);
 
@@ -418,10 +438,11 @@ impl MySqlBackend {
             return Ok(RevokeOutcome::Revoked);
         }
         // IF EXISTS: a concurrent revoke may have dropped it since the check.
-        conn.query_drop(format!("ALTER USER IF EXISTS {account} ACCOUNT LOCK"))
+        conn.query_drop(format!("ALTER USER IF EXISTS {account} {stop_logins}"))
             .await
             .map_err(|e| {
-                map(e).in_step(|| format!("to lock user {name:?} (it needs CREATE USER)"))
+                admin_error(&e, &secrets)
+                    .in_step(|| format!("{step} user {name:?} (it needs CREATE USER)"))
             })?;
 
         if req.drain != DrainSessions::Ignore && !sees_all_sessions(&mut conn).await.map_err(map)? {
@@ -664,6 +685,15 @@ pub(crate) fn check_account_host(host: &str) -> Result<(), BackendError> {
              only, at most {MAX_HOST_CHARS} characters (e.g. %, 10.%, localhost)"
         )))
     }
+}
+
+/// `IDENTIFIED WITH mysql_native_password AS '<hash>'`: the password in its stored form
+/// (see [`native_password_hash`]), so the plaintext never reaches the server.
+fn native_auth(hash: &str) -> String {
+    format!(
+        "IDENTIFIED WITH mysql_native_password AS {}",
+        mysql_literal(hash)
+    )
 }
 
 /// `'name'@'host'`, for a name and host already checked.

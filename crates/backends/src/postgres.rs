@@ -21,6 +21,11 @@
 //! `REASSIGN OWNED` and `DROP OWNED` only act on the target database: objects a user
 //! owns elsewhere make `DROP ROLE` fail with [`BackendError::Other`].
 //!
+//! [`RevokeMode::ScramblePassword`] (an InPlace user, which belongs to someone else) is
+//! `ALTER ROLE .. PASSWORD` with the verifier of a random password kept nowhere: the
+//! password leasehold handed out stops working; `LOGIN`, `VALID UNTIL`, memberships and
+//! privileges stay as they are. Sessions are then drained as for the other modes.
+//!
 //! A missing privilege is [`BackendError::PermissionDenied`] naming the step and what it
 //! needs, never "admin credential rejected" (that is a refused login).
 //!
@@ -46,7 +51,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
-use secrecy::ExposeSecret;
+use secrecy::{ExposeSecret, SecretString};
 use tokio_postgres::config::SslMode;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::tls::MakeTlsConnect;
@@ -58,8 +63,9 @@ use crate::sql::{
     LIKE_ESCAPE, check_name, like_prefix, pg_grant_clause, pg_grants, pg_ident, pg_literal, redact,
 };
 use crate::{
-    Backend, BackendError, CredentialId, DrainSessions, IssueMode, IssueRequest, PostgresTarget,
-    RevokeMode, RevokeOutcome, RevokeRequest, TlsMode, VerifyRequest,
+    Backend, BackendError, CredentialId, DrainSessions, IssueMode, IssueRequest, PasswordPolicy,
+    PostgresTarget, RevokeMode, RevokeOutcome, RevokeRequest, TlsMode, VerifyRequest,
+    generate_password,
 };
 
 /// PostgreSQL limits names to 63 bytes and silently truncates longer ones: refuse
@@ -166,15 +172,7 @@ impl PostgresBackend {
         if password.is_empty() {
             return Err(BackendError::Invalid("empty password".into()));
         }
-        // A fresh salt each time: the verifier differs on every call even for the
-        // same password, which is fine (the server only stores it).
-        // 4096 PBKDF2 rounds: CPU work, kept off the async worker threads.
-        let secret = req.password.clone();
-        let verifier = tokio::task::spawn_blocking(move || {
-            postgres_protocol::password::scram_sha_256(secret.expose_secret().as_bytes())
-        })
-        .await
-        .map_err(|e| BackendError::Other(format!("verifier computation failed: {e}")))?;
+        let verifier = scram_verifier(&req.password).await?;
         let secrets = [password, verifier.as_str()];
         let valid_until = req
             .valid_until
@@ -325,12 +323,29 @@ impl PostgresBackend {
     }
 
     async fn revoke_inner(&self, req: &RevokeRequest) -> Result<RevokeOutcome, BackendError> {
-        if req.mode == RevokeMode::Nothing {
-            return Ok(RevokeOutcome::Revoked);
-        }
         let name = req.id.0.as_str();
         check_name("role", name, MAX_NAME_BYTES)?;
         let role = pg_ident(name);
+        // What stops new logins: no LOGIN, or a password nobody knows (the verifier of
+        // a random password that is dropped here).
+        let (stop_logins, verifier, step) = match req.mode {
+            RevokeMode::Nothing => return Ok(RevokeOutcome::Revoked),
+            RevokeMode::DropUser | RevokeMode::DisableLogin => (
+                format!("ALTER ROLE {role} NOLOGIN"),
+                None,
+                "to disable login of",
+            ),
+            RevokeMode::ScramblePassword => {
+                let verifier =
+                    scram_verifier(&generate_password(&PasswordPolicy::default())?).await?;
+                (
+                    format!("ALTER ROLE {role} PASSWORD {}", pg_literal(&verifier)),
+                    Some(verifier),
+                    "to set an unknown password on",
+                )
+            }
+        };
+        let secrets: Vec<&str> = verifier.as_deref().into_iter().collect();
         let client = self.admin().await?;
         let map = |e: tokio_postgres::Error| admin_error(&e, &[]);
 
@@ -345,19 +360,16 @@ impl PostgresBackend {
         if !exists {
             return Ok(RevokeOutcome::Revoked);
         }
-        match client
-            .execute(&format!("ALTER ROLE {role} NOLOGIN"), &[])
-            .await
-        {
+        match client.execute(&stop_logins, &[]).await {
             Ok(_) => {}
             Err(e) if e.code() == Some(&SqlState::UNDEFINED_OBJECT) => {
                 return Ok(RevokeOutcome::Revoked);
             }
             Err(e) => {
-                return Err(map(e).in_step(|| {
+                return Err(admin_error(&e, &secrets).in_step(|| {
                     format!(
-                        "to disable login of role {name:?} (it needs CREATEROLE and, from \
-                         PostgreSQL 16, ADMIN OPTION on the role; superuser roles need a superuser)"
+                        "{step} role {name:?} (it needs CREATEROLE and, from PostgreSQL 16, \
+                         ADMIN OPTION on the role; superuser roles need a superuser)"
                     )
                 }));
             }
@@ -425,6 +437,19 @@ impl PostgresBackend {
         }
         Ok(RevokeOutcome::Revoked)
     }
+}
+
+/// The SCRAM-SHA-256 verifier of `password`, what the server stores instead of it. A
+/// fresh salt each time: the verifier differs on every call even for the same password,
+/// which is fine (the server only stores it). 4096 PBKDF2 rounds: CPU work, kept off the
+/// async worker threads.
+async fn scram_verifier(password: &SecretString) -> Result<String, BackendError> {
+    let secret = password.clone();
+    tokio::task::spawn_blocking(move || {
+        postgres_protocol::password::scram_sha_256(secret.expose_secret().as_bytes())
+    })
+    .await
+    .map_err(|e| BackendError::Other(format!("verifier computation failed: {e}")))
 }
 
 /// Revoke every privilege on this database's tables, views, sequences, schemas,

@@ -302,6 +302,173 @@ async fn in_place_revoke_does_nothing() {
     b.close().await;
 }
 
+/// What an account is, as SHOW GRANTS and mysql.global_priv tell (inspection as the
+/// superuser): its grants without the password hash, whether it is locked, and its
+/// stored password.
+async fn account_state(db: &MariaDbServer, user: &str, host: &str) -> (Vec<String>, bool, String) {
+    let mut su = db.superuser_conn().await;
+    let grants: Vec<String> = su
+        .query(format!("SHOW GRANTS FOR '{user}'@'{host}'"))
+        .await
+        .expect("show grants");
+    let grants = grants
+        .into_iter()
+        .map(|g| match g.find(" IDENTIFIED BY PASSWORD") {
+            Some(at) => g[..at].to_owned(),
+            None => g,
+        })
+        .collect();
+    let (locked, password): (Option<String>, String) = su
+        .exec_first(
+            "SELECT JSON_VALUE(Priv, '$.account_locked'), \
+                    COALESCE(JSON_VALUE(Priv, '$.authentication_string'), '') \
+               FROM mysql.global_priv WHERE User = ? AND Host = ?",
+            (user, host),
+        )
+        .await
+        .expect("global_priv")
+        .expect("the account exists");
+    su.disconnect().await.expect("disconnect");
+    // JSON `true` reads "1" (10.11) or "true".
+    (
+        grants,
+        matches!(locked.as_deref(), Some("1" | "true")),
+        password,
+    )
+}
+
+/// An InPlace user (the DBA's) whose last password leasehold handed out: scrambling makes
+/// that password stop working on the configured account and leaves the account unlocked
+/// with its roles and grants, so the DBA can set a password of their own. Another host's
+/// account of the same name is not touched.
+#[tokio::test]
+async fn scrambling_an_in_place_user_refuses_its_password_and_keeps_the_account() {
+    let db = MariaDbServer::shared().await;
+    let b = backend(db);
+    let p = unique_name("scramble_");
+    let privileges = fixture(db, &p).await;
+    let user = format!("{p}_u");
+    let mut admin = db.admin_conn().await;
+    admin
+        .query_drop(format!("CREATE USER '{user}'@'%' ACCOUNT LOCK"))
+        .await
+        .expect("the DBA's user");
+    let twin_pw = password();
+    admin
+        .query_drop(format!(
+            "CREATE USER '{user}'@'10.0.0.%' IDENTIFIED BY '{}'",
+            twin_pw.expose_secret()
+        ))
+        .await
+        .expect("another host's account of the same name");
+    let pw = password();
+    b.issue(&issue(&user, IssueMode::ExistingUser, &pw, privileges))
+        .await
+        .expect("rotate in place");
+    let mut session = db
+        .connect_as(&user, pw.expose_secret())
+        .await
+        .expect("a consumer's session");
+    let before = account_state(db, &user, "%").await;
+    assert!(!before.1, "unlocked by the issue");
+    let twin_before = account_state(db, &user, "10.0.0.%").await;
+
+    // Draining: the password is refused at once, the open session is waited for.
+    let wait = revoke(&user, RevokeMode::ScramblePassword, DrainSessions::Wait);
+    assert_eq!(
+        b.revoke(&wait).await.expect("scramble"),
+        RevokeOutcome::SessionsRemain(1)
+    );
+    assert!(
+        !can_connect(db, &user, &pw).await,
+        "the handed-out password no longer logs in"
+    );
+    session
+        .query_drop("SELECT 1")
+        .await
+        .expect("existing session still alive");
+    let terminate = revoke(
+        &user,
+        RevokeMode::ScramblePassword,
+        DrainSessions::Terminate,
+    );
+    assert_eq!(
+        b.revoke(&terminate).await.expect("terminate"),
+        RevokeOutcome::Revoked
+    );
+    assert!(
+        session.query_drop("SELECT 1").await.is_err(),
+        "session terminated"
+    );
+    assert!(!can_connect(db, &user, &pw).await);
+    assert!(matches!(
+        b.verify(&verify(&user, &pw)).await,
+        Err(BackendError::VerificationFailed(_))
+    ));
+
+    // Not dropped, not locked, grants and roles unchanged; only the password is new.
+    let after = account_state(db, &user, "%").await;
+    assert_eq!((&after.0, after.1), (&before.0, before.1));
+    assert_ne!(after.2, before.2, "a new password");
+    assert!(
+        b.can_login(&CredentialId(user.clone()))
+            .await
+            .expect("can_login")
+    );
+    assert_eq!(
+        account_state(db, &user, "10.0.0.%").await,
+        twin_before,
+        "another host's account untouched"
+    );
+    // The DBA sets a password: it logs in, with the role and the grant.
+    let dba_pw = password();
+    admin
+        .query_drop(format!(
+            "ALTER USER '{user}'@'%' IDENTIFIED BY '{}'",
+            dba_pw.expose_secret()
+        ))
+        .await
+        .expect("the DBA sets a password");
+    let mut conn = db
+        .connect_as(&user, dba_pw.expose_secret())
+        .await
+        .expect("login with the DBA's password");
+    let via_role: Option<i32> = conn
+        .query_first(format!("SELECT x FROM {p}_role_t"))
+        .await
+        .expect("default role kept");
+    assert_eq!(via_role, Some(1));
+    let via_grant: Option<i32> = conn
+        .query_first(format!("SELECT x FROM {p}_grant_t"))
+        .await
+        .expect("grant kept");
+    assert_eq!(via_grant, Some(2));
+    assert!(
+        conn.query_drop(format!("SELECT x FROM {p}_private_t"))
+            .await
+            .is_err(),
+        "nothing granted on the way"
+    );
+    conn.disconnect().await.expect("disconnect");
+
+    // A user that is gone is revoked.
+    let missing = revoke(
+        &unique_name("never_"),
+        RevokeMode::ScramblePassword,
+        DrainSessions::Wait,
+    );
+    assert_eq!(
+        b.revoke(&missing).await.expect("scramble a missing user"),
+        RevokeOutcome::Revoked
+    );
+    admin
+        .query_drop(format!("DROP USER '{user}'@'10.0.0.%'"))
+        .await
+        .expect("cleanup");
+    admin.disconnect().await.expect("disconnect");
+    b.close().await;
+}
+
 #[tokio::test]
 async fn drain_wait_then_terminate() {
     let db = MariaDbServer::shared().await;

@@ -286,6 +286,142 @@ async fn in_place_revoke_does_nothing() {
     assert!(can_connect(pg, &user, &pw2).await);
 }
 
+/// `rolcanlogin`, `rolvaliduntil` (as text) and the roles `user` is a member of.
+async fn role_attributes(pg: &PostgresServer, user: &str) -> (bool, Option<String>, Vec<String>) {
+    let row = pg
+        .admin_client()
+        .await
+        .query_one(
+            "SELECT r.rolcanlogin, r.rolvaliduntil::text, \
+                    ARRAY(SELECT g.rolname::text FROM pg_catalog.pg_auth_members m \
+                            JOIN pg_catalog.pg_roles g ON g.oid = m.roleid \
+                           WHERE m.member = r.oid ORDER BY 1) \
+               FROM pg_catalog.pg_roles r WHERE r.rolname = $1",
+            &[&user],
+        )
+        .await
+        .expect("role attributes");
+    (row.get(0), row.get(1), row.get(2))
+}
+
+/// An InPlace user (the DBA's) whose last password leasehold handed out: scrambling makes
+/// that password stop working and leaves the user, its LOGIN and its privileges, so the
+/// DBA can set a password of their own and log in with what the user had.
+#[tokio::test]
+async fn scrambling_an_in_place_user_refuses_its_password_and_keeps_the_user() {
+    let pg = PostgresServer::shared().await;
+    let b = backend(pg);
+    let p = unique_name("scramble_");
+    let privileges = fixture(pg, &p).await;
+    let user = format!("{p}_u");
+    pg.admin_client()
+        .await
+        .batch_execute(&format!("CREATE ROLE {user} NOLOGIN"))
+        .await
+        .expect("the DBA's user");
+    let pw = password();
+    b.issue(&issue(&user, IssueMode::ExistingUser, &pw, privileges))
+        .await
+        .expect("rotate in place");
+    let session = pg
+        .connect_as(&user, pw.expose_secret())
+        .await
+        .expect("a consumer's session");
+    let before = role_attributes(pg, &user).await;
+    assert!(before.0, "LOGIN set by the issue");
+
+    // Draining: the password is refused at once, the open session is waited for.
+    let wait = revoke(&user, RevokeMode::ScramblePassword, DrainSessions::Wait);
+    assert_eq!(
+        b.revoke(&wait).await.expect("scramble"),
+        RevokeOutcome::SessionsRemain(1)
+    );
+    assert!(
+        !can_connect(pg, &user, &pw).await,
+        "the handed-out password no longer logs in"
+    );
+    client_alive(&session).await;
+    let terminate = revoke(
+        &user,
+        RevokeMode::ScramblePassword,
+        DrainSessions::Terminate,
+    );
+    assert_eq!(
+        b.revoke(&terminate).await.expect("terminate"),
+        RevokeOutcome::Revoked
+    );
+    assert!(
+        session.simple_query("SELECT 1").await.is_err(),
+        "session terminated"
+    );
+    assert!(!can_connect(pg, &user, &pw).await);
+    assert!(matches!(
+        b.verify(&verify(&user, &pw)).await,
+        Err(BackendError::VerificationFailed(_))
+    ));
+
+    // Not dropped, not locked, memberships and validity unchanged.
+    assert_eq!(role_attributes(pg, &user).await, before);
+    assert!(
+        b.can_login(&CredentialId(user.clone()))
+            .await
+            .expect("can_login")
+    );
+    assert_eq!(
+        b.list_users(&user).await.expect("list"),
+        vec![CredentialId(user.clone())]
+    );
+    // The DBA sets a password: it logs in, with the grants and the role's privileges.
+    let dba_pw = password();
+    pg.admin_client()
+        .await
+        .batch_execute(&format!(
+            "ALTER ROLE {user} PASSWORD '{}'",
+            dba_pw.expose_secret()
+        ))
+        .await
+        .expect("the DBA sets a password");
+    let client = pg
+        .connect_as(&user, dba_pw.expose_secret())
+        .await
+        .expect("login with the DBA's password");
+    let via_role = client
+        .query_one(&format!("SELECT x FROM {p}_role_t"), &[])
+        .await
+        .expect("membership kept");
+    assert_eq!(via_role.get::<_, i32>(0), 1);
+    let via_grant = client
+        .query_one(&format!("SELECT x FROM {p}_grant_t"), &[])
+        .await
+        .expect("grant kept");
+    assert_eq!(via_grant.get::<_, i32>(0), 2);
+    assert!(
+        client
+            .query(&format!("SELECT x FROM {p}_private_t"), &[])
+            .await
+            .is_err(),
+        "nothing granted on the way"
+    );
+
+    // A user that is gone is revoked.
+    let missing = revoke(
+        &unique_name("never_"),
+        RevokeMode::ScramblePassword,
+        DrainSessions::Wait,
+    );
+    assert_eq!(
+        b.revoke(&missing).await.expect("scramble a missing user"),
+        RevokeOutcome::Revoked
+    );
+}
+
+async fn client_alive(client: &tokio_postgres::Client) {
+    client
+        .simple_query("SELECT 1")
+        .await
+        .expect("existing session still alive");
+}
+
 #[tokio::test]
 async fn drain_wait_then_terminate() {
     let pg = PostgresServer::shared().await;

@@ -172,6 +172,13 @@ impl Target {
     pub fn server_key(&self) -> String {
         format!("{}://{}:{}", self.kind, self.host, self.port)
     }
+
+    /// Whether one user name names the same account on both: the same server and, for
+    /// MySQL, the same account host (`'u'@'%'` and `'u'@'10.%'` are two accounts).
+    pub fn same_accounts(&self, other: &Target) -> bool {
+        let account_host = |t: &Target| t.account_host.as_deref().unwrap_or("%").to_owned();
+        self.server_key() == other.server_key() && account_host(self) == account_host(other)
+    }
 }
 
 /// What a version was issued under: everything revoking it needs besides its user name
@@ -226,6 +233,18 @@ impl VersionRecord {
     /// Records without [`VersionRecord::issued_under`] never are.
     pub fn issued_elsewhere(&self, now: &IssuedUnder) -> bool {
         self.issued_under.as_ref().is_some_and(|u| u != now)
+    }
+
+    /// Whether both versions are the same database account: the same user name on the
+    /// same server (MySQL: with the same account host). A record without a target is
+    /// taken to be on the other's: assuming one account when it may be two never
+    /// scrambles a password a later version set (see [`RevokePlan::ScramblePassword`]).
+    pub fn same_account(&self, other: &VersionRecord) -> bool {
+        self.credential_id == other.credential_id
+            && match (self.target(), other.target()) {
+                (Some(a), Some(b)) => a.same_accounts(b),
+                _ => true,
+            }
     }
 }
 
@@ -512,7 +531,14 @@ pub enum RevokePlan {
     /// Put the current version's password back (InPlace after a failed verification:
     /// the new password replaced the old one on the same user).
     RestoreCurrent,
-    /// Nothing left to do on the backend (InPlace: the password was already replaced).
+    /// Set a password nobody keeps, drain, keep the user with its login and privileges
+    /// (InPlace superseded or revoked in an emergency when no later version lives on the
+    /// same account: the strategy, username, account host or server changed, so nothing
+    /// replaced the password leasehold handed out, and it would keep working).
+    ScramblePassword,
+    /// Nothing left to do on the backend (InPlace: a later version on the same account
+    /// already replaced the password, or the lease is deleted and the user goes back to
+    /// its owner as it is).
     Nothing,
 }
 
@@ -573,19 +599,26 @@ pub fn add(t: Timestamp, d: Duration) -> Timestamp {
     t.checked_add(d).unwrap_or(Timestamp::MAX)
 }
 
-/// The backend work a revocation needs.
-pub fn revoke_plan(strategy: Strategy, reason: RevokeReason) -> RevokePlan {
+/// The backend work a revocation needs. `replaced`: a later version lives on the same
+/// account (see [`VersionRecord::same_account`]), so the revoked version's password was
+/// already replaced there (only InPlace asks).
+pub fn revoke_plan(strategy: Strategy, reason: RevokeReason, replaced: bool) -> RevokePlan {
     match (strategy, reason) {
         (Strategy::Dynamic, _) => RevokePlan::DropUser,
         (Strategy::AlternatingUsers, _) => RevokePlan::DisableLogin,
         (Strategy::InPlace, RevokeReason::VerificationFailed | RevokeReason::IssueFailed) => {
             RevokePlan::RestoreCurrent
         }
+        (Strategy::InPlace, RevokeReason::Superseded | RevokeReason::Emergency) if replaced => {
+            RevokePlan::Nothing
+        }
+        // The user is someone else's: never dropped or locked, but the password leasehold
+        // handed out must stop working.
+        (Strategy::InPlace, RevokeReason::Superseded | RevokeReason::Emergency) => {
+            RevokePlan::ScramblePassword
+        }
         // Deleting an InPlace lease leaves the user as it is: leasehold did not create it.
-        (
-            Strategy::InPlace,
-            RevokeReason::Superseded | RevokeReason::LeaseDeleted | RevokeReason::Emergency,
-        ) => RevokePlan::Nothing,
+        (Strategy::InPlace, RevokeReason::LeaseDeleted) => RevokePlan::Nothing,
     }
 }
 
@@ -694,10 +727,16 @@ pub fn decide(
     // A version is revoked the way it was issued, whatever the policy says now.
     let emergency = progress.emergency.as_ref();
     let covered = |r: &VersionRecord| emergency.is_some_and(|e| e.covers(r.version));
+    let replaced = |r: &VersionRecord| {
+        progress
+            .versions
+            .iter()
+            .any(|later| later.version > r.version && later.same_account(r))
+    };
     let revoke_action = |r: &VersionRecord, reason: RevokeReason| Action::Revoke {
         version: r.version,
         reason,
-        plan: revoke_plan(r.strategy_or(policy.strategy), reason),
+        plan: revoke_plan(r.strategy_or(policy.strategy), reason, replaced(r)),
         // An emergency does not wait for sessions to end: they are terminated.
         drain: if reason == RevokeReason::Emergency {
             DrainSessionsMode::Terminate
@@ -1496,17 +1535,48 @@ mod tests {
 
     #[test]
     fn in_place_failed_verification_restores_current() {
+        for replaced in [false, true] {
+            assert_eq!(
+                revoke_plan(
+                    Strategy::InPlace,
+                    RevokeReason::VerificationFailed,
+                    replaced
+                ),
+                RevokePlan::RestoreCurrent
+            );
+            assert_eq!(
+                revoke_plan(
+                    Strategy::AlternatingUsers,
+                    RevokeReason::Superseded,
+                    replaced
+                ),
+                RevokePlan::DisableLogin
+            );
+            assert_eq!(
+                revoke_plan(Strategy::Dynamic, RevokeReason::Emergency, replaced),
+                RevokePlan::DropUser
+            );
+            // Deleting the lease hands the user back to its owner as it is.
+            assert_eq!(
+                revoke_plan(Strategy::InPlace, RevokeReason::LeaseDeleted, replaced),
+                RevokePlan::Nothing
+            );
+        }
         assert_eq!(
-            revoke_plan(Strategy::InPlace, RevokeReason::VerificationFailed),
-            RevokePlan::RestoreCurrent
-        );
-        assert_eq!(
-            revoke_plan(Strategy::InPlace, RevokeReason::Superseded),
+            revoke_plan(Strategy::InPlace, RevokeReason::Superseded, true),
             RevokePlan::Nothing
         );
         assert_eq!(
-            revoke_plan(Strategy::AlternatingUsers, RevokeReason::Superseded),
-            RevokePlan::DisableLogin
+            revoke_plan(Strategy::InPlace, RevokeReason::Emergency, true),
+            RevokePlan::Nothing
+        );
+        assert_eq!(
+            revoke_plan(Strategy::InPlace, RevokeReason::Superseded, false),
+            RevokePlan::ScramblePassword
+        );
+        assert_eq!(
+            revoke_plan(Strategy::InPlace, RevokeReason::Emergency, false),
+            RevokePlan::ScramblePassword
         );
     }
 
@@ -1626,18 +1696,20 @@ mod tests {
             }
         ));
         // An InPlace version (the user leasehold did not create) under a Dynamic policy
-        // is left alone, not dropped.
+        // is not dropped: its password is scrambled.
         progress.versions[0].issued_under = Some(under(Strategy::InPlace, "db"));
         assert!(matches!(
             decide(&policy(Strategy::Dynamic), &progress, &obs(), t(45)),
             Action::Revoke {
                 version: 1,
-                plan: RevokePlan::Nothing,
+                plan: RevokePlan::ScramblePassword,
                 ..
             }
         ));
-        // Older records (nothing recorded) keep today's behaviour: the policy decides.
+        // Older records (nothing recorded) keep today's behaviour: the policy decides
+        // (InPlace: one user, whose password v2 replaced).
         progress.versions[0].issued_under = None;
+        progress.versions[0].credential_id = progress.versions[1].credential_id.clone();
         assert!(matches!(
             decide(&p, &progress, &obs(), t(45)),
             Action::Revoke {
@@ -1646,6 +1718,225 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    /// An InPlace version on `user` at `target`, superseded at t(40) by a current version.
+    fn in_place_superseded(user: &str, target: IssuedUnder) -> VersionRecord {
+        let mut old = record(1, VersionState::Superseded, 0);
+        old.credential_id = user.into();
+        old.superseded_at = Some(t(40));
+        old.issued_under = Some(target);
+        old
+    }
+
+    fn current_on(version: u64, user: &str, target: IssuedUnder) -> VersionRecord {
+        let mut current = record(version, VersionState::Current, 40);
+        current.credential_id = user.into();
+        current.issued_under = Some(target);
+        current
+    }
+
+    fn mysql(strategy: Strategy, account_host: Option<&str>) -> IssuedUnder {
+        let mut u = under(strategy, "db");
+        u.target.kind = "mysql".into();
+        u.target.port = 3306;
+        u.target.account_host = account_host.map(Into::into);
+        u
+    }
+
+    /// The plan decided for the first version of `versions` (all consumers current,
+    /// past the grace period) under `policy`.
+    fn plan_for(policy: &PolicyParams, versions: Vec<VersionRecord>, obs: &Observations) -> Action {
+        let last = versions.iter().map(|v| v.version).max().unwrap_or(0);
+        let progress = Progress {
+            delivered_version: Some(last),
+            last_version: last,
+            versions,
+            ..Default::default()
+        };
+        decide(policy, &progress, obs, t(45))
+    }
+
+    fn revoke_of(action: Action) -> (u64, RevokeReason, RevokePlan, DrainSessionsMode) {
+        match action {
+            Action::Revoke {
+                version,
+                reason,
+                plan,
+                drain,
+            } => (version, reason, plan, drain),
+            other => panic!("expected a revocation, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_in_place_password_no_later_version_replaced_is_scrambled() {
+        let in_place = under(Strategy::InPlace, "db");
+        let p = policy(Strategy::InPlace);
+        let superseded = |plan| (1, RevokeReason::Superseded, plan, DrainSessionsMode::Wait);
+        // The same user on the same server: the current version replaced the password.
+        let same = vec![
+            in_place_superseded("app", in_place.clone()),
+            current_on(2, "app", in_place.clone()),
+        ];
+        assert_eq!(
+            revoke_of(plan_for(&p, same, &obs())),
+            superseded(RevokePlan::Nothing)
+        );
+        // The strategy changed (InPlace -> Dynamic or AlternatingUsers).
+        for strategy in [Strategy::Dynamic, Strategy::AlternatingUsers] {
+            let moved = vec![
+                in_place_superseded("app", in_place.clone()),
+                current_on(2, "lh_v2", under(strategy, "db")),
+            ];
+            assert_eq!(
+                revoke_of(plan_for(&policy(strategy), moved, &obs())),
+                superseded(RevokePlan::ScramblePassword),
+                "{strategy:?}"
+            );
+        }
+        // The username changed.
+        let renamed = vec![
+            in_place_superseded("app", in_place.clone()),
+            current_on(2, "app2", in_place.clone()),
+        ];
+        assert_eq!(
+            revoke_of(plan_for(&p, renamed, &obs())),
+            superseded(RevokePlan::ScramblePassword)
+        );
+        // The server changed; another database on the same server is the same role.
+        let elsewhere = vec![
+            in_place_superseded("app", in_place.clone()),
+            current_on(2, "app", under(Strategy::InPlace, "other-db")),
+        ];
+        assert_eq!(
+            revoke_of(plan_for(&p, elsewhere, &obs())),
+            superseded(RevokePlan::ScramblePassword)
+        );
+        let mut other_database = in_place.clone();
+        other_database.target.database = "reports".into();
+        let same_server = vec![
+            in_place_superseded("app", in_place.clone()),
+            current_on(2, "app", other_database),
+        ];
+        assert_eq!(
+            revoke_of(plan_for(&p, same_server, &obs())),
+            superseded(RevokePlan::Nothing)
+        );
+        // MySQL: a new account host is another account; `%` spelt out is the default.
+        let new_host = vec![
+            in_place_superseded("app", mysql(Strategy::InPlace, None)),
+            current_on(2, "app", mysql(Strategy::InPlace, Some("10.%"))),
+        ];
+        assert_eq!(
+            revoke_of(plan_for(&p, new_host, &obs())),
+            superseded(RevokePlan::ScramblePassword)
+        );
+        let spelt_out = vec![
+            in_place_superseded("app", mysql(Strategy::InPlace, None)),
+            current_on(2, "app", mysql(Strategy::InPlace, Some("%"))),
+        ];
+        assert_eq!(
+            revoke_of(plan_for(&p, spelt_out, &obs())),
+            superseded(RevokePlan::Nothing)
+        );
+        // A record without a target is taken to be on the current one's account.
+        let mut legacy = in_place_superseded("app", in_place.clone());
+        legacy.issued_under = None;
+        let legacy = vec![legacy, current_on(2, "app", in_place.clone())];
+        assert_eq!(
+            revoke_of(plan_for(&p, legacy, &obs())),
+            superseded(RevokePlan::Nothing)
+        );
+    }
+
+    #[test]
+    fn a_later_superseded_version_on_the_same_account_keeps_the_password_its_own() {
+        // v1 and v2 were InPlace on one user; v3 is Dynamic. v2 set the user's last
+        // password and may still be draining: v1's revocation leaves it alone, v2's
+        // scrambles it.
+        let in_place = under(Strategy::InPlace, "db");
+        let mut v2 = in_place_superseded("app", in_place.clone());
+        v2.version = 2;
+        let versions = vec![
+            in_place_superseded("app", in_place.clone()),
+            v2,
+            current_on(3, "lh_v3", under(Strategy::Dynamic, "db")),
+        ];
+        let p = policy(Strategy::Dynamic);
+        assert_eq!(
+            revoke_of(plan_for(&p, versions.clone(), &obs())),
+            (
+                1,
+                RevokeReason::Superseded,
+                RevokePlan::Nothing,
+                DrainSessionsMode::Wait
+            )
+        );
+        assert_eq!(
+            revoke_of(plan_for(&p, versions[1..].to_vec(), &obs())),
+            (
+                2,
+                RevokeReason::Superseded,
+                RevokePlan::ScramblePassword,
+                DrainSessionsMode::Wait
+            )
+        );
+    }
+
+    #[test]
+    fn an_emergency_scrambles_an_in_place_password_nothing_replaced_and_deletion_never_does() {
+        let in_place = under(Strategy::InPlace, "db");
+        let emergency = EmergencyRevocation {
+            reason: "leaked".into(),
+            requested_at: t(40),
+            through_version: 1,
+        };
+        let progress = |current: VersionRecord| Progress {
+            versions: vec![in_place_superseded("app", in_place.clone()), current],
+            last_version: 2,
+            delivered_version: Some(2),
+            emergency: Some(emergency.clone()),
+            ..Default::default()
+        };
+        let p = policy(Strategy::Dynamic);
+        let moved = progress(current_on(2, "lh_v2", under(Strategy::Dynamic, "db")));
+        assert_eq!(
+            revoke_of(decide(&p, &moved, &obs(), t(41))),
+            (
+                1,
+                RevokeReason::Emergency,
+                RevokePlan::ScramblePassword,
+                DrainSessionsMode::Terminate
+            )
+        );
+        let same = progress(current_on(2, "app", in_place.clone()));
+        assert_eq!(
+            revoke_of(decide(&policy(Strategy::InPlace), &same, &obs(), t(41))),
+            (
+                1,
+                RevokeReason::Emergency,
+                RevokePlan::Nothing,
+                DrainSessionsMode::Terminate
+            )
+        );
+        // Deleting the lease hands the user back to its owner with its password, even
+        // when a version on another account is current.
+        let deleting = Observations {
+            deleting: true,
+            ..obs()
+        };
+        let mut deleted = moved.clone();
+        deleted.emergency = None;
+        assert_eq!(
+            revoke_of(decide(&p, &deleted, &deleting, t(41))),
+            (
+                1,
+                RevokeReason::LeaseDeleted,
+                RevokePlan::Nothing,
+                DrainSessionsMode::Wait
+            )
+        );
     }
 
     #[test]

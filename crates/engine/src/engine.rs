@@ -911,6 +911,11 @@ impl Engine {
                 && c.credential_id == record.credential_id
                 && server_of(ctx, c) == server_of(ctx, &record)
         });
+        // Nor is the current version's password scrambled (the plan already excludes an
+        // account a later version lives on; this keeps consumers safe whatever comes).
+        let holds_current_account = progress
+            .current()
+            .is_some_and(|c| c.version != version && c.same_account(&record));
         // Revoked where it was issued, even if the lease points elsewhere now.
         let backend = match ctx.backend_for(record.target()) {
             Ok(b) => b,
@@ -926,11 +931,16 @@ impl Engine {
                     "not revoking: the user belongs to the current version");
                 Ok(RevokeOutcome::Revoked)
             }
-            RevokePlan::DropUser | RevokePlan::DisableLogin => {
-                let mode = if plan == RevokePlan::DropUser {
-                    RevokeMode::DropUser
-                } else {
-                    RevokeMode::DisableLogin
+            RevokePlan::ScramblePassword if holds_current_account => {
+                warn!(lease = %ctx.key, version, user = %record.credential_id,
+                    "not changing the password: the account belongs to the current version");
+                Ok(RevokeOutcome::Revoked)
+            }
+            RevokePlan::DropUser | RevokePlan::DisableLogin | RevokePlan::ScramblePassword => {
+                let mode = match plan {
+                    RevokePlan::DropUser => RevokeMode::DropUser,
+                    RevokePlan::DisableLogin => RevokeMode::DisableLogin,
+                    _ => RevokeMode::ScramblePassword,
                 };
                 let secret = stores.secrets.get(&ctx.key, version).await.ok().flatten();
                 backend

@@ -133,7 +133,27 @@ async fn mariadb_dynamic_to_in_place_drops_the_dynamic_user_and_touches_nothing_
     .await;
 }
 
-async fn in_place_to_dynamic_never_drops_the_in_place_user(db: Db<'_>) {
+/// The InPlace user (the DBA's) after leasehold's last version on it was revoked: the
+/// password leasehold handed out (`old_pw`) no longer logs in, and the user is neither
+/// dropped nor locked: a password its DBA sets logs in.
+async fn assert_handed_back_scrambled(db: Db<'_>, user: &str, old_pw: &str) {
+    assert!(
+        !db.can_login(user, old_pw).await,
+        "the password leasehold handed out no longer logs in"
+    );
+    assert!(
+        db.user_exists(user).await,
+        "the InPlace user is not dropped"
+    );
+    let dba_pw = leasehold_testkit::random_alphanumeric(24);
+    db.set_password(user, &dba_pw).await;
+    assert!(
+        db.can_login(user, &dba_pw).await,
+        "not locked: a password its DBA sets logs in"
+    );
+}
+
+async fn in_place_to_dynamic_scrambles_but_never_drops_the_in_place_user(db: Db<'_>) {
     let (other_user, other_pw) = bystander(db).await;
     let key = lease_key("to-dynamic");
     let mut ctx = ctx_for(db, &key, Strategy::InPlace);
@@ -146,6 +166,8 @@ async fn in_place_to_dynamic_never_drops_the_in_place_user(db: Db<'_>) {
         .await
         .unwrap();
     let v1 = progress.current().unwrap().clone();
+    let pw1 = stores.password(&key, 1).unwrap();
+    assert!(db.can_login(&v1.credential_id, &pw1).await);
 
     ctx.policy = policy(Strategy::Dynamic, Duration::ZERO);
     ctx.naming = naming(Strategy::Dynamic, &key, db.kind());
@@ -158,25 +180,86 @@ async fn in_place_to_dynamic_never_drops_the_in_place_user(db: Db<'_>) {
     assert!(v2.credential_id.starts_with("lh_"), "{}", v2.credential_id);
     assert_eq!(progress.versions.len(), 1, "{:?}", progress.versions);
     assert!(
-        db.user_exists(&v1.credential_id).await,
-        "the InPlace user is not a version user: never dropped"
-    );
-    assert!(
         db.can_login(&v2.credential_id, &stores.password(&key, 2).unwrap())
             .await
     );
+    assert_handed_back_scrambled(db, &v1.credential_id, &pw1).await;
     assert!(db.can_login(&other_user, &other_pw).await);
 }
 
 #[tokio::test]
-async fn postgres_in_place_to_dynamic_never_drops_the_in_place_user() {
-    in_place_to_dynamic_never_drops_the_in_place_user(Db::Pg(PostgresServer::shared().await)).await;
+async fn postgres_in_place_to_dynamic_scrambles_but_never_drops_the_in_place_user() {
+    in_place_to_dynamic_scrambles_but_never_drops_the_in_place_user(Db::Pg(
+        PostgresServer::shared().await,
+    ))
+    .await;
 }
 
 #[tokio::test]
-async fn mariadb_in_place_to_dynamic_never_drops_the_in_place_user() {
-    in_place_to_dynamic_never_drops_the_in_place_user(Db::Maria(MariaDbServer::shared().await))
-        .await;
+async fn mariadb_in_place_to_dynamic_scrambles_but_never_drops_the_in_place_user() {
+    in_place_to_dynamic_scrambles_but_never_drops_the_in_place_user(Db::Maria(
+        MariaDbServer::shared().await,
+    ))
+    .await;
+}
+
+async fn a_new_in_place_username_scrambles_the_old_users_password(db: Db<'_>) {
+    let key = lease_key("rename");
+    let mut ctx = ctx_for(db, &key, Strategy::InPlace);
+    // Both users exist, created by their DBA; the lease names the first.
+    let user_a = format!("app_{}_a", &key.uid[..10]);
+    let user_b = format!("app_{}_b", &key.uid[..10]);
+    db.create_user(&user_a).await;
+    db.create_user(&user_b).await;
+    ctx.naming = NamingRule::InPlace {
+        user: user_a.clone(),
+    };
+    let stores = MemoryStores::default();
+    let engine = Engine::new();
+    let mut progress = stores.load(&key);
+    engine
+        .reconcile(&ctx, &mut progress, &obs(None), stores.stores())
+        .await
+        .unwrap();
+    assert_eq!(progress.current().unwrap().credential_id, user_a);
+    let pw1 = stores.password(&key, 1).unwrap();
+    assert!(db.can_login(&user_a, &pw1).await);
+
+    // The lease's username changes to the second user.
+    ctx.naming = NamingRule::InPlace {
+        user: user_b.clone(),
+    };
+    engine
+        .reconcile(&ctx, &mut progress, &obs(Some("r")), stores.stores())
+        .await
+        .unwrap();
+    let v2 = progress.current().unwrap().clone();
+    assert_eq!(
+        (v2.version, v2.credential_id.as_str()),
+        (2, user_b.as_str())
+    );
+    assert_eq!(progress.versions.len(), 1, "{:?}", progress.versions);
+    assert!(
+        db.can_login(&user_b, &stores.password(&key, 2).unwrap())
+            .await
+    );
+    assert_handed_back_scrambled(db, &user_a, &pw1).await;
+}
+
+#[tokio::test]
+async fn postgres_a_new_in_place_username_scrambles_the_old_users_password() {
+    a_new_in_place_username_scrambles_the_old_users_password(Db::Pg(
+        PostgresServer::shared().await,
+    ))
+    .await;
+}
+
+#[tokio::test]
+async fn mariadb_a_new_in_place_username_scrambles_the_old_users_password() {
+    a_new_in_place_username_scrambles_the_old_users_password(Db::Maria(
+        MariaDbServer::shared().await,
+    ))
+    .await;
 }
 
 async fn a_resumed_issue_keeps_the_recorded_name_after_a_template_change(db: Db<'_>) {
@@ -661,4 +744,55 @@ async fn mariadb_a_new_account_host_locks_the_alternating_user_on_its_old_accoun
         "v2 locked"
     );
     assert!(db.can_login(&other_user, &other_pw).await);
+}
+
+#[tokio::test]
+async fn mariadb_a_new_account_host_scrambles_the_in_place_password_on_the_old_account() {
+    let s = MariaDbServer::shared().await;
+    let db = Db::Maria(s);
+    let key = lease_key("account-host-inplace");
+    let stores = MemoryStores::default();
+    let engine = Engine::new();
+    let old_ctx = ctx_for(db, &key, Strategy::InPlace);
+    db.create_in_place_user(&old_ctx).await;
+    let mut progress = stores.load(&key);
+    engine
+        .reconcile(&old_ctx, &mut progress, &obs(None), stores.stores())
+        .await
+        .unwrap();
+    let user = progress.current().unwrap().credential_id.clone();
+    let pw1 = stores.password(&key, 1).unwrap();
+    assert!(db.can_login(&user, &pw1).await);
+
+    // The DBA makes the user's account on the new host, and `mysql.accountHost` moves
+    // the lease there: v2 lives on the new account, the old one gets a password nobody
+    // knows.
+    db.admin(&format!(
+        "CREATE USER '{user}'@'{NEW_ACCOUNT_HOST}' ACCOUNT LOCK"
+    ))
+    .await;
+    let ctx = with_new_account_host(db, &old_ctx);
+    engine
+        .reconcile(&ctx, &mut progress, &obs(None), stores.stores())
+        .await
+        .unwrap();
+    let v2 = progress.current().unwrap().clone();
+    assert_eq!(v2.version, 2, "{progress:?}");
+    assert_eq!(v2.target(), Some(&ctx.target()));
+    assert_eq!(progress.versions.len(), 1, "{:?}", progress.versions);
+    assert!(
+        db.can_login(&user, &stores.password(&key, 2).unwrap())
+            .await
+    );
+    assert_eq!(
+        mariadb_account(s, &user, "%").await,
+        Some(false),
+        "the old account is kept, unlocked"
+    );
+
+    // Without the new host's account, logins reach the old one again: v1's password
+    // must not work there.
+    db.admin(&format!("DROP USER '{user}'@'{NEW_ACCOUNT_HOST}'"))
+        .await;
+    assert_handed_back_scrambled(db, &user, &pw1).await;
 }

@@ -163,6 +163,21 @@ impl Db<'_> {
             }
         }
     }
+    /// Set `user`'s password as its DBA would (MySQL: the `'user'@'%'` account).
+    pub async fn set_password(&self, user: &str, password: &str) {
+        match self {
+            Db::Pg(_) => {
+                self.admin(&format!("ALTER ROLE \"{user}\" PASSWORD '{password}'"))
+                    .await
+            }
+            Db::Maria(_) => {
+                self.admin(&format!(
+                    "ALTER USER '{user}'@'%' IDENTIFIED BY '{password}'"
+                ))
+                .await
+            }
+        }
+    }
     /// The lease's InPlace user, created first as a DBA would (other strategies: nothing).
     pub async fn create_in_place_user(&self, ctx: &leasehold_engine::LeaseContext) {
         if let leasehold_engine::NamingRule::InPlace { user } = &ctx.naming {
