@@ -113,6 +113,7 @@ pub async fn run(args: NodeArgs) -> Result<(), String> {
         tls_server_name: args.broker_server_name.clone(),
         node_token: NodeToken::File(args.node_token.clone()),
         call_timeout: Duration::from_secs(30),
+        ready_cache: leasehold_csi::DEFAULT_READY_CACHE,
     })
     .map_err(|e| format!("broker client: {e}"))?;
     let broker: Arc<dyn CredentialBroker> = Arc::new(broker);
@@ -131,29 +132,20 @@ pub async fn run(args: NodeArgs) -> Result<(), String> {
     let driver = NodeDriver::new(
         config,
         verifier,
-        broker.clone(),
+        broker,
         registry.sub_registry_with_prefix("leasehold_csi"),
     )
     .map_err(|e| format!("node driver: {e}"))?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let ready_broker = broker.clone();
-    let ready_flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let flag = ready_flag.clone();
-    tokio::spawn(async move {
-        loop {
-            flag.store(
-                ready_broker.ready().await,
-                std::sync::atomic::Ordering::Relaxed,
-            );
-            tokio::time::sleep(Duration::from_secs(5)).await;
-        }
-    });
+    // /readyz follows the broker's reachability, which the driver checks and exports
+    // as `leasehold_csi_broker_reachable`; liveness (the CSI Probe) never does.
+    let reachability = driver.broker_reachability();
     let mut metrics_stop = stop_rx.clone();
     let metrics = tokio::spawn(metrics_server(
         args.metrics_addr,
         Arc::new(registry),
-        Arc::new(move || ready_flag.load(std::sync::atomic::Ordering::Relaxed)),
+        Arc::new(move || reachability.is_reachable()),
         async move {
             let _ = metrics_stop.changed().await;
         },

@@ -34,8 +34,8 @@ use std::time::Duration;
 
 pub use auth::{AuthError, ExpectedPod, PodTokenVerifier, VerifiedPod};
 pub use broker::{
-    BrokerError, CertificateProfile, CredentialBroker, GrpcBroker, GrpcBrokerConfig,
-    IssuedCertificate, IssuedCredential, LeaseRef, NodeToken, PodInfo, VolumeRef,
+    BrokerError, CertificateProfile, CredentialBroker, DEFAULT_READY_CACHE, GrpcBroker,
+    GrpcBrokerConfig, IssuedCertificate, IssuedCredential, LeaseRef, NodeToken, PodInfo, VolumeRef,
 };
 pub use identity::{DRIVER_NAME, IdentityService};
 pub use metrics::NodeMetrics;
@@ -76,6 +76,9 @@ pub struct NodeDriverConfig {
     pub broker_timeout: Duration,
     /// How often failed releases are retried.
     pub release_retry_interval: Duration,
+    /// How often the broker's reachability is checked (for `/readyz` and the
+    /// `broker_reachable` gauge; never for the CSI `Probe`).
+    pub broker_check_interval: Duration,
     /// The kubelet's root directory: every target path must be
     /// `<kubelet_dir>/pods/<pod uid>/volumes/kubernetes.io~csi/<volume>/mount`.
     pub kubelet_dir: PathBuf,
@@ -103,6 +106,7 @@ impl NodeDriverConfig {
             per_lease_waiting: 512,
             broker_timeout: Duration::from_secs(30),
             release_retry_interval: Duration::from_secs(60),
+            broker_check_interval: Duration::from_secs(5),
             kubelet_dir: PathBuf::from(DEFAULT_KUBELET_DIR),
         }
     }
@@ -113,8 +117,24 @@ impl NodeDriverConfig {
 pub struct NodeDriver {
     socket_path: PathBuf,
     release_retry_interval: Duration,
+    broker_check_interval: Duration,
     identity: IdentityService,
     node: NodeService,
+}
+
+/// Whether the broker answered the driver's last reachability check: what the
+/// driver's `/readyz` reports (the `broker_reachable` gauge). A broker outage makes
+/// the driver not ready, never not live: the CSI `Probe` does not consult it.
+#[derive(Debug, Clone)]
+pub struct BrokerReachability {
+    metrics: NodeMetrics,
+}
+
+impl BrokerReachability {
+    /// The result of the last check (false before the first).
+    pub fn is_reachable(&self) -> bool {
+        self.metrics.broker_reachable()
+    }
 }
 
 impl NodeDriver {
@@ -131,11 +151,13 @@ impl NodeDriver {
         let metrics = NodeMetrics::register(registry);
         let socket_path = config.socket_path.clone();
         let release_retry_interval = config.release_retry_interval;
+        let broker_check_interval = config.broker_check_interval;
         let identity = IdentityService::new();
         let node = NodeService::new(config, verifier, broker, state, metrics);
         Ok(Self {
             socket_path,
             release_retry_interval,
+            broker_check_interval,
             identity,
             node,
         })
@@ -146,7 +168,15 @@ impl NodeDriver {
         &self.node
     }
 
-    /// Serves until `shutdown` completes; retries failed releases meanwhile.
+    /// The broker's reachability as [`NodeDriver::run`] keeps checking it.
+    pub fn broker_reachability(&self) -> BrokerReachability {
+        BrokerReachability {
+            metrics: self.node.inner.metrics.clone(),
+        }
+    }
+
+    /// Serves until `shutdown` completes; retries failed releases and checks the
+    /// broker's reachability meanwhile.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), ServeError> {
         let node = self.node.clone();
         let interval = self.release_retry_interval;
@@ -158,8 +188,20 @@ impl NodeDriver {
                 node.retry_pending_releases().await;
             }
         });
+        let broker = self.node.inner.broker.clone();
+        let metrics = self.node.inner.metrics.clone();
+        let interval = self.broker_check_interval;
+        let check = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                metrics.set_broker_reachable(broker.ready().await);
+            }
+        });
         let result = serve(&self.socket_path, self.identity, self.node, shutdown).await;
         retry.abort();
+        check.abort();
         result
     }
 }

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::*;
+use leasehold_csi::CredentialBroker;
 use leasehold_proto::csi::v1 as csi;
 use tonic::Code;
 
@@ -84,9 +85,19 @@ async fn identity_probe_and_socket_mode() {
     assert_eq!(err.code(), Code::Unimplemented);
 
     // A controller outage must not fail the driver's liveness (the livenessprobe
-    // sidecar turns Probe into the container's liveness check): Probe reports the
-    // driver's own health, and the broker is not consulted.
+    // sidecar turns Probe into the container's liveness check): once the driver's
+    // own broker client has seen the broker unreachable, Probe still says ready.
     broker.stop().await;
+    let client = d.broker.clone();
+    wait_until(
+        "the driver sees the broker down",
+        Duration::from_secs(10),
+        || {
+            let client = client.clone();
+            async move { !client.ready().await }
+        },
+    )
+    .await;
     let probe = d
         .identity
         .probe(csi::ProbeRequest {})
@@ -98,6 +109,46 @@ async fn identity_probe_and_socket_mode() {
     let socket = d.socket.clone();
     d.stop().await;
     assert!(!socket.exists(), "socket removed on shutdown");
+}
+
+/// The broker's reachability is the driver's readiness (`/readyz`) and the
+/// `leasehold_csi_broker_reachable` gauge: 0 while the broker is down, 1 again once
+/// it is back; the CSI Probe (liveness) stays ready throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_outage_makes_the_driver_unready_and_the_gauge_zero_but_not_dead() {
+    const GAUGE: &str = "leasehold_csi_broker_reachable";
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = FakeBroker::start().await;
+    let mut d = start_driver_with(dir.path(), &broker, |c| {
+        c.broker_check_interval = Duration::from_millis(20);
+    })
+    .await;
+    let within = Duration::from_secs(10);
+
+    wait_until("ready", within, || async { d.reachability.is_reachable() }).await;
+    assert_eq!(d.metric(GAUGE), Some(1.0));
+
+    broker.stop().await;
+    wait_until("not ready", within, || async {
+        !d.reachability.is_reachable()
+    })
+    .await;
+    assert_eq!(d.metric(GAUGE), Some(0.0), "gauge follows /readyz");
+    let probe = d
+        .identity
+        .probe(csi::ProbeRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(probe.ready, Some(true), "not ready, but live");
+
+    broker.restart().await;
+    wait_until("ready again", within, || async {
+        d.reachability.is_reachable()
+    })
+    .await;
+    assert_eq!(d.metric(GAUGE), Some(1.0));
+    d.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
