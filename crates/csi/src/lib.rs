@@ -62,15 +62,23 @@ pub struct NodeDriverConfig {
     pub tmpfs_size_bytes: u64,
     /// First publishes that may run at once; more wait (then
     /// `RESOURCE_EXHAUSTED`). Republishes (renewals) of published volumes
-    /// have as many slots of their own, so they never wait behind these.
+    /// have as many slots of their own (the renewal pool), so they never wait
+    /// behind these.
     pub publish_concurrency: usize,
-    /// Publishes and republishes of one lease that may run at once, so a lease whose
-    /// database or broker hangs cannot take every slot; more wait in the lease's
-    /// queue (see `per_lease_waiting`).
+    /// Fresh publishes of one lease that may run at once, so a lease whose database or
+    /// broker hangs cannot take every publish slot; more wait in the lease's queue
+    /// (see `per_lease_waiting`). Renewals do not count here.
     pub per_lease_concurrency: usize,
-    /// Publishes of one lease that may wait for one of its slots (each at most the
-    /// broker deadline, then `RESOURCE_EXHAUSTED`); more are refused at once with
-    /// `RESOURCE_EXHAUSTED` (the kubelet retries). 0: never wait.
+    /// Renewals (republishes of published volumes) of one lease that may run at once;
+    /// `None`: a quarter of the renewal pool (`publish_concurrency / 4`, at least 1),
+    /// so a hanging lease holds at most a quarter of the node's renewal slots and
+    /// three hanging leases still leave some for every other lease. See
+    /// [`NodeDriverConfig::per_lease_renewal_slots`].
+    pub per_lease_renewal_concurrency: Option<usize>,
+    /// Calls of one lease that may wait for one of its slots, fresh publishes and
+    /// renewals counted apart (each waits at most the broker deadline, then
+    /// `RESOURCE_EXHAUSTED`); more are refused at once with `RESOURCE_EXHAUSTED` (the
+    /// kubelet retries). 0: never wait.
     pub per_lease_waiting: usize,
     /// Deadline of each broker call (clamped to [`MAX_BROKER_TIMEOUT`]).
     pub broker_timeout: Duration,
@@ -103,12 +111,22 @@ impl NodeDriverConfig {
             tmpfs_size_bytes: DEFAULT_TMPFS_SIZE,
             publish_concurrency: 16,
             per_lease_concurrency: 8,
+            per_lease_renewal_concurrency: None,
             per_lease_waiting: 512,
             broker_timeout: Duration::from_secs(30),
             release_retry_interval: Duration::from_secs(60),
             broker_check_interval: Duration::from_secs(5),
             kubelet_dir: PathBuf::from(DEFAULT_KUBELET_DIR),
         }
+    }
+
+    /// Renewal slots of one lease: `per_lease_renewal_concurrency`, or a quarter of the
+    /// renewal pool when unset; at least 1 and at most the pool.
+    pub fn per_lease_renewal_slots(&self) -> usize {
+        let pool = self.publish_concurrency.max(1);
+        self.per_lease_renewal_concurrency
+            .unwrap_or(pool / 4)
+            .clamp(1, pool)
     }
 }
 
@@ -218,4 +236,26 @@ pub async fn run(
     NodeDriver::new(config, verifier, broker, &mut registry)?
         .run(shutdown)
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lease_renews_with_a_quarter_of_the_renewal_pool_unless_told() {
+        let mut config = NodeDriverConfig::new("/csi.sock", "node-a", "/state", "aud");
+        assert_eq!(config.publish_concurrency, 16);
+        assert_eq!(config.per_lease_renewal_slots(), 4, "16 / 4");
+        config.publish_concurrency = 2;
+        assert_eq!(config.per_lease_renewal_slots(), 1, "never 0");
+        config.per_lease_renewal_concurrency = Some(3);
+        assert_eq!(
+            config.per_lease_renewal_slots(),
+            2,
+            "never more than the pool"
+        );
+        config.publish_concurrency = 16;
+        assert_eq!(config.per_lease_renewal_slots(), 3);
+    }
 }
