@@ -435,6 +435,8 @@ def test_node_defaults(default: Rendered) -> None:
         "--kubelet-dir", "/var/lib/kubelet",
         "--metrics-addr", "0.0.0.0:9090",
         "--log-format", "json",
+        "--per-lease-concurrency", "8",
+        "--per-lease-waiting", "512",
     ]  # fmt: skip
     env = {e["name"]: e for e in driver["env"]}
     assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
@@ -585,6 +587,19 @@ def test_custom_kubelet_and_state_dir(rendered_sets: dict[str, Rendered]) -> Non
     assert arg_value(driver["args"], "--kubelet-dir") == "/var/lib/k0s/kubelet"
     all_text = json.dumps(spec)
     assert "/var/lib/kubelet" not in all_text
+
+
+def test_node_per_lease_slots(rendered_sets: dict[str, Rendered]) -> None:
+    # Unset renewal slots: no flag, the driver's default (a quarter of its pool).
+    default = container(node_pod(rendered_sets["default"])["spec"], "leasehold")["args"]
+    assert arg_value(default, "--per-lease-renewal-concurrency") is None
+    driver = container(node_pod(rendered_sets["everything"])["spec"], "leasehold")
+    args = driver["args"]
+    assert arg_value(args, "--per-lease-concurrency") == "6"
+    assert arg_value(args, "--per-lease-renewal-concurrency") == "2"
+    assert arg_value(args, "--per-lease-waiting") == "0"
+    # Before extraArgs, so a flag there still wins.
+    assert args.index("--per-lease-waiting") < args.index("--verbose")
 
 
 def test_node_scheduling_overrides(rendered_sets: dict[str, Rendered]) -> None:
@@ -904,6 +919,10 @@ def test_default_values_match_schema() -> None:
         ({"controller": {"replicas": 0}}, "/controller/replicas"),
         ({"controller": {"replicaCount": 2}}, "replicaCount"),
         ({"node": {"kubeletDir": "var/lib/kubelet"}}, "/node/kubeletDir"),
+        ({"node": {"perLeaseConcurrency": 0}}, "/node/perLeaseConcurrency"),
+        ({"node": {"perLeaseRenewalConcurrency": 0}}, "/node/perLeaseRenewalConcurrency"),
+        ({"node": {"perLeaseRenewalConcurrency": "4"}}, "/node/perLeaseRenewalConcurrency"),
+        ({"node": {"perLeaseWaiting": -1}}, "/node/perLeaseWaiting"),
         ({"csi": {"tokenExpirationSeconds": 60}}, "/csi/tokenExpirationSeconds"),
         ({"csi": {"tokenAudience": ""}}, "/csi/tokenAudience"),
         ({"watchNamespaces": "team-a"}, "/watchNamespaces"),

@@ -65,14 +65,21 @@ pub struct NodeArgs {
     /// `<DIR>/pods/<pod uid>/volumes/kubernetes.io~csi/<volume>/mount`.
     #[arg(long, value_name = "DIR", default_value = leasehold_csi::DEFAULT_KUBELET_DIR)]
     kubelet_dir: PathBuf,
-    /// Publishes and republishes of one lease that may run at once, so a lease whose
-    /// database hangs cannot take every slot; more wait for a slot (see
-    /// --per-lease-waiting).
+    /// Fresh publishes of one lease that may run at once, so a lease whose database
+    /// hangs cannot take every publish slot; more wait for a slot (see
+    /// --per-lease-waiting). Renewals of published volumes have slots of their own.
     #[arg(long, value_name = "N", default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..))]
     per_lease_concurrency: u16,
-    /// Publishes of one lease that may wait for a slot (each at most the broker
-    /// deadline); more are refused with RESOURCE_EXHAUSTED (the kubelet retries).
-    /// Many pods of one lease starting at once (a Deployment scaling up) wait here.
+    /// Renewals (republishes of published volumes) of one lease that may run at once,
+    /// apart from its fresh publishes; default: a quarter of the node's 16 renewal
+    /// slots (4), so a few leases whose database hangs cannot hold up the renewals of
+    /// every other lease.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    per_lease_renewal_concurrency: Option<u16>,
+    /// Publishes of one lease that may wait for a slot, and as many renewals (each
+    /// at most the broker deadline); more are refused with RESOURCE_EXHAUSTED (the
+    /// kubelet retries). Many pods of one lease starting at once (a Deployment
+    /// scaling up) wait here.
     #[arg(long, value_name = "N", default_value_t = 512)]
     per_lease_waiting: usize,
 }
@@ -113,6 +120,7 @@ pub async fn run(args: NodeArgs) -> Result<(), String> {
         tls_server_name: args.broker_server_name.clone(),
         node_token: NodeToken::File(args.node_token.clone()),
         call_timeout: Duration::from_secs(30),
+        ready_cache: leasehold_csi::DEFAULT_READY_CACHE,
     })
     .map_err(|e| format!("broker client: {e}"))?;
     let broker: Arc<dyn CredentialBroker> = Arc::new(broker);
@@ -126,34 +134,26 @@ pub async fn run(args: NodeArgs) -> Result<(), String> {
     config.tmpfs_size_bytes = args.tmpfs_size_kib * 1024;
     config.kubelet_dir = args.kubelet_dir.clone();
     config.per_lease_concurrency = usize::from(args.per_lease_concurrency);
+    config.per_lease_renewal_concurrency = args.per_lease_renewal_concurrency.map(usize::from);
     config.per_lease_waiting = args.per_lease_waiting;
     let mut registry = Registry::default();
     let driver = NodeDriver::new(
         config,
         verifier,
-        broker.clone(),
+        broker,
         registry.sub_registry_with_prefix("leasehold_csi"),
     )
     .map_err(|e| format!("node driver: {e}"))?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let ready_broker = broker.clone();
-    let ready_flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let flag = ready_flag.clone();
-    tokio::spawn(async move {
-        loop {
-            flag.store(
-                ready_broker.ready().await,
-                std::sync::atomic::Ordering::Relaxed,
-            );
-            tokio::time::sleep(Duration::from_secs(5)).await;
-        }
-    });
+    // /readyz follows the broker's reachability, which the driver checks and exports
+    // as `leasehold_csi_broker_reachable`; liveness (the CSI Probe) never does.
+    let reachability = driver.broker_reachability();
     let mut metrics_stop = stop_rx.clone();
     let metrics = tokio::spawn(metrics_server(
         args.metrics_addr,
         Arc::new(registry),
-        Arc::new(move || ready_flag.load(std::sync::atomic::Ordering::Relaxed)),
+        Arc::new(move || reachability.is_reachable()),
         async move {
             let _ = metrics_stop.changed().await;
         },
@@ -219,6 +219,49 @@ mod tests {
         let args = parse("https://b:8443").unwrap();
         assert_eq!(args.kubelet_dir, PathBuf::from("/var/lib/kubelet"));
         assert_eq!(args.per_lease_concurrency, 8);
+        assert_eq!(
+            args.per_lease_renewal_concurrency, None,
+            "the driver's pool / 4"
+        );
         assert_eq!(args.per_lease_waiting, 512);
+    }
+
+    #[test]
+    fn per_lease_slots_are_flags() {
+        let args = Cli::try_parse_from([
+            "leasehold",
+            "--node-name",
+            "node-a",
+            "--broker-url",
+            "https://b:8443",
+            "--per-lease-concurrency",
+            "3",
+            "--per-lease-renewal-concurrency",
+            "2",
+            "--per-lease-waiting",
+            "0",
+        ])
+        .unwrap()
+        .node;
+        assert_eq!(args.per_lease_concurrency, 3);
+        assert_eq!(args.per_lease_renewal_concurrency, Some(2));
+        assert_eq!(args.per_lease_waiting, 0);
+        for zero in ["--per-lease-concurrency", "--per-lease-renewal-concurrency"] {
+            let err = Cli::try_parse_from([
+                "leasehold",
+                "--node-name",
+                "node-a",
+                "--broker-url",
+                "https://b:8443",
+                zero,
+                "0",
+            ])
+            .unwrap_err();
+            assert_eq!(
+                err.kind(),
+                clap::error::ErrorKind::ValueValidation,
+                "{zero}"
+            );
+        }
     }
 }

@@ -253,6 +253,9 @@ pub struct GrpcBrokerConfig {
     pub node_token: NodeToken,
     /// Deadline of one broker call (keep well under the kubelet's 2 minutes).
     pub call_timeout: Duration,
+    /// How long a successful [`CredentialBroker::ready`] check is trusted before the
+    /// next one connects again ([`DEFAULT_READY_CACHE`]; zero: connect every time).
+    pub ready_cache: Duration,
 }
 
 /// [`CredentialBroker`] over gRPC (tonic; rustls when `https`).
@@ -263,6 +266,7 @@ pub struct GrpcBroker {
     node_token: NodeToken,
     /// Last time a readiness probe connected, to avoid a connection per probe.
     last_ready: Mutex<Option<Instant>>,
+    ready_cache: Duration,
 }
 
 /// Errors building a [`GrpcBroker`].
@@ -279,7 +283,8 @@ pub enum GrpcBrokerError {
     Tls(#[source] tonic::transport::Error),
 }
 
-const READY_CACHE: Duration = Duration::from_secs(5);
+/// How long a successful readiness check is trusted by default.
+pub const DEFAULT_READY_CACHE: Duration = Duration::from_secs(5);
 
 impl GrpcBroker {
     /// A client that connects lazily: building it never fails on a broker that is down.
@@ -306,6 +311,7 @@ impl GrpcBroker {
             client,
             node_token: config.node_token,
             last_ready: Mutex::new(None),
+            ready_cache: config.ready_cache,
         })
     }
 
@@ -470,7 +476,7 @@ impl CredentialBroker for GrpcBroker {
 
     async fn ready(&self) -> bool {
         if let Ok(last) = self.last_ready.lock()
-            && last.is_some_and(|t| t.elapsed() < READY_CACHE)
+            && last.is_some_and(|t| t.elapsed() < self.ready_cache)
         {
             return true;
         }

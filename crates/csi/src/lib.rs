@@ -34,8 +34,8 @@ use std::time::Duration;
 
 pub use auth::{AuthError, ExpectedPod, PodTokenVerifier, VerifiedPod};
 pub use broker::{
-    BrokerError, CertificateProfile, CredentialBroker, GrpcBroker, GrpcBrokerConfig,
-    IssuedCertificate, IssuedCredential, LeaseRef, NodeToken, PodInfo, VolumeRef,
+    BrokerError, CertificateProfile, CredentialBroker, DEFAULT_READY_CACHE, GrpcBroker,
+    GrpcBrokerConfig, IssuedCertificate, IssuedCredential, LeaseRef, NodeToken, PodInfo, VolumeRef,
 };
 pub use identity::{DRIVER_NAME, IdentityService};
 pub use metrics::NodeMetrics;
@@ -62,20 +62,31 @@ pub struct NodeDriverConfig {
     pub tmpfs_size_bytes: u64,
     /// First publishes that may run at once; more wait (then
     /// `RESOURCE_EXHAUSTED`). Republishes (renewals) of published volumes
-    /// have as many slots of their own, so they never wait behind these.
+    /// have as many slots of their own (the renewal pool), so they never wait
+    /// behind these.
     pub publish_concurrency: usize,
-    /// Publishes and republishes of one lease that may run at once, so a lease whose
-    /// database or broker hangs cannot take every slot; more wait in the lease's
-    /// queue (see `per_lease_waiting`).
+    /// Fresh publishes of one lease that may run at once, so a lease whose database or
+    /// broker hangs cannot take every publish slot; more wait in the lease's queue
+    /// (see `per_lease_waiting`). Renewals do not count here.
     pub per_lease_concurrency: usize,
-    /// Publishes of one lease that may wait for one of its slots (each at most the
-    /// broker deadline, then `RESOURCE_EXHAUSTED`); more are refused at once with
-    /// `RESOURCE_EXHAUSTED` (the kubelet retries). 0: never wait.
+    /// Renewals (republishes of published volumes) of one lease that may run at once;
+    /// `None`: a quarter of the renewal pool (`publish_concurrency / 4`, at least 1),
+    /// so a hanging lease holds at most a quarter of the node's renewal slots and
+    /// three hanging leases still leave some for every other lease. See
+    /// [`NodeDriverConfig::per_lease_renewal_slots`].
+    pub per_lease_renewal_concurrency: Option<usize>,
+    /// Calls of one lease that may wait for one of its slots, fresh publishes and
+    /// renewals counted apart (each waits at most the broker deadline, then
+    /// `RESOURCE_EXHAUSTED`); more are refused at once with `RESOURCE_EXHAUSTED` (the
+    /// kubelet retries). 0: never wait.
     pub per_lease_waiting: usize,
     /// Deadline of each broker call (clamped to [`MAX_BROKER_TIMEOUT`]).
     pub broker_timeout: Duration,
     /// How often failed releases are retried.
     pub release_retry_interval: Duration,
+    /// How often the broker's reachability is checked (for `/readyz` and the
+    /// `broker_reachable` gauge; never for the CSI `Probe`).
+    pub broker_check_interval: Duration,
     /// The kubelet's root directory: every target path must be
     /// `<kubelet_dir>/pods/<pod uid>/volumes/kubernetes.io~csi/<volume>/mount`.
     pub kubelet_dir: PathBuf,
@@ -100,11 +111,22 @@ impl NodeDriverConfig {
             tmpfs_size_bytes: DEFAULT_TMPFS_SIZE,
             publish_concurrency: 16,
             per_lease_concurrency: 8,
+            per_lease_renewal_concurrency: None,
             per_lease_waiting: 512,
             broker_timeout: Duration::from_secs(30),
             release_retry_interval: Duration::from_secs(60),
+            broker_check_interval: Duration::from_secs(5),
             kubelet_dir: PathBuf::from(DEFAULT_KUBELET_DIR),
         }
+    }
+
+    /// Renewal slots of one lease: `per_lease_renewal_concurrency`, or a quarter of the
+    /// renewal pool when unset; at least 1 and at most the pool.
+    pub fn per_lease_renewal_slots(&self) -> usize {
+        let pool = self.publish_concurrency.max(1);
+        self.per_lease_renewal_concurrency
+            .unwrap_or(pool / 4)
+            .clamp(1, pool)
     }
 }
 
@@ -113,8 +135,24 @@ impl NodeDriverConfig {
 pub struct NodeDriver {
     socket_path: PathBuf,
     release_retry_interval: Duration,
+    broker_check_interval: Duration,
     identity: IdentityService,
     node: NodeService,
+}
+
+/// Whether the broker answered the driver's last reachability check: what the
+/// driver's `/readyz` reports (the `broker_reachable` gauge). A broker outage makes
+/// the driver not ready, never not live: the CSI `Probe` does not consult it.
+#[derive(Debug, Clone)]
+pub struct BrokerReachability {
+    metrics: NodeMetrics,
+}
+
+impl BrokerReachability {
+    /// The result of the last check (false before the first).
+    pub fn is_reachable(&self) -> bool {
+        self.metrics.broker_reachable()
+    }
 }
 
 impl NodeDriver {
@@ -131,11 +169,13 @@ impl NodeDriver {
         let metrics = NodeMetrics::register(registry);
         let socket_path = config.socket_path.clone();
         let release_retry_interval = config.release_retry_interval;
+        let broker_check_interval = config.broker_check_interval;
         let identity = IdentityService::new();
         let node = NodeService::new(config, verifier, broker, state, metrics);
         Ok(Self {
             socket_path,
             release_retry_interval,
+            broker_check_interval,
             identity,
             node,
         })
@@ -146,7 +186,15 @@ impl NodeDriver {
         &self.node
     }
 
-    /// Serves until `shutdown` completes; retries failed releases meanwhile.
+    /// The broker's reachability as [`NodeDriver::run`] keeps checking it.
+    pub fn broker_reachability(&self) -> BrokerReachability {
+        BrokerReachability {
+            metrics: self.node.inner.metrics.clone(),
+        }
+    }
+
+    /// Serves until `shutdown` completes; retries failed releases and checks the
+    /// broker's reachability meanwhile.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), ServeError> {
         let node = self.node.clone();
         let interval = self.release_retry_interval;
@@ -158,8 +206,20 @@ impl NodeDriver {
                 node.retry_pending_releases().await;
             }
         });
+        let broker = self.node.inner.broker.clone();
+        let metrics = self.node.inner.metrics.clone();
+        let interval = self.broker_check_interval;
+        let check = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                metrics.set_broker_reachable(broker.ready().await);
+            }
+        });
         let result = serve(&self.socket_path, self.identity, self.node, shutdown).await;
         retry.abort();
+        check.abort();
         result
     }
 }
@@ -176,4 +236,26 @@ pub async fn run(
     NodeDriver::new(config, verifier, broker, &mut registry)?
         .run(shutdown)
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lease_renews_with_a_quarter_of_the_renewal_pool_unless_told() {
+        let mut config = NodeDriverConfig::new("/csi.sock", "node-a", "/state", "aud");
+        assert_eq!(config.publish_concurrency, 16);
+        assert_eq!(config.per_lease_renewal_slots(), 4, "16 / 4");
+        config.publish_concurrency = 2;
+        assert_eq!(config.per_lease_renewal_slots(), 1, "never 0");
+        config.per_lease_renewal_concurrency = Some(3);
+        assert_eq!(
+            config.per_lease_renewal_slots(),
+            2,
+            "never more than the pool"
+        );
+        config.publish_concurrency = 16;
+        assert_eq!(config.per_lease_renewal_slots(), 3);
+    }
 }

@@ -36,6 +36,7 @@ pub struct NodeMetrics {
     publish_seconds: Histogram,
     volumes: Gauge,
     steps: Family<StepLabels, Histogram, fn() -> Histogram>,
+    broker_reachable: Gauge,
 }
 
 impl Default for NodeMetrics {
@@ -47,6 +48,7 @@ impl Default for NodeMetrics {
             publish_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
             volumes: Gauge::default(),
             steps: Family::new_with_constructor(step_histogram),
+            broker_reachable: Gauge::default(),
         }
     }
 }
@@ -81,6 +83,11 @@ impl NodeMetrics {
             "Time spent in each step of NodePublishVolume (where a publish's time goes)",
             m.steps.clone(),
         );
+        registry.register(
+            "broker_reachable",
+            "1 when the broker answered the driver's last reachability check (what /readyz reports), 0 otherwise",
+            m.broker_reachable.clone(),
+        );
         m
     }
 
@@ -101,6 +108,15 @@ impl NodeMetrics {
                 code: format!("{code:?}"),
             })
             .inc();
+    }
+
+    /// Whether the broker answered the last reachability check.
+    pub fn broker_reachable(&self) -> bool {
+        self.broker_reachable.get() == 1
+    }
+
+    pub(crate) fn set_broker_reachable(&self, reachable: bool) {
+        self.broker_reachable.set(i64::from(reachable));
     }
 
     pub(crate) fn set_volumes(&self, n: usize) {

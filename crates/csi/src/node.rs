@@ -62,7 +62,7 @@ pub enum PublishError {
     /// Too many publishes are waiting.
     #[error("too many concurrent publishes; retry later")]
     Busy,
-    /// Too many publishes of this lease are in progress.
+    /// Too many publishes (or renewals) of this lease are in progress.
     #[error("too many concurrent publishes of lease {0}; retry later")]
     LeaseBusy(String),
     /// The target already holds this volume for another lease or pod.
@@ -209,14 +209,50 @@ pub(crate) struct Inner {
     published: Mutex<HashSet<String>>,
     publish_slots: Semaphore,
     republish_slots: Semaphore,
-    /// Publish slots per lease (`namespace/name`), and how many wait for one.
-    lease_slots: Mutex<HashMap<String, Arc<LeaseQueue>>>,
+    /// Slots per lease (`namespace/name`), and how many wait for one.
+    lease_slots: Mutex<HashMap<String, Arc<LeaseSlots>>>,
 }
 
-/// One lease's publish slots and the publishes waiting for them.
+/// One lease's slots: fresh publishes and renewals each have their own, so a lease
+/// whose fresh publishes hang still renews its published volumes.
+struct LeaseSlots {
+    fresh: LeaseQueue,
+    renewals: LeaseQueue,
+}
+
+/// Slots of one kind for one lease, and the calls waiting for them.
 struct LeaseQueue {
     slots: Arc<Semaphore>,
     waiting: std::sync::atomic::AtomicUsize,
+}
+
+impl LeaseQueue {
+    fn new(slots: usize) -> Self {
+        Self {
+            slots: Arc::new(Semaphore::new(slots.max(1))),
+            waiting: Default::default(),
+        }
+    }
+
+    /// A slot at once if one is free; otherwise after a wait of at most `deadline`,
+    /// if fewer than `max_waiting` calls already wait; `None` when neither.
+    async fn acquire(
+        &self,
+        max_waiting: usize,
+        deadline: std::time::Duration,
+    ) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        use std::sync::atomic::Ordering;
+        if let Ok(permit) = self.slots.clone().try_acquire_owned() {
+            return Some(permit);
+        }
+        if self.waiting.fetch_add(1, Ordering::SeqCst) >= max_waiting {
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            return None;
+        }
+        let waited = tokio::time::timeout(deadline, self.slots.clone().acquire_owned()).await;
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
+        waited.ok().and_then(Result::ok)
+    }
 }
 
 /// The Node service. Cheap to clone.
@@ -469,16 +505,19 @@ impl NodeService {
         })
     }
 
-    /// One of the lease's publish slots: at once if one is free; otherwise after a wait
-    /// in the lease's queue (at most `per_lease_waiting` publishes wait, each at most the
-    /// broker deadline), so many pods of one lease starting together all get published
-    /// while a lease whose calls hang holds only its own slots.
+    /// One of the lease's slots for a fresh publish or, with `renewal`, for a
+    /// republish of a published volume: at once if one is free; otherwise after a wait
+    /// in the lease's queue of that kind (at most `per_lease_waiting` calls wait, each
+    /// at most the broker deadline), so many pods of one lease starting together all
+    /// get published while a lease whose calls hang holds only its own slots, and its
+    /// hanging fresh publishes never hold up its renewals.
     async fn lease_slot(
         &self,
         lease: &str,
+        renewal: bool,
     ) -> Result<tokio::sync::OwnedSemaphorePermit, PublishError> {
-        use std::sync::atomic::Ordering;
-        let queue = {
+        let config = &self.inner.config;
+        let slots = {
             let mut map = self
                 .inner
                 .lease_slots
@@ -486,32 +525,22 @@ impl NodeService {
                 .map_err(|_| PublishError::Busy)?;
             map.entry(lease.to_owned())
                 .or_insert_with(|| {
-                    Arc::new(LeaseQueue {
-                        slots: Arc::new(Semaphore::new(
-                            self.inner.config.per_lease_concurrency.max(1),
-                        )),
-                        waiting: Default::default(),
+                    Arc::new(LeaseSlots {
+                        fresh: LeaseQueue::new(config.per_lease_concurrency),
+                        renewals: LeaseQueue::new(config.per_lease_renewal_slots()),
                     })
                 })
                 .clone()
         };
-        if let Ok(permit) = queue.slots.clone().try_acquire_owned() {
-            return Ok(permit);
-        }
-        if queue.waiting.fetch_add(1, Ordering::SeqCst) >= self.inner.config.per_lease_waiting {
-            queue.waiting.fetch_sub(1, Ordering::SeqCst);
-            return Err(PublishError::LeaseBusy(lease.to_owned()));
-        }
-        let waited = tokio::time::timeout(
-            self.inner.config.broker_timeout,
-            queue.slots.clone().acquire_owned(),
-        )
-        .await;
-        queue.waiting.fetch_sub(1, Ordering::SeqCst);
-        match waited {
-            Ok(Ok(permit)) => Ok(permit),
-            _ => Err(PublishError::LeaseBusy(lease.to_owned())),
-        }
+        let queue = if renewal {
+            &slots.renewals
+        } else {
+            &slots.fresh
+        };
+        queue
+            .acquire(config.per_lease_waiting, config.broker_timeout)
+            .await
+            .ok_or_else(|| PublishError::LeaseBusy(lease.to_owned()))
     }
 
     fn is_published(&self, volume_id: &str) -> bool {
@@ -633,10 +662,13 @@ impl NodeService {
 
         let republish = matches!(existing, Existing::Live(_));
         steps.lap("check");
-        // One lease may take only a few slots, and renewals have their own
-        // pool: a lease whose database hangs delays neither other leases nor
-        // renewals of volumes already published.
-        let _lease_slot = self.lease_slot(&volume.lease.to_string()).await?;
+        // One lease may take only a few slots, and renewals have their own pool
+        // and their own per-lease slots: a lease whose database hangs delays
+        // neither other leases nor renewals of volumes already published (its
+        // own included), and a few hanging leases leave renewal slots for the rest.
+        let _lease_slot = self
+            .lease_slot(&volume.lease.to_string(), republish)
+            .await?;
         let slots = if republish {
             &self.inner.republish_slots
         } else {

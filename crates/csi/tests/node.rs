@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::*;
+use leasehold_csi::CredentialBroker;
 use leasehold_proto::csi::v1 as csi;
 use tonic::Code;
 
@@ -84,9 +85,19 @@ async fn identity_probe_and_socket_mode() {
     assert_eq!(err.code(), Code::Unimplemented);
 
     // A controller outage must not fail the driver's liveness (the livenessprobe
-    // sidecar turns Probe into the container's liveness check): Probe reports the
-    // driver's own health, and the broker is not consulted.
+    // sidecar turns Probe into the container's liveness check): once the driver's
+    // own broker client has seen the broker unreachable, Probe still says ready.
     broker.stop().await;
+    let client = d.broker.clone();
+    wait_until(
+        "the driver sees the broker down",
+        Duration::from_secs(10),
+        || {
+            let client = client.clone();
+            async move { !client.ready().await }
+        },
+    )
+    .await;
     let probe = d
         .identity
         .probe(csi::ProbeRequest {})
@@ -98,6 +109,46 @@ async fn identity_probe_and_socket_mode() {
     let socket = d.socket.clone();
     d.stop().await;
     assert!(!socket.exists(), "socket removed on shutdown");
+}
+
+/// The broker's reachability is the driver's readiness (`/readyz`) and the
+/// `leasehold_csi_broker_reachable` gauge: 0 while the broker is down, 1 again once
+/// it is back; the CSI Probe (liveness) stays ready throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_outage_makes_the_driver_unready_and_the_gauge_zero_but_not_dead() {
+    const GAUGE: &str = "leasehold_csi_broker_reachable";
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = FakeBroker::start().await;
+    let mut d = start_driver_with(dir.path(), &broker, |c| {
+        c.broker_check_interval = Duration::from_millis(20);
+    })
+    .await;
+    let within = Duration::from_secs(10);
+
+    wait_until("ready", within, || async { d.reachability.is_reachable() }).await;
+    assert_eq!(d.metric(GAUGE), Some(1.0));
+
+    broker.stop().await;
+    wait_until("not ready", within, || async {
+        !d.reachability.is_reachable()
+    })
+    .await;
+    assert_eq!(d.metric(GAUGE), Some(0.0), "gauge follows /readyz");
+    let probe = d
+        .identity
+        .probe(csi::ProbeRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(probe.ready, Some(true), "not ready, but live");
+
+    broker.restart().await;
+    wait_until("ready again", within, || async {
+        d.reachability.is_reachable()
+    })
+    .await;
+    assert_eq!(d.metric(GAUGE), Some(1.0));
+    d.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -768,6 +819,174 @@ async fn a_hanging_lease_starves_neither_other_leases_nor_renewals() {
     for (volume, target) in [("csi-fast1", &fast1), ("csi-fast2", &fast2)] {
         d.node
             .node_unpublish_volume(unpublish_req(volume, target))
+            .await
+            .unwrap();
+    }
+    d.stop().await;
+    unmount_all_under(dir.path());
+    assert_no_secrets_in_logs();
+}
+
+/// A publish of `volume` for `pod` with `lease`.
+fn lease_pub(dir: &Path, volume: &str, pod: &str, lease: &str) -> csi::NodePublishVolumeRequest {
+    let target = target_under(dir, pod);
+    Pub {
+        lease: Some(lease),
+        ..Pub::new(volume, &target)
+    }
+    .build()
+}
+
+/// A lease whose fresh publishes hang (its database stopped answering) still renews
+/// its published volumes: renewals have per-lease slots of their own, so they never
+/// wait behind the lease's fresh publishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_whose_publishes_hang_still_renews_its_volumes() {
+    if skip_unless_root("a_lease_whose_publishes_hang_still_renews_its_volumes") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let broker = FakeBroker::start().await;
+    let mut d = start_driver_with(dir.path(), &broker, |c| {
+        c.per_lease_concurrency = 1;
+        // No queue: a call that finds its slots taken is refused at once, so
+        // sharing the lease's slots with fresh publishes would show as a refusal.
+        c.per_lease_waiting = 0;
+        c.broker_timeout = Duration::from_secs(3);
+    })
+    .await;
+    let live = lease_pub(dir.path(), "csi-slow-live", "pod-slow-live", "slow");
+    d.node.node_publish_volume(live.clone()).await.unwrap();
+
+    broker.state.lock().unwrap().hang_leases = ["slow".to_owned()].into();
+    let mut node = d.node.clone();
+    let fresh = lease_pub(dir.path(), "csi-slow-new", "pod-slow-new", "slow");
+    let hanging = tokio::spawn(async move { node.node_publish_volume(fresh).await });
+    wait_until(
+        "the fresh publish hangs at the broker",
+        Duration::from_secs(10),
+        || async { broker.hanging() == 1 },
+    )
+    .await;
+
+    // The lease's only fresh slot is taken: another fresh publish is refused...
+    let err = d
+        .node
+        .node_publish_volume(lease_pub(dir.path(), "csi-slow-2", "pod-slow-2", "slow"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    // ... but the renewal of its published volume goes through to the broker.
+    let acks = broker.acks();
+    d.node
+        .node_publish_volume(live.clone())
+        .await
+        .expect("the lease's renewal does not wait behind its fresh publishes");
+    assert_eq!(broker.acks(), acks + 1, "renewed with the broker");
+
+    let err = hanging.await.unwrap().unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    d.node
+        .node_unpublish_volume(unpublish_req("csi-slow-live", Path::new(&live.target_path)))
+        .await
+        .unwrap();
+    d.stop().await;
+    unmount_all_under(dir.path());
+    assert_no_secrets_in_logs();
+}
+
+/// Renewals of three leases whose database hangs take one renewal slot each (a
+/// quarter of the node's pool by default), so another lease's renewal still gets
+/// the fourth: a few hanging leases cannot starve every other lease's renewals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hanging_leases_leave_renewal_slots_for_other_leases() {
+    if skip_unless_root("hanging_leases_leave_renewal_slots_for_other_leases") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let broker = FakeBroker::start().await;
+    let mut d = start_driver_with(dir.path(), &broker, |c| {
+        // A renewal pool of 4: by default each lease renews with at most 1 of them.
+        c.publish_concurrency = 4;
+        // No queue: a renewal that finds its lease's slots taken is refused at once.
+        c.per_lease_waiting = 0;
+        c.broker_timeout = Duration::from_secs(3);
+    })
+    .await;
+    let slow = ["slow-a", "slow-b", "slow-c"];
+    let mut published = Vec::new();
+    for lease in slow {
+        for i in 1..=2 {
+            let volume = format!("csi-{lease}{i}");
+            let request = lease_pub(dir.path(), &volume, &format!("pod-{lease}{i}"), lease);
+            d.node.node_publish_volume(request.clone()).await.unwrap();
+            published.push(request);
+        }
+    }
+    let fast = lease_pub(dir.path(), "csi-fast", "pod-fast", "db");
+    d.node.node_publish_volume(fast.clone()).await.unwrap();
+
+    // A new version: every renewal now asks the broker for it, and the slow leases'
+    // requests hang.
+    let newer = broker.bump_version();
+    broker.state.lock().unwrap().hang_leases = slow.map(str::to_owned).into();
+    let first_renewals: Vec<_> = published
+        .iter()
+        .step_by(2)
+        .map(|request| {
+            let mut node = d.node.clone();
+            let request = request.clone();
+            tokio::spawn(async move { node.node_publish_volume(request).await })
+        })
+        .collect();
+    wait_until(
+        "one renewal of each slow lease hangs",
+        Duration::from_secs(10),
+        || async { broker.hanging() == slow.len() },
+    )
+    .await;
+
+    // A second renewal of a hanging lease finds the lease's renewal slot taken.
+    for request in published.iter().skip(1).step_by(2) {
+        let err = d
+            .node
+            .node_publish_volume(request.clone())
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.code(),
+            Code::ResourceExhausted,
+            "{}: {err:?}",
+            request.volume_id
+        );
+    }
+    assert_eq!(
+        broker.hanging(),
+        slow.len(),
+        "no more slow renewals in flight"
+    );
+    // The other lease's renewal takes the slot the hanging leases left.
+    d.node
+        .node_publish_volume(fast.clone())
+        .await
+        .expect("the hanging leases left a renewal slot");
+    let username = std::fs::read_to_string(Path::new(&fast.target_path).join("username")).unwrap();
+    assert_eq!(
+        version_of_username(&username),
+        newer,
+        "renewed to the new version"
+    );
+
+    // The hanging renewals give up at the broker deadline and keep their files.
+    for renewal in first_renewals {
+        renewal.await.unwrap().unwrap();
+    }
+    for request in published.iter().chain([&fast]) {
+        d.node
+            .node_unpublish_volume(unpublish_req(
+                &request.volume_id,
+                Path::new(&request.target_path),
+            ))
             .await
             .unwrap();
     }

@@ -543,6 +543,7 @@ impl Driver {
             tls_server_name: Some(format!("{BROKER_SERVICE}.{DRIVER_NS}.svc")),
             node_token: NodeToken::Static(node_token.into()),
             call_timeout: Duration::from_secs(10),
+            ready_cache: leasehold_csi::DEFAULT_READY_CACHE,
         })
         .unwrap();
         let grpc = Arc::new(grpc);

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use leasehold_csi::{
-    AuthError, ExpectedPod, GrpcBroker, GrpcBrokerConfig, NodeDriver, NodeDriverConfig,
-    NodeService, NodeToken, PodTokenVerifier, VerifiedPod,
+    AuthError, BrokerReachability, ExpectedPod, GrpcBroker, GrpcBrokerConfig, NodeDriver,
+    NodeDriverConfig, NodeService, NodeToken, PodTokenVerifier, VerifiedPod,
 };
 use leasehold_proto::broker::v1 as pb;
 use leasehold_proto::csi::v1 as csi;
@@ -109,6 +109,22 @@ pub fn unmount_all_under(dir: &Path) {
     points.sort();
     for p in points.iter().rev() {
         let _ = rustix::mount::unmount(p, rustix::mount::UnmountFlags::DETACH);
+    }
+}
+
+/// Polls `check` until it holds; fails the test, naming `what`, after `within`.
+pub async fn wait_until<F, Fut>(what: &str, within: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not {what} within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
@@ -472,6 +488,12 @@ pub struct Driver {
     pub node: csi::node_client::NodeClient<Channel>,
     pub identity: csi::identity_client::IdentityClient<Channel>,
     pub service: NodeService,
+    /// The broker client the driver uses (its `ready()` trusts no earlier check).
+    pub broker: Arc<GrpcBroker>,
+    /// What the driver's `/readyz` reports.
+    pub reachability: BrokerReachability,
+    /// The driver's metrics, under `leasehold_csi` as `leasehold node` exports them.
+    pub registry: prometheus_client::registry::Registry,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), leasehold_csi::ServeError>>>,
 }
@@ -515,17 +537,21 @@ pub async fn start_driver_with(
         tls_server_name: None,
         node_token: NodeToken::Static(NODE_TOKEN.into()),
         call_timeout: Duration::from_secs(5),
+        // A test sees the broker's state at once.
+        ready_cache: Duration::ZERO,
     })
     .unwrap();
+    let grpc = Arc::new(grpc);
     let mut registry = prometheus_client::registry::Registry::default();
     let driver = NodeDriver::new(
         config,
         Arc::new(FakeVerifier),
-        Arc::new(grpc),
-        &mut registry,
+        grpc.clone(),
+        registry.sub_registry_with_prefix("leasehold_csi"),
     )
     .unwrap();
     let service = driver.node_service().clone();
+    let reachability = driver.broker_reachability();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(driver.run(async move {
         let _ = rx.await;
@@ -543,12 +569,26 @@ pub async fn start_driver_with(
         node: csi::node_client::NodeClient::new(channel.clone()),
         identity: csi::identity_client::IdentityClient::new(channel),
         service,
+        broker: grpc,
+        reachability,
+        registry,
         shutdown: Some(tx),
         task: Some(task),
     }
 }
 
 impl Driver {
+    /// The value of a metric series in the driver's registry (`name` with labels as
+    /// exported), if it is there.
+    pub fn metric(&self, series: &str) -> Option<f64> {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry).unwrap();
+        text.lines().find_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            (name == series).then(|| value.parse().unwrap())
+        })
+    }
+
     pub async fn stop(mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
