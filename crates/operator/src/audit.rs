@@ -9,11 +9,12 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, Client};
 use leasehold_audit::{
-    Action, AuditEvent, AuditLog, AuditMetrics, AuditSettings, AuditSigner, KubeCheckpointStore,
-    Outcome, Sink,
+    Action, AuditError, AuditEvent, AuditLog, AuditMetrics, AuditSettings, AuditSigner, Checkpoint,
+    CheckpointStore, KubeCheckpointStore, Outcome, Sink,
 };
 
 use crate::OperatorError;
+use crate::leader::LeadershipFence;
 
 /// Secret key holding the PKCS#8 PEM private key.
 pub const SIGNING_KEY_KEY: &str = "signing-key.pem";
@@ -84,20 +85,27 @@ pub async fn signing_key(
     }
 }
 
-/// Start the audit trail (when this replica leads), counting into `metrics`.
+/// Start the audit trail (when this replica leads), counting into `metrics`. Checkpoints
+/// are saved only while `fence` says this replica leads: a deposed leader (a periodic or
+/// final checkpoint after it was frozen past its lease) must not overwrite the checkpoint
+/// the new leader continues from.
 pub async fn start(
     client: &Client,
     config: &AuditConfig,
     metrics: AuditMetrics,
+    fence: LeadershipFence,
 ) -> Result<AuditLog, OperatorError> {
     let (signer, generated) =
         signing_key(client, &config.namespace, &config.signing_key_secret).await?;
     let key_id = signer.key_id().to_owned();
-    let store = Arc::new(KubeCheckpointStore::new(
-        client.clone(),
-        &config.namespace,
-        &config.checkpoint_configmap,
-    ));
+    let store = Arc::new(FencedCheckpointStore {
+        inner: KubeCheckpointStore::new(
+            client.clone(),
+            &config.namespace,
+            &config.checkpoint_configmap,
+        ),
+        fence,
+    });
     let log = AuditLog::start_with_metrics(
         config.sinks.clone(),
         signer,
@@ -119,4 +127,64 @@ pub async fn start(
         );
     }
     Ok(log)
+}
+
+/// A checkpoint store that saves only while this replica leads.
+#[derive(Debug)]
+pub struct FencedCheckpointStore<S> {
+    pub inner: S,
+    pub fence: LeadershipFence,
+}
+
+#[async_trait::async_trait]
+impl<S: CheckpointStore> CheckpointStore for FencedCheckpointStore<S> {
+    async fn load(&self) -> Result<Option<Checkpoint>, AuditError> {
+        self.inner.load().await
+    }
+
+    async fn save(&self, checkpoint: &Checkpoint) -> Result<(), AuditError> {
+        self.fence
+            .check()
+            .map_err(|e| AuditError::Store(format!("checkpoint not saved: {e}")))?;
+        self.inner.save(checkpoint).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::leader::Clocks;
+    use leasehold_audit::MemoryCheckpointStore;
+
+    fn checkpoint(seq: u64) -> Checkpoint {
+        Checkpoint {
+            seq,
+            hash: "h".into(),
+            signature: "s".into(),
+            key_id: "k".into(),
+            record_seq: seq + 1,
+            record_hash: "r".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_replica_that_stopped_leading_saves_no_checkpoint() {
+        let memory = MemoryCheckpointStore::new();
+        let fence = LeadershipFence::new("lh/lh-controller", std::time::Duration::from_secs(10));
+        let store = FencedCheckpointStore {
+            inner: memory.clone(),
+            fence: fence.clone(),
+        };
+        fence.acquired(Clocks::now());
+        store.save(&checkpoint(1)).await.unwrap();
+        assert_eq!(memory.load().await.unwrap(), Some(checkpoint(1)));
+
+        // Deposed (another holder, or frozen past its renew deadline): the checkpoint the
+        // new leader continues from stays as it is.
+        fence.step_down();
+        let refused = store.save(&checkpoint(2)).await.unwrap_err();
+        assert!(refused.to_string().contains("NotLeader"), "{refused}");
+        assert_eq!(memory.load().await.unwrap(), Some(checkpoint(1)));
+        assert_eq!(store.load().await.unwrap(), Some(checkpoint(1)));
+    }
 }

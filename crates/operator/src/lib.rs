@@ -505,18 +505,20 @@ where
     }
     // The audit trail is the leader's: one writer continues the chain.
     let audit_log = match &config.audit {
-        Some(audit_config) => match audit::start(&client, audit_config, audit_metrics).await {
-            Ok(log) => log,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot start the audit trail; stopping so nothing goes unrecorded");
-                let _ = stop_tx.send(true);
-                if let Some((ns, pod)) = &config.pod {
-                    let _ = broker::label_leader(&client, ns, pod, false).await;
+        Some(audit_config) => {
+            match audit::start(&client, audit_config, audit_metrics, fence.clone()).await {
+                Ok(log) => log,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start the audit trail; stopping so nothing goes unrecorded");
+                    let _ = stop_tx.send(true);
+                    if let Some((ns, pod)) = &config.pod {
+                        let _ = broker::label_leader(&client, ns, pod, false).await;
+                    }
+                    server.abort();
+                    return Err(e);
                 }
-                server.abort();
-                return Err(e);
             }
-        },
+        }
         None => leasehold_audit::AuditLog::disabled(),
     };
     // Controller mode of rekey: whatever is not under the current key (an earlier key,
