@@ -42,6 +42,7 @@ EXPECTED_ALERTS = {
     "LeaseholdLeaseExpiringSoon",
     "LeaseholdBrokerRefusalsSpike",
     "LeaseholdNodePublishSlow",
+    "LeaseholdNodeBrokerUnreachable",
     "LeaseholdKMSUnavailable",
     "LeaseholdKMSTampered",
     "LeaseholdAuditWriteFailures",
@@ -414,6 +415,30 @@ def test_alerts_fire_when_they_should(tmp_path: pathlib.Path) -> None:
                 "alert_rule_test": [
                     {"eval_time": t, "alertname": "LeaseholdLeaseExpiringSoon", "exp_alerts": []}
                     for t in ("39m", "79m", "119m", "200m")
+                ],
+            },
+            {
+                # One node loses the broker at t=10m; another keeps it: only the first fires.
+                "interval": "1m",
+                "input_series": [
+                    {
+                        "series": series("leasehold_csi_broker_reachable", {"instance": "node-a:9100"}),
+                        "values": "1x10 0x30",
+                    },
+                    {
+                        "series": series("leasehold_csi_broker_reachable", {"instance": "node-b:9100"}),
+                        "values": "1x40",
+                    },
+                ],
+                "alert_rule_test": [
+                    {"eval_time": "12m", "alertname": "LeaseholdNodeBrokerUnreachable", "exp_alerts": []},
+                    {
+                        "eval_time": "20m",
+                        "alertname": "LeaseholdNodeBrokerUnreachable",
+                        "exp_alerts": [
+                            {"exp_labels": {"severity": "warning", "instance": "node-a:9100"}}
+                        ],
+                    },
                 ],
             },
             {
