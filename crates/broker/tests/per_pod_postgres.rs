@@ -107,6 +107,19 @@ fn pod(name: &str) -> PodIdentity {
     }
 }
 
+/// Issues `p` its per-pod credential on node-a.
+async fn issue_on_node_a(f: &Fixture, p: &PodIdentity) -> leasehold_broker::PodCredential {
+    f.issuer
+        .issue(&PerPodRequest {
+            lease: &f.lease,
+            policy: &f.policy,
+            pod: p,
+            node: "node-a",
+        })
+        .await
+        .unwrap()
+}
+
 /// Whether a role exists (as the admin sees pg_roles).
 async fn role_exists(pg: &PostgresServer, role: &str) -> bool {
     let rows = pg
@@ -267,16 +280,10 @@ async fn sweep_drops_users_of_deleted_pods() {
     let f = fixture().await;
     let (live, gone) = (pod("web-0"), pod("web-1"));
     for p in [&live, &gone] {
-        f.issuer
-            .issue(&PerPodRequest {
-                lease: &f.lease,
-                policy: &f.policy,
-                pod: p,
-                node: "node-a",
-            })
-            .await
-            .unwrap();
+        issue_on_node_a(&f, p).await;
     }
+    f.cluster
+        .put_pod(common::pod_object_with(&live, "node-a", &[]));
     // A user whose record was lost (deleted by hand, say).
     let unrecorded = per_pod_username(&f.lease_uid, &unique_uuid());
     f.pg.admin_client()
@@ -284,12 +291,10 @@ async fn sweep_drops_users_of_deleted_pods() {
         .batch_execute(&format!("CREATE ROLE {unrecorded} LOGIN"))
         .await
         .unwrap();
-    let listed_at = jiff::Timestamp::now();
-    let live_uids = std::collections::HashSet::from([live.uid.clone()]);
 
     let report = f
         .issuer
-        .sweep_lease(&f.lease, &f.policy, &live_uids, listed_at)
+        .sweep_lease(&f.lease, &f.policy, f.cluster.as_ref())
         .await
         .unwrap();
     let gone_user = per_pod_username(&f.lease_uid, &gone.uid);
@@ -307,10 +312,60 @@ async fn sweep_drops_users_of_deleted_pods() {
     // Nothing left to do.
     let again = f
         .issuer
-        .sweep_lease(&f.lease, &f.policy, &live_uids, listed_at)
+        .sweep_lease(&f.lease, &f.policy, f.cluster.as_ref())
         .await
         .unwrap();
     assert!(again.revoked.is_empty());
+}
+
+/// A lease's volume mounted by pods of another namespace (`billing`, say its
+/// policy admits it): the sweep looks each pod up in its record's namespace,
+/// so a live `billing` pod keeps its user (and can still log in) while the
+/// user of a gone one, of either namespace, is dropped.
+#[tokio::test]
+async fn sweep_keeps_users_of_live_pods_in_other_namespaces() {
+    let f = fixture().await;
+    let in_ns = |namespace: &str, name: &str| PodIdentity {
+        namespace: namespace.into(),
+        ..pod(name)
+    };
+    let (billing_live, billing_gone) = (in_ns("billing", "job-0"), in_ns("billing", "job-1"));
+    let (shop_live, shop_gone) = (pod("web-0"), pod("web-1"));
+    let mut passwords = BTreeMap::new();
+    for p in [&billing_live, &billing_gone, &shop_live, &shop_gone] {
+        let credential = issue_on_node_a(&f, p).await;
+        passwords.insert(
+            p.uid.clone(),
+            credential.files.0["password"].expose_secret().to_owned(),
+        );
+    }
+    for p in [&billing_live, &shop_live] {
+        f.cluster.put_pod(common::pod_object_with(p, "node-a", &[]));
+    }
+
+    let report = f
+        .issuer
+        .sweep_lease(&f.lease, &f.policy, f.cluster.as_ref())
+        .await
+        .unwrap();
+    let user = |p: &PodIdentity| per_pod_username(&f.lease_uid, &p.uid);
+    let mut revoked = report.revoked.clone();
+    revoked.sort();
+    let mut expected = vec![user(&billing_gone), user(&shop_gone)];
+    expected.sort();
+    assert_eq!(revoked, expected);
+    for p in [&billing_live, &shop_live] {
+        f.pg.connect_as(&user(p), &passwords[&p.uid])
+            .await
+            .unwrap()
+            .simple_query("SELECT 1")
+            .await
+            .unwrap();
+    }
+    for p in [&billing_gone, &shop_gone] {
+        assert!(!role_exists(f.pg, &user(p)).await, "{}", p.name);
+    }
+    assert_eq!(f.store.len(), 2, "the live pods' records stay");
 }
 
 /// Per-lease limits: concurrent issues and live per-pod users, refused with

@@ -416,7 +416,7 @@ pub async fn run_lease(
         // Every pod's certificate goes with its lease: revoke them all before the
         // finalizer goes (their records are owned by the lease and would be collected).
         let report = pod_certificates
-            .sweep_lease(lease, &Default::default(), ctx.now())
+            .revoke_all(lease, ctx.now())
             .await
             .map_err(|e| OperatorError::Broker(e.to_string()))?;
         if !report.failed.is_empty() {
