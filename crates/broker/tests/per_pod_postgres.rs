@@ -428,6 +428,114 @@ async fn per_lease_limits_refuse_with_resource_exhausted() {
     }
 }
 
+/// The memory store, answering `list` with what it held before yielding to other
+/// tasks (as a real API server round trip would): concurrent issues all count
+/// before any of them records its pod.
+struct SlowListStore(Arc<MemoryPodCredentialStore>);
+
+#[async_trait::async_trait]
+impl PodCredentialStore for SlowListStore {
+    async fn get(
+        &self,
+        lease: &leasehold_api::SecretLease,
+        pod_uid: &str,
+    ) -> Result<Option<leasehold_broker::per_pod::PodCredentialRecord>, leasehold_broker::BrokerError>
+    {
+        self.0.get(lease, pod_uid).await
+    }
+    async fn put(
+        &self,
+        lease: &leasehold_api::SecretLease,
+        record: &leasehold_broker::per_pod::PodCredentialRecord,
+    ) -> Result<(), leasehold_broker::BrokerError> {
+        self.0.put(lease, record).await
+    }
+    async fn delete(
+        &self,
+        lease: &leasehold_api::SecretLease,
+        pod_uid: &str,
+    ) -> Result<(), leasehold_broker::BrokerError> {
+        self.0.delete(lease, pod_uid).await
+    }
+    async fn list(
+        &self,
+        lease: &leasehold_api::SecretLease,
+    ) -> Result<Vec<leasehold_broker::per_pod::PodCredentialMeta>, leasehold_broker::BrokerError>
+    {
+        let listed = self.0.list(lease).await;
+        for _ in 0..8 {
+            tokio::task::yield_now().await;
+        }
+        listed
+    }
+}
+
+/// Concurrent first issues of more pods than the lease's cap: exactly the cap
+/// get users, the rest RESOURCE_EXHAUSTED, and the database never holds more.
+#[tokio::test]
+async fn concurrent_issues_never_overshoot_the_per_lease_user_cap() {
+    const CAP: usize = 2;
+    let mut f = fixture().await;
+    f.issuer = EnginePerPodIssuer::new(
+        f.cluster.clone(),
+        Arc::new(SlowListStore(f.store.clone())),
+        BackendRegistry::new(2),
+    )
+    .with_limits(BrokerLimits {
+        max_concurrent_issues_per_lease: 16,
+        max_per_pod_users_per_lease: CAP,
+        ..BrokerLimits::default()
+    });
+    let f = Arc::new(f);
+    let pods: Vec<PodIdentity> = (0..6).map(|i| pod(&format!("web-{i}"))).collect();
+    let tasks: Vec<_> = pods
+        .iter()
+        .cloned()
+        .map(|p| {
+            let f = f.clone();
+            tokio::spawn(async move {
+                let issued = f
+                    .issuer
+                    .issue(&PerPodRequest {
+                        lease: &f.lease,
+                        policy: &f.policy,
+                        pod: &p,
+                        node: "node-a",
+                    })
+                    .await;
+                (p, issued)
+            })
+        })
+        .collect();
+    let mut issued = Vec::new();
+    for task in tasks {
+        match task.await.unwrap() {
+            (p, Ok(_)) => issued.push(p),
+            (_, Err(e)) => assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e}"),
+        }
+    }
+    assert_eq!(issued.len(), CAP, "as many as the cap, no more");
+    let prefix = format!("{}%", leasehold_broker::sweep::per_pod_prefix(&f.lease_uid));
+    let users: i64 =
+        f.pg.admin_client()
+            .await
+            .query_one(
+                "SELECT count(*) FROM pg_roles WHERE rolname LIKE $1",
+                &[&prefix],
+            )
+            .await
+            .unwrap()
+            .get(0);
+    assert_eq!(users, CAP as i64, "users in the database");
+    assert_eq!(f.store.len(), CAP);
+    for p in &issued {
+        f.issuer
+            .release(&f.lease, Some(&f.policy), &p.uid, "node-a")
+            .await
+            .unwrap();
+    }
+}
+
 /// Through the real broker over TLS: a per-pod lease on the test PostgreSQL
 /// whose login test is `verify`, with its admin Secret, in the broker's cluster.
 async fn broker_with_pg_lease(verify: serde_json::Value) -> (common::Broker, String) {
