@@ -631,3 +631,62 @@ async fn failed_or_abandoned_issue_through_the_broker_leaves_no_user() {
         .unwrap();
     assert!(!role_exists(pg, &user).await, "released");
 }
+
+/// The real broker and issuer: once the pod's access is withdrawn (the policy
+/// now admits another service account), its next Acknowledge is refused with
+/// PERMISSION_DENIED and its per-pod user is dropped before the refusal.
+#[tokio::test]
+async fn acknowledge_after_access_is_withdrawn_drops_the_pods_user() {
+    let pg = PostgresServer::shared().await;
+    let web = common::web();
+    let (mut b, lease_uid) = broker_with_pg_lease(json!({})).await;
+    let mut leases = common::LEASES.to_vec();
+    leases.push("pgpod");
+    b.cluster
+        .put_pod(common::pod_object_with(&web, common::NODE, &leases));
+
+    let issued = b
+        .client
+        .issue(common::with_token(
+            common::issue_request(&web, "pgpod", &common::pod_token(&web)),
+            Some(&common::node_token()),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let file = |k: &str| String::from_utf8(issued.files[k].clone()).unwrap();
+    let (user, password) = (file("username"), file("password"));
+    assert_eq!(user, per_pod_username(&lease_uid, &web.uid));
+    pg.connect_as(&user, &password).await.unwrap();
+    let held = b
+        .client
+        .acknowledge(common::with_token(
+            common::ack_request(&web, "pgpod", issued.version),
+            Some(&common::node_token()),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(held.latest_version, issued.version);
+
+    b.cluster.put_policy(
+        serde_json::from_value(json!({
+            "apiVersion": "leasehold.dev/v1alpha1", "kind": "RotationPolicy",
+            "metadata": {"namespace": "shop", "name": "pgfail"},
+            "spec": {"ttl": "2h", "strategy": "Dynamic",
+                     "access": {"serviceAccounts": ["api"]}},
+        }))
+        .unwrap(),
+    );
+    let err = b
+        .client
+        .acknowledge(common::with_token(
+            common::ack_request(&web, "pgpod", issued.version),
+            Some(&common::node_token()),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    assert!(!role_exists(pg, &user).await, "the pod's user is dropped");
+    assert!(pg.connect_as(&user, &password).await.is_err());
+}
