@@ -81,7 +81,10 @@ pub use per_pod::{
     EnginePerPodIssuer, KubePodCredentialStore, MemoryPodCredentialStore, PerPodIssuer,
     PodCredential, PodCredentialStore,
 };
-pub use server::{ServeError, serve, serve_with_listener, serve_with_listener_limited};
+pub use server::{
+    ConnectionSettings, ServeError, serve, serve_with_listener, serve_with_listener_limited,
+    serve_with_settings,
+};
 pub use service::{BrokerConfig, BrokerService, Verifiers};
 pub use sweep::{KubePodLister, LivePods, PodLister};
 pub use tls::{BrokerTls, CertPem, TlsSettings};
