@@ -13,7 +13,7 @@
 //! Issuers are found through [`CertificateIssuers`] (the controller implements it over
 //! its issuer registry; [`MemoryCertificateIssuers`] for tests).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -44,6 +44,7 @@ use crate::authz::{Deny, PodIdentity};
 use crate::consumers::FIELD_MANAGER;
 use crate::error::BrokerError;
 use crate::per_pod::{POD_UID_LABEL, lease_uid};
+use crate::sweep::{LivePods, PodLister, sweep_namespaces};
 
 /// Longest CSR accepted (PEM). An RSA-3072 CSR with many names is far below it.
 pub const MAX_CSR_BYTES: usize = 16 * 1024;
@@ -636,12 +637,12 @@ pub struct CertificateSweepReport {
     pub failed: Vec<String>,
 }
 
-/// Which records the sweep acts on: revoke those whose pod is gone (and that were
-/// recorded before the pod list was taken), forget those that expired.
+/// Which records the sweep acts on: revoke those whose pod is gone from the
+/// record's namespace (and that were recorded before the pod list was taken),
+/// forget those that expired.
 pub fn plan_certificate_sweep<'a>(
     records: &'a [PodCertificateRecord],
-    live_pod_uids: &HashSet<String>,
-    listed_at: Timestamp,
+    live_pods: &LivePods,
     now: Timestamp,
 ) -> (Vec<&'a PodCertificateRecord>, Vec<&'a PodCertificateRecord>) {
     let mut revoke = Vec::new();
@@ -649,7 +650,7 @@ pub fn plan_certificate_sweep<'a>(
     for record in records {
         if record.not_after <= now {
             expired.push(record);
-        } else if !live_pod_uids.contains(&record.pod_uid) && record.issued_at < listed_at {
+        } else if !live_pods.keeps(&record.pod_namespace, &record.pod_uid, record.issued_at) {
             revoke.push(record);
         }
     }
@@ -952,21 +953,56 @@ impl PodCertificates {
         Ok(())
     }
 
-    /// Revokes the certificates of `lease` whose pod no longer exists. `live_pod_uids`
-    /// must have been listed at or before `listed_at` (see [`crate::sweep`]).
+    /// Revokes the certificates of `lease` whose pod no longer exists in its
+    /// record's namespace, listing pods with `pods` once the records are read
+    /// (in the namespaces they name only; see [`crate::sweep`]).
     #[instrument(skip_all, fields(lease = %lease.metadata.name.as_deref().unwrap_or_default()))]
     pub async fn sweep_lease(
         &self,
         lease: &SecretLease,
-        live_pod_uids: &HashSet<String>,
-        listed_at: Timestamp,
+        pods: &dyn PodLister,
     ) -> Result<CertificateSweepReport, BrokerError> {
         if lease.spec.certificate.is_none() || lease_uid(lease).is_empty() {
             return Ok(CertificateSweepReport::default());
         }
         let records = self.store.list(lease).await?;
-        let (revoke, expired) =
-            plan_certificate_sweep(&records, live_pod_uids, listed_at, Timestamp::now());
+        if records.is_empty() {
+            return Ok(CertificateSweepReport::default());
+        }
+        let namespaces = sweep_namespaces(
+            lease.metadata.namespace.as_deref().unwrap_or_default(),
+            records.iter().map(|r| r.pod_namespace.as_str()),
+        );
+        let live_pods = LivePods::list(pods, &namespaces).await?;
+        self.revoke_gone(lease, &records, &live_pods).await
+    }
+
+    /// Revokes every certificate of `lease` recorded before `before`: the lease is
+    /// going away, and its pods with it.
+    pub async fn revoke_all(
+        &self,
+        lease: &SecretLease,
+        before: Timestamp,
+    ) -> Result<CertificateSweepReport, BrokerError> {
+        if lease.spec.certificate.is_none() || lease_uid(lease).is_empty() {
+            return Ok(CertificateSweepReport::default());
+        }
+        let records = self.store.list(lease).await?;
+        let no_pods = LivePods {
+            listed_at: before,
+            by_namespace: HashMap::new(),
+        };
+        self.revoke_gone(lease, &records, &no_pods).await
+    }
+
+    /// Applies [`plan_certificate_sweep`] to `records`.
+    async fn revoke_gone(
+        &self,
+        lease: &SecretLease,
+        records: &[PodCertificateRecord],
+        live_pods: &LivePods,
+    ) -> Result<CertificateSweepReport, BrokerError> {
+        let (revoke, expired) = plan_certificate_sweep(records, live_pods, Timestamp::now());
         let mut report = CertificateSweepReport::default();
         for record in expired {
             self.store.delete(lease, &record.serial).await?;
@@ -1014,6 +1050,7 @@ fn certificate_spec(lease: &SecretLease) -> Result<&CertificateSpec, BrokerError
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use std::collections::HashSet;
 
     fn pod() -> PodIdentity {
         PodIdentity {
@@ -1142,9 +1179,23 @@ mod tests {
                 later,
             ),
             rec("04", "gone", t0, t0),
+            // A pod of another namespace the lease admits, live there.
+            PodCertificateRecord {
+                pod_namespace: "billing".into(),
+                ..rec("05", "elsewhere", t0, later)
+            },
         ];
-        let live = HashSet::from(["live".to_owned()]);
-        let (revoke, expired) = plan_certificate_sweep(&records, &live, listed_at, now);
+        let live = LivePods {
+            listed_at,
+            by_namespace: HashMap::from([
+                ("shop".to_owned(), HashSet::from(["live".to_owned()])),
+                (
+                    "billing".to_owned(),
+                    HashSet::from(["elsewhere".to_owned()]),
+                ),
+            ]),
+        };
+        let (revoke, expired) = plan_certificate_sweep(&records, &live, now);
         assert_eq!(
             revoke.iter().map(|r| r.serial.as_str()).collect::<Vec<_>>(),
             ["02"]

@@ -401,3 +401,19 @@ impl ClusterView for MemoryCluster {
         Ok(self.with(|o| o.secrets.get(&key(namespace, name)).cloned()))
     }
 }
+
+#[async_trait]
+impl crate::sweep::PodLister for MemoryCluster {
+    async fn pod_uids(
+        &self,
+        namespace: &str,
+    ) -> Result<std::collections::HashSet<String>, BrokerError> {
+        Ok(self.with(|o| {
+            o.pods
+                .iter()
+                .filter(|((ns, _), _)| ns == namespace)
+                .filter_map(|(_, pod)| pod.metadata.uid.clone())
+                .collect()
+        }))
+    }
+}

@@ -10,7 +10,8 @@
 //! - [`limits`]: per-lease and connection limits ([`BrokerLimits`]).
 //! - [`per_pod`]: credentials of `perPod` leases, one database user per pod.
 //! - [`service`]: the tonic service [`BrokerService`].
-//! - [`sweep`]: revokes per-pod users of pods that no longer exist (called by the controller).
+//! - [`sweep`]: revokes per-pod users of pods that no longer exist (called by the controller),
+//!   each record's pod looked up in the record's own namespace ([`PodLister`]).
 //! - [`tls`] and [`server`]: TLS material that works out of the box, and serving.
 //!
 //! ```no_run
@@ -80,6 +81,10 @@ pub use per_pod::{
     EnginePerPodIssuer, KubePodCredentialStore, MemoryPodCredentialStore, PerPodIssuer,
     PodCredential, PodCredentialStore,
 };
-pub use server::{ServeError, serve, serve_with_listener, serve_with_listener_limited};
+pub use server::{
+    ConnectionSettings, ServeError, serve, serve_with_listener, serve_with_listener_limited,
+    serve_with_settings,
+};
 pub use service::{BrokerConfig, BrokerService, Verifiers};
+pub use sweep::{KubePodLister, LivePods, PodLister};
 pub use tls::{BrokerTls, CertPem, TlsSettings};

@@ -15,7 +15,8 @@ pub struct BrokerLimits {
     /// Per-pod credentials of one lease being created or renewed at once
     /// (each costs a `CREATE ROLE` and a login on the lease's database).
     pub max_concurrent_issues_per_lease: usize,
-    /// Live per-pod users of one lease (records); a pod that has one keeps it.
+    /// Live per-pod users of one lease (records, and new ones being created:
+    /// concurrent issues cannot overshoot it); a pod that has one keeps it.
     pub max_per_pod_users_per_lease: usize,
     /// Open connections to the broker; more are closed on accept.
     pub max_connections: usize,

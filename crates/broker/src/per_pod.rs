@@ -22,7 +22,7 @@
 //! revoked by [`crate::sweep`]. [`crate::BrokerLimits`] caps concurrent
 //! issues and live users per lease.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -529,6 +529,47 @@ pub struct EnginePerPodIssuer {
     limits: BrokerLimits,
     /// Issues in progress per lease UID.
     issuing: Arc<Mutex<HashMap<String, usize>>>,
+    /// New per-pod users being created, per lease UID.
+    user_caps: UserCaps,
+}
+
+/// A lease's per-pod users being created, counted against its cap with the
+/// recorded ones.
+#[derive(Default)]
+struct LeaseUserCap {
+    /// Serialises counting (records, then reservations) and reserving.
+    gate: Arc<tokio::sync::Mutex<()>>,
+    /// Pod UIDs whose first issue is in progress.
+    reserved: HashSet<String>,
+}
+
+type UserCaps = Arc<Mutex<HashMap<String, LeaseUserCap>>>;
+
+/// Removes a lease's cap entry once nothing holds or waits on it.
+fn forget_idle_cap(caps: &mut HashMap<String, LeaseUserCap>, lease_uid: &str) {
+    if caps
+        .get(lease_uid)
+        .is_some_and(|c| c.reserved.is_empty() && Arc::strong_count(&c.gate) == 1)
+    {
+        caps.remove(lease_uid);
+    }
+}
+
+/// A place under a lease's cap of live per-pod users, given back on drop.
+struct UserPlace {
+    caps: UserCaps,
+    lease_uid: String,
+    pod_uid: String,
+}
+
+impl Drop for UserPlace {
+    fn drop(&mut self) {
+        let mut caps = self.caps.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(cap) = caps.get_mut(&self.lease_uid) {
+            cap.reserved.remove(&self.pod_uid);
+        }
+        forget_idle_cap(&mut caps, &self.lease_uid);
+    }
 }
 
 /// One slot of a lease's concurrent issues, given back on drop.
@@ -570,6 +611,7 @@ impl EnginePerPodIssuer {
             locks: Mutex::default(),
             limits: BrokerLimits::current(),
             issuing: Arc::default(),
+            user_caps: Arc::default(),
         }
     }
 
@@ -597,6 +639,61 @@ impl EnginePerPodIssuer {
             issuing: self.issuing.clone(),
             lease_uid: uid,
         })
+    }
+
+    /// A place for a new per-pod user of `pod_uid` under the lease's cap, or
+    /// `RESOURCE_EXHAUSTED`. Counting and reserving are one step per lease:
+    /// concurrent issues cannot all see room for one more (the recorded users
+    /// and those being created are counted together, each pod once).
+    async fn reserve_user(
+        &self,
+        lease: &SecretLease,
+        pod_uid: &str,
+    ) -> Result<UserPlace, BrokerError> {
+        let uid = lease_uid(lease).to_owned();
+        let gate = self
+            .user_caps
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(uid.clone())
+            .or_default()
+            .gate
+            .clone();
+        let counted = async {
+            let _turn = gate.lock().await;
+            let recorded = self.store.list(lease).await?;
+            let mut caps = self.user_caps.lock().unwrap_or_else(|e| e.into_inner());
+            let cap = caps.entry(uid.clone()).or_default();
+            let live = recorded
+                .iter()
+                .map(|m| m.pod_uid.as_str())
+                .chain(cap.reserved.iter().map(String::as_str))
+                .collect::<HashSet<_>>()
+                .len();
+            if live >= self.limits.max_per_pod_users_per_lease {
+                return Err(BrokerError::ResourceExhausted(format!(
+                    "lease {}/{} has {live} per-pod users (at most {})",
+                    lease_ns(lease),
+                    lease.metadata.name.as_deref().unwrap_or_default(),
+                    self.limits.max_per_pod_users_per_lease
+                )));
+            }
+            cap.reserved.insert(pod_uid.to_owned());
+            Ok(UserPlace {
+                caps: self.user_caps.clone(),
+                lease_uid: uid.clone(),
+                pod_uid: pod_uid.to_owned(),
+            })
+        }
+        .await;
+        drop(gate);
+        if counted.is_err() {
+            forget_idle_cap(
+                &mut self.user_caps.lock().unwrap_or_else(|e| e.into_inner()),
+                &uid,
+            );
+        }
+        counted
     }
 
     pub(crate) fn lock_for(
@@ -764,17 +861,12 @@ impl PerPodIssuer for EnginePerPodIssuer {
         }
 
         let _slot = self.issue_slot(lease)?;
-        if existing.is_none() {
-            let live = self.store.list(lease).await?.len();
-            if live >= self.limits.max_per_pod_users_per_lease {
-                return Err(BrokerError::ResourceExhausted(format!(
-                    "lease {}/{} has {live} per-pod users (at most {})",
-                    lease_ns(lease),
-                    lease.metadata.name.as_deref().unwrap_or_default(),
-                    self.limits.max_per_pod_users_per_lease
-                )));
-            }
-        }
+        // A pod without a user takes a place under the lease's cap until its
+        // issue is over (by then its record counts, or is gone).
+        let _place = match existing {
+            None => Some(self.reserve_user(lease, &request.pod.uid).await?),
+            Some(_) => None,
+        };
         let ctx = self.context(lease, request.policy).await?;
         let password = leasehold_backends::password::generate(&ctx.password)
             .map_err(|e| backend_error("cannot generate a password", &e))?;
@@ -1103,6 +1195,32 @@ mod tests {
         assert_eq!(tonic::Status::from(error).code(), Code::Unavailable);
         // The plain part still reads.
         assert!(meta_from_secret(&secret).is_some());
+    }
+
+    #[tokio::test]
+    async fn places_under_the_user_cap_are_given_back_and_forgotten() {
+        let store = Arc::new(MemoryPodCredentialStore::new());
+        let issuer = EnginePerPodIssuer::new(
+            Arc::new(crate::MemoryCluster::new()),
+            store.clone(),
+            BackendRegistry::new(1),
+        )
+        .with_limits(BrokerLimits {
+            max_per_pod_users_per_lease: 2,
+            ..BrokerLimits::default()
+        });
+        let lease = lease();
+        store.put(&lease, &record("uid-1")).await.unwrap();
+        let place = issuer.reserve_user(&lease, "uid-2").await.unwrap();
+        let err = issuer.reserve_user(&lease, "uid-3").await.err().unwrap();
+        assert_eq!(err.code(), Code::ResourceExhausted);
+        drop(place);
+        let place = issuer.reserve_user(&lease, "uid-3").await.unwrap();
+        drop(place);
+        assert!(
+            issuer.user_caps.lock().unwrap().is_empty(),
+            "no entry left per lease"
+        );
     }
 
     #[tokio::test]

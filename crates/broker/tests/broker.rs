@@ -674,6 +674,78 @@ async fn driver_token_of_a_deleted_pod_is_refused() {
     issue(&mut b).await.unwrap();
 }
 
+/// Waits (bounded) until a new connection to the broker is admitted.
+async fn wait_admitted(b: &Broker) {
+    for _ in 0..200 {
+        if connect(b.addr, &b.ca_pem).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("no connection slot was freed");
+}
+
+/// A peer that goes silent after the TLS handshake gives its connection slot
+/// back: before sending the HTTP/2 preface, at the handshake deadline; after
+/// it, once it leaves an HTTP/2 PING unanswered. The harness client, which
+/// answers PINGs, keeps working throughout.
+#[tokio::test]
+async fn silent_peers_lose_their_connection_slot() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let settings = leasehold_broker::ConnectionSettings {
+        max_connections: 2,
+        handshake_timeout: std::time::Duration::from_millis(500),
+        keepalive_interval: std::time::Duration::from_millis(300),
+        keepalive_timeout: std::time::Duration::from_millis(500),
+    };
+    let mut b = start_configured(|_| None, settings).await;
+    // The HTTP/2 client preface and an empty SETTINGS frame.
+    let preface: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0";
+    for sends_preface in [false, true] {
+        // Retried while the connection `wait_admitted` dropped still holds its slot.
+        let mut silent = None;
+        for _ in 0..200 {
+            let tcp = tokio::net::TcpStream::connect(b.addr).await.unwrap();
+            match tls_connector(&b.ca_pem)
+                .connect("localhost".try_into().unwrap(), tcp)
+                .await
+            {
+                Ok(stream) => {
+                    silent = Some(stream);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+            }
+        }
+        let mut silent = silent.expect("a slot for the silent peer");
+        if sends_preface {
+            silent.write_all(preface).await.unwrap();
+            silent.flush().await.unwrap();
+        }
+        // Reading answers nothing (a PING needs an ACK written back).
+        let closed = tokio::time::timeout(std::time::Duration::from_secs(20), async {
+            let mut buf = [0u8; 1024];
+            while let Ok(n) = silent.read(&mut buf).await
+                && n > 0
+            {}
+        })
+        .await;
+        assert!(
+            closed.is_ok(),
+            "the server closes a silent peer (preface sent: {sends_preface})"
+        );
+        wait_admitted(&b).await;
+    }
+    let pod = web();
+    b.client
+        .issue(with_token(
+            issue_request(&pod, "db", &pod_token(&pod)),
+            Some(&node_token()),
+        ))
+        .await
+        .unwrap();
+}
+
 /// Connections beyond the limit (handshakes included) are closed at once;
 /// a freed slot admits a new one.
 #[tokio::test]

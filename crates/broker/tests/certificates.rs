@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 
 use common::*;
@@ -236,48 +235,94 @@ async fn csrs_with_other_names_or_no_csr_are_invalid() {
     assert!(b.certs.ledger.0.lock().unwrap().entries.is_empty());
 }
 
+/// Issues `p` a certificate of `shop/cert` through the broker; its serial.
+async fn issue_cert(b: &mut Broker, p: &leasehold_broker::authz::PodIdentity) -> String {
+    let node = node_token();
+    let profile = b
+        .client
+        .issue(with_token(
+            issue_request(p, "cert", &pod_token(p)),
+            Some(&node),
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .certificate
+        .unwrap();
+    let csr = csr_for(
+        &generate_key(KeyAlgorithm::EcdsaP256).unwrap(),
+        &request_from(&profile),
+    )
+    .unwrap();
+    b.client
+        .issue_certificate(with_token(
+            issue_certificate_request(p, "cert", &pod_token(p), &csr),
+            Some(&node),
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .serial
+}
+
 #[tokio::test]
 async fn the_sweep_revokes_certificates_of_gone_pods() {
     let mut b = start().await;
-    let node = node_token();
-    let mut serials = Vec::new();
-    for p in [web(), pod_id("shop", "api-0", "api")] {
-        let profile = b
-            .client
-            .issue(with_token(
-                issue_request(&p, "cert", &pod_token(&p)),
-                Some(&node),
-            ))
-            .await
-            .unwrap()
-            .into_inner()
-            .certificate
-            .unwrap();
-        let csr = csr_for(
-            &generate_key(KeyAlgorithm::EcdsaP256).unwrap(),
-            &request_from(&profile),
-        )
-        .unwrap();
-        let cert = b
-            .client
-            .issue_certificate(with_token(
-                issue_certificate_request(&p, "cert", &pod_token(&p), &csr),
-                Some(&node),
-            ))
-            .await
-            .unwrap()
-            .into_inner();
-        serials.push(cert.serial);
-    }
+    let (web, api) = (web(), pod_id("shop", "api-0", "api"));
+    let serials = [
+        issue_cert(&mut b, &web).await,
+        issue_cert(&mut b, &api).await,
+    ];
     // web-0 is gone; api-0 lives.
-    let live = HashSet::from([pod_id("shop", "api-0", "api").uid]);
+    b.cluster.remove_pod("shop", "web-0");
     let report = b
         .certs
         .certificates
-        .sweep_lease(&cert_lease_object(), &live, jiff::Timestamp::now())
+        .sweep_lease(&cert_lease_object(), b.cluster.as_ref())
         .await
         .unwrap();
     assert_eq!(report.revoked, [serials[0].clone()]);
     let ledger = b.certs.ledger.0.lock().unwrap().clone();
     assert!(ledger.is_revoked(&serials[0]) && !ledger.is_revoked(&serials[1]));
+}
+
+/// `shop/cert` admitting pods of `billing`: the sweep looks each pod up in
+/// its record's namespace, so a live `billing` pod keeps its certificate while
+/// gone pods of either namespace lose theirs.
+#[tokio::test]
+async fn the_sweep_keeps_certificates_of_live_pods_in_other_namespaces() {
+    let mut b = start().await;
+    let mut lease = cert_lease_object();
+    lease.spec.policy_ref.name = "shared".into();
+    b.cluster.put_lease(lease.clone());
+    let shop = [web(), pod_id("shop", "web-1", "web")];
+    let billing = [
+        pod_id("billing", "job-0", "worker"),
+        pod_id("billing", "job-1", "worker"),
+    ];
+    for p in [&shop[1], &billing[1]] {
+        b.cluster.put_pod(pod_object(p, NODE));
+    }
+    let mut serials = Vec::new();
+    for p in shop.iter().chain(&billing) {
+        serials.push(issue_cert(&mut b, p).await);
+    }
+    // web-1 and job-1 are gone; web-0 and job-0 live.
+    b.cluster.remove_pod("shop", "web-1");
+    b.cluster.remove_pod("billing", "job-1");
+
+    let report = b
+        .certs
+        .certificates
+        .sweep_lease(&lease, b.cluster.as_ref())
+        .await
+        .unwrap();
+    let mut revoked = report.revoked.clone();
+    revoked.sort();
+    let mut expected = vec![serials[1].clone(), serials[3].clone()];
+    expected.sort();
+    assert_eq!(revoked, expected);
+    let ledger = b.certs.ledger.0.lock().unwrap().clone();
+    assert!(!ledger.is_revoked(&serials[0]), "shop/web-0 lives");
+    assert!(!ledger.is_revoked(&serials[2]), "billing/job-0 lives");
 }

@@ -107,6 +107,19 @@ fn pod(name: &str) -> PodIdentity {
     }
 }
 
+/// Issues `p` its per-pod credential on node-a.
+async fn issue_on_node_a(f: &Fixture, p: &PodIdentity) -> leasehold_broker::PodCredential {
+    f.issuer
+        .issue(&PerPodRequest {
+            lease: &f.lease,
+            policy: &f.policy,
+            pod: p,
+            node: "node-a",
+        })
+        .await
+        .unwrap()
+}
+
 /// Whether a role exists (as the admin sees pg_roles).
 async fn role_exists(pg: &PostgresServer, role: &str) -> bool {
     let rows = pg
@@ -267,16 +280,10 @@ async fn sweep_drops_users_of_deleted_pods() {
     let f = fixture().await;
     let (live, gone) = (pod("web-0"), pod("web-1"));
     for p in [&live, &gone] {
-        f.issuer
-            .issue(&PerPodRequest {
-                lease: &f.lease,
-                policy: &f.policy,
-                pod: p,
-                node: "node-a",
-            })
-            .await
-            .unwrap();
+        issue_on_node_a(&f, p).await;
     }
+    f.cluster
+        .put_pod(common::pod_object_with(&live, "node-a", &[]));
     // A user whose record was lost (deleted by hand, say).
     let unrecorded = per_pod_username(&f.lease_uid, &unique_uuid());
     f.pg.admin_client()
@@ -284,12 +291,10 @@ async fn sweep_drops_users_of_deleted_pods() {
         .batch_execute(&format!("CREATE ROLE {unrecorded} LOGIN"))
         .await
         .unwrap();
-    let listed_at = jiff::Timestamp::now();
-    let live_uids = std::collections::HashSet::from([live.uid.clone()]);
 
     let report = f
         .issuer
-        .sweep_lease(&f.lease, &f.policy, &live_uids, listed_at)
+        .sweep_lease(&f.lease, &f.policy, f.cluster.as_ref())
         .await
         .unwrap();
     let gone_user = per_pod_username(&f.lease_uid, &gone.uid);
@@ -307,10 +312,60 @@ async fn sweep_drops_users_of_deleted_pods() {
     // Nothing left to do.
     let again = f
         .issuer
-        .sweep_lease(&f.lease, &f.policy, &live_uids, listed_at)
+        .sweep_lease(&f.lease, &f.policy, f.cluster.as_ref())
         .await
         .unwrap();
     assert!(again.revoked.is_empty());
+}
+
+/// A lease's volume mounted by pods of another namespace (`billing`, say its
+/// policy admits it): the sweep looks each pod up in its record's namespace,
+/// so a live `billing` pod keeps its user (and can still log in) while the
+/// user of a gone one, of either namespace, is dropped.
+#[tokio::test]
+async fn sweep_keeps_users_of_live_pods_in_other_namespaces() {
+    let f = fixture().await;
+    let in_ns = |namespace: &str, name: &str| PodIdentity {
+        namespace: namespace.into(),
+        ..pod(name)
+    };
+    let (billing_live, billing_gone) = (in_ns("billing", "job-0"), in_ns("billing", "job-1"));
+    let (shop_live, shop_gone) = (pod("web-0"), pod("web-1"));
+    let mut passwords = BTreeMap::new();
+    for p in [&billing_live, &billing_gone, &shop_live, &shop_gone] {
+        let credential = issue_on_node_a(&f, p).await;
+        passwords.insert(
+            p.uid.clone(),
+            credential.files.0["password"].expose_secret().to_owned(),
+        );
+    }
+    for p in [&billing_live, &shop_live] {
+        f.cluster.put_pod(common::pod_object_with(p, "node-a", &[]));
+    }
+
+    let report = f
+        .issuer
+        .sweep_lease(&f.lease, &f.policy, f.cluster.as_ref())
+        .await
+        .unwrap();
+    let user = |p: &PodIdentity| per_pod_username(&f.lease_uid, &p.uid);
+    let mut revoked = report.revoked.clone();
+    revoked.sort();
+    let mut expected = vec![user(&billing_gone), user(&shop_gone)];
+    expected.sort();
+    assert_eq!(revoked, expected);
+    for p in [&billing_live, &shop_live] {
+        f.pg.connect_as(&user(p), &passwords[&p.uid])
+            .await
+            .unwrap()
+            .simple_query("SELECT 1")
+            .await
+            .unwrap();
+    }
+    for p in [&billing_gone, &shop_gone] {
+        assert!(!role_exists(f.pg, &user(p)).await, "{}", p.name);
+    }
+    assert_eq!(f.store.len(), 2, "the live pods' records stay");
 }
 
 /// Per-lease limits: concurrent issues and live per-pod users, refused with
@@ -366,6 +421,114 @@ async fn per_lease_limits_refuse_with_resource_exhausted() {
         .unwrap();
     issue(f.clone(), pods[2].clone()).await.unwrap();
     for p in &pods[1..] {
+        f.issuer
+            .release(&f.lease, Some(&f.policy), &p.uid, "node-a")
+            .await
+            .unwrap();
+    }
+}
+
+/// The memory store, answering `list` with what it held before yielding to other
+/// tasks (as a real API server round trip would): concurrent issues all count
+/// before any of them records its pod.
+struct SlowListStore(Arc<MemoryPodCredentialStore>);
+
+#[async_trait::async_trait]
+impl PodCredentialStore for SlowListStore {
+    async fn get(
+        &self,
+        lease: &leasehold_api::SecretLease,
+        pod_uid: &str,
+    ) -> Result<Option<leasehold_broker::per_pod::PodCredentialRecord>, leasehold_broker::BrokerError>
+    {
+        self.0.get(lease, pod_uid).await
+    }
+    async fn put(
+        &self,
+        lease: &leasehold_api::SecretLease,
+        record: &leasehold_broker::per_pod::PodCredentialRecord,
+    ) -> Result<(), leasehold_broker::BrokerError> {
+        self.0.put(lease, record).await
+    }
+    async fn delete(
+        &self,
+        lease: &leasehold_api::SecretLease,
+        pod_uid: &str,
+    ) -> Result<(), leasehold_broker::BrokerError> {
+        self.0.delete(lease, pod_uid).await
+    }
+    async fn list(
+        &self,
+        lease: &leasehold_api::SecretLease,
+    ) -> Result<Vec<leasehold_broker::per_pod::PodCredentialMeta>, leasehold_broker::BrokerError>
+    {
+        let listed = self.0.list(lease).await;
+        for _ in 0..8 {
+            tokio::task::yield_now().await;
+        }
+        listed
+    }
+}
+
+/// Concurrent first issues of more pods than the lease's cap: exactly the cap
+/// get users, the rest RESOURCE_EXHAUSTED, and the database never holds more.
+#[tokio::test]
+async fn concurrent_issues_never_overshoot_the_per_lease_user_cap() {
+    const CAP: usize = 2;
+    let mut f = fixture().await;
+    f.issuer = EnginePerPodIssuer::new(
+        f.cluster.clone(),
+        Arc::new(SlowListStore(f.store.clone())),
+        BackendRegistry::new(2),
+    )
+    .with_limits(BrokerLimits {
+        max_concurrent_issues_per_lease: 16,
+        max_per_pod_users_per_lease: CAP,
+        ..BrokerLimits::default()
+    });
+    let f = Arc::new(f);
+    let pods: Vec<PodIdentity> = (0..6).map(|i| pod(&format!("web-{i}"))).collect();
+    let tasks: Vec<_> = pods
+        .iter()
+        .cloned()
+        .map(|p| {
+            let f = f.clone();
+            tokio::spawn(async move {
+                let issued = f
+                    .issuer
+                    .issue(&PerPodRequest {
+                        lease: &f.lease,
+                        policy: &f.policy,
+                        pod: &p,
+                        node: "node-a",
+                    })
+                    .await;
+                (p, issued)
+            })
+        })
+        .collect();
+    let mut issued = Vec::new();
+    for task in tasks {
+        match task.await.unwrap() {
+            (p, Ok(_)) => issued.push(p),
+            (_, Err(e)) => assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e}"),
+        }
+    }
+    assert_eq!(issued.len(), CAP, "as many as the cap, no more");
+    let prefix = format!("{}%", leasehold_broker::sweep::per_pod_prefix(&f.lease_uid));
+    let users: i64 =
+        f.pg.admin_client()
+            .await
+            .query_one(
+                "SELECT count(*) FROM pg_roles WHERE rolname LIKE $1",
+                &[&prefix],
+            )
+            .await
+            .unwrap()
+            .get(0);
+    assert_eq!(users, CAP as i64, "users in the database");
+    assert_eq!(f.store.len(), CAP);
+    for p in &issued {
         f.issuer
             .release(&f.lease, Some(&f.policy), &p.uid, "node-a")
             .await
@@ -467,4 +630,63 @@ async fn failed_or_abandoned_issue_through_the_broker_leaves_no_user() {
         .await
         .unwrap();
     assert!(!role_exists(pg, &user).await, "released");
+}
+
+/// The real broker and issuer: once the pod's access is withdrawn (the policy
+/// now admits another service account), its next Acknowledge is refused with
+/// PERMISSION_DENIED and its per-pod user is dropped before the refusal.
+#[tokio::test]
+async fn acknowledge_after_access_is_withdrawn_drops_the_pods_user() {
+    let pg = PostgresServer::shared().await;
+    let web = common::web();
+    let (mut b, lease_uid) = broker_with_pg_lease(json!({})).await;
+    let mut leases = common::LEASES.to_vec();
+    leases.push("pgpod");
+    b.cluster
+        .put_pod(common::pod_object_with(&web, common::NODE, &leases));
+
+    let issued = b
+        .client
+        .issue(common::with_token(
+            common::issue_request(&web, "pgpod", &common::pod_token(&web)),
+            Some(&common::node_token()),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let file = |k: &str| String::from_utf8(issued.files[k].clone()).unwrap();
+    let (user, password) = (file("username"), file("password"));
+    assert_eq!(user, per_pod_username(&lease_uid, &web.uid));
+    pg.connect_as(&user, &password).await.unwrap();
+    let held = b
+        .client
+        .acknowledge(common::with_token(
+            common::ack_request(&web, "pgpod", issued.version),
+            Some(&common::node_token()),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(held.latest_version, issued.version);
+
+    b.cluster.put_policy(
+        serde_json::from_value(json!({
+            "apiVersion": "leasehold.dev/v1alpha1", "kind": "RotationPolicy",
+            "metadata": {"namespace": "shop", "name": "pgfail"},
+            "spec": {"ttl": "2h", "strategy": "Dynamic",
+                     "access": {"serviceAccounts": ["api"]}},
+        }))
+        .unwrap(),
+    );
+    let err = b
+        .client
+        .acknowledge(common::with_token(
+            common::ack_request(&web, "pgpod", issued.version),
+            Some(&common::node_token()),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    assert!(!role_exists(pg, &user).await, "the pod's user is dropped");
+    assert!(pg.connect_as(&user, &password).await.is_err());
 }

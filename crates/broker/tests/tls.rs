@@ -3,7 +3,8 @@
 //! the certificate for new connections.
 #![allow(clippy::unwrap_used)]
 
-use std::sync::Arc;
+mod common;
+
 use std::time::Duration;
 
 use jiff::Timestamp;
@@ -11,29 +12,9 @@ use leasehold_broker::BrokerTls;
 use leasehold_broker::tls::{
     CertPem, TlsSettings, generate_ca, issue_serving_cert, needs_renewal, service_dns_names,
 };
-use rustls::RootCertStore;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_rustls::{TlsAcceptor, TlsConnector};
-
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-fn client(ca_pem: &str) -> TlsConnector {
-    let mut roots = RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let mut config = rustls::ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    TlsConnector::from(Arc::new(config))
-}
+use tokio_rustls::TlsAcceptor;
 
 /// Handshakes over an in-memory pipe; returns the server's leaf certificate.
 async fn handshake(tls: &BrokerTls, ca_pem: &str, name: &str) -> Result<Vec<u8>, std::io::Error> {
@@ -47,7 +28,7 @@ async fn handshake(tls: &BrokerTls, ca_pem: &str, name: &str) -> Result<Vec<u8>,
         stream.flush().await?;
         Ok::<_, std::io::Error>(())
     });
-    let mut stream = client(ca_pem)
+    let mut stream = common::tls_connector(ca_pem)
         .connect(ServerName::try_from(name.to_owned()).unwrap(), client_io)
         .await?;
     assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));

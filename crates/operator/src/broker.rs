@@ -13,8 +13,8 @@ use leasehold_api::{RotationPolicy, SecretLease};
 use leasehold_auth::{HttpKeySource, TokenVerifier, VerifierConfig};
 use leasehold_broker::{
     BrokerConfig, BrokerMetrics, BrokerService, BrokerTls, CachedClusterView, ClusterView,
-    CoalescingRecorder, EnginePerPodIssuer, KubePodCredentialStore, PodCertificates, TlsSettings,
-    Verifiers,
+    CoalescingRecorder, EnginePerPodIssuer, KubePodCredentialStore, KubePodLister, PodCertificates,
+    TlsSettings, Verifiers,
 };
 use leasehold_engine::BackendRegistry;
 use tracing::{info, warn};
@@ -168,9 +168,10 @@ pub async fn run(
 }
 
 /// Every `every`: for each perPod lease, revoke the per-pod users whose pod no longer
-/// exists, and for each certificate lease the certificates of pods that no longer exist. Pods are listed before the sweep looks at the users, so a pod created
-/// meanwhile is never mistaken for a gone one (the sweep keeps records newer than the
-/// listing).
+/// exists, and for each certificate lease the certificates of pods that no longer exist.
+/// A record's pod is looked up in the record's own namespace (a lease's volumes may be
+/// mounted from the namespaces its policy admits), listed after the records were read,
+/// so a pod created meanwhile is never mistaken for a gone one.
 async fn sweep_per_pod_users(
     client: Client,
     issuer: Arc<EnginePerPodIssuer>,
@@ -183,6 +184,7 @@ async fn sweep_per_pod_users(
     } else {
         namespaces.into_iter().map(Some).collect()
     };
+    let pods = KubePodLister::new(client.clone());
     loop {
         tokio::time::sleep(every).await;
         for scope in &scopes {
@@ -198,12 +200,12 @@ async fn sweep_per_pod_users(
                 }
             };
             for lease in leases.items.iter().filter(|l| l.spec.per_pod) {
-                if let Err(e) = sweep_lease(&client, &issuer, lease).await {
+                if let Err(e) = sweep_lease(&client, &issuer, &pods, lease).await {
                     warn!(lease = %lease.name_any(), error = %e, "per-pod sweep failed; retried next time");
                 }
             }
             for lease in leases.items.iter().filter(|l| l.spec.certificate.is_some()) {
-                if let Err(e) = sweep_certificates(&client, &certificates, lease).await {
+                if let Err(e) = sweep_certificates(&certificates, &pods, lease).await {
                     warn!(lease = %lease.name_any(), error = %e, "certificate sweep failed; retried next time");
                 }
             }
@@ -213,20 +215,17 @@ async fn sweep_per_pod_users(
 
 /// Revoke the per-pod certificates of `lease` whose pod no longer exists.
 async fn sweep_certificates(
-    client: &Client,
     certificates: &PodCertificates,
+    pods: &KubePodLister,
     lease: &SecretLease,
 ) -> Result<(), OperatorError> {
-    let ns = lease.namespace().unwrap_or_default();
-    let listed_at = jiff::Timestamp::now();
-    let live = live_pod_uids(client, &ns).await?;
     let report = certificates
-        .sweep_lease(lease, &live, listed_at)
+        .sweep_lease(lease, pods)
         .await
         .map_err(|e| OperatorError::Broker(e.to_string()))?;
     if !report.revoked.is_empty() || !report.failed.is_empty() {
         info!(
-            lease = %format!("{ns}/{}", lease.name_any()),
+            lease = %format!("{}/{}", lease.namespace().unwrap_or_default(), lease.name_any()),
             revoked = ?report.revoked,
             failed = ?report.failed,
             "certificate sweep: certificates of pods that no longer exist"
@@ -235,22 +234,10 @@ async fn sweep_certificates(
     Ok(())
 }
 
-async fn live_pod_uids(
-    client: &Client,
-    ns: &str,
-) -> Result<std::collections::HashSet<String>, OperatorError> {
-    Ok(Api::<Pod>::namespaced(client.clone(), ns)
-        .list(&Default::default())
-        .await?
-        .items
-        .into_iter()
-        .filter_map(|p| p.metadata.uid)
-        .collect())
-}
-
 async fn sweep_lease(
     client: &Client,
     issuer: &EnginePerPodIssuer,
+    pods: &KubePodLister,
     lease: &SecretLease,
 ) -> Result<(), OperatorError> {
     let ns = lease.namespace().unwrap_or_default();
@@ -260,16 +247,8 @@ async fn sweep_lease(
     else {
         return Ok(());
     };
-    let listed_at = jiff::Timestamp::now();
-    let live: std::collections::HashSet<String> = Api::<Pod>::namespaced(client.clone(), &ns)
-        .list(&Default::default())
-        .await?
-        .items
-        .into_iter()
-        .filter_map(|p| p.metadata.uid)
-        .collect();
     let report = issuer
-        .sweep_lease(lease, &policy, &live, listed_at)
+        .sweep_lease(lease, &policy, pods)
         .await
         .map_err(|e| OperatorError::Broker(e.to_string()))?;
     if !report.revoked.is_empty() || !report.failed.is_empty() {

@@ -438,7 +438,7 @@ pub async fn run_lease(
         // finalizer goes (their records are owned by the lease and would be collected).
         ctx.fence.check()?;
         let report = pod_certificates
-            .sweep_lease(lease, &Default::default(), ctx.now())
+            .revoke_all(lease, ctx.now())
             .await
             .map_err(|e| OperatorError::Broker(e.to_string()))?;
         if !report.failed.is_empty() {

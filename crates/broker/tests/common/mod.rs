@@ -18,8 +18,8 @@ use leasehold_auth::{JwkSet, StaticKeySource, TokenVerifier, VerifierConfig};
 use leasehold_broker::authz::PodIdentity;
 use leasehold_broker::tls::{generate_ca, issue_serving_cert};
 use leasehold_broker::{
-    BrokerConfig, BrokerService, BrokerTls, CoalescingRecorder, MemoryCluster, MemoryConsumerStore,
-    ObjectRef, PerPodIssuer, SecretData, Verifiers,
+    BrokerConfig, BrokerService, BrokerTls, CoalescingRecorder, ConnectionSettings, MemoryCluster,
+    MemoryConsumerStore, ObjectRef, PerPodIssuer, SecretData, Verifiers,
 };
 use leasehold_proto::broker::v1 as pb;
 use leasehold_proto::broker::v1::broker_client::BrokerClient;
@@ -485,6 +485,18 @@ pub async fn start_full(
     per_pod: impl FnOnce(Arc<MemoryCluster>) -> Option<Arc<dyn PerPodIssuer>>,
     max_connections: usize,
 ) -> Broker {
+    let settings = ConnectionSettings {
+        max_connections,
+        ..ConnectionSettings::current()
+    };
+    start_configured(per_pod, settings).await
+}
+
+/// [`start_full`] with connection `settings` of its own.
+pub async fn start_configured(
+    per_pod: impl FnOnce(Arc<MemoryCluster>) -> Option<Arc<dyn PerPodIssuer>>,
+    settings: ConnectionSettings,
+) -> Broker {
     let cluster = Arc::new(cluster());
     let per_pod = per_pod(cluster.clone());
     let consumers = Arc::new(MemoryConsumerStore::new());
@@ -523,15 +535,9 @@ pub async fn start_full(
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
-        leasehold_broker::serve_with_listener_limited(
-            listener,
-            &tls,
-            service,
-            max_connections,
-            async {
-                let _ = rx.await;
-            },
-        )
+        leasehold_broker::serve_with_settings(listener, &tls, service, settings, async {
+            let _ = rx.await;
+        })
         .await
         .unwrap();
     });
@@ -563,6 +569,25 @@ pub async fn connect(addr: SocketAddr, ca_pem: &str) -> Result<Channel, tonic::t
         .timeout(Duration::from_secs(10))
         .connect()
         .await
+}
+
+/// A bare TLS client (ALPN `h2`) trusting `ca_pem`, for tests that speak below gRPC.
+pub fn tls_connector(ca_pem: &str) -> tokio_rustls::TlsConnector {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    tokio_rustls::TlsConnector::from(Arc::new(config))
 }
 
 pub fn with_token<T>(message: T, token: Option<&str>) -> tonic::Request<T> {
