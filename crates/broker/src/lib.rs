@@ -85,6 +85,6 @@ pub use server::{
     ConnectionSettings, ServeError, serve, serve_with_listener, serve_with_listener_limited,
     serve_with_settings,
 };
-pub use service::{BrokerConfig, BrokerService, Verifiers};
+pub use service::{BrokerConfig, BrokerService, ServingGate, Verifiers};
 pub use sweep::{KubePodLister, LivePods, PodLister};
 pub use tls::{BrokerTls, CertPem, TlsSettings};

@@ -80,7 +80,12 @@ pub struct BrokerService {
     audit: leasehold_audit::AuditLog,
     /// Opens the lease versions the controller stores sealed.
     keyring: Arc<leasehold_envelope::Keyring>,
+    /// Answers only while this says so (the controller's leadership fence).
+    serving_gate: Option<ServingGate>,
 }
+
+/// `Ok` while the broker may serve; `Err(why)` otherwise (a deposed leader).
+pub type ServingGate = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 
 impl std::fmt::Debug for BrokerService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -111,7 +116,16 @@ impl BrokerService {
             metrics: BrokerMetrics::default(),
             audit: leasehold_audit::AuditLog::disabled(),
             keyring: Arc::new(leasehold_envelope::Keyring::unencrypted()),
+            serving_gate: None,
         }
+    }
+
+    /// Serve only while `gate` allows it: a replica that stopped leading (frozen past its
+    /// lease, partitioned) answers `UNAVAILABLE` before any side effect, and node drivers
+    /// retry against the new leader.
+    pub fn only_while(mut self, gate: ServingGate) -> Self {
+        self.serving_gate = Some(gate);
+        self
     }
 
     /// Open sealed lease versions with `keyring` (the controller's).
@@ -257,7 +271,13 @@ impl BrokerService {
         call: impl Future<Output = Result<T, BrokerError>>,
     ) -> Result<Response<T>, Status> {
         let start = Instant::now();
-        let result = call.await;
+        let gate = self.serving_gate.as_ref().map_or(Ok(()), |g| g());
+        let result = match gate {
+            Ok(()) => call.await,
+            Err(why) => Err(BrokerError::Unavailable(format!(
+                "this broker no longer serves ({why}); retry against the leader"
+            ))),
+        };
         let code = result
             .as_ref()
             .map_or_else(BrokerError::code, |_| tonic::Code::Ok);

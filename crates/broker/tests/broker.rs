@@ -782,3 +782,53 @@ async fn connections_beyond_the_limit_are_closed() {
     }
     assert!(admitted, "a freed slot admits a new connection");
 }
+
+/// A broker whose replica stopped leading answers UNAVAILABLE before doing anything, and
+/// serves again once it leads.
+#[tokio::test]
+async fn a_broker_that_no_longer_leads_refuses_before_any_side_effect() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let leading = Arc::new(AtomicBool::new(true));
+    let gate = leading.clone();
+    let mut b = common::start_service(
+        |_| None,
+        leasehold_broker::ConnectionSettings::current(),
+        move |s| {
+            s.only_while(Arc::new(move || {
+                if gate.load(Ordering::SeqCst) {
+                    Ok(())
+                } else {
+                    Err("NotLeader: stopped leading".into())
+                }
+            }))
+        },
+    )
+    .await;
+    let pod = web();
+    let issue = |b: &mut common::Broker| {
+        let request = with_token(
+            issue_request(&pod, "db", &pod_token(&pod)),
+            Some(&node_token()),
+        );
+        let mut client = b.client.clone();
+        async move { client.issue(request).await }
+    };
+    assert_eq!(issue(&mut b).await.unwrap().into_inner().version, 3);
+
+    leading.store(false, Ordering::SeqCst);
+    let refused = issue(&mut b).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert!(
+        refused.message().contains("no longer serves"),
+        "{refused:?}"
+    );
+    let refused = b
+        .client
+        .acknowledge(with_token(ack_request(&pod, "db", 3), Some(&node_token())))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable);
+
+    leading.store(true, Ordering::SeqCst);
+    assert_eq!(issue(&mut b).await.unwrap().into_inner().version, 3);
+}

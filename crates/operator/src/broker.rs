@@ -20,6 +20,7 @@ use leasehold_engine::BackendRegistry;
 use tracing::{info, warn};
 
 use crate::OperatorError;
+use crate::leader::LeadershipFence;
 
 /// The label the broker Service selects.
 pub const LEADER_LABEL: &str = "leasehold.dev/leader";
@@ -74,13 +75,15 @@ pub async fn label_leader(
     Ok(())
 }
 
-/// Build the broker and serve it until `stop` completes.
+/// Build the broker and serve it until `stop` completes. Calls are answered, and pods
+/// swept, only while `fence` says this replica leads.
 pub async fn run(
     client: Client,
     settings: BrokerSettings,
     metrics: BrokerMetrics,
     certificates: Arc<PodCertificates>,
     audit: leasehold_audit::AuditLog,
+    fence: LeadershipFence,
     stop: impl Future<Output = ()> + Send,
 ) -> Result<(), OperatorError> {
     let tls = match &settings.user_secret {
@@ -141,6 +144,7 @@ pub async fn run(
         certificates.clone(),
         settings.namespaces.clone(),
         settings.per_pod_sweep,
+        fence.clone(),
     ));
     let service = BrokerService::new(
         BrokerConfig::new(
@@ -155,7 +159,8 @@ pub async fn run(
     .with_certificates(certificates)
     .with_metrics(metrics)
     .with_audit(audit)
-    .with_keyring(settings.keyring.clone());
+    .with_keyring(settings.keyring.clone())
+    .only_while(Arc::new(move || fence.check().map_err(|e| e.to_string())));
     info!(addr = %settings.addr, "broker serving");
     let served = leasehold_broker::serve(settings.addr, &tls, service, stop)
         .await
@@ -178,6 +183,7 @@ async fn sweep_per_pod_users(
     certificates: Arc<PodCertificates>,
     namespaces: Vec<String>,
     every: std::time::Duration,
+    fence: LeadershipFence,
 ) {
     let scopes: Vec<Option<String>> = if namespaces.is_empty() {
         vec![None]
@@ -187,6 +193,11 @@ async fn sweep_per_pod_users(
     let pods = KubePodLister::new(client.clone());
     loop {
         tokio::time::sleep(every).await;
+        // A replica frozen past its lease drops nothing when it resumes: the leader sweeps.
+        if let Err(e) = fence.check() {
+            warn!(error = %e, "per-pod sweep skipped: not the leader");
+            continue;
+        }
         for scope in &scopes {
             let leases: Api<SecretLease> = match scope {
                 Some(ns) => Api::namespaced(client.clone(), ns),

@@ -563,10 +563,11 @@ where
         let stop_tx = stop_tx.clone();
         let issuers = pod_certificates.clone();
         let audit = audit_log.clone();
+        let fence = fence.clone();
         tokio::spawn({
             let client = client.clone();
             async move {
-                if let Err(e) = broker::run(client, settings, broker_metrics, issuers, audit, stop).await {
+                if let Err(e) = broker::run(client, settings, broker_metrics, issuers, audit, fence, stop).await {
                     tracing::error!(error = %e, "the broker failed; stopping so a healthy replica can lead");
                     let _ = stop_tx.send(true);
                     return Err(e);

@@ -497,6 +497,15 @@ pub async fn start_configured(
     per_pod: impl FnOnce(Arc<MemoryCluster>) -> Option<Arc<dyn PerPodIssuer>>,
     settings: ConnectionSettings,
 ) -> Broker {
+    start_service(per_pod, settings, |s| s).await
+}
+
+/// [`start_configured`] with a last word on the service (`customize`).
+pub async fn start_service(
+    per_pod: impl FnOnce(Arc<MemoryCluster>) -> Option<Arc<dyn PerPodIssuer>>,
+    settings: ConnectionSettings,
+    customize: impl FnOnce(BrokerService) -> BrokerService,
+) -> Broker {
     let cluster = Arc::new(cluster());
     let per_pod = per_pod(cluster.clone());
     let consumers = Arc::new(MemoryConsumerStore::new());
@@ -519,7 +528,7 @@ pub async fn start_configured(
         service = service.with_per_pod(issuer);
     }
     let certs = cert_fixture();
-    service = service.with_certificates(certs.certificates.clone());
+    service = customize(service.with_certificates(certs.certificates.clone()));
 
     let now = Timestamp::now();
     let ca = generate_ca(now, Duration::from_secs(3600)).unwrap();
