@@ -664,6 +664,53 @@ impl Cluster {
         .unwrap_or_else(|e| panic!("applying {} {name}: {e}", gvk.kind));
     }
 
+    /// Who holds the controller's leader-election Lease.
+    async fn leader_identity(&self) -> Option<String> {
+        Api::<Lease>::namespaced(self.client.clone(), &self.system_ns)
+            .get_opt(&format!("{FULLNAME}-controller"))
+            .await
+            .ok()
+            .flatten()
+            .and_then(|l| l.spec?.holder_identity)
+    }
+
+    /// Applies a lease under the `slow-drain` policy (20 s grace period), waits for v1,
+    /// requests a rotation and waits until v2 is promoted while v1 drains. Returns v1's
+    /// user.
+    async fn rotation_left_draining(&self, postgres: Value, lease: &str) -> String {
+        self.apply(json!({
+            "apiVersion": "leasehold.dev/v1alpha1", "kind": "SecretLease", "metadata": {"name": lease},
+            "spec": {"policyRef": {"name": "slow-drain"}, "postgres": postgres,
+                     "delivery": {"secret": {"name": format!("{lease}-creds")}}}
+        }))
+        .await;
+        let v1 = self
+            .wait_ready_version(lease, 1)
+            .await
+            .current_username
+            .unwrap();
+        self.request_rotation(lease, "e2e-drain").await;
+        eventually(
+            "v2 promoted, v1 draining",
+            Duration::from_secs(60),
+            || async {
+                let s = self.status(lease).await?;
+                (s.current_version == Some(2) && s.progress.versions.len() == 2).then_some(())
+            },
+        )
+        .await;
+        v1
+    }
+
+    /// Waits until the lease's rotation has finished: v2 current and nothing else left.
+    async fn wait_rotation_finished(&self, lease: &str, what: &str) {
+        eventually(what, Duration::from_secs(120), || async {
+            let s = self.status(lease).await?;
+            (s.current_version == Some(2) && s.progress.versions.len() == 1).then_some(())
+        })
+        .await;
+    }
+
     /// Waits until the lease is gone (its finalizer removed).
     async fn wait_lease_gone(&self, lease: &str, timeout: Duration) {
         eventually(&format!("lease {lease} gone"), timeout, || async {
@@ -2730,17 +2777,6 @@ async fn deletion_waits_for_revocation(w: &mut World) {
 
 async fn failover(w: &mut World) {
     let c = &w.cluster;
-    c.apply(json!({
-        "apiVersion": "leasehold.dev/v1alpha1", "kind": "SecretLease", "metadata": {"name": "failover-db"},
-        "spec": {"policyRef": {"name": "slow-drain"}, "postgres": postgres_spec(w),
-                 "delivery": {"secret": {"name": "failover-db-creds"}}}
-    }))
-    .await;
-    let v1 = c
-        .wait_ready_version("failover-db", 1)
-        .await
-        .current_username
-        .unwrap();
     let standby = Process::spawn(
         "controller-1",
         &w.controller_args,
@@ -2751,16 +2787,7 @@ async fn failover(w: &mut World) {
             ("POD_NAMESPACE", &c.system_ns),
         ],
     );
-    let election: Api<Lease> = Api::namespaced(c.client.clone(), &c.system_ns);
-    let lease_name = format!("{FULLNAME}-controller");
-    let holder = || async {
-        election
-            .get_opt(&lease_name)
-            .await
-            .ok()
-            .flatten()
-            .and_then(|l| l.spec?.holder_identity)
-    };
+    let holder = || c.leader_identity();
     assert_eq!(holder().await.as_deref(), Some("controller-0"));
     let pods: Api<Pod> = Api::namespaced(c.client.clone(), &c.system_ns);
     let leader_label = |p: &Pod| p.labels().get("leasehold.dev/leader").cloned();
@@ -2770,16 +2797,9 @@ async fn failover(w: &mut World) {
         "the leader labels its pod"
     );
     // Rotate, and kill the leader while the old version drains (grace period 20 s).
-    c.request_rotation("failover-db", "e2e-1").await;
-    eventually(
-        "v2 promoted, v1 draining",
-        Duration::from_secs(60),
-        || async {
-            let s = c.status("failover-db").await?;
-            (s.current_version == Some(2) && s.progress.versions.len() == 2).then_some(())
-        },
-    )
-    .await;
+    let v1 = c
+        .rotation_left_draining(postgres_spec(w), "failover-db")
+        .await;
     let killed_at = Instant::now();
     w.controllers[0].kill().await;
     w.controllers.push(standby);
@@ -2793,13 +2813,9 @@ async fn failover(w: &mut World) {
         "e2e: standby took over {:.1}s after the kill",
         killed_at.elapsed().as_secs_f64()
     );
-    eventually(
+    c.wait_rotation_finished(
+        "failover-db",
         "the interrupted rotation completes under the new leader",
-        Duration::from_secs(120),
-        || async {
-            let s = c.status("failover-db").await?;
-            (s.current_version == Some(2) && s.progress.versions.len() == 1).then_some(())
-        },
     )
     .await;
     assert!(!w.db.role_exists(&v1).await, "v1 revoked by the new leader");
@@ -2827,16 +2843,7 @@ async fn failover(w: &mut World) {
 /// its reconciles were due while it was frozen.
 async fn paused_leader_is_fenced(w: &mut World) {
     let c = &w.cluster;
-    let election: Api<Lease> = Api::namespaced(c.client.clone(), &c.system_ns);
-    let lease_name = format!("{FULLNAME}-controller");
-    let holder = || async {
-        election
-            .get_opt(&lease_name)
-            .await
-            .ok()
-            .flatten()
-            .and_then(|l| l.spec?.holder_identity)
-    };
+    let holder = || c.leader_identity();
     assert_eq!(holder().await.as_deref(), Some("controller-1"));
     let leader = w
         .controllers
@@ -2868,27 +2875,9 @@ async fn paused_leader_is_fenced(w: &mut World) {
 
     // A rotation whose old version drains (20 s) when the leader freezes: the frozen
     // leader's revocation of v1 falls due while it cannot see that it lost the lease.
-    c.apply(json!({
-        "apiVersion": "leasehold.dev/v1alpha1", "kind": "SecretLease", "metadata": {"name": "fenced-db"},
-        "spec": {"policyRef": {"name": "slow-drain"}, "postgres": postgres_spec(w),
-                 "delivery": {"secret": {"name": "fenced-db-creds"}}}
-    }))
-    .await;
     let v1 = c
-        .wait_ready_version("fenced-db", 1)
-        .await
-        .current_username
-        .unwrap();
-    c.request_rotation("fenced-db", "e2e-fence").await;
-    eventually(
-        "v2 promoted, v1 draining",
-        Duration::from_secs(60),
-        || async {
-            let s = c.status("fenced-db").await?;
-            (s.current_version == Some(2) && s.progress.versions.len() == 2).then_some(())
-        },
-    )
-    .await;
+        .rotation_left_draining(postgres_spec(w), "fenced-db")
+        .await;
 
     w.controllers[leader].signal("STOP");
     let frozen_at = Instant::now();
@@ -2899,15 +2888,8 @@ async fn paused_leader_is_fenced(w: &mut World) {
         || async { (holder().await.as_deref() == Some("controller-0")).then_some(()) },
     )
     .await;
-    eventually(
-        "the rotation completes under the new leader",
-        Duration::from_secs(120),
-        || async {
-            let s = c.status("fenced-db").await?;
-            (s.current_version == Some(2) && s.progress.versions.len() == 1).then_some(())
-        },
-    )
-    .await;
+    c.wait_rotation_finished("fenced-db", "the rotation completes under the new leader")
+        .await;
     assert!(!w.db.role_exists(&v1).await, "v1 revoked by the new leader");
     let settled = c.status("fenced-db").await.unwrap();
     let log = w.controllers[leader].log.clone();
