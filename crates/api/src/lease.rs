@@ -406,7 +406,9 @@ pub struct SecretLeaseStatus {
     /// The database-side user of the current version (not secret).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub current_username: Option<String>,
-    /// When the current version stops working on its own.
+    /// When the current version expires: PostgreSQL refuses it after this time (`VALID
+    /// UNTIL`); MySQL/MariaDB have no per-user expiry time, so leasehold rotates before it
+    /// and revokes it after (whole-day `PASSWORD EXPIRE` is a backstop, not revocation).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<Time>,
     /// When the next rotation is planned.
