@@ -18,19 +18,24 @@ use leasehold_proto::broker::v1 as pb;
 use secrecy::SecretString;
 use tonic::Code;
 
-#[tokio::test]
-async fn issue_returns_rendered_files_and_version() {
-    let mut b = start().await;
+/// The `web` pod's Issue of lease `db`, as its node's driver sends it.
+async fn issue_for_web(
+    b: &mut Broker,
+) -> Result<tonic::Response<pb::IssueResponse>, tonic::Status> {
     let pod = web();
-    let response = b
-        .client
+    b.client
         .issue(with_token(
             issue_request(&pod, "db", &pod_token(&pod)),
             Some(&node_token()),
         ))
         .await
-        .unwrap()
-        .into_inner();
+}
+
+#[tokio::test]
+async fn issue_returns_rendered_files_and_version() {
+    let mut b = start().await;
+    let pod = web();
+    let response = issue_for_web(&mut b).await.unwrap().into_inner();
     assert_eq!(response.version, 3);
     let file = |k: &str| String::from_utf8(response.files[k].clone()).unwrap();
     assert_eq!(file("username"), "lh_abc_v3");
@@ -630,23 +635,15 @@ async fn acknowledge_needs_a_volume_of_the_lease() {
 async fn driver_token_of_a_deleted_pod_is_refused() {
     let mut b = start().await;
     let pod = web();
-    let issue = |b: &mut Broker| {
-        let mut client = b.client.clone();
-        let request = with_token(
-            issue_request(&pod, "db", &pod_token(&pod)),
-            Some(&node_token()),
-        );
-        async move { client.issue(request).await }
-    };
-    issue(&mut b).await.unwrap();
+    issue_for_web(&mut b).await.unwrap();
 
     b.cluster.put_pod(driver_pod(Some("2030-01-01T00:00:00Z")));
-    let err = issue(&mut b).await.unwrap_err();
+    let err = issue_for_web(&mut b).await.unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
     assert!(err.message().contains("is terminating"), "{err:?}");
 
     b.cluster.remove_pod(DRIVER_NS, "leasehold-csi-abcde");
-    let err = issue(&mut b).await.unwrap_err();
+    let err = issue_for_web(&mut b).await.unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
     assert!(err.message().contains("no longer exists"), "{err:?}");
     // Acknowledge and Release too.
@@ -667,11 +664,11 @@ async fn driver_token_of_a_deleted_pod_is_refused() {
     let mut replaced = driver_pod(None);
     replaced.metadata.uid = Some("pod-uid-driver-2".into());
     b.cluster.put_pod(replaced);
-    let err = issue(&mut b).await.unwrap_err();
+    let err = issue_for_web(&mut b).await.unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
 
     b.cluster.put_pod(driver_pod(None));
-    issue(&mut b).await.unwrap();
+    issue_for_web(&mut b).await.unwrap();
 }
 
 /// Waits (bounded) until a new connection to the broker is admitted.
@@ -736,14 +733,7 @@ async fn silent_peers_lose_their_connection_slot() {
         );
         wait_admitted(&b).await;
     }
-    let pod = web();
-    b.client
-        .issue(with_token(
-            issue_request(&pod, "db", &pod_token(&pod)),
-            Some(&node_token()),
-        ))
-        .await
-        .unwrap();
+    issue_for_web(&mut b).await.unwrap();
 }
 
 /// Connections beyond the limit (handshakes included) are closed at once;
@@ -754,13 +744,7 @@ async fn connections_beyond_the_limit_are_closed() {
     let pod = web();
     // The harness client holds one connection; a bare TCP connection that
     // never handshakes holds the second.
-    b.client
-        .issue(with_token(
-            issue_request(&pod, "db", &pod_token(&pod)),
-            Some(&node_token()),
-        ))
-        .await
-        .unwrap();
+    issue_for_web(&mut b).await.unwrap();
     let idle = tokio::net::TcpStream::connect(b.addr).await.unwrap();
     assert!(
         connect(b.addr, &b.ca_pem).await.is_err(),
@@ -805,18 +789,10 @@ async fn a_broker_that_no_longer_leads_refuses_before_any_side_effect() {
     )
     .await;
     let pod = web();
-    let issue = |b: &mut common::Broker| {
-        let request = with_token(
-            issue_request(&pod, "db", &pod_token(&pod)),
-            Some(&node_token()),
-        );
-        let mut client = b.client.clone();
-        async move { client.issue(request).await }
-    };
-    assert_eq!(issue(&mut b).await.unwrap().into_inner().version, 3);
+    assert_eq!(issue_for_web(&mut b).await.unwrap().into_inner().version, 3);
 
     leading.store(false, Ordering::SeqCst);
-    let refused = issue(&mut b).await.unwrap_err();
+    let refused = issue_for_web(&mut b).await.unwrap_err();
     assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
     assert!(
         refused.message().contains("no longer serves"),
@@ -830,5 +806,5 @@ async fn a_broker_that_no_longer_leads_refuses_before_any_side_effect() {
     assert_eq!(refused.code(), Code::Unavailable);
 
     leading.store(true, Ordering::SeqCst);
-    assert_eq!(issue(&mut b).await.unwrap().into_inner().version, 3);
+    assert_eq!(issue_for_web(&mut b).await.unwrap().into_inner().version, 3);
 }

@@ -31,6 +31,18 @@ fn version_of_password(s: &str) -> u64 {
     v
 }
 
+type PublishResult = Result<tonic::Response<csi::NodePublishVolumeResponse>, tonic::Status>;
+
+/// `request` published through `node` on a task of its own (it may hang, or wait its
+/// turn).
+fn publish_in_background(
+    node: &csi::node_client::NodeClient<tonic::transport::Channel>,
+    request: csi::NodePublishVolumeRequest,
+) -> tokio::task::JoinHandle<PublishResult> {
+    let mut node = node.clone();
+    tokio::spawn(async move { node.node_publish_volume(request).await })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn identity_probe_and_socket_mode() {
     let dir = tempfile::tempdir().unwrap();
@@ -545,11 +557,8 @@ async fn concurrent_publishes_of_one_volume_mount_once() {
 
     let mut calls = Vec::new();
     for _ in 0..4 {
-        let mut node = d.node.clone();
         let req = Pub::new("csi-race", &target).build();
-        calls.push(tokio::spawn(
-            async move { node.node_publish_volume(req).await },
-        ));
+        calls.push(publish_in_background(&d.node, req));
     }
     let mut ok = 0;
     for call in calls {
@@ -704,11 +713,9 @@ async fn publishes_beyond_a_leases_slots_wait_their_turn() {
     .await;
     let calls: Vec<_> = (0..24)
         .map(|i| {
-            let mut node = d.node.clone();
             let target = target_under(dir.path(), &format!("pod-many{i}"));
             let volume = format!("csi-many{i}");
-            let request = Pub::new(&volume, &target).build();
-            tokio::spawn(async move { node.node_publish_volume(request).await })
+            publish_in_background(&d.node, Pub::new(&volume, &target).build())
         })
         .collect();
     for call in calls {
@@ -745,17 +752,8 @@ async fn a_hanging_lease_starves_neither_other_leases_nor_renewals() {
 
     broker.state.lock().unwrap().hang_leases = ["slow-a".to_owned(), "slow-b".to_owned()].into();
     let client = d.node.clone();
-    let hanging = |volume: &'static str, pod: &'static str, lease: &'static str| {
-        let mut node = client.clone();
-        let target = target_under(dir.path(), pod);
-        tokio::spawn(async move {
-            let req = Pub {
-                lease: Some(lease),
-                ..Pub::new(volume, &target)
-            }
-            .build();
-            node.node_publish_volume(req).await
-        })
+    let hanging = |volume: &str, pod: &str, lease: &str| {
+        publish_in_background(&client, lease_pub(dir.path(), volume, pod, lease))
     };
     let slow_a = hanging("csi-slow-a1", "pod-slow-a1", "slow-a");
     // Wait until it is in flight at the broker side (its Issue is pending).
@@ -768,16 +766,14 @@ async fn a_hanging_lease_starves_neither_other_leases_nor_renewals() {
     assert_eq!(broker.hanging(), 1, "first slow publish in flight");
 
     // A second publish of the hanging lease: refused at once.
-    let second = target_under(dir.path(), "pod-slow-a2");
     let err = tokio::time::timeout(
         Duration::from_secs(2),
-        d.node.node_publish_volume(
-            Pub {
-                lease: Some("slow-a"),
-                ..Pub::new("csi-slow-a2", &second)
-            }
-            .build(),
-        ),
+        d.node.node_publish_volume(lease_pub(
+            dir.path(),
+            "csi-slow-a2",
+            "pod-slow-a2",
+            "slow-a",
+        )),
     )
     .await
     .expect("refused at once, not queued")
@@ -837,6 +833,19 @@ fn lease_pub(dir: &Path, volume: &str, pod: &str, lease: &str) -> csi::NodePubli
     .build()
 }
 
+/// The unpublish of what `request` published.
+fn unpublish_of(request: &csi::NodePublishVolumeRequest) -> csi::NodeUnpublishVolumeRequest {
+    unpublish_req(&request.volume_id, Path::new(&request.target_path))
+}
+
+/// Waits until `count` broker calls hang (`what` names them if they never do).
+async fn wait_until_hanging(broker: &FakeBroker, count: usize, what: &str) {
+    wait_until(what, Duration::from_secs(10), || async {
+        broker.hanging() == count
+    })
+    .await;
+}
+
 /// A lease whose fresh publishes hang (its database stopped answering) still renews
 /// its published volumes: renewals have per-lease slots of their own, so they never
 /// wait behind the lease's fresh publishes.
@@ -859,15 +868,9 @@ async fn a_lease_whose_publishes_hang_still_renews_its_volumes() {
     d.node.node_publish_volume(live.clone()).await.unwrap();
 
     broker.state.lock().unwrap().hang_leases = ["slow".to_owned()].into();
-    let mut node = d.node.clone();
     let fresh = lease_pub(dir.path(), "csi-slow-new", "pod-slow-new", "slow");
-    let hanging = tokio::spawn(async move { node.node_publish_volume(fresh).await });
-    wait_until(
-        "the fresh publish hangs at the broker",
-        Duration::from_secs(10),
-        || async { broker.hanging() == 1 },
-    )
-    .await;
+    let hanging = publish_in_background(&d.node, fresh);
+    wait_until_hanging(&broker, 1, "the fresh publish hangs at the broker").await;
 
     // The lease's only fresh slot is taken: another fresh publish is refused...
     let err = d
@@ -887,7 +890,7 @@ async fn a_lease_whose_publishes_hang_still_renews_its_volumes() {
     let err = hanging.await.unwrap().unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     d.node
-        .node_unpublish_volume(unpublish_req("csi-slow-live", Path::new(&live.target_path)))
+        .node_unpublish_volume(unpublish_of(&live))
         .await
         .unwrap();
     d.stop().await;
@@ -933,18 +936,9 @@ async fn hanging_leases_leave_renewal_slots_for_other_leases() {
     let first_renewals: Vec<_> = published
         .iter()
         .step_by(2)
-        .map(|request| {
-            let mut node = d.node.clone();
-            let request = request.clone();
-            tokio::spawn(async move { node.node_publish_volume(request).await })
-        })
+        .map(|request| publish_in_background(&d.node, request.clone()))
         .collect();
-    wait_until(
-        "one renewal of each slow lease hangs",
-        Duration::from_secs(10),
-        || async { broker.hanging() == slow.len() },
-    )
-    .await;
+    wait_until_hanging(&broker, slow.len(), "one renewal of each slow lease hangs").await;
 
     // A second renewal of a hanging lease finds the lease's renewal slot taken.
     for request in published.iter().skip(1).step_by(2) {
@@ -983,10 +977,7 @@ async fn hanging_leases_leave_renewal_slots_for_other_leases() {
     }
     for request in published.iter().chain([&fast]) {
         d.node
-            .node_unpublish_volume(unpublish_req(
-                &request.volume_id,
-                Path::new(&request.target_path),
-            ))
+            .node_unpublish_volume(unpublish_of(request))
             .await
             .unwrap();
     }

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use common::{MemoryStores, lease_key, obs};
+use common::{MemoryStores, deleting, lease_key, obs};
 use leasehold_api::{RotationPolicySpec, SecretLeaseSpec};
 use leasehold_certs::{
     CaIssuer, CertificateAuthority, CertificateIssuer, IssueOrder, IssuedChain, IssuerError,
@@ -169,12 +169,8 @@ async fn a_certificate_is_verified_delivered_rotated_and_the_old_serial_revoked(
     .unwrap();
 
     // Deleting the lease revokes v2 too.
-    let deleting = leasehold_core::rotation::Observations {
-        deleting: true,
-        ..obs(None)
-    };
     let out = engine
-        .reconcile(&ctx, &mut progress, &deleting, stores.stores())
+        .reconcile(&ctx, &mut progress, &deleting(), stores.stores())
         .await
         .unwrap();
     assert_eq!(out, Outcome::Finished);

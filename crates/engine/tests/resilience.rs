@@ -6,11 +6,13 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use common::db::Db;
-use common::{FailVerifyFor, MemoryStores, TestClock, context, lease_key, obs, policy};
+use common::{
+    FailVerifyFor, MemoryStores, TestClock, context, crashing_once_at, issue_first_version,
+    lease_key, obs, policy,
+};
 use leasehold_backends::{CredentialId, Privileges};
 use leasehold_core::Strategy;
 use leasehold_core::rotation::{RevokeReason, RotationOutcome, VersionState, WaitReason};
@@ -32,39 +34,16 @@ const ALL_POINTS: [FaultPoint; 8] = [
 /// Crash once at `point` during a rotation, restart from the saved progress, finish.
 async fn crash_and_resume(db: Db<'_>, strategy: Strategy, point: FaultPoint) {
     let key = lease_key("crash");
-    let ctx = context(
-        key.clone(),
-        db.kind(),
-        db.backend(2),
-        db.host(),
-        db.port(),
-        db.database(),
-        policy(strategy, Duration::ZERO),
-        db.minimal_privileges(),
-    );
+    let ctx = db.lease_context(&key, strategy);
     db.create_in_place_user(&ctx).await;
     let stores = MemoryStores::default();
 
     // v1 without faults.
-    let mut progress = stores.load(&key);
-    Engine::new()
-        .reconcile(&ctx, &mut progress, &obs(None), stores.stores())
-        .await
-        .unwrap();
-    let v1 = progress.current().unwrap().clone();
+    let (_, v1, pw1) = issue_first_version(&Engine::new(), &ctx, &stores).await;
     assert_eq!(v1.version, 1);
-    let pw1 = stores.password(&key, 1).unwrap();
 
     // Rotation to v2 crashes once at `point`.
-    let armed = Arc::new(AtomicBool::new(true));
-    let hook_armed = armed.clone();
-    let crashing = Engine::new().with_fault_hook(Arc::new(move |p| {
-        if p == point && hook_armed.swap(false, Ordering::SeqCst) {
-            Err("crash".into())
-        } else {
-            Ok(())
-        }
-    }));
+    let crashing = crashing_once_at(Engine::new(), point);
     let mut in_memory = stores.load(&key);
     let r = crashing
         .reconcile(&ctx, &mut in_memory, &obs(Some("rotate")), stores.stores())
@@ -181,13 +160,7 @@ async fn failed_verification_keeps_the_old_credential_and_removes_the_new() {
         db.create_in_place_user(&ctx).await;
         let stores = MemoryStores::default();
         let engine = Engine::new();
-        let mut progress = stores.load(&key);
-        engine
-            .reconcile(&ctx, &mut progress, &obs(None), stores.stores())
-            .await
-            .unwrap();
-        let v1 = progress.current().unwrap().clone();
-        let pw1 = stores.password(&key, 1).unwrap();
+        let (mut progress, v1, pw1) = issue_first_version(&engine, &ctx, &stores).await;
 
         // Version 2 fails verification (Dynamic: by its user name; InPlace: every verify).
         let suffix = if strategy == Strategy::Dynamic {

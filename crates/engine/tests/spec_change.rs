@@ -5,12 +5,13 @@
 
 mod common;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use common::db::Db;
-use common::{KnownTargets, MemoryStores, TestClock, context, lease_key, naming, obs, policy};
+use common::{
+    KnownTargets, MemoryStores, TestClock, crashing_once_at, deleting, issue_first_version,
+    lease_key, naming, obs, policy,
+};
 use leasehold_backends::CredentialId;
 use leasehold_core::rotation::{RotationOutcome, VersionState};
 use leasehold_core::{Strategy, Target};
@@ -18,19 +19,6 @@ use leasehold_engine::engine::FaultPoint;
 use leasehold_engine::{Engine, LeaseContext, NamingRule, Outcome};
 use leasehold_testkit::{MariaDbServer, PostgresServer};
 use mysql_async::prelude::Queryable;
-
-fn ctx_for(db: Db<'_>, key: &leasehold_engine::LeaseKey, strategy: Strategy) -> LeaseContext {
-    context(
-        key.clone(),
-        db.kind(),
-        db.backend(2),
-        db.host(),
-        db.port(),
-        db.database(),
-        policy(strategy, Duration::ZERO),
-        db.minimal_privileges(),
-    )
-}
 
 fn target_of(db: Db<'_>) -> Target {
     Target {
@@ -45,30 +33,19 @@ fn target_of(db: Db<'_>) -> Target {
 /// A lease that is not touched by anything the other lease does.
 async fn bystander(db: Db<'_>) -> (String, String) {
     let key = lease_key("bystander");
-    let ctx = ctx_for(db, &key, Strategy::Dynamic);
+    let ctx = db.lease_context(&key, Strategy::Dynamic);
     let stores = MemoryStores::default();
-    let mut progress = stores.load(&key);
-    Engine::new()
-        .reconcile(&ctx, &mut progress, &obs(None), stores.stores())
-        .await
-        .unwrap();
-    let user = progress.current().unwrap().credential_id.clone();
-    (user, stores.password(&key, 1).unwrap())
+    let (_, first, password) = issue_first_version(&Engine::new(), &ctx, &stores).await;
+    (first.credential_id, password)
 }
 
 async fn dynamic_to_in_place_drops_the_dynamic_user_and_touches_nothing_else(db: Db<'_>) {
     let (other_user, other_pw) = bystander(db).await;
     let key = lease_key("to-inplace");
-    let mut ctx = ctx_for(db, &key, Strategy::Dynamic);
+    let mut ctx = db.lease_context(&key, Strategy::Dynamic);
     let stores = MemoryStores::default();
     let engine = Engine::new();
-    let mut progress = stores.load(&key);
-    engine
-        .reconcile(&ctx, &mut progress, &obs(None), stores.stores())
-        .await
-        .unwrap();
-    let v1 = progress.current().unwrap().clone();
-    let pw1 = stores.password(&key, 1).unwrap();
+    let (mut progress, v1, pw1) = issue_first_version(&engine, &ctx, &stores).await;
     assert_eq!(
         v1.issued_under.as_ref().map(|u| u.strategy),
         Some(Strategy::Dynamic)
@@ -104,12 +81,8 @@ async fn dynamic_to_in_place_drops_the_dynamic_user_and_touches_nothing_else(db:
 
     // Deleting the lease leaves the InPlace user (leasehold did not create it as a
     // version user) and still touches nothing else.
-    let deleting = leasehold_core::rotation::Observations {
-        deleting: true,
-        ..obs(None)
-    };
     let out = engine
-        .reconcile(&ctx, &mut progress, &deleting, stores.stores())
+        .reconcile(&ctx, &mut progress, &deleting(), stores.stores())
         .await
         .unwrap();
     assert_eq!(out, Outcome::Finished, "progress: {progress:?}");
@@ -156,17 +129,11 @@ async fn assert_handed_back_scrambled(db: Db<'_>, user: &str, old_pw: &str) {
 async fn in_place_to_dynamic_scrambles_but_never_drops_the_in_place_user(db: Db<'_>) {
     let (other_user, other_pw) = bystander(db).await;
     let key = lease_key("to-dynamic");
-    let mut ctx = ctx_for(db, &key, Strategy::InPlace);
+    let mut ctx = db.lease_context(&key, Strategy::InPlace);
     db.create_in_place_user(&ctx).await;
     let stores = MemoryStores::default();
     let engine = Engine::new();
-    let mut progress = stores.load(&key);
-    engine
-        .reconcile(&ctx, &mut progress, &obs(None), stores.stores())
-        .await
-        .unwrap();
-    let v1 = progress.current().unwrap().clone();
-    let pw1 = stores.password(&key, 1).unwrap();
+    let (mut progress, v1, pw1) = issue_first_version(&engine, &ctx, &stores).await;
     assert!(db.can_login(&v1.credential_id, &pw1).await);
 
     ctx.policy = policy(Strategy::Dynamic, Duration::ZERO);
@@ -205,7 +172,7 @@ async fn mariadb_in_place_to_dynamic_scrambles_but_never_drops_the_in_place_user
 
 async fn a_new_in_place_username_scrambles_the_old_users_password(db: Db<'_>) {
     let key = lease_key("rename");
-    let mut ctx = ctx_for(db, &key, Strategy::InPlace);
+    let mut ctx = db.lease_context(&key, Strategy::InPlace);
     // Both users exist, created by their DBA; the lease names the first.
     let user_a = format!("app_{}_a", &key.uid[..10]);
     let user_b = format!("app_{}_b", &key.uid[..10]);
@@ -216,13 +183,8 @@ async fn a_new_in_place_username_scrambles_the_old_users_password(db: Db<'_>) {
     };
     let stores = MemoryStores::default();
     let engine = Engine::new();
-    let mut progress = stores.load(&key);
-    engine
-        .reconcile(&ctx, &mut progress, &obs(None), stores.stores())
-        .await
-        .unwrap();
+    let (mut progress, _, pw1) = issue_first_version(&engine, &ctx, &stores).await;
     assert_eq!(progress.current().unwrap().credential_id, user_a);
-    let pw1 = stores.password(&key, 1).unwrap();
     assert!(db.can_login(&user_a, &pw1).await);
 
     // The lease's username changes to the second user.
@@ -264,23 +226,11 @@ async fn mariadb_a_new_in_place_username_scrambles_the_old_users_password() {
 
 async fn a_resumed_issue_keeps_the_recorded_name_after_a_template_change(db: Db<'_>) {
     let key = lease_key("template");
-    let mut ctx = ctx_for(db, &key, Strategy::Dynamic);
+    let mut ctx = db.lease_context(&key, Strategy::Dynamic);
     let stores = MemoryStores::default();
-    let mut progress = stores.load(&key);
-    Engine::new()
-        .reconcile(&ctx, &mut progress, &obs(None), stores.stores())
-        .await
-        .unwrap();
+    let (mut progress, _, _) = issue_first_version(&Engine::new(), &ctx, &stores).await;
     // v2 is created on the backend, then the process dies before `Issued` is recorded.
-    let armed = Arc::new(AtomicBool::new(true));
-    let hook = armed.clone();
-    let crashing = Engine::new().with_fault_hook(Arc::new(move |p| {
-        if p == FaultPoint::AfterIssue && hook.swap(false, Ordering::SeqCst) {
-            Err("crash".into())
-        } else {
-            Ok(())
-        }
-    }));
+    let crashing = crashing_once_at(Engine::new(), FaultPoint::AfterIssue);
     let _ = crashing
         .reconcile(&ctx, &mut progress, &obs(Some("r")), stores.stores())
         .await;
@@ -348,27 +298,14 @@ async fn a_new_database_server_revokes_earlier_versions_on_the_old_one(
     let clock = TestClock::new();
     let engine = Engine::new().with_clock(clock.func());
     let stores = MemoryStores::default();
-    let old_ctx = ctx_for(old_db, &key, Strategy::Dynamic);
-    let mut progress = stores.load(&key);
-    engine
-        .reconcile(&old_ctx, &mut progress, &obs(None), stores.stores())
-        .await
-        .unwrap();
-    let v1 = progress.current().unwrap().clone();
-    let pw1 = stores.password(&key, 1).unwrap();
+    let old_ctx = old_db.lease_context(&key, Strategy::Dynamic);
+    let (mut progress, v1, pw1) = issue_first_version(&engine, &old_ctx, &stores).await;
     assert_eq!(v1.target(), Some(&target_of(old_db)));
     // v2 is issued on the old server, and the process dies before it is verified.
-    let armed = Arc::new(AtomicBool::new(true));
-    let hook = armed.clone();
-    let crashing = Engine::new()
-        .with_clock(clock.func())
-        .with_fault_hook(Arc::new(move |p| {
-            if p == FaultPoint::BeforeVerify && hook.swap(false, Ordering::SeqCst) {
-                Err("crash".into())
-            } else {
-                Ok(())
-            }
-        }));
+    let crashing = crashing_once_at(
+        Engine::new().with_clock(clock.func()),
+        FaultPoint::BeforeVerify,
+    );
     let _ = crashing
         .reconcile(&old_ctx, &mut progress, &obs(Some("r")), stores.stores())
         .await;
@@ -379,14 +316,11 @@ async fn a_new_database_server_revokes_earlier_versions_on_the_old_one(
     assert!(old_db.can_login(&v2.credential_id, &pw2).await);
 
     // The lease now points at another server.
-    let mut ctx = ctx_for(new_db, &key, Strategy::Dynamic);
-    let targets = KnownTargets::default();
-    targets
-        .0
-        .lock()
-        .unwrap()
-        .push((target_of(old_db), old_ctx.backend.clone()));
-    ctx.previous_targets = Some(Arc::new(targets));
+    let mut ctx = new_db.lease_context(&key, Strategy::Dynamic);
+    ctx.previous_targets = Some(KnownTargets::only(
+        target_of(old_db),
+        old_ctx.backend.clone(),
+    ));
     engine
         .reconcile(&ctx, &mut progress, &obs(Some("r")), stores.stores())
         .await
@@ -475,31 +409,18 @@ async fn deleting_after_a_strategy_and_server_change_drops_the_user_where_it_was
     let key = lease_key("delete-moved");
     let stores = MemoryStores::default();
     let engine = Engine::new();
-    let old_ctx = ctx_for(old_db, &key, Strategy::Dynamic);
-    let mut progress = stores.load(&key);
-    engine
-        .reconcile(&old_ctx, &mut progress, &obs(None), stores.stores())
-        .await
-        .unwrap();
-    let v1 = progress.current().unwrap().clone();
-    let pw1 = stores.password(&key, 1).unwrap();
+    let old_ctx = old_db.lease_context(&key, Strategy::Dynamic);
+    let (mut progress, v1, pw1) = issue_first_version(&engine, &old_ctx, &stores).await;
 
     // Policy now InPlace, lease now on another server, and the lease is deleted before
     // anything rotated.
-    let mut ctx = ctx_for(new_db, &key, Strategy::InPlace);
-    let targets = KnownTargets::default();
-    targets
-        .0
-        .lock()
-        .unwrap()
-        .push((target_of(old_db), old_ctx.backend.clone()));
-    ctx.previous_targets = Some(Arc::new(targets));
-    let deleting = leasehold_core::rotation::Observations {
-        deleting: true,
-        ..obs(None)
-    };
+    let mut ctx = new_db.lease_context(&key, Strategy::InPlace);
+    ctx.previous_targets = Some(KnownTargets::only(
+        target_of(old_db),
+        old_ctx.backend.clone(),
+    ));
     let out = engine
-        .reconcile(&ctx, &mut progress, &deleting, stores.stores())
+        .reconcile(&ctx, &mut progress, &deleting(), stores.stores())
         .await
         .unwrap();
     assert_eq!(out, Outcome::Finished, "progress: {progress:?}");
@@ -561,13 +482,7 @@ fn with_new_account_host(db: Db<'_>, ctx: &LeaseContext) -> LeaseContext {
     let mut moved = ctx.clone();
     moved.backend = db.backend_for_accounts(2, Some(NEW_ACCOUNT_HOST));
     moved.account_host = Some(NEW_ACCOUNT_HOST.into());
-    let targets = KnownTargets::default();
-    targets
-        .0
-        .lock()
-        .unwrap()
-        .push((ctx.target(), ctx.backend.clone()));
-    moved.previous_targets = Some(Arc::new(targets));
+    moved.previous_targets = Some(KnownTargets::only(ctx.target(), ctx.backend.clone()));
     moved
 }
 
@@ -579,14 +494,8 @@ async fn mariadb_a_new_account_host_drops_earlier_versions_on_their_old_accounts
     let key = lease_key("account-host");
     let stores = MemoryStores::default();
     let engine = Engine::new();
-    let old_ctx = ctx_for(db, &key, Strategy::Dynamic);
-    let mut progress = stores.load(&key);
-    engine
-        .reconcile(&old_ctx, &mut progress, &obs(None), stores.stores())
-        .await
-        .unwrap();
-    let v1 = progress.current().unwrap().clone();
-    let pw1 = stores.password(&key, 1).unwrap();
+    let old_ctx = db.lease_context(&key, Strategy::Dynamic);
+    let (mut progress, v1, pw1) = issue_first_version(&engine, &old_ctx, &stores).await;
     assert_eq!(
         mariadb_account(s, &v1.credential_id, "%").await,
         Some(false)
@@ -649,12 +558,8 @@ async fn mariadb_a_new_account_host_drops_earlier_versions_on_their_old_accounts
     );
 
     // Deleting drops v2 on its account and still touches nothing else.
-    let deleting = leasehold_core::rotation::Observations {
-        deleting: true,
-        ..obs(None)
-    };
     let out = engine
-        .reconcile(&ctx, &mut progress, &deleting, stores.stores())
+        .reconcile(&ctx, &mut progress, &deleting(), stores.stores())
         .await
         .unwrap();
     assert_eq!(out, Outcome::Finished, "progress: {progress:?}");
@@ -682,14 +587,8 @@ async fn mariadb_a_new_account_host_locks_the_alternating_user_on_its_old_accoun
     let key = lease_key("account-host-alt");
     let stores = MemoryStores::default();
     let engine = Engine::new();
-    let old_ctx = ctx_for(db, &key, Strategy::AlternatingUsers);
-    let mut progress = stores.load(&key);
-    engine
-        .reconcile(&old_ctx, &mut progress, &obs(None), stores.stores())
-        .await
-        .unwrap();
-    let v1 = progress.current().unwrap().clone();
-    let pw1 = stores.password(&key, 1).unwrap();
+    let old_ctx = db.lease_context(&key, Strategy::AlternatingUsers);
+    let (mut progress, v1, pw1) = issue_first_version(&engine, &old_ctx, &stores).await;
     let user_a = v1.credential_id.clone();
 
     // The accounts move: v2 goes to the other user on the new host, v1's old account
@@ -753,15 +652,10 @@ async fn mariadb_a_new_account_host_scrambles_the_in_place_password_on_the_old_a
     let key = lease_key("account-host-inplace");
     let stores = MemoryStores::default();
     let engine = Engine::new();
-    let old_ctx = ctx_for(db, &key, Strategy::InPlace);
+    let old_ctx = db.lease_context(&key, Strategy::InPlace);
     db.create_in_place_user(&old_ctx).await;
-    let mut progress = stores.load(&key);
-    engine
-        .reconcile(&old_ctx, &mut progress, &obs(None), stores.stores())
-        .await
-        .unwrap();
-    let user = progress.current().unwrap().credential_id.clone();
-    let pw1 = stores.password(&key, 1).unwrap();
+    let (mut progress, v1, pw1) = issue_first_version(&engine, &old_ctx, &stores).await;
+    let user = v1.credential_id;
     assert!(db.can_login(&user, &pw1).await);
 
     // The DBA makes the user's account on the new host, and `mysql.accountHost` moves

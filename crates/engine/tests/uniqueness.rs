@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::db::Db;
-use common::{MemoryStores, context, lease_key, obs, policy};
+use common::{MemoryStores, context, deleting, lease_key, obs, policy};
 use leasehold_core::Strategy;
 use leasehold_engine::local::{LocalOptions, LocalRunner, LocalState, status_rows};
 use leasehold_engine::{Engine, EngineError, NamingRule};
@@ -90,13 +90,9 @@ async fn a_lease_never_issues_a_user_another_lease_records(db: Db<'_>) {
     assert!(db.can_login(&user, &pw).await);
 
     // Once the first lease is gone (every version revoked), the name is free.
-    let deleting = leasehold_core::rotation::Observations {
-        deleting: true,
-        ..obs(None)
-    };
     let mut pa = stores.load(&a);
     restarted
-        .reconcile(&ctx_a, &mut pa, &deleting, stores.stores())
+        .reconcile(&ctx_a, &mut pa, &deleting(), stores.stores())
         .await
         .unwrap();
     let mut pb = stores.load(&b);

@@ -108,6 +108,30 @@ async fn role_exists(pg: &PostgresServer, user: &str) -> bool {
         .is_empty()
 }
 
+/// What a reconcile of a lease reads first, its policy (`short`, ttl 3h) and `admin` as
+/// its admin Secret, followed by `then`.
+fn after_policy_and_admin(admin: Value, then: impl IntoIterator<Item = Step>) -> Vec<Step> {
+    let mut steps = vec![
+        Step::new(
+            Method::GET,
+            &format!("{POLICIES}/short"),
+            reply(policy("3h")),
+        ),
+        Step::new(Method::GET, &format!("{SECRETS}/pg-admin"), reply(admin)),
+    ];
+    steps.extend(then);
+    steps
+}
+
+/// The patch of the lease at `lease_path` that removes its finalizer.
+fn removes_the_finalizer(lease_path: &str) -> Step {
+    Step::new(Method::PATCH, lease_path, |body, state| {
+        assert!(body.to_string().contains("remove"), "{body}");
+        state["metadata"]["finalizers"] = json!([]);
+        (200, state.clone())
+    })
+}
+
 #[tokio::test]
 async fn create_adds_the_finalizer_first() {
     let name = "fresh";
@@ -205,27 +229,20 @@ async fn apply_resync_and_delete_against_real_postgres() {
     let creds_path = format!("{SECRETS}/{name}-creds");
 
     // 1. Apply: v1 is issued, verified, promoted and delivered.
-    let steps = vec![
-        Step::new(
-            Method::GET,
-            &format!("{POLICIES}/short"),
-            reply(policy("3h")),
-        ),
-        Step::new(
-            Method::GET,
-            &format!("{SECRETS}/pg-admin"),
-            reply(admin_secret(pg)),
-        ),
-        // The delivered Secret's name is free (checked before anything is issued).
-        Step::new(Method::GET, &creds_path, |_, _| not_found()),
-        Step::new(Method::GET, &versions_path, |_, _| not_found()),
-        Step::new(Method::PATCH, &versions_path, echo),
-        Step::new(Method::PATCH, &status_path, apply_status).repeated(),
-        // ... and again right before it is written.
-        Step::new(Method::GET, &creds_path, |_, _| not_found()),
-        Step::new(Method::PATCH, &creds_path, echo),
-        Step::new(Method::PATCH, &status_path, apply_status).repeated(),
-    ];
+    let steps = after_policy_and_admin(
+        admin_secret(pg),
+        [
+            // The delivered Secret's name is free (checked before anything is issued).
+            Step::new(Method::GET, &creds_path, |_, _| not_found()),
+            Step::new(Method::GET, &versions_path, |_, _| not_found()),
+            Step::new(Method::PATCH, &versions_path, echo),
+            Step::new(Method::PATCH, &status_path, apply_status).repeated(),
+            // ... and again right before it is written.
+            Step::new(Method::GET, &creds_path, |_, _| not_found()),
+            Step::new(Method::PATCH, &creds_path, echo),
+            Step::new(Method::PATCH, &status_path, apply_status).repeated(),
+        ],
+    );
     let (client, api) = scripted(steps, obj.clone());
     let lease: SecretLease = serde_json::from_value(obj).unwrap();
     let action = reconcile_lease(Arc::new(lease), context(client))
@@ -278,18 +295,7 @@ async fn apply_resync_and_delete_against_real_postgres() {
     );
 
     // 2. Resync with nothing changed: reads only, no write.
-    let steps = vec![
-        Step::new(
-            Method::GET,
-            &format!("{POLICIES}/short"),
-            reply(policy("3h")),
-        ),
-        Step::new(
-            Method::GET,
-            &format!("{SECRETS}/pg-admin"),
-            reply(admin_secret(pg)),
-        ),
-    ];
+    let steps = after_policy_and_admin(admin_secret(pg), []);
     let (client, api) = scripted(steps, state.clone());
     let lease: SecretLease = serde_json::from_value(state.clone()).unwrap();
     reconcile_lease(Arc::new(lease), context(client))
@@ -321,11 +327,7 @@ async fn apply_resync_and_delete_against_real_postgres() {
         Step::new(Method::GET, &versions_path, reply(stored_versions)),
         Step::new(Method::PATCH, &versions_path, echo),
         Step::new(Method::PATCH, &status_path, apply_status),
-        Step::new(Method::PATCH, &format!("{LEASES}/{name}"), |body, state| {
-            assert!(body.to_string().contains("remove"), "{body}");
-            state["metadata"]["finalizers"] = json!([]);
-            (200, state.clone())
-        }),
+        removes_the_finalizer(&format!("{LEASES}/{name}")),
     ];
     let (client, api) = scripted(steps, deleting.clone());
     let lease: SecretLease = serde_json::from_value(deleting).unwrap();
@@ -399,15 +401,10 @@ async fn deleting_a_per_pod_lease_keeps_the_finalizer_until_its_per_pod_users_ar
     refused["data"]["password"] = json!(base64::engine::general_purpose::STANDARD.encode("wrong"));
 
     // 1. The admin is refused: the per-pod user stays, and so does the finalizer.
-    let steps = vec![
-        Step::new(
-            Method::GET,
-            &format!("{POLICIES}/short"),
-            reply(policy("3h")),
-        ),
-        Step::new(Method::GET, &format!("{SECRETS}/pg-admin"), reply(refused)),
-        Step::new(Method::PATCH, &status_path, apply_status).repeated(),
-    ];
+    let steps = after_policy_and_admin(
+        refused,
+        [Step::new(Method::PATCH, &status_path, apply_status).repeated()],
+    );
     let (client, api) = scripted(steps, obj.clone());
     let parsed: SecretLease = serde_json::from_value(obj.clone()).unwrap();
     let result = reconcile_lease(Arc::new(parsed), context(client)).await;
@@ -424,23 +421,7 @@ async fn deleting_a_per_pod_lease_keeps_the_finalizer_until_its_per_pod_users_ar
     assert!(role_exists(pg, &user).await, "nothing dropped yet");
 
     // 2. With the admin accepted, the per-pod user is dropped, then the finalizer goes.
-    let steps = vec![
-        Step::new(
-            Method::GET,
-            &format!("{POLICIES}/short"),
-            reply(policy("3h")),
-        ),
-        Step::new(
-            Method::GET,
-            &format!("{SECRETS}/pg-admin"),
-            reply(admin_secret(pg)),
-        ),
-        Step::new(Method::PATCH, &lease_path, |body, state| {
-            assert!(body.to_string().contains("remove"), "{body}");
-            state["metadata"]["finalizers"] = json!([]);
-            (200, state.clone())
-        }),
-    ];
+    let steps = after_policy_and_admin(admin_secret(pg), [removes_the_finalizer(&lease_path)]);
     let (client, api) = scripted(steps, obj.clone());
     let parsed: SecretLease = serde_json::from_value(obj).unwrap();
     let action = reconcile_lease(Arc::new(parsed), context(client))
@@ -461,13 +442,23 @@ fn leading_fence() -> leasehold_operator::LeadershipFence {
     fence
 }
 
-fn fenced_context(
-    client: kube::Client,
+/// One reconcile of `obj` against `steps` by a replica holding `fence`: its result and
+/// what the API saw.
+async fn reconcile_fenced(
+    obj: Value,
+    steps: Vec<Step>,
     fence: &leasehold_operator::LeadershipFence,
-) -> Arc<Context> {
+) -> (
+    Result<Action, leasehold_operator::OperatorError>,
+    common::Seen,
+) {
+    let (client, api) = scripted(steps, obj.clone());
     let mut ctx = Context::new(client, Arc::new(Metrics::new()), None, 2);
     ctx.fence = fence.clone();
-    Arc::new(ctx)
+    let lease: SecretLease = serde_json::from_value(obj).unwrap();
+    let result = reconcile_lease(Arc::new(lease), Arc::new(ctx)).await;
+    let (seen, _) = api.await.unwrap();
+    (result, seen)
 }
 
 /// The leader's renew deadline passes while it stores a new version's password: the
@@ -495,31 +486,21 @@ async fn a_replica_that_stopped_leading_mid_reconcile_creates_no_user() {
     let versions_path = format!("{SECRETS}/{name}-leasehold-versions");
     let fence = leading_fence();
     let deposed = fence.clone();
-    let steps = vec![
-        Step::new(
-            Method::GET,
-            &format!("{POLICIES}/short"),
-            reply(policy("3h")),
-        ),
-        Step::new(
-            Method::GET,
-            &format!("{SECRETS}/pg-admin"),
-            reply(admin_secret(pg)),
-        ),
-        Step::new(Method::GET, &format!("{SECRETS}/{name}-creds"), |_, _| {
-            not_found()
-        }),
-        Step::new(Method::GET, &versions_path, |_, _| not_found()),
-        // The password is stored; then the replica's leadership runs out.
-        Step::new(Method::PATCH, &versions_path, move |body, state| {
-            deposed.step_down();
-            echo(body, state)
-        }),
-    ];
-    let (client, api) = scripted(steps, obj.clone());
-    let lease: SecretLease = serde_json::from_value(obj).unwrap();
-    let result = reconcile_lease(Arc::new(lease), fenced_context(client, &fence)).await;
-    let (seen, _) = api.await.unwrap();
+    let steps = after_policy_and_admin(
+        admin_secret(pg),
+        [
+            Step::new(Method::GET, &format!("{SECRETS}/{name}-creds"), |_, _| {
+                not_found()
+            }),
+            Step::new(Method::GET, &versions_path, |_, _| not_found()),
+            // The password is stored; then the replica's leadership runs out.
+            Step::new(Method::PATCH, &versions_path, move |body, state| {
+                deposed.step_down();
+                echo(body, state)
+            }),
+        ],
+    );
+    let (result, seen) = reconcile_fenced(obj, steps, &fence).await;
     assert!(
         matches!(result, Err(leasehold_operator::OperatorError::NotLeader(_))),
         "{result:?}"
@@ -563,30 +544,20 @@ async fn a_resumed_issue_is_refused_at_the_save_that_writes_nothing() {
     });
     let fence = leading_fence();
     let deposed = fence.clone();
-    let steps = vec![
-        Step::new(
-            Method::GET,
-            &format!("{POLICIES}/short"),
-            reply(policy("3h")),
-        ),
-        Step::new(
-            Method::GET,
-            &format!("{SECRETS}/pg-admin"),
-            reply(admin_secret(pg)),
-        ),
-        Step::new(Method::GET, &format!("{SECRETS}/{name}-creds"), |_, _| {
-            not_found()
-        }),
-        // The stored password is read; then the replica's leadership runs out.
-        Step::new(Method::GET, &versions_path, move |_, _| {
-            deposed.step_down();
-            (200, stored.clone())
-        }),
-    ];
-    let (client, api) = scripted(steps, obj.clone());
-    let lease: SecretLease = serde_json::from_value(obj).unwrap();
-    let result = reconcile_lease(Arc::new(lease), fenced_context(client, &fence)).await;
-    let (seen, _) = api.await.unwrap();
+    let steps = after_policy_and_admin(
+        admin_secret(pg),
+        [
+            Step::new(Method::GET, &format!("{SECRETS}/{name}-creds"), |_, _| {
+                not_found()
+            }),
+            // The stored password is read; then the replica's leadership runs out.
+            Step::new(Method::GET, &versions_path, move |_, _| {
+                deposed.step_down();
+                (200, stored.clone())
+            }),
+        ],
+    );
+    let (result, seen) = reconcile_fenced(obj, steps, &fence).await;
     assert!(
         matches!(result, Err(leasehold_operator::OperatorError::NotLeader(_))),
         "{result:?}"

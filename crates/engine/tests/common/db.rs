@@ -2,9 +2,12 @@
 #![allow(dead_code, clippy::unwrap_used)]
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use leasehold_backends::{Backend, MySqlBackend, MySqlTarget, PostgresBackend, PostgresTarget};
+use leasehold_core::Strategy;
 use leasehold_engine::context::DatabaseKind;
+use leasehold_engine::{LeaseContext, LeaseKey};
 use leasehold_testkit::{MariaDbServer, PostgresServer};
 use mysql_async::prelude::Queryable;
 
@@ -56,6 +59,20 @@ impl Db<'_> {
             Db::Pg(s) => s.database(),
             Db::Maria(s) => s.database(),
         }
+    }
+    /// A context for lease `key` on this database: `strategy`, revoking at once, with
+    /// [`Db::minimal_privileges`] and two admin connections.
+    pub fn lease_context(&self, key: &LeaseKey, strategy: Strategy) -> LeaseContext {
+        super::context(
+            key.clone(),
+            self.kind(),
+            self.backend(2),
+            self.host(),
+            self.port(),
+            self.database(),
+            super::policy(strategy, Duration::ZERO),
+            self.minimal_privileges(),
+        )
     }
     pub fn backend(&self, max_conns: usize) -> Arc<dyn Backend> {
         self.backend_for_accounts(max_conns, None)
@@ -179,7 +196,7 @@ impl Db<'_> {
         }
     }
     /// The lease's InPlace user, created first as a DBA would (other strategies: nothing).
-    pub async fn create_in_place_user(&self, ctx: &leasehold_engine::LeaseContext) {
+    pub async fn create_in_place_user(&self, ctx: &LeaseContext) {
         if let leasehold_engine::NamingRule::InPlace { user } = &ctx.naming {
             self.create_user(user).await;
         }

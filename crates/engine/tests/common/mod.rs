@@ -7,18 +7,19 @@
 )]
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use jiff::Timestamp;
 use leasehold_backends::{Backend, CredentialMaterial, PasswordPolicy, Privileges};
+use leasehold_core::rotation::{Observations, VersionRecord};
 use leasehold_core::{DrainSessionsMode, PolicyParams, Progress, Strategy};
 use leasehold_engine::context::DatabaseKind;
-use leasehold_engine::engine::Stores;
+use leasehold_engine::engine::{FaultPoint, Stores};
 use leasehold_engine::{
-    Delivery, LeaseContext, LeaseKey, NamingRule, ProgressStore, SecretStore, StoreError,
+    Delivery, Engine, LeaseContext, LeaseKey, NamingRule, ProgressStore, SecretStore, StoreError,
 };
 use secrecy::{ExposeSecret, SecretString};
 
@@ -230,13 +231,50 @@ pub fn context(
 
 /// Observations of a lease with all consumers current and no window, optionally with a
 /// rotation request.
-pub fn obs(request: Option<&str>) -> leasehold_core::rotation::Observations {
-    leasehold_core::rotation::Observations {
+pub fn obs(request: Option<&str>) -> Observations {
+    Observations {
         consumers_hold: leasehold_core::rotation::ALL_CONSUMERS_CURRENT,
         maintenance_window_open: true,
         rotation_request: request.map(String::from),
         ..Default::default()
     }
+}
+
+/// [`obs`] of a lease being deleted, with no rotation request.
+pub fn deleting() -> Observations {
+    Observations {
+        deleting: true,
+        ..obs(None)
+    }
+}
+
+/// The lease's first version, issued by `engine` from what `stores` saved (nothing yet):
+/// the progress after it, the version and its password.
+pub async fn issue_first_version(
+    engine: &Engine,
+    ctx: &LeaseContext,
+    stores: &MemoryStores,
+) -> (Progress, VersionRecord, String) {
+    let mut progress = stores.load(&ctx.key);
+    engine
+        .reconcile(ctx, &mut progress, &obs(None), stores.stores())
+        .await
+        .unwrap();
+    let first = progress.current().unwrap().clone();
+    let password = stores.password(&ctx.key, 1).unwrap();
+    (progress, first, password)
+}
+
+/// `engine` failing as a crash would the first time it reaches `point`, and not after.
+pub fn crashing_once_at(engine: Engine, point: FaultPoint) -> Engine {
+    let armed = AtomicBool::new(true);
+    engine.with_fault_hook(Arc::new(move |p| {
+        if p == point && armed.swap(false, Ordering::SeqCst) {
+            Err("crash".into())
+        } else {
+            Ok(())
+        }
+    }))
 }
 
 /// A backend whose verification fails for users ending in `user_suffix` (all users when
@@ -297,6 +335,13 @@ impl Backend for FailVerifyFor {
 /// Backends of databases a lease used to point at, by target (tests build them by hand).
 #[derive(Default)]
 pub struct KnownTargets(pub Mutex<Vec<(leasehold_core::Target, Arc<dyn Backend>)>>);
+
+impl KnownTargets {
+    /// Only `target`, reached through `backend`.
+    pub fn only(target: leasehold_core::Target, backend: Arc<dyn Backend>) -> Arc<Self> {
+        Arc::new(Self(Mutex::new(vec![(target, backend)])))
+    }
+}
 
 impl leasehold_engine::TargetBackends for KnownTargets {
     fn backend_for(
