@@ -124,21 +124,33 @@ impl MariaDbServer {
             }
         }
 
-        let output = Command::new(&install_bin)
-            .arg("--no-defaults")
-            .arg("--user=root")
-            .arg(format!("--datadir={}", server.data_dir().display()))
-            .args(["--skip-test-db", "--auth-root-authentication-method=socket"])
-            .stdin(Stdio::null())
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {}: {e}. {MISSING}", install_bin.display()));
-        if !output.status.success() {
-            panic!(
+        // A second try on a fresh data dir: on a machine busy with parallel test binaries
+        // a first bootstrap has been seen to fail once (its output is printed, not lost).
+        for attempt in 1..=2 {
+            let output = Command::new(&install_bin)
+                .arg("--no-defaults")
+                .arg("--user=root")
+                .arg(format!("--datadir={}", server.data_dir().display()))
+                .args(["--skip-test-db", "--auth-root-authentication-method=socket"])
+                .stdin(Stdio::null())
+                .output()
+                .unwrap_or_else(|e| panic!("cannot run {}: {e}. {MISSING}", install_bin.display()));
+            if output.status.success() {
+                break;
+            }
+            let report = format!(
                 "{} failed: {}\n{}",
                 install_bin.display(),
                 String::from_utf8_lossy(&output.stdout),
                 String::from_utf8_lossy(&output.stderr)
             );
+            if attempt == 2 {
+                panic!("{report}");
+            }
+            eprintln!(
+                "testkit: MariaDB bootstrap failed, trying once more on a fresh data dir: {report}"
+            );
+            let _ = std::fs::remove_dir_all(server.data_dir());
         }
 
         for attempt in 1..=5 {
