@@ -1324,6 +1324,12 @@ async fn run_scenarios(mut w: World) -> Vec<(String, Duration)> {
     .await;
     scenario(
         &mut w,
+        "a node driver's token is refused once the driver's pod is deleted",
+        driver_token_of_a_deleted_pod,
+    )
+    .await;
+    scenario(
+        &mut w,
         "failover: standby takes over after the leader is killed; rotation completes",
         failover,
     )
@@ -2095,6 +2101,61 @@ async fn csi_lease_and_pod(w: &World) -> CsiPods {
         }
     };
     CsiPods { reader }
+}
+
+/// The node driver's broker token is bound to its pod: once the pod is deleted the broker
+/// refuses it, although its signature and expiry still hold (the broker checks JWTs
+/// locally, so it looks the bound pod up). Runs after every scenario that needs the node
+/// driver.
+async fn driver_token_of_a_deleted_pod(w: &mut World) {
+    let c = &w.cluster;
+    let ns = c.app_ns.clone();
+    csi_lease_and_pod(w).await;
+    let pod = c
+        .run_pod(&ns, "after-driver", "app", &node_a(), Some("files-db"))
+        .await;
+    let token = c.token(&ns, "app", POD_AUDIENCE, Some(&pod)).await;
+    w.secrets.push(token.clone());
+    let mut k = kubelet(w).await;
+    let request = || k.publish_request(&pod, "app", "files-db", tokens_for(POD_AUDIENCE, &token));
+    // While its pod lives, the driver is served.
+    k.publish(request())
+        .await
+        .expect("publish before the driver pod is deleted");
+    k.unpublish(&pod).await.expect("unpublish");
+
+    let system_pods: Api<Pod> = Api::namespaced(c.client.clone(), &c.system_ns);
+    system_pods
+        .delete("node-driver", &DeleteParams::default())
+        .await
+        .unwrap();
+    // The broker sees the deletion through its pod watch: wait for the refusal (a publish
+    // that still got through is unpublished before the next try).
+    let refused = eventually(
+        "the broker refuses the deleted driver pod's token",
+        Duration::from_secs(60),
+        || async {
+            let mut k = kubelet(w).await;
+            let request =
+                k.publish_request(&pod, "app", "files-db", tokens_for(POD_AUDIENCE, &token));
+            match k.publish(request).await {
+                Err(e) if matches!(e.code(), Code::Unauthenticated | Code::PermissionDenied) => {
+                    Some(e)
+                }
+                Err(_) => None,
+                Ok(_) => {
+                    let _ = k.unpublish(&pod).await;
+                    None
+                }
+            }
+        },
+    )
+    .await;
+    eprintln!("e2e: deleted driver pod: {}", refused.message());
+    assert!(
+        mount_at(&k.target(&pod, "creds")).is_none(),
+        "nothing mounted"
+    );
 }
 
 async fn kubelet(w: &World) -> Kubelet {
