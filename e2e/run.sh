@@ -25,5 +25,16 @@ fi
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/leasehold-target}"
 echo "e2e: running against ${config}"
 start=$(date +%s)
-cargo test -q --locked -p leasehold-cli --test e2e -- --ignored --nocapture --test-threads=1 --skip bench_real_path "$@"
+# Two installs: the chart's default RBAC, then the least-privilege mode
+# (rbac.writeNamespaces: writes bound to the workloads' namespace alone), so a verb
+# missing from either shows as a 403. LEASEHOLD_E2E_MODES picks (default: both).
+for mode in ${LEASEHOLD_E2E_MODES:-default write-namespaces}; do
+  echo "e2e: chart RBAC mode: ${mode}"
+  if [[ "$mode" == write-namespaces ]]; then
+    export LEASEHOLD_E2E_WRITE_NAMESPACES=1
+  else
+    unset LEASEHOLD_E2E_WRITE_NAMESPACES
+  fi
+  cargo test -q --locked -p leasehold-cli --test e2e -- --ignored --nocapture --test-threads=1 --skip bench_real_path "$@"
+done
 echo "e2e: wall time $(( $(date +%s) - start ))s (build included)"

@@ -804,6 +804,20 @@ def test_controller_rbac_write_namespaces(rendered_sets: dict[str, Rendered], va
     else:
         # The broker TLS Secret still lives in the release namespace.
         assert role_rules == CONTROLLER_RELEASE_NS_RULES | secrets
+    # Events about cluster-scoped objects (ClusterIssuers) land in "default": events only.
+    events = f"{CONTROLLER}-cluster-events"
+    if "default" in writable:
+        assert not [x for x in r.of_kind("Role") if x["metadata"]["name"] == events]
+    else:
+        assert rules_of(r.get("Role", events, "default")) == triples(
+            "", ["events"], ["create", "patch"]
+        ) | triples("events.k8s.io", ["events"], ["create", "patch"])
+        binding = r.get("RoleBinding", events, "default")
+        assert binding["roleRef"] == {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "Role",
+            "name": events,
+        }
 
 
 def test_write_namespaces_and_watch_namespaces_do_not_combine() -> None:

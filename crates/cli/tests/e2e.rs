@@ -98,6 +98,12 @@ fn set_arg(args: &mut Vec<String>, flag: &str, value: &str) {
     }
 }
 
+/// Whether the suite runs with the chart's `rbac.writeNamespaces` mode
+/// (`LEASEHOLD_E2E_WRITE_NAMESPACES=1`; `make e2e` runs it as a second pass).
+fn write_namespaces_mode() -> bool {
+    std::env::var("LEASEHOLD_E2E_WRITE_NAMESPACES").as_deref() == Ok("1")
+}
+
 /// The image of the test's pods. Nothing runs it on the kit (kwok); on a cluster with
 /// real kubelets set `LEASEHOLD_E2E_IMAGE` to one its nodes can pull and run (a pause image).
 fn image() -> String {
@@ -408,6 +414,20 @@ impl Cluster {
         }
     }
 
+    /// The chart values the suite installs with: non-default token audiences, and with
+    /// `LEASEHOLD_E2E_WRITE_NAMESPACES=1` the least-privilege RBAC mode
+    /// (`rbac.writeNamespaces`: writes bound to the app namespace alone).
+    fn chart_values(&self) -> Value {
+        let mut values = json!({
+            "csi": {"tokenAudience": POD_AUDIENCE},
+            "broker": {"tokenAudience": BROKER_AUDIENCE},
+        });
+        if write_namespaces_mode() {
+            values["rbac"] = json!({"writeNamespaces": [self.app_ns]});
+        }
+        values
+    }
+
     /// Renders the chart with the real Helm engine (`e2e/render_chart.py`) for the
     /// system namespace and applies every object but the workloads that need an image.
     async fn install_chart(&mut self) {
@@ -415,13 +435,7 @@ impl Cluster {
         let out = std::process::Command::new(python)
             .arg(repo_root().join("e2e/render_chart.py"))
             .args([RELEASE, &self.system_ns])
-            .arg(
-                json!({
-                    "csi": {"tokenAudience": POD_AUDIENCE},
-                    "broker": {"tokenAudience": BROKER_AUDIENCE},
-                })
-                .to_string(),
-            )
+            .arg(self.chart_values().to_string())
             .output()
             .unwrap();
         assert!(
@@ -448,8 +462,14 @@ impl Cluster {
                 .unwrap();
             let api: Api<kube::core::DynamicObject> =
                 if caps.scope == kube::discovery::Scope::Namespaced {
-                    doc["metadata"]["namespace"] = json!(self.system_ns);
-                    Api::namespaced_with(self.client.clone(), &self.system_ns, &ar)
+                    // Where the chart put it (RoleBindings of rbac.writeNamespaces live in
+                    // the workloads' namespaces), else the release namespace.
+                    let ns = doc["metadata"]["namespace"]
+                        .as_str()
+                        .unwrap_or(&self.system_ns)
+                        .to_owned();
+                    doc["metadata"]["namespace"] = json!(ns);
+                    Api::namespaced_with(self.client.clone(), &ns, &ar)
                 } else {
                     Api::all_with(self.client.clone(), &ar)
                 };
