@@ -1043,6 +1043,14 @@ async fn remove_test_namespaces(client: &Client, app_ns: &str, system_ns: &str) 
     for ns in [app_ns, system_ns] {
         let _ = namespaces.delete(ns, &DeleteParams::default()).await;
     }
+    // Gone before the next run starts: a controller watching every namespace (the
+    // writeNamespaces pass) must not find this run's leases still terminating.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    for ns in [app_ns, system_ns] {
+        while Instant::now() < deadline && namespaces.get_opt(ns).await.ok().flatten().is_some() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
 }
 
 /// The end of each process log (without debug lines), so a failure in CI explains itself.
