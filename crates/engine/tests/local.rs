@@ -84,6 +84,20 @@ metadata:
     )
 }
 
+/// Options over `dir`: manifests (`m/`, the policy and the `app` lease), the state file
+/// and the output directory.
+fn local_options_with_lease(dir: &Path, server: &PostgresServer) -> LocalOptions {
+    let mdir = dir.join("m");
+    std::fs::create_dir_all(&mdir).unwrap();
+    manifests(&mdir, server, None, true);
+    LocalOptions {
+        manifests: mdir,
+        state: dir.join("state.json"),
+        output: dir.join("out"),
+        keyring: test_keyring(),
+    }
+}
+
 fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap()
 }
@@ -92,19 +106,12 @@ fn read(path: &Path) -> String {
 async fn local_mode_issues_rotates_and_revokes_on_removal() {
     let server = PostgresServer::shared().await;
     let tmp = tempfile::tempdir().unwrap();
+    let options = local_options_with_lease(tmp.path(), server);
     let (mdir, state, out) = (
-        tmp.path().join("m"),
-        tmp.path().join("state.json"),
-        tmp.path().join("out"),
+        options.manifests.clone(),
+        options.state.clone(),
+        options.output.clone(),
     );
-    std::fs::create_dir_all(&mdir).unwrap();
-    manifests(&mdir, server, None, true);
-    let options = LocalOptions {
-        manifests: mdir.clone(),
-        state: state.clone(),
-        output: out.clone(),
-        keyring: test_keyring(),
-    };
 
     let runner = LocalRunner::new(options.clone(), Engine::new()).unwrap();
     let report = runner.pass().await.unwrap();
@@ -216,19 +223,8 @@ spec:
 async fn sweeper_revokes_only_unrecorded_versions_of_known_leases() {
     let server = PostgresServer::shared().await;
     let tmp = tempfile::tempdir().unwrap();
-    let (mdir, state, out) = (
-        tmp.path().join("m"),
-        tmp.path().join("state.json"),
-        tmp.path().join("out"),
-    );
-    std::fs::create_dir_all(&mdir).unwrap();
-    manifests(&mdir, server, None, true);
-    let options = LocalOptions {
-        manifests: mdir.clone(),
-        state: state.clone(),
-        output: out.clone(),
-        keyring: test_keyring(),
-    };
+    let options = local_options_with_lease(tmp.path(), server);
+    let out = options.output.clone();
     let runner = LocalRunner::new(options, Engine::new()).unwrap();
     runner.pass().await.unwrap();
     let current = read(&out.join("default/app/username"));
@@ -354,19 +350,12 @@ async fn local_status_shows_a_failing_rotation_with_reason_attempts_and_next_ret
 async fn local_status_shows_a_rotation_that_keeps_failing_while_the_current_version_works() {
     let server = PostgresServer::shared().await;
     let tmp = tempfile::tempdir().unwrap();
+    let options = local_options_with_lease(tmp.path(), server);
     let (mdir, state, out) = (
-        tmp.path().join("m"),
-        tmp.path().join("state.json"),
-        tmp.path().join("out"),
+        options.manifests.clone(),
+        options.state.clone(),
+        options.output.clone(),
     );
-    std::fs::create_dir_all(&mdir).unwrap();
-    manifests(&mdir, server, None, true);
-    let options = LocalOptions {
-        manifests: mdir.clone(),
-        state: state.clone(),
-        output: out.clone(),
-        keyring: test_keyring(),
-    };
     let clock = TestClock::new();
     let runner = LocalRunner::new(options, Engine::new().with_clock(clock.func())).unwrap();
     let report = runner.pass().await.unwrap();
